@@ -1,0 +1,3 @@
+from patinox.cli import main
+
+main()

@@ -1,0 +1,45 @@
+"""Agents: definitions, the run loop, models (simulated by default) and built-in tools.
+
+Runs go through pydantic-ai; the offline simulated model (:mod:`patinox.agents.simulated`)
+is the default and is labelled as simulated in every outcome (``RunOutcome.simulated``) and
+reply (it starts with ``[simulated]``).
+"""
+
+from patinox.agents.models import is_simulated, resolve_model, validate_model_id
+from patinox.agents.runner import AgentDefinition, RunLimits, RunOutcome, run_agent
+from patinox.agents.simulated import (
+    DEFAULT_OUTPUT_TOKENS,
+    SIMULATED_MARKER,
+    SimulatedLatency,
+    count_simulated_tokens,
+    set_default_latency,
+)
+from patinox.agents.tools import (
+    BUILTIN_TOOLS,
+    CalculatorError,
+    MemoryStore,
+    ToolDeps,
+    calculator,
+    validate_tool_names,
+)
+
+__all__ = [
+    "BUILTIN_TOOLS",
+    "DEFAULT_OUTPUT_TOKENS",
+    "SIMULATED_MARKER",
+    "AgentDefinition",
+    "CalculatorError",
+    "MemoryStore",
+    "RunLimits",
+    "RunOutcome",
+    "SimulatedLatency",
+    "ToolDeps",
+    "calculator",
+    "count_simulated_tokens",
+    "is_simulated",
+    "resolve_model",
+    "run_agent",
+    "set_default_latency",
+    "validate_model_id",
+    "validate_tool_names",
+]

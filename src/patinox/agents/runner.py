@@ -1,0 +1,332 @@
+"""The run loop: one agent run through pydantic-ai, with limits, and errors translated.
+
+:func:`run_agent` builds a pydantic-ai :class:`~pydantic_ai.Agent` per run from the agent
+definition (instructions, model, only the definition's tools) and runs it with the run's
+:class:`~patinox.agents.tools.ToolDeps` (the tenant-bound memory store). Building the Agent
+costs tens of microseconds because the tools are prebuilt at import (see
+:mod:`patinox.agents.tools`); the pydantic-ai agent loop itself costs on the order of a
+millisecond per run.
+
+Every failure inside the run ends as :class:`~patinox.errors.RunFailed` with the original
+exception chained and these fields:
+
+``reason`` (stable, short)
+    ``timeout`` (``limits.timeout_s`` passed), ``tool_call_limit`` (the model asked for more
+    than ``limits.max_tool_calls`` tool calls), ``request_limit`` (more model requests than
+    :func:`request_limit_for` allows), ``usage_limit`` (another pydantic-ai usage limit),
+    ``tool_error`` (a tool raised; field ``tool`` names it), ``provider_error`` (the model
+    provider's API failed), ``model_error`` (the model misbehaved: unknown tool, invalid
+    arguments past the retry budget, malformed output), ``internal_error`` (anything else).
+``model``, ``simulated``
+    The model id of the run, and whether it is the simulated model.
+``input_tokens``, ``output_tokens``, ``requests``, ``tool_calls``
+    Usage so far, best effort: the model responses and successful tool calls completed
+    before the failure (a model response still in flight is not counted). Callers settle
+    quota reservations with it.
+``duration_ms``
+    Wall time of the run until the failure, milliseconds.
+
+Misuse by the caller (bad ``output_tokens``, unknown model, unknown tool) raises
+:class:`~patinox.errors.InvalidRequest`, :class:`~patinox.errors.UnknownModel` or
+:class:`~patinox.errors.UnknownTool` before anything runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from pydantic_ai import Agent
+from pydantic_ai.exceptions import (
+    AgentRunError,
+    ModelAPIError,
+    UsageLimitExceeded,
+)
+from pydantic_ai.settings import ModelSettings
+from pydantic_ai.usage import RunUsage, UsageLimits
+
+from patinox.agents.models import resolve_model
+from patinox.agents.simulated import is_simulated
+from patinox.agents.tools import MemoryStore, ToolDeps, ToolExecutionError, builtin_tools
+from patinox.errors import InvalidRequest, PatinoxError, RunFailed
+
+__all__ = [
+    "MIN_REQUEST_LIMIT",
+    "AgentDefinition",
+    "RunLimits",
+    "RunOutcome",
+    "request_limit_for",
+    "run_agent",
+]
+
+MIN_REQUEST_LIMIT: Final = 50
+"""Fewest model requests a run may make (pydantic-ai's own default guard against loops)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentDefinition:
+    """What an agent is: a tenant's named instructions, model and tools.
+
+    Attributes:
+        name: the agent's name within its tenant.
+        instructions: the system instructions sent with every model request.
+        model: a model id (see :mod:`patinox.agents.models`).
+        tools: built-in tool names the agent may call (see :mod:`patinox.agents.tools`).
+    """
+
+    name: str
+    instructions: str
+    model: str
+    tools: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunLimits:
+    """Limits of one run, usually the tenant's effective limits.
+
+    Attributes:
+        max_output_tokens: most output tokens a run may request (>= 1); also passed as
+            ``max_tokens`` to provider models when the run requests no count.
+        max_tool_calls: most successful tool calls in one run (>= 0).
+        timeout_s: wall time of the run, seconds (> 0).
+
+    Raises:
+        InvalidRequest: a limit out of range (field ``field``).
+    """
+
+    max_output_tokens: int
+    max_tool_calls: int
+    timeout_s: float
+
+    def __post_init__(self) -> None:
+        if _not_int(self.max_output_tokens) or self.max_output_tokens < 1:
+            raise InvalidRequest("max_output_tokens must be an integer >= 1", field="max_output_tokens")
+        if _not_int(self.max_tool_calls) or self.max_tool_calls < 0:
+            raise InvalidRequest("max_tool_calls must be an integer >= 0", field="max_tool_calls")
+        if not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
+            raise InvalidRequest("timeout_s must be a finite number > 0 seconds", field="timeout_s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOutcome:
+    """The result of a successful run.
+
+    Attributes:
+        output: the model's final text reply.
+        model: the model id that produced it.
+        simulated: whether that model is the offline simulated model.
+        input_tokens: input tokens over all model requests of the run.
+        output_tokens: output tokens over all model responses (tool calls included).
+        tool_calls: successful tool calls.
+        requests: model requests.
+        duration_ms: wall time of the run, milliseconds.
+    """
+
+    output: str
+    model: str
+    simulated: bool
+    input_tokens: int
+    output_tokens: int
+    tool_calls: int
+    requests: int
+    duration_ms: float
+
+
+def request_limit_for(limits: RunLimits) -> int:
+    """Most model requests a run under ``limits`` may make: ``max(50, max_tool_calls + 1)``."""
+    return max(MIN_REQUEST_LIMIT, limits.max_tool_calls + 1)
+
+
+async def run_agent(
+    definition: AgentDefinition,
+    prompt: str,
+    *,
+    output_tokens: int | None,
+    limits: RunLimits,
+    memory: MemoryStore,
+) -> RunOutcome:
+    """Run ``definition`` on ``prompt`` once.
+
+    Args:
+        definition: the agent to run.
+        prompt: the user prompt.
+        output_tokens: requested length of the reply in tokens (1..``limits.max_output_tokens``),
+            passed to the model as ``max_tokens``; the simulated model answers with exactly
+            this many, a provider model with at most this many. ``None``: the simulated
+            model's default (16), or at most ``limits.max_output_tokens`` for a provider.
+        limits: the run's limits; tool calls are limited through pydantic-ai
+            ``UsageLimits``, wall time through :func:`asyncio.timeout`.
+        memory: the tenant-bound memory store the memory tools use.
+
+    Returns:
+        The reply with its usage and duration.
+
+    Raises:
+        InvalidRequest: ``output_tokens`` out of range (field ``field="output_tokens"``).
+        UnknownModel: the definition's model id is unknown or not configured.
+        UnknownTool: the definition lists an unknown or duplicate tool.
+        RunFailed: the run failed; ``reason`` and usage so far as fields (module docstring).
+    """
+    _check_output_tokens(output_tokens, limits)
+    model = resolve_model(definition.model)
+    simulated = is_simulated(definition.model)
+    started = time.perf_counter()
+    agent: Agent[ToolDeps, str] = Agent(
+        model,
+        deps_type=ToolDeps,
+        instructions=definition.instructions,
+        tools=builtin_tools(definition.tools),
+        name=definition.name,
+    )
+    settings: ModelSettings = {}
+    if output_tokens is not None:
+        settings["max_tokens"] = output_tokens
+    elif not simulated:
+        settings["max_tokens"] = limits.max_output_tokens
+    usage = RunUsage()
+    usage_limits = UsageLimits(
+        tool_calls_limit=limits.max_tool_calls, request_limit=request_limit_for(limits)
+    )
+    deadline = asyncio.timeout(limits.timeout_s)
+    try:
+        async with deadline:
+            result = await agent.run(
+                prompt,
+                deps=ToolDeps(memory=memory),
+                model_settings=settings,
+                usage_limits=usage_limits,
+                usage=usage,
+                infer_name=False,
+            )
+    except Exception as exc:
+        timed_out = deadline.expired() and isinstance(exc, TimeoutError)
+        failure, cause = _run_failed(
+            exc,
+            timed_out=timed_out,
+            model=definition.model,
+            usage=usage,
+            started=started,
+            limits=limits,
+        )
+        raise failure from cause
+    return RunOutcome(
+        output=result.output,
+        model=definition.model,
+        simulated=simulated,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        tool_calls=usage.tool_calls,
+        requests=usage.requests,
+        duration_ms=_elapsed_ms(started),
+    )
+
+
+def _not_int(value: object) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
+
+
+def _check_output_tokens(output_tokens: int | None, limits: RunLimits) -> None:
+    if output_tokens is None:
+        return
+    if _not_int(output_tokens) or not 1 <= output_tokens <= limits.max_output_tokens:
+        raise InvalidRequest(
+            f"output_tokens must be an integer from 1 to {limits.max_output_tokens}, got {output_tokens!r}",
+            field="output_tokens",
+            limit=limits.max_output_tokens,
+        )
+
+
+def _elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _find(exc: BaseException, kind: type[_E]) -> _E | None:
+    """``exc`` itself, or the first ``kind`` inside it if it is an exception group."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _find(inner, kind)) is not None:
+                return found
+    return None
+
+
+def _classify(exc: Exception, limits: RunLimits) -> tuple[str, str, dict[str, Any]]:
+    """``(reason, message, extra fields)`` of a failure other than a timeout or a tool error.
+
+    Messages name the failure, never internal details of a provider or of the host.
+    """
+    if isinstance(exc, UsageLimitExceeded):
+        # pydantic-ai tells its limits apart only in the message; tests pin these words.
+        if "tool_calls_limit" in exc.message:
+            return (
+                "tool_call_limit",
+                f"the run asked for more than {limits.max_tool_calls} tool calls",
+                {"limit": limits.max_tool_calls},
+            )
+        if "request_limit" in exc.message:
+            limit = request_limit_for(limits)
+            return (
+                "request_limit",
+                f"the run made more than {limit} model requests",
+                {"limit": limit},
+            )
+        return "usage_limit", f"a usage limit was exceeded: {exc.message}", {}
+    if isinstance(exc, ModelAPIError):
+        return "provider_error", f"the model provider failed: {type(exc).__name__}", {}
+    if isinstance(exc, AgentRunError):
+        return "model_error", f"the model failed: {exc.message}", {}
+    return "internal_error", f"the run failed: {type(exc).__name__}", {}
+
+
+def _run_failed(
+    exc: Exception,
+    *,
+    timed_out: bool,
+    model: str,
+    usage: RunUsage,
+    started: float,
+    limits: RunLimits,
+) -> tuple[RunFailed, BaseException]:
+    """The RunFailed for ``exc``, and the exception to chain to it.
+
+    A tool error chains the tool's own exception; anything else chains ``exc``.
+    """
+    cause: BaseException = exc
+    extra: dict[str, Any]
+    if timed_out:
+        reason, message, extra = (
+            "timeout",
+            f"the run exceeded its timeout of {limits.timeout_s} s",
+            {},
+        )
+    elif (tool_exc := _find(exc, ToolExecutionError)) is not None:
+        original = tool_exc.__cause__ or tool_exc
+        detail = original.message if isinstance(original, PatinoxError) else type(original).__name__
+        reason, message, extra = (
+            "tool_error",
+            f"tool {tool_exc.tool_name!r} failed: {detail}",
+            {"tool": tool_exc.tool_name},
+        )
+        cause = original
+    else:
+        reason, message, extra = _classify(exc, limits)
+    failure = RunFailed(
+        message,
+        reason=reason,
+        model=model,
+        simulated=is_simulated(model),
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        tool_calls=usage.tool_calls,
+        requests=usage.requests,
+        duration_ms=_elapsed_ms(started),
+        **extra,
+    )
+    return failure, cause

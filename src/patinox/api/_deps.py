@@ -1,0 +1,47 @@
+"""Request dependencies: the runtime, the operator principal, the tenant context by scope."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from patinox.api._runtime import Runtime
+from patinox.control import OperatorPrincipal
+from patinox.errors import PermissionDenied
+from patinox.storage import TenantStore
+from patinox.tenancy import TenantContext, current_tenant
+
+
+def _runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+def _operator(request: Request) -> OperatorPrincipal:
+    principal = request.scope.get("state", {}).get("principal")
+    if not isinstance(principal, OperatorPrincipal):
+        raise PermissionDenied("admin routes need an operator key", scope="admin")
+    return principal
+
+
+def _scoped(scope: str) -> object:
+    def dep() -> TenantContext:
+        ctx = current_tenant()
+        ctx.require_scope(scope)
+        return ctx
+
+    return Depends(dep)
+
+
+def _store(request: Request) -> TenantStore:
+    """The request tenant's store: bound by the tenant context the middleware entered."""
+    return _runtime(request).backend.tenant_store()
+
+
+RT = Annotated[Runtime, Depends(_runtime)]
+Operator = Annotated[OperatorPrincipal, Depends(_operator)]
+Reader = Annotated[TenantContext, _scoped("read")]
+AgentWriter = Annotated[TenantContext, _scoped("agents:write")]
+RunWriter = Annotated[TenantContext, _scoped("runs:write")]
+Store = Annotated[TenantStore, Depends(_store)]

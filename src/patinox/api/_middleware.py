@@ -1,0 +1,126 @@
+"""Authentication, tenant context, request rate limit and body-size limit, as one ASGI layer.
+
+For ``/v1/...`` the key must be a tenant key: the tenant is resolved from it, its rate
+limit is hit, and the rest of the request runs inside ``tenant_scope(ctx)``; the scope is
+left when the response is done, so no request can start with another's tenant. For
+``/admin/...`` the key must be an operator key. Anything else is public (health, docs).
+Refusals are answered here, before routing, as JSON ``{"error": {...}}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from patinox.api._runtime import Runtime
+from patinox.control import OperatorPrincipal
+from patinox.errors import AuthenticationFailed, PatinoxError, PermissionDenied
+from patinox.tenancy import TenantContext, tenant_scope
+
+
+def error_response_parts(err: PatinoxError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, JSON body, headers) of an error; 429s carry ``Retry-After`` (seconds)."""
+    headers: dict[str, str] = {}
+    retry = err.fields.get("retry_after_s")
+    if err.http_status == 429 and retry is not None:
+        headers["Retry-After"] = str(int(retry))
+    if err.http_status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return err.http_status, {"error": err.to_dict()}, headers
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+    payload = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class _BodyTooLarge(PatinoxError):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class TenancyMiddleware:
+    """See the module docstring."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.rt = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        tenant_route = path.startswith("/v1/") or path == "/v1"
+        admin_route = path.startswith("/admin/") or path == "/admin"
+        try:
+            receive = await self._limit_body(scope, receive)
+            if not (tenant_route or admin_route):
+                await self.app(scope, receive, send)
+                return
+            principal = self.rt.keys.authenticate(_bearer(scope))
+            if admin_route:
+                if not isinstance(principal, OperatorPrincipal):
+                    raise PermissionDenied("admin routes need an operator key", scope="admin")
+                scope.setdefault("state", {})["principal"] = principal
+                await self.app(scope, receive, send)
+                return
+            if not isinstance(principal, TenantContext):
+                raise PermissionDenied("tenant routes need a tenant key; operator keys act through /admin")
+            self.rt.rate.hit(
+                f"tenant:{principal.tenant_id}",
+                principal.limits.requests_per_minute,
+                tenant_id=principal.tenant_id,
+            )
+        except PatinoxError as err:
+            await _send_json(send, *error_response_parts(err))
+            return
+        with tenant_scope(principal):
+            await self.app(scope, receive, send)
+
+    async def _limit_body(self, scope: Scope, receive: Receive) -> Receive:
+        """Refuse bodies over the limit (413) before any handler sees them.
+
+        A declared ``Content-Length`` is checked at once (the server enforces it); a body
+        without one (chunked) is read here up to the limit and replayed to the app.
+        """
+        limit = self.rt.settings.max_body_bytes
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > limit:
+                    raise _BodyTooLarge(f"request body over {limit} bytes", limit_bytes=limit)
+                return receive
+        chunks: list[bytes] = []
+        seen = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return receive
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > limit:
+                raise _BodyTooLarge(f"request body over {limit} bytes", limit_bytes=limit)
+            if not message.get("more_body", False):
+                break
+        replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed() -> Message:
+            return replay.pop() if replay else await receive()
+
+        return replayed
+
+
+def _bearer(scope: Scope) -> str:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            text: str = value.decode("latin-1")
+            kind, _, token = text.partition(" ")
+            if kind.lower() == "bearer" and token.strip():
+                return token.strip()
+            break
+    raise AuthenticationFailed("missing API key: send 'Authorization: Bearer <key>'")

@@ -1,0 +1,99 @@
+"""The HTTP API (FastAPI): operator routes under ``/admin``, tenant routes under ``/v1``.
+
+Errors are JSON ``{"error": {"code", "message", "details"}}`` with a stable ``code``.
+A foreign tenant's object id answers exactly like a missing one (404 ``not_found``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from patinox.api import schemas as o
+from patinox.api._middleware import TenancyMiddleware, error_response_parts
+from patinox.api._runtime import Runtime, Settings
+from patinox.api.routers import admin, tenant
+from patinox.errors import PatinoxError
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": o.ErrorOut} for s in (401, 403, 404, 409, 413, 422, 429)
+}
+
+
+def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> FastAPI:
+    """Build the ASGI app. Give ``settings`` (storage opened at start-up) or a built ``runtime``."""
+    if runtime is None:
+        if settings is None:
+            raise ValueError("give settings or runtime")
+        runtime = Runtime.build(settings)
+    rt = runtime
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        rt.backend.fail_unfinished_runs("interrupted: the server stopped before the run finished")
+        yield
+        await rt.runs.shutdown()
+
+    app = FastAPI(
+        title="Patinox",
+        version="0.1.0",
+        lifespan=lifespan,
+        responses=_ERRORS,
+        description="Multi-tenant runtime for AI agents. Models named `simulated...` "
+        "are Patinox's offline simulated LLM, not a real model.",
+    )
+    app.state.runtime = rt
+    app.add_middleware(TenancyMiddleware, runtime=rt)
+    _install_error_handlers(app)
+    app.include_router(admin.router)
+    app.include_router(tenant.router)
+
+    @app.get("/healthz", tags=["public"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PatinoxError)
+    async def on_patinox(_: Request, err: PatinoxError) -> JSONResponse:
+        status, body, headers = error_response_parts(err)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(_: Request, err: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": e.get("msg")} for e in err.errors()
+        ]
+        if any(e["type"] == "json_invalid" for e in errors):
+            body = {
+                "code": "malformed_json",
+                "message": "the request body is not valid JSON",
+                "details": {"errors": errors},
+            }
+            return JSONResponse({"error": body}, status_code=400)
+        body = {
+            "code": "invalid_request",
+            "message": "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors),
+            "details": {"errors": errors},
+        }
+        return JSONResponse({"error": body}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+        body = {
+            "code": codes.get(err.status_code, f"http_{err.status_code}"),
+            "message": str(err.detail),
+            "details": {},
+        }
+        return JSONResponse(
+            {"error": body}, status_code=err.status_code, headers=getattr(err, "headers", None)
+        )

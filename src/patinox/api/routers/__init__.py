@@ -1,0 +1,1 @@
+"""HTTP routers: ``admin`` (operator keys) and ``tenant`` (tenant keys)."""

@@ -1,0 +1,100 @@
+"""Operator routes under ``/admin``: tenants, their keys, plans, usage and audit."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from patinox.api import schemas as o
+from patinox.api._deps import RT, Operator
+from patinox.control import Tenant, TenantSpec, TenantUpdate
+from patinox.tenancy import PLANS, Plan
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+class KeyCreate(BaseModel):
+    """A tenant API key to create."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=100)
+    scopes: list[str] | None = Field(default=None, description="default: agents:write, runs:write, read")
+
+
+@router.get("/plans")
+def plans(_: Operator) -> list[Plan]:
+    return list(PLANS.values())
+
+
+@router.post("/tenants", status_code=201)
+def create_tenant(spec: TenantSpec, op: Operator, rt: RT) -> Tenant:
+    return rt.tenants.create(spec, actor=op.key_id)
+
+
+@router.get("/tenants")
+def list_tenants(_: Operator, rt: RT, include_deleted: bool = False) -> list[Tenant]:
+    return rt.tenants.list(include_deleted=include_deleted)
+
+
+@router.get("/tenants/{tenant_id}")
+def get_tenant(tenant_id: str, _: Operator, rt: RT) -> Tenant:
+    return rt.tenants.get(tenant_id)
+
+
+@router.patch("/tenants/{tenant_id}")
+def update_tenant(tenant_id: str, change: TenantUpdate, op: Operator, rt: RT) -> Tenant:
+    return rt.tenants.update(tenant_id, change, actor=op.key_id)
+
+
+@router.post("/tenants/{tenant_id}/suspend")
+def suspend_tenant(tenant_id: str, op: Operator, rt: RT) -> Tenant:
+    return rt.tenants.suspend(tenant_id, actor=op.key_id)
+
+
+@router.post("/tenants/{tenant_id}/resume")
+def resume_tenant(tenant_id: str, op: Operator, rt: RT) -> Tenant:
+    return rt.tenants.resume(tenant_id, actor=op.key_id)
+
+
+@router.delete("/tenants/{tenant_id}")
+def delete_tenant(tenant_id: str, op: Operator, rt: RT) -> dict[str, Any]:
+    counts = rt.tenants.delete(tenant_id, actor=op.key_id)
+    return {"id": tenant_id, "state": "deleted", "rows_purged": counts}
+
+
+@router.post("/tenants/{tenant_id}/keys", status_code=201)
+def create_key(tenant_id: str, body: KeyCreate, op: Operator, rt: RT) -> o.IssuedKeyOut:
+    issued = rt.keys.create(tenant_id=tenant_id, name=body.name, scopes=body.scopes, actor=op.key_id)
+    return o.IssuedKeyOut(**issued.record, key=issued.secret)
+
+
+@router.get("/tenants/{tenant_id}/keys")
+def list_keys(tenant_id: str, _: Operator, rt: RT) -> list[o.KeyOut]:
+    rt.tenants.get(tenant_id)
+    return [o.KeyOut(**k) for k in rt.backend.list_api_keys(tenant_id)]
+
+
+@router.delete("/tenants/{tenant_id}/keys/{key_id}")
+def revoke_key(tenant_id: str, key_id: str, op: Operator, rt: RT) -> o.KeyOut:
+    return o.KeyOut(**rt.keys.revoke(key_id, tenant_id=tenant_id, actor=op.key_id))
+
+
+@router.get("/usage")
+def usage(
+    _: Operator, rt: RT, tenant_id: str | None = None, since: datetime | None = None
+) -> list[o.UsageSummaryOut]:
+    return [o.UsageSummaryOut(**u) for u in rt.backend.usage_summary(tenant_id, since=since)]
+
+
+@router.get("/audit")
+def audit(
+    _: Operator,
+    rt: RT,
+    tenant_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after_seq: Annotated[int, Query(ge=0)] = 0,
+) -> list[o.AuditOut]:
+    return [o.AuditOut(**a) for a in rt.backend.list_audit(tenant_id, limit=limit, after_seq=after_seq)]

@@ -1,0 +1,145 @@
+"""Tenant routes under ``/v1``: agents, runs, memory, usage, audit.
+
+Every handler reaches data through the request tenant's :class:`~patinox.storage.TenantStore`;
+no handler takes a tenant id from the path, a header or the body.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response
+
+from patinox.agents import is_simulated
+from patinox.api import schemas as o
+from patinox.api._deps import RT, AgentWriter, Reader, RunWriter, Store
+from patinox.control import AgentPatch, AgentSpec, RunRequest
+from patinox.errors import InvalidRequest, NotFound
+from patinox.limits import day_start
+from patinox.storage import utcnow
+
+router = APIRouter(prefix="/v1", tags=["tenant"])
+
+
+def _agent_out(row: dict[str, Any]) -> o.AgentOut:
+    return o.AgentOut(**row, simulated=is_simulated(row["model"]))
+
+
+def _run_out(row: dict[str, Any]) -> o.RunOut:
+    return o.RunOut(**{**row, "simulated": bool(row["simulated"])})
+
+
+@router.get("/me")
+def me(ctx: Reader) -> o.MeOut:
+    return o.MeOut(
+        tenant_id=ctx.tenant_id,
+        key_id=ctx.principal,
+        scopes=sorted(ctx.scopes),
+        plan=ctx.plan,
+        isolation_level=ctx.isolation_level.value,
+        limits=ctx.limits.model_dump(),
+    )
+
+
+@router.post("/agents", status_code=201)
+def create_agent(spec: AgentSpec, ctx: AgentWriter, rt: RT) -> o.AgentOut:
+    return _agent_out(rt.agents.create(ctx, spec))
+
+
+@router.get("/agents")
+def list_agents(_: Reader, store: Store) -> list[o.AgentOut]:
+    return [_agent_out(a) for a in store.list_agents()]
+
+
+@router.get("/agents/{agent_id}")
+def get_agent(agent_id: str, _: Reader, store: Store) -> o.AgentOut:
+    return _agent_out(store.get_agent(agent_id))
+
+
+@router.patch("/agents/{agent_id}")
+def update_agent(agent_id: str, patch: AgentPatch, ctx: AgentWriter, rt: RT) -> o.AgentOut:
+    return _agent_out(rt.agents.update(ctx, agent_id, patch))
+
+
+@router.delete("/agents/{agent_id}", status_code=204)
+def delete_agent(agent_id: str, ctx: AgentWriter, rt: RT) -> Response:
+    rt.agents.delete(ctx, agent_id)
+    return Response(status_code=204)
+
+
+@router.post("/agents/{agent_id}/runs", responses={202: {"model": o.RunOut}, 502: {"model": o.ErrorOut}})
+async def create_run(agent_id: str, req: RunRequest, ctx: RunWriter, rt: RT, response: Response) -> o.RunOut:
+    """Run the agent: ``sync`` answers 200 with the finished run; ``async`` answers 202 at once
+    with ``Location`` to poll. A failed sync run answers 502 ``run_failed`` with its ``run_id``."""
+    row = await rt.runs.start(ctx, agent_id, req)
+    if req.mode == "async":
+        response.status_code = 202
+        response.headers["Location"] = f"/v1/runs/{row['id']}"
+    return _run_out(row)
+
+
+@router.get("/runs")
+def list_runs(
+    _: Reader, store: Store, agent_id: str | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50
+) -> list[o.RunOut]:
+    return [_run_out(x) for x in store.list_runs(agent_id=agent_id, limit=limit)]
+
+
+@router.get("/runs/{run_id}")
+def get_run(run_id: str, _: Reader, store: Store) -> o.RunOut:
+    return _run_out(store.get_run(run_id))
+
+
+@router.get("/memory")
+def list_memory(
+    _: Reader, store: Store, prefix: str = "", limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[str]:
+    return store.memory_list(prefix, limit)
+
+
+@router.get("/memory/{key}")
+def get_memory(key: str, _: Reader, store: Store) -> o.MemoryItemOut:
+    value = store.memory_get(key)
+    if value is None:
+        raise NotFound(f"memory key {key!r} not found")
+    return o.MemoryItemOut(key=key, value=value)
+
+
+@router.put("/memory/{key}")
+def put_memory(key: str, body: o.MemoryPut, ctx: AgentWriter, store: Store) -> o.MemoryItemOut:
+    if not 1 <= len(key) <= 200:
+        raise InvalidRequest("memory keys are 1-200 characters", field="key")
+    store.memory_put(key, body.value)
+    store.append_audit(actor=ctx.principal, action="memory.put", target=key, outcome="ok")
+    return o.MemoryItemOut(key=key, value=body.value)
+
+
+@router.delete("/memory/{key}", status_code=204)
+def delete_memory(key: str, ctx: AgentWriter, store: Store) -> Response:
+    store.memory_delete(key)
+    store.append_audit(actor=ctx.principal, action="memory.delete", target=key, outcome="ok")
+    return Response(status_code=204)
+
+
+@router.get("/usage")
+def usage(ctx: Reader, rt: RT, store: Store, since: datetime | None = None) -> o.TenantUsageOut:
+    spent, reserved = rt.budget.spent_today(ctx.tenant_id)
+    records = store.list_usage(since=since or day_start(utcnow()))
+    return o.TenantUsageOut(
+        tokens_today=spent,
+        tokens_reserved=reserved,
+        tokens_per_day=ctx.limits.tokens_per_day,
+        runs_in_flight=rt.concurrency.in_flight(ctx.tenant_id),
+        records=[o.UsageRecordOut(**{**u, "simulated": bool(u["simulated"])}) for u in records],
+    )
+
+
+@router.get("/audit")
+def audit(
+    _: Reader,
+    store: Store,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after_seq: Annotated[int, Query(ge=0)] = 0,
+) -> list[o.AuditOut]:
+    return [o.AuditOut(**a) for a in store.list_audit(limit=limit, after_seq=after_seq)]

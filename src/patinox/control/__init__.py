@@ -1,0 +1,30 @@
+"""The control plane: tenant lifecycle, API keys, agent definitions and the run path."""
+
+from patinox.control.keys import ADMIN_SCOPE, TENANT_SCOPES, ApiKeys, IssuedKey, OperatorPrincipal
+from patinox.control.runs import (
+    AgentPatch,
+    AgentService,
+    AgentSpec,
+    RunExecutor,
+    RunRequest,
+    RunService,
+)
+from patinox.control.tenants import Tenant, TenantManager, TenantSpec, TenantUpdate
+
+__all__ = [
+    "ADMIN_SCOPE",
+    "TENANT_SCOPES",
+    "AgentPatch",
+    "AgentService",
+    "AgentSpec",
+    "ApiKeys",
+    "IssuedKey",
+    "OperatorPrincipal",
+    "RunExecutor",
+    "RunRequest",
+    "RunService",
+    "Tenant",
+    "TenantManager",
+    "TenantSpec",
+    "TenantUpdate",
+]

@@ -1,0 +1,374 @@
+"""The path of one run: admission, execution by the tenant's executor, settlement.
+
+1. Admission — the agent is loaded through the tenant's store (a foreign id is simply not
+   found), the request is validated, a concurrent-run slot is taken and the run's worst-case
+   tokens are reserved against the daily budget. Refusals end here, before any model call.
+2. Execution — the executor for the tenant's isolation level runs the agent with the
+   tenant context passed explicitly.
+3. Settlement — in one transaction the run's result, its usage record and its audit record
+   are written; the reservation is settled to actual usage and the slot released.
+
+Asynchronous runs (``mode="async"``) are admitted the same way, answered at once with the
+queued run, and executed as a task of this server process; a server restart fails them
+(see :meth:`patinox.storage.SqlBackend.fail_unfinished_runs`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from patinox.agents import (
+    AgentDefinition,
+    MemoryStore,
+    RunLimits,
+    RunOutcome,
+    is_simulated,
+    validate_model_id,
+    validate_tool_names,
+)
+from patinox.errors import InvalidRequest, PatinoxError, RunFailed
+from patinox.limits import ConcurrencyLimiter, RunSlot, TokenBudget
+from patinox.storage import SqlBackend, TenantStore, utcnow
+from patinox.tenancy import TenantContext
+
+Row = dict[str, Any]
+
+
+class RunExecutor(Protocol):
+    """Runs one agent for one tenant at that tenant's isolation level."""
+
+    async def execute(
+        self,
+        ctx: TenantContext,
+        definition: AgentDefinition,
+        prompt: str,
+        *,
+        output_tokens: int | None,
+        limits: RunLimits,
+        memory: MemoryStore,
+    ) -> RunOutcome: ...
+
+
+class AgentSpec(BaseModel):
+    """An agent definition as a tenant writes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    instructions: str = Field(default="", max_length=20_000)
+    model: str = Field(default="simulated", max_length=200)
+    tools: list[str] = Field(default_factory=list, max_length=32)
+    max_output_tokens: int | None = Field(default=None, ge=1, description="per-run cap, tokens")
+    max_tool_calls: int | None = Field(default=None, ge=0, description="per-run cap")
+
+
+class AgentPatch(BaseModel):
+    """A partial update of an agent; omitted fields stay."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(
+        default=None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+    )
+    instructions: str | None = Field(default=None, max_length=20_000)
+    model: str | None = Field(default=None, max_length=200)
+    tools: list[str] | None = Field(default=None, max_length=32)
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    max_tool_calls: int | None = Field(default=None, ge=0)
+
+
+class RunRequest(BaseModel):
+    """A run as a tenant asks for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(min_length=1, max_length=1_000_000, description="the user prompt")
+    output_tokens: int | None = Field(
+        default=None, ge=1, description="output tokens to ask the model for (simulated: exact)"
+    )
+    mode: Literal["sync", "async"] = "sync"
+
+
+def _estimate_tokens(text: str) -> int:
+    """Whitespace words: the simulated tokenizer, and the admission estimate for all models."""
+    return len(text.split())
+
+
+class AgentService:
+    """Tenant-scoped agent CRUD with validation of models and tools."""
+
+    def __init__(self, backend: SqlBackend) -> None:
+        self._backend = backend
+
+    def create(self, ctx: TenantContext, spec: AgentSpec) -> Row:
+        """Create an agent. Raises UnknownModel, UnknownTool, InvalidRequest, AlreadyExists."""
+        self._validate(ctx, spec.model, spec.tools, spec.max_output_tokens)
+        store = self._backend.tenant_store(ctx)
+        row = store.create_agent(spec.model_dump())
+        store.append_audit(
+            actor=ctx.principal,
+            action="agent.create",
+            target=row["id"],
+            outcome="ok",
+            detail={"name": spec.name, "model": spec.model},
+        )
+        return row
+
+    def update(self, ctx: TenantContext, agent_id: str, patch: AgentPatch) -> Row:
+        """Update an agent. Raises NotFound, UnknownModel, UnknownTool, InvalidRequest."""
+        store = self._backend.tenant_store(ctx)
+        values = patch.model_dump(exclude_unset=True)
+        if not values:
+            raise InvalidRequest("nothing to update")
+        cleared = [k for k in ("name", "instructions", "model", "tools") if k in values and values[k] is None]
+        if cleared:
+            raise InvalidRequest(f"{', '.join(cleared)} cannot be null", field=cleared[0])
+        merged: Row = {**store.get_agent(agent_id), **values}
+        self._validate(ctx, merged["model"], merged["tools"], merged["max_output_tokens"])
+        row = store.update_agent(agent_id, values)
+        store.append_audit(
+            actor=ctx.principal,
+            action="agent.update",
+            target=agent_id,
+            outcome="ok",
+            detail={"fields": sorted(values)},
+        )
+        return row
+
+    def delete(self, ctx: TenantContext, agent_id: str) -> None:
+        """Delete an agent and its runs. Raises NotFound."""
+        store = self._backend.tenant_store(ctx)
+        store.delete_agent(agent_id)
+        store.append_audit(
+            actor=ctx.principal, action="agent.delete", target=agent_id, outcome="ok", detail={}
+        )
+
+    @staticmethod
+    def _validate(ctx: TenantContext, model: str, tools: list[str], max_out: int | None) -> None:
+        validate_model_id(model)
+        validate_tool_names(tools)
+        if max_out is not None and max_out > ctx.limits.max_output_tokens_per_run:
+            raise InvalidRequest(
+                f"max_output_tokens {max_out} is above the plan's {ctx.limits.max_output_tokens_per_run}",
+                field="max_output_tokens",
+            )
+
+
+class RunService:
+    """Admits, executes and settles runs. One per server process."""
+
+    def __init__(
+        self,
+        backend: SqlBackend,
+        executor: RunExecutor,
+        *,
+        concurrency: ConcurrencyLimiter,
+        budget: TokenBudget,
+    ) -> None:
+        self._backend = backend
+        self._executor = executor
+        self._concurrency = concurrency
+        self._budget = budget
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, ctx: TenantContext, agent_id: str, req: RunRequest) -> Row:
+        """Admit a run; for ``sync`` wait for and return the finished run, for ``async``
+        return the queued run at once.
+
+        Raises:
+            NotFound: no such agent for this tenant.
+            InvalidRequest: output_tokens above the agent's or plan's cap.
+            ConcurrencyLimited, QuotaExceeded: admission refused; nothing was run or stored.
+        """
+        store = self._backend.tenant_store(ctx)
+        agent = store.get_agent(agent_id)
+        limits = self._run_limits(ctx, agent)
+        if req.output_tokens is not None and req.output_tokens > limits.max_output_tokens:
+            raise InvalidRequest(
+                f"output_tokens {req.output_tokens} is above this agent's limit of "
+                f"{limits.max_output_tokens}",
+                field="output_tokens",
+            )
+        worst_case = (
+            _estimate_tokens(agent["instructions"])
+            + _estimate_tokens(req.input)
+            + (req.output_tokens or limits.max_output_tokens)
+        )
+        slot = self._concurrency.acquire(ctx.tenant_id, ctx.limits.max_concurrent_runs)
+        try:
+            reservation = self._budget.reserve(ctx.tenant_id, worst_case, ctx.limits.tokens_per_day)
+        except BaseException:
+            slot.release()
+            raise
+        try:
+            run = store.create_run(
+                {
+                    "agent_id": agent_id,
+                    "principal": ctx.principal,
+                    "mode": req.mode,
+                    "status": "running" if req.mode == "sync" else "queued",
+                    "input": req.input,
+                    "requested_output_tokens": req.output_tokens,
+                    "model": agent["model"],
+                    "simulated": int(is_simulated(agent["model"])),
+                    "input_tokens": 0,
+                    "output_tokens": 0,
+                    "tool_calls": 0,
+                    "started_at": utcnow() if req.mode == "sync" else None,
+                }
+            )
+        except BaseException:
+            self._budget.settle(reservation, 0)
+            slot.release()
+            raise
+        job = self._execute(ctx, store, agent, run, req, limits, slot, reservation)
+        if req.mode == "sync":
+            return await job
+        task = asyncio.get_running_loop().create_task(self._background(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return run
+
+    @staticmethod
+    async def _background(job: Any) -> None:
+        await job
+
+    def _run_limits(self, ctx: TenantContext, agent: Row) -> RunLimits:
+        lim = ctx.limits
+        max_out = min(
+            agent["max_output_tokens"] or lim.max_output_tokens_per_run,
+            lim.max_output_tokens_per_run,
+        )
+        max_tools = min(
+            agent["max_tool_calls"] if agent["max_tool_calls"] is not None else lim.max_tool_calls_per_run,
+            lim.max_tool_calls_per_run,
+        )
+        return RunLimits(max_output_tokens=max_out, max_tool_calls=max_tools, timeout_s=lim.run_timeout_s)
+
+    async def _execute(
+        self,
+        ctx: TenantContext,
+        store: TenantStore,
+        agent: Row,
+        run: Row,
+        req: RunRequest,
+        limits: RunLimits,
+        slot: RunSlot,
+        reservation: Any,
+    ) -> Row:
+        definition = AgentDefinition(
+            name=agent["name"],
+            instructions=agent["instructions"],
+            model=agent["model"],
+            tools=tuple(agent["tools"]),
+        )
+        started = time.perf_counter()
+        used = 0
+        try:
+            if req.mode == "async":
+                store.update_run(run["id"], {"status": "running", "started_at": utcnow()})
+            try:
+                outcome = await self._executor.execute(
+                    ctx,
+                    definition,
+                    req.input,
+                    output_tokens=req.output_tokens,
+                    limits=limits,
+                    memory=store,
+                )
+            except PatinoxError as err:
+                failed = err if isinstance(err, RunFailed) else RunFailed(err.message, reason=err.code)
+                values, usage = self._failure(failed, started)
+                used = (usage or {}).get("input_tokens", 0) + (usage or {}).get("output_tokens", 0)
+                store.settle_run(run["id"], values, usage=usage, audit=self._audit(ctx, run, "error", values))
+                if req.mode == "sync":
+                    raise RunFailed(failed.message, **{**failed.fields, "run_id": run["id"]}) from err
+                return {**run, **values}
+            except asyncio.CancelledError:
+                values = {
+                    "status": "failed",
+                    "finished_at": utcnow(),
+                    "duration_ms": (time.perf_counter() - started) * 1000,
+                    "error": {
+                        "code": "run_failed",
+                        "reason": "cancelled",
+                        "message": "the server stopped before the run finished",
+                    },
+                }
+                store.settle_run(run["id"], values, usage=None, audit=self._audit(ctx, run, "error", values))
+                raise
+            used = outcome.input_tokens + outcome.output_tokens
+            values = {
+                "status": "succeeded",
+                "output": outcome.output,
+                "finished_at": utcnow(),
+                "input_tokens": outcome.input_tokens,
+                "output_tokens": outcome.output_tokens,
+                "tool_calls": outcome.tool_calls,
+                "duration_ms": outcome.duration_ms,
+            }
+            usage = {
+                "model": outcome.model,
+                "simulated": int(outcome.simulated),
+                "input_tokens": outcome.input_tokens,
+                "output_tokens": outcome.output_tokens,
+                "tool_calls": outcome.tool_calls,
+                "duration_ms": outcome.duration_ms,
+            }
+            store.settle_run(run["id"], values, usage=usage, audit=self._audit(ctx, run, "ok", values))
+            return {**run, **values}
+        finally:
+            self._budget.settle(reservation, used)
+            slot.release()
+
+    @staticmethod
+    def _failure(err: RunFailed, started: float) -> tuple[Row, Row | None]:
+        f = err.fields
+        tokens_in, tokens_out = int(f.get("input_tokens", 0)), int(f.get("output_tokens", 0))
+        duration = (time.perf_counter() - started) * 1000
+        values = {
+            "status": "failed",
+            "finished_at": utcnow(),
+            "duration_ms": duration,
+            "input_tokens": tokens_in,
+            "output_tokens": tokens_out,
+            "tool_calls": int(f.get("tool_calls", 0)),
+            "error": {"code": err.code, "reason": f.get("reason", "error"), "message": err.message},
+        }
+        usage = None
+        if tokens_in or tokens_out:
+            usage = {
+                "model": f.get("model", "unknown"),
+                "simulated": int(bool(f.get("simulated", False))),
+                "input_tokens": tokens_in,
+                "output_tokens": tokens_out,
+                "tool_calls": int(f.get("tool_calls", 0)),
+                "duration_ms": duration,
+            }
+        return values, usage
+
+    @staticmethod
+    def _audit(ctx: TenantContext, run: Row, outcome: str, values: Row) -> Row:
+        return {
+            "actor": ctx.principal,
+            "action": "run.finish",
+            "target": run["id"],
+            "outcome": outcome,
+            "detail": {
+                "agent_id": run["agent_id"],
+                "status": values["status"],
+                "input_tokens": values.get("input_tokens", 0),
+                "output_tokens": values.get("output_tokens", 0),
+            },
+        }
+
+    async def shutdown(self) -> None:
+        """Cancel in-flight asynchronous runs (each is recorded as failed) and wait for them."""
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,261 @@
+"""The tenant manager: create, get, list, update, suspend, resume, delete.
+
+State machine (persisted in the ``tenants`` table)::
+
+    active ──suspend──▶ suspended ──resume──▶ active
+      │                    │
+      └──────delete────────┴──▶ deleting ──purge──▶ deleted (tombstone; id never reused)
+
+Deletion marks the tenant ``deleting`` first (from then on every key of it is refused),
+then purges its rows from every tenant-owned table, then leaves a tombstone row so the id
+is never handed out again. A crash between the steps leaves ``deleting``; calling
+:meth:`TenantManager.delete` again finishes the job.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from patinox.errors import InvalidRequest, InvalidTransition, IsolationUnavailable
+from patinox.storage import SqlBackend, utcnow
+from patinox.tenancy import (
+    IsolationLevel,
+    LimitOverrides,
+    ResourceLimits,
+    TenantState,
+    effective_limits,
+    get_plan,
+    new_id,
+)
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError("use 1-63 lowercase letters, digits and '-', starting with a letter or digit")
+    return value
+
+
+class TenantSpec(BaseModel):
+    """What an operator asks for when creating a tenant."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="unique among live tenants; DNS-label shape")
+    plan: str = "free"
+    isolation_level: IsolationLevel = IsolationLevel.NAMESPACE
+    limits: LimitOverrides = Field(default_factory=LimitOverrides)
+
+    _name = field_validator("name")(_check_name)
+
+
+class TenantUpdate(BaseModel):
+    """A change of plan and/or limit overrides; omitted fields stay as they are."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    plan: str | None = None
+    limits: LimitOverrides | None = None
+
+
+class Tenant(BaseModel):
+    """A tenant as the control plane shows it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str
+    plan: str
+    state: TenantState
+    isolation_level: IsolationLevel
+    limit_overrides: dict[str, Any]
+    limits: ResourceLimits
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Tenant:
+        return cls(**row, limits=effective_limits(row["plan"], row["limit_overrides"]))
+
+
+#: Called with a tenant id after suspend/resume/update/delete, to drop per-tenant caches
+#: and limiter state held in this process.
+TenantListener = Callable[[str], None]
+
+
+class TenantManager:
+    """Lifecycle of tenants over a storage backend.
+
+    Args:
+        backend: the control-plane store.
+        supported_isolation: levels this deployment can enforce; others are refused with
+            :class:`IsolationUnavailable` rather than silently run at a weaker level.
+    """
+
+    def __init__(
+        self,
+        backend: SqlBackend,
+        *,
+        supported_isolation: frozenset[IsolationLevel] = frozenset({IsolationLevel.NAMESPACE}),
+    ) -> None:
+        self._backend = backend
+        self._supported = supported_isolation
+        self._listeners: list[TenantListener] = []
+
+    def subscribe(self, listener: TenantListener) -> None:
+        """Call ``listener(tenant_id)`` after every change of a tenant's state or limits."""
+        self._listeners.append(listener)
+
+    def _changed(self, tenant_id: str) -> None:
+        for listener in self._listeners:
+            listener(tenant_id)
+
+    def _audit(self, tenant_id: str, actor: str, action: str, detail: dict[str, Any]) -> None:
+        self._backend.acting_on(tenant_id).append_audit(
+            actor=actor, action=action, target=tenant_id, outcome="ok", detail=detail
+        )
+
+    def create(self, spec: TenantSpec, *, actor: str) -> Tenant:
+        """Validate, register and initialise a tenant; returns it ``active``.
+
+        Raises:
+            InvalidRequest: unknown plan.
+            IsolationUnavailable: the isolation level is not enforceable here.
+            AlreadyExists: a live tenant has that name.
+        """
+        get_plan(spec.plan)
+        if spec.isolation_level not in self._supported:
+            raise IsolationUnavailable(
+                f"isolation level {spec.isolation_level.value!r} is not available in this "
+                f"deployment; available: {', '.join(sorted(lvl.value for lvl in self._supported))}",
+                isolation_level=spec.isolation_level.value,
+            )
+        now = utcnow()
+        row = self._backend.insert_tenant(
+            {
+                "id": new_id("tn"),
+                "name": spec.name,
+                "plan": spec.plan,
+                "state": TenantState.ACTIVE.value,
+                "isolation_level": spec.isolation_level.value,
+                "limit_overrides": spec.limits.model_dump(exclude_none=True),
+                "created_at": now,
+                "updated_at": now,
+                "deleted_at": None,
+            }
+        )
+        self._audit(row["id"], actor, "tenant.create", {"name": spec.name, "plan": spec.plan})
+        return Tenant.from_row(row)
+
+    def get(self, tenant_id: str) -> Tenant:
+        """The tenant. Raises :class:`TenantNotFound` (also once deleted)."""
+        return Tenant.from_row(self._backend.get_tenant(tenant_id))
+
+    def list(self, *, include_deleted: bool = False) -> list[Tenant]:
+        """Tenants, oldest first."""
+        return [Tenant.from_row(r) for r in self._backend.list_tenants(include_deleted=include_deleted)]
+
+    def update(self, tenant_id: str, change: TenantUpdate, *, actor: str) -> Tenant:
+        """Change the plan and/or limit overrides (overrides replace the previous set).
+
+        Raises:
+            TenantNotFound, InvalidRequest, InvalidTransition (tenant being deleted).
+        """
+        current = self._backend.get_tenant(tenant_id)
+        self._require(current, {TenantState.ACTIVE, TenantState.SUSPENDED}, "update")
+        values: dict[str, Any] = {}
+        if change.plan is not None:
+            get_plan(change.plan)
+            values["plan"] = change.plan
+        if change.limits is not None:
+            values["limit_overrides"] = change.limits.model_dump(exclude_none=True)
+        if not values:
+            raise InvalidRequest("nothing to update: give plan and/or limits")
+        row = self._backend.update_tenant(tenant_id, values, expect_state=current["state"])
+        self._audit(tenant_id, actor, "tenant.update", {k: v for k, v in values.items()})
+        self._changed(tenant_id)
+        return Tenant.from_row(row)
+
+    def suspend(self, tenant_id: str, *, actor: str, reason: str = "") -> Tenant:
+        """Refuse every call of the tenant from now on; its data is kept.
+
+        Raises:
+            TenantNotFound; InvalidTransition unless the tenant is active.
+        """
+        return self._move(
+            tenant_id,
+            TenantState.ACTIVE,
+            TenantState.SUSPENDED,
+            actor,
+            "tenant.suspend",
+            {"reason": reason},
+        )
+
+    def resume(self, tenant_id: str, *, actor: str) -> Tenant:
+        """Serve a suspended tenant again.
+
+        Raises:
+            TenantNotFound; InvalidTransition unless the tenant is suspended.
+        """
+        return self._move(tenant_id, TenantState.SUSPENDED, TenantState.ACTIVE, actor, "tenant.resume", {})
+
+    def delete(self, tenant_id: str, *, actor: str) -> dict[str, int]:
+        """Delete the tenant and every row it owns; resumable; returns rows purged per table.
+
+        Raises:
+            TenantNotFound: no such tenant, or already deleted.
+        """
+        current = self._backend.get_tenant(tenant_id)
+        if current["state"] != TenantState.DELETING.value:
+            self._backend.update_tenant(
+                tenant_id, {"state": TenantState.DELETING.value}, expect_state=current["state"]
+            )
+        self._changed(tenant_id)
+        counts = self._backend.purge_tenant(tenant_id)
+        self._backend.update_tenant(
+            tenant_id,
+            {"state": TenantState.DELETED.value, "deleted_at": utcnow()},
+            expect_state=TenantState.DELETING.value,
+        )
+        self._backend.append_operator_audit(
+            actor=actor,
+            action="tenant.delete",
+            target=tenant_id,
+            outcome="ok",
+            detail={"rows_purged": counts, "name": current["name"]},
+        )
+        self._changed(tenant_id)
+        return counts
+
+    @staticmethod
+    def _require(row: dict[str, Any], allowed: set[TenantState], action: str) -> None:
+        if TenantState(row["state"]) not in allowed:
+            raise InvalidTransition(
+                f"cannot {action} a tenant that is {row['state']}",
+                tenant_id=row["id"],
+                state=row["state"],
+                action=action,
+            )
+
+    def _move(
+        self,
+        tenant_id: str,
+        src: TenantState,
+        dst: TenantState,
+        actor: str,
+        action: str,
+        detail: dict[str, Any],
+    ) -> Tenant:
+        current = self._backend.get_tenant(tenant_id)
+        self._require(current, {src}, action.split(".")[1])
+        row = self._backend.update_tenant(tenant_id, {"state": dst.value}, expect_state=src.value)
+        self._audit(tenant_id, actor, action, detail)
+        self._changed(tenant_id)
+        return Tenant.from_row(row)

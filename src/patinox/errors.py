@@ -1,0 +1,250 @@
+"""The whole Patinox exception tree.
+
+::
+
+    PatinoxError                         root of everything Patinox raises
+    ├── ConfigurationError               misuse by the caller; fix the call, do not retry
+    │   ├── InvalidRequest               a spec or body failed validation       (422 invalid_request)
+    │   ├── TenantContextMissing         tenant-scoped code ran with no tenant  (500, fail closed)
+    │   ├── TenantContextAlreadySet      a tenant scope was entered twice
+    │   ├── InvalidTransition            lifecycle transition not allowed       (409 invalid_transition)
+    │   ├── UnknownModel                 model id not known or not configured   (422 unknown_model)
+    │   ├── UnknownTool                  tool name not known or not allowed     (422 unknown_tool)
+    │   ├── IsolationUnavailable         isolation level not built/enforceable  (422 isolation_unavailable)
+    │   └── MissingDependency            an optional extra is not installed
+    ├── OperationFailed                  runtime failures, structured, picklable across processes
+    │   ├── AuthenticationFailed         no, malformed, wrong or revoked key    (401 unauthenticated)
+    │   ├── PermissionDenied             key lacks the scope for the route      (403 forbidden)
+    │   ├── TenantSuspended              tenant is suspended                    (403 tenant_suspended)
+    │   ├── NotFound                     missing OR another tenant's object     (404 not_found)
+    │   │   └── TenantNotFound
+    │   ├── AlreadyExists                unique name taken within the tenant   (409 already_exists)
+    │   ├── RateLimited                  request rate over the limit            (429 rate_limited)
+    │   ├── ConcurrencyLimited           too many runs in flight                (429 concurrency_limited)
+    │   ├── QuotaExceeded                period budget spent                    (429 quota_exceeded)
+    │   ├── RunFailed                    the agent run failed                   (502 run_failed)
+    │   └── StorageError                 the database failed (original chained) (503 storage_error)
+    └── ControlSignal                    not failures; used for flow control inside the runtime
+
+Every error carries a stable ``code`` (the JSON ``error.code`` of the HTTP API) and an
+``http_status``; runtime failures carry their structured fields as attributes and in
+``fields`` and survive :mod:`pickle` so worker processes can send them back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "AlreadyExists",
+    "AuthenticationFailed",
+    "ConcurrencyLimited",
+    "ConfigurationError",
+    "ControlSignal",
+    "InvalidRequest",
+    "InvalidTransition",
+    "IsolationUnavailable",
+    "MissingDependency",
+    "NotFound",
+    "OperationFailed",
+    "PatinoxError",
+    "PermissionDenied",
+    "QuotaExceeded",
+    "RateLimited",
+    "RunFailed",
+    "StorageError",
+    "TenantContextAlreadySet",
+    "TenantContextMissing",
+    "TenantNotFound",
+    "TenantSuspended",
+    "UnknownModel",
+    "UnknownTool",
+]
+
+
+def _rebuild(cls: type[PatinoxError], message: str, fields: dict[str, Any]) -> PatinoxError:
+    err = cls.__new__(cls)
+    PatinoxError.__init__(err, message, **fields)
+    return err
+
+
+class PatinoxError(Exception):
+    """Root of the tree.
+
+    Args:
+        message: human-readable text; never contains another tenant's data.
+        **fields: structured details (JSON-serialisable), exposed as attributes and in
+            ``fields``; the HTTP API returns them under ``error.details``.
+    """
+
+    code: ClassVar[str] = "internal_error"
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields: dict[str, Any] = dict(fields)
+        for key, value in fields.items():
+            setattr(self, key, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.fields))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON error body: ``{"code", "message", "details"}``."""
+        return {"code": self.code, "message": self.message, "details": self.fields}
+
+
+# --- misuse by the caller -------------------------------------------------------------
+
+
+class ConfigurationError(PatinoxError):
+    """The caller used Patinox wrongly; retrying the same call fails the same way."""
+
+    code = "configuration_error"
+    http_status = 400
+
+
+class InvalidRequest(ConfigurationError):
+    """A tenant spec, limit override or request body failed validation."""
+
+    code = "invalid_request"
+    http_status = 422
+
+
+class TenantContextMissing(ConfigurationError):
+    """Tenant-scoped code ran with no tenant context. Fails closed: never 'all tenants'."""
+
+    code = "tenant_context_missing"
+    http_status = 500
+
+
+class TenantContextAlreadySet(ConfigurationError):
+    """A tenant scope was entered while another was active (a context leak or a bug)."""
+
+    code = "tenant_context_already_set"
+    http_status = 500
+
+
+class InvalidTransition(ConfigurationError):
+    """A lifecycle transition that the tenant's state does not allow (e.g. resume a deleted tenant)."""
+
+    code = "invalid_transition"
+    http_status = 409
+
+
+class UnknownModel(ConfigurationError):
+    """A model id that is unknown, not installed, or has no provider key configured."""
+
+    code = "unknown_model"
+    http_status = 422
+
+
+class UnknownTool(ConfigurationError):
+    """A tool name that does not exist or is not allowed for the tenant."""
+
+    code = "unknown_tool"
+    http_status = 422
+
+
+class IsolationUnavailable(ConfigurationError):
+    """An isolation level this deployment cannot enforce; refused rather than ignored."""
+
+    code = "isolation_unavailable"
+    http_status = 422
+
+
+class MissingDependency(ConfigurationError):
+    """An optional dependency is not installed; the message names the pip extra."""
+
+    code = "missing_dependency"
+    http_status = 500
+
+
+# --- runtime failures -----------------------------------------------------------------
+
+
+class OperationFailed(PatinoxError):
+    """A runtime failure with structured fields; safe to pickle across processes."""
+
+    code = "operation_failed"
+    http_status = 500
+
+
+class AuthenticationFailed(OperationFailed):
+    """No API key, a malformed one, a wrong one, or a revoked one. Same answer for all four."""
+
+    code = "unauthenticated"
+    http_status = 401
+
+
+class PermissionDenied(OperationFailed):
+    """The key is valid but lacks the scope the route needs."""
+
+    code = "forbidden"
+    http_status = 403
+
+
+class TenantSuspended(OperationFailed):
+    """The tenant is suspended: its data is kept, every tenant call is refused."""
+
+    code = "tenant_suspended"
+    http_status = 403
+
+
+class NotFound(OperationFailed):
+    """The object does not exist for this tenant. A foreign tenant's object answers the same."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class TenantNotFound(NotFound):
+    """No such tenant (or it was deleted)."""
+
+
+class AlreadyExists(OperationFailed):
+    """A unique name is already taken (within the tenant for tenant objects)."""
+
+    code = "already_exists"
+    http_status = 409
+
+
+class RateLimited(OperationFailed):
+    """Request rate over the limit. Fields: ``tenant_id``, ``limit``, ``retry_after_s`` (seconds)."""
+
+    code = "rate_limited"
+    http_status = 429
+
+
+class ConcurrencyLimited(OperationFailed):
+    """Too many runs in flight. Fields: ``tenant_id``, ``limit``, ``in_flight``, ``retry_after_s``."""
+
+    code = "concurrency_limited"
+    http_status = 429
+
+
+class QuotaExceeded(OperationFailed):
+    """A period budget is spent. Fields: ``tenant_id``, ``quota``, ``limit``, ``used``,
+    ``requested``, ``reset_at`` (ISO 8601 UTC), ``retry_after_s`` (seconds)."""
+
+    code = "quota_exceeded"
+    http_status = 429
+
+
+class RunFailed(OperationFailed):
+    """The agent run failed (model error, tool error, limit hit inside the run, timeout)."""
+
+    code = "run_failed"
+    http_status = 502
+
+
+class StorageError(OperationFailed):
+    """The database failed; the driver's exception is chained as ``__cause__``."""
+
+    code = "storage_error"
+    http_status = 503
+
+
+class ControlSignal(PatinoxError):
+    """Flow control inside the runtime; never reaches a caller."""

@@ -1,0 +1,15 @@
+"""Resource limits: request rate limits, concurrent-run caps, token quotas."""
+
+from patinox.limits.concurrency import ConcurrencyLimiter, RunSlot
+from patinox.limits.quota import Reservation, TokenBudget, day_start
+from patinox.limits.rate import RateLimiter, WindowRateLimiter
+
+__all__ = [
+    "ConcurrencyLimiter",
+    "RateLimiter",
+    "Reservation",
+    "RunSlot",
+    "TokenBudget",
+    "WindowRateLimiter",
+    "day_start",
+]

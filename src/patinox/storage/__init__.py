@@ -1,0 +1,15 @@
+"""The tenant-scoped data layer: backends chosen by URL, control-plane and tenant stores."""
+
+from patinox.storage.backend import SqlBackend, StorageBackend, TenantStore, open_backend, utcnow
+from patinox.storage.engine import make_engine, migrate, translate_errors
+
+__all__ = [
+    "SqlBackend",
+    "StorageBackend",
+    "TenantStore",
+    "make_engine",
+    "migrate",
+    "open_backend",
+    "translate_errors",
+    "utcnow",
+]

@@ -1,0 +1,185 @@
+"""The relational schema (SQLAlchemy Core).
+
+Every tenant-owned table carries ``tenant_id`` as the first column of its primary key
+(Citus-compatible: the tenant id leads every key). Tables without ``tenant_id`` are
+control-plane tables (tenants, api_keys, operator audit lives in ``audit_log`` with a
+NULL tenant id). Deletion discovers tenant tables from the database catalog, not from a
+hand-kept list (see :func:`patinox.storage.backend.SqlBackend.purge_tenant`).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite stores naive text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    }
+)
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(100), nullable=False),
+    Column("plan", String(40), nullable=False),
+    Column("state", String(20), nullable=False),
+    Column("isolation_level", String(20), nullable=False),
+    Column("limit_overrides", JSON, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("deleted_at", UTCDateTime(), nullable=True),
+    # A live tenant's name is unique; a deleted tenant keeps its row (a tombstone, so
+    # its id is never reused) but frees its name.
+    Index(
+        "uq_tenants_live_name",
+        "name",
+        unique=True,
+        sqlite_where=text("state != 'deleted'"),
+        postgresql_where=text("state != 'deleted'"),
+    ),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    # NULL for operator keys; tenant keys are deleted with their tenant.
+    Column("tenant_id", String(40), nullable=True, index=True),
+    Column("name", String(100), nullable=False),
+    Column("prefix", String(24), nullable=False, unique=True),
+    Column("secret_hash", String(64), nullable=False),
+    Column("scopes", JSON, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+)
+
+agents = Table(
+    "agents",
+    metadata,
+    Column("tenant_id", String(40), primary_key=True),
+    Column("id", String(40), primary_key=True),
+    Column("name", String(100), nullable=False),
+    Column("instructions", Text, nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("tools", JSON, nullable=False),
+    Column("max_output_tokens", Integer, nullable=True),
+    Column("max_tool_calls", Integer, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Index("uq_agents_tenant_id_name", "tenant_id", "name", unique=True),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("tenant_id", String(40), primary_key=True),
+    Column("id", String(40), primary_key=True),
+    Column("agent_id", String(40), nullable=False),
+    Column("principal", String(40), nullable=False),
+    Column("mode", String(10), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("input", Text, nullable=False),
+    Column("requested_output_tokens", Integer, nullable=True),
+    Column("output", Text, nullable=True),
+    Column("model", String(200), nullable=False),
+    Column("simulated", Integer, nullable=False),
+    Column("input_tokens", Integer, nullable=False, default=0),
+    Column("output_tokens", Integer, nullable=False, default=0),
+    Column("tool_calls", Integer, nullable=False, default=0),
+    Column("error", JSON, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=True),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    Column("duration_ms", Float, nullable=True),
+    ForeignKeyConstraint(["tenant_id", "agent_id"], ["agents.tenant_id", "agents.id"], ondelete="CASCADE"),
+    Index("ix_runs_tenant_id_created_at", "tenant_id", "created_at"),
+)
+
+memory = Table(
+    "memory",
+    metadata,
+    Column("tenant_id", String(40), primary_key=True),
+    Column("key", String(200), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    # NULL for operator-level records (e.g. the deletion of a tenant, kept after its data).
+    Column("tenant_id", String(40), nullable=True),
+    Column("id", String(40), nullable=False, unique=True),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("actor", String(40), nullable=False),
+    Column("action", String(60), nullable=False),
+    Column("target", String(200), nullable=True),
+    Column("outcome", String(20), nullable=False),
+    Column("detail", JSON, nullable=False),
+    Index("ix_audit_log_tenant_id_seq", "tenant_id", "seq"),
+)
+
+usage_records = Table(
+    "usage_records",
+    metadata,
+    Column("tenant_id", String(40), primary_key=True),
+    Column("id", String(40), primary_key=True),
+    Column("run_id", String(40), nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("simulated", Integer, nullable=False),
+    Column("input_tokens", Integer, nullable=False),
+    Column("output_tokens", Integer, nullable=False),
+    Column("tool_calls", Integer, nullable=False),
+    Column("duration_ms", Float, nullable=False),
+    Index("ix_usage_records_tenant_id_at", "tenant_id", "at"),
+)
+
+#: Tables holding tenant-owned rows, all keyed by ``tenant_id`` (used for checks; deletion
+#: reads the live catalog instead).
+TENANT_TABLES = (agents, runs, memory, usage_records, audit_log, api_keys)

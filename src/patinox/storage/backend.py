@@ -1,0 +1,548 @@
+"""The tenancy data layer: a control-plane store and tenant-scoped stores over SQL.
+
+Two kinds of access, kept apart:
+
+* :class:`SqlBackend` — the control plane, used by operator code (tenant manager, key
+  verification, operator audit and usage views). Its methods take explicit tenant ids
+  because operators act *on* tenants.
+* :class:`TenantStore` — everything a tenant owns. It is bound to exactly one tenant when
+  made (from the active :class:`~patinox.tenancy.TenantContext`, or one passed in
+  explicitly as data) and adds the ``tenant_id`` predicate to every statement itself;
+  its callers never pass a tenant id and cannot name another tenant's rows.
+
+All datetimes are timezone-aware UTC. Driver errors surface as
+:class:`~patinox.errors.StorageError` with the original chained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from sqlalchemy import Connection, Engine, Table, delete, func, insert, inspect, select, update
+
+from patinox.errors import AlreadyExists, NotFound, TenantNotFound
+from patinox.storage import _schema as s
+from patinox.storage.engine import make_engine, migrate, translate_errors
+from patinox.tenancy import TenantContext, current_tenant, new_id
+
+Row = dict[str, Any]
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def _row(mapping: Mapping[str, Any] | None) -> Row | None:
+    return dict(mapping) if mapping is not None else None
+
+
+class StorageBackend(Protocol):
+    """What the rest of Patinox needs from a storage backend (one per database URL)."""
+
+    def migrate(self) -> None: ...
+    def tenant_store(self, ctx: TenantContext | None = None) -> TenantStore: ...
+    def close(self) -> None: ...
+
+
+def open_backend(url: str, *, migrate_schema: bool = True) -> SqlBackend:
+    """Open the backend for a database URL (see :mod:`patinox.storage.engine` for formats).
+
+    Raises:
+        ConfigurationError: unsupported URL.
+        StorageError: the database cannot be opened or migrated.
+    """
+    backend = SqlBackend(make_engine(url))
+    if migrate_schema:
+        backend.migrate()
+    return backend
+
+
+class SqlBackend:
+    """Control-plane access plus a factory of tenant-bound stores, over one SQL engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- plumbing -------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with translate_errors(), self.engine.begin() as conn:
+            yield conn
+
+    def migrate(self) -> None:
+        """Apply pending Alembic migrations."""
+        with translate_errors():
+            migrate(self.engine)
+
+    def close(self) -> None:
+        """Release every pooled connection."""
+        self.engine.dispose()
+
+    def tenant_store(self, ctx: TenantContext | None = None) -> TenantStore:
+        """A store bound to ``ctx``'s tenant, or to the active tenant context.
+
+        Raises:
+            TenantContextMissing: no ``ctx`` and no active tenant scope (fail closed).
+        """
+        return TenantStore(self, (ctx or current_tenant()).tenant_id)
+
+    def acting_on(self, tenant_id: str) -> TenantStore:
+        """A store bound to ``tenant_id`` for control-plane code acting *on* a tenant
+        (lifecycle audit, key audit). Tenant-facing code uses :meth:`tenant_store`."""
+        return TenantStore(self, tenant_id)
+
+    # -- tenants --------------------------------------------------------------------
+
+    def insert_tenant(self, values: Row) -> Row:
+        """Insert a tenant row. Raises :class:`AlreadyExists` when the live name is taken."""
+        try:
+            with self._tx() as conn:
+                conn.execute(insert(s.tenants).values(**values))
+        except AlreadyExists as err:
+            raise AlreadyExists(f"a tenant named {values['name']!r} already exists") from err
+        return values
+
+    def get_tenant(self, tenant_id: str, *, include_deleted: bool = False) -> Row:
+        """The tenant row. Raises :class:`TenantNotFound` (also for deleted ones by default)."""
+        with self._tx() as conn:
+            row = conn.execute(select(s.tenants).where(s.tenants.c.id == tenant_id)).mappings().first()
+        if row is None or (row["state"] == "deleted" and not include_deleted):
+            raise TenantNotFound(f"tenant {tenant_id!r} not found", tenant_id=tenant_id)
+        return dict(row)
+
+    def list_tenants(self, *, include_deleted: bool = False) -> list[Row]:
+        """All tenants, oldest first."""
+        q = select(s.tenants).order_by(s.tenants.c.created_at, s.tenants.c.id)
+        if not include_deleted:
+            q = q.where(s.tenants.c.state != "deleted")
+        with self._tx() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def update_tenant(self, tenant_id: str, values: Row, *, expect_state: str | None = None) -> Row:
+        """Update a tenant row, optionally only if it is still in ``expect_state``.
+
+        Raises:
+            TenantNotFound: no such tenant, or its state changed under us.
+        """
+        q = update(s.tenants).where(s.tenants.c.id == tenant_id)
+        if expect_state is not None:
+            q = q.where(s.tenants.c.state == expect_state)
+        with self._tx() as conn:
+            if conn.execute(q.values(**values, updated_at=utcnow())).rowcount != 1:
+                raise TenantNotFound(f"tenant {tenant_id!r} not found", tenant_id=tenant_id)
+        return self.get_tenant(tenant_id, include_deleted=True)
+
+    def tenant_owned_tables(self) -> list[str]:
+        """Names of every table with a ``tenant_id`` column, read from the live catalog."""
+        with translate_errors():
+            insp = inspect(self.engine)
+            return sorted(
+                name
+                for name in insp.get_table_names()
+                if name != "tenants" and any(col["name"] == "tenant_id" for col in insp.get_columns(name))
+            )
+
+    def purge_tenant(self, tenant_id: str) -> dict[str, int]:
+        """Delete every row of ``tenant_id`` from every tenant-owned table, in one transaction.
+
+        Tables are found from the database catalog, so a table added later is covered
+        without editing this code. Returns rows deleted per table.
+        """
+        counts: dict[str, int] = {}
+        tables = self.tenant_owned_tables()
+        with self._tx() as conn:
+            # Children before parents (runs reference agents).
+            for name in sorted(tables, key=lambda n: n != "runs"):
+                table = s.metadata.tables.get(name)
+                if table is None:
+                    table = Table(name, s.metadata.__class__(), autoload_with=conn)
+                counts[name] = conn.execute(delete(table).where(table.c.tenant_id == tenant_id)).rowcount
+        if self.engine.dialect.name == "sqlite":
+            # With secure_delete the freed pages are zeroed; truncating the WAL drops the
+            # older page images that still held the rows.
+            with translate_errors(), self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        return counts
+
+    # -- api keys -------------------------------------------------------------------
+
+    def insert_api_key(self, values: Row) -> Row:
+        """Insert an API key row (hash only; the secret is never stored)."""
+        with self._tx() as conn:
+            conn.execute(insert(s.api_keys).values(**values))
+        return values
+
+    def find_api_key(self, prefix: str) -> tuple[Row, Row | None] | None:
+        """The key row with ``prefix`` and its tenant row (``None`` for operator keys)."""
+        q = (
+            select(
+                s.api_keys,
+                s.tenants.c.state.label("t_state"),
+                s.tenants.c.plan.label("t_plan"),
+                s.tenants.c.limit_overrides.label("t_limit_overrides"),
+                s.tenants.c.isolation_level.label("t_isolation_level"),
+            )
+            .select_from(s.api_keys.outerjoin(s.tenants, s.tenants.c.id == s.api_keys.c.tenant_id))
+            .where(s.api_keys.c.prefix == prefix)
+        )
+        with self._tx() as conn:
+            row = conn.execute(q).mappings().first()
+        if row is None:
+            return None
+        data = dict(row)
+        tenant = None
+        if data["tenant_id"] is not None:
+            tenant = {
+                "id": data["tenant_id"],
+                "state": data.pop("t_state"),
+                "plan": data.pop("t_plan"),
+                "limit_overrides": data.pop("t_limit_overrides"),
+                "isolation_level": data.pop("t_isolation_level"),
+            }
+        for k in ("t_state", "t_plan", "t_limit_overrides", "t_isolation_level"):
+            data.pop(k, None)
+        return data, tenant
+
+    def list_api_keys(self, tenant_id: str | None) -> list[Row]:
+        """Keys of one tenant (or operator keys when ``tenant_id`` is None), no hashes."""
+        cond = s.api_keys.c.tenant_id.is_(None) if tenant_id is None else s.api_keys.c.tenant_id == tenant_id
+        q = select(s.api_keys).where(cond).order_by(s.api_keys.c.created_at)
+        with self._tx() as conn:
+            rows = [dict(r) for r in conn.execute(q).mappings()]
+        for r in rows:
+            r.pop("secret_hash")
+        return rows
+
+    def revoke_api_key(self, key_id: str, tenant_id: str | None) -> Row:
+        """Mark a key revoked. Raises :class:`NotFound` if it is not that tenant's key."""
+        cond = s.api_keys.c.tenant_id.is_(None) if tenant_id is None else s.api_keys.c.tenant_id == tenant_id
+        with self._tx() as conn:
+            n = conn.execute(
+                update(s.api_keys)
+                .where(s.api_keys.c.id == key_id, cond, s.api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+            ).rowcount
+            row = conn.execute(select(s.api_keys).where(s.api_keys.c.id == key_id, cond)).mappings().first()
+        if row is None:
+            raise NotFound(f"api key {key_id!r} not found", key_id=key_id)
+        del n
+        out = dict(row)
+        out.pop("secret_hash")
+        return out
+
+    # -- operator views -------------------------------------------------------------
+
+    def append_operator_audit(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str | None,
+        outcome: str,
+        detail: Mapping[str, Any] | None = None,
+    ) -> Row:
+        """An operator-level audit record (tenant id NULL): kept after a tenant is deleted."""
+        values = _audit_values(None, actor, action, target, outcome, detail)
+        with self._tx() as conn:
+            conn.execute(insert(s.audit_log).values(**values))
+        return values
+
+    def list_audit(
+        self,
+        tenant_id: str | None,
+        *,
+        operator_only: bool = False,
+        limit: int = 100,
+        after_seq: int = 0,
+    ) -> list[Row]:
+        """Audit records of one tenant, or of all tenants and the operator when ``tenant_id`` is None."""
+        q = select(s.audit_log).where(s.audit_log.c.seq > after_seq)
+        if tenant_id is not None:
+            q = q.where(s.audit_log.c.tenant_id == tenant_id)
+        elif operator_only:
+            q = q.where(s.audit_log.c.tenant_id.is_(None))
+        with self._tx() as conn:
+            return [dict(r) for r in conn.execute(q.order_by(s.audit_log.c.seq).limit(limit)).mappings()]
+
+    def usage_summary(self, tenant_id: str | None, *, since: datetime | None = None) -> list[Row]:
+        """Usage totals per tenant and model since ``since`` (all tenants when ``tenant_id`` is None)."""
+        u = s.usage_records
+        q = (
+            select(
+                u.c.tenant_id,
+                u.c.model,
+                u.c.simulated,
+                func.count().label("runs"),
+                func.coalesce(func.sum(u.c.input_tokens), 0).label("input_tokens"),
+                func.coalesce(func.sum(u.c.output_tokens), 0).label("output_tokens"),
+                func.coalesce(func.sum(u.c.tool_calls), 0).label("tool_calls"),
+            )
+            .group_by(u.c.tenant_id, u.c.model, u.c.simulated)
+            .order_by(u.c.tenant_id, u.c.model)
+        )
+        if tenant_id is not None:
+            q = q.where(u.c.tenant_id == tenant_id)
+        if since is not None:
+            q = q.where(u.c.at >= since)
+        with self._tx() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def fail_unfinished_runs(self, reason: str) -> int:
+        """Mark runs left ``queued``/``running`` by a stopped server as failed; returns how many.
+
+        Asynchronous runs execute in the server process in this build; a restart cannot
+        resume them, so they are failed with ``reason`` rather than left pending forever.
+        """
+        with self._tx() as conn:
+            return conn.execute(
+                update(s.runs)
+                .where(s.runs.c.status.in_(("queued", "running")))
+                .values(
+                    status="failed",
+                    finished_at=utcnow(),
+                    error={"code": "run_failed", "reason": reason, "message": reason},
+                )
+            ).rowcount
+
+
+def _audit_values(
+    tenant_id: str | None,
+    actor: str,
+    action: str,
+    target: str | None,
+    outcome: str,
+    detail: Mapping[str, Any] | None,
+) -> Row:
+    return {
+        "tenant_id": tenant_id,
+        "id": new_id("au"),
+        "at": utcnow(),
+        "actor": actor,
+        "action": action,
+        "target": target,
+        "outcome": outcome,
+        "detail": dict(detail or {}),
+    }
+
+
+class TenantStore:
+    """Everything one tenant owns. Bound at construction; every statement is scoped here.
+
+    Do not construct directly: use :meth:`SqlBackend.tenant_store`.
+    """
+
+    __slots__ = ("_backend", "tenant_id")
+
+    def __init__(self, backend: SqlBackend, tenant_id: str) -> None:
+        self._backend = backend
+        self.tenant_id = tenant_id
+
+    # The only places tenant predicates are built.
+    def _where(self, table: Table, **eq: Any) -> list[Any]:
+        conds = [table.c.tenant_id == self.tenant_id]
+        conds += [table.c[k] == v for k, v in eq.items()]
+        return conds
+
+    def _get(self, conn: Connection, table: Table, what: str, **eq: Any) -> Row:
+        row = conn.execute(select(table).where(*self._where(table, **eq))).mappings().first()
+        if row is None:
+            ident = next(iter(eq.values()))
+            raise NotFound(f"{what} {ident!r} not found")
+        return dict(row)
+
+    def _tx(self) -> Any:
+        return self._backend._tx()
+
+    # -- agents ---------------------------------------------------------------------
+
+    def create_agent(self, values: Row) -> Row:
+        """Insert an agent. Raises :class:`AlreadyExists` when the name is taken in this tenant."""
+        now = utcnow()
+        row = {
+            **values,
+            "tenant_id": self.tenant_id,
+            "id": new_id("ag"),
+            "created_at": now,
+            "updated_at": now,
+        }
+        try:
+            with self._tx() as conn:
+                conn.execute(insert(s.agents).values(**row))
+        except AlreadyExists as err:
+            raise AlreadyExists(f"an agent named {values['name']!r} already exists") from err
+        return row
+
+    def get_agent(self, agent_id: str) -> Row:
+        """The agent. Raises :class:`NotFound` (missing and foreign ids alike)."""
+        with self._tx() as conn:
+            return self._get(conn, s.agents, "agent", id=agent_id)
+
+    def list_agents(self) -> list[Row]:
+        """This tenant's agents by name."""
+        with self._tx() as conn:
+            q = select(s.agents).where(*self._where(s.agents)).order_by(s.agents.c.name)
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def update_agent(self, agent_id: str, values: Row) -> Row:
+        """Update an agent's fields. Raises :class:`NotFound` / :class:`AlreadyExists`."""
+        try:
+            with self._tx() as conn:
+                n = conn.execute(
+                    update(s.agents)
+                    .where(*self._where(s.agents, id=agent_id))
+                    .values(**values, updated_at=utcnow())
+                ).rowcount
+                if n != 1:
+                    raise NotFound(f"agent {agent_id!r} not found")
+                return self._get(conn, s.agents, "agent", id=agent_id)
+        except AlreadyExists as err:
+            raise AlreadyExists(f"an agent named {values.get('name')!r} already exists") from err
+
+    def delete_agent(self, agent_id: str) -> None:
+        """Delete an agent and its runs (usage records are kept). Raises :class:`NotFound`."""
+        with self._tx() as conn:
+            conn.execute(delete(s.runs).where(*self._where(s.runs, agent_id=agent_id)))
+            if conn.execute(delete(s.agents).where(*self._where(s.agents, id=agent_id))).rowcount != 1:
+                raise NotFound(f"agent {agent_id!r} not found")
+
+    # -- runs -----------------------------------------------------------------------
+
+    def create_run(self, values: Row) -> Row:
+        """Insert a run row (status ``queued`` or ``running``); returns it with its id."""
+        row = {**values, "tenant_id": self.tenant_id, "id": new_id("run"), "created_at": utcnow()}
+        with self._tx() as conn:
+            conn.execute(insert(s.runs).values(**row))
+        return row
+
+    def get_run(self, run_id: str) -> Row:
+        """The run. Raises :class:`NotFound` (missing and foreign ids alike)."""
+        with self._tx() as conn:
+            return self._get(conn, s.runs, "run", id=run_id)
+
+    def list_runs(self, *, agent_id: str | None = None, limit: int = 50) -> list[Row]:
+        """This tenant's newest runs first."""
+        eq = {"agent_id": agent_id} if agent_id else {}
+        q = select(s.runs).where(*self._where(s.runs, **eq)).order_by(s.runs.c.id.desc()).limit(limit)
+        with self._tx() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def update_run(self, run_id: str, values: Row) -> None:
+        """Update a run's fields. Raises :class:`NotFound`."""
+        with self._tx() as conn:
+            n = conn.execute(update(s.runs).where(*self._where(s.runs, id=run_id)).values(**values)).rowcount
+        if n != 1:
+            raise NotFound(f"run {run_id!r} not found")
+
+    def settle_run(self, run_id: str, values: Row, *, usage: Row | None, audit: Row) -> None:
+        """Finish a run in one transaction: the run's final fields, its usage record, its audit record."""
+        with self._tx() as conn:
+            conn.execute(update(s.runs).where(*self._where(s.runs, id=run_id)).values(**values))
+            if usage is not None:
+                conn.execute(
+                    insert(s.usage_records).values(
+                        **usage,
+                        tenant_id=self.tenant_id,
+                        id=new_id("us"),
+                        run_id=run_id,
+                        at=utcnow(),
+                    )
+                )
+            conn.execute(insert(s.audit_log).values(**self._audit(**audit)))
+
+    # -- memory (implements patinox.agents.MemoryStore) -------------------------------
+
+    def memory_get(self, key: str) -> str | None:
+        """The value under ``key``, or ``None``."""
+        with self._tx() as conn:
+            v = conn.execute(select(s.memory.c.value).where(*self._where(s.memory, key=key))).scalar()
+        return None if v is None else str(v)
+
+    def memory_put(self, key: str, value: str) -> None:
+        """Set ``key`` to ``value`` (insert or replace)."""
+        with self._tx() as conn:
+            n = conn.execute(
+                update(s.memory)
+                .where(*self._where(s.memory, key=key))
+                .values(value=value, updated_at=utcnow())
+            ).rowcount
+            if n == 0:
+                conn.execute(
+                    insert(s.memory).values(
+                        tenant_id=self.tenant_id, key=key, value=value, updated_at=utcnow()
+                    )
+                )
+
+    def memory_delete(self, key: str) -> None:
+        """Remove ``key``. Raises :class:`NotFound`."""
+        with self._tx() as conn:
+            if conn.execute(delete(s.memory).where(*self._where(s.memory, key=key))).rowcount != 1:
+                raise NotFound(f"memory key {key!r} not found")
+
+    def memory_list(self, prefix: str = "", limit: int = 100) -> list[str]:
+        """Keys starting with ``prefix``, sorted, at most ``limit``."""
+        q = select(s.memory.c.key).where(*self._where(s.memory))
+        if prefix:
+            q = q.where(s.memory.c.key.startswith(prefix, autoescape=True))
+        with self._tx() as conn:
+            return [str(k) for k in conn.execute(q.order_by(s.memory.c.key).limit(limit)).scalars()]
+
+    # -- audit and usage ------------------------------------------------------------
+
+    def _audit(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str | None,
+        outcome: str,
+        detail: Mapping[str, Any] | None = None,
+    ) -> Row:
+        return _audit_values(self.tenant_id, actor, action, target, outcome, detail)
+
+    def append_audit(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str | None,
+        outcome: str,
+        detail: Mapping[str, Any] | None = None,
+    ) -> Row:
+        """Append one audit record for this tenant."""
+        values = self._audit(actor=actor, action=action, target=target, outcome=outcome, detail=detail)
+        with self._tx() as conn:
+            conn.execute(insert(s.audit_log).values(**values))
+        return values
+
+    def list_audit(self, *, limit: int = 100, after_seq: int = 0) -> list[Row]:
+        """This tenant's audit records, oldest first, after sequence number ``after_seq``."""
+        q = (
+            select(s.audit_log)
+            .where(*self._where(s.audit_log), s.audit_log.c.seq > after_seq)
+            .order_by(s.audit_log.c.seq)
+            .limit(limit)
+        )
+        with self._tx() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def list_usage(self, *, since: datetime | None = None, limit: int = 1000) -> list[Row]:
+        """This tenant's usage records since ``since``, oldest first."""
+        q = select(s.usage_records).where(*self._where(s.usage_records))
+        if since is not None:
+            q = q.where(s.usage_records.c.at >= since)
+        with self._tx() as conn:
+            return [dict(r) for r in conn.execute(q.order_by(s.usage_records.c.at).limit(limit)).mappings()]
+
+    def tokens_used_since(self, since: datetime) -> int:
+        """Model tokens (input + output) recorded for this tenant since ``since``."""
+        u = s.usage_records
+        q = select(func.coalesce(func.sum(u.c.input_tokens + u.c.output_tokens), 0)).where(
+            *self._where(u), u.c.at >= since
+        )
+        with self._tx() as conn:
+            return int(conn.execute(q).scalar_one())

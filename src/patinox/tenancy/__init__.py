@@ -1,0 +1,40 @@
+"""Tenant identity: ids, context and its propagation, plans, limits, isolation levels."""
+
+from patinox.tenancy._ids import looks_like_id, new_id
+from patinox.tenancy.context import (
+    TenantContext,
+    TenantThreadPoolExecutor,
+    current_tenant,
+    current_tenant_or_none,
+    run_in_thread,
+    tenant_scope,
+)
+from patinox.tenancy.plans import (
+    PLANS,
+    IsolationLevel,
+    LimitOverrides,
+    Plan,
+    ResourceLimits,
+    TenantState,
+    effective_limits,
+    get_plan,
+)
+
+__all__ = [
+    "PLANS",
+    "IsolationLevel",
+    "LimitOverrides",
+    "Plan",
+    "ResourceLimits",
+    "TenantContext",
+    "TenantState",
+    "TenantThreadPoolExecutor",
+    "current_tenant",
+    "current_tenant_or_none",
+    "effective_limits",
+    "get_plan",
+    "looks_like_id",
+    "new_id",
+    "run_in_thread",
+    "tenant_scope",
+]

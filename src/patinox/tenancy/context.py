@@ -1,0 +1,124 @@
+"""The tenant context and its propagation.
+
+One immutable :class:`TenantContext` flows through every operation. It lives in a
+:mod:`contextvars` variable, so asyncio tasks inherit it and a scope restores the previous
+value on exit; it is never stored on a connection, a thread-local or a module global.
+Threads do not inherit context variables: hand work to threads with :func:`run_in_thread`
+or :class:`TenantThreadPoolExecutor`, which copy the caller's context explicitly. Worker
+processes receive the context as data (:meth:`TenantContext.to_wire`).
+
+Sources: PEP 567 (contextvars); the pattern follows django-tenants and structlog's
+contextvars binding.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, ParamSpec, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from patinox.errors import PermissionDenied, TenantContextAlreadySet, TenantContextMissing
+from patinox.tenancy.plans import IsolationLevel, ResourceLimits
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class TenantContext(BaseModel):
+    """Who is acting, for which tenant, under which limits. Immutable.
+
+    Attributes:
+        tenant_id: the tenant every tenant-scoped operation is bound to.
+        principal: the API key id (or ``"cli"``/``"system"``) acting for the tenant.
+        scopes: the scopes granted to the principal.
+        plan: the tenant's plan name.
+        limits: the tenant's effective limits (plan + overrides).
+        isolation_level: where the tenant's runs execute.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tenant_id: str
+    principal: str
+    scopes: frozenset[str]
+    plan: str
+    limits: ResourceLimits
+    isolation_level: IsolationLevel = IsolationLevel.NAMESPACE
+
+    def require_scope(self, scope: str) -> None:
+        """Raise :class:`PermissionDenied` unless ``scope`` was granted."""
+        if scope not in self.scopes:
+            raise PermissionDenied(f"this key lacks the {scope!r} scope", scope=scope)
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-safe dict to send across a process boundary (data, not objects)."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> TenantContext:
+        """Rebuild a context sent with :meth:`to_wire`."""
+        return cls.model_validate(data)
+
+
+_current: contextvars.ContextVar[TenantContext | None] = contextvars.ContextVar(
+    "patinox_tenant", default=None
+)
+
+
+@contextmanager
+def tenant_scope(ctx: TenantContext) -> Iterator[TenantContext]:
+    """Make ``ctx`` the current tenant for the body; restores the previous value on exit.
+
+    Raises:
+        TenantContextAlreadySet: a tenant scope is already active in this context. Scopes do
+            not nest: acting for two tenants at once is always a bug.
+    """
+    active = _current.get()
+    if active is not None:
+        raise TenantContextAlreadySet("a tenant scope is already active", active_tenant_id=active.tenant_id)
+    token = _current.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _current.reset(token)
+
+
+def current_tenant() -> TenantContext:
+    """The active tenant context.
+
+    Raises:
+        TenantContextMissing: no tenant scope is active (fail closed).
+    """
+    ctx = _current.get()
+    if ctx is None:
+        raise TenantContextMissing("this operation needs a tenant context and none is active")
+    return ctx
+
+
+def current_tenant_or_none() -> TenantContext | None:
+    """The active tenant context, or ``None`` for operator/system code paths."""
+    return _current.get()
+
+
+def run_in_thread(
+    executor: ThreadPoolExecutor, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs
+) -> Future[R]:
+    """Submit ``fn`` to ``executor`` inside a copy of the caller's context (tenant included)."""
+    ctx = contextvars.copy_context()
+    return executor.submit(ctx.run, fn, *args, **kwargs)  # type: ignore[arg-type]
+
+
+class TenantThreadPoolExecutor(ThreadPoolExecutor):
+    """A thread pool whose ``submit`` runs each task in a copy of the submitter's context.
+
+    A plain :class:`ThreadPoolExecutor` runs tasks in the worker thread's own (empty or
+    stale) context; this one gives each task exactly the submitter's tenant or none.
+    """
+
+    def submit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> Future[R]:
+        ctx = contextvars.copy_context()
+        return super().submit(ctx.run, fn, *args, **kwargs)

@@ -1,0 +1,137 @@
+"""Isolation levels, tenant states, resource limits and plans.
+
+Plan figures are the defaults of a deployment; each tenant may override any limit.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from patinox.errors import InvalidRequest
+
+
+class IsolationLevel(StrEnum):
+    """Where a tenant's runs execute (PRODUCT.md, capability 5)."""
+
+    NAMESPACE = "namespace"
+    """In the shared server process; isolation is logical (context + data layer)."""
+    PROCESS = "process"
+    """In the tenant's own worker processes, with OS limits."""
+    CONTAINER = "container"
+    """In a Linux-namespace sandbox (bubblewrap) or a pod per tenant namespace."""
+    DEDICATED = "dedicated"
+    """On exclusive CPU cores or a dedicated node pool."""
+
+
+class TenantState(StrEnum):
+    """Lifecycle states. Allowed moves: active<->suspended, active|suspended->deleting->deleted."""
+
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    DELETING = "deleting"
+    DELETED = "deleted"
+
+
+class ResourceLimits(BaseModel):
+    """Effective per-tenant limits, all enforced in the ``namespace`` level.
+
+    Units are in each field's name: per minute, runs, tokens, tool calls, seconds.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    requests_per_minute: int = Field(ge=1, description="API requests per rolling minute")
+    max_concurrent_runs: int = Field(ge=1, description="runs in flight at once")
+    tokens_per_day: int = Field(ge=1, description="model tokens (in + out) per UTC day")
+    max_output_tokens_per_run: int = Field(ge=1, description="output tokens one run may ask for")
+    max_tool_calls_per_run: int = Field(ge=0, description="tool calls within one run")
+    run_timeout_s: float = Field(gt=0, description="wall time of one run, seconds")
+
+
+class LimitOverrides(BaseModel):
+    """Per-tenant overrides of plan limits; ``None`` keeps the plan's value."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    max_concurrent_runs: int | None = Field(default=None, ge=1)
+    tokens_per_day: int | None = Field(default=None, ge=1)
+    max_output_tokens_per_run: int | None = Field(default=None, ge=1)
+    max_tool_calls_per_run: int | None = Field(default=None, ge=0)
+    run_timeout_s: float | None = Field(default=None, gt=0)
+
+    def apply_to(self, limits: ResourceLimits) -> ResourceLimits:
+        """The plan's limits with every set override applied."""
+        return limits.model_copy(update=self.model_dump(exclude_none=True))
+
+
+class Plan(BaseModel):
+    """A plan (tier): a name, its default limits and its scheduling weight."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    limits: ResourceLimits
+    weight: int = Field(ge=1, description="share in fair scheduling, relative to other plans")
+
+
+PLANS: dict[str, Plan] = {
+    "free": Plan(
+        name="free",
+        weight=1,
+        limits=ResourceLimits(
+            requests_per_minute=120,
+            max_concurrent_runs=4,
+            tokens_per_day=2_000_000,
+            max_output_tokens_per_run=2_048,
+            max_tool_calls_per_run=8,
+            run_timeout_s=60,
+        ),
+    ),
+    "pro": Plan(
+        name="pro",
+        weight=4,
+        limits=ResourceLimits(
+            requests_per_minute=1_200,
+            max_concurrent_runs=32,
+            tokens_per_day=50_000_000,
+            max_output_tokens_per_run=8_192,
+            max_tool_calls_per_run=32,
+            run_timeout_s=300,
+        ),
+    ),
+    "enterprise": Plan(
+        name="enterprise",
+        weight=16,
+        limits=ResourceLimits(
+            requests_per_minute=12_000,
+            max_concurrent_runs=128,
+            tokens_per_day=1_000_000_000,
+            max_output_tokens_per_run=32_768,
+            max_tool_calls_per_run=128,
+            run_timeout_s=900,
+        ),
+    ),
+}
+
+
+def get_plan(name: str) -> Plan:
+    """The plan called ``name``.
+
+    Raises:
+        InvalidRequest: no such plan (the message lists the known ones).
+    """
+    try:
+        return PLANS[name]
+    except KeyError:
+        raise InvalidRequest(
+            f"unknown plan {name!r}; known plans: {', '.join(PLANS)}", field="plan"
+        ) from None
+
+
+def effective_limits(plan: str, overrides: dict[str, Any] | None) -> ResourceLimits:
+    """The limits a tenant on ``plan`` with ``overrides`` (a LimitOverrides dict) runs under."""
+    return LimitOverrides.model_validate(overrides or {}).apply_to(get_plan(plan).limits)

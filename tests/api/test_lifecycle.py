@@ -1,0 +1,152 @@
+"""Suspend, resume, delete over the API; deletion checked in the database file itself."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from tests.conftest import auth, raw_db_bytes
+
+
+def _rows_of(db_url: str, tenant_id: str) -> dict[str, int]:
+    con = sqlite3.connect(db_url.removeprefix("sqlite:///"))
+    try:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        out = {}
+        for t in tables:
+            cols = [r[1] for r in con.execute(f"PRAGMA table_info({t})")]
+            if "tenant_id" in cols:
+                out[t] = con.execute(
+                    f"SELECT count(*) FROM {t} WHERE tenant_id = ?", (tenant_id,)
+                ).fetchone()[0]
+        return out
+    finally:
+        con.close()
+
+
+def test_suspend_refuses_every_tenant_call_and_keeps_data(
+    client: TestClient, make_tenant: Any, operator_key: str
+) -> None:
+    a = make_tenant("alpha")
+    agent = a.agent("x")
+    op = auth(operator_key)
+    r = client.post(f"/admin/tenants/{a.id}/suspend", headers=op)
+    assert r.status_code == 200 and r.json()["state"] == "suspended"
+    for method, path in (
+        ("GET", "/v1/agents"),
+        ("GET", f"/v1/agents/{agent}"),
+        ("POST", f"/v1/agents/{agent}/runs"),
+        ("GET", "/v1/memory"),
+        ("GET", "/v1/me"),
+    ):
+        resp = client.request(method, path, json={"input": "x"} if method == "POST" else None, headers=a.h)
+        assert resp.status_code == 403, path
+        assert resp.json()["error"]["code"] == "tenant_suspended"
+    # Suspending twice is an invalid transition.
+    assert client.post(f"/admin/tenants/{a.id}/suspend", headers=op).status_code == 409
+    assert client.post(f"/admin/tenants/{a.id}/resume", headers=op).json()["state"] == "active"
+    assert client.get(f"/v1/agents/{agent}", headers=a.h).status_code == 200
+
+
+def test_delete_removes_every_row_and_id_is_never_reused(
+    client: TestClient, make_tenant: Any, operator_key: str, db_url: str
+) -> None:
+    op = auth(operator_key)
+    a = make_tenant("alpha")
+    b = make_tenant("beta")
+    agent = a.agent("x", instructions="alpha-instructions-marker")
+    assert a.run(agent, "alpha-prompt-marker").status_code == 200
+    client.put("/v1/memory/k", json={"value": "alpha-memory-marker"}, headers=a.h)
+    b_agent = b.agent("y")
+    assert b.run(b_agent).status_code == 200
+    before = _rows_of(db_url, a.id)
+    assert all(before[t] > 0 for t in ("agents", "runs", "memory", "usage_records", "audit_log", "api_keys"))
+
+    r = client.delete(f"/admin/tenants/{a.id}", headers=op)
+    assert r.status_code == 200, r.text
+    assert set(_rows_of(db_url, a.id).values()) == {0}
+    assert _rows_of(db_url, b.id)["agents"] == 1  # the neighbour is untouched
+
+    # Key refused, tenant gone, no resume of a deleted tenant.
+    assert client.get("/v1/agents", headers=a.h).status_code == 401
+    assert client.get(f"/admin/tenants/{a.id}", headers=op).status_code == 404
+    assert client.post(f"/admin/tenants/{a.id}/resume", headers=op).status_code == 404
+    assert client.delete(f"/admin/tenants/{a.id}", headers=op).status_code == 404
+
+    # Same name again: a new id, and nothing old is visible.
+    a2 = make_tenant("alpha")
+    assert a2.id != a.id
+    assert client.get("/v1/agents", headers=a2.h).json() == []
+    assert client.get("/v1/memory", headers=a2.h).json() == []
+    assert client.get("/v1/runs", headers=a2.h).json() == []
+    # The deletion itself is audited at operator level and keeps the tombstone id.
+    audit = client.get("/admin/audit", headers=op).json()
+    assert any(x["action"] == "tenant.delete" and x["target"] == a.id for x in audit)
+    listed = client.get("/admin/tenants?include_deleted=true", headers=op).json()
+    assert any(t["id"] == a.id and t["state"] == "deleted" for t in listed)
+    # Not in the file either (free pages are zeroed, the WAL is checkpointed).
+    raw = raw_db_bytes(db_url)
+    for marker in (b"alpha-instructions-marker", b"alpha-prompt-marker", b"alpha-memory-marker"):
+        assert marker not in raw
+
+
+def test_delete_is_resumable_after_a_crash(
+    runtime: Any, make_tenant: Any, db_url: str, client: TestClient, operator_key: str
+) -> None:
+    a = make_tenant("alpha")
+    a.agent("x")
+    # Crash after the state moved to "deleting" but before the purge.
+    runtime.backend.update_tenant(a.id, {"state": "deleting"})
+    assert client.get("/v1/agents", headers=a.h).status_code == 401
+    assert _rows_of(db_url, a.id)["agents"] == 1
+    r = client.delete(f"/admin/tenants/{a.id}", headers=auth(operator_key))
+    assert r.status_code == 200
+    assert set(_rows_of(db_url, a.id).values()) == {0}
+
+
+def test_update_plan_and_limits(client: TestClient, make_tenant: Any, operator_key: str) -> None:
+    a = make_tenant("alpha")
+    op = auth(operator_key)
+    r = client.patch(
+        f"/admin/tenants/{a.id}",
+        json={"plan": "pro", "limits": {"max_concurrent_runs": 3}},
+        headers=op,
+    )
+    assert r.status_code == 200, r.text
+    me = client.get("/v1/me", headers=a.h).json()
+    assert me["plan"] == "pro" and me["limits"]["max_concurrent_runs"] == 3
+    assert client.patch(f"/admin/tenants/{a.id}", json={"plan": "gold"}, headers=op).status_code == 422
+    assert client.get("/v1/me", headers=a.h).json()["plan"] == "pro"
+
+
+def test_unavailable_isolation_level_is_refused(client: TestClient, operator_key: str) -> None:
+    r = client.post(
+        "/admin/tenants",
+        json={"name": "iso", "isolation_level": "process"},
+        headers=auth(operator_key),
+    )
+    assert r.status_code == 422 and r.json()["error"]["code"] == "isolation_unavailable"
+    assert client.get("/admin/tenants", headers=auth(operator_key)).json() == []
+
+
+def test_audit_records_every_tenant_action(client: TestClient, make_tenant: Any, operator_key: str) -> None:
+    a = make_tenant("alpha")
+    agent = a.agent("x")
+    client.patch(f"/v1/agents/{agent}", json={"instructions": "new"}, headers=a.h)
+    a.run(agent)
+    client.delete(f"/v1/agents/{agent}", headers=a.h)
+    actions = [x["action"] for x in client.get("/v1/audit", headers=a.h).json()]
+    for expected in (
+        "tenant.create",
+        "key.create",
+        "agent.create",
+        "agent.update",
+        "run.finish",
+        "agent.delete",
+    ):
+        assert expected in actions
+    rec = client.get("/v1/audit", headers=a.h).json()[-1]
+    assert {"at", "actor", "tenant_id", "action", "target", "outcome"} <= set(rec)
+    assert rec["actor"] == a.key_id and rec["tenant_id"] == a.id

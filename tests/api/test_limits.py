@@ -1,0 +1,101 @@
+"""Rate, concurrency and token-budget limits answer 429 with Retry-After."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+
+def test_rate_limit_429_with_retry_after(client: TestClient, make_tenant: Any) -> None:
+    a = make_tenant("alpha", limits={"requests_per_minute": 5})
+    b = make_tenant("beta", limits={"requests_per_minute": 5})
+    codes = [client.get("/v1/agents", headers=a.h).status_code for _ in range(7)]
+    assert codes == [200] * 5 + [429] * 2
+    r = client.get("/v1/agents", headers=a.h)
+    assert r.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(r.headers["Retry-After"]) <= 60
+    assert r.json()["error"]["details"]["limit"] == 5
+    # The neighbour is not affected.
+    assert client.get("/v1/agents", headers=b.h).status_code == 200
+
+
+def test_concurrency_limit_429(client: TestClient, make_tenant: Any) -> None:
+    a = make_tenant("alpha", limits={"max_concurrent_runs": 2})
+    agent = a.agent("slow", model="simulated:ttft_ms=400,tpot_ms=0")
+    results: list[int] = []
+    barrier = threading.Barrier(4)
+
+    def go() -> None:
+        barrier.wait()
+        results.append(a.run(agent, "x", output_tokens=1).status_code)
+
+    threads = [threading.Thread(target=go) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [200, 200, 429, 429]
+    # Slots come back after the runs end.
+    assert a.run(agent, "x", output_tokens=1).status_code == 200
+
+
+def test_concurrency_429_has_retry_after(client: TestClient, make_tenant: Any) -> None:
+    a = make_tenant("alpha", limits={"max_concurrent_runs": 1})
+    agent = a.agent("slow", model="simulated:ttft_ms=300,tpot_ms=0")
+    started = threading.Event()
+    out: dict[str, Any] = {}
+
+    def first() -> None:
+        started.set()
+        out["first"] = a.run(agent, "x", output_tokens=1)
+
+    t = threading.Thread(target=first)
+    t.start()
+    started.wait()
+    # Poll until the first run holds the slot, then the second must be refused.
+    for _ in range(200):
+        r = client.get("/v1/usage", headers=a.h)
+        if r.json()["runs_in_flight"] == 1:
+            break
+    second = a.run(agent, "x", output_tokens=1)
+    t.join()
+    assert out["first"].status_code == 200
+    assert second.status_code == 429
+    assert second.json()["error"]["code"] == "concurrency_limited"
+    assert int(second.headers["Retry-After"]) >= 1
+
+
+def test_token_budget_stops_runs_once_spent(client: TestClient, make_tenant: Any) -> None:
+    a = make_tenant("alpha", limits={"tokens_per_day": 100})
+    agent = a.agent("x")
+    # Each run: 5 input words + 20 output tokens = 25 tokens.
+    ok = [a.run(agent, "one two three four five", output_tokens=20) for _ in range(4)]
+    assert [r.status_code for r in ok] == [200] * 4
+    assert sum(r.json()["input_tokens"] + r.json()["output_tokens"] for r in ok) == 100
+    r = a.run(agent, "one two three four five", output_tokens=20)
+    assert r.status_code == 429
+    err = r.json()["error"]
+    assert err["code"] == "quota_exceeded"
+    assert err["details"]["limit"] == 100 and err["details"]["used"] == 100
+    assert "Retry-After" in r.headers
+    # Refused before any model call: no run, no usage recorded for it.
+    assert len(client.get("/v1/runs", headers=a.h).json()) == 4
+    usage = client.get("/v1/usage", headers=a.h).json()
+    assert usage["tokens_today"] == 100 and len(usage["records"]) == 4
+
+
+def test_reservation_refuses_a_run_that_could_pass_the_budget(client: TestClient, make_tenant: Any) -> None:
+    a = make_tenant("alpha", limits={"tokens_per_day": 50})
+    agent = a.agent("x")
+    r = a.run(agent, "hello", output_tokens=60)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+    assert a.run(agent, "hello", output_tokens=10).status_code == 200
+
+
+def test_output_tokens_above_plan_is_refused(client: TestClient, make_tenant: Any) -> None:
+    a = make_tenant("alpha", limits={"max_output_tokens_per_run": 10})
+    agent = a.agent("x")
+    r = a.run(agent, "hi", output_tokens=11)
+    assert r.status_code == 422 and r.json()["error"]["details"]["field"] == "output_tokens"

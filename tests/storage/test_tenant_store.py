@@ -1,0 +1,120 @@
+"""The data layer scopes every statement itself; the schema keeps tenant ids in every key."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import inspect
+
+from patinox.errors import AlreadyExists, NotFound, TenantContextMissing
+from patinox.storage import SqlBackend
+from patinox.storage._schema import TENANT_TABLES
+from patinox.tenancy import TenantContext, get_plan, tenant_scope
+
+
+def ctx(tid: str) -> TenantContext:
+    return TenantContext(
+        tenant_id=tid,
+        principal="key_x",
+        scopes=frozenset({"read"}),
+        plan="free",
+        limits=get_plan("free").limits,
+    )
+
+
+AGENT = {
+    "name": "a",
+    "instructions": "i",
+    "model": "simulated",
+    "tools": [],
+    "max_output_tokens": None,
+    "max_tool_calls": None,
+}
+
+
+def test_store_needs_a_tenant(backend: SqlBackend) -> None:
+    with pytest.raises(TenantContextMissing):
+        backend.tenant_store()
+
+
+def test_store_from_scope_is_bound_to_that_tenant(backend: SqlBackend) -> None:
+    with tenant_scope(ctx("tn_a")):
+        sa = backend.tenant_store()
+        agent = sa.create_agent(AGENT)
+    sb = backend.tenant_store(ctx("tn_b"))
+    with pytest.raises(NotFound):
+        sb.get_agent(agent["id"])
+    with pytest.raises(NotFound):
+        sb.update_agent(agent["id"], {"instructions": "x"})
+    with pytest.raises(NotFound):
+        sb.delete_agent(agent["id"])
+    assert sb.list_agents() == []
+    assert sa.get_agent(agent["id"])["instructions"] == "i"
+
+
+def test_memory_is_per_tenant(backend: SqlBackend) -> None:
+    sa, sb = backend.tenant_store(ctx("tn_a")), backend.tenant_store(ctx("tn_b"))
+    sa.memory_put("k", "A")
+    assert sb.memory_get("k") is None
+    assert sb.memory_list() == []
+    sb.memory_put("k", "B")
+    sa.memory_put("k", "A2")
+    assert (sa.memory_get("k"), sb.memory_get("k")) == ("A2", "B")
+    sa.memory_put("k%", "wild")
+    assert sa.memory_list("k%") == ["k%"]  # LIKE wildcards are escaped
+
+
+def test_unique_agent_name_within_tenant_only(backend: SqlBackend) -> None:
+    sa, sb = backend.tenant_store(ctx("tn_a")), backend.tenant_store(ctx("tn_b"))
+    sa.create_agent(AGENT)
+    sb.create_agent(AGENT)
+    with pytest.raises(AlreadyExists):
+        sa.create_agent(AGENT)
+
+
+def test_run_cannot_reference_another_tenants_agent(backend: SqlBackend) -> None:
+    """The composite foreign key (tenant_id, agent_id) is a second wall."""
+    agent = backend.tenant_store(ctx("tn_a")).create_agent(AGENT)
+    with pytest.raises(AlreadyExists):
+        backend.tenant_store(ctx("tn_b")).create_run(
+            {
+                "agent_id": agent["id"],
+                "principal": "k",
+                "mode": "sync",
+                "status": "running",
+                "input": "x",
+                "model": "simulated",
+                "simulated": 1,
+            }
+        )
+
+
+def test_every_tenant_table_leads_its_keys_with_tenant_id(backend: SqlBackend) -> None:
+    insp = inspect(backend.engine)
+    owned = backend.tenant_owned_tables()
+    assert set(owned) == {t.name for t in TENANT_TABLES}
+    for name in owned:
+        pk = insp.get_pk_constraint(name)["constrained_columns"]
+        if name in ("api_keys", "audit_log"):
+            # Control-plane rows that may belong to no tenant (operator keys and records);
+            # indexed by tenant id instead.
+            assert any(ix["column_names"][0] == "tenant_id" for ix in insp.get_indexes(name)), name
+        else:
+            assert pk[0] == "tenant_id", name
+
+
+def test_purge_reads_the_catalog(backend: SqlBackend) -> None:
+    """A table added outside the known schema is purged too."""
+    with backend.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE plugin_data (tenant_id TEXT, v TEXT)")
+        conn.exec_driver_sql("INSERT INTO plugin_data VALUES ('tn_a', 'x'), ('tn_b', 'y')")
+    counts = backend.purge_tenant("tn_a")
+    assert counts["plugin_data"] == 1
+    with backend.engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT tenant_id FROM plugin_data").fetchall()
+    assert rows == [("tn_b",)]
+
+
+def test_migrations_are_idempotent(backend: SqlBackend) -> None:
+    backend.migrate()
+    backend.migrate()
+    assert "alembic_version" in inspect(backend.engine).get_table_names()

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import pytest
+
+from patinox.errors import InvalidRequest
+from patinox.tenancy import PLANS, effective_limits, looks_like_id, new_id
+
+
+def test_plans_differ() -> None:
+    assert {"free", "pro", "enterprise"} <= set(PLANS)
+    rpm = [PLANS[p].limits.requests_per_minute for p in ("free", "pro", "enterprise")]
+    assert rpm == sorted(rpm) and len(set(rpm)) == 3
+
+
+def test_overrides_apply() -> None:
+    lim = effective_limits("free", {"requests_per_minute": 7})
+    assert lim.requests_per_minute == 7
+    assert lim.max_concurrent_runs == PLANS["free"].limits.max_concurrent_runs
+
+
+def test_unknown_plan_and_bad_override() -> None:
+    with pytest.raises(InvalidRequest):
+        effective_limits("platinum", None)
+    with pytest.raises(ValueError):
+        effective_limits("free", {"requests_per_minute": 0})
+    with pytest.raises(ValueError):
+        effective_limits("free", {"bogus": 1})
+
+
+def test_ids_unique_and_shaped() -> None:
+    ids = {new_id("tn") for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(looks_like_id(i) for i in ids)
