@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,9 @@ from fastapi.testclient import TestClient
 
 from patinox.api import Runtime, Settings, create_app
 from patinox.storage import SqlBackend, open_backend
+from patinox.storage.engine import normalise_url, with_database
+from patinox.storage.postgres import PostgresDeployment, bootstrap
+from patinox.storage.postgres import drop as pg_drop
 
 _real_connect = socket.socket.connect
 
@@ -34,21 +38,121 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", _loopback_only)
 
 
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'patinox.db'}"
+PG_ADMIN_URL = os.environ.get("PATINOX_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+ALL_DEPLOYMENTS = ("sqlite-pool", "sqlite-silo", "pg-pool", "pg-bridge", "pg-silo")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "only_deployments(*names): generate the test only for these storage deployments"
+    )
+
+
+def _service_missing(what: str, err: BaseException) -> None:
+    message = f"{what} is not reachable ({type(err).__name__}: {err})"
+    if IN_CI:
+        pytest.fail(f"{message}; CI provides it, so this is a failure, not a skip")
+    pytest.skip(f"SKIPPED LOUDLY: {message}; PostgreSQL tests were left out of this run")
+
+
+@pytest.fixture(scope="session")
+def pg_deployment() -> Iterator[PostgresDeployment]:
+    """A scratch PostgreSQL database with the owner and application roles, for the session."""
+    from sqlalchemy import create_engine
+
+    try:
+        probe = create_engine(normalise_url(PG_ADMIN_URL))
+        with probe.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        probe.dispose()
+    except Exception as err:
+        _service_missing(f"PostgreSQL at {PG_ADMIN_URL}", err)
+    name = f"patinox_test_{os.getpid()}"
+    pg_drop(PG_ADMIN_URL, database=name)
+    dep = bootstrap(PG_ADMIN_URL, database=name, owner_role="patinox_test_owner", app_role="patinox_test_app")
+    yield dep
+    pg_drop(PG_ADMIN_URL, database=name)
+
+
+def _reset_postgres(dep: PostgresDeployment) -> None:
+    """Empty the scratch database between tests: drop tenant schemas and silo databases."""
+    from sqlalchemy import create_engine, text
+
+    admin = create_engine(normalise_url(PG_ADMIN_URL), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            for (db,) in conn.execute(
+                text("SELECT datname FROM pg_database WHERE datname LIKE :p"),
+                {"p": dep.database + "\\_tn\\_%"},
+            ):
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+    finally:
+        admin.dispose()
+    main = create_engine(normalise_url(with_database(PG_ADMIN_URL, dep.database)))
+    try:
+        with main.begin() as conn:
+            for (schema,) in conn.execute(
+                text("SELECT nspname FROM pg_namespace WHERE nspname LIKE :p"), {"p": "tn\\_%"}
+            ).fetchall():
+                conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+            tables = [
+                r[0]
+                for r in conn.exec_driver_sql(
+                    "SELECT tablename FROM pg_tables "
+                    "WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+                )
+            ]
+            if tables:
+                conn.exec_driver_sql("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY")
+    finally:
+        main.dispose()
+
+
+class Deployment:
+    """One storage configuration under test: URLs and the storage model new tenants get."""
+
+    def __init__(self, name: str, db_url: str, owner_url: str | None, storage_model: str) -> None:
+        self.name = name
+        self.db_url = db_url
+        self.owner_url = owner_url
+        self.storage_model = storage_model
+
+    @property
+    def postgres(self) -> bool:
+        return self.name.startswith("pg-")
 
 
 @pytest.fixture
-def backend(db_url: str) -> Iterator[SqlBackend]:
-    b = open_backend(db_url)
+def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Deployment:
+    """The storage deployment a test runs on: ``sqlite-pool`` unless parametrized."""
+    name = getattr(request, "param", "sqlite-pool")
+    kind, model = name.split("-")
+    if kind == "sqlite":
+        return Deployment(name, f"sqlite:///{tmp_path / 'patinox.db'}", None, model)
+    dep: PostgresDeployment = request.getfixturevalue("pg_deployment")
+    _reset_postgres(dep)
+    return Deployment(name, dep.app_url, dep.owner_url, model)
+
+
+@pytest.fixture
+def db_url(deployment: Deployment) -> str:
+    return deployment.db_url
+
+
+@pytest.fixture
+def backend(deployment: Deployment) -> Iterator[SqlBackend]:
+    b = open_backend(deployment.db_url, owner_url=deployment.owner_url)
     yield b
     b.close()
 
 
 @pytest.fixture
-def runtime(db_url: str, backend: SqlBackend) -> Runtime:
-    return Runtime.build(Settings(database_url=db_url, max_body_bytes=64 * 1024), backend=backend)
+def runtime(deployment: Deployment, backend: SqlBackend) -> Runtime:
+    settings = Settings(
+        database_url=deployment.db_url, owner_url=deployment.owner_url, max_body_bytes=64 * 1024
+    )
+    return Runtime.build(settings, backend=backend)
 
 
 @pytest.fixture
@@ -72,11 +176,12 @@ class TenantHandle:
         name: str,
         plan: str = "free",
         limits: dict[str, Any] | None = None,
+        storage_model: str = "pool",
     ) -> None:
         self.client = client
         r = client.post(
             "/admin/tenants",
-            json={"name": name, "plan": plan, "limits": limits or {}},
+            json={"name": name, "plan": plan, "limits": limits or {}, "storage_model": storage_model},
             headers=auth(operator_key),
         )
         assert r.status_code == 201, r.text
@@ -102,9 +207,9 @@ def auth(key: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def make_tenant(client: TestClient, operator_key: str) -> Any:
+def make_tenant(client: TestClient, operator_key: str, deployment: Deployment) -> Any:
     def make(name: str, plan: str = "free", limits: dict[str, Any] | None = None) -> TenantHandle:
-        return TenantHandle(client, operator_key, name, plan, limits)
+        return TenantHandle(client, operator_key, name, plan, limits, deployment.storage_model)
 
     return make
 
@@ -116,4 +221,74 @@ def raw_db_bytes(db_url: str) -> bytes:
     for p in (path, path.with_name(path.name + "-wal")):
         if p.exists():
             out += p.read_bytes()
+    return out
+
+
+def count_tenant_rows(deployment: Deployment, tenant_id: str) -> dict[str, int]:
+    """Rows of ``tenant_id`` in every table with a ``tenant_id`` column, read from the storage
+    itself (SQLite files; PostgreSQL as a superuser, so row-level security hides nothing),
+    plus ``<schema>``/``<database>``/``<file>`` = 1 while the tenant's own schema, database or
+    file still exists."""
+    import sqlite3
+
+    from sqlalchemy import create_engine, text
+
+    out: dict[str, int] = {}
+    if not deployment.postgres:
+        main = Path(deployment.db_url.removeprefix("sqlite:///"))
+        silo = main.parent / "tenants" / f"{tenant_id}.db"
+        for path, label in ((main, ""), (silo, "silo:")):
+            if not path.exists():
+                continue
+            if label:
+                out["<file>"] = 1
+            con = sqlite3.connect(path)
+            try:
+                for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+                    cols = [r[1] for r in con.execute(f"PRAGMA table_info({t})")]
+                    if "tenant_id" in cols:
+                        n = con.execute(
+                            f"SELECT count(*) FROM {t} WHERE tenant_id = ?", (tenant_id,)
+                        ).fetchone()
+                        out[label + t] = n[0]
+            finally:
+                con.close()
+        return out
+    dbname = deployment.db_url.rsplit("/", 1)[1]
+
+    def scan(db: str, label: str) -> None:
+        eng = create_engine(normalise_url(with_database(PG_ADMIN_URL, db)))
+        try:
+            with eng.connect() as conn:
+                cols = conn.execute(
+                    text(
+                        "SELECT table_schema, table_name FROM information_schema.columns "
+                        "WHERE column_name = 'tenant_id' "
+                        "AND table_schema NOT IN ('pg_catalog', 'information_schema')"
+                    )
+                ).fetchall()
+                for schema, table in cols:
+                    n = conn.execute(
+                        text(f'SELECT count(*) FROM "{schema}"."{table}" WHERE tenant_id = :t'),
+                        {"t": tenant_id},
+                    ).scalar_one()
+                    out[f"{label}{schema}.{table}"] = int(n)
+                if conn.execute(
+                    text("SELECT 1 FROM pg_namespace WHERE nspname = :s"), {"s": tenant_id}
+                ).scalar():
+                    out["<schema>"] = 1
+        finally:
+            eng.dispose()
+
+    scan(dbname, "")
+    admin = create_engine(normalise_url(PG_ADMIN_URL))
+    try:
+        with admin.connect() as conn:
+            silo = f"{dbname}_{tenant_id}"
+            exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": silo}).scalar()
+    finally:
+        admin.dispose()
+    if exists:
+        out["<database>"] = 1
+        scan(silo, "silo:")
     return out

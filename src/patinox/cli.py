@@ -321,6 +321,7 @@ def _cli_context(rt: Any, tenant_id: str) -> Any:
         plan=t.plan,
         limits=t.limits,
         isolation_level=t.isolation_level,
+        storage_model=t.storage_model,
     )
 
 

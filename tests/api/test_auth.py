@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import auth, raw_db_bytes
@@ -88,6 +89,7 @@ def test_tenant_keys_cannot_get_admin_scope(client: TestClient, make_tenant: Any
     assert r.status_code == 422
 
 
+@pytest.mark.only_deployments("sqlite-pool", "sqlite-silo")
 def test_key_secret_not_stored_in_clear(client: TestClient, make_tenant: Any, db_url: str) -> None:
     a = make_tenant("alpha")
     raw = raw_db_bytes(db_url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,19 +17,31 @@ class Settings:
     """Server settings.
 
     Attributes:
-        database_url: see :mod:`patinox.storage.engine`.
+        database_url: see :mod:`patinox.storage.engine` (PostgreSQL: the application role).
+        owner_url: PostgreSQL owner-role URL for migrations and tenant schemas/databases.
         rate_limit_storage: a ``limits`` storage URI (``memory://``).
         max_body_bytes: largest request body accepted, bytes (larger: 413).
     """
 
     database_url: str
+    owner_url: str | None = None
     rate_limit_storage: str = "memory://"
     max_body_bytes: int = 2 * 1024 * 1024
 
     @classmethod
-    def for_data_dir(cls, data_dir: Path, **kw: object) -> Settings:
-        """Settings of an embedded deployment in ``data_dir`` (SQLite file ``patinox.db``)."""
-        return cls(database_url=f"sqlite:///{(data_dir / 'patinox.db').resolve()}", **kw)  # type: ignore[arg-type]
+    def for_data_dir(cls, data_dir: Path) -> Settings:
+        """Settings of a deployment whose files live in ``data_dir``.
+
+        The database is the SQLite file ``data_dir/patinox.db`` unless
+        ``PATINOX_DATABASE_URL`` (and ``PATINOX_OWNER_URL`` for PostgreSQL) say otherwise;
+        ``PATINOX_RATE_LIMIT_URL`` picks the rate-limit storage (default ``memory://``).
+        """
+        return cls(
+            database_url=os.environ.get("PATINOX_DATABASE_URL")
+            or f"sqlite:///{(data_dir / 'patinox.db').resolve()}",
+            owner_url=os.environ.get("PATINOX_OWNER_URL") or None,
+            rate_limit_storage=os.environ.get("PATINOX_RATE_LIMIT_URL") or "memory://",
+        )
 
 
 @dataclass(kw_only=True)
@@ -49,7 +62,7 @@ class Runtime:
     @classmethod
     def build(cls, settings: Settings, backend: SqlBackend | None = None) -> Runtime:
         """Open storage (migrating it) and wire the services."""
-        backend = backend or open_backend(settings.database_url)
+        backend = backend or open_backend(settings.database_url, owner_url=settings.owner_url)
         concurrency = ConcurrencyLimiter()
         budget = TokenBudget(lambda tid, since: backend.acting_on(tid).tokens_used_since(since))
         rate = WindowRateLimiter(settings.rate_limit_storage)

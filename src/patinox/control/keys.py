@@ -22,7 +22,14 @@ from typing import Any
 
 from patinox.errors import AuthenticationFailed, InvalidRequest, TenantSuspended
 from patinox.storage import SqlBackend, utcnow
-from patinox.tenancy import IsolationLevel, TenantContext, TenantState, effective_limits, new_id
+from patinox.tenancy import (
+    IsolationLevel,
+    StorageModel,
+    TenantContext,
+    TenantState,
+    effective_limits,
+    new_id,
+)
 
 #: Scopes a tenant key may hold.
 TENANT_SCOPES = frozenset({"agents:write", "runs:write", "read"})
@@ -152,4 +159,5 @@ class ApiKeys:
             plan=tenant["plan"],
             limits=effective_limits(tenant["plan"], tenant["limit_overrides"]),
             isolation_level=IsolationLevel(tenant["isolation_level"]),
+            storage_model=StorageModel(tenant["storage_model"]),
         )

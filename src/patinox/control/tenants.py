@@ -27,6 +27,7 @@ from patinox.tenancy import (
     IsolationLevel,
     LimitOverrides,
     ResourceLimits,
+    StorageModel,
     TenantState,
     effective_limits,
     get_plan,
@@ -50,6 +51,9 @@ class TenantSpec(BaseModel):
     name: str = Field(description="unique among live tenants; DNS-label shape")
     plan: str = "free"
     isolation_level: IsolationLevel = IsolationLevel.NAMESPACE
+    storage_model: StorageModel = Field(
+        default=StorageModel.POOL, description="pool (shared tables), bridge (schema), silo (database)"
+    )
     limits: LimitOverrides = Field(default_factory=LimitOverrides)
 
     _name = field_validator("name")(_check_name)
@@ -74,6 +78,7 @@ class Tenant(BaseModel):
     plan: str
     state: TenantState
     isolation_level: IsolationLevel
+    storage_model: StorageModel
     limit_overrides: dict[str, Any]
     limits: ResourceLimits
     created_at: datetime
@@ -129,6 +134,8 @@ class TenantManager:
             InvalidRequest: unknown plan.
             IsolationUnavailable: the isolation level is not enforceable here.
             AlreadyExists: a live tenant has that name.
+            ConfigurationError: the storage model is not offered by this database.
+            StorageError: the schema/database could not be created.
         """
         get_plan(spec.plan)
         if spec.isolation_level not in self._supported:
@@ -137,22 +144,40 @@ class TenantManager:
                 f"deployment; available: {', '.join(sorted(lvl.value for lvl in self._supported))}",
                 isolation_level=spec.isolation_level.value,
             )
+        self._backend.placements.require(spec.storage_model)
+        tenant_id = new_id("tn")
+        # Storage first, then the registration: a failure leaves no tenant without storage,
+        # and a taken name removes the storage again.
+        self._backend.placements.provision(tenant_id, spec.storage_model)
         now = utcnow()
-        row = self._backend.insert_tenant(
+        try:
+            row = self._register(tenant_id, spec, now)
+        except BaseException:
+            self._backend.placements.destroy(tenant_id, spec.storage_model)
+            raise
+        self._audit(
+            row["id"],
+            actor,
+            "tenant.create",
+            {"name": spec.name, "plan": spec.plan, "storage_model": spec.storage_model.value},
+        )
+        return Tenant.from_row(row)
+
+    def _register(self, tenant_id: str, spec: TenantSpec, now: Any) -> dict[str, Any]:
+        return self._backend.insert_tenant(
             {
-                "id": new_id("tn"),
+                "id": tenant_id,
                 "name": spec.name,
                 "plan": spec.plan,
                 "state": TenantState.ACTIVE.value,
                 "isolation_level": spec.isolation_level.value,
+                "storage_model": spec.storage_model.value,
                 "limit_overrides": spec.limits.model_dump(exclude_none=True),
                 "created_at": now,
                 "updated_at": now,
                 "deleted_at": None,
             }
         )
-        self._audit(row["id"], actor, "tenant.create", {"name": spec.name, "plan": spec.plan})
-        return Tenant.from_row(row)
 
     def get(self, tenant_id: str) -> Tenant:
         """The tenant. Raises :class:`TenantNotFound` (also once deleted)."""
@@ -218,7 +243,7 @@ class TenantManager:
                 tenant_id, {"state": TenantState.DELETING.value}, expect_state=current["state"]
             )
         self._changed(tenant_id)
-        counts = self._backend.purge_tenant(tenant_id)
+        counts = self._backend.purge_tenant(tenant_id, StorageModel(current["storage_model"]))
         self._backend.update_tenant(
             tenant_id,
             {"state": TenantState.DELETED.value, "deleted_at": utcnow()},

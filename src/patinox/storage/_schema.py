@@ -68,6 +68,7 @@ tenants = Table(
     Column("plan", String(40), nullable=False),
     Column("state", String(20), nullable=False),
     Column("isolation_level", String(20), nullable=False),
+    Column("storage_model", String(10), nullable=False, server_default="pool"),
     Column("limit_overrides", JSON, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),

@@ -21,12 +21,17 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine, Table, delete, func, insert, inspect, select, update
+from sqlalchemy import Connection, Engine, Table, delete, func, insert, inspect, select, text, update
+from sqlalchemy.engine import make_url
 
 from patinox.errors import AlreadyExists, NotFound, TenantNotFound
 from patinox.storage import _schema as s
-from patinox.storage.engine import make_engine, migrate, translate_errors
-from patinox.tenancy import TenantContext, current_tenant, new_id
+from patinox.storage._placement import Placement, Placements
+from patinox.storage.engine import make_engine, migrate, normalise_url, translate_errors
+from patinox.tenancy import StorageModel, TenantContext, current_tenant, new_id
+
+_SET_CONTROL = text("SELECT set_config('patinox.scope', 'control', true)")
+_SET_TENANT = text("SELECT set_config('patinox.tenant_id', :tenant_id, true)")
 
 Row = dict[str, Any]
 
@@ -48,39 +53,82 @@ class StorageBackend(Protocol):
     def close(self) -> None: ...
 
 
-def open_backend(url: str, *, migrate_schema: bool = True) -> SqlBackend:
+def open_backend(
+    url: str,
+    *,
+    owner_url: str | None = None,
+    app_role: str | None = None,
+    migrate_schema: bool = True,
+) -> SqlBackend:
     """Open the backend for a database URL (see :mod:`patinox.storage.engine` for formats).
+
+    Args:
+        url: the application URL (on PostgreSQL: the application role).
+        owner_url: PostgreSQL owner-role URL for migrations and tenant schemas/databases;
+            defaults to ``url`` (right for SQLite; on PostgreSQL the app role then needs DDL
+            rights, which a production deployment should not give it).
+        app_role: PostgreSQL application role to grant access to what the owner creates;
+            defaults to the user name in ``url`` when ``owner_url`` differs.
+        migrate_schema: apply pending migrations now.
 
     Raises:
         ConfigurationError: unsupported URL.
         StorageError: the database cannot be opened or migrated.
     """
-    backend = SqlBackend(make_engine(url))
+    engine = make_engine(url)
+    owner = make_engine(owner_url, pool_size=2) if owner_url and owner_url != url else engine
+    if app_role is None and owner is not engine:
+        app_role = make_url(normalise_url(url)).username
+    backend = SqlBackend(
+        engine,
+        placements=Placements(
+            app_url=url, owner_url=owner_url or url, app_role=app_role, main=engine, owner=owner
+        ),
+    )
     if migrate_schema:
         backend.migrate()
     return backend
 
 
 class SqlBackend:
-    """Control-plane access plus a factory of tenant-bound stores, over one SQL engine."""
+    """Control-plane access plus a factory of tenant-bound stores.
 
-    def __init__(self, engine: Engine) -> None:
+    On PostgreSQL every control-plane transaction declares itself with the
+    transaction-local setting ``patinox.scope = 'control'`` (the row-level security
+    policies let such transactions see every tenant's rows, for key lookup, deletion and
+    operator views); tenant stores set ``patinox.tenant_id`` instead.
+    """
+
+    def __init__(self, engine: Engine, *, placements: Placements | None = None) -> None:
         self.engine = engine
+        self.placements = placements or Placements(
+            app_url=engine.url.render_as_string(hide_password=False),
+            owner_url=engine.url.render_as_string(hide_password=False),
+            app_role=None,
+            main=engine,
+            owner=engine,
+        )
+        self._postgres = engine.dialect.name == "postgresql"
 
     # -- plumbing -------------------------------------------------------------------
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
         with translate_errors(), self.engine.begin() as conn:
+            if self._postgres:
+                conn.execute(_SET_CONTROL)
             yield conn
 
     def migrate(self) -> None:
-        """Apply pending Alembic migrations."""
+        """Apply pending Alembic migrations (as the owner role), then grant the app role."""
         with translate_errors():
-            migrate(self.engine)
+            migrate(self.placements.owner, app_role=self.placements.app_role)
 
     def close(self) -> None:
         """Release every pooled connection."""
+        self.placements.close()
+        if self.placements.owner is not self.engine:
+            self.placements.owner.dispose()
         self.engine.dispose()
 
     def tenant_store(self, ctx: TenantContext | None = None) -> TenantStore:
@@ -89,12 +137,18 @@ class SqlBackend:
         Raises:
             TenantContextMissing: no ``ctx`` and no active tenant scope (fail closed).
         """
-        return TenantStore(self, (ctx or current_tenant()).tenant_id)
+        ctx = ctx or current_tenant()
+        return TenantStore(self.placements.for_tenant(ctx.tenant_id, ctx.storage_model), ctx.tenant_id)
 
     def acting_on(self, tenant_id: str) -> TenantStore:
         """A store bound to ``tenant_id`` for control-plane code acting *on* a tenant
-        (lifecycle audit, key audit). Tenant-facing code uses :meth:`tenant_store`."""
-        return TenantStore(self, tenant_id)
+        (lifecycle audit, key audit, usage loading). Tenant-facing code uses :meth:`tenant_store`.
+
+        Raises:
+            TenantNotFound: no such tenant.
+        """
+        model = StorageModel(self.get_tenant(tenant_id, include_deleted=True)["storage_model"])
+        return TenantStore(self.placements.for_tenant(tenant_id, model), tenant_id)
 
     # -- tenants --------------------------------------------------------------------
 
@@ -137,21 +191,24 @@ class SqlBackend:
                 raise TenantNotFound(f"tenant {tenant_id!r} not found", tenant_id=tenant_id)
         return self.get_tenant(tenant_id, include_deleted=True)
 
-    def tenant_owned_tables(self) -> list[str]:
+    def tenant_owned_tables(self, engine: Engine | None = None, schema: str | None = None) -> list[str]:
         """Names of every table with a ``tenant_id`` column, read from the live catalog."""
         with translate_errors():
-            insp = inspect(self.engine)
+            insp = inspect(engine or self.engine)
             return sorted(
                 name
-                for name in insp.get_table_names()
-                if name != "tenants" and any(col["name"] == "tenant_id" for col in insp.get_columns(name))
+                for name in insp.get_table_names(schema=schema)
+                if name != "tenants"
+                and any(col["name"] == "tenant_id" for col in insp.get_columns(name, schema=schema))
             )
 
-    def purge_tenant(self, tenant_id: str) -> dict[str, int]:
-        """Delete every row of ``tenant_id`` from every tenant-owned table, in one transaction.
+    def purge_tenant(self, tenant_id: str, model: StorageModel = StorageModel.POOL) -> dict[str, int]:
+        """Delete every row of ``tenant_id`` from every tenant-owned table of the shared
+        database (one transaction), then drop its bridge schema or silo database/file.
 
         Tables are found from the database catalog, so a table added later is covered
-        without editing this code. Returns rows deleted per table.
+        without editing this code. Returns rows deleted per table (``"<placement>"`` counts
+        a dropped schema/database as 1). Idempotent.
         """
         counts: dict[str, int] = {}
         tables = self.tenant_owned_tables()
@@ -162,6 +219,9 @@ class SqlBackend:
                 if table is None:
                     table = Table(name, s.metadata.__class__(), autoload_with=conn)
                 counts[name] = conn.execute(delete(table).where(table.c.tenant_id == tenant_id)).rowcount
+        if model is not StorageModel.POOL:
+            self.placements.destroy(tenant_id, model)
+            counts[f"<{model.value}>"] = 1
         if self.engine.dialect.name == "sqlite":
             # With secure_delete the freed pages are zeroed; truncating the WAL drops the
             # older page images that still held the rows.
@@ -186,6 +246,7 @@ class SqlBackend:
                 s.tenants.c.plan.label("t_plan"),
                 s.tenants.c.limit_overrides.label("t_limit_overrides"),
                 s.tenants.c.isolation_level.label("t_isolation_level"),
+                s.tenants.c.storage_model.label("t_storage_model"),
             )
             .select_from(s.api_keys.outerjoin(s.tenants, s.tenants.c.id == s.api_keys.c.tenant_id))
             .where(s.api_keys.c.prefix == prefix)
@@ -203,8 +264,9 @@ class SqlBackend:
                 "plan": data.pop("t_plan"),
                 "limit_overrides": data.pop("t_limit_overrides"),
                 "isolation_level": data.pop("t_isolation_level"),
+                "storage_model": data.pop("t_storage_model"),
             }
-        for k in ("t_state", "t_plan", "t_limit_overrides", "t_isolation_level"):
+        for k in ("t_state", "t_plan", "t_limit_overrides", "t_isolation_level", "t_storage_model"):
             data.pop(k, None)
         return data, tenant
 
@@ -256,41 +318,30 @@ class SqlBackend:
         self,
         tenant_id: str | None,
         *,
-        operator_only: bool = False,
         limit: int = 100,
         after_seq: int = 0,
     ) -> list[Row]:
-        """Audit records of one tenant, or of all tenants and the operator when ``tenant_id`` is None."""
-        q = select(s.audit_log).where(s.audit_log.c.seq > after_seq)
+        """Audit records of one tenant (wherever it is stored), or, when ``tenant_id`` is
+        None, of the shared database: operator records and every pool tenant's."""
         if tenant_id is not None:
-            q = q.where(s.audit_log.c.tenant_id == tenant_id)
-        elif operator_only:
-            q = q.where(s.audit_log.c.tenant_id.is_(None))
+            return self.acting_on(tenant_id).list_audit(limit=limit, after_seq=after_seq)
+        q = select(s.audit_log).where(s.audit_log.c.seq > after_seq)
         with self._tx() as conn:
             return [dict(r) for r in conn.execute(q.order_by(s.audit_log.c.seq).limit(limit)).mappings()]
 
+    def _separate_tenants(self) -> list[str]:
+        """Ids of live tenants stored outside the shared tables (bridge, silo)."""
+        return [t["id"] for t in self.list_tenants() if t["storage_model"] != StorageModel.POOL.value]
+
     def usage_summary(self, tenant_id: str | None, *, since: datetime | None = None) -> list[Row]:
-        """Usage totals per tenant and model since ``since`` (all tenants when ``tenant_id`` is None)."""
-        u = s.usage_records
-        q = (
-            select(
-                u.c.tenant_id,
-                u.c.model,
-                u.c.simulated,
-                func.count().label("runs"),
-                func.coalesce(func.sum(u.c.input_tokens), 0).label("input_tokens"),
-                func.coalesce(func.sum(u.c.output_tokens), 0).label("output_tokens"),
-                func.coalesce(func.sum(u.c.tool_calls), 0).label("tool_calls"),
-            )
-            .group_by(u.c.tenant_id, u.c.model, u.c.simulated)
-            .order_by(u.c.tenant_id, u.c.model)
-        )
+        """Usage totals per tenant and model since ``since`` (every tenant when ``tenant_id`` is None)."""
         if tenant_id is not None:
-            q = q.where(u.c.tenant_id == tenant_id)
-        if since is not None:
-            q = q.where(u.c.at >= since)
+            return self.acting_on(tenant_id).usage_summary(since=since)
         with self._tx() as conn:
-            return [dict(r) for r in conn.execute(q).mappings()]
+            rows = [dict(r) for r in conn.execute(_usage_summary_query(None, since)).mappings()]
+        for tid in self._separate_tenants():
+            rows += self.acting_on(tid).usage_summary(since=since)
+        return rows
 
     def fail_unfinished_runs(self, reason: str) -> int:
         """Mark runs left ``queued``/``running`` by a stopped server as failed; returns how many.
@@ -299,15 +350,45 @@ class SqlBackend:
         resume them, so they are failed with ``reason`` rather than left pending forever.
         """
         with self._tx() as conn:
-            return conn.execute(
-                update(s.runs)
-                .where(s.runs.c.status.in_(("queued", "running")))
-                .values(
-                    status="failed",
-                    finished_at=utcnow(),
-                    error={"code": "run_failed", "reason": reason, "message": reason},
-                )
-            ).rowcount
+            n = int(conn.execute(_fail_unfinished(reason)).rowcount)
+        for tid in self._separate_tenants():
+            with self.acting_on(tid)._tx() as conn:
+                n += int(conn.execute(_fail_unfinished(reason)).rowcount)
+        return n
+
+
+def _fail_unfinished(reason: str) -> Any:
+    return (
+        update(s.runs)
+        .where(s.runs.c.status.in_(("queued", "running")))
+        .values(
+            status="failed",
+            finished_at=utcnow(),
+            error={"code": "run_failed", "reason": reason, "message": reason},
+        )
+    )
+
+
+def _usage_summary_query(tenant_id: str | None, since: datetime | None) -> Any:
+    u = s.usage_records
+    q = (
+        select(
+            u.c.tenant_id,
+            u.c.model,
+            u.c.simulated,
+            func.count().label("runs"),
+            func.coalesce(func.sum(u.c.input_tokens), 0).label("input_tokens"),
+            func.coalesce(func.sum(u.c.output_tokens), 0).label("output_tokens"),
+            func.coalesce(func.sum(u.c.tool_calls), 0).label("tool_calls"),
+        )
+        .group_by(u.c.tenant_id, u.c.model, u.c.simulated)
+        .order_by(u.c.tenant_id, u.c.model)
+    )
+    if tenant_id is not None:
+        q = q.where(u.c.tenant_id == tenant_id)
+    if since is not None:
+        q = q.where(u.c.at >= since)
+    return q
 
 
 def _audit_values(
@@ -336,10 +417,10 @@ class TenantStore:
     Do not construct directly: use :meth:`SqlBackend.tenant_store`.
     """
 
-    __slots__ = ("_backend", "tenant_id")
+    __slots__ = ("_placement", "tenant_id")
 
-    def __init__(self, backend: SqlBackend, tenant_id: str) -> None:
-        self._backend = backend
+    def __init__(self, placement: Placement, tenant_id: str) -> None:
+        self._placement = placement
         self.tenant_id = tenant_id
 
     # The only places tenant predicates are built.
@@ -355,8 +436,16 @@ class TenantStore:
             raise NotFound(f"{what} {ident!r} not found")
         return dict(row)
 
-    def _tx(self) -> Any:
-        return self._backend._tx()
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        p = self._placement
+        with translate_errors(), p.engine.begin() as conn:
+            if p.schema is not None:
+                conn.execution_options(schema_translate_map={None: p.schema})
+            if p.postgres:
+                # Transaction-local: it cannot outlive this transaction on a pooled connection.
+                conn.execute(_SET_TENANT, {"tenant_id": self.tenant_id})
+            yield conn
 
     # -- agents ---------------------------------------------------------------------
 
@@ -528,6 +617,12 @@ class TenantStore:
             .limit(limit)
         )
         with self._tx() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def usage_summary(self, *, since: datetime | None = None) -> list[Row]:
+        """This tenant's usage totals per model since ``since``."""
+        with self._tx() as conn:
+            q = _usage_summary_query(self.tenant_id, since)
             return [dict(r) for r in conn.execute(q).mappings()]
 
     def list_usage(self, *, since: datetime | None = None, limit: int = 1000) -> list[Row]:

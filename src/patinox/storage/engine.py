@@ -1,8 +1,13 @@
 """Engines from database URLs, driver-error translation, and schema migration.
 
 URL formats:
-    ``sqlite:///ABSOLUTE/OR/RELATIVE/path.db`` — the embedded default (one file).
+    ``sqlite:///PATH.db`` — the embedded default (one file; silo tenants get
+    ``<dir>/tenants/<tenant_id>.db`` beside it).
     ``sqlite://`` — in memory, for tests only (single connection).
+    ``postgresql://ROLE@HOST:PORT/DB`` (or ``postgresql+psycopg://...``) — PostgreSQL through
+    psycopg 3. Patinox connects as two roles: the *application* role (owns nothing, no
+    ``BYPASSRLS``) for all data access, and the *owner* role for migrations and for
+    creating bridge schemas and silo databases. See :mod:`patinox.storage.postgres`.
 """
 
 from __future__ import annotations
@@ -12,23 +17,45 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import Connection, Engine, create_engine, event, exc
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
-from patinox.errors import AlreadyExists, ConfigurationError, PatinoxError, StorageError
+from patinox.errors import (
+    AlreadyExists,
+    ConfigurationError,
+    MissingDependency,
+    PatinoxError,
+    StorageError,
+)
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url`` with the pragmas Patinox relies on.
+def normalise_url(url: str) -> str:
+    """``postgresql://`` and ``postgres://`` mean psycopg 3; other URLs are returned as given."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def is_postgres(url: str) -> bool:
+    """True for PostgreSQL URLs."""
+    return url.startswith(("postgresql", "postgres:"))
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    """An engine for ``url`` with the settings Patinox relies on.
 
     SQLite: WAL journal (readers never block the writer), ``synchronous=NORMAL`` (durable
     at checkpoint; a power loss may lose the last transactions, never corrupt), foreign
     keys on, 5 s busy timeout for writers in other processes, ``secure_delete`` on.
+    PostgreSQL: psycopg 3, pre-ping, a pool of ``pool_size`` connections.
 
     Raises:
-        ConfigurationError: the URL's scheme is not supported by this build.
+        ConfigurationError: the URL's scheme is not supported.
+        MissingDependency: psycopg is not installed for a PostgreSQL URL.
     """
     if url.startswith("sqlite"):
         kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
@@ -49,10 +76,31 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
+    if is_postgres(url):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError as err:
+            raise MissingDependency(
+                "PostgreSQL needs psycopg: pip install 'patinox[postgres]'", extra="postgres"
+            ) from err
+        return create_engine(
+            normalise_url(url), pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+        )
     raise ConfigurationError(
-        f"unsupported database URL scheme in {url.split(':', 1)[0]!r}; use sqlite:///PATH",
+        f"unsupported database URL scheme {url.split(':', 1)[0]!r}; "
+        "use sqlite:///PATH or postgresql://ROLE@HOST/DB",
         field="database_url",
     )
+
+
+def database_name(url: str) -> str | None:
+    """The database name in ``url``."""
+    return make_url(normalise_url(url)).database
+
+
+def with_database(url: str, database: str) -> str:
+    """``url`` pointing at another database on the same server."""
+    return make_url(normalise_url(url)).set(database=database).render_as_string(hide_password=False)
 
 
 @contextmanager
@@ -60,9 +108,7 @@ def translate_errors() -> Iterator[None]:
     """Map driver errors to Patinox errors, chaining the original.
 
     Integrity (unique/foreign key) violations become :class:`AlreadyExists`; every other
-    driver error becomes :class:`StorageError`.
-
-    Patinox errors raised inside pass through unchanged.
+    driver error becomes :class:`StorageError`. Patinox errors pass through unchanged.
     """
     try:
         yield
@@ -71,18 +117,37 @@ def translate_errors() -> Iterator[None]:
     except exc.IntegrityError as err:
         raise AlreadyExists("a record with that key already exists") from err
     except exc.SQLAlchemyError as err:
-        raise StorageError(
-            f"database error: {type(err.orig if hasattr(err, 'orig') else err).__name__}"
-        ) from err
+        kind = type(getattr(err, "orig", None) or err).__name__
+        raise StorageError(f"database error: {kind}") from err
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision (idempotent)."""
+def migrate(engine: Engine, *, schema: str | None = None, app_role: str | None = None) -> None:
+    """Bring a database (or one bridge schema) to the newest Alembic revision; idempotent.
+
+    Args:
+        engine: connected as the owner role (PostgreSQL) or the SQLite file.
+        schema: a bridge schema to migrate (its tables and version table live there).
+        app_role: PostgreSQL application role to grant data access to afterwards.
+    """
     from alembic import command
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
     with engine.begin() as conn:
+        if schema is not None:
+            conn.exec_driver_sql(f'SET LOCAL search_path TO "{schema}"')
         cfg.attributes["connection"] = conn
+        cfg.attributes["schema"] = schema
         command.upgrade(cfg, "head")
+        if app_role is not None and conn.dialect.name == "postgresql":
+            grant_app_role(conn, app_role, schema or "public")
+
+
+def grant_app_role(conn: Connection, app_role: str, schema: str) -> None:
+    """Give the application role data access (no DDL, no ownership) in ``schema``."""
+    conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{schema}" TO "{app_role}"')
+    conn.exec_driver_sql(
+        f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA "{schema}" TO "{app_role}"'
+    )
+    conn.exec_driver_sql(f'GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA "{schema}" TO "{app_role}"')

@@ -22,7 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from patinox.errors import PermissionDenied, TenantContextAlreadySet, TenantContextMissing
-from patinox.tenancy.plans import IsolationLevel, ResourceLimits
+from patinox.tenancy.plans import IsolationLevel, ResourceLimits, StorageModel
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -38,6 +38,7 @@ class TenantContext(BaseModel):
         plan: the tenant's plan name.
         limits: the tenant's effective limits (plan + overrides).
         isolation_level: where the tenant's runs execute.
+        storage_model: where the tenant's rows live (pool, bridge, silo).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -48,6 +49,7 @@ class TenantContext(BaseModel):
     plan: str
     limits: ResourceLimits
     isolation_level: IsolationLevel = IsolationLevel.NAMESPACE
+    storage_model: StorageModel = StorageModel.POOL
 
     def require_scope(self, scope: str) -> None:
         """Raise :class:`PermissionDenied` unless ``scope`` was granted."""

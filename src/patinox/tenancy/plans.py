@@ -26,6 +26,17 @@ class IsolationLevel(StrEnum):
     """On exclusive CPU cores or a dedicated node pool."""
 
 
+class StorageModel(StrEnum):
+    """Where a tenant's rows live (PRODUCT.md: pool / bridge / silo)."""
+
+    POOL = "pool"
+    """Shared tables; every row carries the tenant id; PostgreSQL adds row-level security."""
+    BRIDGE = "bridge"
+    """A schema per tenant in the shared database (PostgreSQL only)."""
+    SILO = "silo"
+    """A database per tenant (a file per tenant on SQLite)."""
+
+
 class TenantState(StrEnum):
     """Lifecycle states. Allowed moves: active<->suspended, active|suspended->deleting->deleted."""
 

@@ -1,0 +1,202 @@
+"""Where a tenant's rows live: pool (shared tables), bridge (schema), silo (database/file).
+
+A :class:`Placement` is an engine plus an optional schema. :class:`Placements` resolves
+one per tenant, creates the schema/database/file when a tenant is created
+(:meth:`Placements.provision`) and removes it when the tenant is deleted
+(:meth:`Placements.destroy`). Engines of silo tenants are cached per tenant, at most
+``max_silo_engines`` at a time (least recently used closed first).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine
+
+from patinox.errors import ConfigurationError, InvalidRequest
+from patinox.storage.engine import (
+    database_name,
+    is_postgres,
+    make_engine,
+    migrate,
+    normalise_url,
+    translate_errors,
+    with_database,
+)
+from patinox.tenancy import StorageModel, looks_like_id
+
+
+@dataclass(frozen=True)
+class Placement:
+    """An engine and, for bridge tenants, the schema holding the tenant's tables."""
+
+    engine: Engine
+    schema: str | None = None
+    postgres: bool = False
+
+
+class Placements:
+    """Resolve, provision and destroy tenant placements for one deployment.
+
+    Args:
+        app_url: the deployment's database URL (application role on PostgreSQL).
+        owner_url: the owner role's URL (PostgreSQL DDL); the same as ``app_url`` on SQLite.
+        app_role: the application role to grant access to new schemas/databases.
+        main: the engine of ``app_url`` (shared, pool tenants).
+    """
+
+    def __init__(
+        self,
+        *,
+        app_url: str,
+        owner_url: str,
+        app_role: str | None,
+        main: Engine,
+        owner: Engine,
+        max_silo_engines: int = 64,
+    ) -> None:
+        self.app_url = app_url
+        self.owner_url = owner_url
+        self.app_role = app_role
+        self.main = main
+        self.owner = owner
+        self.postgres = is_postgres(app_url)
+        self._silos: OrderedDict[str, Engine] = OrderedDict()
+        self._max = max_silo_engines
+        self._lock = threading.Lock()
+
+    def supported(self) -> frozenset[StorageModel]:
+        """Storage models this deployment offers (bridge needs PostgreSQL; silo needs a file or server)."""
+        if self.postgres:
+            return frozenset(StorageModel)
+        if self.app_url in ("sqlite://", "sqlite:///:memory:"):
+            return frozenset({StorageModel.POOL})
+        return frozenset({StorageModel.POOL, StorageModel.SILO})
+
+    def require(self, model: StorageModel) -> None:
+        """Raise :class:`InvalidRequest` (422) if ``model`` is not offered here."""
+        if model not in self.supported():
+            raise InvalidRequest(
+                f"storage model {model.value!r} is not available on this database; available: "
+                f"{', '.join(sorted(m.value for m in self.supported()))}",
+                field="storage_model",
+            )
+
+    def for_tenant(self, tenant_id: str, model: StorageModel) -> Placement:
+        """The placement of ``tenant_id`` stored under ``model``."""
+        if model is StorageModel.POOL:
+            return Placement(self.main, None, self.postgres)
+        _check_tenant_id(tenant_id)
+        if model is StorageModel.BRIDGE:
+            return Placement(self.main, tenant_id, True)
+        return Placement(self._silo_engine(tenant_id), None, self.postgres)
+
+    # -- silo engines -------------------------------------------------------------------
+
+    def _silo_url(self, tenant_id: str, *, owner: bool = False) -> str:
+        base = self.owner_url if owner else self.app_url
+        if self.postgres:
+            return with_database(base, f"{database_name(base)}_{tenant_id}")
+        return f"sqlite:///{self._silo_path(tenant_id)}"
+
+    def _silo_path(self, tenant_id: str) -> Path:
+        main = Path(self.app_url.removeprefix("sqlite:///"))
+        return main.parent / "tenants" / f"{tenant_id}.db"
+
+    def _silo_engine(self, tenant_id: str) -> Engine:
+        with self._lock:
+            engine = self._silos.get(tenant_id)
+            if engine is not None:
+                self._silos.move_to_end(tenant_id)
+                return engine
+            engine = make_engine(self._silo_url(tenant_id), pool_size=2)
+            self._silos[tenant_id] = engine
+            while len(self._silos) > self._max:
+                _, old = self._silos.popitem(last=False)
+                old.dispose()
+            return engine
+
+    def _forget_silo(self, tenant_id: str) -> None:
+        with self._lock:
+            engine = self._silos.pop(tenant_id, None)
+        if engine is not None:
+            engine.dispose()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def provision(self, tenant_id: str, model: StorageModel) -> None:
+        """Create and migrate the tenant's schema / database / file (nothing for pool).
+
+        Raises:
+            ConfigurationError: the model is not offered here.
+            StorageError: the database refused.
+        """
+        self.require(model)
+        if model is StorageModel.POOL:
+            return
+        _check_tenant_id(tenant_id)
+        with translate_errors():
+            if model is StorageModel.BRIDGE:
+                with self.owner.begin() as conn:
+                    conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{tenant_id}"')
+                migrate(self.owner, schema=tenant_id, app_role=self.app_role)
+                return
+            if self.postgres:
+                db = database_name(self._silo_url(tenant_id, owner=True))
+                admin = create_engine(normalise_url(self.owner_url), isolation_level="AUTOCOMMIT")
+                try:
+                    with admin.connect() as conn:
+                        conn.exec_driver_sql(f'CREATE DATABASE "{db}"')
+                        if self.app_role:
+                            conn.exec_driver_sql(f'GRANT CONNECT ON DATABASE "{db}" TO "{self.app_role}"')
+                finally:
+                    admin.dispose()
+                owner = make_engine(self._silo_url(tenant_id, owner=True), pool_size=1)
+                try:
+                    migrate(owner, app_role=self.app_role)
+                finally:
+                    owner.dispose()
+                return
+            self._silo_path(tenant_id).parent.mkdir(parents=True, exist_ok=True)
+            migrate(self._silo_engine(tenant_id))
+
+    def destroy(self, tenant_id: str, model: StorageModel) -> None:
+        """Drop the tenant's schema / database / file (nothing for pool); idempotent."""
+        if model is StorageModel.POOL:
+            return
+        _check_tenant_id(tenant_id)
+        with translate_errors():
+            if model is StorageModel.BRIDGE:
+                with self.owner.begin() as conn:
+                    conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{tenant_id}" CASCADE')
+                return
+            self._forget_silo(tenant_id)
+            if self.postgres:
+                db = database_name(self._silo_url(tenant_id, owner=True))
+                admin = create_engine(normalise_url(self.owner_url), isolation_level="AUTOCOMMIT")
+                try:
+                    with admin.connect() as conn:
+                        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+                finally:
+                    admin.dispose()
+                return
+            path = self._silo_path(tenant_id)
+            for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                p.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Dispose every silo engine."""
+        with self._lock:
+            engines = list(self._silos.values())
+            self._silos.clear()
+        for e in engines:
+            e.dispose()
+
+
+def _check_tenant_id(tenant_id: str) -> None:
+    # Tenant ids name schemas, databases and files: only ids Patinox made are accepted.
+    if not looks_like_id(tenant_id):
+        raise ConfigurationError(f"not a tenant id: {tenant_id!r}", field="tenant_id")
