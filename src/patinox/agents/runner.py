@@ -92,6 +92,9 @@ class RunLimits:
             ``max_tokens`` to provider models when the run requests no count.
         max_tool_calls: most successful tool calls in one run (>= 0).
         timeout_s: wall time of the run, seconds (> 0).
+        max_total_tokens: most tokens (input + output, summed over every model request of
+            the run) the run may use; ``None`` for no cap. pydantic-ai checks it after each
+            model response, so a run stops at most one response past it.
 
     Raises:
         InvalidRequest: a limit out of range (field ``field``).
@@ -100,6 +103,7 @@ class RunLimits:
     max_output_tokens: int
     max_tool_calls: int
     timeout_s: float
+    max_total_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if _not_int(self.max_output_tokens) or self.max_output_tokens < 1:
@@ -188,7 +192,9 @@ async def run_agent(
         settings["max_tokens"] = limits.max_output_tokens
     usage = RunUsage()
     usage_limits = UsageLimits(
-        tool_calls_limit=limits.max_tool_calls, request_limit=request_limit_for(limits)
+        tool_calls_limit=limits.max_tool_calls,
+        request_limit=request_limit_for(limits),
+        total_tokens_limit=limits.max_total_tokens,
     )
     deadline = asyncio.timeout(limits.timeout_s)
     try:

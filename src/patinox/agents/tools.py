@@ -11,11 +11,10 @@ Built-in tools (names as the model sees them):
 
 Memory tools talk to the :class:`MemoryStore` in the run's :class:`ToolDeps`. That store is
 already bound to one tenant, so no tool ever takes or passes a tenant id. Store methods are
-synchronous and are called in a worker thread (:func:`asyncio.to_thread`, the loop's default
-executor), so a store may block on I/O without stalling the event loop. When the run times
-out, the run stops at once and a store call still in progress is abandoned: it finishes in
-its thread and its result is discarded (a ``memory_put`` may therefore still land). The
-calculator and the clock are computed inline (both are bounded and take microseconds).
+synchronous and are called inline on the event loop (one short transaction each): a run that
+is cancelled (timeout, tenant suspended or deleted) can then never leave a store write
+behind that lands after the cancellation, which a call abandoned in a worker thread could.
+The calculator and the clock are computed inline too.
 
 Failures:
     A refused calculator expression is reported to the model as a failed tool result
@@ -31,7 +30,6 @@ The :class:`pydantic_ai.Tool` objects are built once, at import: building one co
 from __future__ import annotations
 
 import ast
-import asyncio
 import functools
 import math
 import operator
@@ -61,6 +59,8 @@ __all__ = [
 
 MEMORY_LIST_LIMIT: Final = 100
 """Most keys one ``memory_list`` call returns."""
+MEMORY_KEY_MAX_CHARS: Final = 200
+"""Longest memory key, characters (the storage column is ``String(200)``)."""
 MAX_EXPRESSION_CHARS: Final = 1_000
 """Longest expression the calculator accepts, characters."""
 MAX_INT_BITS: Final = 4_096
@@ -244,7 +244,7 @@ async def memory_get(ctx: RunContext[ToolDeps], key: str) -> dict[str, str | Non
     Returns:
         {"value": the stored text}, or {"value": null} when nothing is stored under the key.
     """
-    return {"value": await asyncio.to_thread(ctx.deps.memory.memory_get, key)}
+    return {"value": ctx.deps.memory.memory_get(key)}
 
 
 @_tool_boundary("memory_put")
@@ -258,7 +258,9 @@ async def memory_put(ctx: RunContext[ToolDeps], key: str, value: str) -> str:
     Returns:
         "ok" once stored.
     """
-    await asyncio.to_thread(ctx.deps.memory.memory_put, key, value)
+    if not 1 <= len(key) <= MEMORY_KEY_MAX_CHARS:
+        raise ToolFailed(f"memory keys are 1-{MEMORY_KEY_MAX_CHARS} characters")
+    ctx.deps.memory.memory_put(key, value)
     return "ok"
 
 
@@ -272,7 +274,7 @@ async def memory_list(ctx: RunContext[ToolDeps], prefix: str = "") -> list[str]:
     Returns:
         The matching keys.
     """
-    return await asyncio.to_thread(ctx.deps.memory.memory_list, prefix, MEMORY_LIST_LIMIT)
+    return ctx.deps.memory.memory_list(prefix, MEMORY_LIST_LIMIT)
 
 
 @_tool_boundary("calculator")

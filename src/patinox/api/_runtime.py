@@ -67,14 +67,16 @@ class Runtime:
         budget = TokenBudget(lambda tid, since: backend.acting_on(tid).tokens_used_since(since))
         rate = WindowRateLimiter(settings.rate_limit_storage)
         tenants = TenantManager(backend)
-        tenants.subscribe(budget.forget)
+        runs = RunService(backend, NamespaceExecutor(), concurrency=concurrency, budget=budget)
+        tenants.subscribe(runs.on_tenant_event)
+        tenants.subscribe(lambda tid, event: budget.forget(tid) if event == "deleted" else None)
         return cls(
             settings=settings,
             backend=backend,
             tenants=tenants,
             keys=ApiKeys(backend),
             agents=AgentService(backend),
-            runs=RunService(backend, NamespaceExecutor(), concurrency=concurrency, budget=budget),
+            runs=runs,
             rate=rate,
             concurrency=concurrency,
             budget=budget,

@@ -16,7 +16,9 @@ queued run, and executed as a task of this server process; a server restart fail
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from collections.abc import Coroutine
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,11 +28,12 @@ from patinox.agents import (
     MemoryStore,
     RunLimits,
     RunOutcome,
+    count_simulated_tokens,
     is_simulated,
     validate_model_id,
     validate_tool_names,
 )
-from patinox.errors import InvalidRequest, PatinoxError, RunFailed
+from patinox.errors import InvalidRequest, PatinoxError, RunFailed, TenantSuspended
 from patinox.limits import ConcurrencyLimiter, RunSlot, TokenBudget
 from patinox.storage import SqlBackend, TenantStore, utcnow
 from patinox.tenancy import TenantContext
@@ -62,8 +65,8 @@ class AgentSpec(BaseModel):
     instructions: str = Field(default="", max_length=20_000)
     model: str = Field(default="simulated", max_length=200)
     tools: list[str] = Field(default_factory=list, max_length=32)
-    max_output_tokens: int | None = Field(default=None, ge=1, description="per-run cap, tokens")
-    max_tool_calls: int | None = Field(default=None, ge=0, description="per-run cap")
+    max_output_tokens: int | None = Field(default=None, ge=1, le=10**7, description="per-run cap, tokens")
+    max_tool_calls: int | None = Field(default=None, ge=0, le=10**4, description="per-run cap")
 
 
 class AgentPatch(BaseModel):
@@ -77,8 +80,8 @@ class AgentPatch(BaseModel):
     instructions: str | None = Field(default=None, max_length=20_000)
     model: str | None = Field(default=None, max_length=200)
     tools: list[str] | None = Field(default=None, max_length=32)
-    max_output_tokens: int | None = Field(default=None, ge=1)
-    max_tool_calls: int | None = Field(default=None, ge=0)
+    max_output_tokens: int | None = Field(default=None, ge=1, le=10**7)
+    max_tool_calls: int | None = Field(default=None, ge=0, le=10**4)
 
 
 class RunRequest(BaseModel):
@@ -88,14 +91,28 @@ class RunRequest(BaseModel):
 
     input: str = Field(min_length=1, max_length=1_000_000, description="the user prompt")
     output_tokens: int | None = Field(
-        default=None, ge=1, description="output tokens to ask the model for (simulated: exact)"
+        default=None, ge=1, strict=True, description="output tokens to ask the model for (simulated: exact)"
     )
     mode: Literal["sync", "async"] = "sync"
 
 
-def _estimate_tokens(text: str) -> int:
-    """Whitespace words: the simulated tokenizer, and the admission estimate for all models."""
-    return len(text.split())
+#: Tokens allowed per tool call for the call itself and its result in the admission estimate.
+TOOL_CALL_TOKENS = 64
+
+
+def _worst_case_tokens(agent: Row, req: RunRequest, limits: RunLimits) -> int:
+    """The tokens reserved for a run before it starts, and its hard cap while it runs.
+
+    Every model request of a run re-sends the conversation, so a run that may make ``n``
+    tool calls sends the prompt (instructions + input) up to ``n + 1`` times, plus the tool
+    calls and results (:data:`TOOL_CALL_TOKENS` each), plus its output. Words are counted
+    with the simulated tokenizer (:func:`patinox.agents.count_simulated_tokens`); for real
+    providers it is an estimate, and the cap stops a run that goes past it.
+    """
+    prompt = count_simulated_tokens(agent["instructions"]) + count_simulated_tokens(req.input)
+    calls = limits.max_tool_calls if agent["tools"] else 0
+    output = req.output_tokens or limits.max_output_tokens
+    return (calls + 1) * prompt + calls * TOOL_CALL_TOKENS + output
 
 
 class AgentService:
@@ -173,7 +190,9 @@ class RunService:
         self._executor = executor
         self._concurrency = concurrency
         self._budget = budget
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[str, set[asyncio.Task[Row]]] = {}
+        self._fenced: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self, ctx: TenantContext, agent_id: str, req: RunRequest) -> Row:
         """Admit a run; for ``sync`` wait for and return the finished run, for ``async``
@@ -184,6 +203,8 @@ class RunService:
             InvalidRequest: output_tokens above the agent's or plan's cap.
             ConcurrencyLimited, QuotaExceeded: admission refused; nothing was run or stored.
         """
+        if ctx.tenant_id in self._fenced:
+            raise TenantSuspended("this tenant is suspended", tenant_id=ctx.tenant_id)
         store = self._backend.tenant_store(ctx)
         agent = store.get_agent(agent_id)
         limits = self._run_limits(ctx, agent)
@@ -193,11 +214,8 @@ class RunService:
                 f"{limits.max_output_tokens}",
                 field="output_tokens",
             )
-        worst_case = (
-            _estimate_tokens(agent["instructions"])
-            + _estimate_tokens(req.input)
-            + (req.output_tokens or limits.max_output_tokens)
-        )
+        worst_case = _worst_case_tokens(agent, req, limits)
+        limits = dataclasses.replace(limits, max_total_tokens=worst_case)
         slot = self._concurrency.acquire(ctx.tenant_id, ctx.limits.max_concurrent_runs)
         try:
             reservation = self._budget.reserve(ctx.tenant_id, worst_case, ctx.limits.tokens_per_day)
@@ -225,17 +243,77 @@ class RunService:
             self._budget.settle(reservation, 0)
             slot.release()
             raise
-        job = self._execute(ctx, store, agent, run, req, limits, slot, reservation)
-        if req.mode == "sync":
-            return await job
-        task = asyncio.get_running_loop().create_task(self._background(job))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return run
+        # From admission to here nothing awaited, so a tenant fenced by stop_tenant() after
+        # this point finds this run among its tasks.
+        task = self._track(
+            ctx.tenant_id, self._execute(ctx, store, agent, run, req, limits, slot, reservation)
+        )
+        if req.mode == "async":
+            return run
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                task.cancel()  # the caller went away: stop its run too
+                raise
+            if (current := asyncio.current_task()) and current.cancelling():
+                raise
+            raise RunFailed(
+                "the run was stopped because its tenant was suspended or deleted",
+                reason="tenant_stopped",
+                run_id=run["id"],
+            ) from None
 
-    @staticmethod
-    async def _background(job: Any) -> None:
-        await job
+    def _track(self, tenant_id: str, job: Coroutine[Any, Any, Row]) -> asyncio.Task[Row]:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        task = loop.create_task(job)
+        tasks = self._tasks.setdefault(tenant_id, set())
+        tasks.add(task)
+
+        def done(t: asyncio.Task[Row]) -> None:
+            tasks.discard(t)
+            if not tasks and self._tasks.get(tenant_id) is tasks:
+                del self._tasks[tenant_id]
+            if not t.cancelled():
+                t.exception()  # retrieved: a failed async run is recorded, not re-raised
+
+        task.add_done_callback(done)
+        return task
+
+    async def stop_tenant(self, tenant_id: str) -> int:
+        """Fence the tenant (no new run starts in this process) and cancel its runs in
+        flight, waiting until each is recorded as failed. Returns how many were stopped."""
+        self._fenced.add(tenant_id)
+        tasks = list(self._tasks.get(tenant_id, ()))
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return len(tasks)
+
+    def on_tenant_event(self, tenant_id: str, event: str) -> None:
+        """Tenant-manager listener: stop runs on suspend/delete, lift the fence on resume.
+
+        Called from any thread. From a thread other than the event loop's it waits (at
+        most 30 s) until the runs are stopped, so deletion purges only after them.
+        """
+        if event == "resumed":
+            self._fenced.discard(tenant_id)
+            return
+        if event not in ("suspended", "deleting"):
+            return
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            self._fenced.add(tenant_id)
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            loop.create_task(self.stop_tenant(tenant_id))
+        else:
+            asyncio.run_coroutine_threadsafe(self.stop_tenant(tenant_id), loop).result(timeout=30)
 
     def _run_limits(self, ctx: TenantContext, agent: Row) -> RunLimits:
         lim = ctx.limits
@@ -296,7 +374,8 @@ class RunService:
                     "error": {
                         "code": "run_failed",
                         "reason": "cancelled",
-                        "message": "the server stopped before the run finished",
+                        "message": "the run was cancelled: the server stopped, "
+                        "or its tenant was suspended or deleted",
                     },
                 }
                 store.settle_run(run["id"], values, usage=None, audit=self._audit(ctx, run, "error", values))
@@ -367,8 +446,8 @@ class RunService:
         }
 
     async def shutdown(self) -> None:
-        """Cancel in-flight asynchronous runs (each is recorded as failed) and wait for them."""
-        tasks = list(self._tasks)
+        """Cancel runs in flight (each is recorded as failed) and wait for them."""
+        tasks = [t for ts in self._tasks.values() for t in ts]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

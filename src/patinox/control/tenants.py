@@ -90,9 +90,10 @@ class Tenant(BaseModel):
         return cls(**row, limits=effective_limits(row["plan"], row["limit_overrides"]))
 
 
-#: Called with a tenant id after suspend/resume/update/delete, to drop per-tenant caches
-#: and limiter state held in this process.
-TenantListener = Callable[[str], None]
+#: Called as ``listener(tenant_id, event)`` with event one of ``updated``, ``suspended``,
+#: ``resumed``, ``deleting`` (before any data is removed; listeners stop the tenant's work)
+#: and ``deleted``; used to stop runs and drop per-tenant state held in this process.
+TenantListener = Callable[[str, str], None]
 
 
 class TenantManager:
@@ -115,12 +116,12 @@ class TenantManager:
         self._listeners: list[TenantListener] = []
 
     def subscribe(self, listener: TenantListener) -> None:
-        """Call ``listener(tenant_id)`` after every change of a tenant's state or limits."""
+        """Call ``listener(tenant_id, event)`` on every change of a tenant's state or limits."""
         self._listeners.append(listener)
 
-    def _changed(self, tenant_id: str) -> None:
+    def _changed(self, tenant_id: str, event: str) -> None:
         for listener in self._listeners:
-            listener(tenant_id)
+            listener(tenant_id, event)
 
     def _audit(self, tenant_id: str, actor: str, action: str, detail: dict[str, Any]) -> None:
         self._backend.acting_on(tenant_id).append_audit(
@@ -205,7 +206,7 @@ class TenantManager:
             raise InvalidRequest("nothing to update: give plan and/or limits")
         row = self._backend.update_tenant(tenant_id, values, expect_state=current["state"])
         self._audit(tenant_id, actor, "tenant.update", {k: v for k, v in values.items()})
-        self._changed(tenant_id)
+        self._changed(tenant_id, "updated")
         return Tenant.from_row(row)
 
     def suspend(self, tenant_id: str, *, actor: str, reason: str = "") -> Tenant:
@@ -242,7 +243,7 @@ class TenantManager:
             self._backend.update_tenant(
                 tenant_id, {"state": TenantState.DELETING.value}, expect_state=current["state"]
             )
-        self._changed(tenant_id)
+        self._changed(tenant_id, "deleting")
         counts = self._backend.purge_tenant(tenant_id, StorageModel(current["storage_model"]))
         self._backend.update_tenant(
             tenant_id,
@@ -256,7 +257,7 @@ class TenantManager:
             outcome="ok",
             detail={"rows_purged": counts, "name": current["name"]},
         )
-        self._changed(tenant_id)
+        self._changed(tenant_id, "deleted")
         return counts
 
     @staticmethod
@@ -282,5 +283,5 @@ class TenantManager:
         self._require(current, {src}, action.split(".")[1])
         row = self._backend.update_tenant(tenant_id, {"state": dst.value}, expect_state=src.value)
         self._audit(tenant_id, actor, action, detail)
-        self._changed(tenant_id)
+        self._changed(tenant_id, {"tenant.suspend": "suspended", "tenant.resume": "resumed"}[action])
         return Tenant.from_row(row)

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine, Table, delete, func, insert, inspect, select, text, update
 from sqlalchemy.engine import make_url
 
-from patinox.errors import AlreadyExists, NotFound, TenantNotFound
+from patinox.errors import AlreadyExists, InvalidRequest, NotFound, TenantNotFound
 from patinox.storage import _schema as s
 from patinox.storage._placement import Placement, Placements
 from patinox.storage.engine import make_engine, migrate, normalise_url, translate_errors
@@ -552,7 +552,13 @@ class TenantStore:
         return None if v is None else str(v)
 
     def memory_put(self, key: str, value: str) -> None:
-        """Set ``key`` to ``value`` (insert or replace)."""
+        """Set ``key`` to ``value`` (insert or replace).
+
+        Raises:
+            InvalidRequest: the key is not 1-200 characters.
+        """
+        if not 1 <= len(key) <= 200:
+            raise InvalidRequest("memory keys are 1-200 characters", field="key")
         with self._tx() as conn:
             n = conn.execute(
                 update(s.memory)

@@ -24,6 +24,7 @@ from sqlalchemy.pool import StaticPool
 from patinox.errors import (
     AlreadyExists,
     ConfigurationError,
+    InvalidRequest,
     MissingDependency,
     PatinoxError,
     StorageError,
@@ -107,8 +108,9 @@ def with_database(url: str, database: str) -> str:
 def translate_errors() -> Iterator[None]:
     """Map driver errors to Patinox errors, chaining the original.
 
-    Integrity (unique/foreign key) violations become :class:`AlreadyExists`; every other
-    driver error becomes :class:`StorageError`. Patinox errors pass through unchanged.
+    Integrity (unique/foreign key) violations become :class:`AlreadyExists`, values out of
+    the storable range :class:`InvalidRequest`; every other driver error becomes
+    :class:`StorageError`. Patinox errors pass through unchanged.
     """
     try:
         yield
@@ -116,6 +118,14 @@ def translate_errors() -> Iterator[None]:
         raise
     except exc.IntegrityError as err:
         raise AlreadyExists("a record with that key already exists") from err
+    except OverflowError as err:
+        raise InvalidRequest("a value is out of the range the database can store") from err
+    except exc.StatementError as err:
+        if isinstance(err.orig, OverflowError | ValueError) and not isinstance(err, exc.DBAPIError):
+            # Raised while binding a parameter, before the database saw anything.
+            raise InvalidRequest("a value is out of the range the database can store") from err
+        kind = type(err.orig or err).__name__
+        raise StorageError(f"database error: {kind}") from err
     except exc.SQLAlchemyError as err:
         kind = type(getattr(err, "orig", None) or err).__name__
         raise StorageError(f"database error: {kind}") from err

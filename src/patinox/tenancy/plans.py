@@ -52,7 +52,7 @@ class ResourceLimits(BaseModel):
     Units are in each field's name: per minute, runs, tokens, tool calls, seconds.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     requests_per_minute: int = Field(ge=1, description="API requests per rolling minute")
     max_concurrent_runs: int = Field(ge=1, description="runs in flight at once")
@@ -65,7 +65,7 @@ class ResourceLimits(BaseModel):
 class LimitOverrides(BaseModel):
     """Per-tenant overrides of plan limits; ``None`` keeps the plan's value."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     requests_per_minute: int | None = Field(default=None, ge=1)
     max_concurrent_runs: int | None = Field(default=None, ge=1)

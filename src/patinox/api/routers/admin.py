@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from patinox.api import schemas as o
 from patinox.api._deps import RT, Operator
@@ -84,7 +83,7 @@ def revoke_key(tenant_id: str, key_id: str, op: Operator, rt: RT) -> o.KeyOut:
 
 @router.get("/usage")
 def usage(
-    _: Operator, rt: RT, tenant_id: str | None = None, since: datetime | None = None
+    _: Operator, rt: RT, tenant_id: str | None = None, since: AwareDatetime | None = None
 ) -> list[o.UsageSummaryOut]:
     return [o.UsageSummaryOut(**u) for u in rt.backend.usage_summary(tenant_id, since=since)]
 
@@ -95,6 +94,6 @@ def audit(
     rt: RT,
     tenant_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    after_seq: Annotated[int, Query(ge=0)] = 0,
+    after_seq: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
 ) -> list[o.AuditOut]:
     return [o.AuditOut(**a) for a in rt.backend.list_audit(tenant_id, limit=limit, after_seq=after_seq)]

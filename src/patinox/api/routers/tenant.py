@@ -6,10 +6,10 @@ no handler takes a tenant id from the path, a header or the body.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
+from pydantic import AwareDatetime
 
 from patinox.agents import is_simulated
 from patinox.api import schemas as o
@@ -123,7 +123,7 @@ def delete_memory(key: str, ctx: AgentWriter, store: Store) -> Response:
 
 
 @router.get("/usage")
-def usage(ctx: Reader, rt: RT, store: Store, since: datetime | None = None) -> o.TenantUsageOut:
+def usage(ctx: Reader, rt: RT, store: Store, since: AwareDatetime | None = None) -> o.TenantUsageOut:
     spent, reserved = rt.budget.spent_today(ctx.tenant_id)
     records = store.list_usage(since=since or day_start(utcnow()))
     return o.TenantUsageOut(
@@ -140,6 +140,6 @@ def audit(
     _: Reader,
     store: Store,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    after_seq: Annotated[int, Query(ge=0)] = 0,
+    after_seq: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
 ) -> list[o.AuditOut]:
     return [o.AuditOut(**a) for a in store.list_audit(limit=limit, after_seq=after_seq)]
