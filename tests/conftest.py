@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from patinox.api import Runtime, Settings, create_app
 from patinox.storage import SqlBackend, open_backend
+from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
 from patinox.storage.engine import normalise_url, with_database
 from patinox.storage.postgres import PostgresDeployment, bootstrap
 from patinox.storage.postgres import drop as pg_drop
@@ -141,16 +142,29 @@ def db_url(deployment: Deployment) -> str:
 
 
 @pytest.fixture
-def backend(deployment: Deployment) -> Iterator[SqlBackend]:
-    b = open_backend(deployment.db_url, owner_url=deployment.owner_url)
+def kek_url(tmp_path: Path) -> str:
+    """A fresh KEK file (mode 0600) for this test's deployment."""
+    path = tmp_path / "kek.json"
+    FileKeyProvider.create(path)
+    return f"file://{path}"
+
+
+@pytest.fixture
+def backend(deployment: Deployment, kek_url: str) -> Iterator[SqlBackend]:
+    b = open_backend(
+        deployment.db_url, owner_url=deployment.owner_url, key_provider=key_provider_from_url(kek_url)
+    )
     yield b
     b.close()
 
 
 @pytest.fixture
-def runtime(deployment: Deployment, backend: SqlBackend) -> Runtime:
+def runtime(deployment: Deployment, backend: SqlBackend, kek_url: str) -> Runtime:
     settings = Settings(
-        database_url=deployment.db_url, owner_url=deployment.owner_url, max_body_bytes=64 * 1024
+        database_url=deployment.db_url,
+        owner_url=deployment.owner_url,
+        kek_url=kek_url,
+        max_body_bytes=64 * 1024,
     )
     return Runtime.build(settings, backend=backend)
 

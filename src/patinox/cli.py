@@ -107,8 +107,7 @@ def init(
     """Create a deployment: its database (migrated) and the first operator key."""
     from patinox.api import Runtime, Settings
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    rt = Runtime.build(Settings.for_data_dir(data_dir))
+    rt = Runtime.initialise(data_dir)
     if rt.backend.list_api_keys(None):
         _fail(
             f"{data_dir} is already initialised; create more operator keys with "

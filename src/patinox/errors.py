@@ -23,6 +23,8 @@
     │   ├── ConcurrencyLimited           too many runs in flight                (429 concurrency_limited)
     │   ├── QuotaExceeded                period budget spent                    (429 quota_exceeded)
     │   ├── RunFailed                    the agent run failed                   (502 run_failed)
+    │   ├── DecryptionFailed             ciphertext failed authentication       (500 decryption_failed)
+    │   ├── TenantKeysDestroyed          the tenant was crypto-shredded         (410 tenant_keys_destroyed)
     │   └── StorageError                 the database failed (original chained) (503 storage_error)
     └── ControlSignal                    not failures; used for flow control inside the runtime
 
@@ -41,6 +43,7 @@ __all__ = [
     "ConcurrencyLimited",
     "ConfigurationError",
     "ControlSignal",
+    "DecryptionFailed",
     "InvalidRequest",
     "InvalidTransition",
     "IsolationUnavailable",
@@ -55,6 +58,7 @@ __all__ = [
     "StorageError",
     "TenantContextAlreadySet",
     "TenantContextMissing",
+    "TenantKeysDestroyed",
     "TenantNotFound",
     "TenantSuspended",
     "UnknownModel",
@@ -237,6 +241,32 @@ class RunFailed(OperationFailed):
 
     code = "run_failed"
     http_status = 502
+
+
+class DecryptionFailed(OperationFailed):
+    """A ciphertext or wrapped key failed authentication or could not be opened.
+
+    Raised for tampered bytes, a ciphertext copied to another tenant, table, row or key
+    version, a key version that does not exist, a wrapped DEK moved to another tenant, or
+    a KEK version the key provider does not hold. Deliberately one error for all of
+    them: the caller cannot act differently, and telling them apart helps an attacker.
+    Fields: ``reason`` (a short stable token, e.g. ``"authentication_failed"``) and,
+    when known, ``tenant_id``, ``table``, ``record_id``, ``key_version``.
+    """
+
+    code = "decryption_failed"
+    http_status = 500
+
+
+class TenantKeysDestroyed(OperationFailed):
+    """The tenant's DEKs were destroyed (crypto-shredded); nothing of it decrypts any more.
+
+    Distinct from "no key yet": a shredded tenant never gets a new DEK either, so data
+    written after deletion by a straggling worker cannot appear. Fields: ``tenant_id``.
+    """
+
+    code = "tenant_keys_destroyed"
+    http_status = 410
 
 
 class StorageError(OperationFailed):

@@ -14,6 +14,7 @@ from sqlalchemy import create_engine, text
 
 from patinox.storage import SqlBackend
 from patinox.storage._placement import Placements
+from patinox.storage.crypto import key_provider_from_url
 from patinox.storage.engine import normalise_url
 from patinox.storage.postgres import PostgresDeployment
 from patinox.tenancy import StorageModel, TenantContext, get_plan
@@ -40,14 +41,14 @@ def pg(deployment: Deployment, pg_deployment: PostgresDeployment, backend: SqlBa
 
 
 @pytest.fixture
-def one_connection_backend(pg: PostgresDeployment) -> Iterator[SqlBackend]:
+def one_connection_backend(pg: PostgresDeployment, kek_url: str) -> Iterator[SqlBackend]:
     """A backend whose pool holds exactly one connection, so every transaction reuses it."""
     small = create_engine(normalise_url(pg.app_url), pool_size=1, max_overflow=0)
     owner = create_engine(normalise_url(pg.owner_url), pool_size=1, max_overflow=0)
     placements = Placements(
         app_url=pg.app_url, owner_url=pg.owner_url, app_role=pg.app_role, main=small, owner=owner
     )
-    b = SqlBackend(small, placements=placements)
+    b = SqlBackend(small, placements=placements, key_provider=key_provider_from_url(kek_url))
     yield b
     b.close()
 

@@ -31,3 +31,13 @@ def test_ids_unique_and_shaped() -> None:
     ids = {new_id("tn") for _ in range(10_000)}
     assert len(ids) == 10_000
     assert all(looks_like_id(i) for i in ids)
+
+
+def test_ids_sort_by_creation_time_as_text() -> None:
+    import time
+
+    ids = []
+    for _ in range(5):
+        ids.append(new_id("run"))
+        time.sleep(0.002)
+    assert ids == sorted(ids)

@@ -10,6 +10,7 @@ from patinox.control import AgentService, ApiKeys, RunService, TenantManager
 from patinox.isolation import NamespaceExecutor
 from patinox.limits import ConcurrencyLimiter, TokenBudget, WindowRateLimiter
 from patinox.storage import SqlBackend, open_backend
+from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -18,12 +19,15 @@ class Settings:
 
     Attributes:
         database_url: see :mod:`patinox.storage.engine` (PostgreSQL: the application role).
+        kek_url: where the KEK is (``file:///path`` made by ``patinox init``, or
+            ``env://VAR``); see :func:`patinox.storage.crypto.key_provider_from_url`.
         owner_url: PostgreSQL owner-role URL for migrations and tenant schemas/databases.
         rate_limit_storage: a ``limits`` storage URI (``memory://``).
         max_body_bytes: largest request body accepted, bytes (larger: 413).
     """
 
     database_url: str
+    kek_url: str
     owner_url: str | None = None
     rate_limit_storage: str = "memory://"
     max_body_bytes: int = 2 * 1024 * 1024
@@ -34,11 +38,13 @@ class Settings:
 
         The database is the SQLite file ``data_dir/patinox.db`` unless
         ``PATINOX_DATABASE_URL`` (and ``PATINOX_OWNER_URL`` for PostgreSQL) say otherwise;
-        ``PATINOX_RATE_LIMIT_URL`` picks the rate-limit storage (default ``memory://``).
+        ``PATINOX_RATE_LIMIT_URL`` picks the rate-limit storage (default ``memory://``);
+        the KEK is ``data_dir/kek.json`` unless ``PATINOX_KEK_URL`` says otherwise.
         """
         return cls(
             database_url=os.environ.get("PATINOX_DATABASE_URL")
             or f"sqlite:///{(data_dir / 'patinox.db').resolve()}",
+            kek_url=os.environ.get("PATINOX_KEK_URL") or f"file://{(data_dir / 'kek.json').resolve()}",
             owner_url=os.environ.get("PATINOX_OWNER_URL") or None,
             rate_limit_storage=os.environ.get("PATINOX_RATE_LIMIT_URL") or "memory://",
         )
@@ -60,9 +66,28 @@ class Runtime:
     extra: dict[str, object] = field(default_factory=dict)
 
     @classmethod
+    def initialise(cls, data_dir: Path) -> Runtime:
+        """Create a deployment directory (mode 0700) with its KEK file (mode 0600) unless
+        ``PATINOX_KEK_URL`` points elsewhere, migrate the database, and return the runtime."""
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        settings = Settings.for_data_dir(data_dir)
+        kek = Path(settings.kek_url.removeprefix("file://"))
+        if settings.kek_url.startswith("file://") and not kek.exists():
+            FileKeyProvider.create(kek)
+        rt = cls.build(settings)
+        db = data_dir / "patinox.db"
+        if db.exists():
+            db.chmod(0o600)
+        return rt
+
+    @classmethod
     def build(cls, settings: Settings, backend: SqlBackend | None = None) -> Runtime:
         """Open storage (migrating it) and wire the services."""
-        backend = backend or open_backend(settings.database_url, owner_url=settings.owner_url)
+        backend = backend or open_backend(
+            settings.database_url,
+            owner_url=settings.owner_url,
+            key_provider=key_provider_from_url(settings.kek_url),
+        )
         concurrency = ConcurrencyLimiter()
         budget = TokenBudget(lambda tid, since: backend.acting_on(tid).tokens_used_since(since))
         rate = WindowRateLimiter(settings.rate_limit_storage)
@@ -70,6 +95,10 @@ class Runtime:
         runs = RunService(backend, NamespaceExecutor(), concurrency=concurrency, budget=budget)
         tenants.subscribe(runs.on_tenant_event)
         tenants.subscribe(lambda tid, event: budget.forget(tid) if event == "deleted" else None)
+        # No decrypted key of a suspended or deleted tenant stays in memory.
+        tenants.subscribe(
+            lambda tid, event: backend.keyring.forget(tid) if event in ("suspended", "deleted") else None
+        )
         return cls(
             settings=settings,
             backend=backend,

@@ -236,7 +236,8 @@ class RunService:
                     "input_tokens": 0,
                     "output_tokens": 0,
                     "tool_calls": 0,
-                    "started_at": utcnow() if req.mode == "sync" else None,
+                    "created_at": (now := utcnow()),
+                    "started_at": now if req.mode == "sync" else None,
                 }
             )
         except BaseException:

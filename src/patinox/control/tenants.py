@@ -7,6 +7,7 @@ State machine (persisted in the ``tenants`` table)::
       └──────delete────────┴──▶ deleting ──purge──▶ deleted (tombstone; id never reused)
 
 Deletion marks the tenant ``deleting`` first (from then on every key of it is refused),
+stops its runs, destroys its DEKs (crypto-shredding: nothing of it decrypts any more),
 then purges its rows from every tenant-owned table, then leaves a tombstone row so the id
 is never handed out again. A crash between the steps leaves ``deleting``; calling
 :meth:`TenantManager.delete` again finishes the job.
@@ -244,6 +245,9 @@ class TenantManager:
                 tenant_id, {"state": TenantState.DELETING.value}, expect_state=current["state"]
             )
         self._changed(tenant_id, "deleting")
+        # Crypto-shredding first: from here on nothing of the tenant decrypts, whatever
+        # rows a crash below might leave for the resumed deletion.
+        self._backend.keyring.shred(tenant_id)
         counts = self._backend.purge_tenant(tenant_id, StorageModel(current["storage_model"]))
         self._backend.update_tenant(
             tenant_id,

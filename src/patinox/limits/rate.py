@@ -1,8 +1,32 @@
-"""Per-tenant request rate limits over the ``limits`` library.
+"""Per-tenant request rate limits over the ``limits`` library, in memory or in Redis.
 
-The limiter is a moving window (exact: at most N hits in any rolling window), chosen by a
-storage URI: ``memory://`` (one process, the embedded default). The key a limit applies
-to is built by the caller (``tenant:<id>``; per-key and per-agent limits use other keys).
+The limiter is a moving window (exact: at most N hits in any rolling 60 s), chosen by a
+storage URI in one factory:
+
+- ``memory://`` — counts in this process (the embedded default, one server process);
+- ``redis://host:port/db`` (also ``rediss://``, ``redis+unix://``, ``redis+sentinel://``,
+  ``redis+cluster://``) — counts shared by every API process and node using that Redis.
+  Needs the ``redis`` package: ``pip install 'patinox[redis]'``.
+
+Admission is atomic in both: the memory storage takes a lock per key, the Redis storage
+runs one Lua script per hit (check the window and push the hit in one step), so N
+concurrent callers over any number of processes admit exactly ``limit`` hits per window.
+Hit timestamps come from the caller's clock (``time.time()``): nodes sharing a Redis need
+synchronised clocks (NTP), as for any moving window over Redis.
+
+Keys. The caller names the limit within its tenant (``tenant``, ``key:<key_id>``,
+``agent:<agent_id>``; ``tenant:<tenant_id>`` works too); the limiter always adds the
+tenant id, so two tenants can never share a window, and the Redis key is namespaced::
+
+    patinox:rate/<tenant_id>/<key>/<limit>/1/minute
+
+(``<key_prefix>:`` + the ``limits`` item key; the limit is part of it, so a new limit
+starts a fresh window). The text of ``key`` before its first ``:`` names the policy in the
+``RateLimit`` headers (``tenant:t_x`` → ``"tenant"``).
+
+Headers. :func:`ratelimit_headers` renders :class:`RateLimitState` as the ``RateLimit``
+and ``RateLimit-Policy`` fields of the IETF draft *RateLimit header fields for HTTP*,
+draft-ietf-httpapi-ratelimit-headers-10 (structured-field lists of named policies).
 
 Source: the `limits` library (https://limits.readthedocs.io), MovingWindowRateLimiter.
 """
@@ -10,59 +34,260 @@ Source: the `limits` library (https://limits.readthedocs.io), MovingWindowRateLi
 from __future__ import annotations
 
 import math
+import threading
 import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from limits import RateLimitItemPerMinute, storage, strategies
-from patinox.errors import RateLimited
+from limits import errors as limits_errors
+from patinox.errors import ConfigurationError, MissingDependency, RateLimited, StorageError
+
+__all__ = [
+    "KEY_PREFIX",
+    "WINDOW_S",
+    "RateLimitState",
+    "RateLimiter",
+    "WindowRateLimiter",
+    "ratelimit_headers",
+]
+
+#: Namespace of every rate-limit key Patinox writes to a shared store (Redis).
+KEY_PREFIX = "patinox"
+#: Length of the moving window, seconds.
+WINDOW_S = 60
+
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster"})
+_SCHEMES = _REDIS_SCHEMES | {"memory"}
+#: Defaults for the Redis client, seconds; options in the URI's query string win.
+_REDIS_TIMEOUTS: dict[str, float] = {"socket_connect_timeout": 2.0, "socket_timeout": 2.0}
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitState:
+    """The state of one rate-limit policy after a hit: what the ``RateLimit`` headers say.
+
+    Attributes:
+        policy: the policy name in the headers (the scope of the key: ``tenant``, ``key``...).
+        limit: requests allowed per window.
+        remaining: requests still allowed in the current window (>= 0).
+        reset_after_s: whole seconds until the oldest hit in the window expires, i.e. until
+            at least one more request is allowed (>= 0; rounded up).
+        window_s: window length, seconds.
+    """
+
+    policy: str
+    limit: int
+    remaining: int
+    reset_after_s: int
+    window_s: int = WINDOW_S
+
+    @classmethod
+    def from_refusal(cls, err: RateLimited) -> RateLimitState:
+        """The state a refusal reports (``remaining`` 0), for the headers of a 429.
+
+        Raises:
+            KeyError: ``err`` was not raised by :meth:`WindowRateLimiter.hit` (fields missing).
+        """
+        f = err.fields
+        return cls(
+            str(f["policy"]), int(f["limit"]), 0, int(f["reset_after_s"]), int(f.get("window_s", WINDOW_S))
+        )
 
 
 class RateLimiter(Protocol):
-    """Admit or refuse one hit on ``key`` against ``per_minute``."""
+    """Admit or refuse one hit on a tenant's ``key`` against ``per_minute``."""
 
-    def hit(self, key: str, per_minute: int, *, tenant_id: str) -> None: ...
+    def hit(self, key: str, per_minute: int, *, tenant_id: str) -> RateLimitState: ...
 
-    def reset(self, key: str, per_minute: int) -> None: ...
+    def reset(self, key: str, per_minute: int, *, tenant_id: str) -> None: ...
 
 
 class WindowRateLimiter:
-    """A moving-window limiter backed by a ``limits`` storage.
+    """A moving-window limiter backed by a ``limits`` storage (memory or Redis).
 
     Args:
-        storage_uri: a ``limits`` storage URI; ``memory://`` keeps counts in this process.
+        storage_uri: ``memory://`` (this process) or a Redis URI such as
+            ``redis://127.0.0.1:6379/0`` (shared by every process using that Redis).
+        key_prefix: namespace of the keys in Redis (tests use a unique one each).
+
+    Raises:
+        ConfigurationError: the URI's scheme is not one listed in the module docstring.
+        MissingDependency: a Redis URI and the ``redis`` package is not installed.
     """
 
-    def __init__(self, storage_uri: str = "memory://") -> None:
-        self._storage = storage.storage_from_string(storage_uri)
+    def __init__(self, storage_uri: str = "memory://", *, key_prefix: str = KEY_PREFIX) -> None:
+        scheme = urllib.parse.urlparse(storage_uri).scheme
+        if scheme not in _SCHEMES:
+            raise ConfigurationError(
+                f"rate-limit storage must be memory:// or redis://..., not {scheme or storage_uri!r}",
+                scheme=scheme,
+            )
+        self.key_prefix = key_prefix
+        self.shared = scheme in _REDIS_SCHEMES
+        self._storage: storage.RedisStorage | _SweepingMemoryStorage
+        self._driver_errors: type[Exception] | tuple[type[Exception], ...]
+        if self.shared:
+            self._storage = _redis_storage(storage_uri, key_prefix)
+            # acquire_entry/get_moving_window are not wrapped by ``limits``: map here.
+            self._driver_errors = self._storage.base_exceptions
+        else:
+            self._storage = _SweepingMemoryStorage()
+            self._driver_errors = ()
         self._limiter = strategies.MovingWindowRateLimiter(self._storage)
         self._items: dict[int, RateLimitItemPerMinute] = {}
 
     def _item(self, per_minute: int) -> RateLimitItemPerMinute:
         item = self._items.get(per_minute)
         if item is None:
-            item = self._items[per_minute] = RateLimitItemPerMinute(per_minute)
+            item = self._items[per_minute] = RateLimitItemPerMinute(per_minute, namespace="rate")
         return item
 
-    def hit(self, key: str, per_minute: int, *, tenant_id: str) -> None:
-        """Count one request on ``key``.
+    def hit(self, key: str, per_minute: int, *, tenant_id: str) -> RateLimitState:
+        """Count one request on the tenant's ``key``.
+
+        Args:
+            key: the limit within the tenant (``tenant``, ``key:<id>``, ``agent:<id>``).
+            per_minute: requests allowed in any 60 s.
+            tenant_id: the tenant; always part of the stored key.
+
+        Returns:
+            The policy's state after this hit (for the ``RateLimit`` headers). Read just
+            after the atomic admission, so under concurrency ``remaining`` may already
+            count other callers' hits; admission itself is exact.
 
         Raises:
-            RateLimited: ``per_minute`` requests already happened in the last 60 s; the
-                error's ``retry_after_s`` (whole seconds, >= 1) says when one slot frees.
+            RateLimited: ``per_minute`` requests already happened in the last 60 s. Fields:
+                ``tenant_id``, ``policy``, ``limit``, ``remaining`` (0), ``window_s``,
+                ``reset_after_s`` and ``retry_after_s`` (whole seconds, >= 1: when one
+                slot frees).
+            StorageError: the shared store (Redis) failed; the driver error is chained.
         """
         item = self._item(per_minute)
-        if self._limiter.hit(item, key):
-            return
-        stats = self._limiter.get_window_stats(item, key)
-        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+        policy = key.partition(":")[0]
+        try:
+            admitted = self._limiter.hit(item, tenant_id, key)
+            reset_time, remaining = self._limiter.get_window_stats(item, tenant_id, key)
+        except self._driver_errors as err:
+            raise StorageError(
+                f"rate-limit store failed: {type(err).__name__}", backend="redis", operation="hit"
+            ) from err
+        now = time.time()
+        if admitted:
+            reset_after = max(0, math.ceil(reset_time - now))
+            return RateLimitState(policy, per_minute, max(0, remaining), reset_after)
+        retry_after = max(1, math.ceil(reset_time - now))
         raise RateLimited(
             f"rate limit of {per_minute} requests per minute reached",
             tenant_id=tenant_id,
+            policy=policy,
             limit=per_minute,
-            window_s=60,
+            remaining=0,
+            window_s=WINDOW_S,
+            reset_after_s=retry_after,
             retry_after_s=retry_after,
         )
 
-    def reset(self, key: str, per_minute: int) -> None:
-        """Forget the window of ``key`` (used when a tenant is deleted)."""
-        self._limiter.clear(self._item(per_minute), key)
+    def reset(self, key: str, per_minute: int, *, tenant_id: str) -> None:
+        """Forget the window of the tenant's ``key`` (a tenant deleted, a test cleaning up).
+
+        Raises:
+            StorageError: the shared store (Redis) failed; the driver error is chained.
+        """
+        try:
+            self._limiter.clear(self._item(per_minute), tenant_id, key)
+        except self._driver_errors as err:
+            raise StorageError(
+                f"rate-limit store failed: {type(err).__name__}", backend="redis", operation="reset"
+            ) from err
+
+    def close(self) -> None:
+        """Release the Redis connections (no-op for ``memory://``); the limiter is not used after."""
+        if isinstance(self._storage, storage.RedisStorage):
+            self._storage.storage.close()
+
+
+class _SweepingMemoryStorage(storage.MemoryStorage):
+    """The ``limits`` memory storage, dropping expired hits at most once per second.
+
+    Why: the library starts a new 10 ms ``threading.Timer`` after any hit when none is alive,
+    so under load about 100 threads start per second, and each ``Thread.start`` blocks its
+    caller (the server's event loop, which calls :meth:`WindowRateLimiter.hit`) until the new
+    thread has run. Profiling ``patinox serve`` put that at ~3 % of the event loop's time.
+    Expiry only frees memory: admission compares hit timestamps and never relies on old hits
+    being gone, so sweeping every :data:`SWEEP_INTERVAL_S` keeps counts exact and memory
+    bounded (one window of hits plus one interval).
+
+    The hook overridden is the library's private ``MemoryStorage.__schedule_expiry`` (name
+    mangled); ``tests/limits`` pins that it exists, so a ``limits`` release that renames it
+    fails a test instead of silently restoring the per-hit timers.
+    """
+
+    SWEEP_INTERVAL_S = 1.0
+
+    def _MemoryStorage__schedule_expiry(self) -> None:
+        if self.timer.is_alive():
+            return
+        sweep: Callable[[], None] = getattr(self, "_MemoryStorage__expire_events")  # noqa: B009
+        self.timer = threading.Timer(self.SWEEP_INTERVAL_S, sweep)
+        self.timer.daemon = True
+        self.timer.start()
+
+
+def _redis_storage(uri: str, key_prefix: str) -> storage.RedisStorage:
+    """The ``limits`` Redis storage for ``uri`` with keys under ``key_prefix:``."""
+    try:
+        import redis  # noqa: F401  (only to tell a missing extra apart)
+    except ImportError as err:
+        raise MissingDependency(
+            "a redis:// rate-limit storage needs the redis package: pip install 'patinox[redis]'",
+            extra="redis",
+        ) from err
+    try:
+        built = storage.storage_from_string(uri, key_prefix=key_prefix, **_REDIS_TIMEOUTS)
+    except limits_errors.ConfigurationError as err:  # e.g. a redis package too old for ``limits``
+        raise MissingDependency(f"{err} Install: pip install 'patinox[redis]'", extra="redis") from err
+    assert isinstance(built, storage.RedisStorage)
+    return built
+
+
+def _sf_string(value: str) -> str:
+    """``value`` as a structured-field String (RFC 9651 §3.3.3): quoted, ``\\`` and ``"`` escaped.
+
+    Raises:
+        ConfigurationError: ``value`` has characters a String cannot hold (non-printable ASCII).
+    """
+    if not all(" " <= ch <= "~" for ch in value):
+        raise ConfigurationError(f"policy name {value!r} is not printable ASCII")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def ratelimit_headers(*states: RateLimitState) -> dict[str, str]:
+    """The ``RateLimit-Policy`` and ``RateLimit`` response headers for one or more policies.
+
+    Follows draft-ietf-httpapi-ratelimit-headers-10 (RateLimit header fields for HTTP):
+    each field is a structured-field List with one Item per policy, named by a String::
+
+        RateLimit-Policy: "tenant";q=1200;w=60
+        RateLimit: "tenant";r=1187;t=42
+
+    ``q`` is the quota (requests per window), ``w`` the window (seconds), ``r`` the
+    remaining requests and ``t`` the seconds until more quota is available. On a 429 the
+    caller sends ``Retry-After`` too (its value equals ``t`` here, never earlier, as the
+    draft asks); build a refused state from :class:`RateLimited`'s fields.
+
+    Args:
+        *states: one state per policy that applied to the request.
+
+    Returns:
+        ``{"RateLimit-Policy": ..., "RateLimit": ...}``, or ``{}`` when no state is given.
+    """
+    if not states:
+        return {}
+    policies = ", ".join(f"{_sf_string(s.policy)};q={s.limit};w={s.window_s}" for s in states)
+    current = ", ".join(
+        f"{_sf_string(s.policy)};r={max(0, s.remaining)};t={max(0, s.reset_after_s)}" for s in states
+    )
+    return {"RateLimit-Policy": policies, "RateLimit": current}

@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -73,6 +74,8 @@ tenants = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("deleted_at", UTCDateTime(), nullable=True),
+    # Set when the tenant's DEKs are destroyed (crypto-shredding); no DEK is made after.
+    Column("keys_destroyed_at", UTCDateTime(), nullable=True),
     # A live tenant's name is unique; a deleted tenant keeps its row (a tombstone, so
     # its id is never reused) but frees its name.
     Index(
@@ -181,6 +184,16 @@ usage_records = Table(
     Index("ix_usage_records_tenant_id_at", "tenant_id", "at"),
 )
 
+tenant_keys = Table(
+    "tenant_keys",
+    metadata,
+    Column("tenant_id", String(40), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    # A DEK wrapped by the KEK (patinox.storage.crypto.WrappedKey bytes); never the DEK itself.
+    Column("wrapped", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
 #: Tables holding tenant-owned rows, all keyed by ``tenant_id`` (used for checks; deletion
 #: reads the live catalog instead).
-TENANT_TABLES = (agents, runs, memory, usage_records, audit_log, api_keys)
+TENANT_TABLES = (agents, runs, memory, usage_records, audit_log, api_keys, tenant_keys)

@@ -16,6 +16,7 @@ All datetimes are timezone-aware UTC. Driver errors surface as
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -24,8 +25,12 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine, Table, delete, func, insert, inspect, select, text, update
 from sqlalchemy.engine import make_url
 
-from patinox.errors import AlreadyExists, InvalidRequest, NotFound, TenantNotFound
+from patinox.errors import AlreadyExists, DecryptionFailed, InvalidRequest, NotFound, TenantNotFound
 from patinox.storage import _schema as s
+from patinox.storage._crypto.aead import decrypt_str, encrypt_str
+from patinox.storage._crypto.keyring import TenantKeyring
+from patinox.storage._crypto.providers import KeyProvider
+from patinox.storage._dekstore import SqlDekStore
 from patinox.storage._placement import Placement, Placements
 from patinox.storage.engine import make_engine, migrate, normalise_url, translate_errors
 from patinox.tenancy import StorageModel, TenantContext, current_tenant, new_id
@@ -56,6 +61,7 @@ class StorageBackend(Protocol):
 def open_backend(
     url: str,
     *,
+    key_provider: KeyProvider,
     owner_url: str | None = None,
     app_role: str | None = None,
     migrate_schema: bool = True,
@@ -64,6 +70,8 @@ def open_backend(
 
     Args:
         url: the application URL (on PostgreSQL: the application role).
+        key_provider: holds the KEK that wraps every tenant's DEK
+            (:func:`patinox.storage.crypto.key_provider_from_url`).
         owner_url: PostgreSQL owner-role URL for migrations and tenant schemas/databases;
             defaults to ``url`` (right for SQLite; on PostgreSQL the app role then needs DDL
             rights, which a production deployment should not give it).
@@ -81,6 +89,7 @@ def open_backend(
         app_role = make_url(normalise_url(url)).username
     backend = SqlBackend(
         engine,
+        key_provider=key_provider,
         placements=Placements(
             app_url=url, owner_url=owner_url or url, app_role=app_role, main=engine, owner=owner
         ),
@@ -99,8 +108,12 @@ class SqlBackend:
     operator views); tenant stores set ``patinox.tenant_id`` instead.
     """
 
-    def __init__(self, engine: Engine, *, placements: Placements | None = None) -> None:
+    def __init__(
+        self, engine: Engine, *, key_provider: KeyProvider, placements: Placements | None = None
+    ) -> None:
         self.engine = engine
+        #: Per-tenant DEKs (wrapped in ``tenant_keys``), cached per tenant and version.
+        self.keyring = TenantKeyring(SqlDekStore(self), key_provider)
         self.placements = placements or Placements(
             app_url=engine.url.render_as_string(hide_password=False),
             owner_url=engine.url.render_as_string(hide_password=False),
@@ -138,7 +151,8 @@ class SqlBackend:
             TenantContextMissing: no ``ctx`` and no active tenant scope (fail closed).
         """
         ctx = ctx or current_tenant()
-        return TenantStore(self.placements.for_tenant(ctx.tenant_id, ctx.storage_model), ctx.tenant_id)
+        placement = self.placements.for_tenant(ctx.tenant_id, ctx.storage_model)
+        return TenantStore(placement, _Sealer(self.keyring, ctx.tenant_id))
 
     def acting_on(self, tenant_id: str) -> TenantStore:
         """A store bound to ``tenant_id`` for control-plane code acting *on* a tenant
@@ -148,7 +162,7 @@ class SqlBackend:
             TenantNotFound: no such tenant.
         """
         model = StorageModel(self.get_tenant(tenant_id, include_deleted=True)["storage_model"])
-        return TenantStore(self.placements.for_tenant(tenant_id, model), tenant_id)
+        return TenantStore(self.placements.for_tenant(tenant_id, model), _Sealer(self.keyring, tenant_id))
 
     # -- tenants --------------------------------------------------------------------
 
@@ -411,17 +425,62 @@ def _audit_values(
     }
 
 
+#: Prefix of an encrypted payload stored in a text column: base64 of a crypto blob follows.
+SEALED_PREFIX = "ptxenc1:"
+
+
+class _Sealer:
+    """Encrypts and decrypts one tenant's payloads with its current DEK (AES-256-GCM).
+
+    The AAD binds each ciphertext to the tenant, the column (``table``) and the row
+    (``record_id``), so a ciphertext copied anywhere else fails to decrypt.
+    """
+
+    __slots__ = ("keyring", "tenant_id")
+
+    def __init__(self, keyring: TenantKeyring, tenant_id: str) -> None:
+        self.keyring = keyring
+        self.tenant_id = tenant_id
+
+    def seal(self, table: str, record_id: str, text: str) -> str:
+        key = self.keyring.current_key(self.tenant_id)
+        blob = encrypt_str(text, key=key, table=table, record_id=record_id)
+        return SEALED_PREFIX + base64.b64encode(blob).decode("ascii")
+
+    def open(self, table: str, record_id: str, stored: str | None) -> str | None:
+        """The plaintext of ``stored``; ``None`` stays ``None``.
+
+        Raises:
+            DecryptionFailed: not a sealed value (every payload is written sealed, so a
+                plaintext one was put there by something else), or it fails authentication.
+            TenantKeysDestroyed: the tenant was crypto-shredded.
+        """
+        if stored is None:
+            return None
+        if not stored.startswith(SEALED_PREFIX):
+            raise DecryptionFailed("stored payload is not sealed", reason="not_sealed", table=table)
+        blob = base64.b64decode(stored[len(SEALED_PREFIX) :])
+        return decrypt_str(
+            blob,
+            key_lookup=self.keyring.key_lookup(self.tenant_id),
+            tenant_id=self.tenant_id,
+            table=table,
+            record_id=record_id,
+        )
+
+
 class TenantStore:
     """Everything one tenant owns. Bound at construction; every statement is scoped here.
 
     Do not construct directly: use :meth:`SqlBackend.tenant_store`.
     """
 
-    __slots__ = ("_placement", "tenant_id")
+    __slots__ = ("_placement", "_sealer", "tenant_id")
 
-    def __init__(self, placement: Placement, tenant_id: str) -> None:
+    def __init__(self, placement: Placement, sealer: _Sealer) -> None:
         self._placement = placement
-        self.tenant_id = tenant_id
+        self._sealer = sealer
+        self.tenant_id = sealer.tenant_id
 
     # The only places tenant predicates are built.
     def _where(self, table: Table, **eq: Any) -> list[Any]:
@@ -502,23 +561,39 @@ class TenantStore:
     # -- runs -----------------------------------------------------------------------
 
     def create_run(self, values: Row) -> Row:
-        """Insert a run row (status ``queued`` or ``running``); returns it with its id."""
-        row = {**values, "tenant_id": self.tenant_id, "id": new_id("run"), "created_at": utcnow()}
+        """Insert a run row (status ``queued`` or ``running``); returns it with its id.
+
+        ``input`` is stored encrypted (AAD: tenant, ``runs.input``, run id).
+        """
+        row = {"created_at": utcnow(), **values, "tenant_id": self.tenant_id, "id": new_id("run")}
+        stored = {**row, "input": self._sealer.seal("runs.input", row["id"], row["input"])}
         with self._tx() as conn:
-            conn.execute(insert(s.runs).values(**row))
+            conn.execute(insert(s.runs).values(**stored))
+        return row
+
+    def _open_run(self, row: Row) -> Row:
+        row["input"] = self._sealer.open("runs.input", row["id"], row["input"])
+        row["output"] = self._sealer.open("runs.output", row["id"], row["output"])
         return row
 
     def get_run(self, run_id: str) -> Row:
         """The run. Raises :class:`NotFound` (missing and foreign ids alike)."""
         with self._tx() as conn:
-            return self._get(conn, s.runs, "run", id=run_id)
+            row = self._get(conn, s.runs, "run", id=run_id)
+        return self._open_run(row)
 
     def list_runs(self, *, agent_id: str | None = None, limit: int = 50) -> list[Row]:
         """This tenant's newest runs first."""
         eq = {"agent_id": agent_id} if agent_id else {}
-        q = select(s.runs).where(*self._where(s.runs, **eq)).order_by(s.runs.c.id.desc()).limit(limit)
+        q = (
+            select(s.runs)
+            .where(*self._where(s.runs, **eq))
+            .order_by(s.runs.c.created_at.desc(), s.runs.c.id.desc())
+            .limit(limit)
+        )
         with self._tx() as conn:
-            return [dict(r) for r in conn.execute(q).mappings()]
+            rows = [dict(r) for r in conn.execute(q).mappings()]
+        return [self._open_run(r) for r in rows]
 
     def update_run(self, run_id: str, values: Row) -> None:
         """Update a run's fields. Raises :class:`NotFound`."""
@@ -528,7 +603,10 @@ class TenantStore:
             raise NotFound(f"run {run_id!r} not found")
 
     def settle_run(self, run_id: str, values: Row, *, usage: Row | None, audit: Row) -> None:
-        """Finish a run in one transaction: the run's final fields, its usage record, its audit record."""
+        """Finish a run in one transaction: the run's final fields (``output`` encrypted), its
+        usage record, its audit record."""
+        if values.get("output") is not None:
+            values = {**values, "output": self._sealer.seal("runs.output", run_id, values["output"])}
         with self._tx() as conn:
             conn.execute(update(s.runs).where(*self._where(s.runs, id=run_id)).values(**values))
             if usage is not None:
@@ -546,10 +624,10 @@ class TenantStore:
     # -- memory (implements patinox.agents.MemoryStore) -------------------------------
 
     def memory_get(self, key: str) -> str | None:
-        """The value under ``key``, or ``None``."""
+        """The value under ``key``, or ``None`` (values are stored encrypted; keys are not)."""
         with self._tx() as conn:
             v = conn.execute(select(s.memory.c.value).where(*self._where(s.memory, key=key))).scalar()
-        return None if v is None else str(v)
+        return self._sealer.open("memory.value", key, v)
 
     def memory_put(self, key: str, value: str) -> None:
         """Set ``key`` to ``value`` (insert or replace).
@@ -559,6 +637,7 @@ class TenantStore:
         """
         if not 1 <= len(key) <= 200:
             raise InvalidRequest("memory keys are 1-200 characters", field="key")
+        value = self._sealer.seal("memory.value", key, value)
         with self._tx() as conn:
             n = conn.execute(
                 update(s.memory)

@@ -1,0 +1,375 @@
+"""Throughput of synchronous runs: Patinox against a no-tenancy baseline, side by side in one run.
+
+Two servers run as separate uvicorn processes on free loopback ports:
+
+- ``patinox``: ``python -m patinox serve`` on a fresh embedded deployment (SQLite, limits in
+  memory) made by ``patinox init --key-file``; one tenant (plan ``enterprise``, with
+  ``requests_per_minute`` = 1,000,000 and ``max_concurrent_runs`` = 1,000 so nothing is
+  throttled, yet every limit is still checked), one key, two agents created over the HTTP
+  API. Every run passes authentication, the tenant context, the rate limit, the
+  concurrency cap, the token reservation, and writes its run, usage and audit records.
+- ``baseline``: ``bench/baseline_app.py``, the same agent loop and SQLite writes behind a
+  plain FastAPI route with no tenancy (the ceiling of this stack on this machine).
+
+Agents (both **simulated**: an offline stand-in for an LLM, not a real model):
+``instant`` (``simulated:instant``, answers at once) and ``model20ms``
+(``simulated:ttft_ms=20,tpot_ms=0``, 20 ms of model time per run).
+
+For each agent and each number of closed-loop clients (1, 8, 32), the two servers are
+measured one after the other for ``--duration`` seconds each (which goes first alternates
+per cell). Each client sends a synchronous run, waits for the answer, and sends the next
+(httpx, keep-alive, one pooled connection per client). Reported per cell: completed runs
+per second, p50 and p99 latency (milliseconds), errors (non-200 answers and transport
+errors). ``ratios`` divides Patinox's runs/s by the baseline's for the same cell.
+
+Output: ``bench/results/throughput.json`` and a table. No timing is asserted: the figures
+are reported, with the issue's targets marked met or not. Run:
+``.venv/bin/python bench/throughput.py [--duration 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results" / "throughput.json"
+sys.path.insert(0, str(BENCH_DIR))
+
+from baseline_app import AGENTS, INSTRUCTIONS  # noqa: E402
+
+CLIENTS = (1, 8, 32)
+PROMPT = "Summarise the quarterly report for the operations team in one short paragraph."
+OUTPUT_TOKENS = 16
+WARMUP_S = 1.0
+console = Console(width=150)
+
+
+@dataclass
+class Cell:
+    """One measured cell: a server, an agent, a number of clients."""
+
+    server: str
+    agent: str
+    clients: int
+    runs_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    runs: int
+    duration_s: float
+
+
+@dataclass
+class Target:
+    """One server under test: how to reach it and how to start a run of an agent."""
+
+    name: str
+    base_url: str
+    headers: dict[str, str]
+    run_paths: dict[str, str]  # agent name -> path of its run route
+
+
+# --- servers ---------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{url}: the server exited with code {proc.returncode} during start-up")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url}: no answer on /healthz within {timeout_s:.0f} s")
+
+
+@contextmanager
+def _server(argv: list[str], url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a server process, wait until it is healthy, stop it (SIGTERM, then kill) at exit."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            try:
+                _wait_healthy(url, proc)
+            except SystemExit:
+                out.flush()
+                console.print(log.read_text(errors="replace")[-4000:])
+                raise
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _check(r: httpx.Response, what: str) -> dict[str, Any]:
+    if r.status_code >= 300:
+        raise SystemExit(f"{what} failed: {r.status_code} {r.text}")
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def _onboard(url: str, operator_key: str) -> Target:
+    """Create the bench tenant, its key and its two agents over Patinox's HTTP API."""
+    with httpx.Client(base_url=url, timeout=30.0) as http:
+        op = {"Authorization": f"Bearer {operator_key}"}
+        tenant = _check(
+            http.post(
+                "/admin/tenants",
+                headers=op,
+                json={
+                    "name": "bench",
+                    "plan": "enterprise",
+                    "limits": {"requests_per_minute": 1_000_000, "max_concurrent_runs": 1000},
+                },
+            ),
+            "create tenant",
+        )
+        key = _check(
+            http.post(f"/admin/tenants/{tenant['id']}/keys", headers=op, json={"name": "bench"}),
+            "create key",
+        )["key"]
+        h = {"Authorization": f"Bearer {key}"}
+        paths = {}
+        for name, model in AGENTS.items():
+            agent = _check(
+                http.post(
+                    "/v1/agents", headers=h, json={"name": name, "model": model, "instructions": INSTRUCTIONS}
+                ),
+                f"create agent {name}",
+            )
+            paths[name] = f"/v1/agents/{agent['id']}/runs"
+    return Target("patinox", url, h, paths)
+
+
+# --- load ------------------------------------------------------------------------------------
+
+
+async def _closed_loop(target: Target, agent: str, clients: int, duration_s: float) -> Cell:
+    """``clients`` clients sending runs back to back for ``duration_s`` seconds."""
+    path = target.run_paths[agent]
+    body = {"input": PROMPT, "output_tokens": OUTPUT_TOKENS}
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(
+        base_url=target.base_url, headers=target.headers, limits=limits, timeout=60.0
+    ) as http:
+
+        async def client(deadline: float) -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                try:
+                    r = await http.post(path, json=body)
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+
+        # Warm-up: open every connection and let caches and pools fill; not measured.
+        await asyncio.gather(*(client(time.perf_counter() + WARMUP_S) for _ in range(clients)))
+        latencies.clear()
+        errors = 0
+        start = time.perf_counter()
+        await asyncio.gather(*(client(start + duration_s) for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    lat = sorted(latencies)
+    return Cell(
+        server=target.name,
+        agent=agent,
+        clients=clients,
+        runs_per_s=round(len(lat) / elapsed, 1),
+        p50_ms=round(_quantile(lat, 0.50) * 1000, 2),
+        p99_ms=round(_quantile(lat, 0.99) * 1000, 2),
+        errors=errors,
+        runs=len(lat),
+        duration_s=round(elapsed, 3),
+    )
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of ascending values; NaN when empty."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def _ratios(cells: list[Cell]) -> list[dict[str, Any]]:
+    by = {(c.server, c.agent, c.clients): c for c in cells}
+    out = []
+    for agent in AGENTS:
+        for n in CLIENTS:
+            p, b = by[("patinox", agent, n)], by[("baseline", agent, n)]
+            out.append(
+                {
+                    "agent": agent,
+                    "clients": n,
+                    "runs_per_s": round(p.runs_per_s / b.runs_per_s, 3) if b.runs_per_s else None,
+                    "p50_ms": round(p.p50_ms / b.p50_ms, 3) if b.p50_ms else None,
+                }
+            )
+    return out
+
+
+def _targets(cells: list[Cell], ratios: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets for this 2-core machine, with the measured values (reported, not asserted)."""
+    by = {(c.server, c.agent, c.clients): c for c in cells}
+    worst = min((r["runs_per_s"] for r in ratios if r["runs_per_s"] is not None), default=0.0)
+    p50 = by[("patinox", "instant", 1)].p50_ms
+    rps = by[("patinox", "model20ms", 8)].runs_per_s
+    return [
+        {"target": "patinox/baseline runs/s >= 0.85 in every cell", "measured": worst, "met": worst >= 0.85},
+        {"target": "patinox p50, 1 client, instant <= 12 ms", "measured": p50, "met": p50 <= 12},
+        {"target": "patinox runs/s, 8 clients, model20ms >= 150", "measured": rps, "met": rps >= 150},
+    ]
+
+
+def _table(cells: list[Cell], ratios: list[dict[str, Any]]) -> Table:
+    by = {(c.server, c.agent, c.clients): c for c in cells}
+    table = Table(title="Synchronous runs over HTTP, closed loop (simulated models)")
+    for col in ("agent", "clients", "patinox runs/s", "baseline runs/s", "ratio runs/s"):
+        table.add_column(col, justify="right")
+    for col in ("patinox p50/p99 ms", "baseline p50/p99 ms", "errors p/b"):
+        table.add_column(col, justify="right")
+    for r in ratios:
+        p, b = by[("patinox", r["agent"], r["clients"])], by[("baseline", r["agent"], r["clients"])]
+        ratio = r["runs_per_s"]
+        style = "green" if ratio is not None and ratio >= 0.85 else "red"
+        table.add_row(
+            r["agent"],
+            str(r["clients"]),
+            f"{p.runs_per_s:.1f}",
+            f"{b.runs_per_s:.1f}",
+            f"[{style}]{ratio:.3f}[/{style}]" if ratio is not None else "n/a",
+            f"{p.p50_ms:.1f} / {p.p99_ms:.1f}",
+            f"{b.p50_ms:.1f} / {b.p99_ms:.1f}",
+            f"{p.errors}/{b.errors}",
+        )
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Patinox vs baseline throughput, side by side")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per cell")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON report path")
+    args = parser.parse_args()
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="patinox-bench-") as tmp:
+        tmpdir = Path(tmp)
+        data_dir, key_file = tmpdir / "deployment", tmpdir / "operator.key"
+        env = {**os.environ, "PATINOX_DATA_DIR": str(data_dir)}
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "patinox",
+                "init",
+                "--data-dir",
+                str(data_dir),
+                "--key-file",
+                str(key_file),
+            ],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
+        p_port, b_port = _free_port(), _free_port()
+        p_url, b_url = f"http://127.0.0.1:{p_port}", f"http://127.0.0.1:{b_port}"
+        patinox_argv = [
+            sys.executable, "-m", "patinox", "serve", "--data-dir", str(data_dir), "--port", str(p_port)
+        ]  # fmt: skip
+        baseline_argv = [
+            sys.executable, str(BENCH_DIR / "baseline_app.py"),
+            "--port", str(b_port), "--db", str(tmpdir / "baseline.db"),
+        ]  # fmt: skip
+        with (
+            _server(patinox_argv, p_url, tmpdir / "patinox.log"),
+            _server(baseline_argv, b_url, tmpdir / "baseline.log"),
+        ):
+            targets = {
+                "patinox": _onboard(p_url, key_file.read_text().strip()),
+                "baseline": Target("baseline", b_url, {}, {a: f"/agents/{a}/runs" for a in AGENTS}),
+            }
+            cells: list[Cell] = []
+            index = 0
+            for agent in AGENTS:
+                for n in CLIENTS:
+                    order = ("patinox", "baseline") if index % 2 == 0 else ("baseline", "patinox")
+                    index += 1
+                    for server in order:
+                        cell = asyncio.run(_closed_loop(targets[server], agent, n, args.duration))
+                        cells.append(cell)
+                        console.print(
+                            f"{server:>8} {agent:>9} clients={n:<2} {cell.runs_per_s:7.1f} runs/s "
+                            f"p50 {cell.p50_ms:6.1f} ms p99 {cell.p99_ms:6.1f} ms errors {cell.errors}"
+                        )
+
+    ratios = _ratios(cells)
+    report = {
+        "bench": "throughput",
+        "what": "synchronous agent runs over HTTP; closed-loop clients; patinox vs no-tenancy baseline",
+        "simulated": True,
+        "models": AGENTS,
+        "duration_s_per_cell": args.duration,
+        "output_tokens": OUTPUT_TOKENS,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "cells": [asdict(c) for c in cells],
+        "ratios": ratios,
+        "targets": _targets(cells, ratios),
+        "wall_time_s": round(time.monotonic() - started, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(_table(cells, ratios))
+    for t in report["targets"]:
+        mark = "[green]met[/green]" if t["met"] else "[red]not met[/red]"
+        console.print(f"target: {t['target']}: measured {t['measured']} -> {mark}")
+    console.print(f"report: {args.out} (wall time {report['wall_time_s']} s)")
+
+
+if __name__ == "__main__":
+    main()

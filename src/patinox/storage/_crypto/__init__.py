@@ -1,0 +1,1 @@
+"""Implementation of :mod:`patinox.storage.crypto`; import from there, not from here."""

@@ -1,0 +1,7 @@
+"""The runtime failures of envelope encryption (defined in :mod:`patinox.errors`)."""
+
+from __future__ import annotations
+
+from patinox.errors import DecryptionFailed, TenantKeysDestroyed
+
+__all__ = ["DecryptionFailed", "TenantKeysDestroyed"]
