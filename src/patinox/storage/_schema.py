@@ -76,6 +76,8 @@ tenants = Table(
     Column("deleted_at", UTCDateTime(), nullable=True),
     # Set when the tenant's DEKs are destroyed (crypto-shredding); no DEK is made after.
     Column("keys_destroyed_at", UTCDateTime(), nullable=True),
+    # Set while the tenant moves to another storage model: reads go on, writes are held.
+    Column("moving_to", String(10), nullable=True),
     # A live tenant's name is unique; a deleted tenant keeps its row (a tombstone, so
     # its id is never reused) but frees its name.
     Index(
@@ -194,6 +196,47 @@ tenant_keys = Table(
     Column("created_at", UTCDateTime(), nullable=False),
 )
 
+run_queue = Table(
+    "run_queue",
+    metadata,
+    # Asynchronous runs waiting for (or held by) a worker; the run row itself lives in the
+    # tenant's placement. Ordered by (priority desc, finish_tag): weighted fair queueing.
+    Column("tenant_id", String(40), primary_key=True),
+    Column("run_id", String(40), primary_key=True),
+    Column("priority", Integer, nullable=False),
+    Column("finish_tag", Float, nullable=False),
+    Column("enqueued_at", UTCDateTime(), nullable=False),
+    Column("claimed_by", String(80), nullable=True),
+    Column("lease_until", UTCDateTime(), nullable=True),
+    Index("ix_run_queue_pick", "claimed_by", "priority", "finish_tag"),
+)
+
+queue_tenants = Table(
+    "queue_tenants",
+    metadata,
+    # Per-tenant state of the fair queue: the virtual finish tag of its newest entry.
+    Column("tenant_id", String(40), primary_key=True),
+    Column("last_tag", Float, nullable=False),
+)
+
+queue_clock = Table(
+    "queue_clock",
+    metadata,
+    # The queue's virtual time: the finish tag of the entry dispatched last (one row).
+    Column("id", Integer, primary_key=True),
+    Column("virtual_time", Float, nullable=False),
+)
+
 #: Tables holding tenant-owned rows, all keyed by ``tenant_id`` (used for checks; deletion
 #: reads the live catalog instead).
-TENANT_TABLES = (agents, runs, memory, usage_records, audit_log, api_keys, tenant_keys)
+TENANT_TABLES = (
+    agents,
+    runs,
+    memory,
+    usage_records,
+    audit_log,
+    api_keys,
+    tenant_keys,
+    run_queue,
+    queue_tenants,
+)
