@@ -16,6 +16,7 @@
     │   ├── AuthenticationFailed         no, malformed, wrong or revoked key    (401 unauthenticated)
     │   ├── PermissionDenied             key lacks the scope for the route      (403 forbidden)
     │   ├── TenantSuspended              tenant is suspended                    (403 tenant_suspended)
+    │   ├── TenantMoving                 writes held during a storage move      (503 tenant_moving)
     │   ├── NotFound                     missing OR another tenant's object     (404 not_found)
     │   │   └── TenantNotFound
     │   ├── AlreadyExists                unique name taken within the tenant   (409 already_exists)
@@ -60,6 +61,7 @@ __all__ = [
     "TenantContextMissing",
     "TenantKeysDestroyed",
     "TenantNotFound",
+    "TenantMoving",
     "TenantSuspended",
     "UnknownModel",
     "UnknownTool",
@@ -194,6 +196,14 @@ class TenantSuspended(OperationFailed):
 
     code = "tenant_suspended"
     http_status = 403
+
+
+class TenantMoving(OperationFailed):
+    """The tenant is moving between storage models: reads are served, writes are held.
+    Fields: ``tenant_id``, ``retry_after_s`` (seconds)."""
+
+    code = "tenant_moving"
+    http_status = 503
 
 
 class NotFound(OperationFailed):

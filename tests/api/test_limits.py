@@ -99,3 +99,30 @@ def test_output_tokens_above_plan_is_refused(client: TestClient, make_tenant: An
     agent = a.agent("x")
     r = a.run(agent, "hi", output_tokens=11)
     assert r.status_code == 422 and r.json()["error"]["details"]["field"] == "output_tokens"
+
+
+def test_ratelimit_headers_on_success_and_refusal(client: TestClient, make_tenant: Any) -> None:
+    a = make_tenant("alpha", limits={"requests_per_minute": 3})
+    r = client.get("/v1/agents", headers=a.h)
+    assert r.headers["RateLimit-Policy"] == '"tenant";q=3;w=60'
+    assert r.headers["RateLimit"].startswith('"tenant";r=2;t=')
+    client.get("/v1/agents", headers=a.h)
+    client.get("/v1/agents", headers=a.h)
+    r = client.get("/v1/agents", headers=a.h)
+    assert r.status_code == 429
+    assert r.headers["RateLimit"].startswith('"tenant";r=0;t=')
+    assert int(r.headers["Retry-After"]) >= 1
+
+
+def test_writes_are_held_while_a_tenant_moves(client: TestClient, make_tenant: Any, runtime: Any) -> None:
+    a = make_tenant("alpha")
+    agent = a.agent("x")
+    runtime.backend.update_tenant(a.id, {"moving_to": "silo"})
+    assert client.get(f"/v1/agents/{agent}", headers=a.h).status_code == 200
+    for method, path in (("POST", "/v1/agents"), ("PUT", "/v1/memory/k"), ("DELETE", f"/v1/agents/{agent}")):
+        r = client.request(method, path, json={"name": "y", "value": "v"}, headers=a.h)
+        assert r.status_code == 503, (method, r.text)
+        assert r.json()["error"]["code"] == "tenant_moving"
+        assert r.headers["Retry-After"] == "2"
+    runtime.backend.update_tenant(a.id, {"moving_to": None})
+    assert client.put("/v1/memory/k", json={"value": "v"}, headers=a.h).status_code == 200

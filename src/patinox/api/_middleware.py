@@ -16,16 +16,22 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from patinox.api._runtime import Runtime
 from patinox.control import OperatorPrincipal
-from patinox.errors import AuthenticationFailed, PatinoxError, PermissionDenied
+from patinox.errors import AuthenticationFailed, PatinoxError, PermissionDenied, RateLimited, TenantMoving
+from patinox.limits import RateLimitState, ratelimit_headers
 from patinox.tenancy import TenantContext, tenant_scope
+
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def error_response_parts(err: PatinoxError) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """(status, JSON body, headers) of an error; 429s carry ``Retry-After`` (seconds)."""
+    """(status, JSON body, headers) of an error; 429s and 503s carry ``Retry-After``
+    (seconds), rate-limit refusals the ``RateLimit`` / ``RateLimit-Policy`` headers."""
     headers: dict[str, str] = {}
     retry = err.fields.get("retry_after_s")
-    if err.http_status == 429 and retry is not None:
+    if err.http_status in (429, 503) and retry is not None:
         headers["Retry-After"] = str(int(retry))
+    if isinstance(err, RateLimited) and "policy" in err.fields:
+        headers.update(ratelimit_headers(RateLimitState.from_refusal(err)))
     if err.http_status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return err.http_status, {"error": err.to_dict()}, headers
@@ -72,16 +78,20 @@ class TenancyMiddleware:
                 return
             if not isinstance(principal, TenantContext):
                 raise PermissionDenied("tenant routes need a tenant key; operator keys act through /admin")
-            self.rt.rate.hit(
-                f"tenant:{principal.tenant_id}",
-                principal.limits.requests_per_minute,
-                tenant_id=principal.tenant_id,
+            state = self.rt.rate.hit(
+                "tenant", principal.limits.requests_per_minute, tenant_id=principal.tenant_id
             )
+            if principal.writes_held and scope["method"] not in _READ_METHODS:
+                raise TenantMoving(
+                    "this tenant is moving to another storage model; writes resume shortly",
+                    tenant_id=principal.tenant_id,
+                    retry_after_s=2,
+                )
         except PatinoxError as err:
             await _send_json(send, *error_response_parts(err))
             return
         with tenant_scope(principal):
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, _with_headers(send, ratelimit_headers(state)))
 
     async def _limit_body(self, scope: Scope, receive: Receive) -> Receive:
         """Refuse bodies over the limit (413) before any handler sees them.
@@ -113,6 +123,18 @@ class TenancyMiddleware:
             return replay.pop() if replay else await receive()
 
         return replayed
+
+
+def _with_headers(send: Send, headers: dict[str, str]) -> Send:
+    """``send`` that adds ``headers`` to the response start."""
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *raw]}
+        await send(message)
+
+    return sending
 
 
 def _bearer(scope: Scope) -> str:

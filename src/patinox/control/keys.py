@@ -160,4 +160,5 @@ class ApiKeys:
             limits=effective_limits(tenant["plan"], tenant["limit_overrides"]),
             isolation_level=IsolationLevel(tenant["isolation_level"]),
             storage_model=StorageModel(tenant["storage_model"]),
+            writes_held=tenant["moving_to"] is not None,
         )

@@ -261,6 +261,7 @@ class SqlBackend:
                 s.tenants.c.limit_overrides.label("t_limit_overrides"),
                 s.tenants.c.isolation_level.label("t_isolation_level"),
                 s.tenants.c.storage_model.label("t_storage_model"),
+                s.tenants.c.moving_to.label("t_moving_to"),
             )
             .select_from(s.api_keys.outerjoin(s.tenants, s.tenants.c.id == s.api_keys.c.tenant_id))
             .where(s.api_keys.c.prefix == prefix)
@@ -279,8 +280,16 @@ class SqlBackend:
                 "limit_overrides": data.pop("t_limit_overrides"),
                 "isolation_level": data.pop("t_isolation_level"),
                 "storage_model": data.pop("t_storage_model"),
+                "moving_to": data.pop("t_moving_to"),
             }
-        for k in ("t_state", "t_plan", "t_limit_overrides", "t_isolation_level", "t_storage_model"):
+        for k in (
+            "t_state",
+            "t_plan",
+            "t_limit_overrides",
+            "t_isolation_level",
+            "t_storage_model",
+            "t_moving_to",
+        ):
             data.pop(k, None)
         return data, tenant
 

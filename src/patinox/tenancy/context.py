@@ -39,6 +39,8 @@ class TenantContext(BaseModel):
         limits: the tenant's effective limits (plan + overrides).
         isolation_level: where the tenant's runs execute.
         storage_model: where the tenant's rows live (pool, bridge, silo).
+        writes_held: true while the tenant moves between storage models; its writes are
+            then refused (503 ``tenant_moving``) and its reads served.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -50,6 +52,7 @@ class TenantContext(BaseModel):
     limits: ResourceLimits
     isolation_level: IsolationLevel = IsolationLevel.NAMESPACE
     storage_model: StorageModel = StorageModel.POOL
+    writes_held: bool = False
 
     def require_scope(self, scope: str) -> None:
         """Raise :class:`PermissionDenied` unless ``scope`` was granted."""
