@@ -33,7 +33,7 @@ def _rows_of(runtime: Runtime, tenant_id: str) -> dict[str, int]:
 
 def _wait_no_runs_in_flight(runtime: Runtime, tenant_id: str, deadline_s: float = 5.0) -> None:
     end = time.monotonic() + deadline_s
-    while runtime.concurrency.in_flight(tenant_id) and time.monotonic() < end:
+    while runtime.queue.held(tenant_id) and time.monotonic() < end:
         time.sleep(0.02)
     time.sleep(0.05)  # let the settling transaction finish
 

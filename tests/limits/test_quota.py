@@ -1,4 +1,4 @@
-"""Reserve/settle accounting of the daily token budget."""
+"""The durable daily token budget: reserve-then-settle, exact under concurrency."""
 
 from __future__ import annotations
 
@@ -7,83 +7,63 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from patinox.errors import ConcurrencyLimited, QuotaExceeded
-from patinox.limits import ConcurrencyLimiter, TokenBudget
+from patinox.errors import QuotaExceeded
+from patinox.limits import TokenBudget
+from patinox.storage import SqlBackend
+
+pytestmark = pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
 
 
-def test_reserve_refuses_over_budget_and_settles_to_actual() -> None:
-    b = TokenBudget(lambda tid, since: 0)
-    r1 = b.reserve("t", 60, limit=100)
+def test_reserve_refuses_over_budget_and_settles_to_actual(backend: SqlBackend) -> None:
+    b = TokenBudget(backend)
+    r1 = b.reserve("tn_a", 60, limit=100)
     with pytest.raises(QuotaExceeded) as ei:
-        b.reserve("t", 50, limit=100)
+        b.reserve("tn_a", 50, limit=100)
     assert ei.value.reserved == 60 and ei.value.requested == 50
     b.settle(r1, 20)
     b.settle(r1, 20)  # idempotent
-    assert b.spent_today("t") == (20, 0)
-    b.reserve("t", 80, limit=100)
-    assert b.spent_today("t") == (20, 80)
+    assert b.spent_today("tn_a") == (20, 0)
+    b.reserve("tn_a", 80, limit=100)
+    assert b.spent_today("tn_a") == (20, 80)
+    assert b.spent_today("tn_b") == (0, 0)
 
 
-def test_loads_durable_usage_once_per_day() -> None:
-    calls: list[datetime] = []
-    now = [datetime(2026, 1, 1, 23, 59, tzinfo=UTC)]
-
-    def load(tid: str, since: datetime) -> int:
-        calls.append(since)
-        return 90
-
-    b = TokenBudget(load, clock=lambda: now[0])
+def test_counters_survive_a_new_budget_object(backend: SqlBackend) -> None:
+    """A restarted (or another) process sees the same counters."""
+    TokenBudget(backend).settle(TokenBudget(backend).reserve("tn_a", 70, limit=100), 70)
     with pytest.raises(QuotaExceeded) as ei:
-        b.reserve("t", 20, limit=100)
+        TokenBudget(backend).reserve("tn_a", 31, limit=100)
+    assert ei.value.used == 70
+
+
+def test_the_day_rolls_over_at_midnight_utc(backend: SqlBackend) -> None:
+    now = [datetime(2026, 1, 1, 23, 59, tzinfo=UTC)]
+    b = TokenBudget(backend, clock=lambda: now[0])
+    b.settle(b.reserve("tn_a", 90, limit=100), 90)
+    with pytest.raises(QuotaExceeded) as ei:
+        b.reserve("tn_a", 20, limit=100)
     assert ei.value.reset_at == "2026-01-02T00:00:00+00:00"
-    b.reserve("t", 10, limit=100)
-    assert len(calls) == 1
-    now[0] += timedelta(minutes=2)  # a new UTC day
-    b.reserve("t", 10, limit=100)
-    assert calls[-1] == datetime(2026, 1, 2, tzinfo=UTC)
+    now[0] += timedelta(minutes=2)
+    b.reserve("tn_a", 100, limit=100)
 
 
-def test_concurrent_reservations_never_overbook() -> None:
-    b = TokenBudget(lambda tid, since: 0)
+def test_concurrent_reservations_never_overbook(backend: SqlBackend) -> None:
+    budgets = [TokenBudget(backend) for _ in range(8)]
     barrier = threading.Barrier(8)
     won: list[int] = []
 
-    def go() -> None:
+    def go(i: int) -> None:
         barrier.wait()
         try:
-            b.reserve("t", 30, limit=100)
+            budgets[i].reserve("tn_a", 30, limit=100)
             won.append(1)
         except QuotaExceeded:
             pass
 
-    threads = [threading.Thread(target=go) for _ in range(8)]
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(won) == 3
-
-
-def test_concurrency_limiter_exact_under_contention() -> None:
-    lim = ConcurrencyLimiter()
-    barrier = threading.Barrier(10)
-    slots = []
-    refused = []
-
-    def go() -> None:
-        barrier.wait()
-        try:
-            slots.append(lim.acquire("t", 4))
-        except ConcurrencyLimited:
-            refused.append(1)
-
-    threads = [threading.Thread(target=go) for _ in range(10)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(slots) == 4 and len(refused) == 6
-    for s in slots:
-        s.release()
-        s.release()
-    assert lim.in_flight("t") == 0
+    assert budgets[0].spent_today("tn_a") == (0, 90)

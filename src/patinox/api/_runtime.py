@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from patinox.control import AgentService, ApiKeys, RunService, TenantManager
+from patinox.control.worker import RunWorker
 from patinox.isolation import NamespaceExecutor
-from patinox.limits import ConcurrencyLimiter, TokenBudget, WindowRateLimiter
+from patinox.limits import FairRunQueue, TokenBudget, WindowRateLimiter, worker_id
 from patinox.storage import SqlBackend, open_backend
 from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
 
@@ -24,12 +25,15 @@ class Settings:
         owner_url: PostgreSQL owner-role URL for migrations and tenant schemas/databases.
         rate_limit_storage: a ``limits`` storage URI (``memory://``).
         max_body_bytes: largest request body accepted, bytes (larger: 413).
+        embedded_workers: queued runs the API process itself executes at once (0: only
+            ``patinox worker`` processes execute them).
     """
 
     database_url: str
     kek_url: str
     owner_url: str | None = None
     rate_limit_storage: str = "memory://"
+    embedded_workers: int = 8
     max_body_bytes: int = 2 * 1024 * 1024
 
     @classmethod
@@ -61,7 +65,7 @@ class Runtime:
     agents: AgentService
     runs: RunService
     rate: WindowRateLimiter
-    concurrency: ConcurrencyLimiter
+    queue: FairRunQueue
     budget: TokenBudget
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -88,13 +92,12 @@ class Runtime:
             owner_url=settings.owner_url,
             key_provider=key_provider_from_url(settings.kek_url),
         )
-        concurrency = ConcurrencyLimiter()
-        budget = TokenBudget(lambda tid, since: backend.acting_on(tid).tokens_used_since(since))
+        budget = TokenBudget(backend)
+        queue = FairRunQueue(backend)
         rate = WindowRateLimiter(settings.rate_limit_storage)
         tenants = TenantManager(backend)
-        runs = RunService(backend, NamespaceExecutor(), concurrency=concurrency, budget=budget)
+        runs = RunService(backend, NamespaceExecutor(), queue=queue, budget=budget)
         tenants.subscribe(runs.on_tenant_event)
-        tenants.subscribe(lambda tid, event: budget.forget(tid) if event == "deleted" else None)
         # No decrypted key of a suspended or deleted tenant stays in memory.
         tenants.subscribe(
             lambda tid, event: backend.keyring.forget(tid) if event in ("suspended", "deleted") else None
@@ -107,6 +110,12 @@ class Runtime:
             agents=AgentService(backend),
             runs=runs,
             rate=rate,
-            concurrency=concurrency,
+            queue=queue,
             budget=budget,
         )
+
+    def worker(self, *, concurrency: int = 8, holder: str | None = None) -> RunWorker:
+        """A worker executing this deployment's queued runs through this runtime."""
+        w = RunWorker(self.runs, self.queue, holder=holder or worker_id("worker"), concurrency=concurrency)
+        self.runs.set_wakeup(w.wakeup)
+        return w

@@ -6,6 +6,7 @@ A foreign tenant's object id answers exactly like a missing one (404 ``not_found
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,8 +37,15 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        rt.backend.fail_unfinished_runs("interrupted: the server stopped before the run finished")
+        # Queued runs are durable: an in-process worker executes them (unless the
+        # deployment runs `patinox worker` processes only), beside any other workers.
+        background = [asyncio.create_task(rt.runs.watch_tenants())]
+        if rt.settings.embedded_workers > 0:
+            background.append(asyncio.create_task(rt.worker(concurrency=rt.settings.embedded_workers).run()))
         yield
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await rt.runs.shutdown()
 
     app = FastAPI(

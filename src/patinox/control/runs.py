@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,10 +33,17 @@ from patinox.agents import (
     validate_model_id,
     validate_tool_names,
 )
-from patinox.errors import InvalidRequest, PatinoxError, RunFailed, TenantSuspended
-from patinox.limits import ConcurrencyLimiter, RunSlot, TokenBudget
+from patinox.errors import InvalidRequest, NotFound, PatinoxError, RunFailed, TenantSuspended
+from patinox.limits import Claim, FairRunQueue, TokenBudget, worker_id
 from patinox.storage import SqlBackend, TenantStore, utcnow
-from patinox.tenancy import TenantContext
+from patinox.tenancy import (
+    IsolationLevel,
+    StorageModel,
+    TenantContext,
+    effective_limits,
+    get_plan,
+    new_id,
+)
 
 Row = dict[str, Any]
 
@@ -100,7 +107,7 @@ class RunRequest(BaseModel):
 TOOL_CALL_TOKENS = 64
 
 
-def _worst_case_tokens(agent: Row, req: RunRequest, limits: RunLimits) -> int:
+def worst_case_tokens(agent: Row, prompt: str, output_tokens: int | None, limits: RunLimits) -> int:
     """The tokens reserved for a run before it starts, and its hard cap while it runs.
 
     Every model request of a run re-sends the conversation, so a run that may make ``n``
@@ -109,10 +116,10 @@ def _worst_case_tokens(agent: Row, req: RunRequest, limits: RunLimits) -> int:
     with the simulated tokenizer (:func:`patinox.agents.count_simulated_tokens`); for real
     providers it is an estimate, and the cap stops a run that goes past it.
     """
-    prompt = count_simulated_tokens(agent["instructions"]) + count_simulated_tokens(req.input)
+    words = count_simulated_tokens(agent["instructions"]) + count_simulated_tokens(prompt)
     calls = limits.max_tool_calls if agent["tools"] else 0
-    output = req.output_tokens or limits.max_output_tokens
-    return (calls + 1) * prompt + calls * TOOL_CALL_TOKENS + output
+    output = output_tokens or limits.max_output_tokens
+    return (calls + 1) * words + calls * TOOL_CALL_TOKENS + output
 
 
 class AgentService:
@@ -176,32 +183,43 @@ class AgentService:
 
 
 class RunService:
-    """Admits, executes and settles runs. One per server process."""
+    """Admits, executes and settles runs. One per process (API server or worker).
+
+    Synchronous runs execute in the admitting process; asynchronous runs are written to
+    the durable fair queue (:class:`~patinox.limits.FairRunQueue`) and executed by
+    whichever worker claims them (:class:`RunWorker`, in the API process or in
+    ``patinox worker`` processes). Both count against the tenant's concurrent-run cap
+    through the same queue table, so the cap holds across every process.
+    """
 
     def __init__(
         self,
         backend: SqlBackend,
         executor: RunExecutor,
         *,
-        concurrency: ConcurrencyLimiter,
+        queue: FairRunQueue,
         budget: TokenBudget,
+        holder: str | None = None,
     ) -> None:
         self._backend = backend
         self._executor = executor
-        self._concurrency = concurrency
+        self.queue = queue
         self._budget = budget
+        self.holder = holder or worker_id("api")
         self._tasks: dict[str, set[asyncio.Task[Row]]] = {}
         self._fenced: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
 
     async def start(self, ctx: TenantContext, agent_id: str, req: RunRequest) -> Row:
         """Admit a run; for ``sync`` wait for and return the finished run, for ``async``
-        return the queued run at once.
+        queue it and return the queued run at once.
 
         Raises:
             NotFound: no such agent for this tenant.
             InvalidRequest: output_tokens above the agent's or plan's cap.
             ConcurrencyLimited, QuotaExceeded: admission refused; nothing was run or stored.
+            RunFailed: a synchronous run failed (the run is recorded with its error).
         """
         if ctx.tenant_id in self._fenced:
             raise TenantSuspended("this tenant is suspended", tenant_id=ctx.tenant_id)
@@ -214,43 +232,86 @@ class RunService:
                 f"{limits.max_output_tokens}",
                 field="output_tokens",
             )
-        worst_case = _worst_case_tokens(agent, req, limits)
+        worst_case = worst_case_tokens(agent, req.input, req.output_tokens, limits)
         limits = dataclasses.replace(limits, max_total_tokens=worst_case)
-        slot = self._concurrency.acquire(ctx.tenant_id, ctx.limits.max_concurrent_runs)
+        if req.mode == "async":
+            return self._enqueue(ctx, store, agent, req, worst_case)
+        return await self._run_now(ctx, store, agent, req, limits)
+
+    def _new_run(
+        self, ctx: TenantContext, store: TenantStore, agent: Row, req: RunRequest, run_id: str
+    ) -> Row:
+        sync = req.mode == "sync"
+        return store.create_run(
+            {
+                "id": run_id,
+                "agent_id": agent["id"],
+                "principal": ctx.principal,
+                "mode": req.mode,
+                "status": "running" if sync else "queued",
+                "input": req.input,
+                "requested_output_tokens": req.output_tokens,
+                "model": agent["model"],
+                "simulated": int(is_simulated(agent["model"])),
+                "input_tokens": 0,
+                "output_tokens": 0,
+                "tool_calls": 0,
+                "created_at": (now := utcnow()),
+                "started_at": now if sync else None,
+            }
+        )
+
+    def _enqueue(
+        self, ctx: TenantContext, store: TenantStore, agent: Row, req: RunRequest, worst_case: int
+    ) -> Row:
+        reservation = self._budget.reserve(ctx.tenant_id, worst_case, ctx.limits.tokens_per_day)
         try:
-            reservation = self._budget.reserve(ctx.tenant_id, worst_case, ctx.limits.tokens_per_day)
-        except BaseException:
-            slot.release()
-            raise
-        try:
-            run = store.create_run(
-                {
-                    "agent_id": agent_id,
-                    "principal": ctx.principal,
-                    "mode": req.mode,
-                    "status": "running" if req.mode == "sync" else "queued",
-                    "input": req.input,
-                    "requested_output_tokens": req.output_tokens,
-                    "model": agent["model"],
-                    "simulated": int(is_simulated(agent["model"])),
-                    "input_tokens": 0,
-                    "output_tokens": 0,
-                    "tool_calls": 0,
-                    "created_at": (now := utcnow()),
-                    "started_at": now if req.mode == "sync" else None,
-                }
+            run = self._new_run(ctx, store, agent, req, new_id("run"))
+            plan = get_plan(ctx.plan)
+            self.queue.enqueue(
+                ctx.tenant_id,
+                run["id"],
+                weight=plan.weight,
+                priority=plan.priority,
+                max_running=ctx.limits.max_concurrent_runs,
+                reserved_tokens=worst_case,
+                quota_period=reservation.period,
             )
         except BaseException:
             self._budget.settle(reservation, 0)
-            slot.release()
             raise
+        if self._wakeup is not None:
+            self._wakeup.set()
+        return run
+
+    async def _run_now(
+        self, ctx: TenantContext, store: TenantStore, agent: Row, req: RunRequest, limits: RunLimits
+    ) -> Row:
+        run_id = new_id("run")
+        cap = ctx.limits.max_concurrent_runs
+        self.queue.hold(ctx.tenant_id, run_id, max_running=cap, holder=self.holder)
+        try:
+            reservation = self._budget.reserve(
+                ctx.tenant_id, limits.max_total_tokens or 0, ctx.limits.tokens_per_day
+            )
+            try:
+                run = self._new_run(ctx, store, agent, req, run_id)
+            except BaseException:
+                self._budget.settle(reservation, 0)
+                raise
+        except BaseException:
+            self.queue.release(ctx.tenant_id, run_id)
+            raise
+
+        def done(used: int) -> None:
+            self._budget.settle(reservation, used)
+            self.queue.release(ctx.tenant_id, run_id)
+
         # From admission to here nothing awaited, so a tenant fenced by stop_tenant() after
         # this point finds this run among its tasks.
         task = self._track(
-            ctx.tenant_id, self._execute(ctx, store, agent, run, req, limits, slot, reservation)
+            ctx.tenant_id, self._execute(ctx, store, agent, run, req.input, req.output_tokens, limits, done)
         )
-        if req.mode == "async":
-            return run
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -262,8 +323,53 @@ class RunService:
             raise RunFailed(
                 "the run was stopped because its tenant was suspended or deleted",
                 reason="tenant_stopped",
-                run_id=run["id"],
+                run_id=run_id,
             ) from None
+
+    async def execute_claim(self, claim: Claim) -> Row | None:
+        """Run a queued run a worker claimed; settle its tokens and release it.
+
+        Returns the finished run, or ``None`` when the run or its tenant is gone (the
+        queue entry is dropped and its reservation returned).
+        """
+
+        def done(used: int) -> None:
+            self._budget.settle_tokens(claim.tenant_id, claim.quota_period, claim.reserved_tokens, used)
+            self.queue.release(claim.tenant_id, claim.run_id)
+
+        try:
+            tenant = self._backend.get_tenant(claim.tenant_id)
+            store = self._backend.acting_on(claim.tenant_id)
+            run = store.get_run(claim.run_id)
+            agent = store.get_agent(run["agent_id"])
+        except NotFound:
+            done(0)
+            return None
+        if run["status"] not in ("queued", "running"):
+            done(0)  # finished by a worker that died before releasing it
+            return run
+        ctx = TenantContext(
+            tenant_id=tenant["id"],
+            principal=run["principal"],
+            scopes=frozenset({"runs:write"}),
+            plan=tenant["plan"],
+            limits=effective_limits(tenant["plan"], tenant["limit_overrides"]),
+            isolation_level=IsolationLevel(tenant["isolation_level"]),
+            storage_model=StorageModel(tenant["storage_model"]),
+        )
+        limits = dataclasses.replace(self._run_limits(ctx, agent), max_total_tokens=claim.reserved_tokens)
+        store.update_run(run["id"], {"status": "running", "started_at": utcnow()})
+        task = self._track(
+            ctx.tenant_id,
+            self._execute(ctx, store, agent, run, run["input"], run["requested_output_tokens"], limits, done),
+        )
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                task.cancel()
+                raise
+            return None
 
     def _track(self, tenant_id: str, job: Coroutine[Any, Any, Row]) -> asyncio.Task[Row]:
         loop = asyncio.get_running_loop()
@@ -277,14 +383,14 @@ class RunService:
             if not tasks and self._tasks.get(tenant_id) is tasks:
                 del self._tasks[tenant_id]
             if not t.cancelled():
-                t.exception()  # retrieved: a failed async run is recorded, not re-raised
+                t.exception()  # retrieved: a failed run is recorded, not re-raised here
 
         task.add_done_callback(done)
         return task
 
     async def stop_tenant(self, tenant_id: str) -> int:
         """Fence the tenant (no new run starts in this process) and cancel its runs in
-        flight, waiting until each is recorded as failed. Returns how many were stopped."""
+        flight here, waiting until each is recorded as failed. Returns how many."""
         self._fenced.add(tenant_id)
         tasks = list(self._tasks.get(tenant_id, ()))
         for t in tasks:
@@ -292,29 +398,52 @@ class RunService:
         await asyncio.gather(*tasks, return_exceptions=True)
         return len(tasks)
 
+    async def watch_tenants(self, interval_s: float = 1.0) -> None:
+        """Stop, in this process, the runs of tenants another process suspended or began
+        deleting; lift the fence of resumed ones. Runs until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for tenant_id in list(self._tasks) + list(self._fenced):
+                try:
+                    state = self._backend.get_tenant(tenant_id, include_deleted=True)["state"]
+                except NotFound:
+                    state = "deleted"
+                if state == "active":
+                    self._fenced.discard(tenant_id)
+                elif tenant_id in self._tasks:
+                    await self.stop_tenant(tenant_id)
+
     def on_tenant_event(self, tenant_id: str, event: str) -> None:
         """Tenant-manager listener: stop runs on suspend/delete, lift the fence on resume.
 
-        Called from any thread. From a thread other than the event loop's it waits (at
-        most 30 s) until the runs are stopped, so deletion purges only after them.
+        Called from any thread. On ``deleting`` it also waits (at most 30 s) until no
+        process holds a run of the tenant any more (others notice within a second, see
+        :meth:`watch_tenants`), so deletion purges only after every run stopped.
         """
         if event == "resumed":
             self._fenced.discard(tenant_id)
             return
         if event not in ("suspended", "deleting"):
             return
+        self._fenced.add(tenant_id)
         loop = self._loop
-        if loop is None or not loop.is_running():
-            self._fenced.add(tenant_id)
-            return
         try:
-            on_loop = asyncio.get_running_loop() is loop
+            on_loop = loop is not None and asyncio.get_running_loop() is loop
         except RuntimeError:
             on_loop = False
-        if on_loop:
-            loop.create_task(self.stop_tenant(tenant_id))
-        else:
+        if loop is not None and loop.is_running():
+            if on_loop:
+                loop.create_task(self.stop_tenant(tenant_id))
+                return
             asyncio.run_coroutine_threadsafe(self.stop_tenant(tenant_id), loop).result(timeout=30)
+        if event == "deleting":
+            deadline = time.monotonic() + 30
+            while self.queue.held(tenant_id) and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    def set_wakeup(self, event: asyncio.Event) -> None:
+        """The event an in-process worker waits on; set when a run is queued here."""
+        self._wakeup = event
 
     def _run_limits(self, ctx: TenantContext, agent: Row) -> RunLimits:
         lim = ctx.limits
@@ -334,11 +463,12 @@ class RunService:
         store: TenantStore,
         agent: Row,
         run: Row,
-        req: RunRequest,
+        prompt: str,
+        output_tokens: int | None,
         limits: RunLimits,
-        slot: RunSlot,
-        reservation: Any,
+        done: Callable[[int], None],
     ) -> Row:
+        """Run, then settle in storage; ``done(tokens_used)`` runs last, whatever happens."""
         definition = AgentDefinition(
             name=agent["name"],
             instructions=agent["instructions"],
@@ -348,23 +478,16 @@ class RunService:
         started = time.perf_counter()
         used = 0
         try:
-            if req.mode == "async":
-                store.update_run(run["id"], {"status": "running", "started_at": utcnow()})
             try:
                 outcome = await self._executor.execute(
-                    ctx,
-                    definition,
-                    req.input,
-                    output_tokens=req.output_tokens,
-                    limits=limits,
-                    memory=store,
+                    ctx, definition, prompt, output_tokens=output_tokens, limits=limits, memory=store
                 )
             except PatinoxError as err:
                 failed = err if isinstance(err, RunFailed) else RunFailed(err.message, reason=err.code)
                 values, usage = self._failure(failed, started)
                 used = (usage or {}).get("input_tokens", 0) + (usage or {}).get("output_tokens", 0)
                 store.settle_run(run["id"], values, usage=usage, audit=self._audit(ctx, run, "error", values))
-                if req.mode == "sync":
+                if run["mode"] == "sync":
                     raise RunFailed(failed.message, **{**failed.fields, "run_id": run["id"]}) from err
                 return {**run, **values}
             except asyncio.CancelledError:
@@ -402,8 +525,7 @@ class RunService:
             store.settle_run(run["id"], values, usage=usage, audit=self._audit(ctx, run, "ok", values))
             return {**run, **values}
         finally:
-            self._budget.settle(reservation, used)
-            slot.release()
+            done(used)
 
     @staticmethod
     def _failure(err: RunFailed, started: float) -> tuple[Row, Row | None]:

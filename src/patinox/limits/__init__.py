@@ -1,17 +1,19 @@
-"""Resource limits: request rate limits, concurrent-run caps, token quotas."""
+"""Resource limits: request rate limits, token quotas, and the durable fair run queue."""
 
-from patinox.limits.concurrency import ConcurrencyLimiter, RunSlot
+from patinox.limits.queue import DEFAULT_LEASE_S, Claim, FairRunQueue, worker_id
 from patinox.limits.quota import Reservation, TokenBudget, day_start
 from patinox.limits.rate import RateLimiter, RateLimitState, WindowRateLimiter, ratelimit_headers
 
 __all__ = [
-    "ConcurrencyLimiter",
+    "DEFAULT_LEASE_S",
+    "Claim",
+    "FairRunQueue",
     "RateLimitState",
     "RateLimiter",
     "Reservation",
-    "RunSlot",
     "TokenBudget",
     "WindowRateLimiter",
     "day_start",
     "ratelimit_headers",
+    "worker_id",
 ]

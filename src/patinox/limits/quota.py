@@ -1,24 +1,32 @@
-"""Per-tenant daily model-token budget with reserve-then-settle.
+"""Per-tenant daily model-token budget with reserve-then-settle, durable across processes.
 
-Before a run, its worst case (estimated input tokens + the output tokens it may produce)
-is *reserved*; the run is refused if spent + reserved + this reservation would pass the
+Before a run, its worst case (see :func:`patinox.control.runs.worst_case_tokens`) is
+*reserved*; the run is refused if spent + reserved + this reservation would pass the
 day's budget, so a refused run never reaches the model. After the run, the reservation is
-*settled* to the tokens actually used. The day is the UTC calendar day. Spent tokens are
-read from durable usage records the first time a tenant is seen each day, so a restart
-keeps the count; reservations in flight are process-local in this build.
+*settled* to the tokens actually used. The day is the UTC calendar day.
+
+The counters live in the ``quota_ledger`` table of the shared database, one row per
+tenant, quota and period, changed only by conditional ``UPDATE`` statements
+(``... SET reserved = reserved + n WHERE spent + reserved + n <= limit``): each is atomic
+on PostgreSQL and SQLite alike, so any number of API and worker processes never overbook.
+A process that dies between reserve and settle leaves its reservation held until the
+period ends (the budget errs on the side of refusing).
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
 
 from patinox.errors import QuotaExceeded
+from patinox.storage import SqlBackend
+from patinox.storage import _schema as s
 
-#: ``(tenant_id, since) -> tokens already recorded since then``
-UsageLoader = Callable[[str, datetime], int]
+TOKENS_PER_DAY = "tokens_per_day"
 
 
 def day_start(now: datetime) -> datetime:
@@ -27,42 +35,53 @@ def day_start(now: datetime) -> datetime:
 
 
 @dataclass
-class _Ledger:
-    day: date
-    spent: int
-    reserved: int
-
-
-@dataclass
 class Reservation:
     """Tokens held for one run until :meth:`TokenBudget.settle`."""
 
     tenant_id: str
+    period: str
     tokens: int
-    ledger: _Ledger
     settled: bool = False
 
 
 class TokenBudget:
-    """Reserve/settle accounting of model tokens per tenant per UTC day.
+    """Reserve/settle accounting of model tokens per tenant per UTC day (durable).
 
     Args:
-        load_spent: reads tokens already recorded for a tenant since a time (durable source).
+        backend: the shared database holding ``quota_ledger``.
         clock: returns now (UTC); injectable for tests.
     """
 
-    def __init__(self, load_spent: UsageLoader, clock: Callable[[], datetime] | None = None) -> None:
-        self._load = load_spent
+    def __init__(self, backend: SqlBackend, clock: Callable[[], datetime] | None = None) -> None:
+        self._backend = backend
         self._clock = clock or (lambda: datetime.now(UTC))
-        self._lock = threading.Lock()
-        self._ledgers: dict[str, _Ledger] = {}
 
-    def _ledger(self, tenant_id: str, now: datetime) -> _Ledger:
-        led = self._ledgers.get(tenant_id)
-        if led is None or led.day != now.date():
-            led = _Ledger(now.date(), self._load(tenant_id, day_start(now)), 0)
-            self._ledgers[tenant_id] = led
-        return led
+    def _period(self) -> tuple[str, datetime]:
+        now = self._clock().astimezone(UTC)
+        return now.date().isoformat(), now
+
+    def _ensure_row(self, conn: object, tenant_id: str, period: str) -> None:
+        ledger = s.quota_ledger
+        values = {
+            "tenant_id": tenant_id,
+            "quota": TOKENS_PER_DAY,
+            "period": period,
+            "spent": 0,
+            "reserved": 0,
+        }
+        if self._backend.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            stmt: Any = pg_insert(ledger).values(**values).on_conflict_do_nothing()
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            stmt = sqlite_insert(ledger).values(**values).on_conflict_do_nothing()
+        conn.execute(stmt)  # type: ignore[attr-defined]
+
+    def _where(self, tenant_id: str, period: str) -> list[object]:
+        ledger = s.quota_ledger
+        return [ledger.c.tenant_id == tenant_id, ledger.c.quota == TOKENS_PER_DAY, ledger.c.period == period]
 
     def reserve(self, tenant_id: str, tokens: int, limit: int) -> Reservation:
         """Hold ``tokens`` of today's ``limit`` for one run.
@@ -71,46 +90,62 @@ class TokenBudget:
             QuotaExceeded: spent + reserved + ``tokens`` > ``limit``; fields give the limit,
                 usage, request and the reset time (next midnight UTC).
         """
-        now = self._clock().astimezone(UTC)
-        with self._lock:
-            led = self._ledger(tenant_id, now)
-            if led.spent + led.reserved + tokens > limit:
-                reset = day_start(now) + timedelta(days=1)
-                raise QuotaExceeded(
-                    f"daily token budget of {limit} would be exceeded",
-                    tenant_id=tenant_id,
-                    quota="tokens_per_day",
-                    limit=limit,
-                    used=led.spent,
-                    reserved=led.reserved,
-                    requested=tokens,
-                    reset_at=reset.isoformat(),
-                    retry_after_s=max(1, int((reset - now).total_seconds())),
-                )
-            led.reserved += tokens
-        return Reservation(tenant_id, tokens, led)
+        ledger = s.quota_ledger
+        period, now = self._period()
+        with self._backend._tx() as conn:
+            self._ensure_row(conn, tenant_id, period)
+            n = conn.execute(
+                update(ledger)
+                .where(*self._where(tenant_id, period))  # type: ignore[arg-type]
+                .where(ledger.c.spent + ledger.c.reserved + tokens <= limit)
+                .values(reserved=ledger.c.reserved + tokens)
+            ).rowcount
+            if n == 1:
+                return Reservation(tenant_id, period, tokens)
+            spent, reserved = conn.execute(
+                select(ledger.c.spent, ledger.c.reserved).where(*self._where(tenant_id, period))  # type: ignore[arg-type]
+            ).one()
+        reset = day_start(now) + timedelta(days=1)
+        raise QuotaExceeded(
+            f"daily token budget of {limit} would be exceeded",
+            tenant_id=tenant_id,
+            quota=TOKENS_PER_DAY,
+            limit=limit,
+            used=int(spent),
+            reserved=int(reserved),
+            requested=tokens,
+            reset_at=reset.isoformat(),
+            retry_after_s=max(1, int((reset - now).total_seconds())),
+        )
 
     def settle(self, reservation: Reservation, used: int) -> None:
-        """Replace the reservation by ``used`` tokens (idempotent)."""
-        with self._lock:
-            if reservation.settled:
-                return
-            reservation.settled = True
-            led = reservation.ledger
-            led.reserved -= reservation.tokens
-            # A ledger replaced since (new day, or forgotten) was reloaded from durable
-            # usage records, which hold this run once it is settled in storage.
-            if self._ledgers.get(reservation.tenant_id) is led:
-                led.spent += used
+        """Replace the reservation by ``used`` tokens (idempotent per object)."""
+        if reservation.settled:
+            return
+        reservation.settled = True
+        self.settle_tokens(reservation.tenant_id, reservation.period, reservation.tokens, used)
+
+    def settle_tokens(self, tenant_id: str, period: str, reserved: int, used: int) -> None:
+        """Settle a reservation known only by its numbers (a worker settling an API
+        process's reservation of a queued run)."""
+        ledger = s.quota_ledger
+        with self._backend._tx() as conn:
+            conn.execute(
+                update(ledger)
+                .where(*self._where(tenant_id, period))  # type: ignore[arg-type]
+                .values(reserved=ledger.c.reserved - reserved, spent=ledger.c.spent + used)
+            )
 
     def spent_today(self, tenant_id: str) -> tuple[int, int]:
         """(spent, reserved) tokens of ``tenant_id`` today."""
-        now = self._clock().astimezone(UTC)
-        with self._lock:
-            led = self._ledger(tenant_id, now)
-            return led.spent, led.reserved
+        ledger = s.quota_ledger
+        period, _ = self._period()
+        with self._backend._tx() as conn:
+            row = conn.execute(
+                select(ledger.c.spent, ledger.c.reserved).where(*self._where(tenant_id, period))  # type: ignore[arg-type]
+            ).first()
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
 
-    def forget(self, tenant_id: str) -> None:
-        """Drop the tenant's ledger (suspend, delete, or a limit change)."""
-        with self._lock:
-            self._ledgers.pop(tenant_id, None)
+    def period_now(self) -> str:
+        """Today's period key (UTC date)."""
+        return self._period()[0]

@@ -205,6 +205,11 @@ run_queue = Table(
     Column("run_id", String(40), primary_key=True),
     Column("priority", Integer, nullable=False),
     Column("finish_tag", Float, nullable=False),
+    # The tenant's concurrent-run cap when enqueued: claims never take more of its runs.
+    Column("max_running", Integer, nullable=False),
+    # Tokens reserved against the daily budget at admission, settled by whoever runs it.
+    Column("reserved_tokens", Integer, nullable=False),
+    Column("quota_period", String(20), nullable=False),
     Column("enqueued_at", UTCDateTime(), nullable=False),
     Column("claimed_by", String(80), nullable=True),
     Column("lease_until", UTCDateTime(), nullable=True),
@@ -217,6 +222,18 @@ queue_tenants = Table(
     # Per-tenant state of the fair queue: the virtual finish tag of its newest entry.
     Column("tenant_id", String(40), primary_key=True),
     Column("last_tag", Float, nullable=False),
+)
+
+quota_ledger = Table(
+    "quota_ledger",
+    metadata,
+    # Durable per-tenant, per-period counters: spent and reserved (reserve-then-settle),
+    # updated with conditional UPDATEs so several API processes never overbook.
+    Column("tenant_id", String(40), primary_key=True),
+    Column("quota", String(40), primary_key=True),
+    Column("period", String(20), primary_key=True),
+    Column("spent", BigInteger().with_variant(Integer, "sqlite"), nullable=False),
+    Column("reserved", BigInteger().with_variant(Integer, "sqlite"), nullable=False),
 )
 
 queue_clock = Table(
@@ -239,4 +256,5 @@ TENANT_TABLES = (
     tenant_keys,
     run_queue,
     queue_tenants,
+    quota_ledger,
 )

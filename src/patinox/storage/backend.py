@@ -574,7 +574,7 @@ class TenantStore:
 
         ``input`` is stored encrypted (AAD: tenant, ``runs.input``, run id).
         """
-        row = {"created_at": utcnow(), **values, "tenant_id": self.tenant_id, "id": new_id("run")}
+        row = {"created_at": utcnow(), "id": new_id("run"), **values, "tenant_id": self.tenant_id}
         stored = {**row, "input": self._sealer.seal("runs.input", row["id"], row["input"])}
         with self._tx() as conn:
             conn.execute(insert(s.runs).values(**stored))

@@ -87,6 +87,7 @@ class Plan(BaseModel):
     name: str
     limits: ResourceLimits
     weight: int = Field(ge=1, description="share in fair scheduling, relative to other plans")
+    priority: int = Field(default=0, ge=0, description="strict scheduling tier (SLA plans run first)")
 
 
 PLANS: dict[str, Plan] = {
@@ -117,6 +118,7 @@ PLANS: dict[str, Plan] = {
     "enterprise": Plan(
         name="enterprise",
         weight=16,
+        priority=1,
         limits=ResourceLimits(
             requests_per_minute=12_000,
             max_concurrent_runs=128,

@@ -130,7 +130,7 @@ def usage(ctx: Reader, rt: RT, store: Store, since: AwareDatetime | None = None)
         tokens_today=spent,
         tokens_reserved=reserved,
         tokens_per_day=ctx.limits.tokens_per_day,
-        runs_in_flight=rt.concurrency.in_flight(ctx.tenant_id),
+        runs_in_flight=rt.queue.held(ctx.tenant_id),
         records=[o.UsageRecordOut(**{**u, "simulated": bool(u["simulated"])}) for u in records],
     )
 

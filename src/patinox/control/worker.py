@@ -1,0 +1,99 @@
+"""Workers: processes (or tasks of the API process) that execute queued runs.
+
+A :class:`RunWorker` claims runs from the durable fair queue in fair order, executes up to
+``concurrency`` of them at once through a :class:`~patinox.control.runs.RunService`,
+renews their leases while they run, and puts back in the queue the runs of workers that
+died (expired leases). Any number of workers, in any number of processes, may share one
+database; ``patinox worker`` runs one as its own process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+
+from patinox.control.runs import RunService
+from patinox.limits import DEFAULT_LEASE_S, Claim, FairRunQueue
+
+log = structlog.get_logger("patinox.worker")
+
+
+class RunWorker:
+    """Claims and executes queued runs.
+
+    Args:
+        service: executes a claimed run (admission already happened when it was queued).
+        queue: the shared fair queue.
+        holder: this worker's name in claims (unique per process).
+        concurrency: runs executed at once by this worker.
+        poll_s: wait between claim attempts when the queue is empty, seconds.
+        lease_s: lease of a claim, seconds; renewed every third of it.
+    """
+
+    def __init__(
+        self,
+        service: RunService,
+        queue: FairRunQueue,
+        *,
+        holder: str,
+        concurrency: int = 8,
+        poll_s: float = 0.2,
+        lease_s: float = DEFAULT_LEASE_S,
+    ) -> None:
+        self._service = service
+        self._queue = queue
+        self.holder = holder
+        self._slots = asyncio.Semaphore(concurrency)
+        self._poll_s = poll_s
+        self._lease_s = lease_s
+        self._claims: dict[tuple[str, str], Claim] = {}
+        self.wakeup = asyncio.Event()
+        self.completed = 0
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Work until ``stop`` is set (or the task is cancelled); in-flight runs are then
+        cancelled and recorded as failed, their queue entries released."""
+        stop = stop or asyncio.Event()
+        renewer = asyncio.create_task(self._renew_forever())
+        running: set[asyncio.Task[None]] = set()
+        try:
+            self._queue.requeue_expired()
+            while not stop.is_set():
+                await self._slots.acquire()
+                claim = self._queue.claim(self.holder, lease_s=self._lease_s)
+                if claim is None:
+                    self._slots.release()
+                    self.wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.wakeup.wait(), self._poll_s)
+                    self._queue.requeue_expired()
+                    continue
+                task = asyncio.create_task(self._execute(claim))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        finally:
+            renewer.cancel()
+            for t in list(running):
+                t.cancel()
+            await asyncio.gather(renewer, *running, return_exceptions=True)
+
+    async def _execute(self, claim: Claim) -> None:
+        key = (claim.tenant_id, claim.run_id)
+        self._claims[key] = claim
+        try:
+            await self._service.execute_claim(claim)
+            self.completed += 1
+        except Exception as err:  # recorded on the run; the worker goes on
+            log.warning(
+                "run failed", tenant_id=claim.tenant_id, run_id=claim.run_id, error=type(err).__name__
+            )
+        finally:
+            self._claims.pop(key, None)
+            self._slots.release()
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            self._queue.renew(list(self._claims.values()), lease_s=self._lease_s)
