@@ -131,7 +131,7 @@ def test_expired_lease_puts_the_run_back_in_its_place(backend: SqlBackend) -> No
     _enqueue(q, a, 2)
     first = q.claim("dead-worker", lease_s=30)
     assert first is not None
-    assert q.requeue_expired(now=utcnow() + timedelta(seconds=31)) == 1
+    assert q.requeue_expired(now=utcnow() + timedelta(seconds=31)) == (1, [])
     again = q.claim("live-worker")
     assert again is not None and again.run_id == first.run_id
 

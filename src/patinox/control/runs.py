@@ -1,21 +1,24 @@
 """The path of one run: admission, execution by the tenant's executor, settlement.
 
 1. Admission — the agent is loaded through the tenant's store (a foreign id is simply not
-   found), the request is validated, a concurrent-run slot is taken and the run's worst-case
-   tokens are reserved against the daily budget. Refusals end here, before any model call.
+   found), the request is validated, a concurrent-run slot is held (a claimed row of the
+   shared run queue, so the cap holds across processes) and the run's worst-case tokens
+   are reserved against the daily budget. Refusals end here, before any model call.
 2. Execution — the executor for the tenant's isolation level runs the agent with the
    tenant context passed explicitly.
 3. Settlement — in one transaction the run's result, its usage record and its audit record
    are written; the reservation is settled to actual usage and the slot released.
 
-Asynchronous runs (``mode="async"``) are admitted the same way, answered at once with the
-queued run, and executed as a task of this server process; a server restart fails them
-(see :meth:`patinox.storage.SqlBackend.fail_unfinished_runs`).
+Asynchronous runs (``mode="async"``) have their tokens reserved, are written to the
+durable fair queue and answered at once; a worker (in this process or another) claims
+and executes them later, and settles their reservation. A restart loses none; a run
+whose worker died is executed again by another (at-least-once execution).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Coroutine
@@ -440,6 +443,24 @@ class RunService:
             deadline = time.monotonic() + 30
             while self.queue.held(tenant_id) and time.monotonic() < deadline:
                 time.sleep(0.05)
+
+    def reap_expired(self) -> int:
+        """Requeue runs of dead workers; record synchronous runs whose API process died
+        (their hold expired) as failed. Returns how many runs were affected."""
+        back, holds = self.queue.requeue_expired()
+        for tenant_id, run_id in holds:
+            values = {
+                "status": "failed",
+                "finished_at": utcnow(),
+                "error": {
+                    "code": "run_failed",
+                    "reason": "interrupted",
+                    "message": "the server process running this synchronous run stopped",
+                },
+            }
+            with contextlib.suppress(NotFound):
+                self._backend.acting_on(tenant_id).update_run(run_id, values)
+        return back + len(holds)
 
     def set_wakeup(self, event: asyncio.Event) -> None:
         """The event an in-process worker waits on; set when a run is queued here."""

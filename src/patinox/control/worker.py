@@ -59,7 +59,7 @@ class RunWorker:
         renewer = asyncio.create_task(self._renew_forever())
         running: set[asyncio.Task[None]] = set()
         try:
-            self._queue.requeue_expired()
+            self._service.reap_expired()
             while not stop.is_set():
                 await self._slots.acquire()
                 claim = self._queue.claim(self.holder, lease_s=self._lease_s)
@@ -68,7 +68,7 @@ class RunWorker:
                     self.wakeup.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wakeup.wait(), self._poll_s)
-                    self._queue.requeue_expired()
+                    self._service.reap_expired()
                     continue
                 task = asyncio.create_task(self._execute(claim))
                 running.add(task)

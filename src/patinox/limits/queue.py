@@ -284,16 +284,26 @@ class FairRunQueue:
         with self._backend._tx() as conn:
             conn.execute(delete(q).where(q.c.tenant_id == tenant_id, q.c.run_id == run_id))
 
-    def requeue_expired(self, now: datetime | None = None) -> int:
+    def requeue_expired(self, now: datetime | None = None) -> tuple[int, list[tuple[str, str]]]:
         """Put runs whose lease expired (their worker died) back in the queue, keeping
-        their place; drop expired synchronous holds. Returns how many were affected."""
+        their place, and drop expired synchronous holds (their API process died).
+
+        Returns:
+            (runs put back, [(tenant_id, run_id) of the dropped synchronous holds]).
+        """
         q = s.run_queue
         now = now or utcnow()
         expired = and_(q.c.claimed_by.is_not(None), q.c.lease_until < now)
         with self._backend._tx() as conn:
-            dropped = conn.execute(delete(q).where(expired, q.c.finish_tag == 0.0)).rowcount
+            holds = [
+                (str(t), str(r))
+                for t, r in conn.execute(
+                    select(q.c.tenant_id, q.c.run_id).where(expired, q.c.finish_tag == 0.0)
+                )
+            ]
+            conn.execute(delete(q).where(expired, q.c.finish_tag == 0.0))
             back = conn.execute(update(q).where(expired).values(claimed_by=None, lease_until=None)).rowcount
-        return int(dropped) + int(back)
+        return int(back), holds
 
     # -- views ------------------------------------------------------------------------
 

@@ -366,31 +366,6 @@ class SqlBackend:
             rows += self.acting_on(tid).usage_summary(since=since)
         return rows
 
-    def fail_unfinished_runs(self, reason: str) -> int:
-        """Mark runs left ``queued``/``running`` by a stopped server as failed; returns how many.
-
-        Asynchronous runs execute in the server process in this build; a restart cannot
-        resume them, so they are failed with ``reason`` rather than left pending forever.
-        """
-        with self._tx() as conn:
-            n = int(conn.execute(_fail_unfinished(reason)).rowcount)
-        for tid in self._separate_tenants():
-            with self.acting_on(tid)._tx() as conn:
-                n += int(conn.execute(_fail_unfinished(reason)).rowcount)
-        return n
-
-
-def _fail_unfinished(reason: str) -> Any:
-    return (
-        update(s.runs)
-        .where(s.runs.c.status.in_(("queued", "running")))
-        .values(
-            status="failed",
-            finished_at=utcnow(),
-            error={"code": "run_failed", "reason": reason, "message": reason},
-        )
-    )
-
 
 def _usage_summary_query(tenant_id: str | None, since: datetime | None) -> Any:
     u = s.usage_records
