@@ -111,6 +111,14 @@ passphrase *or* changed bytes: AES-GCM cannot tell them apart, by design),
 ``malformed_body``. A move that cannot complete raises :class:`TenantMoveFailed` (an
 :class:`~patinox.errors.OperationFailed`, 503 ``move_failed``). Both belong in
 :mod:`patinox.errors`; they are defined here until that module takes them.
+
+Tables: a transfer carries the known tenant data tables (agents, runs, memory,
+usage_records, audit_log) and leaves the control-plane tables of the shared database
+where they are (:data:`CONTROL_PLANE_TABLES`). It also reads the placement's catalog for
+every other table with a ``tenant_id`` column: if one holds rows of the tenant, export
+and move refuse (:class:`~patinox.errors.OperationFailed`, ``reason="unknown_table"``)
+rather than leave those rows behind or move a control-plane table out of the shared
+database. A new table is therefore taught to this module, not silently skipped.
 """
 
 from __future__ import annotations
@@ -1168,19 +1176,38 @@ def _remove_copy(backend: SqlBackend, tenant_id: str, model: StorageModel) -> No
         backend.placements.destroy(tenant_id, model)
 
 
-def _wait_for_runs(store: TenantStore, timeout_s: float) -> None:
-    """Wait until no run of the tenant is queued or running (their stores are bound to the old placement)."""
-    deadline = time.monotonic() + timeout_s
-    q = (
-        select(func.count())
-        .select_from(s.runs)
-        .where(_tenant_predicate(s.runs, store.tenant_id), s.runs.c.status.in_(_UNFINISHED))
+def _runs_in_flight(backend: SqlBackend, store: TenantStore) -> int:
+    """Runs of the tenant that a process may still write to the old placement.
+
+    Those are ``running`` runs and ``queued`` ones that are not waiting, unclaimed, in the
+    durable run queue (an asynchronous run executed in the API process is ``queued`` with
+    a store already bound to the old placement). An unclaimed queue entry is safe: the
+    queue does not hand out runs of a moving tenant, and the worker that later claims it
+    resolves the placement from the tenant row, by then the new one.
+    """
+    runs = select(s.runs.c.id).where(
+        _tenant_predicate(s.runs, store.tenant_id), s.runs.c.status.in_(_UNFINISHED)
     )
-    while True:
-        with store._tx() as conn:
-            n = int(conn.execute(q).scalar_one())
-        if n == 0:
-            return
+    with store._tx() as conn:
+        pending = {str(r) for r in conn.execute(runs).scalars()}
+    if not pending:
+        return 0
+    waiting = select(s.run_queue.c.run_id).where(
+        _tenant_predicate(s.run_queue, store.tenant_id), s.run_queue.c.claimed_by.is_(None)
+    )
+    with backend._tx() as conn:
+        pending -= {str(r) for r in conn.execute(waiting).scalars()}
+    return len(pending)
+
+
+def _wait_for_runs(backend: SqlBackend, store: TenantStore, timeout_s: float) -> None:
+    """Wait until no run of the tenant is in flight in another process (see :func:`_runs_in_flight`).
+
+    Raises:
+        TenantMoveFailed: some still are after ``timeout_s`` seconds (``reason="runs_in_flight"``).
+    """
+    deadline = time.monotonic() + timeout_s
+    while n := _runs_in_flight(backend, store):
         if time.monotonic() >= deadline:
             raise TenantMoveFailed(
                 f"{n} run(s) of the tenant are still in flight after {timeout_s:g} s; try again later",
@@ -1284,11 +1311,13 @@ def move_tenant(
 
     Steps: mark the tenant ``moving_to=<to>`` (compare-and-set; the API then holds its
     writes with 503 ``tenant_moving`` and serves reads from the old placement); wait
-    ``grace_s`` for writes already admitted, and for the tenant's queued and running runs
-    to finish (their stores are bound to the old placement); provision the new placement
-    (after clearing any leftover of an interrupted attempt); copy every row of every
-    tenant data table found in the old placement's catalog, ciphertext as is (tenant id,
-    table and record ids do not change, so the AAD still matches); verify that row counts
+    ``grace_s`` for writes already admitted, and for the tenant's runs in flight to finish
+    (running ones, and queued ones not waiting unclaimed in the durable run queue: their
+    stores are bound to the old placement); provision the new placement
+    (after clearing any leftover of an interrupted attempt); copy every row of the tenant's
+    data tables (agents, runs, memory, usage, audit; the old placement's catalog is read
+    too, and rows in a table this build does not know stop the move) as stored, ciphertext
+    as is (tenant id, table and record ids do not change, so the AAD still matches); verify that row counts
     and contents match table by table and that a sample of payloads decrypts from the new
     placement; switch ``storage_model=<to>, moving_to=NULL`` in one compare-and-set update;
     record ``tenant.move`` in the tenant's audit (``from``, ``to``, ``rows``); wait
@@ -1327,6 +1356,8 @@ def move_tenant(
         InvalidTransition: the tenant is being deleted, or is moving to another model.
         TenantMoveFailed: runs still in flight, a write reached the old placement during
             the copy, or the tenant changed under the move (nothing switched).
+        OperationFailed: a table this build does not know holds rows of the tenant
+            (``reason="unknown_table"``; nothing switched).
         DecryptionFailed: a copied payload does not decrypt (nothing switched).
         StorageError: the database failed (nothing switched, if before the switch).
     """
@@ -1370,7 +1401,7 @@ def move_tenant(
     try:
         old = _store_at(backend, tenant_id, src)
         time.sleep(grace_s)
-        _wait_for_runs(old, drain_timeout_s)
+        _wait_for_runs(backend, old, drain_timeout_s)
         _remove_copy(backend, tenant_id, to)  # leftovers of an interrupted attempt
         backend.placements.provision(tenant_id, to)
         rows = _copy_tables(backend, tenant_id, src, to, progress)
