@@ -2,12 +2,20 @@
 
 Operator commands act directly on the deployment's database (``--data-dir``, default
 ``$PATINOX_DATA_DIR`` or ``./.patinox``); ``replay`` and ``demo`` talk to a server over HTTP.
+
+Every failure the user can cause (a Patinox error, an invalid spec, a missing file, a server
+that cannot be reached) ends in ``error: <message>`` lines on stderr and exit code 1; bad
+option values are refused by Typer itself (exit code 2). Text that comes from the user or
+from an error is never read as Rich markup.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import inspect
 import json
+import math
 import os
 import signal
 import socket
@@ -15,42 +23,183 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
+from collections.abc import Iterable
+from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails, to_jsonable_python
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
-from patinox.errors import PatinoxError
+from patinox import __version__
+from patinox.errors import NotFound, PatinoxError
+from patinox.tenancy import PLANS, LimitOverrides
 
-app = typer.Typer(
-    no_args_is_help=True,
-    add_completion=False,
-    help="Patinox: a multi-tenant runtime for AI agents.",
-)
-tenants_app = typer.Typer(no_args_is_help=True, help="Create and manage tenants.")
-keys_app = typer.Typer(no_args_is_help=True, help="Create and revoke API keys.")
-agents_app = typer.Typer(no_args_is_help=True, help="Define a tenant's agents.")
-app.add_typer(tenants_app, name="tenants")
-app.add_typer(keys_app, name="keys")
-app.add_typer(agents_app, name="agents")
+ACTOR = "cli"
 
 # Tables are wide; when output is not a terminal (CI logs, pipes) do not squeeze them to 80.
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
-ACTOR = "cli"
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+def _print_errors(lines: Iterable[str]) -> None:
+    """Print ``error: <line>`` for each line; the text is never read as markup."""
+    for line in lines:
+        err_console.print(Text.assemble(("error:", "red"), " ", line), soft_wrap=True)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    _print_errors([message])
+    raise typer.Exit(code)
+
+
+#: Spec fields named as the CLI spells them (an option or an argument).
+_CLI_NAMES = {
+    "plan": "--plan",
+    "isolation_level": "--isolation-level",
+    "storage_model": "--storage-model",
+    "model": "--model",
+    "instructions": "--instructions",
+    "tools": "--tool",
+    "output_tokens": "--output-tokens",
+    "input": "PROMPT",
+}
+
+#: Regular expressions of spec fields, said in words.
+_PATTERN_WORDS = {
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]*$": "use letters, digits, '_', '.' and '-', starting with a letter or digit",
+}
+
+
+def _problem(e: ErrorDetails) -> str:
+    """One pydantic error as a short phrase, e.g. ``must be >= 1``."""
+    ctx: dict[str, Any] = dict(e.get("ctx") or {})
+    bounds = {
+        "greater_than_equal": (">=", "ge"),
+        "greater_than": (">", "gt"),
+        "less_than_equal": ("<=", "le"),
+        "less_than": ("<", "lt"),
+    }
+    kind = e["type"]
+    if kind in bounds and bounds[kind][1] in ctx:
+        op, key = bounds[kind]
+        return f"must be {op} {ctx[key]}"
+    if kind == "value_error" and "error" in ctx:
+        return str(ctx["error"])
+    if kind == "string_pattern_mismatch":
+        pattern = str(ctx.get("pattern", ""))
+        return _PATTERN_WORDS.get(pattern, f"must match {pattern}")
+    if kind == "string_too_short" and ctx.get("min_length") == 1:
+        return "must not be empty"
+    if kind == "string_too_long" and "max_length" in ctx:
+        return f"at most {ctx['max_length']} characters"
+    return e["msg"].replace("Input should be", "must be")
+
+
+def _validation_lines(err: ValidationError) -> list[str]:
+    """One line per problem, each named by the option or argument that carries it."""
+    lines = []
+    for e in err.errors():
+        loc = [str(part) for part in e["loc"]]
+        if not loc:
+            lines.append(_problem(e))
+            continue
+        if loc[0] == "limits":
+            where = " ".join(["--limit", *loc[1:2]])
+        elif loc[0] in _CLI_NAMES:
+            where = _CLI_NAMES[loc[0]]
+        else:
+            where = ".".join(loc)
+        lines.append(f"{where}: {_problem(e)}")
+    return lines
+
+
+def _os_error_message(err: OSError) -> str:
+    reason = err.strerror or str(err) or type(err).__name__
+    return f"{reason}: {err.filename}" if err.filename else reason
+
+
+def _reflow(help_text: str | None) -> str | None:
+    """A docstring's paragraphs each on one line, so Rich wraps them to the terminal
+    (Typer keeps the line breaks of every paragraph after the first)."""
+    if not help_text:
+        return help_text
+    paragraphs = inspect.cleandoc(help_text).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
+class _PlainFlagsCommand(TyperCommand):
+    """A command with plain flags and reflowed paragraphs in ``--help``.
+
+    Typer's Rich help prints a ``<bool>`` type after every flag (``--help`` included); a
+    flag takes no value, so its type column is left empty.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _reflow(self.help)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    """A command group with plain flags in ``--help`` and one error printer.
+
+    Every :class:`~patinox.errors.PatinoxError`, pydantic ``ValidationError`` and
+    ``OSError`` raised by a subcommand ends as ``error: <message>`` lines and exit code 1.
+    """
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain_flags(super().get_params(ctx))
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PatinoxError as err:
+            _fail(err.message)
+        except ValidationError as err:
+            _print_errors(_validation_lines(err))
+            raise typer.Exit(1) from None
+        except OSError as err:
+            _fail(_os_error_message(err))
+
+
+def _plain_flags(params: list[Any]) -> list[Any]:
+    for param in params:
+        if getattr(param, "is_bool_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+app = typer.Typer(
+    cls=_Group,
+    no_args_is_help=True,
+    add_completion=False,
+    help="Patinox: a multi-tenant runtime for AI agents.",
+)
+tenants_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Create and manage tenants.")
+keys_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Create and revoke API keys.")
+agents_app = typer.Typer(cls=_Group, no_args_is_help=True, help="Define a tenant's agents.")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+app.add_typer(agents_app, name="agents")
+_Command = _PlainFlagsCommand
 
 DataDir = Annotated[
     Path,
     typer.Option("--data-dir", envvar="PATINOX_DATA_DIR", help="deployment directory (SQLite file inside)"),
 ]
 DEFAULT_DATA_DIR = Path(".patinox")
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(code)
 
 
 def _runtime(data_dir: Path) -> Any:
@@ -73,30 +222,85 @@ def _tenant_id(rt: Any, ref: str) -> str:
     _fail(f"no live tenant named {ref!r}; `patinox tenants list` shows them")
 
 
+def _limit_kinds() -> dict[str, type]:
+    """Limit name -> ``int`` or ``float``, from :class:`~patinox.tenancy.LimitOverrides`."""
+    return {
+        name: float if float in typing.get_args(field.annotation) else int
+        for name, field in LimitOverrides.model_fields.items()
+    }
+
+
+LIMIT_NAMES = ", ".join(LimitOverrides.model_fields)
+LIMIT_HELP = f"override a plan limit, NAME=VALUE (repeatable); NAME is one of: {LIMIT_NAMES}"
+
+
+def _limit_value(name: str, kind: type, text: str) -> int | float:
+    """``text`` as a limit value; integer limits take ``1e6`` when it is a whole number."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        _fail(f"--limit {name}: needs a number, got {text!r}")
+    if not math.isfinite(number):
+        _fail(f"--limit {name}: needs a finite number, got {text!r}")
+    if kind is int:
+        if not number.is_integer():
+            _fail(f"--limit {name}: must be a whole number, got {text!r}")
+        return int(number)
+    return number
+
+
 def _limits(pairs: list[str]) -> dict[str, Any]:
+    """``--limit NAME=VALUE`` pairs as a LimitOverrides dict (spaces around parts ignored)."""
+    kinds = _limit_kinds()
     out: dict[str, Any] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
+        name, value = name.strip(), value.strip()
         if not sep:
             _fail(f"--limit takes NAME=VALUE, got {pair!r}")
-        try:
-            out[name] = float(value) if "." in value else int(value)
-        except ValueError:
-            _fail(f"--limit {name} needs a number, got {value!r}")
+        if name not in kinds:
+            _fail(f"--limit {name}: unknown limit; valid names: {LIMIT_NAMES}")
+        out[name] = _limit_value(name, kinds[name], value)
     return out
 
 
-def _show(obj: Any) -> None:
-    data = obj.model_dump(mode="json") if hasattr(obj, "model_dump") else obj
-    console.print_json(json.dumps(data, default=str))
+def _show(data: BaseModel | dict[str, Any]) -> None:
+    """Print ``data`` as JSON, serialised the way the HTTP API does (timestamps ``...Z``)."""
+    payload = data.model_dump(mode="json") if isinstance(data, BaseModel) else to_jsonable_python(data)
+    console.print_json(json.dumps(payload))
+
+
+def _say(message: str) -> None:
+    """Print a line of plain text (never read as markup)."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def _cells(*values: object) -> list[Text]:
+    """Table cells that show their text as it is (no markup)."""
+    return [Text(str(v)) for v in values]
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        _say(f"patinox {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _main() -> None:
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="print the version and exit"),
+    ] = False,
+) -> None:
     """Patinox: a multi-tenant runtime for AI agents."""
 
 
-@app.command()
+@app.command(cls=_Command)
 def init(
     data_dir: DataDir = DEFAULT_DATA_DIR,
     key_file: Annotated[
@@ -104,10 +308,20 @@ def init(
         typer.Option(help="write the operator key here (mode 0600) instead of printing it"),
     ] = None,
 ) -> None:
-    """Create a deployment: its database (migrated) and the first operator key."""
-    from patinox.api import Runtime, Settings
+    """Create a deployment: its database (migrated) and the first operator key.
 
+    The deployment directory is created with mode 0700 and the database file gets mode 0600:
+    they hold key hashes and every tenant's data.
+    """
+    from patinox.api import Runtime
+
+    created = not data_dir.exists()
     rt = Runtime.initialise(data_dir)
+    if created:
+        data_dir.chmod(0o700)
+    db = data_dir / "patinox.db"
+    if db.exists():
+        db.chmod(0o600)
     if rt.backend.list_api_keys(None):
         _fail(
             f"{data_dir} is already initialised; create more operator keys with "
@@ -117,19 +331,38 @@ def init(
     if key_file is not None:
         key_file.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
         with os.fdopen(fd, "w") as fh:
             fh.write(issued.secret + "\n")
-        console.print(f"Initialised {data_dir}; operator key written to {key_file} (mode 0600).")
+        _say(f"Initialised {data_dir}; operator key written to {key_file} (mode 0600).")
     else:
-        console.print(f"Initialised {data_dir}. Operator key (shown once, store it now):")
-        console.print(issued.secret, highlight=False, soft_wrap=True)
+        _say(f"Initialised {data_dir}. Operator key (shown once, store it now):")
+        _say(issued.secret)
 
 
-@app.command()
+def _check_port_free(host: str, port: int) -> None:
+    """Fail with a clear message unless ``host:port`` can be bound (as uvicorn will)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as err:
+        _fail(f"cannot bind {host}: {err.strerror}; give an address with --host")
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                _fail(f"port {port} is in use; choose another with --port")
+            _fail(f"cannot bind {host}:{port}: {err.strerror or err}")
+
+
+@app.command(cls=_Command)
 def serve(
     data_dir: DataDir = DEFAULT_DATA_DIR,
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
 ) -> None:
     """Run the HTTP API server until interrupted."""
@@ -138,44 +371,45 @@ def serve(
     from patinox.api import create_app
 
     app_ = create_app(runtime=_runtime(data_dir))
-    console.print(f"Patinox serving {data_dir} on http://{host}:{port} (docs at /docs)")
+    _check_port_free(host, port)
+    _say(f"Patinox serving {data_dir} on http://{host}:{port} (docs at /docs)")
     uvicorn.run(app_, host=host, port=port, log_level=log_level, access_log=False)
 
 
 # --- tenants ---------------------------------------------------------------------------
 
 
-@tenants_app.command("create")
+@tenants_app.command("create", cls=_Command)
 def tenants_create(
     name: str,
-    plan: Annotated[str, typer.Option(help="free | pro | enterprise")] = "free",
+    plan: Annotated[str, typer.Option(help=" | ".join(PLANS))] = "free",
     isolation_level: Annotated[
         str, typer.Option(help="namespace (others need their executors)")
     ] = "namespace",
-    limit: Annotated[
-        list[str] | None, typer.Option(help="override a plan limit: NAME=VALUE (repeatable)")
-    ] = None,
+    limit: Annotated[list[str] | None, typer.Option(help=LIMIT_HELP)] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Create a tenant."""
     from patinox.control import TenantSpec
 
+    spec = TenantSpec.model_validate(
+        {
+            "name": name,
+            "plan": plan,
+            "isolation_level": isolation_level,
+            "limits": _limits(limit or []),
+        }
+    )
     rt = _runtime(data_dir)
-    try:
-        spec = TenantSpec.model_validate(
-            {
-                "name": name,
-                "plan": plan,
-                "isolation_level": isolation_level,
-                "limits": _limits(limit or []),
-            }
-        )
-    except ValueError as err:
-        _fail(str(err))
     _show(rt.tenants.create(spec, actor=ACTOR))
 
 
-@tenants_app.command("list")
+def _utc(value: Any) -> str:
+    """A timestamp for a table cell: UTC, to the second, like the JSON (``...Z``)."""
+    return f"{value.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+
+
+@tenants_app.command("list", cls=_Command)
 def tenants_list(
     data_dir: DataDir = DEFAULT_DATA_DIR,
     all_: Annotated[bool, typer.Option("--all", help="include deleted tenants (tombstones)")] = False,
@@ -186,58 +420,52 @@ def tenants_list(
     table.add_column("id", no_wrap=True, min_width=29)
     for t in rt.tenants.list(include_deleted=all_):
         table.add_row(
-            t.name,
-            t.plan,
-            t.state.value,
-            t.isolation_level.value,
-            t.created_at.isoformat(timespec="seconds"),
-            t.id,
+            *_cells(t.name, t.plan, t.state.value, t.isolation_level.value, _utc(t.created_at), t.id)
         )
     console.print(table)
 
 
-@tenants_app.command("show")
+@tenants_app.command("show", cls=_Command)
 def tenants_show(tenant_id: str, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     """Show one tenant with its effective limits."""
     rt = _runtime(data_dir)
     _show(rt.tenants.get(_tenant_id(rt, tenant_id)))
 
 
-@tenants_app.command("update")
+@tenants_app.command("update", cls=_Command)
 def tenants_update(
     tenant_id: str,
-    plan: Annotated[str | None, typer.Option(help="new plan")] = None,
-    limit: Annotated[list[str] | None, typer.Option(help="NAME=VALUE; replaces all overrides")] = None,
+    plan: Annotated[str | None, typer.Option(help=f"new plan: {' | '.join(PLANS)}")] = None,
+    limit: Annotated[list[str] | None, typer.Option(help=f"{LIMIT_HELP}; replaces all overrides")] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Change a tenant's plan or limit overrides."""
     from patinox.control import TenantUpdate
 
-    try:
-        change = TenantUpdate.model_validate(
-            {"plan": plan, "limits": _limits(limit) if limit is not None else None}
-        )
-    except ValueError as err:
-        _fail(str(err))
+    if plan is None and limit is None:
+        _fail("nothing to update: give --plan and/or --limit")
+    change = TenantUpdate.model_validate(
+        {"plan": plan, "limits": _limits(limit) if limit is not None else None}
+    )
     rt = _runtime(data_dir)
     _show(rt.tenants.update(_tenant_id(rt, tenant_id), change, actor=ACTOR))
 
 
-@tenants_app.command("suspend")
+@tenants_app.command("suspend", cls=_Command)
 def tenants_suspend(tenant_id: str, reason: str = "", data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     """Suspend a tenant: data kept, every call refused."""
     rt = _runtime(data_dir)
     _show(rt.tenants.suspend(_tenant_id(rt, tenant_id), actor=ACTOR, reason=reason))
 
 
-@tenants_app.command("resume")
+@tenants_app.command("resume", cls=_Command)
 def tenants_resume(tenant_id: str, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     """Resume a suspended tenant."""
     rt = _runtime(data_dir)
     _show(rt.tenants.resume(_tenant_id(rt, tenant_id), actor=ACTOR))
 
 
-@tenants_app.command("delete")
+@tenants_app.command("delete", cls=_Command)
 def tenants_delete(
     tenant_id: str,
     yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
@@ -250,15 +478,21 @@ def tenants_delete(
     if not yes:
         typer.confirm(f"Delete tenant {tenant.name} ({tenant_id}) and all its data?", abort=True)
     counts = rt.tenants.delete(tenant_id, actor=ACTOR)
-    console.print(f"Deleted {tenant_id}; rows purged: {counts}")
+    _say(f"Deleted {tenant_id}; rows purged: {counts}")
 
 
 # --- keys ------------------------------------------------------------------------------
 
 
-@keys_app.command("create")
+def _key_out(row: dict[str, Any]) -> BaseModel:
+    from patinox.api.schemas import KeyOut
+
+    return KeyOut(**row)
+
+
+@keys_app.command("create", cls=_Command)
 def keys_create(
-    tenant_id: Annotated[str | None, typer.Argument(help="tenant id (omit with --operator)")] = None,
+    tenant_id: Annotated[str | None, typer.Argument(help="tenant id or name (omit with --operator)")] = None,
     name: Annotated[str, typer.Option(help="a label for the key")] = "default",
     scope: Annotated[
         list[str] | None, typer.Option(help="agents:write | runs:write | read (repeatable)")
@@ -267,19 +501,24 @@ def keys_create(
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Create an API key; the secret is printed once."""
-    if operator == (tenant_id is not None):
+    if operator and tenant_id is not None:
+        _fail("--operator creates an operator key and takes no TENANT_ID")
+    if not operator and tenant_id is None:
         _fail("give a TENANT_ID, or --operator for an operator key")
     rt = _runtime(data_dir)
     tid = _tenant_id(rt, tenant_id) if tenant_id is not None else None
     issued = rt.keys.create(tenant_id=tid, name=name, scopes=scope, actor=ACTOR)
-    _show(issued.record)
-    console.print("Key (shown once, store it now):")
-    console.print(issued.secret, highlight=False, soft_wrap=True)
+    _show(_key_out(issued.record))
+    _say("Key (shown once, store it now):")
+    _say(issued.secret)
 
 
-@keys_app.command("list")
+@keys_app.command("list", cls=_Command)
 def keys_list(
-    tenant_id: Annotated[str | None, typer.Argument()] = None, data_dir: DataDir = DEFAULT_DATA_DIR
+    tenant_id: Annotated[
+        str | None, typer.Argument(help="tenant id or name (omit for operator keys)")
+    ] = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """List a tenant's keys (operator keys when no tenant is given)."""
     rt = _runtime(data_dir)
@@ -287,20 +526,38 @@ def keys_list(
     table.add_column("id", no_wrap=True, min_width=30)
     for k in rt.backend.list_api_keys(_tenant_id(rt, tenant_id) if tenant_id else None):
         table.add_row(
-            k["prefix"], k["name"], ",".join(k["scopes"]), "yes" if k["revoked_at"] else "", k["id"]
+            *_cells(k["prefix"], k["name"], ",".join(k["scopes"]), "yes" if k["revoked_at"] else "", k["id"])
         )
     console.print(table)
 
 
-@keys_app.command("revoke")
+def _key_tenant(rt: Any, key_id: str) -> str | None:
+    """The tenant id of key ``key_id`` (``None`` for an operator key); key ids are unique
+    across the deployment.
+
+    Raises:
+        NotFound: no live tenant and no operator has that key.
+    """
+    if any(k["id"] == key_id for k in rt.backend.list_api_keys(None)):
+        return None
+    for t in rt.tenants.list():
+        if any(k["id"] == key_id for k in rt.backend.list_api_keys(t.id)):
+            return str(t.id)
+    raise NotFound(f"api key {key_id!r} not found", key_id=key_id)
+
+
+@keys_app.command("revoke", cls=_Command)
 def keys_revoke(
     key_id: str,
-    tenant: Annotated[str | None, typer.Option(help="the key's tenant id (omit for operator keys)")] = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="the key's tenant id or name (default: found from the key id)")
+    ] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Revoke a key; it is refused from the next request on."""
     rt = _runtime(data_dir)
-    _show(rt.keys.revoke(key_id, tenant_id=_tenant_id(rt, tenant) if tenant else None, actor=ACTOR))
+    tenant_id = _tenant_id(rt, tenant) if tenant else _key_tenant(rt, key_id)
+    _show(_key_out(rt.keys.revoke(key_id, tenant_id=tenant_id, actor=ACTOR)))
 
 
 # --- agents and runs ------------------------------------------------------------------
@@ -324,7 +581,7 @@ def _cli_context(rt: Any, tenant_id: str) -> Any:
     )
 
 
-@agents_app.command("create")
+@agents_app.command("create", cls=_Command)
 def agents_create(
     tenant_id: str,
     name: str,
@@ -336,58 +593,66 @@ def agents_create(
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Define an agent for a tenant."""
+    from patinox.agents import is_simulated
+    from patinox.api.schemas import AgentOut
     from patinox.control import AgentSpec
 
+    spec = AgentSpec(name=name, model=model, instructions=instructions, tools=tool or [])
     rt = _runtime(data_dir)
-    try:
-        spec = AgentSpec(name=name, model=model, instructions=instructions, tools=tool or [])
-    except ValueError as err:
-        _fail(str(err))
-    _show(rt.agents.create(_cli_context(rt, tenant_id), spec))
+    row = rt.agents.create(_cli_context(rt, tenant_id), spec)
+    _show(AgentOut(**row, simulated=is_simulated(row["model"])))
 
 
-@agents_app.command("list")
+@agents_app.command("list", cls=_Command)
 def agents_list(tenant_id: str, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     """List a tenant's agents."""
     rt = _runtime(data_dir)
     table = Table("name", "model", "tools")
     table.add_column("id", no_wrap=True, min_width=29)
     for a in rt.backend.tenant_store(_cli_context(rt, tenant_id)).list_agents():
-        table.add_row(a["name"], a["model"], ",".join(a["tools"]), a["id"])
+        table.add_row(*_cells(a["name"], a["model"], ",".join(a["tools"]), a["id"]))
     console.print(table)
 
 
-@app.command()
+_RUN_FIELDS = (
+    "id",
+    "status",
+    "model",
+    "simulated",
+    "output",
+    "input_tokens",
+    "output_tokens",
+    "tool_calls",
+    "duration_ms",
+)
+
+
+@app.command(cls=_Command)
 def run(
     tenant_id: str,
     agent: Annotated[str, typer.Argument(help="agent id or name")],
     prompt: str,
-    output_tokens: Annotated[int | None, typer.Option(help="output tokens to ask for")] = None,
+    output_tokens: Annotated[int | None, typer.Option(min=1, help="output tokens to ask for")] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
-    """Run a tenant's agent once, in this process, through the same admission path as the API."""
+    """Run a tenant's agent once, in this process, and print the run (a tool for operators).
+
+    The run takes the tenant's limits, with one difference from the API: the request rate
+    limit is counted in each server process only, so this run is not counted against a
+    running server's request rate. Concurrent runs and the daily token budget are kept in
+    the deployment's database and are shared with the server. For production traffic use
+    the HTTP API (POST /v1/agents/{id}/runs).
+    """
+    from patinox.api.schemas import RunOut
     from patinox.control import RunRequest
 
+    request = RunRequest(input=prompt, output_tokens=output_tokens)
     rt = _runtime(data_dir)
     ctx = _cli_context(rt, tenant_id)
     agents = {a["name"]: a["id"] for a in rt.backend.tenant_store(ctx).list_agents()}
-    agent_id = agents.get(agent, agent)
-    row = asyncio.run(rt.runs.start(ctx, agent_id, RunRequest(input=prompt, output_tokens=output_tokens)))
-    _show(
-        {
-            k: row[k]
-            for k in (
-                "id",
-                "status",
-                "model",
-                "output",
-                "input_tokens",
-                "output_tokens",
-                "tool_calls",
-                "duration_ms",
-            )
-        }
-    )
+    row = asyncio.run(rt.runs.start(ctx, agents.get(agent, agent), request))
+    out = RunOut(**{**row, "simulated": bool(row["simulated"])}).model_dump(mode="json")
+    _show({k: out[k] for k in _RUN_FIELDS})
 
 
 # --- replay and demo ------------------------------------------------------------------
@@ -399,7 +664,7 @@ def _plans(pairs: list[str]) -> dict[str, str]:
         source, sep, plan = pair.partition("=")
         if not sep:
             _fail(f"--plan takes SOURCE=PLAN, got {pair!r}")
-        out[source] = plan
+        out[source.strip()] = plan.strip()
     return out
 
 
@@ -416,15 +681,12 @@ def _run_replay(
     traces_dir: Path | None,
     seed: int = 0,
 ) -> dict[str, Any]:
+    import httpx
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from patinox.errors import ConfigurationError
     from patinox.replay import ReplayProgress, load_trace, onboard, render_table, replay
 
-    try:
-        requests = load_trace(trace, sources=list(plans), duration_s=duration, seed=seed, data_dir=traces_dir)
-    except ConfigurationError as err:
-        _fail(err.message)
+    requests = load_trace(trace, sources=list(plans), duration_s=duration, seed=seed, data_dir=traces_dir)
     if not requests:
         _fail(f"no requests in the first {duration} s of {trace} for {sorted(plans)}")
 
@@ -435,7 +697,7 @@ def _run_replay(
             TextColumn("[progress.description]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"),
+            TextColumn("{task.fields[detail]}", markup=False),
             TimeElapsedColumn(),
             console=console,
         ) as progress:
@@ -458,15 +720,23 @@ def _run_replay(
                 trace=trace,
             )
 
-    report = asyncio.run(go())
+    try:
+        report = asyncio.run(go())
+    except httpx.ConnectError as err:
+        _fail(f"cannot connect to {url} ({err}); is `patinox serve` running there?")
+    except (httpx.HTTPError, httpx.InvalidURL) as err:
+        _fail(f"talking to {url} failed: {type(err).__name__}: {err}")
     console.print(render_table(report))
     data: dict[str, Any] = json.loads(report.to_json())
-    report_path.write_text(json.dumps(data, indent=2) + "\n")
-    console.print(f"Report written to {report_path}")
+    try:
+        report_path.write_text(json.dumps(data, indent=2) + "\n")
+    except OSError as err:
+        _fail(f"cannot write the report to {report_path}: {err.strerror or err}")
+    _say(f"Report written to {report_path}")
     return data
 
 
-@app.command("replay")
+@app.command("replay", cls=_Command)
 def replay_cmd(
     url: Annotated[str, typer.Option(help="server base URL")] = "http://127.0.0.1:8000",
     admin_key_file: Annotated[Path | None, typer.Option(help="file holding an operator key")] = None,
@@ -486,11 +756,17 @@ def replay_cmd(
     ] = None,
 ) -> None:
     """Replay a real public trace against a running server, one tenant per trace source."""
-    key = admin_key or (admin_key_file.read_text().strip() if admin_key_file else None)
+    key = admin_key
+    if not key and admin_key_file is not None:
+        try:
+            key = admin_key_file.read_text().strip()
+        except (OSError, UnicodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            _fail(f"cannot read --admin-key-file {admin_key_file}: {reason}")
     if not key:
         _fail("give --admin-key-file or --admin-key (or PATINOX_ADMIN_KEY)")
-    if compression <= 0 or duration <= 0:
-        _fail("--compression and --duration must be > 0")
+    if not (compression > 0 and duration > 0 and math.isfinite(compression) and math.isfinite(duration)):
+        _fail("--compression and --duration must be finite and > 0")
     _run_replay(
         url,
         key,
@@ -527,7 +803,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30
     _fail(f"the server did not answer {url}/healthz within {timeout_s:.0f} s")
 
 
-@app.command()
+@app.command(cls=_Command)
 def demo(
     duration: Annotated[float, typer.Option(help="seconds of trace time to replay")] = 240.0,
     compression: Annotated[float, typer.Option(help="time compression factor")] = 4.0,
@@ -536,8 +812,11 @@ def demo(
         Path | None, typer.Option(help="deployment directory (default: a fresh temporary one)")
     ] = None,
 ) -> None:
-    """The main job end to end: init an embedded deployment, serve it, onboard the two Azure
-    tenants on different plans, replay the traces, print the table, stop the server."""
+    """Replay real traces as two tenants against a fresh deployment, end to end.
+
+    Inits an embedded deployment, serves it, onboards the two Azure trace services as
+    tenants on different plans, replays the traces, prints the table and stops the server.
+    """
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="patinox-demo-") as tmp:
         ddir = data_dir or Path(tmp) / "deployment"
@@ -567,7 +846,7 @@ def demo(
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    console.print(
+    _say(
         f"Demo finished in {time.monotonic() - started:.1f} s; server stopped (exit code {proc.returncode})."
     )
     if not all(t["completed"] > 0 for t in data["tenants"]):
@@ -575,9 +854,9 @@ def demo(
 
 
 def main() -> None:
-    """Entry point: run the CLI, turning Patinox errors into a one-line message and exit code 1."""
+    """Entry point: run the CLI; errors become ``error: <message>`` lines and exit code 1."""
     try:
         app()
-    except PatinoxError as err:
-        err_console.print(f"[red]error:[/red] {err.message} ({err.code})")
+    except PatinoxError as err:  # raised outside a command (the group prints the others)
+        _print_errors([err.message])
         sys.exit(1)

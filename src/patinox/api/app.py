@@ -17,13 +17,26 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from patinox.api import schemas as o
+from patinox.api._deps import BearerAuth
 from patinox.api._middleware import TenancyMiddleware, error_response_parts
 from patinox.api._runtime import Runtime, Settings
 from patinox.api.routers import admin, tenant
 from patinox.errors import PatinoxError
 
+#: Error responses of every ``/admin`` and ``/v1`` route, as the OpenAPI document lists them.
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": o.ErrorOut} for s in (401, 403, 404, 409, 413, 422, 429)
+    status: {"model": o.ErrorOut, "description": description}
+    for status, description in (
+        (400, "`malformed_json`: the request body is not valid JSON"),
+        (401, "`unauthenticated`: no, malformed, wrong or revoked API key"),
+        (403, "`forbidden` (the key lacks the scope or kind) or `tenant_suspended`"),
+        (404, "`not_found`: missing, or another tenant's object"),
+        (409, "`already_exists` or `invalid_transition`"),
+        (413, "`payload_too_large`: the request body is over the limit"),
+        (422, "`invalid_request`, `unknown_model`, `unknown_tool` or `isolation_unavailable`"),
+        (429, "`rate_limited`, `concurrency_limited` or `quota_exceeded`, with `Retry-After` (seconds)"),
+        (503, "`storage_error`: the database failed; retry later"),
+    )
 }
 
 
@@ -52,15 +65,16 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         title="Patinox",
         version="0.1.0",
         lifespan=lifespan,
-        responses=_ERRORS,
         description="Multi-tenant runtime for AI agents. Models named `simulated...` "
         "are Patinox's offline simulated LLM, not a real model.",
     )
     app.state.runtime = rt
     app.add_middleware(TenancyMiddleware, runtime=rt)
     _install_error_handlers(app)
-    app.include_router(admin.router)
-    app.include_router(tenant.router)
+    # The middleware authenticates; the bearer dependency only declares the scheme, so
+    # Swagger UI offers "Authorize". Error responses are listed on these routes only.
+    for router in (admin.router, tenant.router):
+        app.include_router(router, dependencies=[BearerAuth], responses=_ERRORS)
 
     @app.get("/healthz", tags=["public"])
     def healthz() -> dict[str, str]:

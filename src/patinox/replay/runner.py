@@ -537,39 +537,55 @@ def _ms(value: float | None) -> str:
 
 
 def render_table(report: ReplayReport) -> Table:
-    """The per-tenant results as a Rich table, with the replay's settings in the caption."""
+    """The per-tenant results as a Rich table, with the replay's settings in the caption.
+
+    Made to be read at 80 columns: one row per tenant named by its trace source (tenant ids
+    are in the JSON report), numbers never wrapped, latencies in whole milliseconds, and the
+    error codes listed under the table. Source and plan names fold when space runs out.
+    """
+    from rich import box
+    from rich.text import Text
+
     table = Table(
         title=(
             f"Replay of {report.trace} at {report.compression:g}x: "
             f"{report.trace_duration_s:,.1f} s of trace in {report.wall_time_s:,.1f} s"
         ),
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+        caption_justify="left",
     )
-    table.add_column("source")
-    table.add_column("tenant id", overflow="fold")
-    table.add_column("plan")
-    for name in ("sent", "completed", "throttled", "failed", "p50 ms", "p99 ms"):
-        table.add_column(name, justify="right")
-    table.add_column("tokens in", justify="right")
-    table.add_column("tokens out", justify="right")
-    table.add_column("errors")
+    table.add_column("source", overflow="fold", min_width=6)
+    table.add_column("plan", overflow="fold", min_width=4)
+    for name in ("sent", "ok", "429", "failed", "p50\nms", "p99\nms", "tokens\nin", "tokens\nout"):
+        table.add_column(name, justify="right", no_wrap=True)
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:,.0f}"
+
+    errors = []
     for t in report.tenants:
         table.add_row(
-            t.source,
-            t.tenant_id,
-            t.plan,
+            Text(t.source),
+            Text(t.plan),
             f"{t.sent:,}",
             f"{t.completed:,}",
             f"{t.throttled:,}",
             f"{t.failed:,}",
-            _ms(t.p50_ms),
-            _ms(t.p99_ms),
+            ms(t.p50_ms),
+            ms(t.p99_ms),
             f"{t.tokens_in:,}",
             f"{t.tokens_out:,}",
-            ", ".join(f"{code}={n}" for code, n in t.error_codes.items()) or "-",
         )
+        if t.error_codes:
+            codes = ", ".join(f"{code}={n:,}" for code, n in t.error_codes.items())
+            errors.append(f"errors of {t.source}: {codes}")
     notes = [
-        f"latency: client wall time of completed runs, {report.percentile_method} percentiles",
-        f"max send lag {report.max_send_lag_ms:,.1f} ms",
+        *errors,
+        "ok: completed; 429: throttled; latency (ms): client wall time of completed runs, "
+        f"{report.percentile_method} percentiles; max send lag {report.max_send_lag_ms:,.1f} ms",
     ]
     if report.max_output_tokens is not None:
         notes.append(
@@ -581,5 +597,5 @@ def render_table(report: ReplayReport) -> Table:
         notes.append("model: simulated (offline simulated model, no real LLM)")
     elif models:
         notes.append(f"model: {', '.join(models)}")
-    table.caption = "; ".join(notes)
+    table.caption = Text("\n".join(notes))
     return table
