@@ -24,7 +24,8 @@ import sys
 import tempfile
 import time
 import typing
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -416,11 +417,19 @@ def tenants_list(
 ) -> None:
     """List tenants."""
     rt = _runtime(data_dir)
-    table = Table("name", "plan", "state", "isolation", "created")
+    table = Table("name", "plan", "state", "isolation", "storage", "created")
     table.add_column("id", no_wrap=True, min_width=29)
     for t in rt.tenants.list(include_deleted=all_):
         table.add_row(
-            *_cells(t.name, t.plan, t.state.value, t.isolation_level.value, _utc(t.created_at), t.id)
+            *_cells(
+                t.name,
+                t.plan,
+                t.state.value,
+                t.isolation_level.value,
+                t.storage_model.value,
+                _utc(t.created_at),
+                t.id,
+            )
         )
     console.print(table)
 
@@ -481,6 +490,166 @@ def tenants_delete(
     _say(f"Deleted {tenant_id}; rows purged: {counts}")
 
 
+@contextmanager
+def _progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A Rich progress bar; yields ``update(done, total)``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def _secret(passphrase_env: str | None, passphrase_file: Path | None, *, confirm: bool) -> str | None:
+    """The bundle passphrase from an environment variable, a file, or a hidden prompt."""
+    if passphrase_env:
+        value = os.environ.get(passphrase_env)
+        if not value:
+            _fail(f"environment variable {passphrase_env} is empty or unset")
+        return value
+    if passphrase_file is not None:
+        return passphrase_file.read_text().rstrip("\n")
+    return str(typer.prompt("Bundle passphrase", hide_input=True, confirmation_prompt=confirm))
+
+
+PassEnv = Annotated[
+    str | None, typer.Option(help="read the bundle passphrase from this environment variable")
+]
+PassFile = Annotated[Path | None, typer.Option(help="read the bundle passphrase from this file")]
+
+
+@tenants_app.command("export", cls=_Command)
+def tenants_export(
+    tenant_id: str,
+    path: Path,
+    recipient: Annotated[
+        Path | None, typer.Option(help="seal for this X25519 public key (PEM) instead of a passphrase")
+    ] = None,
+    passphrase_env: PassEnv = None,
+    passphrase_file: PassFile = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing file")] = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Write an encrypted bundle of everything a tenant owns (mode 0600).
+
+    The bundle is sealed with its own passphrase or recipient key, not with the deployment's
+    keys: it stays readable after the tenant is deleted, so guard it like a backup.
+    """
+    from patinox.control.transfer import export_tenant
+
+    rt = _runtime(data_dir)
+    tid = _tenant_id(rt, tenant_id)
+    public = recipient.read_bytes() if recipient is not None else None
+    secret = None if public is not None else _secret(passphrase_env, passphrase_file, confirm=True)
+    with _progress_bar("exporting") as update:
+        summary = export_tenant(
+            rt.backend,
+            tid,
+            path,
+            passphrase=secret,
+            recipient_public_key=public,
+            progress=update,
+            overwrite=overwrite,
+        )
+    _say(
+        f"Exported tenant {summary.tenant_name} ({tid}) to {path}: {summary.records} records, "
+        f"{summary.size_bytes} bytes, sealed with a {summary.protection}."
+    )
+
+
+@tenants_app.command("import", cls=_Command)
+def tenants_import(
+    path: Path,
+    name: Annotated[
+        str | None, typer.Option(help="name of the new tenant (default: the exported name)")
+    ] = None,
+    storage_model: Annotated[
+        str | None, typer.Option(help="pool | bridge | silo (default: as exported)")
+    ] = None,
+    identity: Annotated[
+        Path | None, typer.Option(help="X25519 private key (PEM) the bundle was sealed for")
+    ] = None,
+    passphrase_env: PassEnv = None,
+    passphrase_file: PassFile = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Create a tenant (new id, new keys) from a bundle; integrity is checked before any write,
+    and a failed import leaves nothing behind."""
+    from patinox.control.transfer import import_tenant
+    from patinox.tenancy import StorageModel
+
+    rt = _runtime(data_dir)
+    private = identity.read_bytes() if identity is not None else None
+    secret = None if private is not None else _secret(passphrase_env, passphrase_file, confirm=False)
+    model = StorageModel(storage_model) if storage_model else None
+    with _progress_bar("importing") as update:
+        tenant = import_tenant(
+            rt.backend,
+            path,
+            passphrase=secret,
+            recipient_private_key=private,
+            name=name,
+            storage_model=model,
+            actor=ACTOR,
+            progress=update,
+            manager=rt.tenants,
+        )
+    _say(
+        f"Imported as tenant {tenant.name} ({tenant.id}); "
+        f"issue it keys with `patinox keys create {tenant.id}`."
+    )
+
+
+@tenants_app.command("move", cls=_Command)
+def tenants_move(
+    tenant_id: str,
+    to: Annotated[str, typer.Option(help="pool | bridge | silo")],
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Move a tenant to another storage model online: reads go on, writes are held briefly,
+    the old copy is removed after the switch."""
+    from patinox.control.transfer import move_tenant
+    from patinox.tenancy import StorageModel
+
+    rt = _runtime(data_dir)
+    tid = _tenant_id(rt, tenant_id)
+    with _progress_bar("moving") as update:
+        summary = move_tenant(rt.backend, tid, StorageModel(to), actor=ACTOR, progress=update)
+    copied = sum(summary.rows.values())
+    _say(
+        f"Moved {tid} from {summary.from_model.value} to {summary.to_model.value}: {copied} rows copied "
+        f"and verified, old copy removed, {summary.duration_s:.1f} s."
+    )
+
+
+@tenants_app.command("rotate-key", cls=_Command)
+def tenants_rotate_key(tenant_id: str, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Give a tenant a new data key (DEK) and re-encrypt its payloads under it."""
+    rt = _runtime(data_dir)
+    tid = _tenant_id(rt, tenant_id)
+    key = rt.backend.keyring.rotate_dek(tid)
+    with _progress_bar("re-encrypting") as update:
+        n = rt.backend.acting_on(tid).reencrypt(progress=update)
+    rt.backend.acting_on(tid).append_audit(
+        actor=ACTOR,
+        action="tenant.rotate_dek",
+        target=tid,
+        outcome="ok",
+        detail={"version": key.version, "rows": n},
+    )
+    _say(f"Tenant {tid} now uses DEK version {key.version}; {n} payloads re-encrypted.")
+
+
 # --- keys ------------------------------------------------------------------------------
 
 
@@ -529,6 +698,32 @@ def keys_list(
             *_cells(k["prefix"], k["name"], ",".join(k["scopes"]), "yes" if k["revoked_at"] else "", k["id"])
         )
     console.print(table)
+
+
+@keys_app.command("rotate-kek", cls=_Command)
+def keys_rotate_kek(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Add a new key-encryption key (KEK) version and re-wrap every tenant's DEKs under it.
+
+    Payloads are not touched: only the wrapped form of each DEK changes. Old KEK versions
+    stay in the key file so a re-wrap interrupted half way can simply be run again.
+    """
+    from patinox.storage.crypto import FileKeyProvider
+
+    rt = _runtime(data_dir)
+    provider = rt.backend.keyring.provider
+    if not isinstance(provider, FileKeyProvider):
+        _fail("KEK rotation here needs a file key provider; rotate a KMS key in the KMS")
+    version = provider.rotate()
+    tenants = [t.id for t in rt.tenants.list()]
+    with _progress_bar("re-wrapping") as update:
+        n = 0
+        for i, tid in enumerate(tenants, 1):
+            n += rt.backend.keyring.rewrap_all([tid])
+            update(i, len(tenants))
+    rt.backend.append_operator_audit(
+        actor=ACTOR, action="kek.rotate", target=None, outcome="ok", detail={"version": version, "deks": n}
+    )
+    _say(f"KEK version {version} is current; {n} DEKs re-wrapped.")
 
 
 def _key_tenant(rt: Any, key_id: str) -> str | None:
@@ -656,6 +851,37 @@ def run(
 
 
 # --- replay and demo ------------------------------------------------------------------
+
+
+@app.command(cls=_Command)
+def worker(
+    concurrency: Annotated[int, typer.Option(min=1, max=1024, help="runs executed at once")] = 8,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Execute queued (async) runs until interrupted; run as many as you like beside the servers.
+
+    Set PATINOX_DATABASE_URL, PATINOX_OWNER_URL and PATINOX_KEK_URL (or --data-dir) to the
+    same deployment as the API servers.
+    """
+    rt = _runtime(data_dir)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        w = rt.worker(concurrency=concurrency)
+        watch = asyncio.create_task(rt.runs.watch_tenants())
+        _say(f"Patinox worker {w.holder} executing up to {concurrency} runs at once")
+        try:
+            await w.run(stop)
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+            await rt.runs.shutdown()
+        _say(f"Worker stopped after {w.completed} runs.")
+
+    asyncio.run(go())
 
 
 def _plans(pairs: list[str]) -> dict[str, str]:

@@ -160,8 +160,12 @@ class Placements:
                 finally:
                     owner.dispose()
                 return
-            self._silo_path(tenant_id).parent.mkdir(parents=True, exist_ok=True)
+            path = self._silo_path(tenant_id)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             migrate(self._silo_engine(tenant_id))
+            for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                if p.exists():
+                    p.chmod(0o600)  # a tenant's whole database: readable by the server only
 
     def destroy(self, tenant_id: str, model: StorageModel) -> None:
         """Drop the tenant's schema / database / file (nothing for pool); idempotent."""

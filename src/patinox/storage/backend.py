@@ -17,7 +17,7 @@ All datetimes are timezone-aware UTC. Driver errors surface as
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 
 from patinox.errors import AlreadyExists, DecryptionFailed, InvalidRequest, NotFound, TenantNotFound
 from patinox.storage import _schema as s
-from patinox.storage._crypto.aead import decrypt_str, encrypt_str
+from patinox.storage._crypto.aead import blob_key_version, decrypt_str, encrypt_str
 from patinox.storage._crypto.keyring import TenantKeyring
 from patinox.storage._crypto.providers import KeyProvider
 from patinox.storage._dekstore import SqlDekStore
@@ -431,6 +431,12 @@ class _Sealer:
         blob = encrypt_str(text, key=key, table=table, record_id=record_id)
         return SEALED_PREFIX + base64.b64encode(blob).decode("ascii")
 
+    def version(self, stored: str) -> int:
+        """The DEK version ``stored`` was sealed with (0 when it is not sealed)."""
+        if not stored.startswith(SEALED_PREFIX):
+            return 0
+        return blob_key_version(base64.b64decode(stored[len(SEALED_PREFIX) :]))
+
     def open(self, table: str, record_id: str, stored: str | None) -> str | None:
         """The plaintext of ``stored``; ``None`` stays ``None``.
 
@@ -604,6 +610,50 @@ class TenantStore:
                     )
                 )
             conn.execute(insert(s.audit_log).values(**self._audit(**audit)))
+
+    # -- key rotation -----------------------------------------------------------------
+
+    #: Sealed columns: (table, key column, sealed column, AAD table name).
+    _SEALED = (
+        ("memory", "key", "value", "memory.value"),
+        ("runs", "id", "input", "runs.input"),
+        ("runs", "id", "output", "runs.output"),
+    )
+
+    def reencrypt(self, progress: Callable[[int, int], None] | None = None, batch: int = 200) -> int:
+        """Re-seal every payload of this tenant that is not under its current DEK version
+        (the background job after a DEK rotation). Each row is updated only if it still
+        holds the value read (compare-and-set), so concurrent writes are never lost.
+
+        Args:
+            progress: called with (rows done, rows in all) as it goes.
+            batch: rows read per query.
+
+        Returns:
+            Rows re-sealed.
+        """
+        current = self._sealer.keyring.current_key(self.tenant_id).version
+        todo: list[tuple[Table, str, str, str, Any, str]] = []
+        for table_name, key_col, col, aad in self._SEALED:
+            table = s.metadata.tables[table_name]
+            with self._tx() as conn:
+                cols = select(table.c[key_col], table.c[col])
+                rows = conn.execute(cols.where(*self._where(table), table.c[col].is_not(None))).all()
+            todo += [(table, key_col, col, aad, k, v) for k, v in rows if self._sealer.version(v) < current]
+        done = 0
+        for start in range(0, len(todo), batch):
+            with self._tx() as conn:
+                for table, key_col, col, aad, key, old in todo[start : start + batch]:
+                    fresh = self._sealer.seal(aad, str(key), self._sealer.open(aad, str(key), old) or "")
+                    conn.execute(
+                        update(table)
+                        .where(*self._where(table), table.c[key_col] == key, table.c[col] == old)
+                        .values({col: fresh})
+                    )
+                    done += 1
+            if progress is not None:
+                progress(done, len(todo))
+        return done
 
     # -- memory (implements patinox.agents.MemoryStore) -------------------------------
 
