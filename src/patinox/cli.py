@@ -204,11 +204,13 @@ DEFAULT_DATA_DIR = Path(".patinox")
 
 
 def _runtime(data_dir: Path) -> Any:
+    """The runtime of the deployment in ``data_dir`` (or named by ``PATINOX_DATABASE_URL``)."""
     from patinox.api import Runtime, Settings
 
-    if not (data_dir / "patinox.db").exists():
+    settings = Settings.for_data_dir(data_dir)
+    if settings.database_url.startswith("sqlite:///") and not (data_dir / "patinox.db").exists():
         _fail(f"no deployment in {data_dir}; run `patinox init --data-dir {data_dir}` first")
-    return Runtime.build(Settings.for_data_dir(data_dir))
+    return Runtime.build(settings)
 
 
 def _tenant_id(rt: Any, ref: str) -> str:
@@ -374,7 +376,8 @@ def serve(
     app_ = create_app(runtime=_runtime(data_dir))
     _check_port_free(host, port)
     _say(f"Patinox serving {data_dir} on http://{host}:{port} (docs at /docs)")
-    uvicorn.run(app_, host=host, port=port, log_level=log_level, access_log=False)
+    # reset_contextvars: each request starts from a clean context (see clear_inherited_tenant).
+    uvicorn.run(app_, host=host, port=port, log_level=log_level, access_log=False, reset_contextvars=True)
 
 
 # --- tenants ---------------------------------------------------------------------------

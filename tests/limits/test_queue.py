@@ -146,3 +146,18 @@ def test_suspended_tenants_runs_wait(backend: SqlBackend) -> None:
     assert c is not None and c.tenant_id == b
     assert q.claim("w") is None
     assert q.depth(a) == 1
+
+
+def test_a_tenant_with_room_is_not_stuck_behind_tenants_at_their_cap(backend: SqlBackend) -> None:
+    """Five tenants at their cap with many queued runs ahead must not hide a sixth tenant's
+    run from the workers (the candidate scan once looked at the first 16 runs only)."""
+    q = FairRunQueue(backend)
+    capped = [_tenant(backend, f"capped{i}") for i in range(5)]
+    for tid in capped:
+        _enqueue(q, tid, 40, cap=4, weight=16)  # dense tags: 80 of their runs sort ahead
+    for _ in range(20):
+        assert q.claim("w") is not None  # every capped tenant now holds 4
+    light = _tenant(backend, "light")
+    _enqueue(q, light, 1, priority=0)
+    got = q.claim("w")
+    assert got is not None and got.tenant_id == light

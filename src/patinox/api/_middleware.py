@@ -18,7 +18,7 @@ from patinox.api._runtime import Runtime
 from patinox.control import OperatorPrincipal
 from patinox.errors import AuthenticationFailed, PatinoxError, PermissionDenied, RateLimited, TenantMoving
 from patinox.limits import RateLimitState, ratelimit_headers
-from patinox.tenancy import TenantContext, tenant_scope
+from patinox.tenancy import TenantContext, clear_inherited_tenant, tenant_scope
 
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -61,6 +61,7 @@ class TenancyMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        clear_inherited_tenant()
         path: str = scope["path"]
         tenant_route = path.startswith("/v1/") or path == "/v1"
         admin_route = path.startswith("/admin/") or path == "/admin"

@@ -43,7 +43,8 @@ class Settings:
         The database is the SQLite file ``data_dir/patinox.db`` unless
         ``PATINOX_DATABASE_URL`` (and ``PATINOX_OWNER_URL`` for PostgreSQL) say otherwise;
         ``PATINOX_RATE_LIMIT_URL`` picks the rate-limit storage (default ``memory://``);
-        the KEK is ``data_dir/kek.json`` unless ``PATINOX_KEK_URL`` says otherwise.
+        the KEK is ``data_dir/kek.json`` unless ``PATINOX_KEK_URL`` says otherwise;
+        ``PATINOX_EMBEDDED_WORKERS`` sets how many queued runs the server executes itself.
         """
         return cls(
             database_url=os.environ.get("PATINOX_DATABASE_URL")
@@ -51,6 +52,7 @@ class Settings:
             kek_url=os.environ.get("PATINOX_KEK_URL") or f"file://{(data_dir / 'kek.json').resolve()}",
             owner_url=os.environ.get("PATINOX_OWNER_URL") or None,
             rate_limit_storage=os.environ.get("PATINOX_RATE_LIMIT_URL") or "memory://",
+            embedded_workers=int(os.environ.get("PATINOX_EMBEDDED_WORKERS") or 8),
         )
 
 

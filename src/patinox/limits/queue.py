@@ -215,6 +215,12 @@ class FairRunQueue:
         """
         q = s.run_queue
         t = s.tenants
+        held = s.run_queue.alias("held")
+        held_now = (
+            select(func.count())
+            .where(held.c.tenant_id == q.c.tenant_id, held.c.claimed_by.is_not(None))
+            .scalar_subquery()
+        )
         candidates = (
             select(
                 q.c.tenant_id,
@@ -225,7 +231,10 @@ class FairRunQueue:
                 q.c.quota_period,
             )
             .select_from(q.join(t, t.c.id == q.c.tenant_id))
+            # Tenants at their cap are skipped here (re-checked under the tenant's lock
+            # below), so a run of a tenant with room is never stuck behind them.
             .where(q.c.claimed_by.is_(None), t.c.state == "active", t.c.moving_to.is_(None))
+            .where(held_now < q.c.max_running)
             .order_by(q.c.priority.desc(), q.c.finish_tag, q.c.run_id)
             .limit(scan)
         )

@@ -4,6 +4,7 @@ from patinox.tenancy._ids import looks_like_id, new_id
 from patinox.tenancy.context import (
     TenantContext,
     TenantThreadPoolExecutor,
+    clear_inherited_tenant,
     current_tenant,
     current_tenant_or_none,
     run_in_thread,
@@ -31,6 +32,7 @@ __all__ = [
     "TenantContext",
     "TenantState",
     "TenantThreadPoolExecutor",
+    "clear_inherited_tenant",
     "current_tenant",
     "current_tenant_or_none",
     "effective_limits",

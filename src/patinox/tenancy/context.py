@@ -92,6 +92,22 @@ def tenant_scope(ctx: TenantContext) -> Iterator[TenantContext]:
         _current.reset(token)
 
 
+def clear_inherited_tenant() -> bool:
+    """Drop a tenant context that the current task inherited; for request entry points.
+
+    A request never legitimately starts inside a tenant scope, yet an ASGI server may
+    hand a request's task a copy of the previous request's context: uvicorn's h11
+    protocol does when it paused reading for a large body on a keep-alive connection
+    (CPython gh-140947, uvicorn #2167). Calling this first thing in the request's own task
+    makes the request start with no tenant whatever the server did. Returns whether a
+    tenant had leaked in.
+    """
+    if _current.get() is None:
+        return False
+    _current.set(None)
+    return True
+
+
 def current_tenant() -> TenantContext:
     """The active tenant context.
 

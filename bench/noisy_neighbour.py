@@ -1,0 +1,1046 @@
+"""Noisy neighbour: does one tenant's overload reach the others? Four figures, one run.
+
+1. ``victim_p99_ratio`` (end to end, one real server). ``python -m patinox serve`` on a
+   fresh embedded deployment (``patinox init``; SQLite, rate limits in memory, the server's
+   in-process queue worker). Seven well-behaved tenants are seven real ServeGen DeepSeek-R1
+   clients (``servegen-26, 11, 30, 19, 66, 18, 15``, plan ``pro``) replayed from 18:00 of
+   the trace day: arrivals sampled by :func:`patinox.replay.load_servegen` from each
+   client's per-window rate and CV, prompt and output token counts from its dataset file,
+   output tokens capped at the ``pro`` plan's per-run maximum (8,192; the number lowered is
+   reported). The aggressor is the Azure ``conv`` service (real inter-arrival times and
+   token counts, from 60 s into the trace), a ``free`` tenant whose ``requests_per_minute``
+   is overridden to 60, replayed compressed so it sends 20x that (20 requests/s). Its
+   outputs are capped at the ``free`` plan's 2,048. All agents use the simulated model
+   ``simulated:ttft_ms=50,tpot_ms=0.5`` (50 ms + 0.5 ms/token: a shorter per-token time
+   than the default 2 ms, only to keep the tail of each phase short).
+
+   The same victim requests are replayed in four phases, ABBA: A = victims alone,
+   B = victims + aggressor. The aggressor is sent from a child process (``_nn_load.py``)
+   on the same wall-clock schedule, so its client work never shares the victims' event
+   loop. Reported: pooled victim p50/p99 of each scenario, the ratio of p99s, the ratio of
+   p99 *overhead* (latency minus the simulated model's own time, the part a neighbour can
+   affect), and the aggressor's admitted / 429 counts.
+
+2. ``jain_index`` (end to end, the same server). Two ``free`` (weight 1) and two ``pro``
+   (weight 4) tenants each POST many asynchronous runs at once (``"mode": "async"``, agent
+   ``simulated:ttft_ms=200,tpot_ms=0``); the server's in-process worker (8 slots) takes
+   them from the durable fair queue. After every POST is answered, completed (and
+   dispatched) runs per tenant are counted over a window while every tenant still has
+   queued runs (checked), normalised by weight; Jain's index is
+   ``(sum x)^2 / (n * sum x^2)``.
+
+3. ``limiter_excess``: 4 processes x 4 threads hit one tenant's limit at once through
+   ``WindowRateLimiter("redis://127.0.0.1:6379/0", key_prefix=<unique>)``, released by one
+   barrier; excess = admitted - limit, worst of several trials.
+
+4. ``starvation_rounds``: :class:`patinox.limits.FairRunQueue` directly on a real database
+   (a SQLite file and a PostgreSQL database made with
+   :func:`patinox.storage.postgres.bootstrap`, dropped after). A tenant queues 1,000 runs;
+   at 20 points while they are dispatched (claim + release, one at a time) a one-run tenant
+   queues one run; rounds = dispatches of the big tenant between that enqueue and the
+   one-run tenant's dispatch. Worst over points and plan pairs. A second check puts the big
+   tenant(s) at their concurrency cap and asks whether an idle worker can still claim the
+   one-run tenant's run (``at_cap``).
+
+The server's log is scanned at the end for unhandled exceptions (counted by type in
+``server_errors``), so a 5xx seen by a tenant is explained in the report.
+
+Output: ``bench/results/noisy_neighbour.json`` and a table. Nothing is asserted; targets
+are reported as met or not. Run: ``.venv/bin/python bench/noisy_neighbour.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results" / "noisy_neighbour.json"
+sys.path.insert(0, str(BENCH_DIR))
+
+from _nn_load import Outcome, Send, send_all  # noqa: E402
+
+from patinox.limits import Claim, FairRunQueue  # noqa: E402
+from patinox.replay import default_traces_dir, load_servegen, load_trace, percentile  # noqa: E402
+from patinox.tenancy import PLANS, new_id  # noqa: E402
+
+console = Console(width=150)
+
+# --- workload -----------------------------------------------------------------------------
+
+VICTIM_CLIENTS = ("26", "11", "30", "19", "66", "18", "15")
+SERVEGEN_START_S = 64_800.0  # 18:00 of the trace day: these clients are all active
+VICTIM_PLAN = "pro"
+AGGRESSOR_PLAN = "free"
+AGGRESSOR_SOURCE = "azure-conv"
+AZURE_START_S = 60.0  # skip the trace's ramp-up minute
+TTFT_MS, TPOT_MS = 50.0, 0.5
+MODEL = f"simulated:ttft_ms={TTFT_MS:g},tpot_ms={TPOT_MS:g}"
+KEY_SCOPES = ["agents:write", "runs:write", "read"]
+
+JAIN_MODEL = "simulated:ttft_ms=200,tpot_ms=0"
+JAIN_TENANTS = {"jain-free-1": "free", "jain-free-2": "free", "jain-pro-1": "pro", "jain-pro-2": "pro"}
+JAIN_RUNS = {"free": 120, "pro": 400}  # per tenant; <= 500 so GET /v1/runs?limit=500 lists them all
+
+DEFAULT_PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+
+
+# --- servers (as bench/throughput.py) -----------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{url}: the server exited with code {proc.returncode} during start-up")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url}: no answer on /healthz within {timeout_s:.0f} s")
+
+
+@contextmanager
+def _server(argv: list[str], url: str, log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a server process, wait until healthy, stop it (SIGTERM, then kill) at exit."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            try:
+                _wait_healthy(url, proc)
+            except SystemExit:
+                out.flush()
+                console.print(log.read_text(errors="replace")[-4000:])
+                raise
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _check(r: httpx.Response, what: str) -> dict[str, Any]:
+    if r.status_code >= 300:
+        raise SystemExit(f"{what} failed: {r.status_code} {r.text[:500]}")
+    body: dict[str, Any] = r.json()
+    return body
+
+
+@dataclass(frozen=True)
+class Handle:
+    name: str
+    plan: str
+    tenant_id: str
+    key: str
+    agent_id: str
+
+
+def _onboard(
+    http: httpx.Client, op_key: str, name: str, plan: str, limits: dict[str, int], model: str
+) -> Handle:
+    """A tenant (plan + limit overrides), a key and one agent, over the HTTP API."""
+    op = {"Authorization": f"Bearer {op_key}"}
+    body: dict[str, Any] = {"name": name, "plan": plan}
+    if limits:
+        body["limits"] = limits
+    tenant = _check(http.post("/admin/tenants", headers=op, json=body), f"create tenant {name}")
+    key = _check(
+        http.post(
+            f"/admin/tenants/{tenant['id']}/keys", headers=op, json={"name": "bench", "scopes": KEY_SCOPES}
+        ),
+        f"create key {name}",
+    )["key"]
+    agent = _check(
+        http.post(
+            "/v1/agents",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"name": f"nn-{name}", "model": model, "instructions": f"Noisy-neighbour agent of {name}."},
+        ),
+        f"create agent {name}",
+    )
+    return Handle(name, plan, tenant["id"], key, agent["id"])
+
+
+# --- 1. victims vs aggressor ---------------------------------------------------------------
+
+
+def _victim_sends(
+    handles: dict[str, Handle], phase_s: float, compression: float, seed: int
+) -> tuple[list[Send], int]:
+    """The victims' requests of one phase (wall offsets) and how many outputs were capped."""
+    folder = default_traces_dir() / "servegen-deepseek-r1"
+    reqs = load_servegen(
+        folder,
+        clients=list(VICTIM_CLIENTS),
+        start_s=SERVEGEN_START_S,
+        duration_s=phase_s * compression,
+        seed=seed,
+    )
+    cap = PLANS[VICTIM_PLAN].limits.max_output_tokens_per_run
+    sends, clamped = [], 0
+    for r in reqs:
+        h = handles[r.source]
+        clamped += r.output_tokens > cap
+        sends.append(
+            Send(
+                tenant=r.source,
+                key=h.key,
+                agent_id=h.agent_id,
+                offset_s=r.offset_s / compression,
+                prompt_tokens=r.prompt_tokens,
+                output_tokens=min(r.output_tokens, cap),
+            )
+        )
+    return sends, clamped
+
+
+def _aggressor_sends(h: Handle, phase_s: float, rpm: int, factor: float) -> tuple[list[Send], float, int]:
+    """The aggressor's requests of one phase: Azure conv arrivals compressed to ``factor`` x
+    its limit on average. Returns (sends, compression used, outputs capped)."""
+    rate = rpm * factor / 60.0  # requests per wall second
+    n = round(rate * phase_s)
+    reqs = [
+        r
+        for r in load_trace("azure-llm-2023", sources=[AGGRESSOR_SOURCE], duration_s=AZURE_START_S + 900)
+        if r.offset_s >= AZURE_START_S
+    ]
+    if len(reqs) <= n:
+        raise SystemExit(f"the {AGGRESSOR_SOURCE} trace is too short for {n} aggressor requests")
+    base = reqs[0].offset_s
+    span = reqs[n].offset_s - base  # n inter-arrival gaps of real trace time -> phase_s of wall time
+    compression = span / phase_s
+    cap = PLANS[AGGRESSOR_PLAN].limits.max_output_tokens_per_run
+    sends = [
+        Send(
+            tenant=h.name,
+            key=h.key,
+            agent_id=h.agent_id,
+            offset_s=(r.offset_s - base) / compression,
+            prompt_tokens=r.prompt_tokens,
+            output_tokens=min(r.output_tokens, cap),
+        )
+        for r in reqs[:n]
+    ]
+    return sends, compression, sum(r.output_tokens > cap for r in reqs[:n])
+
+
+def _run_phase(
+    url: str, victims: list[Send], aggressor: list[Send] | None, tmp: Path, label: str
+) -> tuple[list[Outcome], list[Outcome]]:
+    """Send one phase; the aggressor (if any) from a child process on the same schedule."""
+    start_at = time.time() + 2.0
+    child = None
+    out = tmp / f"aggressor-{label}.json"
+    if aggressor is not None:
+        spec = tmp / f"aggressor-{label}-spec.json"
+        spec.write_text(
+            json.dumps({"base_url": url, "start_at": start_at, "sends": [asdict(s) for s in aggressor]})
+        )
+        child = subprocess.Popen([sys.executable, str(BENCH_DIR / "_nn_load.py"), str(spec), str(out)])
+    v = asyncio.run(send_all(url, victims, start_at=start_at))
+    a: list[Outcome] = []
+    if child is not None:
+        if child.wait(timeout=300) != 0:
+            raise SystemExit(f"aggressor process of phase {label} failed (exit {child.returncode})")
+        a = [Outcome(**o) for o in json.loads(out.read_text())]
+    return v, a
+
+
+def _ok(o: Outcome) -> bool:
+    return o.status in (200, 202) and o.code is None
+
+
+def _stats(outcomes: list[Outcome]) -> dict[str, Any]:
+    done = [o for o in outcomes if _ok(o)]
+    lat = [o.latency_ms for o in done]
+    over = [o.latency_ms - (TTFT_MS + TPOT_MS * o.output_tokens) for o in done]
+    codes = Counter(o.code for o in outcomes if not _ok(o))
+    return {
+        "sent": len(outcomes),
+        "completed": len(done),
+        "throttled_429": sum(1 for o in outcomes if o.status == 429),
+        "failed": sum(1 for o in outcomes if not _ok(o) and o.status != 429),
+        "error_codes": dict(sorted((str(k), v) for k, v in codes.items())),
+        "p50_ms": _r(percentile(lat, 50)),
+        "p99_ms": _r(percentile(lat, 99)),
+        "overhead_p50_ms": _r(percentile(over, 50)),
+        "overhead_p99_ms": _r(percentile(over, 99)),
+        "max_send_lag_ms": _r(max((o.lag_ms for o in outcomes), default=0.0)),
+    }
+
+
+def _r(x: float | None, nd: int = 1) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+def victims_vs_aggressor(url: str, op_key: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    with httpx.Client(base_url=url, timeout=60.0) as http:
+        victims = {
+            f"servegen-{c}": _onboard(http, op_key, f"servegen-{c}", VICTIM_PLAN, {}, MODEL)
+            for c in VICTIM_CLIENTS
+        }
+        aggressor = _onboard(
+            http, op_key, "aggressor", AGGRESSOR_PLAN, {"requests_per_minute": args.aggressor_rpm}, MODEL
+        )
+        # Warm-up (not measured): every victim's key, DEK and agent are loaded once.
+        for h in victims.values():
+            for _ in range(2):
+                _check(
+                    http.post(
+                        f"/v1/agents/{h.agent_id}/runs",
+                        headers={"Authorization": f"Bearer {h.key}"},
+                        json={"input": "warm up", "output_tokens": 4},
+                    ),
+                    "warm-up run",
+                )
+    vsends, v_clamped = _victim_sends(victims, args.phase_s, args.compression, args.seed)
+    asends, a_compression, a_clamped = _aggressor_sends(
+        aggressor, args.phase_s, args.aggressor_rpm, args.aggressor_factor
+    )
+    console.print(
+        f"victims: {len(VICTIM_CLIENTS)} ServeGen clients, {len(vsends)} runs per phase "
+        f"({len(vsends) / args.phase_s:.1f}/s); aggressor: {len(asends)} runs per aggressor phase "
+        f"({len(asends) / args.phase_s:.1f}/s vs a limit of {args.aggressor_rpm}/min)"
+    )
+    phases: list[dict[str, Any]] = []
+    pooled: dict[str, list[Outcome]] = {"alone": [], "with_aggressor": []}
+    aggr_all: list[Outcome] = []
+    for i, scenario in enumerate(("alone", "with_aggressor", "with_aggressor", "alone")):
+        label = f"{i + 1}-{scenario}"
+        v, a = _run_phase(url, vsends, asends if scenario == "with_aggressor" else None, tmp, label)
+        pooled[scenario] += v
+        aggr_all += a
+        st = _stats(v)
+        phases.append({"phase": label, "victims": st, "aggressor": _stats(a) if a else None})
+        extra = ""
+        if a:
+            ast = _stats(a)
+            extra = (
+                f" | aggressor sent {ast['sent']} admitted {ast['completed']} "
+                f"429 {ast['throttled_429']} {ast['error_codes']}"
+            )
+        console.print(
+            f"phase {label:<18} victims p50 {st['p50_ms']} p99 {st['p99_ms']} ms, overhead p99 "
+            f"{st['overhead_p99_ms']} ms, completed {st['completed']}/{st['sent']}{extra}"
+        )
+        time.sleep(1.0)
+    alone, loud = _stats(pooled["alone"]), _stats(pooled["with_aggressor"])
+    per_tenant: dict[str, dict[str, Any]] = {}
+    for name in victims:
+        per_tenant[name] = {
+            sc: _stats([o for o in pooled[sc] if o.tenant == name]) for sc in ("alone", "with_aggressor")
+        }
+    aggr = _stats(aggr_all)
+    aggr_codes = Counter(o.code for o in aggr_all if o.status == 429)
+    ratio = loud["p99_ms"] / alone["p99_ms"] if alone["p99_ms"] and loud["p99_ms"] else None
+    oratio = (
+        loud["overhead_p99_ms"] / alone["overhead_p99_ms"]
+        if alone["overhead_p99_ms"] and loud["overhead_p99_ms"]
+        else None
+    )
+    return {
+        "victim_p99_ratio": _r(ratio, 3),
+        "victim_p99_alone_ms": alone["p99_ms"],
+        "victim_p99_with_aggressor_ms": loud["p99_ms"],
+        "victim_overhead_p99_ratio": _r(oratio, 3),
+        "victims_alone": alone,
+        "victims_with_aggressor": loud,
+        "victims_per_tenant": per_tenant,
+        "aggressor": {
+            **aggr,
+            "admitted": aggr["completed"],
+            "rejected_429_by_code": dict(sorted((str(k), v) for k, v in aggr_codes.items())),
+            "limit_requests_per_minute": args.aggressor_rpm,
+            "sending_factor": args.aggressor_factor,
+            "trace": f"azure-llm-2023/{AGGRESSOR_SOURCE} from {AZURE_START_S:g} s, "
+            f"compressed {a_compression:.2f}x",
+            "output_tokens_capped_at": PLANS[AGGRESSOR_PLAN].limits.max_output_tokens_per_run,
+            "output_tokens_capped_requests": a_clamped,
+        },
+        "phases": phases,
+        "setup": {
+            "victims": [f"servegen-deepseek-r1/{c}" for c in VICTIM_CLIENTS],
+            "victim_plan": VICTIM_PLAN,
+            "servegen_start_s": SERVEGEN_START_S,
+            "servegen_seed": args.seed,
+            "trace_seconds_per_phase": args.phase_s * args.compression,
+            "compression": args.compression,
+            "wall_seconds_per_phase": args.phase_s,
+            "victim_runs_per_phase": len(vsends),
+            "victim_output_tokens_capped_at": PLANS[VICTIM_PLAN].limits.max_output_tokens_per_run,
+            "victim_output_tokens_capped_requests_per_phase": v_clamped,
+            "model": MODEL,
+            "order": "ABBA: alone, with aggressor, with aggressor, alone (same victim requests each phase)",
+            "latency": "client wall time of completed sync runs, nearest-rank percentiles; "
+            "overhead = latency "
+            "minus the simulated model time (ttft + tpot x output tokens)",
+        },
+    }
+
+
+# --- 2. Jain's index over the durable queue, end to end -------------------------------------
+
+
+def _parse_ts(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    t = datetime.fromisoformat(text)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+async def _enqueue_all(
+    url: str, handles: dict[str, Handle], counts: dict[str, int], concurrency: int = 16
+) -> Counter[str]:
+    """POST every async run, interleaved so each tenant finishes enqueuing about together."""
+    order = sorted(
+        ((i / counts[n], n) for n in handles for i in range(counts[n])), key=lambda x: (x[0], x[1])
+    )
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for _, n in order:
+        queue.put_nowait(n)
+    statuses: Counter[str] = Counter()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
+
+        async def worker() -> None:
+            while not queue.empty():
+                n = queue.get_nowait()
+                h = handles[n]
+                r = await client.post(
+                    f"/v1/agents/{h.agent_id}/runs",
+                    headers={"Authorization": f"Bearer {h.key}"},
+                    json={"input": "queued work item", "output_tokens": 1, "mode": "async"},
+                )
+                statuses[f"{n}:{r.status_code}"] += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return statuses
+
+
+def jain(xs: list[float]) -> float | None:
+    """Jain's fairness index (sum x)^2 / (n * sum x^2); 1.0 is perfectly fair."""
+    sq = sum(x * x for x in xs)
+    return (sum(xs) ** 2) / (len(xs) * sq) if xs and sq else None
+
+
+def jain_end_to_end(url: str, op_key: str, window_s: float) -> dict[str, Any]:
+    with httpx.Client(base_url=url, timeout=60.0) as http:
+        handles = {
+            n: _onboard(http, op_key, n, plan, {"requests_per_minute": 1_000_000}, JAIN_MODEL)
+            for n, plan in JAIN_TENANTS.items()
+        }
+    counts = {n: JAIN_RUNS[plan] for n, plan in JAIN_TENANTS.items()}
+    t_enq = time.monotonic()
+    statuses = asyncio.run(_enqueue_all(url, handles, counts))
+    enqueue_s = time.monotonic() - t_enq
+    time.sleep(0.5)
+    t0 = datetime.now(UTC)
+    time.sleep(window_s)
+    t1 = datetime.now(UTC)
+    per: dict[str, dict[str, Any]] = {}
+    with httpx.Client(base_url=url, timeout=60.0) as http:
+        for n, h in handles.items():
+            runs = _check(
+                http.get("/v1/runs", params={"limit": 500}, headers={"Authorization": f"Bearer {h.key}"}),
+                "list runs",
+            )
+            assert isinstance(runs, list)
+            started = [_parse_ts(r.get("started_at")) for r in runs]
+            finished = [_parse_ts(r.get("finished_at")) for r in runs]
+            w = PLANS[JAIN_TENANTS[n]].weight
+            completed = sum(1 for f in finished if f is not None and t0 <= f < t1)
+            dispatched = sum(1 for s in started if s is not None and t0 <= s < t1)
+            per[n] = {
+                "plan": JAIN_TENANTS[n],
+                "weight": w,
+                "enqueued": counts[n],
+                "accepted_202": statuses.get(f"{n}:202", 0),
+                "listed": len(runs),
+                "completed_in_window": completed,
+                "dispatched_in_window": dispatched,
+                "still_queued_after_window": sum(1 for r in runs if r["status"] == "queued"),
+                "failed": sum(1 for r in runs if r["status"] == "failed"),
+                "completed_per_weight": round(completed / w, 2),
+            }
+    backlogged = all(p["still_queued_after_window"] > 0 for p in per.values())
+    j = jain([p["completed_in_window"] / p["weight"] for p in per.values()])
+    jd = jain([p["dispatched_in_window"] / p["weight"] for p in per.values()])
+    return {
+        "jain_index": _r(j, 4),
+        "jain_index_dispatched": _r(jd, 4),
+        "all_backlogged_through_window": backlogged,
+        "window_s": window_s,
+        "enqueue_s": round(enqueue_s, 1),
+        "tenants": per,
+        "path": "end to end: POST /v1/agents/{id}/runs mode=async -> durable FairRunQueue (SQLite) -> "
+        "the server's in-process RunWorker (8 slots)",
+        "model": JAIN_MODEL,
+        "other_statuses": {k: v for k, v in statuses.items() if not k.endswith(":202")},
+    }
+
+
+# --- 3. the Redis limiter under 4 processes -------------------------------------------------
+
+
+def limiter_excess(
+    redis_url: str, *, limits: list[int], procs: int, threads: int, attempts: int
+) -> dict[str, Any]:
+    try:
+        import redis
+
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=1)
+        client.ping()
+    except Exception as err:  # no Redis: reported, not faked
+        return {"limiter_excess": None, "skipped": f"Redis not reachable at {redis_url}: {err}"}
+    from _nn_hammer import hammer
+
+    ctx = multiprocessing.get_context("spawn")
+    trials = len(limits)
+    plan = [(f"patinox:bench-nn-{uuid.uuid4().hex}", f"tn_bench_{i}", lim) for i, lim in enumerate(limits)]
+    barrier = ctx.Barrier(procs * threads)
+    queue = ctx.Queue()
+    ps = [
+        ctx.Process(target=hammer, args=(redis_url, plan, threads, attempts, barrier, queue))
+        for _ in range(procs)
+    ]
+    got: list[tuple[int, int, int, int]] = []
+    try:
+        for p in ps:
+            p.start()
+        deadline = time.monotonic() + 180
+        while len(got) < procs * trials:
+            try:
+                got.append(queue.get(timeout=1))
+            except Exception:  # queue.Empty: check that no child died
+                dead = [p.exitcode for p in ps if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    for p in ps:
+                        p.kill()
+                    raise SystemExit(f"limiter hammer processes failed (exit codes {dead})") from None
+        for p in ps:
+            p.join(timeout=30)
+    finally:
+        for prefix, _, _ in plan:
+            keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+            if keys:
+                client.delete(*keys)
+        client.close()
+    results = []
+    for i in range(trials):
+        mine = [g for g in got if g[0] == i]
+        admitted = sum(g[1] for g in mine)
+        results.append(
+            {
+                "limit": limits[i],
+                "attempts": procs * threads * attempts,
+                "admitted": admitted,
+                "refused": sum(g[2] for g in mine),
+                "store_errors": sum(g[3] for g in mine),
+                "excess": max(0, admitted - limits[i]),
+                "shortfall": max(0, limits[i] - admitted),
+            }
+        )
+    return {
+        "limiter_excess": max(r["excess"] for r in results),
+        "processes": procs,
+        "threads_per_process": threads,
+        "storage": redis_url,
+        "trials": results,
+    }
+
+
+# --- 4. starvation in FairRunQueue on real databases ------------------------------------------
+
+
+def _tenant_row(backend: Any, name: str, plan: str) -> str:
+    from patinox.storage import utcnow
+
+    tid = new_id("tn")
+    now = utcnow()
+    backend.insert_tenant(
+        {
+            "id": tid,
+            "name": f"{name}-{uuid.uuid4().hex[:8]}",
+            "plan": plan,
+            "state": "active",
+            "isolation_level": "namespace",
+            "storage_model": "pool",
+            "limit_overrides": {},
+            "created_at": now,
+            "updated_at": now,
+            "deleted_at": None,
+        }
+    )
+    return tid
+
+
+def _enqueue(q: FairRunQueue, tid: str, plan: str, *, cap: int = 1_000_000) -> str:
+    p = PLANS[plan]
+    run_id = new_id("run")
+    q.enqueue(
+        tid,
+        run_id,
+        weight=p.weight,
+        priority=p.priority,
+        max_running=cap,
+        reserved_tokens=1,
+        quota_period="bench",
+    )
+    return run_id
+
+
+def _retire(backend: Any, q: FairRunQueue, tenants: list[str], held: list[Any] | None = None) -> None:
+    """Take a scenario's tenants out of the way of the next one: release their held claims
+    and suspend them (claims skip queued runs of tenants that are not active)."""
+    for c in held or []:
+        q.release(c.tenant_id, c.run_id)
+    for tid in tenants:
+        backend.update_tenant(tid, {"state": "suspended"})
+
+
+def starvation(backend: Any, big_plan: str, small_plan: str, *, n_big: int, probes: int) -> dict[str, Any]:
+    """Worst dispatches of a 1,000-run tenant between a one-run tenant's enqueue and its dispatch."""
+    q = FairRunQueue(backend)
+    big, small = _tenant_row(backend, "big", big_plan), _tenant_row(backend, "small", small_plan)
+    t = time.perf_counter()
+    for _ in range(n_big):
+        _enqueue(q, big, big_plan)
+    enqueue_s = time.perf_counter() - t
+    # Probes while the big tenant still has >= ~75 % of its runs queued ("behind a thousand").
+    step = max(1, int(n_big * 0.2 / probes))
+    dispatched = 0
+    rounds: list[int | None] = []
+    t = time.perf_counter()
+    claims = 0
+    for p in range(probes):
+        while dispatched < p * step:
+            c = q.claim("bench-nn")
+            claims += 1
+            if c is None or c.tenant_id != big:
+                raise SystemExit(f"unexpected claim while draining: {c}")
+            q.release(c.tenant_id, c.run_id)
+            dispatched += 1
+        mine = _enqueue(q, small, small_plan)
+        waited: int | None = 0
+        while True:
+            c = q.claim("bench-nn")
+            claims += 1
+            if c is None:
+                waited = None  # nothing claimable although the run is queued: starved
+                break
+            q.release(c.tenant_id, c.run_id)
+            if c.run_id == mine:
+                break
+            dispatched += 1
+            assert waited is not None
+            waited += 1
+        rounds.append(waited)
+    claim_s = time.perf_counter() - t
+    left = q.depth(big)
+    _retire(backend, q, [big, small])
+    measured = [r for r in rounds if r is not None]
+    return {
+        "big": f"{big_plan} (weight {PLANS[big_plan].weight})",
+        "small": f"{small_plan} (weight {PLANS[small_plan].weight})",
+        "big_runs": n_big,
+        "probes": probes,
+        "rounds_per_probe": rounds,
+        "worst_rounds": None if len(measured) < len(rounds) else max(measured),
+        "starved_probes": len(rounds) - len(measured),
+        "big_runs_still_queued_at_end": left,
+        "enqueue_ms_per_run": round(enqueue_s * 1000 / n_big, 2),
+        "claim_release_ms": round(claim_s * 1000 / max(1, claims), 2),
+    }
+
+
+def at_cap(backend: Any, big_plan: str, n_big_tenants: int, cap: int, queued: int) -> dict[str, Any]:
+    """Big tenant(s) at their concurrency cap with runs still queued: can an idle worker
+    claim a one-run ``free`` tenant's run? (The cap makes the big runs unclaimable.)"""
+    q = FairRunQueue(backend)
+    bigs = [_tenant_row(backend, f"capped{i}", big_plan) for i in range(n_big_tenants)]
+    for _ in range(queued):
+        for b in bigs:
+            _enqueue(q, b, big_plan, cap=cap)
+    held: list[Claim] = []
+    while len(held) < cap * n_big_tenants:
+        c = q.claim("bench-nn-cap")
+        if c is None:
+            break
+        held.append(c)  # held, not released: the tenant fills its cap
+    small = _tenant_row(backend, "small", "free")
+    mine = _enqueue(q, small, "free")
+    c = q.claim("bench-nn-cap")
+    served = c is not None and c.run_id == mine
+    at_cap_n = len(held)
+    if c is not None:
+        held.append(c)
+    wide_served = None
+    if not served:
+        # Diagnosis: the same claim with a candidate scan wider than the default 16 rows.
+        w = q.claim("bench-nn-cap", scan=10_000)
+        wide_served = w is not None and w.run_id == mine
+        if w is not None:
+            held.append(w)
+    _retire(backend, q, [*bigs, small], held)
+    return {
+        "big": f"{n_big_tenants} x {big_plan} "
+        f"(weight {PLANS[big_plan].weight}, priority {PLANS[big_plan].priority})",
+        "cap": cap,
+        "held_at_cap": at_cap_n,
+        "queued_per_big_tenant": queued - cap,
+        "small_run_claimed": served,
+        "claim_returned": None if c is None else ("small" if served else "other"),
+        "claimed_with_scan_10000": wide_served,
+    }
+
+
+def queue_suite(
+    label: str, backend: Any, args: argparse.Namespace, *, pairs: list[tuple[str, str]]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"database": label, "scenarios": [], "at_cap": []}
+    for big, small in pairs:
+        r = starvation(backend, big, small, n_big=args.big_runs, probes=args.probes)
+        out["scenarios"].append(r)
+        console.print(
+            f"starvation {label}: big {r['big']} / small {r['small']}: worst {r['worst_rounds']} rounds "
+            f"{r['rounds_per_probe']} (enqueue {r['enqueue_ms_per_run']} ms, "
+            f"claim+release {r['claim_release_ms']} ms)"
+        )
+    for big_plan, n, cap in (("pro", 1, 4), ("pro", 5, 4), ("enterprise", 1, 4)):
+        r = at_cap(backend, big_plan, n, cap, queued=40)
+        out["at_cap"].append(r)
+        console.print(f"at cap {label}: {r['big']}, cap {cap}: small run claimed: {r['small_run_claimed']}")
+    worst = [s["worst_rounds"] for s in out["scenarios"]]
+    out["starvation_rounds"] = None if any(w is None for w in worst) else max(worst)
+    return out
+
+
+def queue_benchmarks(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from patinox.storage import open_backend
+    from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
+
+    kek = tmp / "queue-kek.json"
+    FileKeyProvider.create(kek)
+    kp = key_provider_from_url(f"file://{kek}")
+    pairs = [("pro", "free"), ("free", "free"), ("free", "pro")]
+    results: dict[str, Any] = {}
+    backend = open_backend(f"sqlite:///{tmp / 'queue.db'}", key_provider=kp)
+    try:
+        results["sqlite"] = queue_suite("sqlite", backend, args, pairs=pairs)
+    finally:
+        backend.close()
+    if args.skip_pg:
+        results["postgresql"] = {"skipped": "--skip-pg"}
+        return results
+    from patinox.storage import postgres as pg
+
+    database = f"patinox_bench_nn_{os.getpid()}"
+    try:
+        dep = pg.bootstrap(
+            args.pg_admin_url,
+            database=database,
+            owner_role="patinox_bench_owner",
+            app_role="patinox_bench_app",
+        )
+    except Exception as err:  # no PostgreSQL: reported, not faked
+        results["postgresql"] = {"skipped": f"PostgreSQL not usable at {args.pg_admin_url}: {err}"}
+        return results
+    try:
+        backend = open_backend(dep.app_url, owner_url=dep.owner_url, key_provider=kp)
+        try:
+            results["postgresql"] = queue_suite(
+                "postgresql", backend, args, pairs=pairs if args.pg_all_pairs else pairs[:1]
+            )
+        finally:
+            backend.close()
+    finally:
+        pg.drop(args.pg_admin_url, database=database)
+    return results
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else str(x)
+
+
+def _mark(ok: bool | None) -> str:
+    return "[yellow]n/a[/yellow]" if ok is None else ("[green]met[/green]" if ok else "[red]MISSED[/red]")
+
+
+def _table(rep: dict[str, Any]) -> Table:
+    t = Table(title="Noisy neighbour (simulated models; one run; figures, not assertions)")
+    for col in ("figure", "value", "target", "", "detail"):
+        t.add_column(col, overflow="fold")
+    v = rep["victims"]
+    a = v["aggressor"]
+    t.add_row(
+        "victim_p99_ratio",
+        _fmt(v["victim_p99_ratio"]),
+        "<= 1.10",
+        _mark(None if v["victim_p99_ratio"] is None else v["victim_p99_ratio"] <= 1.10),
+        f"victim p99 alone {v['victim_p99_alone_ms']} ms, "
+        f"with aggressor {v['victim_p99_with_aggressor_ms']} ms; "
+        f"p50 {v['victims_alone']['p50_ms']} / {v['victims_with_aggressor']['p50_ms']} ms; "
+        f"{v['victims_alone']['completed']}/{v['victims_with_aggressor']['completed']} runs",
+    )
+    t.add_row(
+        "victim_overhead_p99_ratio",
+        _fmt(v["victim_overhead_p99_ratio"]),
+        "(info)",
+        "",
+        f"p99 of latency minus model time: alone {v['victims_alone']['overhead_p99_ms']} ms, "
+        f"with aggressor {v['victims_with_aggressor']['overhead_p99_ms']} ms",
+    )
+    t.add_row(
+        "aggressor 429s",
+        f"{a['throttled_429']}/{a['sent']}",
+        f"limit {a['limit_requests_per_minute']}/min",
+        "",
+        f"admitted {a['admitted']}; 429 by code {a['rejected_429_by_code']}; failed {a['failed']}",
+    )
+    se = rep["server_errors"]
+    failed = v["victims_alone"]["failed"] + v["victims_with_aggressor"]["failed"]
+    kinds = ", ".join(f"{k} x{x['count']}" for k, x in se.get("by_type", {}).items())
+    t.add_row(
+        "victim runs failed",
+        f"{failed}/{v['victims_alone']['sent'] + v['victims_with_aggressor']['sent']}",
+        "0",
+        _mark(failed == 0),
+        f"alone {v['victims_alone']['error_codes']}, "
+        f"with aggressor {v['victims_with_aggressor']['error_codes']}; "
+        f"server log: {se.get('asgi_exceptions')} unhandled ({kinds or 'none'})",
+    )
+    j = rep["jain"]
+    t.add_row(
+        "jain_index",
+        _fmt(j["jain_index"]),
+        ">= 0.99",
+        _mark(None if j["jain_index"] is None else j["jain_index"] >= 0.99),
+        f"end to end; completed/weight per tenant "
+        f"{ {n: p['completed_per_weight'] for n, p in j['tenants'].items()} }; dispatched-based "
+        f"{j['jain_index_dispatched']}; all backlogged: {j['all_backlogged_through_window']}",
+    )
+    lim = rep["limiter"]
+    t.add_row(
+        "limiter_excess",
+        _fmt(lim.get("limiter_excess")),
+        "0",
+        _mark(None if lim.get("limiter_excess") is None else lim["limiter_excess"] == 0),
+        lim.get("skipped")
+        or f"{lim['processes']} procs x {lim['threads_per_process']} threads on Redis; admitted per trial "
+        f"{[(r['admitted'], r['limit']) for r in lim['trials']]} (admitted, limit), "
+        f"{lim['trials'][0]['attempts']} hits each",
+    )
+    for db, q in rep["queue"].items():
+        if "skipped" in q:
+            t.add_row(f"starvation_rounds ({db})", "n/a", "a few (<= 5)", _mark(None), q["skipped"])
+            continue
+        sr = q["starvation_rounds"]
+        t.add_row(
+            f"starvation_rounds ({db})",
+            _fmt(sr),
+            "a few (<= 5)",
+            _mark(None if sr is None else sr <= 5),
+            "; ".join(f"{s['big']} vs {s['small']}: {s['worst_rounds']}" for s in q["scenarios"]),
+        )
+        t.add_row(
+            f"at cap ({db})",
+            f"{sum(c['small_run_claimed'] for c in q['at_cap'])}/{len(q['at_cap'])} served",
+            "all served",
+            _mark(all(c["small_run_claimed"] for c in q["at_cap"])),
+            "; ".join(
+                f"{c['big']} held at cap {c['cap']}: {'served' if c['small_run_claimed'] else 'NOT served'}"
+                for c in q["at_cap"]
+            ),
+        )
+    return t
+
+
+_EXC_LINE = re.compile(r"^((?:[a-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Set|Missing|Failed)): (.*)$")
+
+
+def _server_errors(log: Path) -> dict[str, Any]:
+    """Unhandled exceptions the server logged (uvicorn's "Exception in ASGI application"),
+    counted by exception type, with one example message each."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return {"log": "unreadable"}
+    kinds: Counter[str] = Counter()
+    example: dict[str, str] = {}
+    for line in lines:
+        m = _EXC_LINE.match(line)
+        if m:
+            kinds[m[1]] += 1
+            example.setdefault(m[1], m[2][:200])
+    return {
+        "asgi_exceptions": sum(1 for line in lines if "Exception in ASGI application" in line),
+        "by_type": {k: {"count": n, "example": example[k]} for k, n in kinds.most_common()},
+    }
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Noisy-neighbour benchmark (see the module docstring)")
+    parser.add_argument("--phase-s", type=float, default=15.0, help="wall seconds of each victim phase")
+    parser.add_argument(
+        "--compression", type=float, default=3.0, help="ServeGen trace seconds per wall second"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="ServeGen sampling seed")
+    parser.add_argument("--aggressor-rpm", type=int, default=60, help="the aggressor's requests_per_minute")
+    parser.add_argument("--aggressor-factor", type=float, default=20.0, help="aggressor rate / its limit")
+    parser.add_argument("--jain-window-s", type=float, default=10.0)
+    parser.add_argument("--big-runs", type=int, default=1000)
+    parser.add_argument("--probes", type=int, default=20)
+    parser.add_argument("--redis-url", default=os.environ.get("PATINOX_BENCH_REDIS_URL", DEFAULT_REDIS))
+    parser.add_argument(
+        "--pg-admin-url", default=os.environ.get("PATINOX_BENCH_PG_ADMIN_URL", DEFAULT_PG_ADMIN)
+    )
+    parser.add_argument("--skip-pg", action="store_true", help="starvation on SQLite only")
+    parser.add_argument(
+        "--pg-all-pairs", action="store_true", help="PostgreSQL: every plan pair (default: pro-vs-free only)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    started = time.monotonic()
+    load_before = _loadavg()
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="patinox-nn-") as tmp_name, ExitStack() as stack:
+        tmp = Path(tmp_name)
+        data_dir, key_file = tmp / "deployment", tmp / "operator.key"
+        env = {**os.environ, "PATINOX_DATA_DIR": str(data_dir)}
+        for var in ("PATINOX_DATABASE_URL", "PATINOX_OWNER_URL", "PATINOX_RATE_LIMIT_URL", "PATINOX_KEK_URL"):
+            env.pop(var, None)  # the embedded default: SQLite, limits in memory
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "patinox",
+                "init",
+                "--data-dir",
+                str(data_dir),
+                "--key-file",
+                str(key_file),
+            ],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "patinox", "serve", "--data-dir", str(data_dir), "--port", str(port)]
+        stack.enter_context(_server(argv, url, tmp / "server.log", env))
+        op_key = key_file.read_text().strip()
+
+        t = time.monotonic()
+        victims = victims_vs_aggressor(url, op_key, tmp, args)
+        timings["victims_s"] = round(time.monotonic() - t, 1)
+        t = time.monotonic()
+        fairness = jain_end_to_end(url, op_key, args.jain_window_s)
+        timings["jain_s"] = round(time.monotonic() - t, 1)
+        console.print(
+            f"jain: {fairness['jain_index']} (dispatched {fairness['jain_index_dispatched']}), "
+            f"all backlogged {fairness['all_backlogged_through_window']}, "
+            f"enqueue {fairness['enqueue_s']} s, completed in window "
+            f"{ {n: p['completed_in_window'] for n, p in fairness['tenants'].items()} }"
+        )
+        stack.close()  # stop the server before the queue/limiter parts
+        server_errors = _server_errors(tmp / "server.log")
+        if server_errors.get("asgi_exceptions"):
+            console.print(f"[red]server logged unhandled exceptions:[/red] {server_errors}")
+
+        t = time.monotonic()
+        limiter = limiter_excess(args.redis_url, limits=[100, 1, 7, 60, 250], procs=4, threads=4, attempts=50)
+        timings["limiter_s"] = round(time.monotonic() - t, 1)
+        console.print(f"limiter: excess {limiter.get('limiter_excess')} {limiter.get('skipped', '')}")
+        t = time.monotonic()
+        queue = queue_benchmarks(tmp, args)
+        timings["queue_s"] = round(time.monotonic() - t, 1)
+
+    sr = [q.get("starvation_rounds") for q in queue.values() if "skipped" not in q]
+    report = {
+        "bench": "noisy_neighbour",
+        "simulated": True,
+        "victim_p99_ratio": victims["victim_p99_ratio"],
+        "victim_p99_alone_ms": victims["victim_p99_alone_ms"],
+        "victim_p99_with_aggressor_ms": victims["victim_p99_with_aggressor_ms"],
+        "aggressor_429": victims["aggressor"]["throttled_429"],
+        "aggressor_sent": victims["aggressor"]["sent"],
+        "jain_index": fairness["jain_index"],
+        "limiter_excess": limiter.get("limiter_excess"),
+        "starvation_rounds": None if not sr or any(x is None for x in sr) else max(sr),
+        "targets": {
+            "victim_p99_ratio": "<= 1.10",
+            "jain_index": ">= 0.99",
+            "limiter_excess": "0",
+            "starvation_rounds": "a few scheduling rounds (this bench marks <= 5)",
+        },
+        "deployment": "patinox serve, embedded default: SQLite, rate limits memory://, in-process worker "
+        "(victims, jain); limiter on Redis; FairRunQueue directly on SQLite and PostgreSQL (starvation)",
+        "server_errors": server_errors,
+        "victims": victims,
+        "jain": fairness,
+        "limiter": limiter,
+        "queue": queue,
+        "timings": timings,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "loadavg_before": load_before,
+            "loadavg_after": _loadavg(),
+        },
+        "wall_time_s": round(time.monotonic() - started, 1),
+        "command": "python " + " ".join([os.path.relpath(__file__, Path.cwd()), *sys.argv[1:]]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(_table(report))
+    console.print(f"report: {args.out} (wall time {report['wall_time_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
