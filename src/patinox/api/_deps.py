@@ -25,20 +25,21 @@ bearer_scheme = HTTPBearer(
 BearerAuth = Depends(bearer_scheme)
 
 
-def _runtime(request: Request) -> Runtime:
+async def _runtime(request: Request) -> Runtime:
     rt: Runtime = request.app.state.runtime
     return rt
 
 
-def _operator(request: Request) -> OperatorPrincipal:
+async def _operator(request: Request) -> OperatorPrincipal:
     principal = request.scope.get("state", {}).get("principal")
     if not isinstance(principal, OperatorPrincipal):
         raise PermissionDenied("admin routes need an operator key", scope="admin")
     return principal
 
 
+# Dependencies are ``async`` so FastAPI runs them on the event loop, not in its thread pool.
 def _scoped(scope: str) -> object:
-    def dep() -> TenantContext:
+    async def dep() -> TenantContext:
         ctx = current_tenant()
         ctx.require_scope(scope)
         return ctx
@@ -46,9 +47,10 @@ def _scoped(scope: str) -> object:
     return Depends(dep)
 
 
-def _store(request: Request) -> TenantStore:
+async def _store(request: Request) -> TenantStore:
     """The request tenant's store: bound by the tenant context the middleware entered."""
-    return _runtime(request).backend.tenant_store()
+    rt: Runtime = request.app.state.runtime
+    return rt.backend.tenant_store()
 
 
 RT = Annotated[Runtime, Depends(_runtime)]

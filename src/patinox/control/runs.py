@@ -292,23 +292,23 @@ class RunService:
     ) -> Row:
         run_id = new_id("run")
         cap = ctx.limits.max_concurrent_runs
-        self.queue.hold(ctx.tenant_id, run_id, max_running=cap, holder=self.holder)
-        try:
+        # Slot and tokens in one control-plane transaction: both or neither.
+        with self._backend.control_tx() as conn:
+            self.queue.hold(ctx.tenant_id, run_id, max_running=cap, holder=self.holder, conn=conn)
             reservation = self._budget.reserve(
-                ctx.tenant_id, limits.max_total_tokens or 0, ctx.limits.tokens_per_day
+                ctx.tenant_id, limits.max_total_tokens or 0, ctx.limits.tokens_per_day, conn=conn
             )
-            try:
-                run = self._new_run(ctx, store, agent, req, run_id)
-            except BaseException:
-                self._budget.settle(reservation, 0)
-                raise
-        except BaseException:
-            self.queue.release(ctx.tenant_id, run_id)
-            raise
 
         def done(used: int) -> None:
-            self._budget.settle(reservation, used)
-            self.queue.release(ctx.tenant_id, run_id)
+            with self._backend.control_tx() as conn:
+                self._budget.settle(reservation, used, conn=conn)
+                self.queue.release(ctx.tenant_id, run_id, conn=conn)
+
+        try:
+            run = self._new_run(ctx, store, agent, req, run_id)
+        except BaseException:
+            done(0)
+            raise
 
         # From admission to here nothing awaited, so a tenant fenced by stop_tenant() after
         # this point finds this run among its tasks.
@@ -337,8 +337,11 @@ class RunService:
         """
 
         def done(used: int) -> None:
-            self._budget.settle_tokens(claim.tenant_id, claim.quota_period, claim.reserved_tokens, used)
-            self.queue.release(claim.tenant_id, claim.run_id)
+            with self._backend.control_tx() as conn:
+                self._budget.settle_tokens(
+                    claim.tenant_id, claim.quota_period, claim.reserved_tokens, used, conn=conn
+                )
+                self.queue.release(claim.tenant_id, claim.run_id, conn=conn)
 
         try:
             tenant = self._backend.get_tenant(claim.tenant_id)

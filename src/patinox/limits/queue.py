@@ -142,38 +142,53 @@ class FairRunQueue:
             stmt = sqlite_insert(s.queue_clock).values(id=1, virtual_time=0.0).on_conflict_do_nothing()
         conn.execute(stmt)
 
+    def _ensure_tenant_row(self, conn: Connection, tenant_id: str) -> None:
+        """Create the tenant's queue row if it is missing (one statement, a write)."""
+        qt = s.queue_tenants
+        stmt: Any
+        if self._postgres:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            stmt = pg_insert(qt).values(tenant_id=tenant_id, last_tag=0.0).on_conflict_do_nothing()
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            stmt = sqlite_insert(qt).values(tenant_id=tenant_id, last_tag=0.0).on_conflict_do_nothing()
+        conn.execute(stmt)
+
     def _lock_tenant(self, conn: Connection, tenant_id: str) -> float:
         """Lock (creating if needed) the tenant's queue row; returns its last finish tag."""
         qt = s.queue_tenants
         q = select(qt.c.last_tag).where(qt.c.tenant_id == tenant_id).with_for_update()
         last = conn.execute(q).scalar()
         if last is None:
-            if self._postgres:
-                from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-                conn.execute(pg_insert(qt).values(tenant_id=tenant_id, last_tag=0.0).on_conflict_do_nothing())
-            else:
-                from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-                conn.execute(
-                    sqlite_insert(qt).values(tenant_id=tenant_id, last_tag=0.0).on_conflict_do_nothing()
-                )
+            self._ensure_tenant_row(conn, tenant_id)
             last = conn.execute(q).scalar_one()
         return float(last)
 
     # -- holds (synchronous runs) -----------------------------------------------------
 
     def hold(
-        self, tenant_id: str, run_id: str, *, max_running: int, holder: str, lease_s: float = 300.0
+        self,
+        tenant_id: str,
+        run_id: str,
+        *,
+        max_running: int,
+        holder: str,
+        lease_s: float = 300.0,
+        conn: Connection | None = None,
     ) -> None:
         """Count a synchronous run against the tenant's cap, across every process.
 
         Raises:
             ConcurrencyLimited: the tenant already holds ``max_running`` runs.
         """
-        with self._backend._tx() as conn:
-            self._begin_write(conn)
-            self._lock_tenant(conn, tenant_id)
+        with self._backend.control_tx(conn) as conn:
+            # The tenant's queue row is the lock: created if missing (a write, which takes
+            # SQLite's write lock), then locked FOR UPDATE on PostgreSQL.
+            self._ensure_tenant_row(conn, tenant_id)
+            if self._postgres:
+                self._lock_tenant(conn, tenant_id)
             held = self._held(conn, tenant_id)
             if held >= max_running:
                 raise ConcurrencyLimited(
@@ -287,10 +302,10 @@ class FairRunQueue:
                     .values(lease_until=until)
                 )
 
-    def release(self, tenant_id: str, run_id: str) -> None:
+    def release(self, tenant_id: str, run_id: str, *, conn: Connection | None = None) -> None:
         """Remove a finished run (or a synchronous hold) from the queue."""
         q = s.run_queue
-        with self._backend._tx() as conn:
+        with self._backend.control_tx(conn) as conn:
             conn.execute(delete(q).where(q.c.tenant_id == tenant_id, q.c.run_id == run_id))
 
     def requeue_expired(self, now: datetime | None = None) -> tuple[int, list[tuple[str, str]]]:

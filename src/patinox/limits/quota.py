@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 
 from patinox.errors import QuotaExceeded
 from patinox.storage import SqlBackend
@@ -83,7 +83,9 @@ class TokenBudget:
         ledger = s.quota_ledger
         return [ledger.c.tenant_id == tenant_id, ledger.c.quota == TOKENS_PER_DAY, ledger.c.period == period]
 
-    def reserve(self, tenant_id: str, tokens: int, limit: int) -> Reservation:
+    def reserve(
+        self, tenant_id: str, tokens: int, limit: int, *, conn: Connection | None = None
+    ) -> Reservation:
         """Hold ``tokens`` of today's ``limit`` for one run.
 
         Raises:
@@ -92,7 +94,7 @@ class TokenBudget:
         """
         ledger = s.quota_ledger
         period, now = self._period()
-        with self._backend._tx() as conn:
+        with self._backend.control_tx(conn) as conn:
             self._ensure_row(conn, tenant_id, period)
             n = conn.execute(
                 update(ledger)
@@ -118,18 +120,20 @@ class TokenBudget:
             retry_after_s=max(1, int((reset - now).total_seconds())),
         )
 
-    def settle(self, reservation: Reservation, used: int) -> None:
+    def settle(self, reservation: Reservation, used: int, *, conn: Connection | None = None) -> None:
         """Replace the reservation by ``used`` tokens (idempotent per object)."""
         if reservation.settled:
             return
         reservation.settled = True
-        self.settle_tokens(reservation.tenant_id, reservation.period, reservation.tokens, used)
+        self.settle_tokens(reservation.tenant_id, reservation.period, reservation.tokens, used, conn=conn)
 
-    def settle_tokens(self, tenant_id: str, period: str, reserved: int, used: int) -> None:
+    def settle_tokens(
+        self, tenant_id: str, period: str, reserved: int, used: int, *, conn: Connection | None = None
+    ) -> None:
         """Settle a reservation known only by its numbers (a worker settling an API
         process's reservation of a queued run)."""
         ledger = s.quota_ledger
-        with self._backend._tx() as conn:
+        with self._backend.control_tx(conn) as conn:
             conn.execute(
                 update(ledger)
                 .where(*self._where(tenant_id, period))  # type: ignore[arg-type]

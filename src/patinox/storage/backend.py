@@ -132,6 +132,16 @@ class SqlBackend:
                 conn.execute(_SET_CONTROL)
             yield conn
 
+    @contextmanager
+    def control_tx(self, conn: Connection | None = None) -> Iterator[Connection]:
+        """A control-plane transaction, or ``conn`` when the caller already holds one (so
+        several control-plane steps commit or roll back together)."""
+        if conn is not None:
+            yield conn
+            return
+        with self._tx() as fresh:
+            yield fresh
+
     def migrate(self) -> None:
         """Apply pending Alembic migrations (as the owner role), then grant the app role."""
         with translate_errors():
