@@ -104,8 +104,9 @@ def test_output_tokens_above_plan_is_refused(client: TestClient, make_tenant: An
 def test_ratelimit_headers_on_success_and_refusal(client: TestClient, make_tenant: Any) -> None:
     a = make_tenant("alpha", limits={"requests_per_minute": 3})
     r = client.get("/v1/agents", headers=a.h)
-    assert r.headers["RateLimit-Policy"] == '"tenant";q=3;w=60'
+    assert r.headers["RateLimit-Policy"] == '"tenant";q=3;w=60, "key";q=3;w=60'
     assert r.headers["RateLimit"].startswith('"tenant";r=2;t=')
+    assert '"key";r=2;t=' in r.headers["RateLimit"]
     client.get("/v1/agents", headers=a.h)
     client.get("/v1/agents", headers=a.h)
     r = client.get("/v1/agents", headers=a.h)
@@ -126,3 +127,45 @@ def test_writes_are_held_while_a_tenant_moves(client: TestClient, make_tenant: A
         assert r.headers["Retry-After"] == "2"
     runtime.backend.update_tenant(a.id, {"moving_to": None})
     assert client.put("/v1/memory/k", json={"value": "v"}, headers=a.h).status_code == 200
+
+
+def test_per_key_rate_limit_is_separate_from_the_tenants(
+    client: TestClient, make_tenant: Any, operator_key: str
+) -> None:
+    from tests.conftest import auth
+
+    a = make_tenant("alpha", limits={"requests_per_minute": 100, "key_requests_per_minute": 3})
+    second = client.post(f"/admin/tenants/{a.id}/keys", json={"name": "k2"}, headers=auth(operator_key))
+    h2 = auth(second.json()["key"])
+    codes = [client.get("/v1/agents", headers=a.h).status_code for _ in range(5)]
+    assert codes == [200, 200, 200, 429, 429]
+    r = client.get("/v1/agents", headers=a.h)
+    assert r.json()["error"]["details"]["policy"] == "key"
+    assert client.get("/v1/agents", headers=h2).status_code == 200  # another key of the tenant
+    assert 'key";q=3' in client.get("/v1/agents", headers=h2).headers["RateLimit-Policy"]
+
+
+def test_per_agent_run_rate(client: TestClient, make_tenant: Any) -> None:
+    a = make_tenant("alpha", limits={"agent_runs_per_minute": 2})
+    one, two = a.agent("one"), a.agent("two")
+    assert [a.run(one).status_code for _ in range(3)] == [200, 200, 429]
+    assert a.run(two).status_code == 200
+
+
+def test_runs_per_day_quota(client: TestClient, make_tenant: Any) -> None:
+    a = make_tenant("alpha", limits={"runs_per_day": 3})
+    agent = a.agent("x")
+    assert [a.run(agent).status_code for _ in range(3)] == [200, 200, 200]
+    r = a.run(agent, mode="async")
+    assert r.status_code == 429 and r.json()["error"]["details"]["quota"] == "runs_per_day"
+    assert len(client.get("/v1/runs", headers=a.h).json()) == 3
+
+
+def test_memory_bytes_quota(client: TestClient, make_tenant: Any) -> None:
+    a = make_tenant("alpha", limits={"memory_bytes": 600})
+    assert client.put("/v1/memory/a", json={"value": "x" * 200}, headers=a.h).status_code == 200
+    r = client.put("/v1/memory/b", json={"value": "y" * 300}, headers=a.h)
+    assert r.status_code == 429 and r.json()["error"]["details"]["quota"] == "memory_bytes"
+    assert client.get("/v1/memory", headers=a.h).json() == ["a"]
+    # Replacing a value counts only the new size.
+    assert client.put("/v1/memory/a", json={"value": "z" * 250}, headers=a.h).status_code == 200

@@ -79,9 +79,11 @@ class TenancyMiddleware:
                 return
             if not isinstance(principal, TenantContext):
                 raise PermissionDenied("tenant routes need a tenant key; operator keys act through /admin")
-            state = self.rt.rate.hit(
-                "tenant", principal.limits.requests_per_minute, tenant_id=principal.tenant_id
-            )
+            limits, tid = principal.limits, principal.tenant_id
+            states = [
+                self.rt.rate.hit("tenant", limits.requests_per_minute, tenant_id=tid),
+                self.rt.rate.hit(f"key:{principal.principal}", limits.per_key_rpm, tenant_id=tid),
+            ]
             if principal.writes_held and scope["method"] not in _READ_METHODS:
                 raise TenantMoving(
                     "this tenant is moving to another storage model; writes resume shortly",
@@ -92,7 +94,7 @@ class TenancyMiddleware:
             await _send_json(send, *error_response_parts(err))
             return
         with tenant_scope(principal):
-            await self.app(scope, receive, _with_headers(send, ratelimit_headers(state)))
+            await self.app(scope, receive, _with_headers(send, ratelimit_headers(*states)))
 
     async def _limit_body(self, scope: Scope, receive: Receive) -> Receive:
         """Refuse bodies over the limit (413) before any handler sees them.

@@ -37,7 +37,7 @@ from patinox.agents import (
     validate_tool_names,
 )
 from patinox.errors import InvalidRequest, NotFound, PatinoxError, RunFailed, TenantSuspended
-from patinox.limits import Claim, FairRunQueue, TokenBudget, worker_id
+from patinox.limits import RUNS_PER_DAY, Claim, FairRunQueue, TokenBudget, worker_id
 from patinox.storage import SqlBackend, TenantStore, utcnow
 from patinox.tenancy import (
     IsolationLevel,
@@ -267,7 +267,11 @@ class RunService:
     def _enqueue(
         self, ctx: TenantContext, store: TenantStore, agent: Row, req: RunRequest, worst_case: int
     ) -> Row:
-        reservation = self._budget.reserve(ctx.tenant_id, worst_case, ctx.limits.tokens_per_day)
+        with self._backend.control_tx() as conn:
+            self._budget.consume(ctx.tenant_id, RUNS_PER_DAY, 1, ctx.limits.runs_per_day, conn=conn)
+            reservation = self._budget.reserve(
+                ctx.tenant_id, worst_case, ctx.limits.tokens_per_day, conn=conn
+            )
         try:
             run = self._new_run(ctx, store, agent, req, new_id("run"))
             plan = get_plan(ctx.plan)
@@ -295,6 +299,7 @@ class RunService:
         # Slot and tokens in one control-plane transaction: both or neither.
         with self._backend.control_tx() as conn:
             self.queue.hold(ctx.tenant_id, run_id, max_running=cap, holder=self.holder, conn=conn)
+            self._budget.consume(ctx.tenant_id, RUNS_PER_DAY, 1, ctx.limits.runs_per_day, conn=conn)
             reservation = self._budget.reserve(
                 ctx.tenant_id, limits.max_total_tokens or 0, ctx.limits.tokens_per_day, conn=conn
             )

@@ -27,6 +27,7 @@ from patinox.storage import SqlBackend
 from patinox.storage import _schema as s
 
 TOKENS_PER_DAY = "tokens_per_day"
+RUNS_PER_DAY = "runs_per_day"
 
 
 def day_start(now: datetime) -> datetime:
@@ -60,11 +61,11 @@ class TokenBudget:
         now = self._clock().astimezone(UTC)
         return now.date().isoformat(), now
 
-    def _ensure_row(self, conn: object, tenant_id: str, period: str) -> None:
+    def _ensure_row(self, conn: object, tenant_id: str, period: str, quota: str = TOKENS_PER_DAY) -> None:
         ledger = s.quota_ledger
         values = {
             "tenant_id": tenant_id,
-            "quota": TOKENS_PER_DAY,
+            "quota": quota,
             "period": period,
             "spent": 0,
             "reserved": 0,
@@ -79,9 +80,46 @@ class TokenBudget:
             stmt = sqlite_insert(ledger).values(**values).on_conflict_do_nothing()
         conn.execute(stmt)  # type: ignore[attr-defined]
 
-    def _where(self, tenant_id: str, period: str) -> list[object]:
+    def _where(self, tenant_id: str, period: str, quota: str = TOKENS_PER_DAY) -> list[object]:
         ledger = s.quota_ledger
-        return [ledger.c.tenant_id == tenant_id, ledger.c.quota == TOKENS_PER_DAY, ledger.c.period == period]
+        return [ledger.c.tenant_id == tenant_id, ledger.c.quota == quota, ledger.c.period == period]
+
+    def consume(
+        self, tenant_id: str, quota: str, amount: int, limit: int, *, conn: Connection | None = None
+    ) -> None:
+        """Count ``amount`` against today's ``quota`` at once (no reservation), e.g. one run
+        against ``runs_per_day``.
+
+        Raises:
+            QuotaExceeded: the quota's ``limit`` would be passed; nothing was counted.
+        """
+        ledger = s.quota_ledger
+        period, now = self._period()
+        where = self._where(tenant_id, period, quota)
+        take = (
+            update(ledger)
+            .where(*where)  # type: ignore[arg-type]
+            .where(ledger.c.spent + ledger.c.reserved + amount <= limit)
+            .values(spent=ledger.c.spent + amount)
+        )
+        with self._backend.control_tx(conn) as conn:
+            if conn.execute(take).rowcount == 1:
+                return
+            self._ensure_row(conn, tenant_id, period, quota)
+            if conn.execute(take).rowcount == 1:
+                return
+            spent = conn.execute(select(ledger.c.spent).where(*where)).scalar_one()  # type: ignore[arg-type]
+        reset = day_start(now) + timedelta(days=1)
+        raise QuotaExceeded(
+            f"daily quota {quota} of {limit} reached",
+            tenant_id=tenant_id,
+            quota=quota,
+            limit=limit,
+            used=int(spent),
+            requested=amount,
+            reset_at=reset.isoformat(),
+            retry_after_s=max(1, int((reset - now).total_seconds())),
+        )
 
     def reserve(
         self, tenant_id: str, tokens: int, limit: int, *, conn: Connection | None = None

@@ -25,7 +25,14 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine, Table, delete, func, insert, inspect, select, text, update
 from sqlalchemy.engine import make_url
 
-from patinox.errors import AlreadyExists, DecryptionFailed, InvalidRequest, NotFound, TenantNotFound
+from patinox.errors import (
+    AlreadyExists,
+    DecryptionFailed,
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+    TenantNotFound,
+)
 from patinox.storage import _schema as s
 from patinox.storage._crypto.aead import blob_key_version, decrypt_str, encrypt_str
 from patinox.storage._crypto.keyring import TenantKeyring
@@ -162,7 +169,9 @@ class SqlBackend:
         """
         ctx = ctx or current_tenant()
         placement = self.placements.for_tenant(ctx.tenant_id, ctx.storage_model)
-        return TenantStore(placement, _Sealer(self.keyring, ctx.tenant_id))
+        return TenantStore(
+            placement, _Sealer(self.keyring, ctx.tenant_id), memory_bytes_limit=ctx.limits.memory_bytes
+        )
 
     def acting_on(self, tenant_id: str) -> TenantStore:
         """A store bound to ``tenant_id`` for control-plane code acting *on* a tenant
@@ -475,11 +484,14 @@ class TenantStore:
     Do not construct directly: use :meth:`SqlBackend.tenant_store`.
     """
 
-    __slots__ = ("_placement", "_sealer", "tenant_id")
+    __slots__ = ("_memory_limit", "_placement", "_sealer", "tenant_id")
 
-    def __init__(self, placement: Placement, sealer: _Sealer) -> None:
+    def __init__(
+        self, placement: Placement, sealer: _Sealer, *, memory_bytes_limit: int | None = None
+    ) -> None:
         self._placement = placement
         self._sealer = sealer
+        self._memory_limit = memory_bytes_limit
         self.tenant_id = sealer.tenant_id
 
     # The only places tenant predicates are built.
@@ -678,11 +690,29 @@ class TenantStore:
 
         Raises:
             InvalidRequest: the key is not 1-200 characters.
+            QuotaExceeded: the tenant's stored memory (encrypted size, bytes) would pass its
+                ``memory_bytes`` limit (stores made from a tenant context enforce it).
         """
         if not 1 <= len(key) <= 200:
             raise InvalidRequest("memory keys are 1-200 characters", field="key")
         value = self._sealer.seal("memory.value", key, value)
         with self._tx() as conn:
+            if self._memory_limit is not None:
+                m = s.memory
+                others = conn.execute(
+                    select(func.coalesce(func.sum(func.length(m.c.value)), 0)).where(
+                        *self._where(m), m.c.key != key
+                    )
+                ).scalar_one()
+                if int(others) + len(value) > self._memory_limit:
+                    raise QuotaExceeded(
+                        f"agent memory would pass its limit of {self._memory_limit} bytes",
+                        tenant_id=self.tenant_id,
+                        quota="memory_bytes",
+                        limit=self._memory_limit,
+                        used=int(others),
+                        requested=len(value),
+                    )
             n = conn.execute(
                 update(s.memory)
                 .where(*self._where(s.memory, key=key))

@@ -55,11 +55,33 @@ class ResourceLimits(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     requests_per_minute: int = Field(ge=1, description="API requests per rolling minute")
+    key_requests_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="API requests per rolling minute, per API key (None: requests_per_minute)",
+    )
+    agent_runs_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="runs started per rolling minute, per agent (None: requests_per_minute)",
+    )
     max_concurrent_runs: int = Field(ge=1, description="runs in flight at once")
     tokens_per_day: int = Field(ge=1, description="model tokens (in + out) per UTC day")
+    runs_per_day: int = Field(ge=1, description="runs started per UTC day")
+    memory_bytes: int = Field(ge=1, description="agent memory stored (encrypted size), bytes")
     max_output_tokens_per_run: int = Field(ge=1, description="output tokens one run may ask for")
     max_tool_calls_per_run: int = Field(ge=0, description="tool calls within one run")
     run_timeout_s: float = Field(gt=0, description="wall time of one run, seconds")
+
+    @property
+    def per_key_rpm(self) -> int:
+        """Requests per minute one API key may make."""
+        return self.key_requests_per_minute or self.requests_per_minute
+
+    @property
+    def per_agent_rpm(self) -> int:
+        """Runs per minute one agent may start."""
+        return self.agent_runs_per_minute or self.requests_per_minute
 
 
 class LimitOverrides(BaseModel):
@@ -68,8 +90,12 @@ class LimitOverrides(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     requests_per_minute: int | None = Field(default=None, ge=1)
+    key_requests_per_minute: int | None = Field(default=None, ge=1)
+    agent_runs_per_minute: int | None = Field(default=None, ge=1)
     max_concurrent_runs: int | None = Field(default=None, ge=1)
     tokens_per_day: int | None = Field(default=None, ge=1)
+    runs_per_day: int | None = Field(default=None, ge=1)
+    memory_bytes: int | None = Field(default=None, ge=1)
     max_output_tokens_per_run: int | None = Field(default=None, ge=1)
     max_tool_calls_per_run: int | None = Field(default=None, ge=0)
     run_timeout_s: float | None = Field(default=None, gt=0)
@@ -98,6 +124,8 @@ PLANS: dict[str, Plan] = {
             requests_per_minute=120,
             max_concurrent_runs=4,
             tokens_per_day=2_000_000,
+            runs_per_day=20_000,
+            memory_bytes=10 * 2**20,
             max_output_tokens_per_run=2_048,
             max_tool_calls_per_run=8,
             run_timeout_s=60,
@@ -110,6 +138,8 @@ PLANS: dict[str, Plan] = {
             requests_per_minute=1_200,
             max_concurrent_runs=32,
             tokens_per_day=50_000_000,
+            runs_per_day=1_000_000,
+            memory_bytes=2**30,
             max_output_tokens_per_run=8_192,
             max_tool_calls_per_run=32,
             run_timeout_s=300,
@@ -123,6 +153,8 @@ PLANS: dict[str, Plan] = {
             requests_per_minute=12_000,
             max_concurrent_runs=128,
             tokens_per_day=1_000_000_000,
+            runs_per_day=100_000_000,
+            memory_bytes=100 * 2**30,
             max_output_tokens_per_run=32_768,
             max_tool_calls_per_run=128,
             run_timeout_s=900,

@@ -72,6 +72,7 @@ def delete_agent(agent_id: str, ctx: AgentWriter, rt: RT) -> Response:
 async def create_run(agent_id: str, req: RunRequest, ctx: RunWriter, rt: RT, response: Response) -> o.RunOut:
     """Run the agent: ``sync`` answers 200 with the finished run; ``async`` answers 202 at once
     with ``Location`` to poll. A failed sync run answers 502 ``run_failed`` with its ``run_id``."""
+    rt.rate.hit(f"agent:{agent_id}", ctx.limits.per_agent_rpm, tenant_id=ctx.tenant_id)
     row = await rt.runs.start(ctx, agent_id, req)
     if req.mode == "async":
         response.status_code = 202

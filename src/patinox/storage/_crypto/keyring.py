@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -12,9 +13,11 @@ from typing import Protocol
 from patinox.errors import ConfigurationError, StorageError
 from patinox.storage._crypto.aead import DEK_BYTES, MAX_KEY_VERSION, DataKey, _check_tenant, _check_version
 from patinox.storage._crypto.errors import DecryptionFailed, TenantKeysDestroyed
-from patinox.storage._crypto.providers import KeyProvider, WrappedKey
+from patinox.storage._crypto.providers import KeyProvider, TenantShredding, WrappedKey
 
 __all__ = ["DekStore", "InMemoryDekStore", "TenantKeyring"]
+
+_log = logging.getLogger(__name__)
 
 _RACE_RETRIES = 5
 
@@ -284,8 +287,13 @@ class TenantKeyring:
 
         Data is not touched: only the wrapped form of each DEK changes. Each DEK is
         unwrapped, re-wrapped, checked to unwrap again to the same bytes, and only then
-        replaced. Idempotent and resumable: DEKs already under the current version are
-        skipped, destroyed tenants have none.
+        replaced. The provider re-wraps with the tenant's key share as it wraps any DEK,
+        so shares survive KEK rotation; a format-1 DEK (wrapped before shares) is
+        re-wrapped too when the provider has :class:`TenantShredding`, even under the
+        current KEK version, which makes it shreddable against backups from then on.
+        Idempotent and resumable: DEKs already under the current version (and format)
+        are skipped; destroyed tenants have none, or only rows the provider refuses
+        (e.g. a database restored from a backup), which are skipped.
 
         Args:
             tenant_ids: tenants to process (e.g. every tenant id, streamed).
@@ -300,14 +308,18 @@ class TenantKeyring:
             DecryptionFailed: a DEK does not unwrap (the provider lacks its KEK version).
         """
         provider = provider if provider is not None else self._provider
+        wants_share = isinstance(provider, TenantShredding)
         count = 0
         for tenant_id in tenant_ids:
             for version, raw in self._store.list_wrapped(tenant_id):
                 target = provider.kek_version()
                 old = WrappedKey.from_bytes(raw)
-                if old.kek_version == target:
+                if old.kek_version == target and (old.tenant_share or not wants_share):
                     continue
-                dek = provider.unwrap(old, tenant_id=tenant_id)
+                try:
+                    dek = provider.unwrap(old, tenant_id=tenant_id)
+                except TenantKeysDestroyed:
+                    break  # shredded: nothing of it is to be kept readable
                 new = provider.wrap(dek, tenant_id=tenant_id)
                 if provider.unwrap(new, tenant_id=tenant_id) != dek:
                     raise DecryptionFailed(
@@ -321,7 +333,16 @@ class TenantKeyring:
         return count
 
     def shred(self, tenant_id: str) -> None:
-        """Crypto-shred a tenant: destroy its DEKs in the store, then drop them from this cache.
+        """Crypto-shred a tenant: destroy its key material outside the database, then its
+        wrapped DEKs in the store, then drop them from this cache.
+
+        When the provider has :class:`TenantShredding` (:class:`FileKeyProvider`: the
+        tenant's key share), :meth:`TenantShredding.destroy_tenant` runs first, so every
+        copy of the wrapped DEKs, database backups taken earlier included, becomes
+        useless; a crash between the two steps leaves the tenant undecryptable, never
+        decryptable. Without it (:class:`EnvKeyProvider`) only the rows of the live
+        database go, and a warning is logged: a database backup taken before, with the
+        KEK, still decrypts the tenant.
 
         From then on nothing of the tenant decrypts (through this keyring at once; other
         processes' keyrings hold cached DEKs for at most ``ttl_s`` more seconds unless they
@@ -329,16 +350,33 @@ class TenantKeyring:
         :class:`TenantKeysDestroyed`. Idempotent.
         """
         _check_tenant(tenant_id)
+        if isinstance(self._provider, TenantShredding):
+            self._provider.destroy_tenant(tenant_id)
+        else:
+            _log.warning(
+                "tenant %s: %s cannot destroy per-tenant key material; its wrapped DEKs are deleted "
+                "from the live database only, and database backups taken earlier still decrypt it "
+                "with the KEK",
+                tenant_id,
+                type(self._provider).__name__,
+            )
         self._store.destroy(tenant_id)
         self.forget(tenant_id)
 
     # --- cache ------------------------------------------------------------------------
 
     def forget(self, tenant_id: str) -> None:
-        """Drop every cached DEK of the tenant (on suspend, delete, or a hint from another process)."""
+        """Drop every cached DEK of the tenant (on suspend, delete, or a hint from another process).
+
+        Also drops what the provider caches for the tenant, when it has a
+        ``forget(tenant_id)`` method (:class:`FileKeyProvider`: the tenant's key share).
+        """
         with self._lock:
             self._cache.pop(tenant_id, None)
             self._epoch += 1
+        provider_forget = getattr(self._provider, "forget", None)
+        if callable(provider_forget):
+            provider_forget(tenant_id)
 
     def cached_versions(self, tenant_id: str) -> list[int]:
         """DEK versions of the tenant cached now (unexpired), least recently used first."""
@@ -419,8 +457,13 @@ class TenantKeyring:
         return DataKey(tenant_id, version, dek)
 
     def _raise_if_destroyed(self, tenant_id: str) -> None:
-        if self._store.is_destroyed(tenant_id):
+        if self._store.is_destroyed(tenant_id) or self._provider_destroyed(tenant_id):
             raise TenantKeysDestroyed(
                 f"the keys of tenant {tenant_id} were destroyed; its data cannot be decrypted",
                 tenant_id=tenant_id,
             )
+
+    def _provider_destroyed(self, tenant_id: str) -> bool:
+        """The provider's record, which outlives a database restored from an earlier backup."""
+        check = getattr(self._provider, "tenant_destroyed", None)
+        return bool(check(tenant_id)) if callable(check) else False
