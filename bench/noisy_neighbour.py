@@ -58,15 +58,13 @@ import multiprocessing
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +78,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results" / "noisy_neighbour.json"
 sys.path.insert(0, str(BENCH_DIR))
 
+from _common import check, free_port  # noqa: E402
+from _common import server as run_server  # noqa: E402
 from _nn_load import Outcome, Send, send_all  # noqa: E402
 
 from patinox.limits import Claim, FairRunQueue  # noqa: E402
@@ -111,55 +111,6 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 # --- servers (as bench/throughput.py) -----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url}: the server exited with code {proc.returncode} during start-up")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url}: no answer on /healthz within {timeout_s:.0f} s")
-
-
-@contextmanager
-def _server(argv: list[str], url: str, log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a server process, wait until healthy, stop it (SIGTERM, then kill) at exit."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            try:
-                _wait_healthy(url, proc)
-            except SystemExit:
-                out.flush()
-                console.print(log.read_text(errors="replace")[-4000:])
-                raise
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _check(r: httpx.Response, what: str) -> dict[str, Any]:
-    if r.status_code >= 300:
-        raise SystemExit(f"{what} failed: {r.status_code} {r.text[:500]}")
-    body: dict[str, Any] = r.json()
-    return body
-
-
 @dataclass(frozen=True)
 class Handle:
     name: str
@@ -177,14 +128,14 @@ def _onboard(
     body: dict[str, Any] = {"name": name, "plan": plan}
     if limits:
         body["limits"] = limits
-    tenant = _check(http.post("/admin/tenants", headers=op, json=body), f"create tenant {name}")
-    key = _check(
+    tenant = check(http.post("/admin/tenants", headers=op, json=body), f"create tenant {name}")
+    key = check(
         http.post(
             f"/admin/tenants/{tenant['id']}/keys", headers=op, json={"name": "bench", "scopes": KEY_SCOPES}
         ),
         f"create key {name}",
     )["key"]
-    agent = _check(
+    agent = check(
         http.post(
             "/v1/agents",
             headers={"Authorization": f"Bearer {key}"},
@@ -319,7 +270,7 @@ def victims_vs_aggressor(url: str, op_key: str, tmp: Path, args: argparse.Namesp
         # Warm-up (not measured): every victim's key, DEK and agent are loaded once.
         for h in victims.values():
             for _ in range(2):
-                _check(
+                check(
                     http.post(
                         f"/v1/agents/{h.agent_id}/runs",
                         headers={"Authorization": f"Bearer {h.key}"},
@@ -474,7 +425,7 @@ def jain_end_to_end(url: str, op_key: str, window_s: float) -> dict[str, Any]:
     per: dict[str, dict[str, Any]] = {}
     with httpx.Client(base_url=url, timeout=60.0) as http:
         for n, h in handles.items():
-            runs = _check(
+            runs = check(
                 http.get("/v1/runs", params={"limit": 500}, headers={"Authorization": f"Bearer {h.key}"}),
                 "list runs",
             )
@@ -969,10 +920,10 @@ def main() -> None:
             env=env,
             stdout=subprocess.DEVNULL,
         )
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         argv = [sys.executable, "-m", "patinox", "serve", "--data-dir", str(data_dir), "--port", str(port)]
-        stack.enter_context(_server(argv, url, tmp / "server.log", env))
+        stack.enter_context(run_server(argv, url, tmp / "server.log", env))
         op_key = key_file.read_text().strip()
 
         t = time.monotonic()

@@ -35,13 +35,10 @@ import json
 import math
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +51,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results" / "throughput.json"
 sys.path.insert(0, str(BENCH_DIR))
 
+from _common import check, free_port  # noqa: E402
+from _common import server as run_server  # noqa: E402
 from baseline_app import AGENTS, INSTRUCTIONS  # noqa: E402
 
 CLIENTS = (1, 8, 32)
@@ -91,60 +90,11 @@ class Target:
 # --- servers ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{url}: the server exited with code {proc.returncode} during start-up")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url}: no answer on /healthz within {timeout_s:.0f} s")
-
-
-@contextmanager
-def _server(argv: list[str], url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a server process, wait until it is healthy, stop it (SIGTERM, then kill) at exit."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            try:
-                _wait_healthy(url, proc)
-            except SystemExit:
-                out.flush()
-                console.print(log.read_text(errors="replace")[-4000:])
-                raise
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _check(r: httpx.Response, what: str) -> dict[str, Any]:
-    if r.status_code >= 300:
-        raise SystemExit(f"{what} failed: {r.status_code} {r.text}")
-    body: dict[str, Any] = r.json()
-    return body
-
-
 def _onboard(url: str, operator_key: str) -> Target:
     """Create the bench tenant, its key and its two agents over Patinox's HTTP API."""
     with httpx.Client(base_url=url, timeout=30.0) as http:
         op = {"Authorization": f"Bearer {operator_key}"}
-        tenant = _check(
+        tenant = check(
             http.post(
                 "/admin/tenants",
                 headers=op,
@@ -156,14 +106,14 @@ def _onboard(url: str, operator_key: str) -> Target:
             ),
             "create tenant",
         )
-        key = _check(
+        key = check(
             http.post(f"/admin/tenants/{tenant['id']}/keys", headers=op, json={"name": "bench"}),
             "create key",
         )["key"]
         h = {"Authorization": f"Bearer {key}"}
         paths = {}
         for name, model in AGENTS.items():
-            agent = _check(
+            agent = check(
                 http.post(
                     "/v1/agents", headers=h, json={"name": name, "model": model, "instructions": INSTRUCTIONS}
                 ),
@@ -313,7 +263,7 @@ def main() -> None:
             env=env,
             stdout=subprocess.DEVNULL,
         )
-        p_port, b_port = _free_port(), _free_port()
+        p_port, b_port = free_port(), free_port()
         p_url, b_url = f"http://127.0.0.1:{p_port}", f"http://127.0.0.1:{b_port}"
         patinox_argv = [
             sys.executable, "-m", "patinox", "serve", "--data-dir", str(data_dir), "--port", str(p_port)
@@ -323,8 +273,8 @@ def main() -> None:
             "--port", str(b_port), "--db", str(tmpdir / "baseline.db"),
         ]  # fmt: skip
         with (
-            _server(patinox_argv, p_url, tmpdir / "patinox.log"),
-            _server(baseline_argv, b_url, tmpdir / "baseline.log"),
+            run_server(patinox_argv, p_url, tmpdir / "patinox.log"),
+            run_server(baseline_argv, b_url, tmpdir / "baseline.log"),
         ):
             targets = {
                 "patinox": _onboard(p_url, key_file.read_text().strip()),
