@@ -213,21 +213,29 @@ def test_data_key_hides_its_bytes() -> None:
 # --- key providers ----------------------------------------------------------------------
 
 
-def test_wrapped_key_format_round_trip(provider: FileKeyProvider) -> None:
-    wrapped = provider.wrap(os.urandom(32), tenant_id=A)
-    raw = wrapped.to_bytes()
-    assert len(raw) == 66
-    assert raw[0] == 1 and int.from_bytes(raw[1:5], "big") == 1 and raw[5] == 12
-    assert WrappedKey.from_bytes(raw) == wrapped
-    for bad in (b"", raw[:6], b"\x02" + raw[1:], raw[:18]):
-        with pytest.raises(DecryptionFailed):
-            WrappedKey.from_bytes(bad)
+def test_wrapped_key_format_round_trip(provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATINOX_KEK", base64.b64encode(os.urandom(32)).decode())
+    # FileKeyProvider wraps with the tenant's key share: format 2; EnvKeyProvider: format 1.
+    for wrapped, fmt in ((provider.wrap(os.urandom(32), tenant_id=A), 2),
+                         (EnvKeyProvider().wrap(os.urandom(32), tenant_id=A), 1)):  # fmt: skip
+        raw = wrapped.to_bytes()
+        assert len(raw) == 66
+        assert raw[0] == fmt and int.from_bytes(raw[1:5], "big") == 1 and raw[5] == 12
+        assert wrapped.tenant_share is (fmt == 2) and wrapped.format_version == fmt
+        assert WrappedKey.from_bytes(raw) == wrapped
+        for bad in (b"", raw[:6], b"\x03" + raw[1:], b"\x00" + raw[1:], raw[:18]):
+            with pytest.raises(DecryptionFailed):
+                WrappedKey.from_bytes(bad)
 
 
 def test_wrapped_dek_moved_to_another_tenant_fails_to_unwrap(provider: FileKeyProvider) -> None:
     dek = os.urandom(32)
     wrapped = provider.wrap(dek, tenant_id=A)
     assert provider.unwrap(wrapped, tenant_id=A) == dek
+    with pytest.raises(DecryptionFailed) as err:
+        provider.unwrap(wrapped, tenant_id=B)  # B has no key share yet
+    assert err.value.fields["reason"] == "tenant_share_missing"
+    provider.wrap(os.urandom(32), tenant_id=B)  # now it has one
     with pytest.raises(DecryptionFailed) as err:
         provider.unwrap(wrapped, tenant_id=B)
     assert err.value.fields["reason"] == "dek_unwrap_failed"
@@ -462,7 +470,12 @@ def test_forget_drops_one_tenant_only(store: CountingStore, keyring: TenantKeyri
     assert store.reads == reads + 1
 
 
-def test_a_load_racing_forget_is_not_cached(store: CountingStore, keyring: TenantKeyring) -> None:
+@pytest.mark.parametrize("with_shares", [True, False], ids=["file-provider", "env-provider"])
+def test_a_load_racing_forget_is_not_cached(
+    store: CountingStore, provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch, with_shares: bool
+) -> None:
+    monkeypatch.setenv("PATINOX_KEK", base64.b64encode(os.urandom(32)).decode())
+    keyring = TenantKeyring(store, provider if with_shares else EnvKeyProvider())
     keyring.current_key(A)
     keyring.forget(A)
     fetched, resume = threading.Event(), threading.Event()
@@ -478,7 +491,11 @@ def test_a_load_racing_forget_is_not_cached(store: CountingStore, keyring: Tenan
         assert fetched.wait(timeout=10)  # the wrapped DEK is read, not yet cached
         keyring.shred(A)
         resume.set()
-        loading.result()
+        if with_shares:  # the share is gone: the in-flight unwrap itself is refused
+            with pytest.raises(TenantKeysDestroyed):
+                loading.result()
+        else:  # the DEK was already read: the load completes, but is not cached
+            loading.result()
     assert keyring.cached_versions(A) == []
     with pytest.raises(TenantKeysDestroyed):
         keyring.key(A, 1)
