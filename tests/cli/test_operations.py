@@ -123,3 +123,16 @@ def test_worker_process_executes_queued_runs(data_dir: Path) -> None:
     assert rt.backend.acting_on(tid).get_run(queued["id"])["status"] == "succeeded"
     assert proc.returncode == 0
     assert rt.queue.depth(tid) == 0
+
+
+def test_conformance_command_prints_its_closing_line() -> None:
+    r = cli("conformance", "--model", "sqlite-pool", "--examples", "2")
+    assert r.exit_code == 0, r.output
+    last = [line for line in r.output.splitlines() if line.strip()][-1]
+    assert last.endswith(" passed, 0 failed"), last
+    assert int(last.split()[0]) >= 8
+
+
+def test_conformance_command_refuses_an_unknown_model() -> None:
+    r = cli("conformance", "--model", "vault")
+    assert r.exit_code == 1 and "Traceback" not in r.output

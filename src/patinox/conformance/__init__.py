@@ -18,15 +18,21 @@ or from Python (or pytest, see ``tests/conformance/test_suite.py``)::
     assert result.ok
 
 It prints ``PASS <model> <check>`` or ``FAIL <model> <check>: <reason>`` per check and
-closes with exactly ``N passed, M failed``. With an admin URL (a role that can create
-databases and roles and bypasses row-level security, i.e. a superuser) it creates a
-scratch database ``patinox_conf_<hex>`` with its own owner and application roles
-(:func:`patinox.storage.postgres.bootstrap`), runs the PostgreSQL models ``pg-pool``,
-``pg-bridge`` and ``pg-silo`` there with the server connected **as the application
-role**, and drops the database, its silo databases and both roles at the end, also on
-failure. SQLite ``pool`` and ``silo`` run in a temporary directory. Without an admin URL
-only SQLite is checked, and the output says so. Each deployment is served by the real
-HTTP app in-process (``TestClient(create_app(runtime=...))``) with its own KEK file.
+closes with exactly ``N passed, M failed`` (a scratch database that could not be dropped
+adds a ``FAIL postgres cleanup: ...`` line). The returned :class:`ConformanceResult`
+holds every outcome; a failure's ``detail`` has the traceback and, for the state
+machine, the steps hypothesis ran. A run with the default 30 examples takes a few
+minutes (the state machine dominates: every step is real requests on a real database).
+
+With an admin URL (a role that can create databases and roles and bypasses row-level
+security, i.e. a superuser) it creates a scratch database ``patinox_conf_<hex>`` with its
+own owner and application roles (:func:`patinox.storage.postgres.bootstrap`), runs the
+PostgreSQL models ``pg-pool``, ``pg-bridge`` and ``pg-silo`` there with the server
+connected **as the application role**, and drops the database, its silo databases and
+both roles at the end, also on failure. SQLite ``pool`` and ``silo`` run in a temporary
+directory. Without an admin URL only SQLite is checked, and the output says so. Each
+deployment is served by the real HTTP app in-process
+(``TestClient(create_app(runtime=...))``) with its own KEK file.
 
 What is checked, on every storage model:
 
@@ -37,15 +43,19 @@ What is checked, on every storage model:
     ``memory_get`` tool runs on keys of other tenants, suspensions, resumptions, tenant
     deletions and re-creations under the same name. Every stored secret is a unique
     marker string; no response to a tenant may contain another tenant's marker or id
-    (unless it sent that itself), after every step each tenant's lists equal a model
-    of what it owns, a foreign id answers exactly like a missing one (status and body,
-    modulo the id), suspended tenants get ``403 tenant_suspended``, keys of deleted
-    tenants ``401``.
+    (unless it sent that itself); after every step, every tenant's lists that the step
+    could have changed equal a model of what it owns; a foreign id answers exactly like
+    a missing one (status and body, modulo the id); suspended tenants get
+    ``403 tenant_suspended``, keys of deleted tenants ``401``.
 ``no-plaintext-at-rest``
     Raw storage (SQLite files with WAL and silo files; on PostgreSQL every row of every
     table in every schema of the main and silo databases, read as the admin) holds no
     plaintext of memory values, run inputs or run outputs, while it does hold the
     same rows' clear columns (so the scan provably reached them).
+``foreign-ids-like-missing``
+    Every tenant route given another tenant's agent id, run id or memory key answers
+    exactly like one given a missing id, and changes nothing of the owner (each case once;
+    the state machine samples the same property at random).
 ``ciphertext-bound-to-row``
     A ciphertext copied (raw, as an attacker with database write access) to another
     row, another column or another tenant's row answers ``500 decryption_failed``.
@@ -55,6 +65,9 @@ What is checked, on every storage model:
     table of any schema or database, its schema/database/file is gone, SQLite files no
     longer contain its clear columns, its key answers 401, its neighbour is intact, and
     a tenant re-created with the same name sees nothing of it.
+``delete-with-runs-in-flight``
+    A tenant deleted while its async runs still wait on the model: nothing is written
+    for it after the purge and no new DEK is made for it.
 ``same-cache-key-material``
     Two tenants storing the same key and value, defining the same agent and asking the
     same question get only their own answers, before and after one of them changes.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -268,10 +269,11 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
 
     left = {k: v for k, v in _raw.count_tenant_rows(t, a.id).items() if v}
     check(not left, f"rows or storage of the deleted tenant remain: {left}")
-    if not t.postgres:
-        raw = _raw.stored_bytes(t)
-        stale = [k for k in ("agent_name", "instructions", "key") if sa[k].encode() in raw]
-        check(not stale, f"the deleted tenant's {stale} are still in the database files (secure delete)")
+    # Nothing of it anywhere: SQLite file bytes (secure delete, WAL truncated); on
+    # PostgreSQL every live row of every table, including ones without a tenant_id column.
+    raw = _raw.stored_bytes(t)
+    stale = [k for k in ("agent_name", "instructions", "key", "agent_id", "run_id") if sa[k].encode() in raw]
+    check(not stale, f"the deleted tenant's {stale} are still in the stored data")
     r: Answer = t.client.get("/v1/me", headers=a.h)
     check(r.status_code == 401, f"the deleted tenant's key answered {r.status_code}, not 401")
 
@@ -306,6 +308,55 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
     old_things = set(sa.values()) | {a.id, a.key_id}
     seen = (set(t.markers.atom_re.findall(r.text)) | set(ID_RE.findall(r.text))) & old_things
     check(not seen, f"the re-created tenant's audit shows the deleted tenant's {sorted(seen)}")
+
+
+def delete_with_runs_in_flight(t: Target, _: SuiteEnv) -> None:
+    """Deleting a tenant while its async runs are still waiting on the model leaves
+    nothing behind: no run, usage, audit or memory row is written after the purge by the
+    runs finishing late, no new DEK is made for it, and a neighbour's runs queued beside
+    them all finish normally."""
+    a, b = t.new_tenant("inflight-a"), t.new_tenant("inflight-b")
+    agents = {}
+    for x in (a, b):
+        key = t.markers.atom()
+        t.put_memory(x, key, t.markers.atom())
+        body = {"name": "slow", "model": "simulated:ttft_ms=150,tpot_ms=1", "tools": ["memory_get"]}
+        r: Answer = t.client.post("/v1/agents", json=body, headers=x.h)
+        check(r.status_code == 201, f"create slow agent: {r.status_code} {r.text[:300]}")
+        agents[x.id] = (r.json()["id"], key)
+    neighbour_runs = []
+    for _attempt in range(3):
+        for x in (a, b):
+            aid, key = agents[x.id]
+            run = {
+                "input": f"{t.markers.atom()}\n{memory_get_call(key)}",
+                "mode": "async",
+                "output_tokens": 4,
+            }
+            r = t.client.post(f"/v1/agents/{aid}/runs", json=run, headers=x.h)
+            check(r.status_code == 202, f"async run: {r.status_code} {r.text[:300]}")
+            if x is b:
+                neighbour_runs.append(r.json()["id"])
+    t.delete_tenant(a.id)
+    # The neighbour's runs, queued between the deleted tenant's, show when those would
+    # have finished too.
+    deadline = time.monotonic() + _TIMEOUT_S
+    pending = list(neighbour_runs)
+    while pending:
+        r = t.client.get(f"/v1/runs/{pending[0]}", headers=b.h)
+        check(r.status_code == 200, f"neighbour's run: {r.status_code} {r.text[:300]}")
+        if r.json()["status"] in ("succeeded", "failed"):
+            check(r.json()["status"] == "succeeded", f"a neighbour's run failed: {r.json().get('error')}")
+            pending.pop(0)
+        else:
+            check(time.monotonic() < deadline, "the neighbour's async runs did not finish")
+            time.sleep(0.02)
+    # ...plus one tenant-watch interval (1 s: a run that missed the deletion event is
+    # stopped within it) for anything that would still land late.
+    time.sleep(1.2)
+    left = {k: v for k, v in _raw.count_tenant_rows(t, a.id).items() if v}
+    check(not left, f"rows written after the deletion by runs in flight: {left}")
+    check(_raw.dek_rows(t, a.id) == 0, "a DEK exists for the deleted tenant after its runs finished")
 
 
 # -- tenant context across threads and processes -------------------------------------------------

@@ -14,10 +14,10 @@ import json
 import re
 import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -185,6 +185,7 @@ class Target:
         pg: the bootstrapped scratch database, or ``None`` on SQLite.
         runtime / client: the server objects and the in-process HTTP client.
         op: headers of the operator key.
+        markers: the run's marker strings and tenant names.
         work_dir: a private directory of this deployment (KEK, SQLite files).
     """
 
@@ -200,7 +201,6 @@ class Target:
     op: dict[str, str]
     markers: Markers
     work_dir: Path
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def postgres(self) -> bool:
@@ -303,33 +303,50 @@ def memory_get_call(key: str) -> str:
 
 
 @contextmanager
-def scratch_postgres(admin_url: str) -> Iterator[PostgresDeployment]:
+def scratch_postgres(
+    admin_url: str, *, on_cleanup_error: Callable[[str, BaseException], None]
+) -> Iterator[PostgresDeployment]:
     """A scratch database with its own owner and application roles, dropped on exit.
 
     Names are unique per run (``patinox_conf_<hex>``, roles ``patinox_conf_<hex>_owner`` /
     ``_app``) so concurrent runs and earlier deployments never share a role; the roles get
     a random password (needed where ``pg_hba.conf`` asks for one) and are dropped with the
-    database, so the run leaves no login role behind.
+    database, so the run leaves no login role behind. A failure to drop is passed to
+    ``on_cleanup_error(what, error)`` rather than raised, so the run's result survives it.
 
     Raises:
-        StorageError: PostgreSQL refused (unreachable, or the admin role lacks rights).
+        StorageError: PostgreSQL refused the set-up (unreachable, or the admin role lacks
+            rights); whatever was made is dropped again.
     """
     suffix = secrets.token_hex(4)
     database = f"patinox_conf_{suffix}"
     owner_role, app_role = f"patinox_conf_{suffix}_owner", f"patinox_conf_{suffix}_app"
+
+    def cleanup(report: Callable[[str, BaseException], None]) -> None:
+        try:
+            drop(admin_url, database=database)
+        except Exception as err:
+            report(f"could not drop the scratch database {database} (and its silo databases)", err)
+        try:
+            _drop_roles(admin_url, (app_role, owner_role))
+        except Exception as err:
+            report(f"could not drop the scratch roles {owner_role}, {app_role}", err)
+
     try:
-        yield bootstrap(
+        dep = bootstrap(
             admin_url,
             database=database,
             owner_role=owner_role,
             app_role=app_role,
             password=secrets.token_urlsafe(18),
         )
+    except BaseException:
+        cleanup(lambda what, err: None)  # the set-up error is the one to report
+        raise
+    try:
+        yield dep
     finally:
-        try:
-            drop(admin_url, database=database)
-        finally:
-            _drop_roles(admin_url, (app_role, owner_role))
+        cleanup(on_cleanup_error)
 
 
 def _drop_roles(admin_url: str, roles: tuple[str, ...]) -> None:

@@ -10,6 +10,8 @@ table in every schema of the main database and of every silo database.
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -70,11 +72,10 @@ def control_location(t: Target) -> Location:
 
 
 @contextmanager
-def admin(t: Target, database: str, *, autocommit: bool = False) -> Iterator[Connection]:
+def admin(t: Target, database: str) -> Iterator[Connection]:
     """A transaction (committed on success) on ``database`` as the PostgreSQL administrator."""
     assert t.admin_url is not None
-    kwargs: dict[str, Any] = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
-    engine = create_engine(normalise_url(with_database(t.admin_url, database)), **kwargs)
+    engine = create_engine(normalise_url(with_database(t.admin_url, database)))
     try:
         with engine.begin() as conn:
             yield conn
@@ -117,6 +118,12 @@ def _pg_tables(conn: Connection) -> list[tuple[str, str]]:
     ]
 
 
+def _sqlite(path: Path) -> sqlite3.Connection:
+    """An existing SQLite file, read-write; never creates one (a check must not make a
+    deleted silo file reappear)."""
+    return sqlite3.connect(path.resolve().as_uri() + "?mode=rw", uri=True, timeout=10)
+
+
 def sqlite_files(t: Target) -> list[Path]:
     """Every file of a SQLite deployment: the main file, its WAL, every silo file and WAL."""
     main = t.sqlite_path
@@ -127,11 +134,36 @@ def sqlite_files(t: Target) -> list[Path]:
     return [p for p in files if p.exists()]
 
 
+#: Run in a child process: print the bytes of every file named on the command line.
+_CAT = (
+    "import pathlib, sys\n"
+    "for p in map(pathlib.Path, sys.argv[1:]):\n"
+    "    sys.stdout.buffer.write(p.read_bytes() if p.exists() else b'')\n"
+)
+
+
+def _read_elsewhere(paths: list[Path]) -> bytes:
+    """The bytes of ``paths``, read by a child process.
+
+    Never open and close a live SQLite file here with plain file I/O: closing any
+    descriptor of a file drops every POSIX lock this process holds on it, including the
+    locks of the server's open SQLite connections; another process then believes it is
+    the file's last user and deletes the WAL and shared-memory files under them ("disk
+    I/O error"). See https://www.sqlite.org/howtocorrupt.html, section 2.2.
+    """
+    if not paths:
+        return b""
+    done = subprocess.run(
+        [sys.executable, "-c", _CAT, *map(str, paths)], capture_output=True, check=True, timeout=120
+    )
+    return done.stdout
+
+
 def stored_bytes(t: Target) -> bytes:
     """Everything the storage holds: SQLite files byte for byte; on PostgreSQL every row
     of every table in every schema of the main and every silo database, as text."""
     if not t.postgres:
-        return b"".join(p.read_bytes() for p in sqlite_files(t))
+        return _read_elsewhere(sqlite_files(t))
     require_rls_bypass(t)
     out: list[bytes] = []
     for db in pg_databases(t):
@@ -155,7 +187,7 @@ def count_tenant_rows(t: Target, tenant_id: str) -> dict[str, int]:
         for path in sqlite_files(t):
             if path.name.endswith("-wal"):
                 continue
-            with closing(sqlite3.connect(path)) as con:
+            with closing(_sqlite(path)) as con:
                 for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
                     cols = [r[1] for r in con.execute(f'PRAGMA table_info("{table}")')]
                     if "tenant_id" in cols:
@@ -195,7 +227,7 @@ def dek_rows(t: Target, tenant_id: str) -> int:
 def read_scalar(t: Target, loc: Location, sql: str, params: dict[str, Any]) -> Any:
     """One value of a raw query at ``loc`` (SQLite: ``:name`` parameters work too)."""
     if loc.sqlite_file is not None:
-        with closing(sqlite3.connect(loc.sqlite_file, timeout=10)) as con:
+        with closing(_sqlite(loc.sqlite_file)) as con:
             row = con.execute(sql, params).fetchone()
             return None if row is None else row[0]
     assert loc.pg_database is not None
@@ -206,7 +238,7 @@ def read_scalar(t: Target, loc: Location, sql: str, params: dict[str, Any]) -> A
 def execute(t: Target, loc: Location, sql: str, params: dict[str, Any]) -> int:
     """Run a raw write at ``loc`` and commit it; returns the rows it changed."""
     if loc.sqlite_file is not None:
-        with closing(sqlite3.connect(loc.sqlite_file, timeout=10)) as con:
+        with closing(_sqlite(loc.sqlite_file)) as con:
             cur = con.execute(sql, params)
             con.commit()
             return int(cur.rowcount)

@@ -116,6 +116,7 @@ CHECKS: tuple[Check, ...] = (
     Check("ciphertext-bound-to-row", _checks.ciphertext_bound_to_row),
     Check("foreign-ids-like-missing", _checks.foreign_ids_like_missing),
     Check("delete-shreds-and-purges", _checks.delete_shreds_and_purges),
+    Check("delete-with-runs-in-flight", _checks.delete_with_runs_in_flight),
     Check("same-cache-key-material", _checks.same_cache_key_material),
     Check("first-dek-race", _checks.first_dek_race),
     Check("thread-pool-context", _checks.thread_pool_context),
@@ -166,7 +167,12 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 def _one_line(err: BaseException) -> str:
     err, suffix = _root_failure(err)
-    text = (str(err) if isinstance(err, ConformanceFailure) else f"{type(err).__name__}: {err}") + suffix
+    text = str(err) if isinstance(err, ConformanceFailure) else f"{type(err).__name__}: {err}"
+    cause = err.__cause__
+    if cause is not None and not isinstance(err, ConformanceFailure):
+        first = (str(cause).strip().splitlines() or [""])[0]
+        text += f" (caused by {type(cause).__name__}: {first})"
+    text += suffix
     text = " ".join(text.split())
     return text if len(text) <= 600 else text[:597] + "..."
 
@@ -224,21 +230,46 @@ def run_conformance(
             "the conformance suite needs hypothesis: pip install 'patinox[conformance]'", extra="conformance"
         ) from err
     names = select_deployments(models, postgres=admin_url is not None)
+    if any(n.startswith("pg-") for n in names):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError as err:
+            raise MissingDependency(
+                "PostgreSQL needs psycopg: pip install 'patinox[postgres]'", extra="postgres"
+            ) from err
     result = ConformanceResult(deployments=names, postgres=any(n.startswith("pg-") for n in names))
     markers = Markers()
     if admin_url is None:
         out("note: no PostgreSQL admin URL given: PostgreSQL storage models (pool, bridge, silo) NOT checked")
     with ExitStack() as stack:
         base = Path(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="patinox-conformance-", dir=sqlite_dir))
+            stack.enter_context(
+                tempfile.TemporaryDirectory(
+                    prefix="patinox-conformance-", dir=sqlite_dir, ignore_cleanup_errors=True
+                )
+            )
         )
         env = _Env(stack, examples)
         pg: PostgresDeployment | None = None
         pg_error: BaseException | None = None
         if result.postgres:
             assert admin_url is not None
+
+            def cleanup_failed(what: str, err: BaseException) -> None:
+                _record(
+                    result,
+                    out,
+                    CheckOutcome(
+                        deployment="postgres",
+                        check="cleanup",
+                        passed=False,
+                        reason=f"{what}: {_one_line(err)}",
+                        detail=_detail(err, []),
+                    ),
+                )
+
             try:
-                pg = stack.enter_context(scratch_postgres(admin_url))
+                pg = stack.enter_context(scratch_postgres(admin_url, on_cleanup_error=cleanup_failed))
             except Exception as err:
                 pg_error = err
         for name in names:
@@ -262,12 +293,7 @@ def _run_deployment(
     checks = [c for c in CHECKS if c.applies(name)]
 
     def record(outcome: CheckOutcome) -> None:
-        result.outcomes.append(outcome)
-        if outcome.passed:
-            result.passed += 1
-        else:
-            result.failed += 1
-        out(outcome.line())
+        _record(result, out, outcome)
 
     def setup_failed(err: BaseException) -> None:
         for c in checks:
@@ -303,6 +329,15 @@ def _run_deployment(
                     detail=_detail(err, []),
                 )
             )
+
+
+def _record(result: ConformanceResult, out: Callable[[str], None], outcome: CheckOutcome) -> None:
+    result.outcomes.append(outcome)
+    if outcome.passed:
+        result.passed += 1
+    else:
+        result.failed += 1
+    out(outcome.line())
 
 
 def _run_check(c: Check, target: Target, env: _Env) -> CheckOutcome:

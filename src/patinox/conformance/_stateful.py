@@ -35,12 +35,13 @@ Shrinking is off: each step is real I/O, and the failing sequence is reported as
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
@@ -53,7 +54,16 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from patinox.conformance._deployment import ID_RE, PROBES, Answer, Target, auth, check, memory_get_call
+from patinox.conformance._deployment import (
+    ID_RE,
+    PROBES,
+    Answer,
+    ConformanceFailure,
+    Target,
+    auth,
+    check,
+    memory_get_call,
+)
 from patinox.tenancy import new_id
 
 N_TENANTS = 3
@@ -64,6 +74,7 @@ TOOLS = ["memory_get", "memory_list"]
 SHARED_AGENT_NAMES = ("helper", "planner")
 SHARED_KEYS = ("shared-0", "shared-1")
 _EVERYTHING = "since=2000-01-01T00:00:00Z"
+_Step = TypeVar("_Step", bound=Callable[..., None])
 _SLOT = st.integers(0, N_TENANTS - 1)
 _PICK = st.integers(0, 1_000_000)
 
@@ -111,7 +122,7 @@ def run_stateful(t: Target, *, examples: int, steps: int, report: Callable[[obje
     Raises:
         AssertionError: a check failed (hypothesis reports the steps to ``report``).
     """
-    machine = machine_for(t)
+    machine, seen = machine_for(t)
     config = settings(
         max_examples=examples,
         stateful_step_count=steps,
@@ -124,17 +135,42 @@ def run_stateful(t: Target, *, examples: int, steps: int, report: Callable[[obje
         report_multiple_bugs=False,
         print_blob=False,
     )
-    with with_reporter(report):
-        run_state_machine_as_test(machine, settings=config)
+    try:
+        with with_reporter(report):
+            run_state_machine_as_test(machine, settings=config)
+    except ConformanceFailure:
+        raise
+    except Exception as err:
+        if not seen:
+            raise
+        raise ConformanceFailure(f"{seen[0]} (then hypothesis: {type(err).__name__})") from err
 
 
-def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one class, many small rules
-    """The state machine class bound to deployment ``t``."""
+def machine_for(t: Target) -> tuple[type[RuleBasedStateMachine], list[str]]:  # noqa: C901
+    """The state machine class bound to deployment ``t`` (one class, many small rules), and
+    the list its steps append their failures to, first first."""
     example_numbers = itertools.count()
     owner_of: dict[str, _Incarnation] = {}  # marker or id -> its owner, across examples
     # Tenants handed from one example to the next, emptied through the API in teardown
     # (creating a silo tenant costs a database; emptying one costs a few requests).
     kept: list[_Incarnation | None] = [None] * N_TENANTS
+    failures: list[str] = []
+
+    def noted(fn: _Step) -> _Step:
+        """Record a step's failure before hypothesis sees it: hypothesis may report a
+        failure it could not replay as "flaky" and drop the original message."""
+
+        @functools.wraps(fn)
+        def step(self: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                fn(self, *args, **kwargs)
+            except Exception as err:
+                failures.append(
+                    str(err) if isinstance(err, AssertionError) else f"{type(err).__name__}: {err}"
+                )
+                raise
+
+        return cast(_Step, step)
 
     class TenantIsolation(RuleBasedStateMachine):
         def __init__(self) -> None:
@@ -243,6 +279,7 @@ def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one c
         # -- agents --------------------------------------------------------------------
 
         @rule(slot=_SLOT, shared=st.booleans(), pick=_PICK)
+        @noted
         def create_agent(self, slot: int, shared: bool, pick: int) -> None:
             inc = self.slots[slot]
             name = SHARED_AGENT_NAMES[pick % 2] if shared else self._atom(inc)
@@ -261,6 +298,7 @@ def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one c
             self._own(inc, got["id"])
 
         @rule(slot=_SLOT, pick=_PICK)
+        @noted
         def get_agent(self, slot: int, pick: int) -> None:
             inc = self.slots[slot]
             aid = _pick(sorted(inc.agents), pick) or new_id("ag")
@@ -276,6 +314,7 @@ def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one c
             check((got["name"], got["instructions"]) == (a.name, a.instructions), f"agent {aid} is {got}")
 
         @rule(slot=_SLOT, pick=_PICK, rename=st.booleans(), shared=st.booleans())
+        @noted
         def update_agent(self, slot: int, pick: int, rename: bool, shared: bool) -> None:
             inc = self.slots[slot]
             aid = _pick(sorted(inc.agents), pick)
@@ -300,6 +339,7 @@ def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one c
             check((got["name"], got["instructions"]) == (agent.name, agent.instructions), f"updated: {got}")
 
         @rule(slot=_SLOT, pick=_PICK)
+        @noted
         def delete_agent(self, slot: int, pick: int) -> None:
             inc = self.slots[slot]
             aid = _pick(sorted(inc.agents), pick) or new_id("ag")
@@ -319,6 +359,7 @@ def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one c
         # -- memory --------------------------------------------------------------------
 
         @rule(slot=_SLOT, which=st.sampled_from(["shared", "new", "existing"]), pick=_PICK)
+        @noted
         def memory_put(self, slot: int, which: str, pick: int) -> None:
             inc = self.slots[slot]
             if which == "shared":
@@ -333,6 +374,7 @@ def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one c
             inc.memory[key] = value
 
         @rule(slot=_SLOT, pick=_PICK)
+        @noted
         def memory_get(self, slot: int, pick: int) -> None:
             inc = self.slots[slot]
             key = _pick(sorted(inc.memory), pick) or self._atom(inc)
@@ -346,6 +388,7 @@ def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one c
             check(r.json()["value"] == inc.memory[key], f"memory {key} is {r.json()}, not {inc.memory[key]}")
 
         @rule(slot=_SLOT, pick=_PICK)
+        @noted
         def memory_delete(self, slot: int, pick: int) -> None:
             inc = self.slots[slot]
             key = _pick(sorted(inc.memory), pick) or self._atom(inc)
@@ -366,6 +409,7 @@ def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one c
             tool=st.sampled_from(["none", "own", "foreign", "missing", "list"]),
             mode=st.sampled_from(["sync", "async"]),
         )
+        @noted
         def run(self, slot: int, pick: int, tool: str, mode: str) -> None:
             inc = self.slots[slot]
             aid = _pick(sorted(inc.agents), pick)
@@ -416,6 +460,7 @@ def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one c
                 time.sleep(0.005)
 
         @rule(slot=_SLOT, pick=_PICK, by_agent=st.booleans())
+        @noted
         def get_run(self, slot: int, pick: int, by_agent: bool) -> None:
             inc = self.slots[slot]
             if by_agent:
@@ -447,6 +492,7 @@ def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one c
         # -- probes of other tenants' objects -------------------------------------------
 
         @rule(slot=_SLOT, probe=st.sampled_from(PROBES), pick=_PICK)
+        @noted
         def probe_foreign(
             self, slot: int, probe: tuple[str, str, str, dict[str, Any] | None], pick: int
         ) -> None:
@@ -474,6 +520,7 @@ def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one c
         # -- reads that return everything of a tenant ----------------------------------------
 
         @rule(slot=_SLOT, what=st.sampled_from(["me", "audit", "usage", "prefix"]))
+        @noted
         def read_everything(self, slot: int, what: str) -> None:
             inc = self.slots[slot]
             path = {
@@ -509,6 +556,7 @@ def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one c
 
         @precondition(lambda self: self._slots_in("active", "suspended"))
         @rule(pick=_PICK)
+        @noted
         def suspend_or_resume(self, pick: int) -> None:
             self.dirty = set(_LISTS)
             slot = _pick_int(self._slots_in("active", "suspended"), pick)
@@ -523,6 +571,7 @@ def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one c
 
         @precondition(lambda self: self._slots_in("active", "suspended") and self.deletions < MAX_DELETIONS)
         @rule(pick=_PICK)
+        @noted
         def delete_tenant(self, pick: int) -> None:
             self.dirty = set(_LISTS)
             slot = _pick_int(self._slots_in("active", "suspended"), pick)
@@ -535,6 +584,7 @@ def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one c
 
         @precondition(lambda self: self._slots_in("deleted"))
         @rule(pick=_PICK)
+        @noted
         def recreate_tenant(self, pick: int) -> None:
             self.dirty = set(_LISTS)
             slot = _pick_int(self._slots_in("deleted"), pick)
@@ -547,6 +597,7 @@ def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one c
         # -- after every step -----------------------------------------------------------------
 
         @invariant()
+        @noted
         def every_tenant_sees_exactly_its_own(self) -> None:
             lists, self.dirty = self.dirty, set()
             for inc in self.slots:
@@ -613,7 +664,7 @@ def machine_for(t: Target) -> type[RuleBasedStateMachine]:  # noqa: C901 - one c
                 r = self.call(inc, "GET", path)
                 check(r.status_code == 200 and r.json() == [], f"{path} not empty after emptying")
 
-    return TenantIsolation
+    return TenantIsolation, failures
 
 
 _LISTS = ("agents", "memory", "runs")
