@@ -229,13 +229,19 @@ def make_tenant(client: TestClient, operator_key: str, deployment: Deployment) -
 
 
 def raw_db_bytes(db_url: str) -> bytes:
-    """Every byte of the SQLite database on disk, WAL included."""
+    """Every byte of the SQLite database on disk, WAL included.
+
+    Read in a child process: closing a file descriptor of the database in this process
+    would drop every POSIX lock SQLite holds on it here, and SQLite could then delete the
+    WAL under the server's open connections.
+    """
+    import subprocess
+    import sys
+
     path = Path(db_url.removeprefix("sqlite:///"))
-    out = b""
-    for p in (path, path.with_name(path.name + "-wal")):
-        if p.exists():
-            out += p.read_bytes()
-    return out
+    files = [str(p) for p in (path, path.with_name(path.name + "-wal")) if p.exists()]
+    code = "import sys\nfor f in sys.argv[1:]:\n    sys.stdout.buffer.write(open(f, 'rb').read())"
+    return subprocess.run([sys.executable, "-c", code, *files], check=True, capture_output=True).stdout
 
 
 def count_tenant_rows(deployment: Deployment, tenant_id: str) -> dict[str, int]:
