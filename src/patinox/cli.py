@@ -531,6 +531,16 @@ PassEnv = Annotated[
 PassFile = Annotated[Path | None, typer.Option(help="read the bundle passphrase from this file")]
 
 
+def _storage_model(value: str) -> Any:
+    """The StorageModel named ``value``, or a one-line error listing the valid names."""
+    from patinox.tenancy import StorageModel
+
+    try:
+        return StorageModel(value.lower())
+    except ValueError:
+        _fail(f"unknown storage model {value!r}; use one of: {', '.join(m.value for m in StorageModel)}")
+
+
 @tenants_app.command("export", cls=_Command)
 def tenants_export(
     tenant_id: str,
@@ -589,12 +599,11 @@ def tenants_import(
     """Create a tenant (new id, new keys) from a bundle; integrity is checked before any write,
     and a failed import leaves nothing behind."""
     from patinox.control.transfer import import_tenant
-    from patinox.tenancy import StorageModel
 
     rt = _runtime(data_dir)
     private = identity.read_bytes() if identity is not None else None
     secret = None if private is not None else _secret(passphrase_env, passphrase_file, confirm=False)
-    model = StorageModel(storage_model) if storage_model else None
+    model = _storage_model(storage_model) if storage_model else None
     with _progress_bar("importing") as update:
         tenant = import_tenant(
             rt.backend,
@@ -622,12 +631,11 @@ def tenants_move(
     """Move a tenant to another storage model online: reads go on, writes are held briefly,
     the old copy is removed after the switch."""
     from patinox.control.transfer import move_tenant
-    from patinox.tenancy import StorageModel
 
     rt = _runtime(data_dir)
     tid = _tenant_id(rt, tenant_id)
     with _progress_bar("moving") as update:
-        summary = move_tenant(rt.backend, tid, StorageModel(to), actor=ACTOR, progress=update)
+        summary = move_tenant(rt.backend, tid, _storage_model(to), actor=ACTOR, progress=update)
     copied = sum(summary.rows.values())
     _say(
         f"Moved {tid} from {summary.from_model.value} to {summary.to_model.value}: {copied} rows copied "

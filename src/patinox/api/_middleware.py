@@ -62,6 +62,24 @@ class TenancyMiddleware:
             await self.app(scope, receive, send)
             return
         clear_inherited_tenant()
+        if (
+            "\x00" in scope["path"]
+            or b"%00" in scope.get("query_string", b"")
+            or b"\x00" in scope.get("query_string", b"")
+        ):
+            await _send_json(
+                send,
+                422,
+                {
+                    "error": {
+                        "code": "invalid_request",
+                        "message": "NUL characters are not allowed",
+                        "details": {},
+                    }
+                },
+                {},
+            )
+            return
         path: str = scope["path"]
         tenant_route = path.startswith("/v1/") or path == "/v1"
         admin_route = path.startswith("/admin/") or path == "/admin"

@@ -100,6 +100,7 @@ class Runtime:
         tenants = TenantManager(backend)
         runs = RunService(backend, NamespaceExecutor(), queue=queue, budget=budget)
         tenants.subscribe(runs.on_tenant_event)
+        tenants.subscribe(runs.on_limits_changed)
         # No decrypted key of a suspended or deleted tenant stays in memory.
         tenants.subscribe(
             lambda tid, event: backend.keyring.forget(tid) if event in ("suspended", "deleted") else None

@@ -359,6 +359,22 @@ class RunService:
         if run["status"] not in ("queued", "running"):
             done(0)  # finished by a worker that died before releasing it
             return run
+        principal = str(run["principal"])
+        if principal.startswith("key_") and not self._backend.key_may(principal, tenant["id"], "runs:write"):
+            # The API key that queued the run was revoked (or lost the scope) meanwhile;
+            # runs queued by an operator (the CLI) carry no key.
+            values = {
+                "status": "failed",
+                "finished_at": utcnow(),
+                "error": {
+                    "code": "run_failed",
+                    "reason": "key_revoked",
+                    "message": "the key that queued this run was revoked",
+                },
+            }
+            store.update_run(run["id"], values)
+            done(0)
+            return {**run, **values}
         ctx = TenantContext(
             tenant_id=tenant["id"],
             principal=run["principal"],
@@ -368,6 +384,7 @@ class RunService:
             isolation_level=IsolationLevel(tenant["isolation_level"]),
             storage_model=StorageModel(tenant["storage_model"]),
         )
+        store = self._backend.tenant_store(ctx)  # with the tenant's quotas (memory_bytes)
         limits = dataclasses.replace(self._run_limits(ctx, agent), max_total_tokens=claim.reserved_tokens)
         store.update_run(run["id"], {"status": "running", "started_at": utcnow()})
         task = self._track(
@@ -469,6 +486,16 @@ class RunService:
             with contextlib.suppress(NotFound):
                 self._backend.acting_on(tenant_id).update_run(run_id, values)
         return back + len(holds)
+
+    def on_limits_changed(self, tenant_id: str, event: str) -> None:
+        """Tenant-manager listener: queued runs take the tenant's new cap and priority."""
+        if event != "updated":
+            return
+        tenant = self._backend.get_tenant(tenant_id)
+        limits = effective_limits(tenant["plan"], tenant["limit_overrides"])
+        self.queue.retune(
+            tenant_id, max_running=limits.max_concurrent_runs, priority=get_plan(tenant["plan"]).priority
+        )
 
     def set_wakeup(self, event: asyncio.Event) -> None:
         """The event an in-process worker waits on; set when a run is queued here."""

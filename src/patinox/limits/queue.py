@@ -288,6 +288,22 @@ class FairRunQueue:
                 )
         return None
 
+    def retune(self, tenant_id: str, *, max_running: int, priority: int) -> None:
+        """Apply a tenant's new concurrency cap and priority to its queued runs (its weight
+        applies to runs queued from now on)."""
+        q = s.run_queue
+        with self._backend._tx() as conn:
+            conn.execute(
+                update(q)
+                .where(q.c.tenant_id == tenant_id, q.c.finish_tag > 0)
+                .values(max_running=max_running, priority=priority)
+            )
+            conn.execute(
+                update(q)
+                .where(q.c.tenant_id == tenant_id, q.c.finish_tag == 0)
+                .values(max_running=max_running)
+            )
+
     def renew(self, claims: list[Claim], *, lease_s: float = DEFAULT_LEASE_S) -> None:
         """Extend the leases of runs still being worked on."""
         if not claims:

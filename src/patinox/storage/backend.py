@@ -312,6 +312,17 @@ class SqlBackend:
             data.pop(k, None)
         return data, tenant
 
+    def key_may(self, key_id: str, tenant_id: str, scope: str) -> bool:
+        """True when ``key_id`` is a live (unrevoked) key of ``tenant_id`` holding ``scope``."""
+        k = s.api_keys
+        with self._tx() as conn:
+            row = conn.execute(
+                select(k.c.scopes).where(
+                    k.c.id == key_id, k.c.tenant_id == tenant_id, k.c.revoked_at.is_(None)
+                )
+            ).first()
+        return row is not None and scope in row[0]
+
     def list_api_keys(self, tenant_id: str | None) -> list[Row]:
         """Keys of one tenant (or operator keys when ``tenant_id`` is None), no hashes."""
         cond = s.api_keys.c.tenant_id.is_(None) if tenant_id is None else s.api_keys.c.tenant_id == tenant_id

@@ -120,6 +120,9 @@ def translate_errors() -> Iterator[None]:
         raise AlreadyExists("a record with that key already exists") from err
     except OverflowError as err:
         raise InvalidRequest("a value is out of the range the database can store") from err
+    except exc.DataError as err:
+        # The database refused a value (e.g. a NUL character in PostgreSQL text).
+        raise InvalidRequest("a value cannot be stored (invalid characters or format)") from err
     except exc.StatementError as err:
         if isinstance(err.orig, OverflowError | ValueError) and not isinstance(err, exc.DBAPIError):
             # Raised while binding a parameter, before the database saw anything.
