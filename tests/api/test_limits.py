@@ -169,3 +169,26 @@ def test_memory_bytes_quota(client: TestClient, make_tenant: Any) -> None:
     assert client.get("/v1/memory", headers=a.h).json() == ["a"]
     # Replacing a value counts only the new size.
     assert client.put("/v1/memory/a", json={"value": "z" * 250}, headers=a.h).status_code == 200
+
+
+def test_memory_bytes_quota_holds_under_concurrent_writes(client: TestClient, make_tenant: Any) -> None:
+    """Eight writers released together, each storing a value that fits alone: the stored
+    total never passes the quota (the check and the write are one serialised step)."""
+    a = make_tenant("alpha", limits={"memory_bytes": 1500, "requests_per_minute": 1000})
+    barrier = threading.Barrier(8)
+    codes: list[int] = []
+
+    def put(i: int) -> None:
+        barrier.wait()
+        codes.append(client.put(f"/v1/memory/k{i}", json={"value": "v" * 300}, headers=a.h).status_code)
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stored = len(client.get("/v1/memory", headers=a.h).json())
+    assert codes.count(200) == stored and stored >= 1
+    assert set(codes) <= {200, 429}
+    # Each sealed 300-byte value takes about 450 bytes: at most 3 fit in 1,500.
+    assert stored <= 3

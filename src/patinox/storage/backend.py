@@ -707,34 +707,35 @@ class TenantStore:
         if not 1 <= len(key) <= 200:
             raise InvalidRequest("memory keys are 1-200 characters", field="key")
         value = self._sealer.seal("memory.value", key, value)
+        m = s.memory
         with self._tx() as conn:
+            if self._memory_limit is not None and self._placement.postgres:
+                # Concurrent writers of one tenant take turns, so the total below is exact.
+                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": self.tenant_id})
+            # Write first (on SQLite this takes the write lock), then check the new total;
+            # over the quota, the exception rolls the write back.
+            n = conn.execute(
+                update(m).where(*self._where(m, key=key)).values(value=value, updated_at=utcnow())
+            ).rowcount
+            if n == 0:
+                conn.execute(
+                    insert(m).values(tenant_id=self.tenant_id, key=key, value=value, updated_at=utcnow())
+                )
             if self._memory_limit is not None:
-                m = s.memory
-                others = conn.execute(
-                    select(func.coalesce(func.sum(func.length(m.c.value)), 0)).where(
-                        *self._where(m), m.c.key != key
-                    )
-                ).scalar_one()
-                if int(others) + len(value) > self._memory_limit:
+                total = int(
+                    conn.execute(
+                        select(func.coalesce(func.sum(func.length(m.c.value)), 0)).where(*self._where(m))
+                    ).scalar_one()
+                )
+                if total > self._memory_limit:
                     raise QuotaExceeded(
                         f"agent memory would pass its limit of {self._memory_limit} bytes",
                         tenant_id=self.tenant_id,
                         quota="memory_bytes",
                         limit=self._memory_limit,
-                        used=int(others),
+                        used=total - len(value),
                         requested=len(value),
                     )
-            n = conn.execute(
-                update(s.memory)
-                .where(*self._where(s.memory, key=key))
-                .values(value=value, updated_at=utcnow())
-            ).rowcount
-            if n == 0:
-                conn.execute(
-                    insert(s.memory).values(
-                        tenant_id=self.tenant_id, key=key, value=value, updated_at=utcnow()
-                    )
-                )
 
     def memory_delete(self, key: str) -> None:
         """Remove ``key``. Raises :class:`NotFound`."""
