@@ -146,14 +146,10 @@ class Placements:
                 return
             if self.postgres:
                 db = database_name(self._silo_url(tenant_id, owner=True))
-                admin = create_engine(normalise_url(self.owner_url), isolation_level="AUTOCOMMIT")
-                try:
-                    with admin.connect() as conn:
-                        conn.exec_driver_sql(f'CREATE DATABASE "{db}"')
-                        if self.app_role:
-                            conn.exec_driver_sql(f'GRANT CONNECT ON DATABASE "{db}" TO "{self.app_role}"')
-                finally:
-                    admin.dispose()
+                statements = [f'CREATE DATABASE "{db}"']
+                if self.app_role:
+                    statements.append(f'GRANT CONNECT ON DATABASE "{db}" TO "{self.app_role}"')
+                self._outside_transaction(statements)
                 owner = make_engine(self._silo_url(tenant_id, owner=True), pool_size=1)
                 try:
                     migrate(owner, app_role=self.app_role)
@@ -166,6 +162,16 @@ class Placements:
             for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
                 if p.exists():
                     p.chmod(0o600)  # a tenant's whole database: readable by the server only
+
+    def _outside_transaction(self, statements: list[str]) -> None:
+        """Run statements as the owner with autocommit (CREATE/DROP DATABASE need it)."""
+        admin = create_engine(normalise_url(self.owner_url), isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                for sql in statements:
+                    conn.exec_driver_sql(sql)
+        finally:
+            admin.dispose()
 
     def destroy(self, tenant_id: str, model: StorageModel) -> None:
         """Drop the tenant's schema / database / file (nothing for pool); idempotent."""
@@ -180,12 +186,7 @@ class Placements:
             self._forget_silo(tenant_id)
             if self.postgres:
                 db = database_name(self._silo_url(tenant_id, owner=True))
-                admin = create_engine(normalise_url(self.owner_url), isolation_level="AUTOCOMMIT")
-                try:
-                    with admin.connect() as conn:
-                        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-                finally:
-                    admin.dispose()
+                self._outside_transaction([f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'])
                 return
             path = self._silo_path(tenant_id)
             for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
