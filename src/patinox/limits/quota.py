@@ -187,7 +187,3 @@ class TokenBudget:
                 select(ledger.c.spent, ledger.c.reserved).where(*self._where(tenant_id, period))  # type: ignore[arg-type]
             ).first()
         return (0, 0) if row is None else (int(row[0]), int(row[1]))
-
-    def period_now(self) -> str:
-        """Today's period key (UTC date)."""
-        return self._period()[0]

@@ -803,12 +803,3 @@ class TenantStore:
             q = q.where(s.usage_records.c.at >= since)
         with self._tx() as conn:
             return [dict(r) for r in conn.execute(q.order_by(s.usage_records.c.at).limit(limit)).mappings()]
-
-    def tokens_used_since(self, since: datetime) -> int:
-        """Model tokens (input + output) recorded for this tenant since ``since``."""
-        u = s.usage_records
-        q = select(func.coalesce(func.sum(u.c.input_tokens + u.c.output_tokens), 0)).where(
-            *self._where(u), u.c.at >= since
-        )
-        with self._tx() as conn:
-            return int(conn.execute(q).scalar_one())
