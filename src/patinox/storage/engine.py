@@ -31,6 +31,9 @@ from patinox.errors import (
 )
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
+#: PostgreSQL advisory-lock key that serialises migrations of one database (any constant
+#: unlikely to collide with an application's own advisory locks: "patinox\0" as int64).
+_MIGRATION_LOCK_KEY = int.from_bytes(b"patinox\0", "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def normalise_url(url: str) -> str:
@@ -148,6 +151,12 @@ def migrate(engine: Engine, *, schema: str | None = None, app_role: str | None =
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Every server and worker migrates on start. Concurrent GRANTs on the same
+            # objects fail with "tuple concurrently updated" and concurrent upgrades race
+            # on alembic_version, so one process migrates a database at a time; the lock
+            # is released at commit.
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})")
         if schema is not None:
             conn.exec_driver_sql(f'SET LOCAL search_path TO "{schema}"')
         cfg.attributes["connection"] = conn
