@@ -38,7 +38,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Connection, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from patinox.errors import ConcurrencyLimited
 from patinox.storage import SqlBackend, utcnow
@@ -46,6 +48,19 @@ from patinox.storage import _schema as s
 
 #: How long a claim holds a run without renewal, seconds.
 DEFAULT_LEASE_S = 30.0
+
+# Statements every synchronous run executes, built once (see patinox.storage.backend).
+_Q, _QT = s.run_queue, s.queue_tenants
+_HELD = select(func.count()).where(_Q.c.tenant_id == bindparam("b_tenant"), _Q.c.claimed_by.is_not(None))
+_INSERT_ENTRY = insert(_Q)
+_RELEASE = delete(_Q).where(_Q.c.tenant_id == bindparam("b_tenant"), _Q.c.run_id == bindparam("b_run"))
+_LAST_TAG = select(_QT.c.last_tag).where(_QT.c.tenant_id == bindparam("b_tenant"))
+_LOCK_TENANT = _LAST_TAG.with_for_update()
+#: The tenant's queue row unless it exists, per dialect (parameters: tenant_id, last_tag).
+_ENSURE_TENANT = {
+    "postgresql": pg_insert(_QT).on_conflict_do_nothing(),
+    "sqlite": sqlite_insert(_QT).on_conflict_do_nothing(),
+}
 
 
 def worker_id(kind: str = "worker") -> str:
@@ -144,26 +159,14 @@ class FairRunQueue:
 
     def _ensure_tenant_row(self, conn: Connection, tenant_id: str) -> None:
         """Create the tenant's queue row if it is missing (one statement, a write)."""
-        qt = s.queue_tenants
-        stmt: Any
-        if self._postgres:
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            stmt = pg_insert(qt).values(tenant_id=tenant_id, last_tag=0.0).on_conflict_do_nothing()
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            stmt = sqlite_insert(qt).values(tenant_id=tenant_id, last_tag=0.0).on_conflict_do_nothing()
-        conn.execute(stmt)
+        conn.execute(_ENSURE_TENANT[conn.dialect.name], {"tenant_id": tenant_id, "last_tag": 0.0})
 
     def _lock_tenant(self, conn: Connection, tenant_id: str) -> float:
         """Lock (creating if needed) the tenant's queue row; returns its last finish tag."""
-        qt = s.queue_tenants
-        q = select(qt.c.last_tag).where(qt.c.tenant_id == tenant_id).with_for_update()
-        last = conn.execute(q).scalar()
+        last = conn.execute(_LOCK_TENANT, {"b_tenant": tenant_id}).scalar()
         if last is None:
             self._ensure_tenant_row(conn, tenant_id)
-            last = conn.execute(q).scalar_one()
+            last = conn.execute(_LOCK_TENANT, {"b_tenant": tenant_id}).scalar_one()
         return float(last)
 
     # -- holds (synchronous runs) -----------------------------------------------------
@@ -198,28 +201,24 @@ class FairRunQueue:
                     in_flight=held,
                     retry_after_s=1,
                 )
+            now = utcnow()
+            entry = {"tenant_id": tenant_id, "run_id": run_id, "priority": 0, "finish_tag": 0.0}
             conn.execute(
-                insert(s.run_queue).values(
-                    tenant_id=tenant_id,
-                    run_id=run_id,
-                    priority=0,
-                    finish_tag=0.0,
-                    max_running=max_running,
-                    reserved_tokens=0,
-                    quota_period="",
-                    enqueued_at=utcnow(),
-                    claimed_by=holder,
-                    lease_until=utcnow() + timedelta(seconds=lease_s),
-                )
+                _INSERT_ENTRY,
+                {
+                    **entry,
+                    "max_running": max_running,
+                    "reserved_tokens": 0,
+                    "quota_period": "",
+                    "enqueued_at": now,
+                    "claimed_by": holder,
+                    "lease_until": now + timedelta(seconds=lease_s),
+                },
             )
 
     @staticmethod
     def _held(conn: Connection, tenant_id: str) -> int:
-        q = s.run_queue
-        n = conn.execute(
-            select(func.count()).where(q.c.tenant_id == tenant_id, q.c.claimed_by.is_not(None))
-        ).scalar_one()
-        return int(n)
+        return int(conn.execute(_HELD, {"b_tenant": tenant_id}).scalar_one())
 
     # -- workers ----------------------------------------------------------------------
 
@@ -320,9 +319,8 @@ class FairRunQueue:
 
     def release(self, tenant_id: str, run_id: str, *, conn: Connection | None = None) -> None:
         """Remove a finished run (or a synchronous hold) from the queue."""
-        q = s.run_queue
         with self._backend.control_tx(conn) as conn:
-            conn.execute(delete(q).where(q.c.tenant_id == tenant_id, q.c.run_id == run_id))
+            conn.execute(_RELEASE, {"b_tenant": tenant_id, "b_run": run_id})
 
     def requeue_expired(self, now: datetime | None = None) -> tuple[int, list[tuple[str, str]]]:
         """Put runs whose lease expired (their worker died) back in the queue, keeping

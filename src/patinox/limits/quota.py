@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import BigInteger, Connection, and_, bindparam, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from patinox.errors import QuotaExceeded
 from patinox.storage import SqlBackend
@@ -28,6 +30,36 @@ from patinox.storage import _schema as s
 
 TOKENS_PER_DAY = "tokens_per_day"
 RUNS_PER_DAY = "runs_per_day"
+
+# The ledger's statements, built once (every run executes several; building a statement
+# costs several times executing a prebuilt one). Parameters: q_tenant, q_quota, q_period,
+# and q_amount / q_limit / q_reserved / q_used.
+_L = s.quota_ledger
+_ROW = and_(
+    _L.c.tenant_id == bindparam("q_tenant"),
+    _L.c.quota == bindparam("q_quota"),
+    _L.c.period == bindparam("q_period"),
+)
+_AMOUNT = bindparam("q_amount", type_=BigInteger)
+_FITS = _L.c.spent + _L.c.reserved + _AMOUNT <= bindparam("q_limit", type_=BigInteger)
+#: Count an amount as spent at once, if it fits (consume).
+_TAKE_SPENT = update(_L).where(_ROW, _FITS).values(spent=_L.c.spent + _AMOUNT)
+#: Hold an amount as reserved, if it fits (reserve).
+_TAKE_RESERVED = update(_L).where(_ROW, _FITS).values(reserved=_L.c.reserved + _AMOUNT)
+_SETTLE = (
+    update(_L)
+    .where(_ROW)
+    .values(
+        reserved=_L.c.reserved - bindparam("q_reserved", type_=BigInteger),
+        spent=_L.c.spent + bindparam("q_used", type_=BigInteger),
+    )
+)
+_READ = select(_L.c.spent, _L.c.reserved).where(_ROW)
+#: Create a period's row with zero counters unless it exists, per dialect.
+_ENSURE = {
+    "postgresql": pg_insert(_L).on_conflict_do_nothing(),
+    "sqlite": sqlite_insert(_L).on_conflict_do_nothing(),
+}
 
 
 def day_start(now: datetime) -> datetime:
@@ -61,28 +93,32 @@ class TokenBudget:
         now = self._clock().astimezone(UTC)
         return now.date().isoformat(), now
 
-    def _ensure_row(self, conn: object, tenant_id: str, period: str, quota: str = TOKENS_PER_DAY) -> None:
-        ledger = s.quota_ledger
-        values = {
-            "tenant_id": tenant_id,
-            "quota": quota,
-            "period": period,
-            "spent": 0,
-            "reserved": 0,
-        }
-        if self._backend.engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
+    @staticmethod
+    def _ensure_row(conn: Connection, key: dict[str, str]) -> None:
+        row = {"tenant_id": key["q_tenant"], "quota": key["q_quota"], "period": key["q_period"]}
+        conn.execute(_ENSURE[conn.dialect.name], {**row, "spent": 0, "reserved": 0})
 
-            stmt: Any = pg_insert(ledger).values(**values).on_conflict_do_nothing()
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+    @staticmethod
+    def _key(tenant_id: str, period: str, quota: str = TOKENS_PER_DAY) -> dict[str, str]:
+        """The ledger row's key, as parameters of the statements above (and as columns)."""
+        return {"q_tenant": tenant_id, "q_quota": quota, "q_period": period}
 
-            stmt = sqlite_insert(ledger).values(**values).on_conflict_do_nothing()
-        conn.execute(stmt)  # type: ignore[attr-defined]
+    def _take(
+        self, conn: Connection, take: Any, key: dict[str, str], amount: int, limit: int
+    ) -> tuple[int, int] | None:
+        """Apply a conditional take; ``None`` when it fitted, else the row's (spent, reserved).
 
-    def _where(self, tenant_id: str, period: str, quota: str = TOKENS_PER_DAY) -> list[object]:
-        ledger = s.quota_ledger
-        return [ledger.c.tenant_id == tenant_id, ledger.c.quota == quota, ledger.c.period == period]
+        The update is tried first: the row exists for every run of the day but the first,
+        so the common case is one statement.
+        """
+        params = {**key, "q_amount": amount, "q_limit": limit}
+        if conn.execute(take, params).rowcount == 1:
+            return None
+        self._ensure_row(conn, key)
+        if conn.execute(take, params).rowcount == 1:
+            return None
+        spent, reserved = conn.execute(_READ, key).one()
+        return int(spent), int(reserved)
 
     def consume(
         self, tenant_id: str, quota: str, amount: int, limit: int, *, conn: Connection | None = None
@@ -93,29 +129,18 @@ class TokenBudget:
         Raises:
             QuotaExceeded: the quota's ``limit`` would be passed; nothing was counted.
         """
-        ledger = s.quota_ledger
         period, now = self._period()
-        where = self._where(tenant_id, period, quota)
-        take = (
-            update(ledger)
-            .where(*where)  # type: ignore[arg-type]
-            .where(ledger.c.spent + ledger.c.reserved + amount <= limit)
-            .values(spent=ledger.c.spent + amount)
-        )
         with self._backend.control_tx(conn) as conn:
-            if conn.execute(take).rowcount == 1:
-                return
-            self._ensure_row(conn, tenant_id, period, quota)
-            if conn.execute(take).rowcount == 1:
-                return
-            spent = conn.execute(select(ledger.c.spent).where(*where)).scalar_one()  # type: ignore[arg-type]
+            refused = self._take(conn, _TAKE_SPENT, self._key(tenant_id, period, quota), amount, limit)
+        if refused is None:
+            return
         reset = day_start(now) + timedelta(days=1)
         raise QuotaExceeded(
             f"daily quota {quota} of {limit} reached",
             tenant_id=tenant_id,
             quota=quota,
             limit=limit,
-            used=int(spent),
+            used=refused[0],
             requested=amount,
             reset_at=reset.isoformat(),
             retry_after_s=max(1, int((reset - now).total_seconds())),
@@ -130,29 +155,19 @@ class TokenBudget:
             QuotaExceeded: spent + reserved + ``tokens`` > ``limit``; fields give the limit,
                 usage, request and the reset time (next midnight UTC).
         """
-        ledger = s.quota_ledger
         period, now = self._period()
         with self._backend.control_tx(conn) as conn:
-            self._ensure_row(conn, tenant_id, period)
-            n = conn.execute(
-                update(ledger)
-                .where(*self._where(tenant_id, period))  # type: ignore[arg-type]
-                .where(ledger.c.spent + ledger.c.reserved + tokens <= limit)
-                .values(reserved=ledger.c.reserved + tokens)
-            ).rowcount
-            if n == 1:
-                return Reservation(tenant_id, period, tokens)
-            spent, reserved = conn.execute(
-                select(ledger.c.spent, ledger.c.reserved).where(*self._where(tenant_id, period))  # type: ignore[arg-type]
-            ).one()
+            refused = self._take(conn, _TAKE_RESERVED, self._key(tenant_id, period), tokens, limit)
+        if refused is None:
+            return Reservation(tenant_id, period, tokens)
         reset = day_start(now) + timedelta(days=1)
         raise QuotaExceeded(
             f"daily token budget of {limit} would be exceeded",
             tenant_id=tenant_id,
             quota=TOKENS_PER_DAY,
             limit=limit,
-            used=int(spent),
-            reserved=int(reserved),
+            used=refused[0],
+            reserved=refused[1],
             requested=tokens,
             reset_at=reset.isoformat(),
             retry_after_s=max(1, int((reset - now).total_seconds())),
@@ -170,20 +185,13 @@ class TokenBudget:
     ) -> None:
         """Settle a reservation known only by its numbers (a worker settling an API
         process's reservation of a queued run)."""
-        ledger = s.quota_ledger
+        params = {**self._key(tenant_id, period), "q_reserved": reserved, "q_used": used}
         with self._backend.control_tx(conn) as conn:
-            conn.execute(
-                update(ledger)
-                .where(*self._where(tenant_id, period))  # type: ignore[arg-type]
-                .values(reserved=ledger.c.reserved - reserved, spent=ledger.c.spent + used)
-            )
+            conn.execute(_SETTLE, params)
 
     def spent_today(self, tenant_id: str) -> tuple[int, int]:
         """(spent, reserved) tokens of ``tenant_id`` today."""
-        ledger = s.quota_ledger
         period, _ = self._period()
         with self._backend._tx() as conn:
-            row = conn.execute(
-                select(ledger.c.spent, ledger.c.reserved).where(*self._where(tenant_id, period))  # type: ignore[arg-type]
-            ).first()
+            row = conn.execute(_READ, self._key(tenant_id, period)).first()
         return (0, 0) if row is None else (int(row[0]), int(row[1]))
