@@ -36,6 +36,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.sql.elements import BindParameter
 
 from patinox.errors import (
     AlreadyExists,
@@ -63,7 +64,7 @@ Row = dict[str, Any]
 # executing a prebuilt one about 20 us (bench: a sync run issues a dozen), so the hot path
 # reuses these and passes values as parameters. Tenant-store statements take the tenant as
 # the parameter ``b_tenant_id``, which only TenantStore._exec supplies (from its binding).
-_B_TENANT = bindparam("b_tenant_id")
+_B_TENANT: BindParameter[str] = bindparam("b_tenant_id")
 _GET_AGENT = select(s.agents).where(s.agents.c.tenant_id == _B_TENANT, s.agents.c.id == bindparam("b_id"))
 _GET_RUN = select(s.runs).where(s.runs.c.tenant_id == _B_TENANT, s.runs.c.id == bindparam("b_id"))
 #: Executed with the columns to set as parameters (SET follows the parameter names).
