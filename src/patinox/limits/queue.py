@@ -229,11 +229,16 @@ class FairRunQueue:
         """
         q = s.run_queue
         t = s.tenants
+        # Runs held per tenant, counted once over the claimed rows (few: at most the caps).
+        # A count correlated to each candidate row instead re-scanned a tenant's whole
+        # backlog per queued run: quadratic, so one tenant's thousands of queued runs
+        # made every claim of every tenant take seconds.
         held = s.run_queue.alias("held")
         held_now = (
-            select(func.count())
-            .where(held.c.tenant_id == q.c.tenant_id, held.c.claimed_by.is_not(None))
-            .scalar_subquery()
+            select(held.c.tenant_id, func.count().label("n"))
+            .where(held.c.claimed_by.is_not(None))
+            .group_by(held.c.tenant_id)
+            .subquery("held_now")
         )
         candidates = (
             select(
@@ -244,11 +249,13 @@ class FairRunQueue:
                 q.c.reserved_tokens,
                 q.c.quota_period,
             )
-            .select_from(q.join(t, t.c.id == q.c.tenant_id))
+            .select_from(
+                q.join(t, t.c.id == q.c.tenant_id).outerjoin(held_now, held_now.c.tenant_id == q.c.tenant_id)
+            )
             # Tenants at their cap are skipped here (re-checked under the tenant's lock
             # below), so a run of a tenant with room is never stuck behind them.
             .where(q.c.claimed_by.is_(None), t.c.state == "active", t.c.moving_to.is_(None))
-            .where(held_now < q.c.max_running)
+            .where(func.coalesce(held_now.c.n, 0) < q.c.max_running)
             .order_by(q.c.priority.desc(), q.c.finish_tag, q.c.run_id)
             .limit(scan)
         )
