@@ -84,3 +84,51 @@ def test_one_tenants_queued_backlog_does_not_slow_every_claim(runtime: Runtime, 
         enqueue(a.id, 300, 900)
         large = work_to_claim_beta(1)
         assert large < 8 * max(small, 1), (small, large)
+
+
+def test_a_long_sync_run_keeps_its_concurrency_slot(
+    client: TestClient, make_tenant: Any, runtime: Runtime, monkeypatch: Any
+) -> None:
+    """Attack: a tenant whose runs may last longer than 300 s (enterprise: run_timeout_s
+    900; or an override) starts a slow synchronous run. Its concurrency slot is a queue
+    hold with a fixed 300 s lease that nothing renews, so once 300 s have passed the
+    reaper (every worker, every 0.2 s when idle) drops the hold as if the API process had
+    died and records the run ``failed``/``interrupted`` while it is still running. The
+    tenant's ``max_concurrent_runs`` then no longer counts it: the tenant can keep any
+    number of long runs in flight (shared event loop, provider capacity), and its run is
+    shown failed until it suddenly succeeds.
+
+    Correct: while the run is inside its timeout it keeps its slot (a second run is
+    refused 429 ``concurrency_limited``) and is not recorded as failed.
+    """
+    import threading
+    from datetime import timedelta
+
+    import patinox.limits.queue as queue_module
+    from patinox.storage import utcnow
+
+    a = make_tenant("alpha", limits={"max_concurrent_runs": 1, "run_timeout_s": 900})
+    slow = a.agent("slow", model="simulated:ttft_ms=3000,tpot_ms=0")
+    quick = a.agent("quick")
+    first: list[Any] = []
+    thread = threading.Thread(target=lambda: first.append(a.run(slow, "x", output_tokens=1)))
+    thread.start()
+    try:
+        for _ in range(500):
+            if runtime.queue.held(a.id):
+                break
+            threading.Event().wait(0.01)
+        assert runtime.queue.held(a.id) == 1
+        # 301 s later, still far inside the run's 900 s timeout: the reaper runs.
+        later = utcnow() + timedelta(seconds=301)
+        monkeypatch.setattr(queue_module, "utcnow", lambda: later)
+        runtime.runs.reap_expired()
+        monkeypatch.undo()
+        runs = client.get("/v1/runs", headers=a.h).json()
+        assert [r["status"] for r in runs] == ["running"], runs
+        second = a.run(quick, "y", output_tokens=1)
+        assert second.status_code == 429, second.text
+        assert second.json()["error"]["code"] == "concurrency_limited"
+    finally:
+        thread.join()
+    assert first[0].status_code == 200, first[0].text

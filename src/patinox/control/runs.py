@@ -106,6 +106,11 @@ class RunRequest(BaseModel):
     mode: Literal["sync", "async"] = "sync"
 
 
+#: Seconds a synchronous run's concurrency hold outlives the run's timeout (settlement).
+_HOLD_GRACE_S = 60.0
+#: Longest lease of a synchronous run's hold, seconds (an override may set any timeout).
+_HOLD_MAX_S = 30 * 86_400.0
+
 #: Tokens allowed per tool call for the call itself and its result in the admission estimate.
 TOOL_CALL_TOKENS = 64
 
@@ -298,7 +303,12 @@ class RunService:
         cap = ctx.limits.max_concurrent_runs
         # Slot and tokens in one control-plane transaction: both or neither.
         with self._backend.control_tx() as conn:
-            self.queue.hold(ctx.tenant_id, run_id, max_running=cap, holder=self.holder, conn=conn)
+            # The hold's lease outlives the run's timeout: an expired hold means "the API
+            # process died", and the reaper would free the slot of a run still in flight.
+            lease = min(max(300.0, limits.timeout_s + _HOLD_GRACE_S), _HOLD_MAX_S)
+            self.queue.hold(
+                ctx.tenant_id, run_id, max_running=cap, holder=self.holder, lease_s=lease, conn=conn
+            )
             self._budget.consume(ctx.tenant_id, RUNS_PER_DAY, 1, ctx.limits.runs_per_day, conn=conn)
             reservation = self._budget.reserve(
                 ctx.tenant_id, limits.max_total_tokens or 0, ctx.limits.tokens_per_day, conn=conn
