@@ -132,3 +132,52 @@ def test_a_long_sync_run_keeps_its_concurrency_slot(
     finally:
         thread.join()
     assert first[0].status_code == 200, first[0].text
+
+
+def test_a_tenant_store_cannot_move_its_rows_into_another_tenant(runtime: Runtime, make_tenant: Any) -> None:
+    """Attack: ``TenantStore`` (public API) builds its UPDATEs from the values dict it is
+    given: the prebuilt run update sets every column named by a parameter, so code holding
+    alpha's store that passes ``{"tenant_id": <beta>, "agent_id": <beta's agent>}`` to
+    ``update_run`` (or ``tenant_id`` to ``update_agent``) re-assigns alpha's row to beta
+    on SQLite, where no row-level security checks the new row. Beta's run list then holds
+    a row sealed under alpha's key and every ``GET /v1/runs`` of beta fails
+    (``DecryptionFailed``, a 500): one tenant's store wrote into another tenant.
+
+    Correct: a store never writes a row's tenant id or its key columns; the change is
+    refused, alpha keeps its rows and beta sees nothing new.
+    """
+    import contextlib
+
+    from patinox.errors import PatinoxError
+    from patinox.tenancy import TenantContext, effective_limits
+
+    a, b = make_tenant("alpha"), make_tenant("beta")
+    a_agent, b_agent = a.agent("x"), b.agent("x")
+    run_id = a.run(a_agent, "alpha's secret", output_tokens=1).json()["id"]
+
+    def store(tenant_id: str) -> Any:
+        ctx = TenantContext(
+            tenant_id=tenant_id,
+            principal="cli",
+            scopes=frozenset(),
+            plan="free",
+            limits=effective_limits("free", {}),
+        )
+        return runtime.backend.tenant_store(ctx)
+
+    sa, sb = store(a.id), store(b.id)
+    with contextlib.suppress(PatinoxError):
+        sa.update_run(run_id, {"status": "failed", "tenant_id": b.id, "agent_id": b_agent})
+    with contextlib.suppress(PatinoxError):
+        sa.settle_run(
+            run_id,
+            {"tenant_id": b.id, "agent_id": b_agent},
+            usage=None,
+            audit={"actor": "cli", "action": "run.finish", "target": run_id, "outcome": "ok"},
+        )
+    with contextlib.suppress(PatinoxError):
+        sa.update_agent(a_agent, {"tenant_id": b.id, "name": "moved"})
+    assert sb.list_runs() == []
+    assert [x["id"] for x in sb.list_agents()] == [b_agent]
+    assert [r["id"] for r in sa.list_runs()] == [run_id]
+    assert [x["id"] for x in sa.list_agents()] == [a_agent]

@@ -85,6 +85,8 @@ _FIND_KEY = (
     .select_from(s.api_keys.outerjoin(s.tenants, s.tenants.c.id == s.api_keys.c.tenant_id))
     .where(s.api_keys.c.prefix == bindparam("b_prefix"))
 )
+#: Columns naming a tenant row's owner and identity: never in the SET of a store update.
+_ROW_KEY_COLUMNS = frozenset({"tenant_id", "id"})
 _TENANT_COLUMNS = ("state", "plan", "limit_overrides", "isolation_level", "storage_model", "moving_to")
 
 
@@ -520,6 +522,15 @@ class TenantStore:
         conds += [table.c[k] == v for k, v in eq.items()]
         return conds
 
+    @staticmethod
+    def _settable(values: Row) -> Row:
+        """``values`` for the SET of an update of this tenant's row, refusing the columns
+        that say whose and which row it is (an update sets every column it is given)."""
+        keys = sorted(_ROW_KEY_COLUMNS & values.keys())
+        if keys:
+            raise InvalidRequest(f"cannot change {', '.join(keys)} of a row", field=keys[0])
+        return values
+
     def _exec(self, conn: Connection, stmt: Any, params: Row) -> Any:
         """Execute a prebuilt statement (module constants above) with the store's tenant
         as ``b_tenant_id``, overriding any value a caller put there."""
@@ -583,7 +594,7 @@ class TenantStore:
                 n = conn.execute(
                     update(s.agents)
                     .where(*self._where(s.agents, id=agent_id))
-                    .values(**values, updated_at=utcnow())
+                    .values(**self._settable(values), updated_at=utcnow())
                 ).rowcount
                 if n != 1:
                     raise NotFound(f"agent {agent_id!r} not found")
@@ -640,7 +651,7 @@ class TenantStore:
     def update_run(self, run_id: str, values: Row) -> None:
         """Update a run's fields. Raises :class:`NotFound`."""
         with self._tx() as conn:
-            n = self._exec(conn, _UPDATE_RUN, {**values, "b_id": run_id}).rowcount
+            n = self._exec(conn, _UPDATE_RUN, {**self._settable(values), "b_id": run_id}).rowcount
         if n != 1:
             raise NotFound(f"run {run_id!r} not found")
 
@@ -650,7 +661,7 @@ class TenantStore:
         if values.get("output") is not None:
             values = {**values, "output": self._sealer.seal("runs.output", run_id, values["output"])}
         with self._tx() as conn:
-            self._exec(conn, _UPDATE_RUN, {**values, "b_id": run_id})
+            self._exec(conn, _UPDATE_RUN, {**self._settable(values), "b_id": run_id})
             if usage is not None:
                 record = {**usage, "tenant_id": self.tenant_id, "id": new_id("us"), "run_id": run_id}
                 conn.execute(_INSERT_USAGE, {**record, "at": utcnow()})
