@@ -181,3 +181,26 @@ def test_a_tenant_store_cannot_move_its_rows_into_another_tenant(runtime: Runtim
     assert [x["id"] for x in sb.list_agents()] == [b_agent]
     assert [r["id"] for r in sa.list_runs()] == [run_id]
     assert [x["id"] for x in sa.list_agents()] == [a_agent]
+
+
+def test_an_async_run_that_cannot_be_queued_leaves_no_run_behind(
+    client: TestClient, make_tenant: Any, runtime: Runtime
+) -> None:
+    """Attack: make the queue write of an async run fail after admission. Here the
+    tenant's ``max_concurrent_runs`` override is larger than the queue column stores
+    (2**63 on SQLite; anything over 2**31-1 on PostgreSQL), so ``queue.enqueue`` fails
+    (422); a lock timeout or any storage error there does the same. The run row was
+    already written: the request is refused, yet the tenant's run list shows a run
+    ``queued`` for ever that no worker will ever take (a partial write).
+
+    Correct: a refused run leaves no run row and no reservation behind; a neighbour is
+    not affected.
+    """
+    a = make_tenant("alpha", limits={"max_concurrent_runs": 2**63})
+    b = make_tenant("beta")
+    agent = a.agent("x")
+    r = a.run(agent, "hi", mode="async", output_tokens=1)
+    assert 400 <= r.status_code < 500, r.text
+    assert client.get("/v1/runs", headers=a.h).json() == []
+    assert client.get("/v1/usage", headers=a.h).json()["tokens_reserved"] == 0
+    assert b.run(b.agent("y"), "hi", mode="async", output_tokens=1).status_code == 202

@@ -277,6 +277,7 @@ class RunService:
             reservation = self._budget.reserve(
                 ctx.tenant_id, worst_case, ctx.limits.tokens_per_day, conn=conn
             )
+        run: Row | None = None
         try:
             run = self._new_run(ctx, store, agent, req, new_id("run"))
             plan = get_plan(ctx.plan)
@@ -291,6 +292,10 @@ class RunService:
             )
         except BaseException:
             self._budget.settle(reservation, 0)
+            if run is not None:
+                # No queue entry: no worker would ever take it; leave no run behind.
+                with contextlib.suppress(PatinoxError):
+                    store.discard_run(run["id"])
             raise
         if self._wakeup is not None:
             self._wakeup.set()

@@ -655,6 +655,12 @@ class TenantStore:
         if n != 1:
             raise NotFound(f"run {run_id!r} not found")
 
+    def discard_run(self, run_id: str) -> None:
+        """Remove a run that was never queued (its admission failed after the row was
+        written); idempotent."""
+        with self._tx() as conn:
+            conn.execute(delete(s.runs).where(*self._where(s.runs, id=run_id)))
+
     def settle_run(self, run_id: str, values: Row, *, usage: Row | None, audit: Row) -> None:
         """Finish a run in one transaction: the run's final fields (``output`` encrypted), its
         usage record, its audit record."""
