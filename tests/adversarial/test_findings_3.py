@@ -7,6 +7,7 @@ build it was written for. Docstrings describe the attack and what a fixed build 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -149,23 +150,12 @@ def test_a_tenant_store_cannot_move_its_rows_into_another_tenant(runtime: Runtim
     import contextlib
 
     from patinox.errors import PatinoxError
-    from patinox.tenancy import TenantContext, effective_limits
 
     a, b = make_tenant("alpha"), make_tenant("beta")
     a_agent, b_agent = a.agent("x"), b.agent("x")
     run_id = a.run(a_agent, "alpha's secret", output_tokens=1).json()["id"]
 
-    def store(tenant_id: str) -> Any:
-        ctx = TenantContext(
-            tenant_id=tenant_id,
-            principal="cli",
-            scopes=frozenset(),
-            plan="free",
-            limits=effective_limits("free", {}),
-        )
-        return runtime.backend.tenant_store(ctx)
-
-    sa, sb = store(a.id), store(b.id)
+    sa, sb = runtime.backend.acting_on(a.id), runtime.backend.acting_on(b.id)
     with contextlib.suppress(PatinoxError):
         sa.update_run(run_id, {"status": "failed", "tenant_id": b.id, "agent_id": b_agent})
     with contextlib.suppress(PatinoxError):
@@ -204,3 +194,29 @@ def test_an_async_run_that_cannot_be_queued_leaves_no_run_behind(
     assert client.get("/v1/runs", headers=a.h).json() == []
     assert client.get("/v1/usage", headers=a.h).json()["tokens_reserved"] == 0
     assert b.run(b.agent("y"), "hi", mode="async", output_tokens=1).status_code == 202
+
+
+def test_audit_sequence_numbers_do_not_count_a_neighbours_actions(
+    client: TestClient, make_tenant: Any
+) -> None:
+    """Attack: on the pool storage model every tenant's audit records share one table
+    whose ``seq`` is a deployment-wide counter, and ``GET /v1/audit`` shows it. Alpha
+    writes one audit record, waits, writes another: the gap between the two ``seq``
+    values is exactly the number of audited actions of every other tenant in between
+    (each run of a neighbour is one ``run.finish`` record). With one neighbour, alpha
+    counts beta's runs, agent edits and memory writes minute by minute.
+
+    Correct: the numbers alpha sees depend on alpha's records only (consecutive), and
+    ``after_seq`` still pages through alpha's log.
+    """
+    a, b = make_tenant("alpha"), make_tenant("beta")
+    client.put("/v1/memory/one", json={"value": "1"}, headers=a.h)
+    b_agent = b.agent("busy")
+    for _ in range(5):
+        assert b.run(b_agent, "hi", output_tokens=1).status_code == 200
+    client.put("/v1/memory/two", json={"value": "2"}, headers=a.h)
+    seqs = [x["seq"] for x in client.get("/v1/audit", headers=a.h).json()]
+    assert len(seqs) >= 3
+    assert [y - x for x, y in itertools.pairwise(seqs)] == [1] * (len(seqs) - 1), seqs
+    page = client.get("/v1/audit", params={"after_seq": seqs[-2]}, headers=a.h).json()
+    assert [(x["seq"], x["target"]) for x in page] == [(seqs[-1], "two")]

@@ -809,15 +809,25 @@ class TenantStore:
         return values
 
     def list_audit(self, *, limit: int = 100, after_seq: int = 0) -> list[Row]:
-        """This tenant's audit records, oldest first, after sequence number ``after_seq``."""
+        """This tenant's audit records, oldest first, after sequence number ``after_seq``.
+
+        ``seq`` is the record's number within this tenant's log (1, 2, ...), not the
+        table's counter: on the pool model that counter is shared by every tenant, and its
+        gaps would count the neighbours' audited actions. Records are append-only, so a
+        record keeps its number.
+        """
         q = (
             select(s.audit_log)
-            .where(*self._where(s.audit_log), s.audit_log.c.seq > after_seq)
+            .where(*self._where(s.audit_log))
             .order_by(s.audit_log.c.seq)
+            .offset(after_seq)
             .limit(limit)
         )
         with self._tx() as conn:
-            return [dict(r) for r in conn.execute(q).mappings()]
+            rows = [dict(r) for r in conn.execute(q).mappings()]
+        for number, row in enumerate(rows, start=after_seq + 1):
+            row["seq"] = number
+        return rows
 
     def usage_summary(self, *, since: datetime | None = None) -> list[Row]:
         """This tenant's usage totals per model since ``since``."""
