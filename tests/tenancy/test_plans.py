@@ -41,3 +41,23 @@ def test_ids_sort_by_creation_time_as_text() -> None:
         ids.append(new_id("run"))
         time.sleep(0.002)
     assert ids == sorted(ids)
+
+
+def test_id_digits_are_the_base32_digits_of_the_number() -> None:
+    """The fast encoding gives the same digits as repeated division by 32, for the
+    extremes and for random numbers of every size up to 2**128."""
+    import random
+
+    from patinox.tenancy._ids import _ALPHABET, _base32_26
+
+    def by_division(value: int) -> str:
+        digits = []
+        for _ in range(26):
+            value, d = divmod(value, 32)
+            digits.append(_ALPHABET[d])
+        return "".join(reversed(digits))
+
+    rng = random.Random(7)
+    values = [0, 1, 31, 32, 2**128 - 1, 2**80, *(rng.getrandbits(rng.randint(1, 128)) for _ in range(2000))]
+    for v in values:
+        assert _base32_26(v) == by_division(v)
