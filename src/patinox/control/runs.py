@@ -21,10 +21,11 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Connection
 
 from patinox.agents import (
     AgentDefinition,
@@ -38,7 +39,7 @@ from patinox.agents import (
 )
 from patinox.errors import InvalidRequest, NotFound, PatinoxError, RunFailed, TenantSuspended
 from patinox.limits import RUNS_PER_DAY, Claim, FairRunQueue, TokenBudget, worker_id
-from patinox.storage import SqlBackend, TenantStore, utcnow
+from patinox.storage import PreparedWrite, SqlBackend, TenantStore, utcnow
 from patinox.tenancy import (
     IsolationLevel,
     StorageModel,
@@ -49,6 +50,12 @@ from patinox.tenancy import (
 )
 
 Row = dict[str, Any]
+
+
+class Release(Protocol):
+    """Settles a run's tokens to ``used`` and frees its slot, in ``conn`` when given."""
+
+    def __call__(self, used: int, conn: Connection | None = None, /) -> None: ...
 
 
 class RunExecutor(Protocol):
@@ -246,11 +253,13 @@ class RunService:
             return self._enqueue(ctx, store, agent, req, worst_case)
         return await self._run_now(ctx, store, agent, req, limits)
 
+    @staticmethod
     def _new_run(
-        self, ctx: TenantContext, store: TenantStore, agent: Row, req: RunRequest, run_id: str
-    ) -> Row:
+        ctx: TenantContext, store: TenantStore, agent: Row, req: RunRequest, run_id: str
+    ) -> tuple[Row, PreparedWrite]:
+        """The run row and its prepared insert (sealed outside any transaction)."""
         sync = req.mode == "sync"
-        return store.create_run(
+        return store.prepare_run(
             {
                 "id": run_id,
                 "agent_id": agent["id"],
@@ -272,15 +281,9 @@ class RunService:
     def _enqueue(
         self, ctx: TenantContext, store: TenantStore, agent: Row, req: RunRequest, worst_case: int
     ) -> Row:
-        with self._backend.control_tx() as conn:
-            self._budget.consume(ctx.tenant_id, RUNS_PER_DAY, 1, ctx.limits.runs_per_day, conn=conn)
-            reservation = self._budget.reserve(
-                ctx.tenant_id, worst_case, ctx.limits.tokens_per_day, conn=conn
-            )
-        run: Row | None = None
-        try:
-            run = self._new_run(ctx, store, agent, req, new_id("run"))
-            plan = get_plan(ctx.plan)
+        plan = get_plan(ctx.plan)
+
+        def queue_it(run: Row, period: str, conn: Connection | None = None) -> None:
             self.queue.enqueue(
                 ctx.tenant_id,
                 run["id"],
@@ -288,15 +291,38 @@ class RunService:
                 priority=plan.priority,
                 max_running=ctx.limits.max_concurrent_runs,
                 reserved_tokens=worst_case,
-                quota_period=reservation.period,
+                quota_period=period,
+                conn=conn,
             )
-        except BaseException:
-            self._budget.settle(reservation, 0)
-            if run is not None:
-                # No queue entry: no worker would ever take it; leave no run behind.
-                with contextlib.suppress(PatinoxError):
-                    store.discard_run(run["id"])
-            raise
+
+        run, insert_run = self._new_run(ctx, store, agent, req, new_id("run"))
+        joined = store.joins(self._backend.engine)
+        # Quotas, run and queue entry in one transaction when the run's row lives in the
+        # shared database (pool); otherwise the run is written after, and if its queue
+        # entry cannot be written the quotas are given back and the run removed (no worker
+        # would ever take it).
+        with self._backend.control_tx() as conn:
+            self._budget.consume(ctx.tenant_id, RUNS_PER_DAY, 1, ctx.limits.runs_per_day, conn=conn)
+            reservation = self._budget.reserve(
+                ctx.tenant_id, worst_case, ctx.limits.tokens_per_day, conn=conn
+            )
+            if joined:
+                store.apply(insert_run, conn=conn)
+                queue_it(run, reservation.period, conn)
+        if not joined:
+            written = False
+            try:
+                store.apply(insert_run)
+                written = True
+                queue_it(run, reservation.period)
+            except BaseException:
+                with self._backend.control_tx() as conn:
+                    self._budget.settle(reservation, 0, conn=conn)
+                    self._budget.consume(ctx.tenant_id, RUNS_PER_DAY, -1, ctx.limits.runs_per_day, conn=conn)
+                if written:
+                    with contextlib.suppress(PatinoxError):
+                        store.discard_run(run["id"])
+                raise
         if self._wakeup is not None:
             self._wakeup.set()
         return run
@@ -306,7 +332,10 @@ class RunService:
     ) -> Row:
         run_id = new_id("run")
         cap = ctx.limits.max_concurrent_runs
-        # Slot and tokens in one control-plane transaction: both or neither.
+        run, insert_run = self._new_run(ctx, store, agent, req, run_id)
+        joined = store.joins(self._backend.engine)
+        # Slot, quotas and (pool tenants) the run row in one control-plane transaction:
+        # all or nothing.
         with self._backend.control_tx() as conn:
             # The hold's lease outlives the run's timeout: an expired hold means "the API
             # process died", and the reaper would free the slot of a run still in flight.
@@ -318,17 +347,20 @@ class RunService:
             reservation = self._budget.reserve(
                 ctx.tenant_id, limits.max_total_tokens or 0, ctx.limits.tokens_per_day, conn=conn
             )
+            if joined:
+                store.apply(insert_run, conn=conn)
 
-        def done(used: int) -> None:
-            with self._backend.control_tx() as conn:
+        def done(used: int, conn: Connection | None = None) -> None:
+            with self._backend.control_tx(conn) as conn:
                 self._budget.settle(reservation, used, conn=conn)
                 self.queue.release(ctx.tenant_id, run_id, conn=conn)
 
-        try:
-            run = self._new_run(ctx, store, agent, req, run_id)
-        except BaseException:
-            done(0)
-            raise
+        if not joined:
+            try:
+                store.apply(insert_run)
+            except BaseException:
+                done(0)
+                raise
 
         # From admission to here nothing awaited, so a tenant fenced by stop_tenant() after
         # this point finds this run among its tasks.
@@ -356,8 +388,8 @@ class RunService:
         queue entry is dropped and its reservation returned).
         """
 
-        def done(used: int) -> None:
-            with self._backend.control_tx() as conn:
+        def done(used: int, conn: Connection | None = None) -> None:
+            with self._backend.control_tx(conn) as conn:
                 self._budget.settle_tokens(
                     claim.tenant_id, claim.quota_period, claim.reserved_tokens, used, conn=conn
                 )
@@ -537,9 +569,14 @@ class RunService:
         prompt: str,
         output_tokens: int | None,
         limits: RunLimits,
-        done: Callable[[int], None],
+        done: Release,
     ) -> Row:
-        """Run, then settle in storage; ``done(tokens_used)`` runs last, whatever happens."""
+        """Run, then settle in storage; ``done(tokens_used)`` runs last, whatever happens.
+
+        The run's result, usage and audit records are written in one transaction; for pool
+        tenants ``done`` (token settlement and slot release) joins it. If that transaction
+        fails, ``done`` still runs on its own, so the slot and reservation are never kept.
+        """
         definition = AgentDefinition(
             name=agent["name"],
             instructions=agent["instructions"],
@@ -548,6 +585,21 @@ class RunService:
         )
         started = time.perf_counter()
         used = 0
+        released = False
+
+        def settle(values: Row, usage: Row | None, outcome: str) -> None:
+            nonlocal released
+            write = store.prepare_settlement(
+                run["id"], values, usage=usage, audit=self._audit(ctx, run, outcome, values)
+            )
+            if not store.joins(self._backend.engine):
+                store.apply(write)
+                return
+            with self._backend.control_tx() as conn:
+                store.apply(write, conn=conn)
+                done(used, conn)
+            released = True  # committed
+
         try:
             try:
                 outcome = await self._executor.execute(
@@ -557,7 +609,7 @@ class RunService:
                 failed = err if isinstance(err, RunFailed) else RunFailed(err.message, reason=err.code)
                 values, usage = self._failure(failed, started)
                 used = (usage or {}).get("input_tokens", 0) + (usage or {}).get("output_tokens", 0)
-                store.settle_run(run["id"], values, usage=usage, audit=self._audit(ctx, run, "error", values))
+                settle(values, usage, "error")
                 if run["mode"] == "sync":
                     raise RunFailed(failed.message, **{**failed.fields, "run_id": run["id"]}) from err
                 return {**run, **values}
@@ -573,7 +625,7 @@ class RunService:
                         "or its tenant was suspended or deleted",
                     },
                 }
-                store.settle_run(run["id"], values, usage=None, audit=self._audit(ctx, run, "error", values))
+                settle(values, None, "error")
                 raise
             used = outcome.input_tokens + outcome.output_tokens
             values = {
@@ -593,10 +645,11 @@ class RunService:
                 "tool_calls": outcome.tool_calls,
                 "duration_ms": outcome.duration_ms,
             }
-            store.settle_run(run["id"], values, usage=usage, audit=self._audit(ctx, run, "ok", values))
+            settle(values, usage, "ok")
             return {**run, **values}
         finally:
-            done(used)
+            if not released:
+                done(used)
 
     @staticmethod
     def _failure(err: RunFailed, started: float) -> tuple[Row, Row | None]:

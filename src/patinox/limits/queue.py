@@ -99,6 +99,7 @@ class FairRunQueue:
         reserved_tokens: int,
         quota_period: str,
         priority: int = 0,
+        conn: Connection | None = None,
     ) -> float:
         """Queue a run; returns its virtual finish tag.
 
@@ -108,8 +109,9 @@ class FairRunQueue:
             max_running: the tenant's cap on runs held at once.
             reserved_tokens: tokens reserved at admission, settled by the worker.
             quota_period: the budget period the reservation was made in.
+            conn: a control-plane transaction to join (the run's admission).
         """
-        with self._backend._tx() as conn:
+        with self._backend.control_tx(conn) as conn:
             self._begin_write(conn)
             last = self._lock_tenant(conn, tenant_id)
             vt = float(

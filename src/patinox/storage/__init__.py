@@ -1,9 +1,17 @@
 """The tenant-scoped data layer: backends chosen by URL, control-plane and tenant stores."""
 
-from patinox.storage.backend import SqlBackend, StorageBackend, TenantStore, open_backend, utcnow
+from patinox.storage.backend import (
+    PreparedWrite,
+    SqlBackend,
+    StorageBackend,
+    TenantStore,
+    open_backend,
+    utcnow,
+)
 from patinox.storage.engine import make_engine, migrate, translate_errors
 
 __all__ = [
+    "PreparedWrite",
     "SqlBackend",
     "StorageBackend",
     "TenantStore",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -40,6 +41,7 @@ from sqlalchemy.sql.elements import BindParameter
 
 from patinox.errors import (
     AlreadyExists,
+    ConfigurationError,
     DecryptionFailed,
     InvalidRequest,
     NotFound,
@@ -500,6 +502,20 @@ class _Sealer:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedWrite:
+    """Statements with their parameters, payloads already sealed, for
+    :meth:`TenantStore.apply`.
+
+    Sealing may read or create the tenant's DEK in a transaction of its own, which must
+    not happen inside another open transaction (on SQLite it would wait on that
+    transaction's own write lock), so writes that join a transaction are prepared first.
+    """
+
+    tenant_id: str
+    statements: tuple[tuple[Any, Row], ...]
+
+
 class TenantStore:
     """Everything one tenant owns. Bound at construction; every statement is scoped here.
 
@@ -543,9 +559,25 @@ class TenantStore:
             raise NotFound(f"{what} {ident!r} not found")
         return dict(row)
 
+    def joins(self, target: Connection | Engine) -> bool:
+        """True when this tenant's rows live in the database of ``target`` (pool tenants:
+        the shared tables), so its writes may share a control-plane transaction there and
+        commit or roll back with it (a run's admission and its settlement)."""
+        return self._placement.schema is None and self._placement.engine is target.engine
+
     @contextmanager
-    def _tx(self) -> Iterator[Connection]:
+    def _tx(self, joined: Connection | None = None) -> Iterator[Connection]:
+        """A transaction bound to this tenant, or ``joined`` (see :meth:`joins`) with the
+        tenant setting added to it on PostgreSQL."""
         p = self._placement
+        if joined is not None:
+            if not self.joins(joined):
+                raise ConfigurationError("a tenant store can join only a transaction on its own database")
+            with translate_errors():
+                if p.postgres:
+                    joined.execute(_SET_TENANT, {"tenant_id": self.tenant_id})
+                yield joined
+            return
         with translate_errors(), p.engine.begin() as conn:
             if p.schema is not None:
                 conn.execution_options(schema_translate_map={None: p.schema})
@@ -616,11 +648,28 @@ class TenantStore:
 
         ``input`` is stored encrypted (AAD: tenant, ``runs.input``, run id).
         """
+        row, write = self.prepare_run(values)
+        self.apply(write)
+        return row
+
+    def prepare_run(self, values: Row) -> tuple[Row, PreparedWrite]:
+        """The run row :meth:`create_run` would insert, and its sealed insert for
+        :meth:`apply` (to write it inside another transaction, see :meth:`joins`)."""
         row = {"created_at": utcnow(), "id": new_id("run"), **values, "tenant_id": self.tenant_id}
         stored = {**row, "input": self._sealer.seal("runs.input", row["id"], row["input"])}
-        with self._tx() as conn:
-            conn.execute(_INSERT_RUN, stored)
-        return row
+        return row, PreparedWrite(self.tenant_id, ((_INSERT_RUN, stored),))
+
+    def apply(self, write: PreparedWrite, *, conn: Connection | None = None) -> None:
+        """Execute a prepared write in one transaction, or in ``conn`` (see :meth:`joins`).
+
+        Raises:
+            ConfigurationError: ``write`` was prepared by another tenant's store.
+        """
+        if write.tenant_id != self.tenant_id:
+            raise ConfigurationError("a prepared write belongs to the store that prepared it")
+        with self._tx(conn) as conn:
+            for stmt, params in write.statements:
+                self._exec(conn, stmt, params)
 
     def _open_run(self, row: Row) -> Row:
         row["input"] = self._sealer.open("runs.input", row["id"], row["input"])
@@ -664,14 +713,18 @@ class TenantStore:
     def settle_run(self, run_id: str, values: Row, *, usage: Row | None, audit: Row) -> None:
         """Finish a run in one transaction: the run's final fields (``output`` encrypted), its
         usage record, its audit record."""
+        self.apply(self.prepare_settlement(run_id, values, usage=usage, audit=audit))
+
+    def prepare_settlement(self, run_id: str, values: Row, *, usage: Row | None, audit: Row) -> PreparedWrite:
+        """The sealed statements of :meth:`settle_run`, for :meth:`apply`."""
         if values.get("output") is not None:
             values = {**values, "output": self._sealer.seal("runs.output", run_id, values["output"])}
-        with self._tx() as conn:
-            self._exec(conn, _UPDATE_RUN, {**self._settable(values), "b_id": run_id})
-            if usage is not None:
-                record = {**usage, "tenant_id": self.tenant_id, "id": new_id("us"), "run_id": run_id}
-                conn.execute(_INSERT_USAGE, {**record, "at": utcnow()})
-            conn.execute(_INSERT_AUDIT, self._audit(**audit))
+        statements: list[tuple[Any, Row]] = [(_UPDATE_RUN, {**self._settable(values), "b_id": run_id})]
+        if usage is not None:
+            record = {**usage, "tenant_id": self.tenant_id, "id": new_id("us"), "run_id": run_id}
+            statements.append((_INSERT_USAGE, {**record, "at": utcnow()}))
+        statements.append((_INSERT_AUDIT, self._audit(**audit)))
+        return PreparedWrite(self.tenant_id, tuple(statements))
 
     # -- key rotation -----------------------------------------------------------------
 
