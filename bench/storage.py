@@ -150,11 +150,11 @@ class IdentitySealer:
     def __init__(self, tenant_id: str) -> None:
         self.tenant_id = tenant_id
 
-    def seal(self, table: str, record_id: str, text: str) -> str:
-        return text
+    def seal(self, table: str, record_id: str, text: str) -> bytes:
+        return text.encode("utf-8")  # the payload columns are binary
 
-    def open(self, table: str, record_id: str, stored: str | None) -> str | None:
-        return stored
+    def open(self, table: str, record_id: str, stored: bytes | None) -> str | None:
+        return None if stored is None else bytes(stored).decode("utf-8")
 
 
 # --- deployments ----------------------------------------------------------------------------------

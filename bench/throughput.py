@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -75,6 +76,9 @@ class Cell:
     errors: int
     runs: int
     duration_s: float
+    #: Server process CPU time (user + system) per completed run, milliseconds: less
+    #: sensitive than runs/s to other work on a shared machine.
+    cpu_ms_per_run: float
 
 
 @dataclass
@@ -85,6 +89,16 @@ class Target:
     base_url: str
     headers: dict[str, str]
     run_paths: dict[str, str]  # agent name -> path of its run route
+    pid: int = 0  # the server process, for its CPU time
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- servers ---------------------------------------------------------------------------------
@@ -155,9 +169,11 @@ async def _closed_loop(target: Target, agent: str, clients: int, duration_s: flo
         await asyncio.gather(*(client(time.perf_counter() + WARMUP_S) for _ in range(clients)))
         latencies.clear()
         errors = 0
+        cpu0 = _cpu_s(target.pid)
         start = time.perf_counter()
         await asyncio.gather(*(client(start + duration_s) for _ in range(clients)))
         elapsed = time.perf_counter() - start
+        cpu = _cpu_s(target.pid) - cpu0
     lat = sorted(latencies)
     return Cell(
         server=target.name,
@@ -169,6 +185,7 @@ async def _closed_loop(target: Target, agent: str, clients: int, duration_s: flo
         errors=errors,
         runs=len(lat),
         duration_s=round(elapsed, 3),
+        cpu_ms_per_run=round(cpu * 1000 / len(lat), 3) if lat else float("nan"),
     )
 
 
@@ -195,6 +212,9 @@ def _ratios(cells: list[Cell]) -> list[dict[str, Any]]:
                     "clients": n,
                     "runs_per_s": round(p.runs_per_s / b.runs_per_s, 3) if b.runs_per_s else None,
                     "p50_ms": round(p.p50_ms / b.p50_ms, 3) if b.p50_ms else None,
+                    "cpu_ms_per_run": round(p.cpu_ms_per_run / b.cpu_ms_per_run, 3)
+                    if b.cpu_ms_per_run
+                    else None,
                 }
             )
     return out
@@ -218,7 +238,7 @@ def _table(cells: list[Cell], ratios: list[dict[str, Any]]) -> Table:
     table = Table(title="Synchronous runs over HTTP, closed loop (simulated models)")
     for col in ("agent", "clients", "patinox runs/s", "baseline runs/s", "ratio runs/s"):
         table.add_column(col, justify="right")
-    for col in ("patinox p50/p99 ms", "baseline p50/p99 ms", "errors p/b"):
+    for col in ("patinox p50/p99 ms", "baseline p50/p99 ms", "CPU ms/run p/b", "errors p/b"):
         table.add_column(col, justify="right")
     for r in ratios:
         p, b = by[("patinox", r["agent"], r["clients"])], by[("baseline", r["agent"], r["clients"])]
@@ -232,6 +252,7 @@ def _table(cells: list[Cell], ratios: list[dict[str, Any]]) -> Table:
             f"[{style}]{ratio:.3f}[/{style}]" if ratio is not None else "n/a",
             f"{p.p50_ms:.1f} / {p.p99_ms:.1f}",
             f"{b.p50_ms:.1f} / {b.p99_ms:.1f}",
+            f"{p.cpu_ms_per_run:.2f} / {b.cpu_ms_per_run:.2f}",
             f"{p.errors}/{b.errors}",
         )
     return table
@@ -273,12 +294,14 @@ def main() -> None:
             "--port", str(b_port), "--db", str(tmpdir / "baseline.db"),
         ]  # fmt: skip
         with (
-            run_server(patinox_argv, p_url, tmpdir / "patinox.log"),
-            run_server(baseline_argv, b_url, tmpdir / "baseline.log"),
+            run_server(patinox_argv, p_url, tmpdir / "patinox.log") as p_proc,
+            run_server(baseline_argv, b_url, tmpdir / "baseline.log") as b_proc,
         ):
             targets = {
-                "patinox": _onboard(p_url, key_file.read_text().strip()),
-                "baseline": Target("baseline", b_url, {}, {a: f"/agents/{a}/runs" for a in AGENTS}),
+                "patinox": dataclasses.replace(_onboard(p_url, key_file.read_text().strip()), pid=p_proc.pid),
+                "baseline": Target(
+                    "baseline", b_url, {}, {a: f"/agents/{a}/runs" for a in AGENTS}, pid=b_proc.pid
+                ),
             }
             cells: list[Cell] = []
             index = 0
@@ -291,7 +314,8 @@ def main() -> None:
                         cells.append(cell)
                         console.print(
                             f"{server:>8} {agent:>9} clients={n:<2} {cell.runs_per_s:7.1f} runs/s "
-                            f"p50 {cell.p50_ms:6.1f} ms p99 {cell.p99_ms:6.1f} ms errors {cell.errors}"
+                            f"p50 {cell.p50_ms:6.1f} ms p99 {cell.p99_ms:6.1f} ms "
+                            f"CPU {cell.cpu_ms_per_run:5.2f} ms/run errors {cell.errors}"
                         )
 
     ratios = _ratios(cells)

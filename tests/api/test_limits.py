@@ -7,6 +7,8 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
+from patinox.storage._crypto.aead import BLOB_OVERHEAD
+
 
 def test_rate_limit_429_with_retry_after(client: TestClient, make_tenant: Any) -> None:
     a = make_tenant("alpha", limits={"requests_per_minute": 5})
@@ -162,13 +164,17 @@ def test_runs_per_day_quota(client: TestClient, make_tenant: Any) -> None:
 
 
 def test_memory_bytes_quota(client: TestClient, make_tenant: Any) -> None:
-    a = make_tenant("alpha", limits={"memory_bytes": 600})
+    """The quota counts stored bytes: a value's UTF-8 bytes plus the blob overhead of its
+    encryption, exactly; one byte more than fits is refused."""
+    a = make_tenant("alpha", limits={"memory_bytes": (200 + BLOB_OVERHEAD) + (300 + BLOB_OVERHEAD) - 1})
     assert client.put("/v1/memory/a", json={"value": "x" * 200}, headers=a.h).status_code == 200
     r = client.put("/v1/memory/b", json={"value": "y" * 300}, headers=a.h)
     assert r.status_code == 429 and r.json()["error"]["details"]["quota"] == "memory_bytes"
     assert client.get("/v1/memory", headers=a.h).json() == ["a"]
+    assert client.put("/v1/memory/b", json={"value": "y" * 299}, headers=a.h).status_code == 200
     # Replacing a value counts only the new size.
-    assert client.put("/v1/memory/a", json={"value": "z" * 250}, headers=a.h).status_code == 200
+    assert client.put("/v1/memory/a", json={"value": "z" * 200}, headers=a.h).status_code == 200
+    assert client.put("/v1/memory/a", json={"value": "z" * 201}, headers=a.h).status_code == 429
 
 
 def test_memory_bytes_quota_holds_under_concurrent_writes(client: TestClient, make_tenant: Any) -> None:
@@ -190,5 +196,5 @@ def test_memory_bytes_quota_holds_under_concurrent_writes(client: TestClient, ma
     stored = len(client.get("/v1/memory", headers=a.h).json())
     assert codes.count(200) == stored and stored >= 1
     assert set(codes) <= {200, 429}
-    # Each sealed 300-byte value takes about 450 bytes: at most 3 fit in 1,500.
-    assert stored <= 3
+    # Each sealed 300-byte value takes 333 bytes: at most 4 fit in 1,500.
+    assert stored <= 4

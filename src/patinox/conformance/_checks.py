@@ -8,7 +8,6 @@ attacker with the database would. A check passes by returning and fails by raisi
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +30,6 @@ from patinox.conformance._deployment import (
 )
 from patinox.errors import DecryptionFailed, NotFound, PatinoxError, TenantContextMissing, TenantKeysDestroyed
 from patinox.storage import SqlBackend
-from patinox.storage.backend import SEALED_PREFIX
 from patinox.storage.crypto import decrypt_str, key_provider_from_url
 from patinox.storage.engine import normalise_url, with_database
 from patinox.tenancy import (
@@ -59,14 +57,13 @@ def _raises(
 
 
 def _decrypts(
-    backend: SqlBackend, tenant_id: str, table: str, record_id: str, sealed: str | None
+    backend: SqlBackend, tenant_id: str, table: str, record_id: str, sealed: bytes | None
 ) -> str | None:
     """The plaintext of a stored sealed value, or ``None`` when it no longer decrypts."""
     assert sealed is not None
-    blob = base64.b64decode(sealed[len(SEALED_PREFIX) :])
     try:
         return decrypt_str(
-            blob,
+            sealed,
             key_lookup=backend.keyring.key_lookup(tenant_id),
             tenant_id=tenant_id,
             table=table,
@@ -101,10 +98,15 @@ def _seed(t: Target, tenant: TenantHandle) -> dict[str, str]:
 def no_plaintext_at_rest(t: Target, _: SuiteEnv) -> None:
     """Raw storage holds no plaintext of an encrypted payload (memory values, run inputs,
     run outputs), while it does hold the unencrypted columns of the same rows."""
-    seeds = [_seed(t, t.new_tenant(label)) for label in ("plain-a", "plain-b")]
+    tenants = [t.new_tenant(label) for label in ("plain-a", "plain-b")]
+    seeds = [_seed(t, x) for x in tenants]
     raw = _raw.stored_bytes(t)
-    check(SEALED_PREFIX.encode() in raw, "no sealed payload found in raw storage: the scan missed the rows")
-    for s in seeds:
+    for x, s in zip(tenants, seeds, strict=True):
+        sealed = _raw.read_cell(t, x.id, "memory", "value", "key", s["key"])
+        check(
+            sealed is not None and _raw.scan_form(t, sealed) in raw,
+            "the stored ciphertext of a memory value is not in raw storage: the scan missed the rows",
+        )
         # Positive control: names and keys are stored in clear, so the scan saw these rows.
         for visible in ("agent_name", "key"):
             check(
@@ -176,7 +178,8 @@ def ciphertext_bound_to_row(t: Target, _: SuiteEnv) -> None:
     for what, (st, table, col, kcol, key), (dt, dtable, dcol, dkcol, dkey), reader, path, plain in moves:
         stored = _raw.read_cell(t, st.id, table, col, kcol, key)
         check(
-            stored is not None and stored.startswith(SEALED_PREFIX), f"{what}: source is not sealed: {stored}"
+            stored is not None and _decrypts(t.backend, st.id, f"{table}.{col}", key, stored) is not None,
+            f"{what}: the source is not a ciphertext of its own row: {stored!r}",
         )
         assert stored is not None
         _raw.write_cell(t, dt.id, dtable, dcol, dkcol, dkey, stored)

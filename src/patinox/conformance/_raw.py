@@ -247,8 +247,9 @@ def execute(t: Target, loc: Location, sql: str, params: dict[str, Any]) -> int:
         return int(conn.execute(text(sql), params).rowcount)
 
 
-def read_cell(t: Target, tenant_id: str, table: str, column: str, key_col: str, key: str) -> str | None:
-    """The raw stored value of ``table.column`` in the tenant's row ``key_col = key``."""
+def read_cell(t: Target, tenant_id: str, table: str, column: str, key_col: str, key: str) -> bytes | None:
+    """The raw stored value of ``table.column`` in the tenant's row ``key_col = key``, as
+    bytes (binary columns as stored, text as UTF-8)."""
     loc = location(t, tenant_id)
     value = read_scalar(
         t,
@@ -256,11 +257,19 @@ def read_cell(t: Target, tenant_id: str, table: str, column: str, key_col: str, 
         f'SELECT "{column}" FROM {loc.table(table)} WHERE tenant_id = :t AND "{key_col}" = :k',
         {"t": tenant_id, "k": key},
     )
-    return None if value is None else str(value)
+    if value is None:
+        return None
+    return bytes(value) if isinstance(value, bytes | bytearray | memoryview) else str(value).encode()
+
+
+def scan_form(t: Target, value: bytes) -> bytes:
+    """How a stored binary value appears in :func:`stored_bytes`: as is in SQLite files,
+    in PostgreSQL's hex text form (``\\x...``) in the rows read as text."""
+    return b"\\x" + value.hex().encode() if t.postgres else value
 
 
 def write_cell(
-    t: Target, tenant_id: str, table: str, column: str, key_col: str, key: str, value: str
+    t: Target, tenant_id: str, table: str, column: str, key_col: str, key: str, value: bytes
 ) -> None:
     """Overwrite the raw stored value of ``table.column`` in the tenant's row ``key_col = key``
     (as an attacker with write access to the database would)."""

@@ -18,6 +18,7 @@ from sqlalchemy import Engine, create_engine
 
 from patinox.errors import ConfigurationError, InvalidRequest
 from patinox.storage.engine import (
+    current_revision,
     database_name,
     is_postgres,
     make_engine,
@@ -162,6 +163,39 @@ class Placements:
             for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
                 if p.exists():
                     p.chmod(0o600)  # a tenant's whole database: readable by the server only
+
+    def upgrade(self, tenant_id: str, model: StorageModel, head: str) -> bool:
+        """Migrate the tenant's schema / database / file to ``head`` if it is behind
+        (nothing for pool, which lives in the main database). Returns whether it migrated.
+
+        Raises:
+            StorageError: the database refused.
+        """
+        if model is StorageModel.POOL:
+            return False
+        _check_tenant_id(tenant_id)
+        with translate_errors():
+            if model is StorageModel.BRIDGE:
+                if current_revision(self.owner, schema=tenant_id) == head:
+                    return False
+                migrate(self.owner, schema=tenant_id, app_role=self.app_role)
+                return True
+            if self.postgres:
+                owner = make_engine(self._silo_url(tenant_id, owner=True), pool_size=1)
+                try:
+                    if current_revision(owner) == head:
+                        return False
+                    migrate(owner, app_role=self.app_role)
+                    return True
+                finally:
+                    owner.dispose()
+            if not self._silo_path(tenant_id).exists():
+                return False  # not provisioned (yet): provision() migrates it
+            engine = self._silo_engine(tenant_id)
+            if current_revision(engine) == head:
+                return False
+            migrate(engine)
+            return True
 
     def _outside_transaction(self, statements: list[str]) -> None:
         """Run statements as the owner with autocommit (CREATE/DROP DATABASE need it)."""

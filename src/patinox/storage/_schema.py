@@ -128,9 +128,10 @@ runs = Table(
     Column("principal", String(40), nullable=False),
     Column("mode", String(10), nullable=False),
     Column("status", String(20), nullable=False),
-    Column("input", Text, nullable=False),
+    # Sealed payloads (AES-256-GCM blobs, patinox.storage._crypto.aead), stored as bytes.
+    Column("input", LargeBinary, nullable=False),
     Column("requested_output_tokens", Integer, nullable=True),
-    Column("output", Text, nullable=True),
+    Column("output", LargeBinary, nullable=True),
     Column("model", String(200), nullable=False),
     Column("simulated", Integer, nullable=False),
     Column("input_tokens", Integer, nullable=False, default=0),
@@ -150,7 +151,7 @@ memory = Table(
     metadata,
     Column("tenant_id", String(40), primary_key=True),
     Column("key", String(200), primary_key=True),
-    Column("value", Text, nullable=False),
+    Column("value", LargeBinary, nullable=False),  # sealed, like runs.input
     Column("updated_at", UTCDateTime(), nullable=False),
 )
 

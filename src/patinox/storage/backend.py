@@ -16,7 +16,6 @@ All datetimes are timezone-aware UTC. Driver errors surface as
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ from patinox.storage._crypto.keyring import TenantKeyring
 from patinox.storage._crypto.providers import KeyProvider
 from patinox.storage._dekstore import SqlDekStore
 from patinox.storage._placement import Placement, Placements
-from patinox.storage.engine import make_engine, migrate, normalise_url, translate_errors
+from patinox.storage.engine import head_revision, make_engine, migrate, normalise_url, translate_errors
 from patinox.tenancy import StorageModel, TenantContext, current_tenant, new_id
 
 _SET_CONTROL = text("SELECT set_config('patinox.scope', 'control', true)")
@@ -194,9 +193,17 @@ class SqlBackend:
             yield fresh
 
     def migrate(self) -> None:
-        """Apply pending Alembic migrations (as the owner role), then grant the app role."""
+        """Apply pending Alembic migrations (as the owner role), then grant the app role;
+        then bring every live bridge schema and silo database up to the same revision (a
+        placement's tables are those of the main database, so a migration that changes a
+        tenant table must reach them too)."""
         with translate_errors():
             migrate(self.placements.owner, app_role=self.placements.app_role)
+        head = head_revision()
+        for tenant in self.list_tenants():
+            model = StorageModel(tenant["storage_model"])
+            if tenant["state"] in ("active", "suspended"):
+                self.placements.upgrade(tenant["id"], model, head)
 
     def close(self) -> None:
         """Release every pooled connection."""
@@ -452,14 +459,12 @@ def _audit_values(
     }
 
 
-#: Prefix of an encrypted payload stored in a text column: base64 of a crypto blob follows.
-SEALED_PREFIX = "ptxenc1:"
-
-
 class _Sealer:
     """Encrypts and decrypts one tenant's payloads with its current DEK (AES-256-GCM).
 
-    The AAD binds each ciphertext to the tenant, the column (``table``) and the row
+    A sealed payload is stored as the blob itself, in a binary column (format in
+    :mod:`patinox.storage._crypto.aead`: 33 bytes more than the UTF-8 plaintext). The AAD
+    binds each ciphertext to the tenant, the column (``table``) and the row
     (``record_id``), so a ciphertext copied anywhere else fails to decrypt.
     """
 
@@ -469,32 +474,32 @@ class _Sealer:
         self.keyring = keyring
         self.tenant_id = tenant_id
 
-    def seal(self, table: str, record_id: str, text: str) -> str:
+    def seal(self, table: str, record_id: str, text: str) -> bytes:
         key = self.keyring.current_key(self.tenant_id)
-        blob = encrypt_str(text, key=key, table=table, record_id=record_id)
-        return SEALED_PREFIX + base64.b64encode(blob).decode("ascii")
+        return encrypt_str(text, key=key, table=table, record_id=record_id)
 
-    def version(self, stored: str) -> int:
-        """The DEK version ``stored`` was sealed with (0 when it is not sealed)."""
-        if not stored.startswith(SEALED_PREFIX):
+    def version(self, stored: bytes) -> int:
+        """The DEK version ``stored`` was sealed with (0 when it is not a sealed blob)."""
+        try:
+            return blob_key_version(bytes(stored))
+        except DecryptionFailed:
             return 0
-        return blob_key_version(base64.b64decode(stored[len(SEALED_PREFIX) :]))
 
-    def open(self, table: str, record_id: str, stored: str | None) -> str | None:
+    def open(self, table: str, record_id: str, stored: bytes | None) -> str | None:
         """The plaintext of ``stored``; ``None`` stays ``None``.
 
         Raises:
-            DecryptionFailed: not a sealed value (every payload is written sealed, so a
-                plaintext one was put there by something else), or it fails authentication.
+            DecryptionFailed: not a sealed blob (every payload is written sealed, so
+                anything else was put there by something else), or it fails
+                authentication.
             TenantKeysDestroyed: the tenant was crypto-shredded.
         """
         if stored is None:
             return None
-        if not stored.startswith(SEALED_PREFIX):
+        if not isinstance(stored, bytes | bytearray | memoryview):
             raise DecryptionFailed("stored payload is not sealed", reason="not_sealed", table=table)
-        blob = base64.b64decode(stored[len(SEALED_PREFIX) :])
         return decrypt_str(
-            blob,
+            bytes(stored),
             key_lookup=self.keyring.key_lookup(self.tenant_id),
             tenant_id=self.tenant_id,
             table=table,
@@ -748,7 +753,7 @@ class TenantStore:
             Rows re-sealed.
         """
         current = self._sealer.keyring.current_key(self.tenant_id).version
-        todo: list[tuple[Table, str, str, str, Any, str]] = []
+        todo: list[tuple[Table, str, str, str, Any, bytes]] = []
         for table_name, key_col, col, aad in self._SEALED:
             table = s.metadata.tables[table_name]
             with self._tx() as conn:
@@ -788,7 +793,7 @@ class TenantStore:
         """
         if not 1 <= len(key) <= 200:
             raise InvalidRequest("memory keys are 1-200 characters", field="key")
-        value = self._sealer.seal("memory.value", key, value)
+        sealed = self._sealer.seal("memory.value", key, value)
         m = s.memory
         with self._tx() as conn:
             if self._memory_limit is not None and self._placement.postgres:
@@ -797,11 +802,11 @@ class TenantStore:
             # Write first (on SQLite this takes the write lock), then check the new total;
             # over the quota, the exception rolls the write back.
             n = conn.execute(
-                update(m).where(*self._where(m, key=key)).values(value=value, updated_at=utcnow())
+                update(m).where(*self._where(m, key=key)).values(value=sealed, updated_at=utcnow())
             ).rowcount
             if n == 0:
                 conn.execute(
-                    insert(m).values(tenant_id=self.tenant_id, key=key, value=value, updated_at=utcnow())
+                    insert(m).values(tenant_id=self.tenant_id, key=key, value=sealed, updated_at=utcnow())
                 )
             if self._memory_limit is not None:
                 total = int(
@@ -815,8 +820,8 @@ class TenantStore:
                         tenant_id=self.tenant_id,
                         quota="memory_bytes",
                         limit=self._memory_limit,
-                        used=total - len(value),
-                        requested=len(value),
+                        used=total - len(sealed),
+                        requested=len(sealed),
                     )
 
     def memory_delete(self, key: str) -> None:

@@ -166,6 +166,35 @@ def migrate(engine: Engine, *, schema: str | None = None, app_role: str | None =
             grant_app_role(conn, app_role, schema or "public")
 
 
+def head_revision() -> str:
+    """The newest Alembic revision of Patinox's migrations."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine, *, schema: str | None = None) -> str | None:
+    """The Alembic revision a database (or bridge schema) is at; ``None`` before the first."""
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as conn:
+        if schema is not None:
+            conn.exec_driver_sql(f'SET search_path TO "{schema}"')
+        try:
+            return MigrationContext.configure(
+                conn, opts={"version_table_schema": schema}
+            ).get_current_revision()
+        finally:
+            if schema is not None:
+                conn.exec_driver_sql("RESET search_path")
+            conn.rollback()
+
+
 def grant_app_role(conn: Connection, app_role: str, schema: str) -> None:
     """Give the application role data access (no DDL, no ownership) in ``schema``."""
     conn.exec_driver_sql(f'GRANT USAGE ON SCHEMA "{schema}" TO "{app_role}"')

@@ -1,0 +1,116 @@
+"""Sealed payloads stored as bytes: ``runs.input``, ``runs.output`` and ``memory.value``.
+
+They were text, ``"ptxenc1:" + base64(blob)``: a third larger than the blob, which made
+every encrypted write and read move more bytes than needed. They become binary columns
+holding the blob itself (``bytea`` on PostgreSQL, ``BLOB`` on SQLite); existing values
+are decoded in place. A value without the prefix (never written by Patinox) is kept as
+its UTF-8 bytes, and still fails to decrypt.
+
+Revision ID: 0005
+Revises: 0004
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0005"
+down_revision: str | None = "0004"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+PREFIX = "ptxenc1:"
+#: (table, key columns, sealed columns)
+SEALED = (("runs", ("tenant_id", "id"), ("input", "output")), ("memory", ("tenant_id", "key"), ("value",)))
+NULLABLE = {("runs", "input"): False, ("runs", "output"): True, ("memory", "value"): False}
+
+
+def _blob(value: str | bytes | None) -> bytes | None:
+    """The blob of an old value (text, or the text's bytes after SQLite's CAST in a batch
+    copy); a blob stays as it is (blobs start with 0x01, never with the prefix)."""
+    if value is None:
+        return None
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    if raw.startswith(PREFIX.encode()):
+        return base64.b64decode(raw[len(PREFIX) :])
+    return raw
+
+
+def _text(value: str | bytes | None) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return PREFIX + base64.b64encode(value).decode("ascii")
+
+
+def upgrade() -> None:
+    bind = op.get_bind()
+    if bind.dialect.name == "postgresql":
+        for table, _, columns in SEALED:
+            for col in columns:
+                body = f"substr({col}, {len(PREFIX) + 1})"
+                using = (
+                    f"CASE WHEN left({col}, {len(PREFIX)}) = '{PREFIX}' THEN decode({body}, 'base64') "
+                    f"ELSE convert_to({col}, 'UTF8') END"
+                )
+                op.alter_column(
+                    table,
+                    col,
+                    type_=sa.LargeBinary(),
+                    existing_nullable=NULLABLE[(table, col)],
+                    postgresql_using=using,
+                )
+        return
+    # SQLite: rebuild each table with binary columns, then decode the values row by row.
+    for table, keys, columns in SEALED:
+        with op.batch_alter_table(table) as batch:
+            for col in columns:
+                batch.alter_column(col, type_=sa.LargeBinary(), existing_nullable=NULLABLE[(table, col)])
+        _convert(bind, table, keys, columns, _blob)
+
+
+def downgrade() -> None:
+    bind = op.get_bind()
+    if bind.dialect.name == "postgresql":
+        for table, _, columns in SEALED:
+            for col in columns:
+                using = f"CASE WHEN {col} IS NULL THEN NULL ELSE '{PREFIX}' || encode({col}, 'base64') END"
+                op.alter_column(
+                    table,
+                    col,
+                    type_=sa.Text(),
+                    existing_nullable=NULLABLE[(table, col)],
+                    postgresql_using=using,
+                )
+        return
+    for table, keys, columns in SEALED:
+        _convert(bind, table, keys, columns, _text)
+        with op.batch_alter_table(table) as batch:
+            for col in columns:
+                batch.alter_column(col, type_=sa.Text(), existing_nullable=NULLABLE[(table, col)])
+
+
+def _convert(
+    bind: sa.Connection,
+    table: str,
+    keys: tuple[str, ...],
+    columns: tuple[str, ...],
+    fn: Callable[[Any], Any],
+) -> None:
+    """Rewrite ``columns`` of every row of ``table`` with ``fn`` where that changes them."""
+    cols = ", ".join(f'"{c}"' for c in (*keys, *columns))
+    where = " AND ".join(f'"{k}" = :k{i}' for i, k in enumerate(keys))
+    sets = ", ".join(f'"{c}" = :c{i}' for i, c in enumerate(columns))
+    update = sa.text(f'UPDATE "{table}" SET {sets} WHERE {where}')
+    for row in bind.execute(sa.text(f'SELECT {cols} FROM "{table}"')).all():
+        values = [bytes(v) if isinstance(v, memoryview) else v for v in row[len(keys) :]]
+        new = [fn(v) for v in values]
+        if new == values and all(type(a) is type(b) for a, b in zip(new, values, strict=True)):
+            continue
+        params = {f"k{i}": row[i] for i in range(len(keys))}
+        params |= {f"c{i}": v for i, v in enumerate(new)}
+        bind.execute(update, params)
