@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 
 from patinox.api import Runtime, create_app
+from patinox.errors import StorageError
 from tests.conftest import TenantHandle
 
 
@@ -173,27 +175,52 @@ def test_a_tenant_store_cannot_move_its_rows_into_another_tenant(runtime: Runtim
     assert [x["id"] for x in sa.list_agents()] == [a_agent]
 
 
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "sqlite-silo"], indirect=True)
 def test_an_async_run_that_cannot_be_queued_leaves_no_run_behind(
-    client: TestClient, make_tenant: Any, runtime: Runtime
+    client: TestClient, make_tenant: Any, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Attack: make the queue write of an async run fail after admission. Here the
-    tenant's ``max_concurrent_runs`` override is larger than the queue column stores
-    (2**63 on SQLite; anything over 2**31-1 on PostgreSQL), so ``queue.enqueue`` fails
-    (422); a lock timeout or any storage error there does the same. The run row was
-    already written: the request is refused, yet the tenant's run list shows a run
-    ``queued`` for ever that no worker will ever take (a partial write).
+    """Attack: make the queue write of an async run fail after admission (a lock timeout
+    or any storage error there). The run row was already written: the request is refused,
+    yet the tenant's run list would show a run ``queued`` for ever that no worker will ever
+    take (a partial write). Pool tenants write both in one transaction; silo tenants write
+    the run first, so both paths are checked.
 
-    Correct: a refused run leaves no run row and no reservation behind; a neighbour is
-    not affected.
+    Correct: a refused run leaves no run row, no reservation and no count against
+    ``runs_per_day`` behind; a neighbour is not affected.
     """
-    a = make_tenant("alpha", limits={"max_concurrent_runs": 2**63})
+    a = make_tenant("alpha", limits={"runs_per_day": 1})
     b = make_tenant("beta")
     agent = a.agent("x")
+    real = runtime.queue.enqueue
+
+    def failing(tenant_id: str, *args: Any, **kwargs: Any) -> float:
+        if tenant_id == a.id:
+            raise StorageError("database error: OperationalError")
+        return real(tenant_id, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.queue, "enqueue", failing)
     r = a.run(agent, "hi", mode="async", output_tokens=1)
-    assert 400 <= r.status_code < 500, r.text
+    assert r.status_code == 503, r.text
     assert client.get("/v1/runs", headers=a.h).json() == []
     assert client.get("/v1/usage", headers=a.h).json()["tokens_reserved"] == 0
     assert b.run(b.agent("y"), "hi", mode="async", output_tokens=1).status_code == 202
+    # The refused run did not use the tenant's one run of the day.
+    monkeypatch.setattr(runtime.queue, "enqueue", real)
+    assert a.run(agent, "hi", mode="async", output_tokens=1).status_code == 202
+
+
+def test_limit_overrides_beyond_storable_values_are_refused(client: TestClient, operator_key: str) -> None:
+    """An override too large for the queue and ledger columns is a 422 at creation, not a
+    tenant whose every run fails later."""
+    for name, value in (("max_concurrent_runs", 2**63), ("memory_bytes", 2**60), ("run_timeout_s", 1e12)):
+        r = client.post(
+            "/admin/tenants",
+            json={"name": f"big-{name}".replace("_", "-"), "limits": {name: value}},
+            headers={"Authorization": f"Bearer {operator_key}"},
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "invalid_request"
+    assert client.get("/admin/tenants", headers={"Authorization": f"Bearer {operator_key}"}).json() == []
 
 
 def test_audit_sequence_numbers_do_not_count_a_neighbours_actions(

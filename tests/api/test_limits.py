@@ -164,9 +164,11 @@ def test_runs_per_day_quota(client: TestClient, make_tenant: Any) -> None:
 
 
 def test_memory_bytes_quota(client: TestClient, make_tenant: Any) -> None:
-    """The quota counts stored bytes: a value's UTF-8 bytes plus the blob overhead of its
-    encryption, exactly; one byte more than fits is refused."""
-    a = make_tenant("alpha", limits={"memory_bytes": (200 + BLOB_OVERHEAD) + (300 + BLOB_OVERHEAD) - 1})
+    """The quota counts stored bytes: each key's and value's UTF-8 bytes plus the blob
+    overhead of the value's encryption, exactly; one byte more than fits is refused."""
+    a = make_tenant(
+        "alpha", limits={"memory_bytes": (1 + 200 + BLOB_OVERHEAD) + (1 + 300 + BLOB_OVERHEAD) - 1}
+    )
     assert client.put("/v1/memory/a", json={"value": "x" * 200}, headers=a.h).status_code == 200
     r = client.put("/v1/memory/b", json={"value": "y" * 300}, headers=a.h)
     assert r.status_code == 429 and r.json()["error"]["details"]["quota"] == "memory_bytes"
@@ -196,5 +198,5 @@ def test_memory_bytes_quota_holds_under_concurrent_writes(client: TestClient, ma
     stored = len(client.get("/v1/memory", headers=a.h).json())
     assert codes.count(200) == stored and stored >= 1
     assert set(codes) <= {200, 429}
-    # Each sealed 300-byte value takes 333 bytes: at most 4 fit in 1,500.
+    # Each entry takes 2 + 300 + 33 bytes (key, value, blob overhead): at most 4 fit in 1,500.
     assert stored <= 4

@@ -25,8 +25,10 @@ from typing import Any, Protocol
 from sqlalchemy import (
     Connection,
     Engine,
+    LargeBinary,
     Table,
     bindparam,
+    cast,
     delete,
     func,
     insert,
@@ -88,6 +90,21 @@ _FIND_KEY = (
 )
 #: Columns naming a tenant row's owner and identity: never in the SET of a store update.
 _ROW_KEY_COLUMNS = frozenset({"tenant_id", "id"})
+
+
+def _memory_bytes(conn: Connection) -> Any:
+    """The statement summing a tenant's stored agent memory, bytes: each entry's sealed
+    value plus its key's UTF-8 bytes (keys are stored in clear and count too)."""
+    m = s.memory
+    key_bytes = (
+        func.octet_length(m.c.key)
+        if conn.dialect.name == "postgresql"
+        else func.length(cast(m.c.key, LargeBinary))
+    )
+    total = func.coalesce(func.sum(func.length(m.c.value) + key_bytes), 0)
+    return select(total).where(m.c.tenant_id == _B_TENANT)
+
+
 _TENANT_COLUMNS = ("state", "plan", "limit_overrides", "isolation_level", "storage_model", "moving_to")
 
 
@@ -809,19 +826,16 @@ class TenantStore:
                     insert(m).values(tenant_id=self.tenant_id, key=key, value=sealed, updated_at=utcnow())
                 )
             if self._memory_limit is not None:
-                total = int(
-                    conn.execute(
-                        select(func.coalesce(func.sum(func.length(m.c.value)), 0)).where(*self._where(m))
-                    ).scalar_one()
-                )
+                total = int(conn.execute(_memory_bytes(conn), {"b_tenant_id": self.tenant_id}).scalar_one())
                 if total > self._memory_limit:
+                    entry = len(sealed) + len(key.encode("utf-8"))
                     raise QuotaExceeded(
                         f"agent memory would pass its limit of {self._memory_limit} bytes",
                         tenant_id=self.tenant_id,
                         quota="memory_bytes",
                         limit=self._memory_limit,
-                        used=total - len(sealed),
-                        requested=len(sealed),
+                        used=total - entry,
+                        requested=entry,
                     )
 
     def memory_delete(self, key: str) -> None:

@@ -68,7 +68,7 @@ class ResourceLimits(BaseModel):
     max_concurrent_runs: int = Field(ge=1, description="runs in flight at once")
     tokens_per_day: int = Field(ge=1, description="model tokens (in + out) per UTC day")
     runs_per_day: int = Field(ge=1, description="runs started per UTC day")
-    memory_bytes: int = Field(ge=1, description="agent memory stored (encrypted size), bytes")
+    memory_bytes: int = Field(ge=1, description="agent memory stored (sealed values + keys), bytes")
     max_output_tokens_per_run: int = Field(ge=1, description="output tokens one run may ask for")
     max_tool_calls_per_run: int = Field(ge=0, description="tool calls within one run")
     run_timeout_s: float = Field(gt=0, description="wall time of one run, seconds")
@@ -84,21 +84,29 @@ class ResourceLimits(BaseModel):
         return self.agent_runs_per_minute or self.requests_per_minute
 
 
+#: Largest per-minute rate a limit may be set to.
+MAX_RATE = 10**9
+
+
 class LimitOverrides(BaseModel):
     """Per-tenant overrides of plan limits; ``None`` keeps the plan's value."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    requests_per_minute: int | None = Field(default=None, ge=1)
-    key_requests_per_minute: int | None = Field(default=None, ge=1)
-    agent_runs_per_minute: int | None = Field(default=None, ge=1)
-    max_concurrent_runs: int | None = Field(default=None, ge=1)
-    tokens_per_day: int | None = Field(default=None, ge=1)
-    runs_per_day: int | None = Field(default=None, ge=1)
-    memory_bytes: int | None = Field(default=None, ge=1)
-    max_output_tokens_per_run: int | None = Field(default=None, ge=1)
-    max_tool_calls_per_run: int | None = Field(default=None, ge=0)
-    run_timeout_s: float | None = Field(default=None, gt=0)
+    # Upper bounds keep every value storable (queue and ledger columns) and meaningful;
+    # past them an override is refused with 422 rather than failing every run later.
+    requests_per_minute: int | None = Field(default=None, ge=1, le=MAX_RATE)
+    key_requests_per_minute: int | None = Field(default=None, ge=1, le=MAX_RATE)
+    agent_runs_per_minute: int | None = Field(default=None, ge=1, le=MAX_RATE)
+    max_concurrent_runs: int | None = Field(default=None, ge=1, le=1_000_000)
+    tokens_per_day: int | None = Field(default=None, ge=1, le=10**15)
+    runs_per_day: int | None = Field(default=None, ge=1, le=10**12)
+    memory_bytes: int | None = Field(default=None, ge=1, le=2**50, description="bytes (at most 1 PiB)")
+    max_output_tokens_per_run: int | None = Field(default=None, ge=1, le=10**7)
+    max_tool_calls_per_run: int | None = Field(default=None, ge=0, le=10**4)
+    run_timeout_s: float | None = Field(
+        default=None, gt=0, le=30 * 86_400, description="seconds (<= 30 days)"
+    )
 
     def apply_to(self, limits: ResourceLimits) -> ResourceLimits:
         """The plan's limits with every set override applied."""
