@@ -47,51 +47,51 @@ def _text(value: str | bytes | None) -> str | None:
     return PREFIX + base64.b64encode(value).decode("ascii")
 
 
-def upgrade() -> None:
+def _to_blob_sql(col: str) -> str:
+    body = f"substr({col}, {len(PREFIX) + 1})"
+    return (
+        f"CASE WHEN left({col}, {len(PREFIX)}) = '{PREFIX}' THEN decode({body}, 'base64') "
+        f"ELSE convert_to({col}, 'UTF8') END"
+    )
+
+
+def _to_text_sql(col: str) -> str:
+    return f"CASE WHEN {col} IS NULL THEN NULL ELSE '{PREFIX}' || encode({col}, 'base64') END"
+
+
+def _retype(
+    type_: sa.types.TypeEngine[Any], using: Callable[[str], str], convert: Callable[[Any], Any]
+) -> None:
+    """Give every sealed column ``type_``: on PostgreSQL in place (``USING``), on SQLite by
+    a table rebuild, with the values converted by ``convert`` (before the rebuild to text,
+    after it to bytes, so SQLite's copy never casts a value it cannot hold)."""
     bind = op.get_bind()
-    if bind.dialect.name == "postgresql":
-        for table, _, columns in SEALED:
+    for table, keys, columns in SEALED:
+        if bind.dialect.name == "postgresql":
             for col in columns:
-                body = f"substr({col}, {len(PREFIX) + 1})"
-                using = (
-                    f"CASE WHEN left({col}, {len(PREFIX)}) = '{PREFIX}' THEN decode({body}, 'base64') "
-                    f"ELSE convert_to({col}, 'UTF8') END"
-                )
                 op.alter_column(
                     table,
                     col,
-                    type_=sa.LargeBinary(),
+                    type_=type_,
                     existing_nullable=NULLABLE[(table, col)],
-                    postgresql_using=using,
+                    postgresql_using=using(col),
                 )
-        return
-    # SQLite: rebuild each table with binary columns, then decode the values row by row.
-    for table, keys, columns in SEALED:
+            continue
+        if convert is _text:
+            _convert(bind, table, keys, columns, convert)
         with op.batch_alter_table(table) as batch:
             for col in columns:
-                batch.alter_column(col, type_=sa.LargeBinary(), existing_nullable=NULLABLE[(table, col)])
-        _convert(bind, table, keys, columns, _blob)
+                batch.alter_column(col, type_=type_, existing_nullable=NULLABLE[(table, col)])
+        if convert is _blob:
+            _convert(bind, table, keys, columns, convert)
+
+
+def upgrade() -> None:
+    _retype(sa.LargeBinary(), _to_blob_sql, _blob)
 
 
 def downgrade() -> None:
-    bind = op.get_bind()
-    if bind.dialect.name == "postgresql":
-        for table, _, columns in SEALED:
-            for col in columns:
-                using = f"CASE WHEN {col} IS NULL THEN NULL ELSE '{PREFIX}' || encode({col}, 'base64') END"
-                op.alter_column(
-                    table,
-                    col,
-                    type_=sa.Text(),
-                    existing_nullable=NULLABLE[(table, col)],
-                    postgresql_using=using,
-                )
-        return
-    for table, keys, columns in SEALED:
-        _convert(bind, table, keys, columns, _text)
-        with op.batch_alter_table(table) as batch:
-            for col in columns:
-                batch.alter_column(col, type_=sa.Text(), existing_nullable=NULLABLE[(table, col)])
+    _retype(sa.Text(), _to_text_sql, _text)
 
 
 def _convert(
