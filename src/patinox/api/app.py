@@ -73,7 +73,8 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     _install_error_handlers(app)
     # The middleware authenticates; the bearer dependency only declares the scheme, so
     # Swagger UI offers "Authorize". Error responses are listed on these routes only.
-    for router in (admin.router, tenant.router):
+    # Routes are matched in order: tenant routes (every run) before operator routes.
+    for router in (tenant.router, admin.router):
         app.include_router(router, dependencies=[BearerAuth], responses=_ERRORS)
 
     @app.get("/healthz", tags=["public"])

@@ -30,6 +30,19 @@ def _run_out(row: dict[str, Any]) -> o.RunOut:
     return o.RunOut(**{**row, "simulated": bool(row["simulated"])})
 
 
+# First: routes are matched in order, and this one serves every run.
+@router.post("/agents/{agent_id}/runs", responses={202: {"model": o.RunOut}, 502: {"model": o.ErrorOut}})
+async def create_run(agent_id: str, req: RunRequest, ctx: RunWriter, rt: RT, response: Response) -> o.RunOut:
+    """Run the agent: ``sync`` answers 200 with the finished run; ``async`` answers 202 at once
+    with ``Location`` to poll. A failed sync run answers 502 ``run_failed`` with its ``run_id``."""
+    rt.rate.hit(f"agent:{agent_id}", ctx.limits.per_agent_rpm, tenant_id=ctx.tenant_id)
+    row = await rt.runs.start(ctx, agent_id, req)
+    if req.mode == "async":
+        response.status_code = 202
+        response.headers["Location"] = f"/v1/runs/{row['id']}"
+    return _run_out(row)
+
+
 @router.get("/me")
 def me(ctx: Reader) -> o.MeOut:
     return o.MeOut(
@@ -66,18 +79,6 @@ def update_agent(agent_id: str, patch: AgentPatch, ctx: AgentWriter, rt: RT) -> 
 def delete_agent(agent_id: str, ctx: AgentWriter, rt: RT) -> Response:
     rt.agents.delete(ctx, agent_id)
     return Response(status_code=204)
-
-
-@router.post("/agents/{agent_id}/runs", responses={202: {"model": o.RunOut}, 502: {"model": o.ErrorOut}})
-async def create_run(agent_id: str, req: RunRequest, ctx: RunWriter, rt: RT, response: Response) -> o.RunOut:
-    """Run the agent: ``sync`` answers 200 with the finished run; ``async`` answers 202 at once
-    with ``Location`` to poll. A failed sync run answers 502 ``run_failed`` with its ``run_id``."""
-    rt.rate.hit(f"agent:{agent_id}", ctx.limits.per_agent_rpm, tenant_id=ctx.tenant_id)
-    row = await rt.runs.start(ctx, agent_id, req)
-    if req.mode == "async":
-        response.status_code = 202
-        response.headers["Location"] = f"/v1/runs/{row['id']}"
-    return _run_out(row)
 
 
 @router.get("/runs")
