@@ -1,18 +1,48 @@
 """Noisy neighbour: does one tenant's overload reach the others? Four figures, one run.
 
-1. ``victim_p99_ratio`` (end to end, one real server). ``python -m patinox serve`` on a
-   fresh embedded deployment (``patinox init``; SQLite, rate limits in memory, the server's
-   in-process queue worker). Seven well-behaved tenants are seven real ServeGen DeepSeek-R1
-   clients (``servegen-26, 11, 30, 19, 66, 18, 15``, plan ``pro``) replayed from 18:00 of
-   the trace day: arrivals sampled by :func:`patinox.replay.load_servegen` from each
-   client's per-window rate and CV, prompt and output token counts from its dataset file,
-   output tokens capped at the ``pro`` plan's per-run maximum (8,192; the number lowered is
-   reported). The aggressor is the Azure ``conv`` service (real inter-arrival times and
-   token counts, from 60 s into the trace), a ``free`` tenant whose ``requests_per_minute``
-   is overridden to 60, replayed compressed so it sends 20x that (20 requests/s). Its
-   outputs are capped at the ``free`` plan's 2,048. All agents use the simulated model
-   ``simulated:ttft_ms=50,tpot_ms=0.5`` (50 ms + 0.5 ms/token: a shorter per-token time
-   than the default 2 ms, only to keep the tail of each phase short).
+Figures 1 and 2 are end to end against a real ``python -m patinox serve`` process, and are
+measured twice in the same run, once on each deployment shape (the same workload and the
+same targets, one shape after the other, each on a fresh deployment):
+
+- ``embedded``: the default of a fresh ``patinox init`` data directory (SQLite file, rate
+  limits ``memory://``, the KEK file ``patinox init`` made, the operator key it printed).
+- ``postgres+redis``: the multi-process configuration of the README ("Running several
+  processes") with one server. A scratch PostgreSQL database
+  ``patinox_bench_nn_e2e_<pid>`` is made with :func:`patinox.storage.postgres.bootstrap`
+  (roles ``patinox_bench_owner`` / ``patinox_bench_app``) and the server is started with
+  ``PATINOX_DATABASE_URL`` = the application role's URL, ``PATINOX_OWNER_URL`` = the owner
+  role's URL, ``PATINOX_RATE_LIMIT_URL`` = ``--redis-url`` (default
+  ``redis://127.0.0.1:6379/0``) and ``PATINOX_KEK_URL`` = a KEK file made with
+  :meth:`patinox.storage.crypto.FileKeyProvider.create`. The operator key is created
+  before the server starts with ``ApiKeys(backend).create(tenant_id=None, ...)`` on that
+  database (opening it with the owner URL migrates it). The server writes its rate windows
+  under its fixed prefix, ``patinox:rate/<tenant_id>/...``; tenant ids are new in every
+  run, so runs never share a window, and after the shape the keys of exactly the tenants
+  it created are deleted (nothing else in Redis is touched; any left behind by a crash
+  expire with their 60 s window). The database is dropped with
+  :func:`patinox.storage.postgres.drop` after the server stopped. With ``--skip-pg``, or
+  when PostgreSQL or Redis cannot be reached, this shape is reported as not run, with the
+  reason.
+
+In both shapes ``PATINOX_EMBEDDED_WORKERS`` is unset, so the server's in-process queue
+worker has its default 8 slots. The embedded shape's figures keep the top-level keys
+(``victim_p99_ratio``, ``jain_index``, ``victims``, ``jain``, ``server_errors``); both
+shapes are in ``deployments`` (one entry each: configuration, figures, targets met), and
+the PostgreSQL + Redis headline figures are also ``victim_p99_ratio_postgres`` and
+``jain_index_postgres``.
+
+1. ``victim_p99_ratio`` (end to end, per shape). Seven well-behaved tenants are seven real
+   ServeGen DeepSeek-R1 clients (``servegen-26, 11, 30, 19, 66, 18, 15``, plan ``pro``)
+   replayed from 18:00 of the trace day: arrivals sampled by
+   :func:`patinox.replay.load_servegen` from each client's per-window rate and CV, prompt
+   and output token counts from its dataset file, output tokens capped at the ``pro``
+   plan's per-run maximum (8,192; the number lowered is reported). The aggressor is the
+   Azure ``conv`` service (real inter-arrival times and token counts, from 60 s into the
+   trace), a ``free`` tenant whose ``requests_per_minute`` is overridden to 60, replayed
+   compressed so it sends 20x that (20 requests/s). Its outputs are capped at the ``free``
+   plan's 2,048. All agents use the simulated model ``simulated:ttft_ms=50,tpot_ms=0.5``
+   (50 ms + 0.5 ms/token: a shorter per-token time than the default 2 ms, only to keep the
+   tail of each phase short).
 
    The same victim requests are replayed in four phases, ABBA: A = victims alone,
    B = victims + aggressor. The aggressor is sent from a child process (``_nn_load.py``)
@@ -21,10 +51,11 @@
    p99 *overhead* (latency minus the simulated model's own time, the part a neighbour can
    affect), and the aggressor's admitted / 429 counts.
 
-2. ``jain_index`` (end to end, the same server). Two ``free`` (weight 1) and two ``pro``
-   (weight 4) tenants each POST many asynchronous runs at once (``"mode": "async"``, agent
-   ``simulated:ttft_ms=200,tpot_ms=0``); the server's in-process worker (8 slots) takes
-   them from the durable fair queue. After every POST is answered, completed (and
+2. ``jain_index`` (end to end, the same server as 1, per shape). Two ``free`` (weight 1)
+   and two ``pro`` (weight 4) tenants each POST many asynchronous runs at once
+   (``"mode": "async"``, agent ``simulated:ttft_ms=200,tpot_ms=0``); the server's
+   in-process worker (8 slots) takes them from the durable fair queue (in the shape's
+   database: SQLite or PostgreSQL). After every POST is answered, completed (and
    dispatched) runs per tenant are counted over a window while every tenant still has
    queued runs (checked), normalised by weight; Jain's index is
    ``(sum x)^2 / (n * sum x^2)``.
@@ -42,8 +73,9 @@
    tenant(s) at their concurrency cap and asks whether an idle worker can still claim the
    one-run tenant's run (``at_cap``).
 
-The server's log is scanned at the end for unhandled exceptions (counted by type in
-``server_errors``), so a 5xx seen by a tenant is explained in the report.
+Each shape's server log is scanned after its server stopped for unhandled exceptions
+(counted by type in ``server_errors`` of the shape), so a 5xx seen by a tenant is
+explained in the report.
 
 Output: ``bench/results/noisy_neighbour.json`` and a table. Nothing is asserted; targets
 are reported as met or not. Run: ``.venv/bin/python bench/noisy_neighbour.py``.
@@ -64,7 +96,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,6 +104,7 @@ from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -83,6 +116,7 @@ from _common import server as run_server  # noqa: E402
 from _nn_load import Outcome, Send, send_all  # noqa: E402
 
 from patinox.limits import Claim, FairRunQueue  # noqa: E402
+from patinox.limits.rate import KEY_PREFIX  # noqa: E402
 from patinox.replay import default_traces_dir, load_servegen, load_trace, percentile  # noqa: E402
 from patinox.tenancy import PLANS, new_id  # noqa: E402
 
@@ -106,6 +140,10 @@ JAIN_RUNS = {"free": 120, "pro": 400}  # per tenant; <= 500 so GET /v1/runs?limi
 
 DEFAULT_PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+PG_OWNER_ROLE, PG_APP_ROLE = "patinox_bench_owner", "patinox_bench_app"
+
+P99_RATIO_TARGET = 1.10  # victim_p99_ratio <= this
+JAIN_TARGET = 0.99  # jain_index >= this
 
 
 # --- servers (as bench/throughput.py) -----------------------------------------------------
@@ -408,7 +446,9 @@ def jain(xs: list[float]) -> float | None:
     return (sum(xs) ** 2) / (len(xs) * sq) if xs and sq else None
 
 
-def jain_end_to_end(url: str, op_key: str, window_s: float) -> dict[str, Any]:
+def jain_end_to_end(
+    url: str, op_key: str, window_s: float, *, queue_database: str = "SQLite"
+) -> dict[str, Any]:
     with httpx.Client(base_url=url, timeout=60.0) as http:
         handles = {
             n: _onboard(http, op_key, n, plan, {"requests_per_minute": 1_000_000}, JAIN_MODEL)
@@ -457,8 +497,8 @@ def jain_end_to_end(url: str, op_key: str, window_s: float) -> dict[str, Any]:
         "window_s": window_s,
         "enqueue_s": round(enqueue_s, 1),
         "tenants": per,
-        "path": "end to end: POST /v1/agents/{id}/runs mode=async -> durable FairRunQueue (SQLite) -> "
-        "the server's in-process RunWorker (8 slots)",
+        "path": "end to end: POST /v1/agents/{id}/runs mode=async -> durable FairRunQueue "
+        f"({queue_database}) -> the server's in-process RunWorker (8 slots)",
         "model": JAIN_MODEL,
         "other_statuses": {k: v for k, v in statuses.items() if not k.endswith(":202")},
     }
@@ -720,15 +760,9 @@ def queue_benchmarks(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     from patinox.storage import postgres as pg
 
     database = f"patinox_bench_nn_{os.getpid()}"
-    try:
-        dep = pg.bootstrap(
-            args.pg_admin_url,
-            database=database,
-            owner_role="patinox_bench_owner",
-            app_role="patinox_bench_app",
-        )
-    except Exception as err:  # no PostgreSQL: reported, not faked
-        results["postgresql"] = {"skipped": f"PostgreSQL not usable at {args.pg_admin_url}: {err}"}
+    dep, why_not = scratch_postgres(args.pg_admin_url, database)
+    if dep is None:
+        results["postgresql"] = {"skipped": why_not}
         return results
     try:
         backend = open_backend(dep.app_url, owner_url=dep.owner_url, key_provider=kp)
@@ -743,6 +777,243 @@ def queue_benchmarks(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+# --- the two deployment shapes parts 1 and 2 run on -------------------------------------------
+
+EMBEDDED, PG_REDIS = "embedded", "postgres+redis"
+#: Variables that choose a deployment: unset for the embedded shape, set for PostgreSQL + Redis.
+_DEPLOYMENT_VARS = (
+    "PATINOX_DATABASE_URL",
+    "PATINOX_OWNER_URL",
+    "PATINOX_RATE_LIMIT_URL",
+    "PATINOX_KEK_URL",
+    "PATINOX_EMBEDDED_WORKERS",  # unset in both: the server's in-process worker, 8 slots
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A deployment one ``patinox serve`` process is started on."""
+
+    name: str
+    env: dict[str, str]
+    data_dir: Path
+    op_key: str
+    queue_database: str  # under the durable run queue, as the report names it
+    configuration: dict[str, Any]
+
+
+def _base_env(data_dir: Path) -> dict[str, str]:
+    env = {**os.environ, "PATINOX_DATA_DIR": str(data_dir)}
+    for var in _DEPLOYMENT_VARS:
+        env.pop(var, None)
+    return env
+
+
+def embedded_shape(tmp: Path) -> Shape:
+    """A fresh ``patinox init`` data directory: SQLite, rate limits in memory, its KEK file."""
+    data_dir, key_file = tmp / "deployment", tmp / "operator.key"
+    env = _base_env(data_dir)
+    init = [sys.executable, "-m", "patinox", "init", "--data-dir", str(data_dir), "--key-file", str(key_file)]
+    subprocess.run(init, check=True, env=env, stdout=subprocess.DEVNULL)
+    return Shape(
+        name=EMBEDDED,
+        env=env,
+        data_dir=data_dir,
+        op_key=key_file.read_text().strip(),
+        queue_database="SQLite",
+        configuration={
+            "database": "sqlite: <data dir>/patinox.db (patinox init)",
+            "rate_limit_url": "memory:// (default)",
+            "kek": "file: <data dir>/kek.json (patinox init)",
+            "operator_key": "printed by patinox init --key-file",
+            "queue_worker": "the server's in-process RunWorker, 8 slots",
+        },
+    )
+
+
+def postgres_redis_shape(tmp: Path, dep: Any, redis_url: str) -> Shape:
+    """The server's environment on a bootstrapped database, Redis and a new KEK file, and an
+    operator key created directly in that database (opening it as owner migrates it)."""
+    from patinox.control import ApiKeys
+    from patinox.storage import open_backend
+    from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
+
+    data_dir = tmp / "deployment-pg"
+    data_dir.mkdir(mode=0o700)
+    kek = tmp / "pg-kek.json"
+    FileKeyProvider.create(kek)
+    kek_url = f"file://{kek}"
+    backend = open_backend(dep.app_url, owner_url=dep.owner_url, key_provider=key_provider_from_url(kek_url))
+    try:
+        op_key = (
+            ApiKeys(backend).create(tenant_id=None, name="bench-operator", scopes=None, actor="bench").secret
+        )
+    finally:
+        backend.close()
+    env = {
+        **_base_env(data_dir),
+        "PATINOX_DATABASE_URL": dep.app_url,
+        "PATINOX_OWNER_URL": dep.owner_url,
+        "PATINOX_RATE_LIMIT_URL": redis_url,
+        "PATINOX_KEK_URL": kek_url,
+    }
+    return Shape(
+        name=PG_REDIS,
+        env=env,
+        data_dir=data_dir,
+        op_key=op_key,
+        queue_database="PostgreSQL",
+        configuration={
+            "database": f"postgresql: scratch database {dep.database} (bootstrap, dropped after)",
+            "database_url": dep.app_url,
+            "owner_url": dep.owner_url,
+            "rate_limit_url": redis_url,
+            "rate_limit_keys": f"{KEY_PREFIX}:rate/<tenant_id>/... (this run's tenants; deleted after)",
+            "kek": "file: a new KEK file (FileKeyProvider.create), PATINOX_KEK_URL",
+            "operator_key": "ApiKeys(backend).create(tenant_id=None) before the server started",
+            "queue_worker": "the server's in-process RunWorker, 8 slots",
+        },
+    )
+
+
+def _redis_unreachable(redis_url: str) -> str:
+    """Why Redis at ``redis_url`` cannot be used, or ``""`` when it answers PING."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=1)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except Exception as err:  # no Redis: reported, not faked
+        return f"Redis not reachable at {redis_url}: {err}"
+    return ""
+
+
+def _forget_rate_windows(redis_url: str, tenant_ids: list[str]) -> int:
+    """Delete the server's rate windows of ``tenant_ids`` (and nothing else); keys deleted."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=1)
+    deleted = 0
+    try:
+        for tid in tenant_ids:
+            keys = list(client.scan_iter(match=f"{KEY_PREFIX}:rate/{tid}/*", count=1000))
+            if keys:
+                deleted += int(client.delete(*keys))
+    finally:
+        client.close()
+    return deleted
+
+
+def _not_run(name: str, why: str) -> dict[str, Any]:
+    return {"shape": name, "run": False, "skipped": why, "victim_p99_ratio": None, "jain_index": None}
+
+
+def _targets_met(ratio: float | None, jain_index: float | None) -> dict[str, bool | None]:
+    return {
+        "victim_p99_ratio": None if ratio is None else ratio <= P99_RATIO_TARGET,
+        "jain_index": None if jain_index is None else jain_index >= JAIN_TARGET,
+    }
+
+
+def end_to_end(shape: Shape, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Parts 1 and 2 against one ``patinox serve`` started on ``shape``, stopped after.
+
+    Returns:
+        The shape's entry of ``deployments``: configuration, headline figures, targets met,
+        the full ``victims`` and ``jain`` results, ``server_errors``, ``timings`` (seconds)
+        and the ids of the tenants it created.
+    """
+    work = tmp / f"e2e-{shape.name.replace('+', '-')}"
+    work.mkdir()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = work / "server.log"
+    argv = [sys.executable, "-m", "patinox", "serve", "--data-dir", str(shape.data_dir), "--port", str(port)]
+    console.rule(f"end to end: {shape.name}")
+    timings: dict[str, float] = {}
+    with run_server(argv, url, log, shape.env):
+        t = time.monotonic()
+        victims = victims_vs_aggressor(url, shape.op_key, work, args)
+        timings["victims_s"] = round(time.monotonic() - t, 1)
+        t = time.monotonic()
+        fairness = jain_end_to_end(url, shape.op_key, args.jain_window_s, queue_database=shape.queue_database)
+        timings["jain_s"] = round(time.monotonic() - t, 1)
+        console.print(
+            f"jain: {fairness['jain_index']} (dispatched {fairness['jain_index_dispatched']}), "
+            f"all backlogged {fairness['all_backlogged_through_window']}, "
+            f"enqueue {fairness['enqueue_s']} s, completed in window "
+            f"{ {n: p['completed_in_window'] for n, p in fairness['tenants'].items()} }"
+        )
+        with httpx.Client(base_url=url, timeout=60.0) as http:
+            listed = http.get("/admin/tenants", headers={"Authorization": f"Bearer {shape.op_key}"})
+            tenants = check(listed, "list tenants")
+            assert isinstance(tenants, list)
+    server_errors = _server_errors(log)
+    if server_errors.get("asgi_exceptions"):
+        console.print(f"[red]{shape.name} server logged unhandled exceptions:[/red] {server_errors}")
+    return {
+        "shape": shape.name,
+        "run": True,
+        "configuration": shape.configuration,
+        "victim_p99_ratio": victims["victim_p99_ratio"],
+        "victim_p99_alone_ms": victims["victim_p99_alone_ms"],
+        "victim_p99_with_aggressor_ms": victims["victim_p99_with_aggressor_ms"],
+        "victim_overhead_p99_ratio": victims["victim_overhead_p99_ratio"],
+        "jain_index": fairness["jain_index"],
+        "targets_met": _targets_met(victims["victim_p99_ratio"], fairness["jain_index"]),
+        "server_errors": server_errors,
+        "victims": victims,
+        "jain": fairness,
+        "timings": timings,
+        "tenant_ids": [t["id"] for t in tenants],
+    }
+
+
+def postgres_redis_end_to_end(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Parts 1 and 2 on PostgreSQL + Redis, or the reason they were not run."""
+    if args.skip_pg:
+        return _not_run(PG_REDIS, "--skip-pg")
+    why_not = _redis_unreachable(args.redis_url)
+    if why_not:
+        return _not_run(PG_REDIS, why_not)
+    from patinox.storage import postgres as pg
+
+    database = f"patinox_bench_nn_e2e_{os.getpid()}"
+    dep, why_not = scratch_postgres(args.pg_admin_url, database)
+    if dep is None:
+        return _not_run(PG_REDIS, why_not)
+    try:
+        result = end_to_end(postgres_redis_shape(tmp, dep, args.redis_url), tmp, args)
+    finally:
+        pg.drop(args.pg_admin_url, database=database)  # after the server stopped
+    result["configuration"]["rate_limit_keys_deleted"] = _forget_rate_windows(
+        args.redis_url, result["tenant_ids"]
+    )
+    return result
+
+
+def scratch_postgres(admin_url: str, database: str) -> tuple[Any, str]:
+    """A scratch database (and the bench's two roles) made with
+    :func:`patinox.storage.postgres.bootstrap`; the caller drops it with
+    :func:`patinox.storage.postgres.drop`.
+
+    Returns:
+        ``(PostgresDeployment, "")``, or ``(None, why)`` when PostgreSQL is not usable at
+        ``admin_url`` (reported as a skipped part, not faked).
+    """
+    from patinox.storage import postgres as pg
+
+    try:
+        return pg.bootstrap(admin_url, database=database, owner_role=PG_OWNER_ROLE, app_role=PG_APP_ROLE), ""
+    except Exception as err:  # no PostgreSQL: reported, not faked
+        with suppress(Exception):  # a database made before the failure
+            pg.drop(admin_url, database=database)
+        return None, f"PostgreSQL not usable at {admin_url}: {err}"
+
+
 # --- report ----------------------------------------------------------------------------------
 
 
@@ -754,59 +1025,80 @@ def _mark(ok: bool | None) -> str:
     return "[yellow]n/a[/yellow]" if ok is None else ("[green]met[/green]" if ok else "[red]MISSED[/red]")
 
 
+_E2E_FIGURES = (
+    "victim_p99_ratio",
+    "victim_overhead_p99_ratio",
+    "aggressor 429s",
+    "victim runs failed",
+    "jain_index",
+)
+
+
+def _end_to_end_rows(d: dict[str, Any]) -> dict[str, tuple[str, str, str, str]]:
+    """One deployment shape's rows of the table: figure -> (value, target, mark, detail)."""
+    p99_target, jain_target = f"<= {P99_RATIO_TARGET:.2f}", f">= {JAIN_TARGET}"
+    if not d["run"]:
+        why = escape(d["skipped"])
+        return {
+            "victim_p99_ratio": ("n/a", p99_target, "[yellow]not run[/yellow]", why),
+            "jain_index": ("n/a", jain_target, "[yellow]not run[/yellow]", why),
+        }
+    v, j, se, met = d["victims"], d["jain"], d["server_errors"], d["targets_met"]
+    a = v["aggressor"]
+    failed = v["victims_alone"]["failed"] + v["victims_with_aggressor"]["failed"]
+    kinds = ", ".join(f"{k} x{x['count']}" for k, x in se.get("by_type", {}).items())
+    return {
+        "victim_p99_ratio": (
+            _fmt(v["victim_p99_ratio"]),
+            p99_target,
+            _mark(met["victim_p99_ratio"]),
+            f"victim p99 alone {v['victim_p99_alone_ms']} ms, "
+            f"with aggressor {v['victim_p99_with_aggressor_ms']} ms; "
+            f"p50 {v['victims_alone']['p50_ms']} / {v['victims_with_aggressor']['p50_ms']} ms; "
+            f"{v['victims_alone']['completed']}/{v['victims_with_aggressor']['completed']} runs",
+        ),
+        "victim_overhead_p99_ratio": (
+            _fmt(v["victim_overhead_p99_ratio"]),
+            "(info)",
+            "",
+            f"p99 of latency minus model time: alone {v['victims_alone']['overhead_p99_ms']} ms, "
+            f"with aggressor {v['victims_with_aggressor']['overhead_p99_ms']} ms",
+        ),
+        "aggressor 429s": (
+            f"{a['throttled_429']}/{a['sent']}",
+            f"limit {a['limit_requests_per_minute']}/min",
+            "",
+            f"admitted {a['admitted']}; 429 by code {a['rejected_429_by_code']}; failed {a['failed']}",
+        ),
+        "victim runs failed": (
+            f"{failed}/{v['victims_alone']['sent'] + v['victims_with_aggressor']['sent']}",
+            "0",
+            _mark(failed == 0),
+            f"alone {v['victims_alone']['error_codes']}, "
+            f"with aggressor {v['victims_with_aggressor']['error_codes']}; "
+            f"server log: {se.get('asgi_exceptions')} unhandled ({kinds or 'none'})",
+        ),
+        "jain_index": (
+            _fmt(j["jain_index"]),
+            jain_target,
+            _mark(met["jain_index"]),
+            f"end to end; completed/weight per tenant "
+            f"{ {n: p['completed_per_weight'] for n, p in j['tenants'].items()} }; dispatched-based "
+            f"{j['jain_index_dispatched']}; all backlogged: {j['all_backlogged_through_window']}",
+        ),
+    }
+
+
 def _table(rep: dict[str, Any]) -> Table:
     t = Table(title="Noisy neighbour (simulated models; one run; figures, not assertions)")
     for col in ("figure", "value", "target", "", "detail"):
         t.add_column(col, overflow="fold")
-    v = rep["victims"]
-    a = v["aggressor"]
-    t.add_row(
-        "victim_p99_ratio",
-        _fmt(v["victim_p99_ratio"]),
-        "<= 1.10",
-        _mark(None if v["victim_p99_ratio"] is None else v["victim_p99_ratio"] <= 1.10),
-        f"victim p99 alone {v['victim_p99_alone_ms']} ms, "
-        f"with aggressor {v['victim_p99_with_aggressor_ms']} ms; "
-        f"p50 {v['victims_alone']['p50_ms']} / {v['victims_with_aggressor']['p50_ms']} ms; "
-        f"{v['victims_alone']['completed']}/{v['victims_with_aggressor']['completed']} runs",
-    )
-    t.add_row(
-        "victim_overhead_p99_ratio",
-        _fmt(v["victim_overhead_p99_ratio"]),
-        "(info)",
-        "",
-        f"p99 of latency minus model time: alone {v['victims_alone']['overhead_p99_ms']} ms, "
-        f"with aggressor {v['victims_with_aggressor']['overhead_p99_ms']} ms",
-    )
-    t.add_row(
-        "aggressor 429s",
-        f"{a['throttled_429']}/{a['sent']}",
-        f"limit {a['limit_requests_per_minute']}/min",
-        "",
-        f"admitted {a['admitted']}; 429 by code {a['rejected_429_by_code']}; failed {a['failed']}",
-    )
-    se = rep["server_errors"]
-    failed = v["victims_alone"]["failed"] + v["victims_with_aggressor"]["failed"]
-    kinds = ", ".join(f"{k} x{x['count']}" for k, x in se.get("by_type", {}).items())
-    t.add_row(
-        "victim runs failed",
-        f"{failed}/{v['victims_alone']['sent'] + v['victims_with_aggressor']['sent']}",
-        "0",
-        _mark(failed == 0),
-        f"alone {v['victims_alone']['error_codes']}, "
-        f"with aggressor {v['victims_with_aggressor']['error_codes']}; "
-        f"server log: {se.get('asgi_exceptions')} unhandled ({kinds or 'none'})",
-    )
-    j = rep["jain"]
-    t.add_row(
-        "jain_index",
-        _fmt(j["jain_index"]),
-        ">= 0.99",
-        _mark(None if j["jain_index"] is None else j["jain_index"] >= 0.99),
-        f"end to end; completed/weight per tenant "
-        f"{ {n: p['completed_per_weight'] for n, p in j['tenants'].items()} }; dispatched-based "
-        f"{j['jain_index_dispatched']}; all backlogged: {j['all_backlogged_through_window']}",
-    )
+    # The end-to-end figures side by side: each figure once per deployment shape.
+    shapes = [(d["shape"], _end_to_end_rows(d)) for d in rep["deployments"]]
+    for figure in _E2E_FIGURES:
+        for name, rows in shapes:
+            if figure in rows:
+                t.add_row(f"{figure} ({name})", *rows[figure])
     lim = rep["limiter"]
     t.add_row(
         "limiter_excess",
@@ -889,7 +1181,11 @@ def main() -> None:
     parser.add_argument(
         "--pg-admin-url", default=os.environ.get("PATINOX_BENCH_PG_ADMIN_URL", DEFAULT_PG_ADMIN)
     )
-    parser.add_argument("--skip-pg", action="store_true", help="starvation on SQLite only")
+    parser.add_argument(
+        "--skip-pg",
+        action="store_true",
+        help="no PostgreSQL at all: starvation on SQLite only, the postgres+redis shape not run",
+    )
     parser.add_argument(
         "--pg-all-pairs", action="store_true", help="PostgreSQL: every plan pair (default: pro-vs-free only)"
     )
@@ -899,49 +1195,20 @@ def main() -> None:
     started = time.monotonic()
     load_before = _loadavg()
     timings: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="patinox-nn-") as tmp_name, ExitStack() as stack:
+    with tempfile.TemporaryDirectory(prefix="patinox-nn-") as tmp_name:
         tmp = Path(tmp_name)
-        data_dir, key_file = tmp / "deployment", tmp / "operator.key"
-        env = {**os.environ, "PATINOX_DATA_DIR": str(data_dir)}
-        for var in ("PATINOX_DATABASE_URL", "PATINOX_OWNER_URL", "PATINOX_RATE_LIMIT_URL", "PATINOX_KEK_URL"):
-            env.pop(var, None)  # the embedded default: SQLite, limits in memory
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "patinox",
-                "init",
-                "--data-dir",
-                str(data_dir),
-                "--key-file",
-                str(key_file),
-            ],
-            check=True,
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        argv = [sys.executable, "-m", "patinox", "serve", "--data-dir", str(data_dir), "--port", str(port)]
-        stack.enter_context(run_server(argv, url, tmp / "server.log", env))
-        op_key = key_file.read_text().strip()
-
-        t = time.monotonic()
-        victims = victims_vs_aggressor(url, op_key, tmp, args)
-        timings["victims_s"] = round(time.monotonic() - t, 1)
-        t = time.monotonic()
-        fairness = jain_end_to_end(url, op_key, args.jain_window_s)
-        timings["jain_s"] = round(time.monotonic() - t, 1)
-        console.print(
-            f"jain: {fairness['jain_index']} (dispatched {fairness['jain_index_dispatched']}), "
-            f"all backlogged {fairness['all_backlogged_through_window']}, "
-            f"enqueue {fairness['enqueue_s']} s, completed in window "
-            f"{ {n: p['completed_in_window'] for n, p in fairness['tenants'].items()} }"
-        )
-        stack.close()  # stop the server before the queue/limiter parts
-        server_errors = _server_errors(tmp / "server.log")
-        if server_errors.get("asgi_exceptions"):
-            console.print(f"[red]server logged unhandled exceptions:[/red] {server_errors}")
+        # Parts 1 and 2 on each deployment shape in turn (each server stopped after its shape).
+        embedded = end_to_end(embedded_shape(tmp), tmp, args)
+        postgres = postgres_redis_end_to_end(tmp, args)
+        if not postgres["run"]:
+            console.print(f"end to end on {PG_REDIS}: not run ({escape(postgres['skipped'])})")
+        deployments = [embedded, postgres]
+        timings["victims_s"] = embedded["timings"]["victims_s"]
+        timings["jain_s"] = embedded["timings"]["jain_s"]
+        if postgres["run"]:
+            timings["victims_postgres_s"] = postgres["timings"]["victims_s"]
+            timings["jain_postgres_s"] = postgres["timings"]["jain_s"]
+        victims, fairness, server_errors = embedded["victims"], embedded["jain"], embedded["server_errors"]
 
         t = time.monotonic()
         limiter = limiter_excess(args.redis_url, limits=[100, 1, 7, 60, 250], procs=4, threads=4, attempts=50)
@@ -961,6 +1228,8 @@ def main() -> None:
         "aggressor_429": victims["aggressor"]["throttled_429"],
         "aggressor_sent": victims["aggressor"]["sent"],
         "jain_index": fairness["jain_index"],
+        "victim_p99_ratio_postgres": postgres["victim_p99_ratio"],
+        "jain_index_postgres": postgres["jain_index"],
         "limiter_excess": limiter.get("limiter_excess"),
         "starvation_rounds": None if not sr or any(x is None for x in sr) else max(sr),
         "targets": {
@@ -970,7 +1239,9 @@ def main() -> None:
             "starvation_rounds": "a few scheduling rounds (this bench marks <= 5)",
         },
         "deployment": "patinox serve, embedded default: SQLite, rate limits memory://, in-process worker "
-        "(victims, jain); limiter on Redis; FairRunQueue directly on SQLite and PostgreSQL (starvation)",
+        "(victims, jain; the same again on PostgreSQL + Redis: see deployments); limiter on Redis; "
+        "FairRunQueue directly on SQLite and PostgreSQL (starvation)",
+        "deployments": deployments,
         "server_errors": server_errors,
         "victims": victims,
         "jain": fairness,
