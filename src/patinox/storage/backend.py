@@ -27,12 +27,14 @@ from sqlalchemy import (
     Engine,
     LargeBinary,
     Table,
+    and_,
     bindparam,
     cast,
     delete,
     func,
     insert,
     inspect,
+    or_,
     select,
     text,
     update,
@@ -706,18 +708,46 @@ class TenantStore:
             raise NotFound(f"run {run_id!r} not found")
         return self._open_run(dict(found))
 
-    def list_runs(self, *, agent_id: str | None = None, limit: int = 50) -> list[Row]:
-        """This tenant's newest runs first."""
-        eq = {"agent_id": agent_id} if agent_id else {}
-        q = (
-            select(s.runs)
-            .where(*self._where(s.runs, **eq))
-            .order_by(s.runs.c.created_at.desc(), s.runs.c.id.desc())
-            .limit(limit)
-        )
+    def list_runs(
+        self,
+        *,
+        agent_id: str | None = None,
+        limit: int = 50,
+        before: str | None = None,
+        max_bytes: int | None = None,
+    ) -> list[Row]:
+        """This tenant's newest runs first.
+
+        Args:
+            agent_id: only this agent's runs.
+            limit: at most this many runs.
+            before: only runs older than this run (a cursor: the last id of a page).
+            max_bytes: stop once the runs returned hold this many bytes of stored input
+                and output (at least one run is returned), so one listing cannot make the
+                process decrypt and hold an unbounded amount for one tenant.
+
+        Raises:
+            NotFound: ``before`` is not a run of this tenant.
+        """
+        r = s.runs
+        q = select(r).where(*self._where(r, **({"agent_id": agent_id} if agent_id else {})))
         with self._tx() as conn:
-            rows = [dict(r) for r in conn.execute(q).mappings()]
-        return [self._open_run(r) for r in rows]
+            if before is not None:
+                mark = self._exec(conn, _GET_RUN, {"b_id": before}).mappings().first()
+                if mark is None:
+                    raise NotFound(f"run {before!r} not found")
+                at = mark["created_at"]
+                q = q.where(or_(r.c.created_at < at, and_(r.c.created_at == at, r.c.id < before)))
+            q = q.order_by(r.c.created_at.desc(), r.c.id.desc()).limit(limit)
+            rows = [dict(x) for x in conn.execute(q).mappings()]
+        out: list[Row] = []
+        held = 0
+        for row in rows:
+            held += len(row["input"] or b"") + len(row["output"] or b"")
+            if out and max_bytes is not None and held > max_bytes:
+                break
+            out.append(self._open_run(row))
+        return out
 
     def update_run(self, run_id: str, values: Row) -> None:
         """Update a run's fields. Raises :class:`NotFound`."""

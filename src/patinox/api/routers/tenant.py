@@ -7,6 +7,7 @@ no handler takes a tenant id from the path, a header or the body.
 from __future__ import annotations
 
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Response
 from pydantic import AwareDatetime
@@ -81,11 +82,32 @@ def delete_agent(agent_id: str, ctx: AgentWriter, rt: RT) -> Response:
     return Response(status_code=204)
 
 
+#: Stored input and output bytes one page of ``GET /v1/runs`` may carry (8 MiB).
+RUNS_PAGE_BYTES = 8 * 2**20
+
+
 @router.get("/runs")
 def list_runs(
-    _: Reader, store: Store, agent_id: str | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50
+    _: Reader,
+    store: Store,
+    response: Response,
+    agent_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    before: Annotated[str | None, Query(max_length=40, description="a run id: runs older than it")] = None,
 ) -> list[o.RunOut]:
-    return [_run_out(x) for x in store.list_runs(agent_id=agent_id, limit=limit)]
+    """Runs, newest first, ``limit`` at most and at most 8 MiB of inputs and outputs a page
+    (at least one run). When more may follow, ``Link: <...?before=ID>; rel="next"``."""
+    runs = store.list_runs(agent_id=agent_id, limit=limit, before=before, max_bytes=RUNS_PAGE_BYTES)
+    more = len(runs) == limit or (bool(runs) and _truncated(store, runs, agent_id))
+    if more:
+        query = {"limit": limit, "before": runs[-1]["id"], **({"agent_id": agent_id} if agent_id else {})}
+        response.headers["Link"] = f'</v1/runs?{urlencode(query)}>; rel="next"'
+    return [_run_out(x) for x in runs]
+
+
+def _truncated(store: Any, runs: list[dict[str, Any]], agent_id: str | None) -> bool:
+    """True when a page shorter than its limit was cut by the byte budget (older runs exist)."""
+    return bool(store.list_runs(agent_id=agent_id, limit=1, before=runs[-1]["id"]))
 
 
 @router.get("/runs/{run_id}")
