@@ -351,8 +351,13 @@ class RunService:
                 store.apply(insert_run, conn=conn)
 
         def done(used: int, conn: Connection | None = None) -> None:
+            # By the numbers, not Reservation.settle(): that marks the reservation settled
+            # before the transaction commits, and a settlement whose joined transaction
+            # rolled back would then be skipped by the fallback (tokens held all day).
             with self._backend.control_tx(conn) as conn:
-                self._budget.settle(reservation, used, conn=conn)
+                self._budget.settle_tokens(
+                    reservation.tenant_id, reservation.period, reservation.tokens, used, conn=conn
+                )
                 self.queue.release(ctx.tenant_id, run_id, conn=conn)
 
         if not joined:
