@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from patinox.api import Runtime
 from patinox.errors import StorageError
+from patinox.storage import TenantStore
 
 
 @pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
@@ -52,3 +53,41 @@ def test_a_failed_settlement_transaction_gives_the_tokens_back(
     assert usage["tokens_reserved"] == 0, usage
     assert b.run(b.agent("y"), "hi", output_tokens=1).status_code == 200
     assert client.get("/v1/usage", headers=b.h).json()["tokens_reserved"] == 0
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "sqlite-silo", "pg-bridge"], indirect=True)
+def test_a_sync_run_whose_row_cannot_be_written_does_not_count_against_runs_per_day(
+    client: TestClient, make_tenant: Any, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack: make the run-row write of a synchronous run fail after admission (a storage
+    error in the tenant's own database; or the agent deleted in between, a foreign-key
+    violation). Pool tenants write slot, quotas and row in one transaction, so all of it
+    rolls back; silo tenants write the row after the control-plane transaction and
+    compensate, but the compensation returned the tokens and the slot only: the run
+    that never existed still counted against ``runs_per_day``. README: runs_per_day is
+    "given back when its admission fails after that".
+
+    Correct: a refused run leaves no run row, no reservation, no slot and no count against
+    ``runs_per_day`` behind, on both paths; a neighbour is not affected.
+    """
+    a = make_tenant("alpha", limits={"runs_per_day": 1})
+    b = make_tenant("beta")
+    agent = a.agent("x")
+    real = TenantStore.apply
+
+    def failing(self: TenantStore, write: Any, *, conn: Any = None) -> None:
+        if self.tenant_id == a.id and len(write.statements) == 1:  # the run row's insert
+            raise StorageError("database error: OperationalError")
+        real(self, write, conn=conn)
+
+    monkeypatch.setattr(TenantStore, "apply", failing)
+    r = a.run(agent, "hi", output_tokens=1)
+    assert r.status_code == 503, r.text
+    assert client.get("/v1/runs", headers=a.h).json() == []
+    usage = client.get("/v1/usage", headers=a.h).json()
+    assert (usage["tokens_reserved"], usage["runs_in_flight"]) == (0, 0)
+    assert b.run(b.agent("y"), "hi", output_tokens=1).status_code == 200
+    monkeypatch.setattr(TenantStore, "apply", real)
+    # The refused run did not use the tenant's one run of the day.
+    again = a.run(agent, "hi", output_tokens=1)
+    assert again.status_code == 200, again.text

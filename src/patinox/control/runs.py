@@ -364,7 +364,9 @@ class RunService:
             try:
                 store.apply(insert_run)
             except BaseException:
-                done(0)
+                with self._backend.control_tx() as conn:
+                    done(0, conn)
+                    self._budget.consume(ctx.tenant_id, RUNS_PER_DAY, -1, ctx.limits.runs_per_day, conn=conn)
                 raise
 
         # From admission to here nothing awaited, so a tenant fenced by stop_tenant() after
