@@ -91,3 +91,56 @@ def test_a_sync_run_whose_row_cannot_be_written_does_not_count_against_runs_per_
     # The refused run did not use the tenant's one run of the day.
     again = a.run(agent, "hi", output_tokens=1)
     assert again.status_code == 200, again.text
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-bridge"], indirect=True)
+def test_a_run_listing_reads_no_more_than_its_byte_budget(
+    client: TestClient, make_tenant: Any, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack: a tenant stores many runs with large inputs (the API takes 1,000,000
+    characters a run) and lists them with ``limit=500``. The page's byte budget (8 MiB)
+    was applied after the query: every row of the page, payloads included, was fetched
+    into the shared server process first and only then cut, so one listing of 500 runs
+    of 1 MB still held over 500 MB, the pressure on every neighbour's memory the budget
+    was added to remove.
+
+    Correct: a page cut by its budget reads about that budget, not the whole page (here
+    8 MB stored, a 256 KiB budget: the listing allocates well under half of what is
+    stored); the neighbour sees none of it.
+    """
+    import tracemalloc
+
+    from patinox.api.routers import tenant as tenant_routes
+
+    a, b = make_tenant("alpha", "pro"), make_tenant("beta")
+    agent = a.agent()
+    b.run(b.agent(), "mine", output_tokens=1)
+    store = runtime.backend.acting_on(a.id)
+    big = "x" * 200_000
+    for _ in range(40):
+        store.create_run(
+            {
+                "agent_id": agent,
+                "principal": a.key_id,
+                "mode": "sync",
+                "status": "succeeded",
+                "input": big,
+                "model": "simulated:instant",
+                "simulated": 1,
+                "input_tokens": 0,
+                "output_tokens": 0,
+                "tool_calls": 0,
+            }
+        )
+    monkeypatch.setattr(tenant_routes, "RUNS_PAGE_BYTES", 256 * 1024)
+    tracemalloc.start()
+    try:
+        r = client.get("/v1/runs?limit=500", headers=a.h)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 200, r.text
+    assert [x["input"] for x in r.json()] == [big]
+    assert 'rel="next"' in r.headers["Link"]
+    assert peak < 4_000_000, peak
+    assert [x["input"] for x in client.get("/v1/runs?limit=500", headers=b.h).json()] == ["mine"]

@@ -730,24 +730,31 @@ class TenantStore:
             NotFound: ``before`` is not a run of this tenant.
         """
         r = s.runs
-        q = select(r).where(*self._where(r, **({"agent_id": agent_id} if agent_id else {})))
+        conds = self._where(r, **({"agent_id": agent_id} if agent_id else {}))
+        newest_first = (r.c.created_at.desc(), r.c.id.desc())
         with self._tx() as conn:
             if before is not None:
                 mark = self._exec(conn, _GET_RUN, {"b_id": before}).mappings().first()
                 if mark is None:
                     raise NotFound(f"run {before!r} not found")
                 at = mark["created_at"]
-                q = q.where(or_(r.c.created_at < at, and_(r.c.created_at == at, r.c.id < before)))
-            q = q.order_by(r.c.created_at.desc(), r.c.id.desc()).limit(limit)
+                conds.append(or_(r.c.created_at < at, and_(r.c.created_at == at, r.c.id < before)))
+            if max_bytes is not None:
+                # Sizes first, then the payloads of the runs within the budget only: reading
+                # every row of the page and cutting afterwards still held them all at once.
+                size = func.length(r.c.input) + func.coalesce(func.length(r.c.output), 0)
+                sized = conn.execute(select(r.c.id, size).where(*conds).order_by(*newest_first).limit(limit))
+                ids: list[str] = []
+                held = 0
+                for run_id, stored in sized:
+                    held += int(stored)
+                    if ids and held > max_bytes:
+                        break
+                    ids.append(run_id)
+                conds.append(r.c.id.in_(ids))
+            q = select(r).where(*conds).order_by(*newest_first).limit(limit)
             rows = [dict(x) for x in conn.execute(q).mappings()]
-        out: list[Row] = []
-        held = 0
-        for row in rows:
-            held += len(row["input"] or b"") + len(row["output"] or b"")
-            if out and max_bytes is not None and held > max_bytes:
-                break
-            out.append(self._open_run(row))
-        return out
+        return [self._open_run(row) for row in rows]
 
     def update_run(self, run_id: str, values: Row) -> None:
         """Update a run's fields. Raises :class:`NotFound`."""
