@@ -144,3 +144,61 @@ def test_a_run_listing_reads_no_more_than_its_byte_budget(
     assert 'rel="next"' in r.headers["Link"]
     assert peak < 4_000_000, peak
     assert [x["input"] for x in client.get("/v1/runs?limit=500", headers=b.h).json()] == ["mine"]
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
+def test_payloads_written_by_a_process_not_yet_upgraded_stay_readable(
+    client: TestClient, make_tenant: Any, runtime: Runtime
+) -> None:
+    """Attack (an upgrade, as the README describes it: every server and worker migrates
+    when it starts, so during a rolling restart processes of the previous release still
+    run against the migrated database): a process not yet restarted keeps writing sealed
+    payloads in the old format, ``"ptxenc1:" + base64(blob)`` as text (SQLite keeps the
+    text in the BLOB column, PostgreSQL stores its bytes). The new build refused such a
+    value as "not sealed": the memory entry and the run answered ``decryption_failed``
+    for ever, every run listing holding it failed, and the tenant could no longer be
+    exported, moved or have its key rotated (each opens every payload).
+
+    Correct: a payload in the previous format still opens (it is the same authenticated
+    blob, only encoded), a key rotation re-seals it in the new format, and the neighbour
+    sees none of it.
+    """
+    import base64
+
+    from sqlalchemy import text
+
+    a, b = make_tenant("alpha"), make_tenant("beta")
+    agent = a.agent()
+    assert client.put("/v1/memory/k", json={"value": "remember"}, headers=a.h).status_code == 200
+    run = a.run(agent, "the question", output_tokens=2).json()
+    assert client.put("/v1/memory/k", json={"value": "theirs"}, headers=b.h).status_code == 200
+    store = runtime.backend.acting_on(a.id)
+    key = runtime.backend.keyring.current_key(a.id)
+    from patinox.storage._crypto.aead import encrypt_str
+
+    def legacy(table: str, record_id: str, plain: str) -> str:
+        blob = encrypt_str(plain, key=key, table=table, record_id=record_id)
+        return "ptxenc1:" + base64.b64encode(blob).decode("ascii")
+
+    # What a process of the previous release writes (its columns were Text).
+    with store._tx() as conn:
+        conn.execute(
+            text("UPDATE memory SET value = :v WHERE tenant_id = :t AND key = 'k'"),
+            {"v": legacy("memory.value", "k", "written by the old release"), "t": a.id},
+        )
+        conn.execute(
+            text("UPDATE runs SET input = :v WHERE tenant_id = :t AND id = :r"),
+            {"v": legacy("runs.input", run["id"], "old input"), "t": a.id, "r": run["id"]},
+        )
+    r = client.get("/v1/memory/k", headers=a.h)
+    assert r.status_code == 200, r.text
+    assert r.json()["value"] == "written by the old release"
+    runs = client.get("/v1/runs", headers=a.h)
+    assert runs.status_code == 200, runs.text
+    assert [x["input"] for x in runs.json()] == ["old input"]
+    runtime.backend.keyring.rotate_dek(a.id)
+    assert store.reencrypt() == 3
+    assert client.get("/v1/memory/k", headers=a.h).json()["value"] == "written by the old release"
+    assert client.get(f"/v1/runs/{run['id']}", headers=a.h).json()["input"] == "old input"
+    assert client.get("/v1/memory/k", headers=b.h).json()["value"] == "theirs"
+    assert [x["input"] for x in client.get("/v1/runs", headers=b.h).json()] == []

@@ -16,6 +16,8 @@ All datetimes are timezone-aware UTC. Driver errors surface as
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from sqlalchemy import (
     Engine,
     LargeBinary,
     Table,
+    Text,
     and_,
     bindparam,
     cast,
@@ -34,6 +37,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    literal,
     or_,
     select,
     text,
@@ -497,14 +501,14 @@ class _Sealer:
         key = self.keyring.current_key(self.tenant_id)
         return encrypt_str(text, key=key, table=table, record_id=record_id)
 
-    def version(self, stored: bytes) -> int:
+    def version(self, stored: bytes | str) -> int:
         """The DEK version ``stored`` was sealed with (0 when it is not a sealed blob)."""
         try:
-            return blob_key_version(bytes(stored))
+            return blob_key_version(_stored_blob(stored))
         except DecryptionFailed:
             return 0
 
-    def open(self, table: str, record_id: str, stored: bytes | None) -> str | None:
+    def open(self, table: str, record_id: str, stored: bytes | str | None) -> str | None:
         """The plaintext of ``stored``; ``None`` stays ``None``.
 
         Raises:
@@ -515,15 +519,38 @@ class _Sealer:
         """
         if stored is None:
             return None
-        if not isinstance(stored, bytes | bytearray | memoryview):
-            raise DecryptionFailed("stored payload is not sealed", reason="not_sealed", table=table)
         return decrypt_str(
-            bytes(stored),
+            _stored_blob(stored, table),
             key_lookup=self.keyring.key_lookup(self.tenant_id),
             tenant_id=self.tenant_id,
             table=table,
             record_id=record_id,
         )
+
+
+#: How releases before migration 0005 stored a blob: this prefix, then its base64, as text.
+_LEGACY_PREFIX = b"ptxenc1:"
+
+
+def _stored_blob(stored: bytes | str, table: str | None = None) -> bytes:
+    """The blob of a stored payload: the bytes themselves, or a blob in the format before
+    migration 0005, which a process of the previous release still writes (as text, or
+    its bytes on PostgreSQL) while an upgrade restarts one process after another.
+
+    Raises:
+        DecryptionFailed: neither bytes nor text, or a legacy value that is not base64.
+    """
+    if isinstance(stored, str):
+        stored = stored.encode("utf-8")
+    if not isinstance(stored, bytes | bytearray | memoryview):
+        raise DecryptionFailed("stored payload is not sealed", reason="not_sealed", table=table)
+    raw = bytes(stored)
+    if not raw.startswith(_LEGACY_PREFIX):
+        return raw
+    try:
+        return base64.b64decode(raw[len(_LEGACY_PREFIX) :], validate=True)
+    except binascii.Error as err:
+        raise DecryptionFailed("stored payload is not sealed", reason="not_sealed", table=table) from err
 
 
 @dataclass(frozen=True, slots=True)
@@ -807,7 +834,7 @@ class TenantStore:
             Rows re-sealed.
         """
         current = self._sealer.keyring.current_key(self.tenant_id).version
-        todo: list[tuple[Table, str, str, str, Any, bytes]] = []
+        todo: list[tuple[Table, str, str, str, Any, bytes | str]] = []
         for table_name, key_col, col, aad in self._SEALED:
             table = s.metadata.tables[table_name]
             with self._tx() as conn:
@@ -819,9 +846,11 @@ class TenantStore:
             with self._tx() as conn:
                 for table, key_col, col, aad, key, old in todo[start : start + batch]:
                     fresh = self._sealer.seal(aad, str(key), self._sealer.open(aad, str(key), old) or "")
+                    # Compared as read: a legacy value SQLite kept as text is not bytes.
+                    held = literal(old, Text()) if isinstance(old, str) else old
                     conn.execute(
                         update(table)
-                        .where(*self._where(table), table.c[key_col] == key, table.c[col] == old)
+                        .where(*self._where(table), table.c[key_col] == key, table.c[col] == held)
                         .values({col: fresh})
                     )
                     done += 1
