@@ -202,3 +202,38 @@ def test_payloads_written_by_a_process_not_yet_upgraded_stay_readable(
     assert client.get(f"/v1/runs/{run['id']}", headers=a.h).json()["input"] == "old input"
     assert client.get("/v1/memory/k", headers=b.h).json()["value"] == "theirs"
     assert [x["input"] for x in client.get("/v1/runs", headers=b.h).json()] == []
+
+
+def test_overrides_stored_before_their_bounds_existed_do_not_break_the_deployment(
+    client: TestClient, make_tenant: Any, runtime: Runtime, operator_key: str
+) -> None:
+    """Attack (an upgrade): the previous release accepted any limit override, e.g. a run
+    timeout of 40 days or ``max_concurrent_runs`` 2,000,000; this one bounds them when
+    they are set. The stored overrides of existing tenants were validated against the new
+    bounds on every read: every request of such a tenant failed with an unhandled
+    validation error (500, not even the JSON error format), and so did the operator's
+    ``GET /admin/tenants``, for every tenant of the deployment, hiding which tenant to fix.
+
+    Correct: a stored override past today's bound applies at the bound (the tenant keeps
+    working as close to its setting as this build allows); the operator's listing works;
+    the neighbour is unaffected.
+    """
+    from sqlalchemy import update
+
+    from patinox.storage import _schema as s
+    from tests.conftest import auth
+
+    a, b = make_tenant("alpha"), make_tenant("beta")
+    stored = {"run_timeout_s": 40 * 86_400.0, "max_concurrent_runs": 2_000_000, "max_tool_calls_per_run": 3}
+    with runtime.backend._tx() as conn:
+        conn.execute(update(s.tenants).where(s.tenants.c.id == a.id).values(limit_overrides=stored))
+    listed = client.get("/admin/tenants", headers=auth(operator_key))
+    assert listed.status_code == 200, listed.text
+    assert {t["id"] for t in listed.json()} == {a.id, b.id}
+    me = client.get("/v1/me", headers=a.h)
+    assert me.status_code == 200, me.text
+    limits = me.json()["limits"]
+    assert (limits["run_timeout_s"], limits["max_concurrent_runs"]) == (30 * 86_400, 1_000_000)
+    assert limits["max_tool_calls_per_run"] == 3
+    assert a.run(a.agent(), "hi", output_tokens=1).status_code == 200
+    assert client.get("/v1/me", headers=b.h).json()["limits"]["max_concurrent_runs"] == 4

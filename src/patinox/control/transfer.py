@@ -972,7 +972,7 @@ def _spec_from_manifest(
             plan=tenant["plan"],
             isolation_level=IsolationLevel(tenant["isolation_level"]),
             storage_model=storage_model or StorageModel(tenant["storage_model"]),
-            limits=LimitOverrides.model_validate(tenant.get("limit_overrides") or {}),
+            limits=LimitOverrides.from_stored(tenant.get("limit_overrides")),
         )
     except (ValidationError, ValueError) as err:
         raise InvalidRequest(f"the bundle's tenant cannot be created here: {err}", field="name") from err

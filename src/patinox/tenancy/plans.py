@@ -112,6 +112,27 @@ class LimitOverrides(BaseModel):
         """The plan's limits with every set override applied."""
         return limits.model_copy(update=self.model_dump(exclude_none=True))
 
+    @classmethod
+    def from_stored(cls, overrides: dict[str, Any] | None) -> LimitOverrides:
+        """Overrides as stored with a tenant, each above its upper bound taken at the bound.
+
+        Releases before the bounds accepted any value, and tenants keep what they were
+        given: validated as new input, such a stored override made every request of the
+        tenant (and every operator listing of tenants) fail.
+
+        Raises:
+            ValidationError: a value no release accepted (wrong type, below its minimum).
+        """
+        values = dict(overrides or {})
+        for name, field in cls.model_fields.items():
+            value = values.get(name)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            for bound in (getattr(m, "le", None) for m in field.metadata):
+                if bound is not None and value > bound:
+                    values[name] = bound
+        return cls.model_validate(values)
+
 
 class Plan(BaseModel):
     """A plan (tier): a name, its default limits and its scheduling weight."""
@@ -187,4 +208,4 @@ def get_plan(name: str) -> Plan:
 
 def effective_limits(plan: str, overrides: dict[str, Any] | None) -> ResourceLimits:
     """The limits a tenant on ``plan`` with ``overrides`` (a LimitOverrides dict) runs under."""
-    return LimitOverrides.model_validate(overrides or {}).apply_to(get_plan(plan).limits)
+    return LimitOverrides.from_stored(overrides).apply_to(get_plan(plan).limits)
