@@ -582,7 +582,8 @@ class RunService:
 
         The run's result, usage and audit records are written in one transaction; for pool
         tenants ``done`` (token settlement and slot release) joins it. If that transaction
-        fails, ``done`` still runs on its own, so the slot and reservation are never kept.
+        fails, the run's records are written on their own and ``done`` still runs on its
+        own, so neither the run's result nor the slot and reservation are lost or kept.
         """
         definition = AgentDefinition(
             name=agent["name"],
@@ -599,13 +600,17 @@ class RunService:
             write = store.prepare_settlement(
                 run["id"], values, usage=usage, audit=self._audit(ctx, run, outcome, values)
             )
-            if not store.joins(self._backend.engine):
-                store.apply(write)
-                return
-            with self._backend.control_tx() as conn:
-                store.apply(write, conn=conn)
-                done(used, conn)
-            released = True  # committed
+            if store.joins(self._backend.engine):
+                try:
+                    with self._backend.control_tx() as conn:
+                        store.apply(write, conn=conn)
+                        done(used, conn)
+                except PatinoxError:
+                    pass  # rolled back, the run's own records too: write them as below
+                else:
+                    released = True  # committed
+                    return
+            store.apply(write)
 
         try:
             try:
