@@ -280,3 +280,52 @@ def test_a_failed_settlement_transaction_does_not_lose_the_runs_result(
     assert "run.finish" in [x["action"] for x in client.get("/v1/audit", headers=a.h).json()]
     assert client.get("/v1/runs", headers=b.h).json() == []
     assert client.get("/v1/usage", headers=b.h).json()["records"] == []
+
+
+def _migrate_at(url: str, start: Any) -> None:
+    from patinox.storage.engine import make_engine, migrate
+
+    engine = make_engine(url, pool_size=1)
+    try:
+        start.wait(timeout=120)
+        migrate(engine)
+    finally:
+        engine.dispose()
+
+
+def test_processes_starting_together_on_sqlite_all_migrate(
+    client: TestClient, make_tenant: Any, runtime: Runtime, deployment: Any
+) -> None:
+    """Attack (an upgrade of the embedded deployment, whose server and local worker
+    processes all migrate when they start): several processes start at once on a database
+    at revision 0004. PostgreSQL migrations are serialised by an advisory lock; SQLite's
+    were not, and the driver runs ``CREATE TABLE`` outside the migration's transaction,
+    so migration 0005's table rebuilds collided (``table _alembic_tmp_runs already
+    exists``) and processes failed to start.
+
+    Correct: every process starts (one migrates, the others wait and find nothing to do)
+    and every tenant's payloads read back unchanged.
+    """
+    import multiprocessing as mp
+
+    from tests.storage.test_migrate import _alembic_downgrade
+
+    a, b = make_tenant("alpha", "pro"), make_tenant("beta")
+    run = a.run(a.agent(), "the question", output_tokens=2).json()
+    assert client.put("/v1/memory/theirs", json={"value": "beta's"}, headers=b.h).status_code == 200
+    store = runtime.backend.acting_on(a.id)
+    for i in range(1500):
+        store.memory_put(f"k{i}", "v" * 1000)
+    _alembic_downgrade(runtime.backend.placements.owner, "0004")
+    spawn = mp.get_context("spawn")
+    start = spawn.Barrier(4)
+    procs = [spawn.Process(target=_migrate_at, args=(deployment.db_url, start)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert client.get("/v1/memory/k7", headers=a.h).json()["value"] == "v" * 1000
+    assert client.get(f"/v1/runs/{run['id']}", headers=a.h).json()["input"] == "the question"
+    assert client.get("/v1/memory/theirs", headers=b.h).json()["value"] == "beta's"
+    assert client.get("/v1/memory/theirs", headers=a.h).status_code == 404

@@ -34,6 +34,10 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 #: PostgreSQL advisory-lock key that serialises migrations of one database (any constant
 #: unlikely to collide with an application's own advisory locks: "patinox\0" as int64).
 _MIGRATION_LOCK_KEY = int.from_bytes(b"patinox\0", "big") & 0x7FFF_FFFF_FFFF_FFFF
+#: How long an SQLite writer waits for another process's write lock, milliseconds.
+_BUSY_TIMEOUT_MS = 5_000
+#: How long a process waits for another's SQLite migration, milliseconds.
+_MIGRATION_WAIT_MS = 600_000
 
 
 def normalise_url(url: str) -> str:
@@ -73,7 +77,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=5000")
+            cur.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
             # Deleted content is overwritten, so a deleted tenant's rows do not linger
             # in free pages of the file.
             cur.execute("PRAGMA secure_delete=ON")
@@ -157,6 +161,16 @@ def migrate(engine: Engine, *, schema: str | None = None, app_role: str | None =
             # on alembic_version, so one process migrates a database at a time; the lock
             # is released at commit.
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})")
+        elif conn.dialect.name == "sqlite":
+            # The same on SQLite (a server and its local workers start together): take the
+            # write lock before reading the version, waiting for another process's
+            # migration, and keep its DDL in this transaction (the driver would otherwise
+            # run CREATE TABLE outside it, and two table rebuilds collide).
+            conn.exec_driver_sql(f"PRAGMA busy_timeout = {_MIGRATION_WAIT_MS}")
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            finally:
+                conn.exec_driver_sql(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         if schema is not None:
             conn.exec_driver_sql(f'SET LOCAL search_path TO "{schema}"')
         cfg.attributes["connection"] = conn
