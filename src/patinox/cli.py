@@ -560,6 +560,8 @@ def tenants_export(
     """
     from patinox.control.transfer import export_tenant
 
+    if path.exists() and not overwrite:
+        _fail(f"{path} exists; choose another path or pass --overwrite")
     rt = _runtime(data_dir)
     tid = _tenant_id(rt, tenant_id)
     public = recipient.read_bytes() if recipient is not None else None
@@ -604,7 +606,8 @@ def tenants_import(
     private = identity.read_bytes() if identity is not None else None
     secret = None if private is not None else _secret(passphrase_env, passphrase_file, confirm=False)
     model = _storage_model(storage_model) if storage_model else None
-    with _progress_bar("importing") as update:
+    # Progress is in bundle bytes, counted twice: once to verify the whole bundle, once to write it.
+    with _progress_bar("verifying, then importing") as update:
         tenant = import_tenant(
             rt.backend,
             path,
@@ -637,6 +640,12 @@ def tenants_move(
     with _progress_bar("moving") as update:
         summary = move_tenant(rt.backend, tid, _storage_model(to), actor=ACTOR, progress=update)
     copied = sum(summary.rows.values())
+    if summary.from_model is summary.to_model:
+        _say(
+            f"Tenant {tid} is already on {summary.to_model.value}: nothing moved "
+            "(any copy an interrupted move left elsewhere was removed)."
+        )
+        return
     _say(
         f"Moved {tid} from {summary.from_model.value} to {summary.to_model.value}: {copied} rows copied "
         f"and verified, old copy removed, {summary.duration_s:.1f} s."

@@ -136,3 +136,24 @@ def test_conformance_command_prints_its_closing_line() -> None:
 def test_conformance_command_refuses_an_unknown_model() -> None:
     r = cli("conformance", "--model", "vault")
     assert r.exit_code == 1 and "Traceback" not in r.output
+
+
+def test_export_to_an_existing_file_is_refused_before_any_work(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _seed(data_dir)
+    monkeypatch.setenv("BUNDLE_PASS", "correct horse battery staple")
+    bundle = tmp_path / "acme.bundle"
+    bundle.write_bytes(b"keep me")
+    r = cli("tenants", "export", "acme", str(bundle), "--passphrase-env", "BUNDLE_PASS")
+    assert r.exit_code == 1
+    assert "--overwrite" in r.output and "exporting" not in r.output
+    assert bundle.read_bytes() == b"keep me"
+
+
+def test_move_to_the_model_a_tenant_is_on_says_nothing_moved(data_dir: Path) -> None:
+    _seed(data_dir)
+    r = cli("tenants", "move", "acme", "--to", "pool")
+    assert r.exit_code == 0, r.output
+    assert "already on pool: nothing moved" in r.output and "rows copied" not in r.output
+    assert cli("run", "acme", "helper", "still here", "--output-tokens", "2").exit_code == 0
