@@ -15,6 +15,7 @@ import contextlib
 import structlog
 
 from patinox.control.runs import RunService
+from patinox.errors import PatinoxError
 from patinox.limits import DEFAULT_LEASE_S, Claim, FairRunQueue
 
 log = structlog.get_logger("patinox.worker")
@@ -59,16 +60,22 @@ class RunWorker:
         renewer = asyncio.create_task(self._renew_forever())
         running: set[asyncio.Task[None]] = set()
         try:
-            self._service.reap_expired()
+            self._reap()
             while not stop.is_set():
                 await self._slots.acquire()
-                claim = self._queue.claim(self.holder, lease_s=self._lease_s)
+                try:
+                    claim = self._queue.claim(self.holder, lease_s=self._lease_s)
+                except PatinoxError as err:
+                    # A storage failure (a lost connection, a deadlock victim) must not end
+                    # the worker: the queue is durable, so try again after a pause.
+                    log.warning("claim failed; retrying", error=err.code, detail=err.message)
+                    claim = None
                 if claim is None:
                     self._slots.release()
                     self.wakeup.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wakeup.wait(), self._poll_s)
-                    self._service.reap_expired()
+                    self._reap()
                     continue
                 task = asyncio.create_task(self._execute(claim))
                 running.add(task)
@@ -93,7 +100,17 @@ class RunWorker:
             self._claims.pop(key, None)
             self._slots.release()
 
+    def _reap(self) -> None:
+        try:
+            self._service.reap_expired()
+        except PatinoxError as err:
+            log.warning("requeueing expired runs failed; retrying later", error=err.code, detail=err.message)
+
     async def _renew_forever(self) -> None:
         while True:
             await asyncio.sleep(self._lease_s / 3)
-            self._queue.renew(list(self._claims.values()), lease_s=self._lease_s)
+            try:
+                self._queue.renew(list(self._claims.values()), lease_s=self._lease_s)
+            except PatinoxError as err:
+                # The next renewal, a third of a lease later, still comes before expiry.
+                log.warning("lease renewal failed; retrying", error=err.code, detail=err.message)

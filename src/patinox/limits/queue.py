@@ -27,7 +27,9 @@ Concurrency caps: a claim never takes a run of a tenant that already has
 with a write, taking the database's write lock), so several processes never exceed a cap.
 Synchronous runs are held as already-claimed rows with ``finish_tag`` 0. Candidates are
 read with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL so concurrent workers do not wait on
-each other's picks.
+each other's picks, and a claim skips a tenant whose queue row another transaction holds
+(``SKIP LOCKED`` again) rather than wait: two workers locking candidate tenants in
+opposite orders would otherwise deadlock.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ _INSERT_ENTRY = insert(_Q)
 _RELEASE = delete(_Q).where(_Q.c.tenant_id == bindparam("b_tenant"), _Q.c.run_id == bindparam("b_run"))
 _LAST_TAG = select(_QT.c.last_tag).where(_QT.c.tenant_id == bindparam("b_tenant"))
 _LOCK_TENANT = _LAST_TAG.with_for_update()
+#: The same lock for a claim, which skips a tenant whose row another transaction holds:
+#: two workers locking candidate tenants in different orders could otherwise deadlock.
+_TRY_LOCK_TENANT = _LAST_TAG.with_for_update(skip_locked=True)
 #: The tenant's queue row unless it exists, per dialect (parameters: tenant_id, last_tag).
 _ENSURE_TENANT = {
     "postgresql": pg_insert(_QT).on_conflict_do_nothing(),
@@ -270,7 +275,9 @@ class FairRunQueue:
             for tenant_id, run_id, tag, max_running, reserved, period in rows:
                 if tenant_id in full:
                     continue
-                self._lock_tenant(conn, tenant_id)
+                if conn.execute(_TRY_LOCK_TENANT, {"b_tenant": tenant_id}).first() is None:
+                    full.add(tenant_id)  # locked by another claim, hold or enqueue: next time
+                    continue
                 if self._held(conn, tenant_id) >= max_running:
                     full.add(tenant_id)
                     continue
