@@ -118,3 +118,34 @@ def test_sealed_payloads_move_from_base64_text_to_bytes(
     assert client.get("/v1/memory/k1", headers=a.h).json()["value"] == "remember this"
     again = client.get(f"/v1/runs/{run['id']}", headers=a.h).json()
     assert (again["input"], again["output"]) == ("the question", run["output"])
+
+
+def test_the_sqlite_conversion_of_0005_pages_through_every_row(tmp_path: Any) -> None:
+    """Rows are converted in key-ordered batches (here of 2): all 7 are, each once."""
+    import importlib.util
+
+    from sqlalchemy import create_engine, text
+
+    from patinox.storage.engine import _MIGRATIONS
+
+    spec = importlib.util.spec_from_file_location(
+        "m0005", _MIGRATIONS / "versions" / "0005_sealed_payloads_as_bytes.py"
+    )
+    assert spec is not None and spec.loader is not None
+    m0005 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m0005)
+    engine = create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    blobs = {f"k{i}": bytes([1, i]) * 20 for i in range(7)}
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE memory (tenant_id TEXT, key TEXT, value BLOB, PRIMARY KEY (tenant_id, key))"
+        )
+        for i, (key, blob) in enumerate(blobs.items()):
+            conn.execute(
+                text("INSERT INTO memory VALUES (:t, :k, :v)"),
+                {"t": f"tn_{i % 2}", "k": key, "v": "ptxenc1:" + base64.b64encode(blob).decode()},
+            )
+        m0005._convert(conn, "memory", ("tenant_id", "key"), ("value",), m0005._blob, batch=2)
+        got = dict(conn.execute(text("SELECT key, value FROM memory")).all())
+    engine.dispose()
+    assert got == blobs

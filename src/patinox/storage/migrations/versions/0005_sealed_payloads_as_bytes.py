@@ -100,17 +100,34 @@ def _convert(
     keys: tuple[str, ...],
     columns: tuple[str, ...],
     fn: Callable[[Any], Any],
+    batch: int = 500,
 ) -> None:
-    """Rewrite ``columns`` of every row of ``table`` with ``fn`` where that changes them."""
+    """Rewrite ``columns`` of every row of ``table`` with ``fn`` where that changes them,
+    ``batch`` rows read at a time (in key order, so memory stays bounded on large tables)."""
     cols = ", ".join(f'"{c}"' for c in (*keys, *columns))
+    key_list = ", ".join(f'"{k}"' for k in keys)
+    after = ", ".join(f":a{i}" for i in range(len(keys)))
     where = " AND ".join(f'"{k}" = :k{i}' for i, k in enumerate(keys))
     sets = ", ".join(f'"{c}" = :c{i}' for i, c in enumerate(columns))
     update = sa.text(f'UPDATE "{table}" SET {sets} WHERE {where}')
-    for row in bind.execute(sa.text(f'SELECT {cols} FROM "{table}"')).all():
-        values = [bytes(v) if isinstance(v, memoryview) else v for v in row[len(keys) :]]
-        new = [fn(v) for v in values]
-        if new == values and all(type(a) is type(b) for a, b in zip(new, values, strict=True)):
-            continue
-        params = {f"k{i}": row[i] for i in range(len(keys))}
-        params |= {f"c{i}": v for i, v in enumerate(new)}
-        bind.execute(update, params)
+    first = sa.text(f'SELECT {cols} FROM "{table}" ORDER BY {key_list} LIMIT {batch}')
+    rest = sa.text(
+        f'SELECT {cols} FROM "{table}" WHERE ({key_list}) > ({after}) ORDER BY {key_list} LIMIT {batch}'
+    )
+    last: tuple[Any, ...] | None = None
+    while True:
+        if last is None:
+            rows = bind.execute(first).all()
+        else:
+            rows = bind.execute(rest, {f"a{i}": v for i, v in enumerate(last)}).all()
+        if not rows:
+            return
+        for row in rows:
+            values = [bytes(v) if isinstance(v, memoryview) else v for v in row[len(keys) :]]
+            new = [fn(v) for v in values]
+            if new == values and all(type(a) is type(b) for a, b in zip(new, values, strict=True)):
+                continue
+            params = {f"k{i}": row[i] for i in range(len(keys))}
+            params |= {f"c{i}": v for i, v in enumerate(new)}
+            bind.execute(update, params)
+        last = tuple(rows[-1][: len(keys)])
