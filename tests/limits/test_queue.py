@@ -161,3 +161,13 @@ def test_a_tenant_with_room_is_not_stuck_behind_tenants_at_their_cap(backend: Sq
     _enqueue(q, light, 1, priority=0)
     got = q.claim("w")
     assert got is not None and got.tenant_id == light
+
+
+def test_a_reservation_beyond_32_bits_is_queued_and_claimed_whole(backend: SqlBackend) -> None:
+    """The largest prompt with the largest tool-call limit reserves more than 2**31 tokens;
+    the queue keeps the number exactly (64-bit column on PostgreSQL too)."""
+    q = FairRunQueue(backend)
+    tid = _tenant(backend, "big")
+    q.enqueue(tid, new_id("run"), weight=1, max_running=1, reserved_tokens=5_000_300_001, quota_period="p")
+    claim = q.claim("w")
+    assert claim is not None and claim.reserved_tokens == 5_000_300_001

@@ -209,7 +209,7 @@ run_queue = Table(
     # The tenant's concurrent-run cap when enqueued: claims never take more of its runs.
     Column("max_running", Integer, nullable=False),
     # Tokens reserved against the daily budget at admission, settled by whoever runs it.
-    Column("reserved_tokens", Integer, nullable=False),
+    Column("reserved_tokens", BigInteger().with_variant(Integer, "sqlite"), nullable=False),
     Column("quota_period", String(20), nullable=False),
     Column("enqueued_at", UTCDateTime(), nullable=False),
     Column("claimed_by", String(80), nullable=True),
