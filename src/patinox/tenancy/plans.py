@@ -5,6 +5,8 @@ Plan figures are the defaults of a deployment; each tenant may override any limi
 
 from __future__ import annotations
 
+import functools
+import json
 from enum import StrEnum
 from typing import Any
 
@@ -207,5 +209,18 @@ def get_plan(name: str) -> Plan:
 
 
 def effective_limits(plan: str, overrides: dict[str, Any] | None) -> ResourceLimits:
-    """The limits a tenant on ``plan`` with ``overrides`` (a LimitOverrides dict) runs under."""
-    return LimitOverrides.from_stored(overrides).apply_to(get_plan(plan).limits)
+    """The limits a tenant on ``plan`` with ``overrides`` (a LimitOverrides dict) runs under.
+
+    Computed on every authenticated request; the result (immutable) is cached by plan and
+    overrides, which are plain data, so tenants with the same plan and overrides share it.
+
+    Raises:
+        InvalidRequest: unknown plan.
+        ValidationError: stored overrides no release accepted.
+    """
+    return _effective_limits(plan, json.dumps(overrides or {}, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4096)
+def _effective_limits(plan: str, overrides_json: str) -> ResourceLimits:
+    return LimitOverrides.from_stored(json.loads(overrides_json)).apply_to(get_plan(plan).limits)
