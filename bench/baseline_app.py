@@ -8,11 +8,14 @@ same work per run, so its throughput is the ceiling for that stack on this machi
   ``patinox serve``);
 - the same pydantic-ai agent loop: :func:`patinox.agents.run_agent` on the same simulated
   model ids (**simulated**: an offline stand-in for an LLM, not a real model);
-- the same SQLite writes as one Patinox sync run (``patinox.control.runs`` +
-  ``patinox.storage.backend``): transaction 1 inserts the run (``running``); transaction 2
-  updates the run with its result, inserts its usage record and inserts its audit record
-  (2 transactions, 4 statements), with the same pragmas (WAL, ``synchronous=NORMAL``,
-  foreign keys, busy timeout, ``secure_delete``) and tables of the same shape. Plain
+- the same number of SQLite writes as one Patinox sync run (:data:`WRITES_PER_RUN`, 10;
+  ``bench/throughput.py`` counts Patinox's in the same run and reports both), in the same
+  two transactions: transaction 1 takes a slot (an insert-if-absent of the owner row, a
+  slot row), counts the run and its tokens (two counter updates) and inserts the run
+  (``running``); transaction 2 updates the run with its result, inserts its usage and
+  audit records, settles the token counter and deletes the slot. Same pragmas (WAL,
+  ``synchronous=NORMAL``, foreign keys, busy timeout, ``secure_delete``) and tables of
+  the same shape, but no tenant, no condition on any counter and no reads. Plain
   ``sqlite3`` on one connection, not SQLAlchemy: this is the ceiling, not a replica.
 
 Run: ``python bench/baseline_app.py --port 8001 --db /tmp/baseline.db`` (``bench/throughput.py``
@@ -39,6 +42,10 @@ from patinox.agents import AgentDefinition, RunLimits, run_agent
 AGENTS = {"instant": "simulated:instant", "model20ms": "simulated:ttft_ms=20,tpot_ms=0"}
 #: Instructions of both agents (also used for the Patinox agents).
 INSTRUCTIONS = "You are a benchmark agent. Answer briefly."
+#: SQLite writes (INSERT, UPDATE, DELETE) of one run: Patinox's count for a synchronous run
+#: of a pool tenant (slot owner, slot, 2 quota counters, run | run, usage, audit, token
+#: counter, slot release).
+WRITES_PER_RUN = 10
 #: The enterprise plan's per-run limits (the Patinox bench tenant is on that plan).
 LIMITS = RunLimits(max_output_tokens=32_768, max_tool_calls=128, timeout_s=900.0)
 
@@ -54,6 +61,12 @@ CREATE TABLE IF NOT EXISTS usage_records (
   simulated INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
   tool_calls INTEGER NOT NULL, duration_ms REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS ix_usage_records_at ON usage_records (at);
+CREATE TABLE IF NOT EXISTS slot_owners (owner TEXT PRIMARY KEY, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS slots (
+  owner TEXT NOT NULL, run_id TEXT NOT NULL, held_by TEXT NOT NULL, until TEXT NOT NULL,
+  PRIMARY KEY (owner, run_id));
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, used INTEGER NOT NULL, held INTEGER NOT NULL);
+INSERT OR IGNORE INTO counters VALUES ('runs', 0, 0), ('tokens', 0, 0);
 CREATE TABLE IF NOT EXISTS audit_log (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, at TEXT NOT NULL,
   actor TEXT NOT NULL, action TEXT NOT NULL, target TEXT, outcome TEXT NOT NULL, detail TEXT NOT NULL);
@@ -134,9 +147,15 @@ def create_app(db_path: str) -> FastAPI:
         if model is None:
             raise HTTPException(404, "no such agent")
         run_id, created = uuid.uuid4().hex, datetime.now(UTC)
-        # Transaction 1: the run, as Patinox's RunService.start -> TenantStore.create_run.
+        # Transaction 1: slot, counters and the run, as Patinox's admission transaction.
         with conn:
             conn.execute("BEGIN")
+            conn.execute("INSERT OR IGNORE INTO slot_owners VALUES ('bench', ?)", (created.isoformat(),))
+            conn.execute(
+                "INSERT INTO slots VALUES ('bench', ?, 'baseline', ?)", (run_id, created.isoformat())
+            )
+            conn.execute("UPDATE counters SET used = used + 1 WHERE name = 'runs'")
+            conn.execute("UPDATE counters SET held = held + 1000 WHERE name = 'tokens'")
             conn.execute(
                 "INSERT INTO runs (id, agent, status, input, requested_output_tokens, model, simulated,"
                 " input_tokens, output_tokens, tool_calls, created_at, started_at)"
@@ -159,7 +178,8 @@ def create_app(db_path: str) -> FastAPI:
             memory=memory,
         )
         finished = datetime.now(UTC)
-        # Transaction 2: result + usage + audit, as TenantStore.settle_run.
+        # Transaction 2: result, usage, audit, token settlement and slot release, as
+        # Patinox's settlement transaction.
         with conn:
             conn.execute("BEGIN")
             conn.execute(
@@ -198,6 +218,11 @@ def create_app(db_path: str) -> FastAPI:
                     json.dumps({"agent": name, "status": "succeeded"}),
                 ),
             )
+            used = outcome.input_tokens + outcome.output_tokens
+            conn.execute(
+                "UPDATE counters SET held = held - 1000, used = used + ? WHERE name = 'tokens'", (used,)
+            )
+            conn.execute("DELETE FROM slots WHERE owner = 'bench' AND run_id = ?", (run_id,))
         return RunOut(
             id=run_id,
             agent=name,

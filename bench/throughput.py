@@ -8,8 +8,10 @@ Two servers run as separate uvicorn processes on free loopback ports:
   throttled, yet every limit is still checked), one key, two agents created over the HTTP
   API. Every run passes authentication, the tenant context, the rate limit, the
   concurrency cap, the token reservation, and writes its run, usage and audit records.
-- ``baseline``: ``bench/baseline_app.py``, the same agent loop and SQLite writes behind a
-  plain FastAPI route with no tenancy (the ceiling of this stack on this machine).
+- ``baseline``: ``bench/baseline_app.py``, the same agent loop and the same number of
+  SQLite writes in the same two transactions, behind a plain FastAPI route with no
+  tenancy (the ceiling of this stack on this machine). Patinox's writes per run are
+  counted first, in process, and reported beside the baseline's (``writes_per_run``).
 
 Agents (both **simulated**: an offline stand-in for an LLM, not a real model):
 ``instant`` (``simulated:instant``, answers at once) and ``model20ms``
@@ -54,7 +56,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from _common import check, free_port  # noqa: E402
 from _common import server as run_server  # noqa: E402
-from baseline_app import AGENTS, INSTRUCTIONS  # noqa: E402
+from baseline_app import AGENTS, INSTRUCTIONS, WRITES_PER_RUN  # noqa: E402
 
 CLIENTS = (1, 8, 32)
 PROMPT = "Summarise the quarterly report for the operations team in one short paragraph."
@@ -135,6 +137,41 @@ def _onboard(url: str, operator_key: str) -> Target:
             )
             paths[name] = f"/v1/agents/{agent['id']}/runs"
     return Target("patinox", url, h, paths)
+
+
+def patinox_writes_per_run(tmp: Path) -> int:
+    """SQLite writes (INSERT, UPDATE, DELETE) of one synchronous run of a pool tenant,
+    counted on the statements Patinox sends (in process, on a scratch deployment), so the
+    report shows the baseline does as many."""
+    from sqlalchemy import event
+
+    from patinox.api import Runtime
+    from patinox.control import AgentSpec, RunRequest, TenantSpec
+    from patinox.tenancy import TenantContext
+
+    rt = Runtime.initialise(tmp)
+    tenant = rt.tenants.create(TenantSpec(name="count", plan="enterprise"), actor="bench")
+    ctx = rt.keys.authenticate(
+        rt.keys.create(tenant_id=tenant.id, name="k", scopes=None, actor="bench").secret
+    )
+    assert isinstance(ctx, TenantContext)
+    agent = rt.agents.create(ctx, AgentSpec(name="a", model=AGENTS["instant"], instructions=INSTRUCTIONS))
+    request = RunRequest(input=PROMPT, output_tokens=OUTPUT_TOKENS)
+    writes: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().split(None, 1)[0].upper() in ("INSERT", "UPDATE", "DELETE"):
+            writes.append(statement)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(rt.runs.start(ctx, agent["id"], request))  # first run of the day
+        event.listen(rt.backend.engine, "before_cursor_execute", count)
+        loop.run_until_complete(rt.runs.start(ctx, agent["id"], request))
+    finally:
+        loop.close()
+        rt.backend.close()
+    return len(writes)
 
 
 # --- load ------------------------------------------------------------------------------------
@@ -267,6 +304,12 @@ def main() -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="patinox-bench-") as tmp:
         tmpdir = Path(tmp)
+        writes = {"patinox": patinox_writes_per_run(tmpdir / "count"), "baseline": WRITES_PER_RUN}
+        same = writes["patinox"] == writes["baseline"]
+        console.print(
+            f"SQLite writes per run: patinox {writes['patinox']}, baseline {writes['baseline']}"
+            + ("" if same else " [red]-- the baseline no longer matches: update bench/baseline_app.py[/red]")
+        )
         data_dir, key_file = tmpdir / "deployment", tmpdir / "operator.key"
         env = {**os.environ, "PATINOX_DATA_DIR": str(data_dir)}
         subprocess.run(
@@ -331,6 +374,7 @@ def main() -> None:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
+        "writes_per_run": writes,
         "cells": [asdict(c) for c in cells],
         "ratios": ratios,
         "targets": _targets(cells, ratios),
