@@ -17,6 +17,22 @@ from patinox.storage import TenantStore
 
 
 @pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
+def _fail_joined_release_once(runtime: Runtime, tenant_id: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make the tenant's first slot release inside a joined settlement transaction fail,
+    as a lock timeout or a deadlock would; returns the run ids it failed for."""
+    real = runtime.queue.release
+    failures: list[str] = []
+
+    def failing(tid: str, run_id: str, *, conn: Any = None) -> None:
+        if tid == tenant_id and conn is not None and not failures:
+            failures.append(run_id)
+            raise StorageError("database error: OperationalError")
+        real(tid, run_id, conn=conn)
+
+    monkeypatch.setattr(runtime.queue, "release", failing)
+    return failures
+
+
 def test_a_failed_settlement_transaction_gives_the_tokens_back(
     client: TestClient, make_tenant: Any, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -35,16 +51,7 @@ def test_a_failed_settlement_transaction_gives_the_tokens_back(
     a = make_tenant("alpha")
     b = make_tenant("beta")
     agent = a.agent("x")
-    real = runtime.queue.release
-    failures: list[str] = []
-
-    def failing(tenant_id: str, run_id: str, *, conn: Any = None) -> None:
-        if tenant_id == a.id and conn is not None and not failures:
-            failures.append(run_id)
-            raise StorageError("database error: OperationalError")
-        real(tenant_id, run_id, conn=conn)
-
-    monkeypatch.setattr(runtime.queue, "release", failing)
+    failures = _fail_joined_release_once(runtime, a.id, monkeypatch)
     a.run(agent, "hello there", output_tokens=2)
     assert failures, "the settlement never joined the control-plane transaction"
     usage = client.get("/v1/usage", headers=a.h).json()
@@ -258,16 +265,7 @@ def test_a_failed_settlement_transaction_does_not_lose_the_runs_result(
     a = make_tenant("alpha")
     b = make_tenant("beta")
     agent = a.agent("x")
-    real = runtime.queue.release
-    failures: list[str] = []
-
-    def failing(tenant_id: str, run_id: str, *, conn: Any = None) -> None:
-        if tenant_id == a.id and conn is not None and not failures:
-            failures.append(run_id)
-            raise StorageError("database error: OperationalError")
-        real(tenant_id, run_id, conn=conn)
-
-    monkeypatch.setattr(runtime.queue, "release", failing)
+    failures = _fail_joined_release_once(runtime, a.id, monkeypatch)
     r = a.run(agent, "hello there", output_tokens=2)
     assert failures, "the settlement never joined the control-plane transaction"
     assert r.status_code == 200, r.text
