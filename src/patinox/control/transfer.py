@@ -1128,7 +1128,11 @@ def import_tenant(
 
 def _store_at(backend: SqlBackend, tenant_id: str, model: StorageModel) -> TenantStore:
     """A store of ``tenant_id`` bound to the placement of ``model`` (not necessarily its current one)."""
-    return TenantStore(backend.placements.for_tenant(tenant_id, model), backend.acting_on(tenant_id)._sealer)
+    return TenantStore(
+        backend.placements.for_tenant(tenant_id, model),
+        backend.acting_on(tenant_id)._sealer,
+        cache=backend.cache,
+    )
 
 
 def _compare_and_set(backend: SqlBackend, tenant_id: str, expect: Mapping[str, Any], values: Row) -> bool:
@@ -1148,7 +1152,10 @@ def _compare_and_set(backend: SqlBackend, tenant_id: str, expect: Mapping[str, A
         else:
             q = q.where(t.c[column] == value)
     with backend._tx() as conn:
-        return int(conn.execute(q.values(**values, updated_at=utcnow())).rowcount) == 1
+        won = int(conn.execute(q.values(**values, updated_at=utcnow())).rowcount) == 1
+    if won:
+        backend.cache.changed(tenant_id)
+    return won
 
 
 def _delete_rows(backend: SqlBackend, tenant_id: str, model: StorageModel) -> dict[str, int]:

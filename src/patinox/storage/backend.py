@@ -56,6 +56,7 @@ from patinox.errors import (
     TenantNotFound,
 )
 from patinox.storage import _schema as s
+from patinox.storage._cache import MISS, TenantCache, epoch_for_url
 from patinox.storage._crypto.aead import blob_key_version, decrypt_str, encrypt_str
 from patinox.storage._crypto.keyring import TenantKeyring
 from patinox.storage._crypto.providers import KeyProvider
@@ -121,6 +122,11 @@ def utcnow() -> datetime:
 
 def _row(mapping: Mapping[str, Any] | None) -> Row | None:
     return dict(mapping) if mapping is not None else None
+
+
+def _copy_row(row: Row) -> Row:
+    """A copy of a cached row whose lists and dicts (JSON columns) are copies too."""
+    return {k: v.copy() if isinstance(v, list | dict) else v for k, v in row.items()}
 
 
 class StorageBackend(Protocol):
@@ -195,6 +201,9 @@ class SqlBackend:
             owner=engine,
         )
         self._postgres = engine.dialect.name == "postgresql"
+        #: Key and agent lookups, per tenant, emptied by any process's change (see
+        #: :mod:`patinox.storage._cache`; off on PostgreSQL).
+        self.cache = TenantCache(epoch_for_url(engine.url.render_as_string(hide_password=False)))
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -229,7 +238,8 @@ class SqlBackend:
                 self.placements.upgrade(tenant["id"], model, head)
 
     def close(self) -> None:
-        """Release every pooled connection."""
+        """Release every pooled connection and the cache's epoch file."""
+        self.cache.close()
         self.placements.close()
         if self.placements.owner is not self.engine:
             self.placements.owner.dispose()
@@ -244,7 +254,10 @@ class SqlBackend:
         ctx = ctx or current_tenant()
         placement = self.placements.for_tenant(ctx.tenant_id, ctx.storage_model)
         return TenantStore(
-            placement, _Sealer(self.keyring, ctx.tenant_id), memory_bytes_limit=ctx.limits.memory_bytes
+            placement,
+            _Sealer(self.keyring, ctx.tenant_id),
+            memory_bytes_limit=ctx.limits.memory_bytes,
+            cache=self.cache,
         )
 
     def acting_on(self, tenant_id: str) -> TenantStore:
@@ -255,7 +268,9 @@ class SqlBackend:
             TenantNotFound: no such tenant.
         """
         model = StorageModel(self.get_tenant(tenant_id, include_deleted=True)["storage_model"])
-        return TenantStore(self.placements.for_tenant(tenant_id, model), _Sealer(self.keyring, tenant_id))
+        return TenantStore(
+            self.placements.for_tenant(tenant_id, model), _Sealer(self.keyring, tenant_id), cache=self.cache
+        )
 
     # -- tenants --------------------------------------------------------------------
 
@@ -296,6 +311,7 @@ class SqlBackend:
         with self._tx() as conn:
             if conn.execute(q.values(**values, updated_at=utcnow())).rowcount != 1:
                 raise TenantNotFound(f"tenant {tenant_id!r} not found", tenant_id=tenant_id)
+        self.cache.changed(tenant_id)
         return self.get_tenant(tenant_id, include_deleted=True)
 
     def tenant_owned_tables(self, engine: Engine | None = None, schema: str | None = None) -> list[str]:
@@ -326,6 +342,7 @@ class SqlBackend:
                 if table is None:
                     table = Table(name, s.metadata.__class__(), autoload_with=conn)
                 counts[name] = conn.execute(delete(table).where(table.c.tenant_id == tenant_id)).rowcount
+        self.cache.changed(tenant_id)
         if model is not StorageModel.POOL:
             self.placements.destroy(tenant_id, model)
             counts[f"<{model.value}>"] = 1
@@ -345,15 +362,23 @@ class SqlBackend:
         return values
 
     def find_api_key(self, prefix: str) -> tuple[Row, Row | None] | None:
-        """The key row with ``prefix`` and its tenant row (``None`` for operator keys)."""
-        with self._tx() as conn:
-            row = conn.execute(_FIND_KEY, {"b_prefix": prefix}).mappings().first()
-        if row is None:
-            return None
-        data = dict(row)
-        joined = {name: data.pop(f"t_{name}") for name in _TENANT_COLUMNS}
-        tenant = None if data["tenant_id"] is None else {"id": data["tenant_id"], **joined}
-        return data, tenant
+        """The key row with ``prefix`` and its tenant row (``None`` for operator keys).
+
+        Served from :attr:`cache` when nothing changed since it was read; the rows are
+        copies the caller may change."""
+        seen = self.cache.epoch()
+        cached = self.cache.get(("key", prefix))
+        if cached is MISS:
+            with self._tx() as conn:
+                row = conn.execute(_FIND_KEY, {"b_prefix": prefix}).mappings().first()
+            if row is None:
+                return None
+            data = dict(row)
+            joined = {name: data.pop(f"t_{name}") for name in _TENANT_COLUMNS}
+            cached = (data, None if data["tenant_id"] is None else {"id": data["tenant_id"], **joined})
+            self.cache.put(data["tenant_id"], ("key", prefix), cached, seen)
+        data, tenant = cached
+        return _copy_row(data), None if tenant is None else _copy_row(tenant)
 
     def key_may(self, key_id: str, tenant_id: str, scope: str) -> bool:
         """True when ``key_id`` is a live (unrevoked) key of ``tenant_id`` holding ``scope``."""
@@ -388,7 +413,8 @@ class SqlBackend:
             row = conn.execute(select(s.api_keys).where(s.api_keys.c.id == key_id, cond)).mappings().first()
         if row is None:
             raise NotFound(f"api key {key_id!r} not found", key_id=key_id)
-        del n
+        if n:
+            self.cache.changed(tenant_id)
         out = dict(row)
         out.pop("secret_hash")
         return out
@@ -573,14 +599,20 @@ class TenantStore:
     Do not construct directly: use :meth:`SqlBackend.tenant_store`.
     """
 
-    __slots__ = ("_memory_limit", "_placement", "_sealer", "tenant_id")
+    __slots__ = ("_cache", "_memory_limit", "_placement", "_sealer", "tenant_id")
 
     def __init__(
-        self, placement: Placement, sealer: _Sealer, *, memory_bytes_limit: int | None = None
+        self,
+        placement: Placement,
+        sealer: _Sealer,
+        *,
+        memory_bytes_limit: int | None = None,
+        cache: TenantCache | None = None,
     ) -> None:
         self._placement = placement
         self._sealer = sealer
         self._memory_limit = memory_bytes_limit
+        self._cache = cache or TenantCache(None)
         self.tenant_id = sealer.tenant_id
 
     # The only places tenant predicates are built.
@@ -654,15 +686,23 @@ class TenantStore:
                 conn.execute(insert(s.agents).values(**row))
         except AlreadyExists as err:
             raise AlreadyExists(f"an agent named {values['name']!r} already exists") from err
+        self._cache.changed(self.tenant_id)
         return row
 
     def get_agent(self, agent_id: str) -> Row:
-        """The agent. Raises :class:`NotFound` (missing and foreign ids alike)."""
-        with self._tx() as conn:
-            row = self._exec(conn, _GET_AGENT, {"b_id": agent_id}).mappings().first()
-        if row is None:
-            raise NotFound(f"agent {agent_id!r} not found")
-        return dict(row)
+        """The agent (a copy), served from the cache when nothing changed since it was
+        read. Raises :class:`NotFound` (missing and foreign ids alike)."""
+        key = ("agent", self.tenant_id, agent_id)
+        seen = self._cache.epoch()
+        cached = self._cache.get(key)
+        if cached is MISS:
+            with self._tx() as conn:
+                row = self._exec(conn, _GET_AGENT, {"b_id": agent_id}).mappings().first()
+            if row is None:
+                raise NotFound(f"agent {agent_id!r} not found")
+            cached = dict(row)
+            self._cache.put(self.tenant_id, key, cached, seen)
+        return _copy_row(cached)
 
     def list_agents(self) -> list[Row]:
         """This tenant's agents by name."""
@@ -681,9 +721,11 @@ class TenantStore:
                 ).rowcount
                 if n != 1:
                     raise NotFound(f"agent {agent_id!r} not found")
-                return self._get(conn, s.agents, "agent", id=agent_id)
+                row = self._get(conn, s.agents, "agent", id=agent_id)
         except AlreadyExists as err:
             raise AlreadyExists(f"an agent named {values.get('name')!r} already exists") from err
+        self._cache.changed(self.tenant_id)
+        return row
 
     def delete_agent(self, agent_id: str) -> None:
         """Delete an agent and its runs (usage records are kept). Raises :class:`NotFound`."""
@@ -691,6 +733,7 @@ class TenantStore:
             conn.execute(delete(s.runs).where(*self._where(s.runs, agent_id=agent_id)))
             if conn.execute(delete(s.agents).where(*self._where(s.agents, id=agent_id))).rowcount != 1:
                 raise NotFound(f"agent {agent_id!r} not found")
+        self._cache.changed(self.tenant_id)
 
     # -- runs -----------------------------------------------------------------------
 

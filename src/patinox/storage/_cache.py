@@ -1,0 +1,261 @@
+"""The control-plane read cache: API-key and agent lookups, per tenant, invalidated by a
+change epoch every process of the deployment shares.
+
+Every request looks up its API key (and its tenant's state, plan and limits), and every
+run its agent definition: two reads, each a transaction of its own, on the hot path.
+:class:`TenantCache` keeps their results in memory so that a request pays neither, and
+stays correct across processes through :class:`ChangeEpoch`:
+
+* every write to a tenant row, an API key or an agent (:class:`SqlBackend` and
+  :class:`TenantStore` call :meth:`TenantCache.changed` *after* their transaction
+  commits) increments the epoch;
+* every lookup first reads the epoch; when it moved since the last lookup the whole cache
+  is emptied, so a revocation, suspension, deletion, plan change or agent edit made by
+  any process is seen by the next lookup of every process;
+* a value read from the database is kept only if the epoch did not move while it was
+  read (a lookup that straddles a change keeps nothing).
+
+The epoch lives where every process of a deployment can read it for the price of a
+memory load: for a SQLite deployment (all processes necessarily on the host that holds
+the database file) an 8-byte file beside the database, mapped into memory
+(``<database>.epoch``); for an in-memory SQLite database a counter in the process. A
+PostgreSQL deployment may span hosts, where no such shared memory exists, so there the
+cache is off and every lookup reads the database (:func:`epoch_for_url` returns
+``None``).
+
+Bounds: entries are grouped by tenant (operator keys under ``None``); a tenant holds at
+most ``max_per_tenant`` entries (least recently used dropped first), so one tenant's keys
+or agents never evict another's; at most ``max_tenants`` tenants are held (the least
+recently used tenant's entries go first); each entry lives at most ``ttl_s`` seconds
+(a safety net for a process that died between its commit and its epoch increment).
+
+Writes made to the database by anything other than Patinox (hand-written SQL) do not
+move the epoch: they are seen after at most ``ttl_s`` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import Any, Final
+
+from sqlalchemy.engine import make_url
+
+from patinox.errors import ConfigurationError
+
+__all__ = ["MISS", "ChangeEpoch", "TenantCache", "epoch_for_url"]
+
+_COUNTER: Final = struct.Struct("<Q")
+
+#: Returned by :meth:`TenantCache.get` when nothing usable is cached.
+MISS: Final = object()
+
+
+class ChangeEpoch:
+    """A 64-bit change counter shared by every process that maps the same file.
+
+    Args:
+        path: the counter's file (created with mode 0600, 8 bytes), or ``None`` for a
+            counter private to this process.
+
+    Raises:
+        ConfigurationError: the file cannot be created or mapped.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._local = 0
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._map: mmap.mmap | None = None
+        if path is None:
+            return
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise ConfigurationError(f"cannot open the cache epoch file {path}: {err}") from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_size < _COUNTER.size:
+                    os.ftruncate(fd, _COUNTER.size)  # zero-filled
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            self._map = mmap.mmap(fd, _COUNTER.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as err:
+            os.close(fd)
+            raise ConfigurationError(f"cannot map the cache epoch file {path}: {err}") from err
+        self._fd = fd
+
+    def read(self) -> int:
+        """The current value."""
+        if self._map is None:
+            return self._local
+        value: int = _COUNTER.unpack_from(self._map, 0)[0]
+        return value
+
+    def bump(self) -> None:
+        """Increment the counter (atomic across threads and, through ``flock``, processes)."""
+        with self._lock:
+            if self._map is None or self._fd is None:
+                self._local += 1
+                return
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                value = (_COUNTER.unpack_from(self._map, 0)[0] + 1) % (1 << 64)
+                _COUNTER.pack_into(self._map, 0, value)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Unmap and close the file (idempotent)."""
+        with self._lock:
+            if self._map is not None:
+                with contextlib.suppress(BufferError, ValueError):
+                    self._map.close()
+                self._map = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def epoch_for_url(url: str) -> ChangeEpoch | None:
+    """The change epoch of the deployment whose database is ``url``: a file beside a
+    SQLite database file, a process counter for an in-memory SQLite database, ``None``
+    (no cache) for PostgreSQL."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return ChangeEpoch(None)
+    return ChangeEpoch(Path(f"{database}.epoch"))
+
+
+class TenantCache:
+    """Lookups cached per tenant, emptied whenever the change epoch moves.
+
+    Use: ``seen = cache.epoch()``; ``value = cache.get(key)``; on :data:`MISS` read the
+    database, then ``cache.put(tenant_id, key, value, seen)``. After committing a write
+    that changes what a key or agent lookup returns, call :meth:`changed`.
+
+    Args:
+        epoch: the shared change counter, or ``None`` to cache nothing.
+        ttl_s: most seconds an entry is kept (> 0).
+        max_per_tenant: entries per tenant (>= 1).
+        max_tenants: tenants held (>= 1).
+        clock: monotonic seconds; injectable for tests.
+
+    Raises:
+        ConfigurationError: a bound out of range.
+    """
+
+    def __init__(
+        self,
+        epoch: ChangeEpoch | None,
+        *,
+        ttl_s: float = 30.0,
+        max_per_tenant: int = 256,
+        max_tenants: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not ttl_s > 0 or max_per_tenant < 1 or max_tenants < 1:
+            raise ConfigurationError("cache bounds: ttl_s > 0, max_per_tenant >= 1, max_tenants >= 1")
+        self._epoch = epoch
+        self._ttl_s = float(ttl_s)
+        self._max_per_tenant = max_per_tenant
+        self._max_tenants = max_tenants
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen = -1
+        # tenant -> key -> (value, expiry); LRU at both levels.
+        self._buckets: OrderedDict[str | None, OrderedDict[Hashable, tuple[Any, float]]] = OrderedDict()
+        self._owner: dict[Hashable, str | None] = {}  # key -> its tenant
+
+    @property
+    def enabled(self) -> bool:
+        """False when there is no shared epoch (PostgreSQL): nothing is cached."""
+        return self._epoch is not None
+
+    def epoch(self) -> int:
+        """The current epoch, emptying the cache if it moved since the last call; pass it
+        to :meth:`put` for a value read after this call. -1 when disabled."""
+        if self._epoch is None:
+            return -1
+        now = self._epoch.read()
+        if now != self._seen:
+            with self._lock:
+                if now != self._seen:
+                    self._buckets.clear()
+                    self._owner.clear()
+                    self._seen = now
+        return now
+
+    def get(self, key: Hashable) -> Any:
+        """The cached value of ``key``, or :data:`MISS` (call :meth:`epoch` first)."""
+        if self._epoch is None:
+            return MISS
+        with self._lock:
+            tenant = self._owner.get(key, MISS)
+            if tenant is MISS:
+                return MISS
+            bucket = self._buckets[tenant]  # type: ignore[index]
+            value, expiry = bucket[key]
+            if self._clock() >= expiry:
+                del bucket[key], self._owner[key]
+                return MISS
+            bucket.move_to_end(key)
+            self._buckets.move_to_end(tenant)  # type: ignore[arg-type]
+            return value
+
+    def put(self, tenant_id: str | None, key: Hashable, value: Any, seen: int) -> None:
+        """Keep ``value`` for ``key`` of ``tenant_id`` if the epoch is still ``seen``."""
+        if self._epoch is None or self._epoch.read() != seen:
+            return
+        with self._lock:
+            if self._seen != seen:
+                return
+            if self._owner.get(key, tenant_id) != tenant_id:
+                return  # a key already held by another tenant's bucket: never re-home it
+            bucket = self._buckets.get(tenant_id)
+            if bucket is None:
+                bucket = self._buckets[tenant_id] = OrderedDict()
+                while len(self._buckets) > self._max_tenants:
+                    _, dropped = self._buckets.popitem(last=False)
+                    for k in dropped:
+                        del self._owner[k]
+            bucket[key] = (value, self._clock() + self._ttl_s)
+            bucket.move_to_end(key)
+            self._buckets.move_to_end(tenant_id)
+            self._owner[key] = tenant_id
+            while len(bucket) > self._max_per_tenant:
+                k, _ = bucket.popitem(last=False)
+                del self._owner[k]
+
+    def changed(self, tenant_id: str | None = None) -> None:
+        """A write that changes lookups committed: drop ``tenant_id``'s entries here and
+        move the epoch, so every process empties its cache on its next lookup."""
+        if self._epoch is None:
+            return
+        with self._lock:
+            for k in self._buckets.pop(tenant_id, {}):
+                del self._owner[k]
+        self._epoch.bump()
+
+    def tenant_size(self, tenant_id: str | None) -> int:
+        """Entries held for ``tenant_id`` (for tests and metrics)."""
+        with self._lock:
+            return len(self._buckets.get(tenant_id, ()))
+
+    def close(self) -> None:
+        """Release the epoch's file."""
+        if self._epoch is not None:
+            self._epoch.close()
