@@ -46,6 +46,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import unquote
 
 from sqlalchemy.engine import make_url
 
@@ -54,6 +55,10 @@ from patinox.errors import ConfigurationError
 __all__ = ["MISS", "ChangeEpoch", "TenantCache", "epoch_for_url"]
 
 _COUNTER: Final = struct.Struct("<Q")
+
+#: Process-local epochs of named in-memory databases, by name.
+_MEMORY_EPOCHS: dict[str, ChangeEpoch] = {}
+_MEMORY_LOCK = threading.Lock()
 
 #: Returned by :meth:`TenantCache.get` when nothing usable is cached.
 MISS: Final = object()
@@ -135,8 +140,22 @@ def epoch_for_url(url: str) -> ChangeEpoch | None:
     if parsed.get_backend_name() != "sqlite":
         return None
     database = parsed.database or ""
-    if database in ("", ":memory:") or database.startswith("file:"):
-        return ChangeEpoch(None)
+    if database in ("", ":memory:"):
+        return ChangeEpoch(None)  # a database of this engine alone
+    if database.startswith("file:"):
+        # A URI filename (https://sqlite.org/uri.html): file:PATH, file:///PATH or
+        # file://localhost/PATH, usually a database file other processes open too.
+        target = database[len("file:") :]
+        if target.startswith("//"):
+            authority, _, rest = target[2:].partition("/")
+            target = "/" + rest if authority in ("", "localhost") else ""
+        target = unquote(target)
+        if parsed.query.get("mode") == "memory" or target in ("", ":memory:"):
+            # A named in-memory database is shared by every engine of the process that
+            # opens it (cache=shared): so is its epoch.
+            with _MEMORY_LOCK:
+                return _MEMORY_EPOCHS.setdefault(target, ChangeEpoch(None))
+        database = target
     return ChangeEpoch(Path(f"{database}.epoch"))
 
 
