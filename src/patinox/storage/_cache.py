@@ -15,13 +15,12 @@ stays correct across processes through :class:`ChangeEpoch`:
 * a value read from the database is kept only if the epoch did not move while it was
   read (a lookup that straddles a change keeps nothing).
 
-The epoch lives where every process of a deployment can read it for the price of a
-memory load: for a SQLite deployment (all processes necessarily on the host that holds
-the database file) an 8-byte file beside the database, mapped into memory
-(``<database>.epoch``); for an in-memory SQLite database a counter in the process. A
-PostgreSQL deployment may span hosts, where no such shared memory exists, so there the
-cache is off and every lookup reads the database (:func:`epoch_for_url` returns
-``None``).
+The epoch lives where every process of a deployment can read it for the price of two
+system calls: for a SQLite deployment (all processes necessarily on the host that holds
+the database file) an 8-byte file beside the database (``<database>.epoch``); for an
+in-memory SQLite database a counter in the process. A PostgreSQL deployment may span
+hosts, where no such shared file exists, so there the cache is off and every lookup
+reads the database (:func:`epoch_for_url` returns ``None``).
 
 Bounds: entries are grouped by tenant (operator keys under ``None``); a tenant holds at
 most ``max_per_tenant`` entries (least recently used dropped first), so one tenant's keys
@@ -35,9 +34,7 @@ move the epoch: they are seen after at most ``ttl_s`` seconds.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import mmap
 import os
 import struct
 import threading
@@ -46,28 +43,41 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import unquote
 
 from sqlalchemy.engine import make_url
 
-from patinox.errors import ConfigurationError
+from patinox.errors import ConfigurationError, StorageError
 
 __all__ = ["MISS", "ChangeEpoch", "TenantCache", "epoch_for_url"]
 
 _COUNTER: Final = struct.Struct("<Q")
+
+#: Process-local epochs of named in-memory databases, by name.
+_MEMORY_EPOCHS: dict[str, ChangeEpoch] = {}
+_MEMORY_LOCK = threading.Lock()
 
 #: Returned by :meth:`TenantCache.get` when nothing usable is cached.
 MISS: Final = object()
 
 
 class ChangeEpoch:
-    """A 64-bit change counter shared by every process that maps the same file.
+    """A 64-bit change counter shared by every process that opens the same file.
+
+    The counter is read with ``pread`` (not through a memory map: a mapped file that is
+    truncated, or whose page cannot be allocated on a full disk, kills the process with
+    SIGBUS) and incremented under ``flock``. The file is reopened when it was deleted or
+    replaced (every process then follows the file at ``path``), in a child after
+    ``fork`` (a ``flock`` on an inherited descriptor does not exclude the parent), and
+    on first use after :meth:`close`. A reopening changes :meth:`read`'s value, so a
+    cache comparing it empties itself.
 
     Args:
         path: the counter's file (created with mode 0600, 8 bytes), or ``None`` for a
             counter private to this process.
 
     Raises:
-        ConfigurationError: the file cannot be created or mapped.
+        ConfigurationError: the file cannot be created or written.
     """
 
     def __init__(self, path: Path | None) -> None:
@@ -75,56 +85,82 @@ class ChangeEpoch:
         self._local = 0
         self._lock = threading.Lock()
         self._fd: int | None = None
-        self._map: mmap.mmap | None = None
-        if path is None:
-            return
+        self._pid = os.getpid()
+        self._generation = 0  # reopenings of the file, high bits of read()
+        if path is not None:
+            self._fd = self._open(path)
+
+    @staticmethod
+    def _open(path: Path) -> int:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as err:
             raise ConfigurationError(f"cannot open the cache epoch file {path}: {err}") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 if os.fstat(fd).st_size < _COUNTER.size:
-                    os.ftruncate(fd, _COUNTER.size)  # zero-filled
+                    # Written, not ftruncate'd: the block is allocated now, not at a bump.
+                    os.pwrite(fd, _COUNTER.pack(ChangeEpoch._value(fd)), 0)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
-            self._map = mmap.mmap(fd, _COUNTER.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as err:
             os.close(fd)
-            raise ConfigurationError(f"cannot map the cache epoch file {path}: {err}") from err
-        self._fd = fd
+            raise ConfigurationError(f"cannot write the cache epoch file {path}: {err}") from err
+        return fd
 
-    def read(self) -> int:
-        """The current value."""
-        if self._map is None:
-            return self._local
-        value: int = _COUNTER.unpack_from(self._map, 0)[0]
+    @staticmethod
+    def _value(fd: int) -> int:
+        raw = os.pread(fd, _COUNTER.size, 0)  # short if the file was truncated: zeros
+        value: int = _COUNTER.unpack(raw.ljust(_COUNTER.size, b"\0"))[0]
         return value
 
-    def bump(self) -> None:
-        """Increment the counter (atomic across threads and, through ``flock``, processes)."""
+    def _current(self, path: Path) -> int:
+        """The descriptor of the file now at ``path`` (call with the lock held)."""
+        fd = self._fd
+        if fd is not None and self._pid == os.getpid() and os.fstat(fd).st_nlink > 0:
+            return fd
+        fresh = self._open(path)
+        if fd is not None:
+            os.close(fd)
+        self._fd, self._pid = fresh, os.getpid()
+        self._generation += 1
+        return fresh
+
+    def read(self) -> int:
+        """The current value (plus ``reopenings << 64``: only compare it for equality)."""
+        if self.path is None:
+            return self._local
         with self._lock:
-            if self._map is None or self._fd is None:
+            return (self._generation << 64) | self._value(self._current(self.path))
+
+    def bump(self) -> None:
+        """Increment the counter (atomic across threads and, through ``flock``, processes).
+
+        Raises:
+            StorageError: the file could not be written (other processes then see the
+                change only when their entries expire).
+        """
+        with self._lock:
+            if self.path is None:
                 self._local += 1
                 return
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            fd = self._current(self.path)
             try:
-                value = (_COUNTER.unpack_from(self._map, 0)[0] + 1) % (1 << 64)
-                _COUNTER.pack_into(self._map, 0, value)
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    os.pwrite(fd, _COUNTER.pack((self._value(fd) + 1) % (1 << 64)), 0)
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError as err:
+                raise StorageError(f"cannot increment the cache epoch in {self.path}: {err}") from err
 
     def close(self) -> None:
-        """Unmap and close the file (idempotent)."""
+        """Close the file (idempotent); a later read or bump opens it again."""
         with self._lock:
-            if self._map is not None:
-                with contextlib.suppress(BufferError, ValueError):
-                    self._map.close()
-                self._map = None
-            if self._fd is not None:
+            if self._fd is not None and self._pid == os.getpid():
                 os.close(self._fd)
-                self._fd = None
+            self._fd = None
 
 
 def epoch_for_url(url: str) -> ChangeEpoch | None:
@@ -135,8 +171,22 @@ def epoch_for_url(url: str) -> ChangeEpoch | None:
     if parsed.get_backend_name() != "sqlite":
         return None
     database = parsed.database or ""
-    if database in ("", ":memory:") or database.startswith("file:"):
-        return ChangeEpoch(None)
+    if database in ("", ":memory:"):
+        return ChangeEpoch(None)  # a database of this engine alone
+    if database.startswith("file:"):
+        # A URI filename (https://sqlite.org/uri.html): file:PATH, file:///PATH or
+        # file://localhost/PATH, usually a database file other processes open too.
+        target = database[len("file:") :]
+        if target.startswith("//"):
+            authority, _, rest = target[2:].partition("/")
+            target = "/" + rest if authority in ("", "localhost") else ""
+        target = unquote(target)
+        if parsed.query.get("mode") == "memory" or target in ("", ":memory:"):
+            # A named in-memory database is shared by every engine of the process that
+            # opens it (cache=shared): so is its epoch.
+            with _MEMORY_LOCK:
+                return _MEMORY_EPOCHS.setdefault(target, ChangeEpoch(None))
+        database = target
     return ChangeEpoch(Path(f"{database}.epoch"))
 
 
