@@ -42,6 +42,9 @@ from patinox import __version__
 from patinox.errors import NotFound, PatinoxError
 from patinox.tenancy import PLANS, LimitOverrides
 
+if typing.TYPE_CHECKING:
+    from patinox.api import Runtime
+
 ACTOR = "cli"
 
 # Tables are wide; when output is not a terminal (CI logs, pipes) do not squeeze them to 80.
@@ -337,10 +340,19 @@ def init(
         os.fchmod(fd, 0o600)  # an existing file keeps its mode otherwise
         with os.fdopen(fd, "w") as fh:
             fh.write(issued.secret + "\n")
-        _say(f"Initialised {data_dir}; operator key written to {key_file} (mode 0600).")
+        _say(f"Initialised {_where(rt, data_dir)}; operator key written to {key_file} (mode 0600).")
     else:
-        _say(f"Initialised {data_dir}. Operator key (shown once, store it now):")
+        _say(f"Initialised {_where(rt, data_dir)}. Operator key (shown once, store it now):")
         _say(issued.secret)
+
+
+def _where(rt: Runtime, data_dir: Path) -> str:
+    """What a deployment is, for messages: its data directory, or for PostgreSQL its
+    database (password hidden) and the data directory."""
+    url = rt.backend.engine.url
+    if url.get_backend_name() == "sqlite":
+        return str(data_dir)
+    return f"{url.render_as_string(hide_password=True)} (data directory {data_dir})"
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -375,7 +387,7 @@ def serve(
 
     app_ = create_app(runtime=_runtime(data_dir))
     _check_port_free(host, port)
-    _say(f"Patinox serving {data_dir} on http://{host}:{port} (docs at /docs)")
+    _say(f"Patinox serving {_where(app_.state.runtime, data_dir)} on http://{host}:{port} (docs at /docs)")
     # reset_contextvars: each request starts from a clean context (see clear_inherited_tenant).
     uvicorn.run(app_, host=host, port=port, log_level=log_level, access_log=False, reset_contextvars=True)
 
