@@ -45,7 +45,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from patinox.errors import ConcurrencyLimited
-from patinox.storage import SqlBackend, utcnow
+from patinox.storage import SqlBackend, execute_write, utcnow
 from patinox.storage import _schema as s
 
 #: How long a claim holds a run without renewal, seconds.
@@ -166,7 +166,7 @@ class FairRunQueue:
 
     def _ensure_tenant_row(self, conn: Connection, tenant_id: str) -> None:
         """Create the tenant's queue row if it is missing (one statement, a write)."""
-        conn.execute(_ENSURE_TENANT[conn.dialect.name], {"tenant_id": tenant_id, "last_tag": 0.0})
+        execute_write(conn, _ENSURE_TENANT[conn.dialect.name], {"tenant_id": tenant_id, "last_tag": 0.0})
 
     def _lock_tenant(self, conn: Connection, tenant_id: str) -> float:
         """Lock (creating if needed) the tenant's queue row; returns its last finish tag."""
@@ -210,7 +210,8 @@ class FairRunQueue:
                 )
             now = utcnow()
             entry = {"tenant_id": tenant_id, "run_id": run_id, "priority": 0, "finish_tag": 0.0}
-            conn.execute(
+            execute_write(
+                conn,
                 _INSERT_ENTRY,
                 {
                     **entry,
@@ -336,7 +337,7 @@ class FairRunQueue:
     def release(self, tenant_id: str, run_id: str, *, conn: Connection | None = None) -> None:
         """Remove a finished run (or a synchronous hold) from the queue."""
         with self._backend.control_tx(conn) as conn:
-            conn.execute(_RELEASE, {"b_tenant": tenant_id, "b_run": run_id})
+            execute_write(conn, _RELEASE, {"b_tenant": tenant_id, "b_run": run_id})
 
     def requeue_expired(self, now: datetime | None = None) -> tuple[int, list[tuple[str, str]]]:
         """Put runs whose lease expired (their worker died) back in the queue, keeping

@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from patinox.errors import QuotaExceeded
-from patinox.storage import SqlBackend
+from patinox.storage import SqlBackend, execute_write
 from patinox.storage import _schema as s
 
 TOKENS_PER_DAY = "tokens_per_day"
@@ -96,7 +96,7 @@ class TokenBudget:
     @staticmethod
     def _ensure_row(conn: Connection, key: dict[str, str]) -> None:
         row = {"tenant_id": key["q_tenant"], "quota": key["q_quota"], "period": key["q_period"]}
-        conn.execute(_ENSURE[conn.dialect.name], {**row, "spent": 0, "reserved": 0})
+        execute_write(conn, _ENSURE[conn.dialect.name], {**row, "spent": 0, "reserved": 0})
 
     @staticmethod
     def _key(tenant_id: str, period: str, quota: str = TOKENS_PER_DAY) -> dict[str, str]:
@@ -112,10 +112,10 @@ class TokenBudget:
         so the common case is one statement.
         """
         params = {**key, "q_amount": amount, "q_limit": limit}
-        if conn.execute(take, params).rowcount == 1:
+        if execute_write(conn, take, params) == 1:
             return None
         self._ensure_row(conn, key)
-        if conn.execute(take, params).rowcount == 1:
+        if execute_write(conn, take, params) == 1:
             return None
         spent, reserved = conn.execute(_READ, key).one()
         return int(spent), int(reserved)
@@ -187,7 +187,7 @@ class TokenBudget:
         process's reservation of a queued run)."""
         params = {**self._key(tenant_id, period), "q_reserved": reserved, "q_used": used}
         with self._backend.control_tx(conn) as conn:
-            conn.execute(_SETTLE, params)
+            execute_write(conn, _SETTLE, params)
 
     def spent_today(self, tenant_id: str) -> tuple[int, int]:
         """(spent, reserved) tokens of ``tenant_id`` today."""

@@ -1,5 +1,6 @@
 """The tenant-scoped data layer: backends chosen by URL, control-plane and tenant stores."""
 
+from patinox.storage._fast import write as execute_write
 from patinox.storage.backend import (
     PreparedWrite,
     SqlBackend,
@@ -15,6 +16,7 @@ __all__ = [
     "SqlBackend",
     "StorageBackend",
     "TenantStore",
+    "execute_write",
     "make_engine",
     "migrate",
     "open_backend",

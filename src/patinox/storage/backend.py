@@ -61,6 +61,7 @@ from patinox.storage._crypto.aead import blob_key_version, decrypt_str, encrypt_
 from patinox.storage._crypto.keyring import TenantKeyring
 from patinox.storage._crypto.providers import KeyProvider
 from patinox.storage._dekstore import SqlDekStore
+from patinox.storage._fast import write as fast_write
 from patinox.storage._placement import Placement, Placements
 from patinox.storage.engine import head_revision, make_engine, migrate, normalise_url, translate_errors
 from patinox.tenancy import StorageModel, TenantContext, current_tenant, new_id
@@ -763,7 +764,7 @@ class TenantStore:
             raise ConfigurationError("a prepared write belongs to the store that prepared it")
         with self._tx(conn) as conn:
             for stmt, params in write.statements:
-                self._exec(conn, stmt, params)
+                fast_write(conn, stmt, {**params, "b_tenant_id": self.tenant_id})
 
     def _open_run(self, row: Row) -> Row:
         row["input"] = self._sealer.open("runs.input", row["id"], row["input"])
