@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,17 +45,7 @@ def test_a_file_uri_database_on_disk_shares_its_epoch_between_processes(file_uri
     # sqlite:///file:/path/db?uri=true is an ordinary database file that other processes
     # open too; it used to get a counter private to the process, so another process's
     # revocation stayed unseen for the cache's whole TTL.
-    server = Runtime.initialise(file_uri_env)
-    other = Runtime.build(Settings.for_data_dir(file_uri_env))
-    try:
-        tenant_id, key_id, secret = _tenant_key(server, "acme")
-        _warm(server, secret)
-        other.keys.revoke(key_id, tenant_id=tenant_id, actor="test")
-        with pytest.raises(AuthenticationFailed):
-            server.keys.authenticate(secret)
-    finally:
-        server.backend.close()
-        other.backend.close()
+    _revocation_is_seen(Runtime.initialise(file_uri_env), file_uri_env, closed=None)
 
 
 def test_file_uris_map_to_the_file_beside_the_database(tmp_path: Path) -> None:
@@ -113,34 +103,27 @@ def test_a_truncated_epoch_file_does_not_kill_the_process(tmp_path: Path) -> Non
     assert proc.stdout.strip() == "refused"
 
 
-def test_an_epoch_file_deleted_while_serving_does_not_split_the_deployment(tmp_path: Path) -> None:
-    # The server keeps the deleted file's inode; a process started afterwards creates a
-    # new file: their changes no longer reached each other.
+def _delete(epoch: Path) -> None:
+    os.unlink(epoch)
+
+
+def _replace(epoch: Path) -> None:
+    fresh = epoch.with_name("fresh")
+    fresh.write_bytes(epoch.read_bytes())
+    os.replace(fresh, epoch)  # e.g. a restore or sync tool writing files by rename
+
+
+@pytest.mark.parametrize("disturb", [_delete, _replace], ids=["deleted", "replaced"])
+def test_an_epoch_file_deleted_or_replaced_while_serving_is_followed(
+    tmp_path: Path, disturb: Callable[[Path], None]
+) -> None:
+    # The server kept the old file's inode; a process started afterwards used the new
+    # file: their changes no longer reached each other.
     server = Runtime.initialise(tmp_path / "d")
     try:
         tenant_id, key_id, secret = _tenant_key(server, "acme")
         _warm(server, secret)
-        os.unlink(tmp_path / "d" / "patinox.db.epoch")
-        other = Runtime.build(Settings.for_data_dir(tmp_path / "d"))
-        try:
-            other.keys.revoke(key_id, tenant_id=tenant_id, actor="test")
-            with pytest.raises(AuthenticationFailed):
-                server.keys.authenticate(secret)
-        finally:
-            other.backend.close()
-    finally:
-        server.backend.close()
-
-
-def test_an_epoch_file_replaced_while_serving_is_followed(tmp_path: Path) -> None:
-    server = Runtime.initialise(tmp_path / "d")
-    try:
-        tenant_id, key_id, secret = _tenant_key(server, "acme")
-        _warm(server, secret)
-        epoch = tmp_path / "d" / "patinox.db.epoch"
-        fresh = tmp_path / "d" / "fresh"
-        fresh.write_bytes(epoch.read_bytes())
-        os.replace(fresh, epoch)  # e.g. a restore or sync tool writing files by rename
+        disturb(tmp_path / "d" / "patinox.db.epoch")
         other = Runtime.build(Settings.for_data_dir(tmp_path / "d"))  # started afterwards
         try:
             other.keys.revoke(key_id, tenant_id=tenant_id, actor="test")
@@ -152,34 +135,28 @@ def test_an_epoch_file_replaced_while_serving_is_followed(tmp_path: Path) -> Non
         server.backend.close()
 
 
-def test_a_closed_backend_still_sees_other_processes_changes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("closed", ["checker", "writer"])
+def test_a_closed_backend_keeps_sharing_changes(tmp_path: Path, closed: str) -> None:
     # close() released the epoch's file and the counter silently became private to the
-    # process, while the backend itself (its engine re-connects) kept working: the
-    # revoked key stayed accepted.
-    server = Runtime.initialise(tmp_path / "d")
-    other = Runtime.build(Settings.for_data_dir(tmp_path / "d"))
-    try:
-        tenant_id, key_id, secret = _tenant_key(server, "acme")
-        server.backend.close()
-        _warm(server, secret)
-        other.keys.revoke(key_id, tenant_id=tenant_id, actor="test")
-        with pytest.raises(AuthenticationFailed):
-            server.keys.authenticate(secret)
-    finally:
-        server.backend.close()
-        other.backend.close()
+    # process, while the backend itself (its engine re-connects) kept working: a key
+    # revoked by the other process stayed accepted by the closed one ("checker"), and a
+    # revocation made through the closed one never reached the other ("writer").
+    _revocation_is_seen(Runtime.initialise(tmp_path / "d"), tmp_path / "d", closed=closed)
 
 
-def test_changes_made_through_a_closed_backend_still_reach_other_processes(tmp_path: Path) -> None:
-    server = Runtime.initialise(tmp_path / "d")
-    other = Runtime.build(Settings.for_data_dir(tmp_path / "d"))
+def _revocation_is_seen(server: Runtime, data: Path, *, closed: str | None) -> None:
+    """A key revoked through one of two runtimes on ``data`` is refused by the other at
+    once; ``closed`` names the one whose backend was closed first ("checker"/"writer")."""
+    other = Runtime.build(Settings.for_data_dir(data))
+    checker, writer = (other, server) if closed == "writer" else (server, other)
     try:
         tenant_id, key_id, secret = _tenant_key(server, "acme")
-        _warm(other, secret)
-        server.backend.close()
-        server.keys.revoke(key_id, tenant_id=tenant_id, actor="test")
+        if closed is not None:
+            server.backend.close()
+        _warm(checker, secret)
+        writer.keys.revoke(key_id, tenant_id=tenant_id, actor="test")
         with pytest.raises(AuthenticationFailed):
-            other.keys.authenticate(secret)
+            checker.keys.authenticate(secret)
     finally:
         server.backend.close()
         other.backend.close()
