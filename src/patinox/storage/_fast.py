@@ -84,9 +84,22 @@ def write(conn: Connection, stmt: UpdateBase, params: Mapping[str, Any]) -> int:
         return int(conn.execute(stmt, dict(params)).rowcount)
     sql, binds = plan
     values = []
-    for name, constant, processor in binds:
-        value = params[name] if constant is _FROM_PARAMS else constant
-        values.append(processor(value) if processor is not None else value)
+    try:
+        for name, constant, processor in binds:
+            value = params[name] if constant is _FROM_PARAMS else constant
+            values.append(processor(value) if processor is not None else value)
+    except Exception as err:
+        # As Connection.execute reports a value its column type refuses (a naive datetime
+        # for a UTC column, JSON it cannot serialise): a StatementError chaining it, which
+        # translate_errors() maps; raw, it escaped as an unhandled ValueError/TypeError.
+        raise exc.DBAPIError.instance(
+            sql,
+            [dict(params)],
+            err,
+            conn.dialect.loaded_dbapi.Error,
+            hide_parameters=conn.engine.hide_parameters,
+            dialect=conn.dialect,
+        ) from err
     dbapi_conn = conn.connection.driver_connection
     if dbapi_conn is None:
         return int(conn.execute(stmt, dict(params)).rowcount)
@@ -100,7 +113,12 @@ def write(conn: Connection, stmt: UpdateBase, params: Mapping[str, Any]) -> int:
             cursor.execute(sql, values)
         except conn.dialect.loaded_dbapi.Error as err:
             raise exc.DBAPIError.instance(
-                sql, values, err, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
+                sql,
+                values,
+                err,
+                conn.dialect.loaded_dbapi.Error,
+                hide_parameters=conn.engine.hide_parameters,
+                dialect=conn.dialect,
             ) from err
         if dispatch.after_cursor_execute:
             for fn in dispatch.after_cursor_execute:

@@ -1,0 +1,100 @@
+"""Where the driver-cursor write path (patinox.storage._fast) must keep the contract of
+:meth:`Connection.execute`, beyond the bytes it stores: errors raised while binding a
+value, missing parameters, SQLAlchemy's autobegin, statement listeners, schema
+translation, and engines whose dialects differ. Real SQLite files, no mocks."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, Engine, bindparam, delete, exc, insert, update
+
+from patinox.errors import InvalidRequest, StorageError
+from patinox.storage import _schema as s
+from patinox.storage import execute_write, make_engine, translate_errors
+
+QT = s.queue_tenants
+INSERT_QT = insert(QT)
+#: Module-level like the run path's statements (the plan cache keys on the statement).
+RELEASE = delete(s.run_queue).where(
+    s.run_queue.c.tenant_id == bindparam("b_tenant"), s.run_queue.c.run_id == bindparam("b_run")
+)
+SET_TAG = update(QT).where(QT.c.tenant_id == bindparam("b_t")).values(last_tag=bindparam("b_tag"))
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "x.db"
+
+
+@pytest.fixture
+def engine(path: Path) -> Iterator[Engine]:
+    e = make_engine(f"sqlite:///{path}")
+    s.metadata.create_all(e)
+    yield e
+    e.dispose()
+
+
+def _tags(path: Path) -> dict[str, Any]:
+    with sqlite3.connect(path) as c:
+        return dict(c.execute("SELECT tenant_id, last_tag FROM queue_tenants").fetchall())
+
+
+Way = Callable[[Connection, Any, dict[str, Any]], Any]
+WAYS: dict[str, Way] = {
+    "sqlalchemy": lambda conn, stmt, params: conn.execute(stmt, params),
+    "fast": execute_write,
+}
+
+
+def _raised(engine: Engine, way: Way, stmt: Any, params: dict[str, Any]) -> BaseException:
+    with pytest.raises(Exception) as info, translate_errors(), engine.begin() as conn:
+        way(conn, stmt, params)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("stmt", "params", "expected"),
+    [
+        # UTCDateTime refuses a naive datetime: 422 on the ordinary path.
+        (
+            insert(s.tenant_keys),
+            {"tenant_id": "t", "version": 1, "wrapped": b"k", "created_at": datetime(2026, 1, 1)},
+            InvalidRequest,
+        ),
+        # Float's bind processor refuses a non-number.
+        (INSERT_QT, {"tenant_id": "t", "last_tag": "not a number"}, InvalidRequest),
+        # JSON cannot serialise a Decimal: a storage error, not an unhandled TypeError.
+        (
+            insert(s.audit_log),
+            {
+                "tenant_id": "t",
+                "id": "au_1",
+                "at": datetime.fromisoformat("2026-01-01T00:00:00+00:00"),
+                "actor": "a",
+                "action": "b",
+                "target": None,
+                "outcome": "ok",
+                "detail": {"amount": Decimal("1.5")},
+            },
+            StorageError,
+        ),
+    ],
+    ids=["naive-datetime", "float-from-text", "json-decimal"],
+)
+def test_a_value_its_column_type_refuses_raises_as_sqlalchemy_does(
+    engine: Engine, stmt: Any, params: dict[str, Any], expected: type[Exception]
+) -> None:
+    """A bind processor's ValueError/TypeError escaped the fast path raw, so
+    translate_errors() let it through (a 500) instead of mapping it."""
+    ordinary = _raised(engine, WAYS["sqlalchemy"], stmt, params)
+    fast = _raised(engine, WAYS["fast"], stmt, params)
+    assert type(ordinary) is expected
+    assert type(fast) is type(ordinary)
+    assert isinstance(fast.__cause__, exc.StatementError)
