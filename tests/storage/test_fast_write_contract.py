@@ -98,3 +98,17 @@ def test_a_value_its_column_type_refuses_raises_as_sqlalchemy_does(
     assert type(ordinary) is expected
     assert type(fast) is type(ordinary)
     assert isinstance(fast.__cause__, exc.StatementError)
+
+
+def test_a_missing_parameter_is_refused_not_bound_as_null(engine: Engine, path: Path) -> None:
+    """SQLAlchemy refuses to execute without a value for a required bind parameter; the
+    fast path bound NULL instead (an UPDATE that sets a column to NULL, a DELETE that
+    silently matches nothing)."""
+    with engine.begin() as conn:
+        conn.execute(INSERT_QT, {"tenant_id": "t", "last_tag": 1.0})
+    for stmt, params in ((SET_TAG, {"b_t": "t"}), (RELEASE, {"b_tenant": "t"})):
+        with pytest.raises(exc.StatementError), engine.begin() as conn:
+            conn.execute(stmt, params)
+        with pytest.raises(exc.StatementError, match="value is required"), engine.begin() as conn:
+            execute_write(conn, stmt, params)
+    assert _tags(path) == {"t": 1.0}

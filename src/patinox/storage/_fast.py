@@ -57,7 +57,11 @@ def _plan(conn: Connection, stmt: UpdateBase, names: tuple[str, ...]) -> _Plan:
     binds = []
     for name in compiled.positiontup:
         bind = compiled.binds[name]
-        if bind.expanding or bind.callable is not None:
+        if bind.expanding or bind.literal_execute or bind.callable is not None:
+            return None
+        if name not in given and bind.required:
+            # No value given: Connection.execute refuses to run it ("a value is required
+            # for bind parameter"); binding the placeholder's None would run it with NULL.
             return None
         processor = bind.type._cached_bind_processor(dialect)
         binds.append((name, _FROM_PARAMS if name in given else bind.value, processor))
