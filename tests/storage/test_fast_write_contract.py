@@ -112,3 +112,14 @@ def test_a_missing_parameter_is_refused_not_bound_as_null(engine: Engine, path: 
         with pytest.raises(exc.StatementError, match="value is required"), engine.begin() as conn:
             execute_write(conn, stmt, params)
     assert _tags(path) == {"t": 1.0}
+
+
+def test_a_write_that_begins_the_transaction_is_committed_by_commit(engine: Engine, path: Path) -> None:
+    """A Connection autobegins its transaction on the first execute; a write on the raw
+    cursor did not, so ``conn.commit()`` committed nothing and the write was rolled back
+    when the connection went back to the pool."""
+    for way, key in ((WAYS["sqlalchemy"], "sa"), (WAYS["fast"], "fast")):
+        with engine.connect() as conn:
+            way(conn, INSERT_QT, {"tenant_id": key, "last_tag": 0.0})
+            conn.commit()
+    assert _tags(path) == {"sa": 0.0, "fast": 0.0}

@@ -84,7 +84,10 @@ def write(conn: Connection, stmt: UpdateBase, params: Mapping[str, Any]) -> int:
             _PLANS.clear()
         _PLANS[key] = entry
     plan = entry[1]
-    if plan is None:
+    if plan is None or not conn.in_transaction():
+        # Outside a transaction Connection.execute autobegins one (which conn.commit()
+        # then commits); a write on the raw cursor would open only the driver's, which
+        # commit() does not know of and the pool's reset rolls back.
         return int(conn.execute(stmt, dict(params)).rowcount)
     sql, binds = plan
     values = []
