@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, bindparam, delete, exc, insert, update
+from sqlalchemy import Connection, Engine, bindparam, delete, event, exc, insert, update
 
 from patinox.errors import InvalidRequest, StorageError
 from patinox.storage import _schema as s
@@ -123,3 +123,47 @@ def test_a_write_that_begins_the_transaction_is_committed_by_commit(engine: Engi
             way(conn, INSERT_QT, {"tenant_id": key, "last_tag": 0.0})
             conn.commit()
     assert _tags(path) == {"sa": 0.0, "fast": 0.0}
+
+
+def test_listeners_get_an_execution_context(engine: Engine) -> None:
+    """Cursor listeners are documented to receive the ExecutionContext; tracers keep state
+    on it between before_ and after_cursor_execute (OpenTelemetry's SQLAlchemy
+    instrumentation stores its span there). The fast path passed ``None``."""
+    spans: list[str] = []
+
+    def before(_c: Any, _cur: Any, statement: str, _p: Any, context: Any, _many: bool) -> None:
+        context._test_span = statement
+
+    def after(_c: Any, _cur: Any, _s: str, _p: Any, context: Any, _many: bool) -> None:
+        spans.append(context._test_span)
+
+    event.listen(engine, "before_cursor_execute", before)
+    event.listen(engine, "after_cursor_execute", after)
+    with engine.begin() as conn:
+        execute_write(conn, INSERT_QT, {"tenant_id": "t", "last_tag": 0.0})
+    assert len(spans) == 1 and spans[0].startswith("INSERT INTO queue_tenants")
+
+
+def test_a_listener_may_rewrite_the_statement(engine: Engine) -> None:
+    """``before_cursor_execute`` with ``retval=True`` replaces the statement (SQL
+    commenters tag queries this way); the fast path dropped what it returned."""
+    executed: list[str] = []
+
+    def tag(_c: Any, _cur: Any, statement: str, params: Any, _ctx: Any, _many: bool) -> Any:
+        return statement + " /* traced */", params
+
+    event.listen(engine, "before_cursor_execute", tag, retval=True)
+    event.listen(engine, "after_cursor_execute", lambda _c, _cur, st, *_: executed.append(st))
+    with engine.begin() as conn:
+        execute_write(conn, INSERT_QT, {"tenant_id": "t", "last_tag": 0.0})
+    assert executed == ["INSERT INTO queue_tenants (tenant_id, last_tag) VALUES (?, ?) /* traced */"]
+
+
+def test_handle_error_listeners_see_a_failed_write(engine: Engine) -> None:
+    seen: list[str] = []
+    event.listen(engine, "handle_error", lambda ctx: seen.append(type(ctx.original_exception).__name__))
+    with engine.begin() as conn:
+        conn.execute(INSERT_QT, {"tenant_id": "t", "last_tag": 0.0})
+    with pytest.raises(exc.IntegrityError), engine.begin() as conn:
+        execute_write(conn, INSERT_QT, {"tenant_id": "t", "last_tag": 0.0})
+    assert seen == ["IntegrityError"]

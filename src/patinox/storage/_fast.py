@@ -13,8 +13,9 @@ SQLAlchemy and drops the rest:
 * every parameter goes through its column type's own bind processor (datetimes, JSON,
   binary), as SQLAlchemy would apply it;
 * it runs on the connection's own DBAPI connection, inside the caller's transaction;
-* the engine's ``before_cursor_execute`` / ``after_cursor_execute`` listeners are called
-  with the statement, so observers (statement counters, tracing) still see every one;
+* while the engine has ``before_cursor_execute``, ``after_cursor_execute`` or
+  ``handle_error`` listeners, every write takes the ordinary path, so observers
+  (statement counters, tracing) still see every one with its execution context;
 * driver errors are wrapped as SQLAlchemy wraps them (``IntegrityError`` ...), so
   :func:`~patinox.storage.engine.translate_errors` maps them as before.
 
@@ -84,10 +85,20 @@ def write(conn: Connection, stmt: UpdateBase, params: Mapping[str, Any]) -> int:
             _PLANS.clear()
         _PLANS[key] = entry
     plan = entry[1]
-    if plan is None or not conn.in_transaction():
+    dispatch = conn.dispatch
+    if (
+        plan is None
         # Outside a transaction Connection.execute autobegins one (which conn.commit()
         # then commits); a write on the raw cursor would open only the driver's, which
         # commit() does not know of and the pool's reset rolls back.
+        or not conn.in_transaction()
+        # Listeners are owed an ExecutionContext (tracers keep their span on it), may
+        # rewrite the statement (retval=True) and see errors (handle_error): only
+        # Connection.execute gives them that.
+        or dispatch.before_cursor_execute
+        or dispatch.after_cursor_execute
+        or conn.dialect.dispatch.handle_error
+    ):
         return int(conn.execute(stmt, dict(params)).rowcount)
     sql, binds = plan
     values = []
@@ -110,12 +121,8 @@ def write(conn: Connection, stmt: UpdateBase, params: Mapping[str, Any]) -> int:
     dbapi_conn = conn.connection.driver_connection
     if dbapi_conn is None:
         return int(conn.execute(stmt, dict(params)).rowcount)
-    dispatch = conn.dispatch
     cursor = dbapi_conn.cursor()
     try:
-        if dispatch.before_cursor_execute:
-            for fn in dispatch.before_cursor_execute:
-                fn(conn, cursor, sql, values, None, False)
         try:
             cursor.execute(sql, values)
         except conn.dialect.loaded_dbapi.Error as err:
@@ -127,9 +134,6 @@ def write(conn: Connection, stmt: UpdateBase, params: Mapping[str, Any]) -> int:
                 hide_parameters=conn.engine.hide_parameters,
                 dialect=conn.dialect,
             ) from err
-        if dispatch.after_cursor_execute:
-            for fn in dispatch.after_cursor_execute:
-                fn(conn, cursor, sql, values, None, False)
         return int(cursor.rowcount)
     finally:
         cursor.close()
