@@ -167,3 +167,24 @@ def test_handle_error_listeners_see_a_failed_write(engine: Engine) -> None:
     with pytest.raises(exc.IntegrityError), engine.begin() as conn:
         execute_write(conn, INSERT_QT, {"tenant_id": "t", "last_tag": 0.0})
     assert seen == ["IntegrityError"]
+
+
+def test_a_schema_translate_map_is_honoured(path: Path, tmp_path: Path) -> None:
+    """The tenant store sets ``schema_translate_map`` on its connection for a tenant in its
+    own schema; the fast path executed SQL compiled without it, writing the row into the
+    default schema's table instead."""
+    other = tmp_path / "other.db"
+    engine = make_engine(f"sqlite:///{path}")
+    attach = f"ATTACH DATABASE '{other}' AS other"
+    event.listen(engine, "connect", lambda dbapi_conn, _: dbapi_conn.execute(attach))
+    s.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE other.queue_tenants (tenant_id VARCHAR(40) PRIMARY KEY, last_tag FLOAT NOT NULL)"
+        )
+    with engine.begin() as conn:
+        conn.execution_options(schema_translate_map={None: "other"})
+        execute_write(conn, INSERT_QT, {"tenant_id": "t", "last_tag": 0.0})
+    engine.dispose()
+    assert _tags(path) == {}
+    assert _tags(other) == {"t": 0.0}

@@ -92,6 +92,9 @@ def write(conn: Connection, stmt: UpdateBase, params: Mapping[str, Any]) -> int:
         # then commits); a write on the raw cursor would open only the driver's, which
         # commit() does not know of and the pool's reset rolls back.
         or not conn.in_transaction()
+        # The SQL of a plan names the tables without the connection's schema translation
+        # (a tenant in its own schema); Connection.execute applies it.
+        or conn.get_execution_options().get("schema_translate_map")
         # Listeners are owed an ExecutionContext (tracers keep their span on it), may
         # rewrite the statement (retval=True) and see errors (handle_error): only
         # Connection.execute gives them that.
