@@ -13,8 +13,9 @@ SQLAlchemy and drops the rest:
 * every parameter goes through its column type's own bind processor (datetimes, JSON,
   binary), as SQLAlchemy would apply it;
 * it runs on the connection's own DBAPI connection, inside the caller's transaction;
-* the engine's ``before_cursor_execute`` / ``after_cursor_execute`` listeners are called
-  with the statement, so observers (statement counters, tracing) still see every one;
+* while the engine has ``before_cursor_execute``, ``after_cursor_execute`` or
+  ``handle_error`` listeners, every write takes the ordinary path, so observers
+  (statement counters, tracing) still see every one with its execution context;
 * driver errors are wrapped as SQLAlchemy wraps them (``IntegrityError`` ...), so
   :func:`~patinox.storage.engine.translate_errors` maps them as before.
 
@@ -57,7 +58,11 @@ def _plan(conn: Connection, stmt: UpdateBase, names: tuple[str, ...]) -> _Plan:
     binds = []
     for name in compiled.positiontup:
         bind = compiled.binds[name]
-        if bind.expanding or bind.callable is not None:
+        if bind.expanding or bind.literal_execute or bind.callable is not None:
+            return None
+        if name not in given and bind.required:
+            # No value given: Connection.execute refuses to run it ("a value is required
+            # for bind parameter"); binding the placeholder's None would run it with NULL.
             return None
         processor = bind.type._cached_bind_processor(dialect)
         binds.append((name, _FROM_PARAMS if name in given else bind.value, processor))
@@ -80,31 +85,58 @@ def write(conn: Connection, stmt: UpdateBase, params: Mapping[str, Any]) -> int:
             _PLANS.clear()
         _PLANS[key] = entry
     plan = entry[1]
-    if plan is None:
+    dispatch = conn.dispatch
+    if (
+        plan is None
+        # Outside a transaction Connection.execute autobegins one (which conn.commit()
+        # then commits); a write on the raw cursor would open only the driver's, which
+        # commit() does not know of and the pool's reset rolls back.
+        or not conn.in_transaction()
+        # The SQL of a plan names the tables without the connection's schema translation
+        # (a tenant in its own schema); Connection.execute applies it.
+        or conn.get_execution_options().get("schema_translate_map")
+        # Listeners are owed an ExecutionContext (tracers keep their span on it), may
+        # rewrite the statement (retval=True) and see errors (handle_error): only
+        # Connection.execute gives them that.
+        or dispatch.before_cursor_execute
+        or dispatch.after_cursor_execute
+        or conn.dialect.dispatch.handle_error
+    ):
         return int(conn.execute(stmt, dict(params)).rowcount)
     sql, binds = plan
     values = []
-    for name, constant, processor in binds:
-        value = params[name] if constant is _FROM_PARAMS else constant
-        values.append(processor(value) if processor is not None else value)
+    try:
+        for name, constant, processor in binds:
+            value = params[name] if constant is _FROM_PARAMS else constant
+            values.append(processor(value) if processor is not None else value)
+    except Exception as err:
+        # As Connection.execute reports a value its column type refuses (a naive datetime
+        # for a UTC column, JSON it cannot serialise): a StatementError chaining it, which
+        # translate_errors() maps; raw, it escaped as an unhandled ValueError/TypeError.
+        raise exc.DBAPIError.instance(
+            sql,
+            [dict(params)],
+            err,
+            conn.dialect.loaded_dbapi.Error,
+            hide_parameters=conn.engine.hide_parameters,
+            dialect=conn.dialect,
+        ) from err
     dbapi_conn = conn.connection.driver_connection
     if dbapi_conn is None:
         return int(conn.execute(stmt, dict(params)).rowcount)
-    dispatch = conn.dispatch
     cursor = dbapi_conn.cursor()
     try:
-        if dispatch.before_cursor_execute:
-            for fn in dispatch.before_cursor_execute:
-                fn(conn, cursor, sql, values, None, False)
         try:
             cursor.execute(sql, values)
         except conn.dialect.loaded_dbapi.Error as err:
             raise exc.DBAPIError.instance(
-                sql, values, err, conn.dialect.loaded_dbapi.Error, dialect=conn.dialect
+                sql,
+                values,
+                err,
+                conn.dialect.loaded_dbapi.Error,
+                hide_parameters=conn.engine.hide_parameters,
+                dialect=conn.dialect,
             ) from err
-        if dispatch.after_cursor_execute:
-            for fn in dispatch.after_cursor_execute:
-                fn(conn, cursor, sql, values, None, False)
         return int(cursor.rowcount)
     finally:
         cursor.close()
