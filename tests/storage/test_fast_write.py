@@ -141,5 +141,5 @@ def test_python_side_defaults_take_the_ordinary_path(engine: Engine, tmp_path: P
         assert execute_write(conn, insert(s.runs), row) == 1
     stored = _raw(tmp_path, "runs", "run_defaults")
     assert stored.count(0) >= 3
-    plans = [plan for (_, names, _), (_, plan) in _fast._PLANS.items() if "input_tokens" not in names]
+    plans = [plan for (_, names, _), (_, _, plan) in _fast._PLANS.items() if "input_tokens" not in names]
     assert None in plans  # compiled, found to need defaults, and left to SQLAlchemy

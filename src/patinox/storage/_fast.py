@@ -38,11 +38,15 @@ __all__ = ["write"]
 _Plan = tuple[str, tuple[tuple[str, Any, Callable[[Any], Any] | None], ...]] | None
 _FROM_PARAMS: Final = object()
 
-#: (statement id, parameter names, dialect name) -> (sql, ((name, constant, processor), ...)),
-#: or None when the statement must take the ordinary path. Statements are module-level
-#: constants, so the map stays small; a statement built per call would only add entries.
-_PLANS: dict[tuple[int, tuple[str, ...], str], tuple[UpdateBase, _Plan]] = {}
-_MAX_PLANS: Final = 512
+#: (statement id, parameter names, dialect id) -> (statement, dialect, plan); a plan is
+#: (sql, ((name, constant, processor), ...)), or None when the statement must take the
+#: ordinary path. Keyed by the dialect object, not its name: bind processors come from
+#: the engine's own dialect (its JSON serialiser, datetime storage), and each engine has
+#: its own (the main database and every open silo file). The entry holds the statement
+#: and the dialect, so neither id can be reused while it lives. Statements are
+#: module-level constants: about a dozen per engine.
+_PLANS: dict[tuple[int, tuple[str, ...], int], tuple[UpdateBase, Any, _Plan]] = {}
+_MAX_PLANS: Final = 4096
 
 
 def _plan(conn: Connection, stmt: UpdateBase, names: tuple[str, ...]) -> _Plan:
@@ -77,14 +81,15 @@ def write(conn: Connection, stmt: UpdateBase, params: Mapping[str, Any]) -> int:
         sqlalchemy.exc.DBAPIError: the driver refused it (wrapped as SQLAlchemy does).
     """
     names = tuple(params)
-    key = (id(stmt), names, conn.dialect.name)
+    dialect = conn.dialect
+    key = (id(stmt), names, id(dialect))
     entry = _PLANS.get(key)
-    if entry is None or entry[0] is not stmt:
-        entry = (stmt, _plan(conn, stmt, names))
+    if entry is None or entry[0] is not stmt or entry[1] is not dialect:
+        entry = (stmt, dialect, _plan(conn, stmt, names))
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = entry
-    plan = entry[1]
+    plan = entry[2]
     dispatch = conn.dispatch
     if (
         plan is None
