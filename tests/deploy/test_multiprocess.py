@@ -24,7 +24,7 @@ import pytest
 from patinox.storage import open_backend
 from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
 from patinox.storage.postgres import PostgresDeployment
-from tests.conftest import Deployment, _service_missing
+from tests.conftest import Deployment, service_missing
 
 
 def _free_port() -> int:
@@ -40,7 +40,7 @@ def redis_url() -> str:
             s.sendall(b"PING\r\n")
             assert s.recv(16).startswith(b"+PONG")
     except (OSError, AssertionError) as err:
-        _service_missing("Redis at 127.0.0.1:6379", err)
+        service_missing("Redis at 127.0.0.1:6379", err)
     return "redis://127.0.0.1:6379/0"
 
 

@@ -7,7 +7,6 @@ without Redis still gets a green embedded-only run that says what was left out.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 import pytest
 
 from patinox.limits import WindowRateLimiter
+from tests.conftest import service_missing
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
@@ -37,10 +37,7 @@ def redis_target() -> Iterator[RedisTarget]:
         client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0, socket_connect_timeout=1)
         client.ping()
     except Exception as err:  # ImportError, redis.RedisError, OSError: all mean "no Redis here"
-        reason = f"Redis not reachable at {REDIS_HOST}:{REDIS_PORT}: {type(err).__name__}: {err}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason} -- CI=true, so Redis is required (start it in .ci/run)")
-        pytest.skip(f"{reason} -- the Redis-backed limit tests were NOT run")
+        service_missing(f"Redis at {REDIS_HOST}:{REDIS_PORT}", err)
     prefix = f"patinox:test-{uuid.uuid4().hex}"
     try:
         yield RedisTarget(REDIS_URL, prefix)
