@@ -60,6 +60,20 @@ def _raised(engine: Engine, way: Way, stmt: Any, params: dict[str, Any]) -> Base
     return info.value
 
 
+def _audit_row(detail: object) -> dict[str, object]:
+    """An audit_log row with ``detail`` as its JSON column."""
+    return {
+        "tenant_id": "t",
+        "id": "au_1",
+        "at": datetime.fromisoformat("2026-01-01T00:00:00+00:00"),
+        "actor": "a",
+        "action": "b",
+        "target": None,
+        "outcome": "ok",
+        "detail": detail,
+    }
+
+
 @pytest.mark.parametrize(
     ("stmt", "params", "expected"),
     [
@@ -74,16 +88,7 @@ def _raised(engine: Engine, way: Way, stmt: Any, params: dict[str, Any]) -> Base
         # JSON cannot serialise a Decimal: a storage error, not an unhandled TypeError.
         (
             insert(s.audit_log),
-            {
-                "tenant_id": "t",
-                "id": "au_1",
-                "at": datetime.fromisoformat("2026-01-01T00:00:00+00:00"),
-                "actor": "a",
-                "action": "b",
-                "target": None,
-                "outcome": "ok",
-                "detail": {"amount": Decimal("1.5")},
-            },
+            _audit_row({"amount": Decimal("1.5")}),
             StorageError,
         ),
     ],
@@ -196,16 +201,7 @@ def test_each_engine_binds_with_its_own_dialect(path: Path, tmp_path: Path) -> N
     only by the dialect's name made a second engine configured differently (here its own
     JSON serialiser) store what the first engine would have."""
     stmt = insert(s.audit_log)
-    row = {
-        "tenant_id": "t",
-        "id": "au_1",
-        "at": datetime.fromisoformat("2026-01-01T00:00:00+00:00"),
-        "actor": "a",
-        "action": "b",
-        "target": None,
-        "outcome": "ok",
-        "detail": {"k": "v"},
-    }
+    row = _audit_row({"k": "v"})
     first = make_engine(f"sqlite:///{path}")
     s.metadata.create_all(first)
     with first.begin() as conn:

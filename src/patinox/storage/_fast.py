@@ -118,14 +118,7 @@ def write(conn: Connection, stmt: UpdateBase, params: Mapping[str, Any]) -> int:
         # As Connection.execute reports a value its column type refuses (a naive datetime
         # for a UTC column, JSON it cannot serialise): a StatementError chaining it, which
         # translate_errors() maps; raw, it escaped as an unhandled ValueError/TypeError.
-        raise exc.DBAPIError.instance(
-            sql,
-            [dict(params)],
-            err,
-            conn.dialect.loaded_dbapi.Error,
-            hide_parameters=conn.engine.hide_parameters,
-            dialect=conn.dialect,
-        ) from err
+        raise _wrapped(conn, sql, [dict(params)], err) from err
     dbapi_conn = conn.connection.driver_connection
     if dbapi_conn is None:
         return int(conn.execute(stmt, dict(params)).rowcount)
@@ -134,14 +127,21 @@ def write(conn: Connection, stmt: UpdateBase, params: Mapping[str, Any]) -> int:
         try:
             cursor.execute(sql, values)
         except conn.dialect.loaded_dbapi.Error as err:
-            raise exc.DBAPIError.instance(
-                sql,
-                values,
-                err,
-                conn.dialect.loaded_dbapi.Error,
-                hide_parameters=conn.engine.hide_parameters,
-                dialect=conn.dialect,
-            ) from err
+            raise _wrapped(conn, sql, values, err) from err
         return int(cursor.rowcount)
     finally:
         cursor.close()
+
+
+def _wrapped(conn: Connection, sql: str, params: Any, err: Exception) -> exc.StatementError:
+    """``err`` wrapped as :meth:`Connection.execute` wraps it: a driver error as its
+    ``DBAPIError`` subclass (``IntegrityError`` ...), anything else (a bind processor
+    refusing a value) as a ``StatementError``."""
+    return exc.DBAPIError.instance(
+        sql,
+        params,
+        err,
+        conn.dialect.loaded_dbapi.Error,
+        hide_parameters=conn.engine.hide_parameters,
+        dialect=conn.dialect,
+    )

@@ -125,6 +125,10 @@ def _row(mapping: Mapping[str, Any] | None) -> Row | None:
     return dict(mapping) if mapping is not None else None
 
 
+#: The cache of a store made without one: disabled, so it holds nothing and is shared.
+_NO_CACHE = TenantCache(None)
+
+
 def _copy_row(row: Row) -> Row:
     """A copy of a cached row whose lists and dicts (JSON columns) are copies too."""
     return {k: v.copy() if isinstance(v, list | dict) else v for k, v in row.items()}
@@ -613,7 +617,7 @@ class TenantStore:
         self._placement = placement
         self._sealer = sealer
         self._memory_limit = memory_bytes_limit
-        self._cache = cache or TenantCache(None)
+        self._cache = cache or _NO_CACHE
         self.tenant_id = sealer.tenant_id
 
     # The only places tenant predicates are built.
