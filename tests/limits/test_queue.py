@@ -124,6 +124,57 @@ def test_sync_holds_and_queued_runs_share_the_cap(backend: SqlBackend) -> None:
     assert q.claim("w") is not None
 
 
+def test_concurrent_holds_admit_exactly_the_cap(backend: SqlBackend) -> None:
+    """8 threads released together by a barrier, each holding 3 runs, cap 5: exactly 5 are
+    admitted and 19 refused, with the count of runs in flight in every refusal."""
+    a = _tenant(backend, "a")
+    q = FairRunQueue(backend)
+    q.hold(a, "run_warm", max_running=5, holder="api")  # the tenant's queue row exists
+    q.release(a, "run_warm")
+    barrier = threading.Barrier(8)
+    admitted: list[str] = []
+    refused: list[ConcurrencyLimited] = []
+
+    def hold(i: int) -> None:
+        queue = FairRunQueue(backend)
+        barrier.wait(timeout=30)
+        for j in range(3):
+            try:
+                queue.hold(a, f"run_{i}_{j}", max_running=5, holder=f"api{i}")
+            except ConcurrencyLimited as err:
+                refused.append(err)
+            else:
+                admitted.append(f"run_{i}_{j}")
+
+    threads = [threading.Thread(target=hold, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(admitted) == 5
+    assert len(refused) == 19
+    assert {e.fields["in_flight"] for e in refused} == {5}
+    assert q.held(a) == 5
+
+
+def test_a_refused_hold_writes_nothing(backend: SqlBackend) -> None:
+    a = _tenant(backend, "a")
+    q = FairRunQueue(backend)
+    q.hold(a, "run_1", max_running=1, holder="api")
+    with pytest.raises(ConcurrencyLimited) as refused:
+        q.hold(a, "run_2", max_running=1, holder="api")
+    assert refused.value.fields == {
+        "tenant_id": a,
+        "limit": 1,
+        "in_flight": 1,
+        "retry_after_s": 1,
+    }
+    assert q.held(a) == 1
+    q.release(a, "run_1")
+    q.hold(a, "run_2", max_running=1, holder="api")  # the refused id was never stored
+    assert q.held(a) == 1
+
+
 def test_expired_lease_puts_the_run_back_in_its_place(backend: SqlBackend) -> None:
     """A worker that dies (its lease expires) loses no run: another worker gets it."""
     q = FairRunQueue(backend)

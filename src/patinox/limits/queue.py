@@ -55,6 +55,23 @@ DEFAULT_LEASE_S = 30.0
 _Q, _QT = s.run_queue, s.queue_tenants
 _HELD = select(func.count()).where(_Q.c.tenant_id == bindparam("b_tenant"), _Q.c.claimed_by.is_not(None))
 _INSERT_ENTRY = insert(_Q)
+#: SQLite: a hold's row, inserted only while the tenant holds fewer than ``b_cap`` runs --
+#: the count and the insert as one statement (one write, no separate read). On SQLite the
+#: transaction already holds the database's write lock (its first statement was a write),
+#: so no other hold can slip between the count and the insert.
+_HOLD_COLUMNS = (
+    "tenant_id", "run_id", "priority", "finish_tag", "max_running", "reserved_tokens",
+    "quota_period", "enqueued_at", "claimed_by", "lease_until",
+)  # fmt: skip
+_HOLD_UNDER_CAP = insert(_Q).from_select(
+    list(_HOLD_COLUMNS),
+    select(*(bindparam(name, type_=_Q.c[name].type) for name in _HOLD_COLUMNS)).where(
+        select(func.count())
+        .where(_Q.c.tenant_id == bindparam("b_tenant"), _Q.c.claimed_by.is_not(None))
+        .scalar_subquery()
+        < bindparam("b_cap")
+    ),
+)
 _RELEASE = delete(_Q).where(_Q.c.tenant_id == bindparam("b_tenant"), _Q.c.run_id == bindparam("b_run"))
 _LAST_TAG = select(_QT.c.last_tag).where(_QT.c.tenant_id == bindparam("b_tenant"))
 _LOCK_TENANT = _LAST_TAG.with_for_update()
@@ -199,29 +216,34 @@ class FairRunQueue:
             self._ensure_tenant_row(conn, tenant_id)
             if self._postgres:
                 self._lock_tenant(conn, tenant_id)
-            held = self._held(conn, tenant_id)
-            if held >= max_running:
-                raise ConcurrencyLimited(
-                    f"{held} runs in flight; the limit is {max_running}",
-                    tenant_id=tenant_id,
-                    limit=max_running,
-                    in_flight=held,
-                    retry_after_s=1,
-                )
             now = utcnow()
-            entry = {"tenant_id": tenant_id, "run_id": run_id, "priority": 0, "finish_tag": 0.0}
-            execute_write(
-                conn,
-                _INSERT_ENTRY,
-                {
-                    **entry,
-                    "max_running": max_running,
-                    "reserved_tokens": 0,
-                    "quota_period": "",
-                    "enqueued_at": now,
-                    "claimed_by": holder,
-                    "lease_until": now + timedelta(seconds=lease_s),
-                },
+            row = {
+                "tenant_id": tenant_id,
+                "run_id": run_id,
+                "priority": 0,
+                "finish_tag": 0.0,
+                "max_running": max_running,
+                "reserved_tokens": 0,
+                "quota_period": "",
+                "enqueued_at": now,
+                "claimed_by": holder,
+                "lease_until": now + timedelta(seconds=lease_s),
+            }
+            if self._postgres:
+                held = self._held(conn, tenant_id)
+                if held < max_running:
+                    execute_write(conn, _INSERT_ENTRY, row)
+                    return
+            elif execute_write(conn, _HOLD_UNDER_CAP, {**row, "b_tenant": tenant_id, "b_cap": max_running}):
+                return
+            else:
+                held = self._held(conn, tenant_id)  # refused: count only for the message
+            raise ConcurrencyLimited(
+                f"{held} runs in flight; the limit is {max_running}",
+                tenant_id=tenant_id,
+                limit=max_running,
+                in_flight=held,
+                retry_after_s=1,
             )
 
     @staticmethod
