@@ -1,4 +1,4 @@
-"""Request dependencies: the runtime, the operator principal, the tenant context by scope,
+"""Request dependencies: the runtime, the operator principal, the tenant context by scope;
 and the bearer security scheme the OpenAPI document declares."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPBearer
 
 from patinox.api._runtime import Runtime
 from patinox.control import OperatorPrincipal
@@ -14,15 +13,16 @@ from patinox.errors import PermissionDenied
 from patinox.storage import TenantStore
 from patinox.tenancy import TenantContext, current_tenant
 
-#: Declares ``Authorization: Bearer <API key>`` in the OpenAPI document (Swagger UI's
-#: "Authorize"). It checks nothing: :class:`~patinox.api._middleware.TenancyMiddleware`
-#: authenticates every ``/admin`` and ``/v1`` request before routing.
-bearer_scheme = HTTPBearer(
-    auto_error=False,
-    scheme_name="bearerAuth",
-    description="A Patinox API key (`ptx_...`): a tenant key for `/v1`, an operator key for `/admin`.",
-)
-BearerAuth = Depends(bearer_scheme)
+#: The ``Authorization: Bearer <API key>`` scheme the OpenAPI document declares on every
+#: ``/admin`` and ``/v1`` operation (Swagger UI's "Authorize"). A declaration only:
+#: :class:`~patinox.api._middleware.TenancyMiddleware` authenticates every such request
+#: before routing, so no per-request dependency re-reads the header.
+BEARER_SCHEME_NAME = "bearerAuth"
+BEARER_SCHEME: dict[str, str] = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "A Patinox API key (`ptx_...`): a tenant key for `/v1`, an operator key for `/admin`.",
+}
 
 
 async def _runtime(request: Request) -> Runtime:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from patinox.api import schemas as o
-from patinox.api._deps import BearerAuth
+from patinox.api._deps import BEARER_SCHEME, BEARER_SCHEME_NAME
 from patinox.api._middleware import TenancyMiddleware, error_response_parts
 from patinox.api._runtime import Runtime, Settings
 from patinox.api.routers import admin, tenant
@@ -71,17 +71,39 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.state.runtime = rt
     app.add_middleware(TenancyMiddleware, runtime=rt)
     _install_error_handlers(app)
-    # The middleware authenticates; the bearer dependency only declares the scheme, so
-    # Swagger UI offers "Authorize". Error responses are listed on these routes only.
-    # Routes are matched in order: tenant routes (every run) before operator routes.
+    # Error responses are listed on these routes only. Routes are matched in order:
+    # tenant routes (every run) before operator routes.
     for router in (tenant.router, admin.router):
-        app.include_router(router, dependencies=[BearerAuth], responses=_ERRORS)
+        app.include_router(router, responses=_ERRORS)
+    _declare_bearer_auth(app)
 
     @app.get("/healthz", tags=["public"])
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
     return app
+
+
+def _declare_bearer_auth(app: FastAPI) -> None:
+    """Declare the bearer scheme on every ``/admin`` and ``/v1`` operation of the OpenAPI
+    document (FastAPI's documented way to extend it: replace ``app.openapi``). The
+    middleware does the authentication, so no route carries a security dependency that
+    would run on every request only to be ignored."""
+
+    generate = app.openapi  # FastAPI's own: builds the document once, then caches it
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = generate()
+            schemes = doc.setdefault("components", {}).setdefault("securitySchemes", {})
+            schemes[BEARER_SCHEME_NAME] = dict(BEARER_SCHEME)
+            for path, item in doc.get("paths", {}).items():
+                if path.startswith(("/admin", "/v1")):
+                    for op in item.values():
+                        op["security"] = [{BEARER_SCHEME_NAME: []}]
+        return app.openapi_schema or generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _install_error_handlers(app: FastAPI) -> None:
