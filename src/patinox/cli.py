@@ -391,11 +391,15 @@ def serve(
     _check_port_free(host, port)
     _say(f"Patinox serving {_where(app_.state.runtime, data_dir)} on http://{host}:{port} (docs at /docs)")
     # What start-up built (models, schemas, compiled statements) lives as long as the
-    # process: freezing it keeps the collector's full passes from re-scanning it.
+    # server: freezing it keeps the collector's full passes from re-scanning it. Unfrozen
+    # when the server stops, so an in-process caller (the tests) keeps a collectable heap.
     gc.collect()
     gc.freeze()
-    # reset_contextvars: each request starts from a clean context (see clear_inherited_tenant).
-    uvicorn.run(app_, host=host, port=port, log_level=log_level, access_log=False, reset_contextvars=True)
+    try:
+        # reset_contextvars: each request starts from a clean context (see clear_inherited_tenant).
+        uvicorn.run(app_, host=host, port=port, log_level=log_level, access_log=False, reset_contextvars=True)
+    finally:
+        gc.unfreeze()
 
 
 # --- tenants ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 from pathlib import Path
 
@@ -64,6 +65,19 @@ def test_serve_on_a_free_port(data_dir: Path, uvicorn_calls: list[dict[str, obje
     assert result.exit_code == 0, result.output
     assert f"on http://127.0.0.1:{port}" in result.output
     assert [c["port"] for c in uvicorn_calls] == [port]
+
+
+def test_serve_leaves_the_collector_as_it_found_it(
+    data_dir: Path, uvicorn_calls: list[dict[str, object]]
+) -> None:
+    """serve freezes its start-up heap for the server's lifetime only: once uvicorn.run
+    returns (in-process callers, such as this suite), nothing stays frozen, so the
+    caller's objects -- and serve's own runtime -- can still be collected."""
+    assert gc.get_freeze_count() == 0
+    result = cli("serve", "--port", str(_free_port()))
+    assert result.exit_code == 0, result.output
+    assert len(uvicorn_calls) == 1
+    assert gc.get_freeze_count() == 0
 
 
 def test_serve_on_a_busy_port(data_dir: Path, uvicorn_calls: list[dict[str, object]]) -> None:
