@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -89,6 +90,15 @@ def test_priority_tier_first_and_fixed_order(backend: SqlBackend) -> None:
     assert _drain(q, 5) == [c, a, b, a, b]
 
 
+def _in_threads(target: Callable[[int], None], n: int) -> None:
+    """Run ``target(0)`` ... ``target(n - 1)`` on ``n`` threads and wait for all."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_cap_is_kept_across_many_claimers(backend: SqlBackend) -> None:
     q = FairRunQueue(backend)
     a = _tenant(backend, "a")
@@ -102,11 +112,7 @@ def test_cap_is_kept_across_many_claimers(backend: SqlBackend) -> None:
         while (c := queue.claim(f"w{i}")) is not None:
             got.append(c)
 
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(claim, 8)
     assert len(got) == 3
     assert q.held(a) == 3
 
@@ -146,11 +152,7 @@ def test_concurrent_holds_admit_exactly_the_cap(backend: SqlBackend) -> None:
             else:
                 admitted.append(f"run_{i}_{j}")
 
-    threads = [threading.Thread(target=hold, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(hold, 8)
     assert len(admitted) == 5
     assert len(refused) == 19
     assert {e.fields["in_flight"] for e in refused} == {5}
