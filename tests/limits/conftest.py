@@ -1,8 +1,7 @@
 """Fixtures of the limit tests: the real Redis at 127.0.0.1:6379, one key namespace per test.
 
-Redis missing: under CI (``CI=true``) the test FAILS, because CI provides Redis and the suite
-must never silently shrink there; elsewhere it is skipped with a loud reason, so a newcomer
-without Redis still gets a green embedded-only run that says what was left out.
+Redis missing: the test fails, everywhere (``tests.conftest.service_missing``), saying how to
+start it: the suite never silently shrinks to the embedded deployment.
 """
 
 from __future__ import annotations

@@ -90,18 +90,19 @@ def _declare_bearer_auth(app: FastAPI) -> None:
     middleware does the authentication, so no route carries a security dependency that
     would run on every request only to be ignored."""
 
-    generate = app.openapi  # FastAPI's own: builds the document once, then caches it
+    generate = app.openapi  # FastAPI's own: builds the document once, then returns it cached
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            doc = generate()
+        first = app.openapi_schema is None
+        doc = generate()
+        if first:
             schemes = doc.setdefault("components", {}).setdefault("securitySchemes", {})
             schemes[BEARER_SCHEME_NAME] = dict(BEARER_SCHEME)
             for path, item in doc.get("paths", {}).items():
                 if path.startswith(("/admin", "/v1")):
                     for op in item.values():
                         op["security"] = [{BEARER_SCHEME_NAME: []}]
-        return app.openapi_schema or generate()
+        return doc
 
     app.openapi = openapi  # type: ignore[method-assign]
 

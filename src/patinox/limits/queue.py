@@ -55,21 +55,14 @@ DEFAULT_LEASE_S = 30.0
 _Q, _QT = s.run_queue, s.queue_tenants
 _HELD = select(func.count()).where(_Q.c.tenant_id == bindparam("b_tenant"), _Q.c.claimed_by.is_not(None))
 _INSERT_ENTRY = insert(_Q)
-#: SQLite: a hold's row, inserted only while the tenant holds fewer than ``b_cap`` runs --
-#: the count and the insert as one statement (one write, no separate read). On SQLite the
-#: transaction already holds the database's write lock (its first statement was a write),
-#: so no other hold can slip between the count and the insert.
-_HOLD_COLUMNS = (
-    "tenant_id", "run_id", "priority", "finish_tag", "max_running", "reserved_tokens",
-    "quota_period", "enqueued_at", "claimed_by", "lease_until",
-)  # fmt: skip
+#: SQLite: a hold's row (every column a parameter), inserted only while the tenant holds
+#: fewer than ``b_cap`` runs -- the count (``_HELD``) and the insert as one statement, one
+#: write and no separate read. The transaction already holds SQLite's write lock (its
+#: first statement was a write), so no other hold can slip between the count and the insert.
 _HOLD_UNDER_CAP = insert(_Q).from_select(
-    list(_HOLD_COLUMNS),
-    select(*(bindparam(name, type_=_Q.c[name].type) for name in _HOLD_COLUMNS)).where(
-        select(func.count())
-        .where(_Q.c.tenant_id == bindparam("b_tenant"), _Q.c.claimed_by.is_not(None))
-        .scalar_subquery()
-        < bindparam("b_cap")
+    list(_Q.c),
+    select(*(bindparam(c.name, type_=c.type) for c in _Q.c)).where(
+        _HELD.scalar_subquery() < bindparam("b_cap")
     ),
 )
 _RELEASE = delete(_Q).where(_Q.c.tenant_id == bindparam("b_tenant"), _Q.c.run_id == bindparam("b_run"))
@@ -229,15 +222,16 @@ class FairRunQueue:
                 "claimed_by": holder,
                 "lease_until": now + timedelta(seconds=lease_s),
             }
-            if self._postgres:
-                held = self._held(conn, tenant_id)
-                if held < max_running:
+            if self._postgres:  # the row lock above orders the count and the insert
+                admitted = self._held(conn, tenant_id) < max_running
+                if admitted:
                     execute_write(conn, _INSERT_ENTRY, row)
-                    return
-            elif execute_write(conn, _HOLD_UNDER_CAP, {**row, "b_tenant": tenant_id, "b_cap": max_running}):
-                return
             else:
-                held = self._held(conn, tenant_id)  # refused: count only for the message
+                params = {**row, "b_tenant": tenant_id, "b_cap": max_running}
+                admitted = execute_write(conn, _HOLD_UNDER_CAP, params) == 1
+            if admitted:
+                return
+            held = self._held(conn, tenant_id)  # for the refusal's message only
             raise ConcurrencyLimited(
                 f"{held} runs in flight; the limit is {max_running}",
                 tenant_id=tenant_id,

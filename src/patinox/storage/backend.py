@@ -74,7 +74,7 @@ Row = dict[str, Any]
 # Statements of the run path, built once. Building a Core statement costs about 150 us and
 # executing a prebuilt one about 20 us (bench: a sync run issues a dozen), so the hot path
 # reuses these and passes values as parameters. Tenant-store statements take the tenant as
-# the parameter ``b_tenant_id``, which only TenantStore._exec supplies (from its binding).
+# the parameter ``b_tenant_id``, which only TenantStore._bound supplies (from its binding).
 _B_TENANT: BindParameter[str] = bindparam("b_tenant_id")
 _GET_AGENT = select(s.agents).where(s.agents.c.tenant_id == _B_TENANT, s.agents.c.id == bindparam("b_id"))
 _GET_RUN = select(s.runs).where(s.runs.c.tenant_id == _B_TENANT, s.runs.c.id == bindparam("b_id"))
@@ -635,10 +635,14 @@ class TenantStore:
             raise InvalidRequest(f"cannot change {', '.join(keys)} of a row", field=keys[0])
         return values
 
+    def _bound(self, params: Row) -> Row:
+        """``params`` with the store's tenant as ``b_tenant_id``, overriding any value a
+        caller put there: every prebuilt statement's tenant comes from here."""
+        return {**params, "b_tenant_id": self.tenant_id}
+
     def _exec(self, conn: Connection, stmt: Any, params: Row) -> Any:
-        """Execute a prebuilt statement (module constants above) with the store's tenant
-        as ``b_tenant_id``, overriding any value a caller put there."""
-        return conn.execute(stmt, {**params, "b_tenant_id": self.tenant_id})
+        """Execute a prebuilt statement (module constants above) for the store's tenant."""
+        return conn.execute(stmt, self._bound(params))
 
     def _get(self, conn: Connection, table: Table, what: str, **eq: Any) -> Row:
         row = conn.execute(select(table).where(*self._where(table, **eq))).mappings().first()
@@ -768,7 +772,7 @@ class TenantStore:
             raise ConfigurationError("a prepared write belongs to the store that prepared it")
         with self._tx(conn) as conn:
             for stmt, params in write.statements:
-                fast_write(conn, stmt, {**params, "b_tenant_id": self.tenant_id})
+                fast_write(conn, stmt, self._bound(params))
 
     def _open_run(self, row: Row) -> Row:
         row["input"] = self._sealer.open("runs.input", row["id"], row["input"])
