@@ -47,7 +47,7 @@ def test_a_storage_failure_while_claiming_or_reaping_does_not_stop_the_worker(
 
     monkeypatch.setattr(runtime.queue, "claim", claim)
     monkeypatch.setattr(runtime.runs, "reap_expired", reap)
-    worker._poll_s = 0.01
+    worker._poll_s = worker._reap_s = 0.01
 
     async def go() -> str:
         queued = await runtime.runs.start(

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 
 import structlog
 
@@ -31,6 +33,9 @@ class RunWorker:
         concurrency: runs executed at once by this worker.
         poll_s: wait between claim attempts when the queue is empty, seconds.
         lease_s: lease of a claim, seconds; renewed every third of it.
+        reap_s: least time between two requeues of expired runs, seconds (default a
+            third of ``lease_s``: a dead worker's run is back in the queue at most
+            ``lease_s + reap_s + poll_s`` after its last renewal).
     """
 
     def __init__(
@@ -42,6 +47,7 @@ class RunWorker:
         concurrency: int = 8,
         poll_s: float = 0.2,
         lease_s: float = DEFAULT_LEASE_S,
+        reap_s: float | None = None,
     ) -> None:
         self._service = service
         self._queue = queue
@@ -49,6 +55,8 @@ class RunWorker:
         self._slots = asyncio.Semaphore(concurrency)
         self._poll_s = poll_s
         self._lease_s = lease_s
+        self._reap_s = lease_s / 3 if reap_s is None else reap_s
+        self._reaped_at = -math.inf
         self._claims: dict[tuple[str, str], Claim] = {}
         self.wakeup = asyncio.Event()
         self.completed = 0
@@ -75,7 +83,8 @@ class RunWorker:
                     self.wakeup.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wakeup.wait(), self._poll_s)
-                    self._reap()
+                    if time.monotonic() - self._reaped_at >= self._reap_s:
+                        self._reap()
                     continue
                 task = asyncio.create_task(self._execute(claim))
                 running.add(task)
@@ -101,6 +110,7 @@ class RunWorker:
             self._slots.release()
 
     def _reap(self) -> None:
+        self._reaped_at = time.monotonic()
         try:
             self._service.reap_expired()
         except PatinoxError as err:

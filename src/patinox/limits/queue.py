@@ -76,6 +76,76 @@ _ENSURE_TENANT = {
     "postgresql": pg_insert(_QT).on_conflict_do_nothing(),
     "sqlite": sqlite_insert(_QT).on_conflict_do_nothing(),
 }
+_QC = s.queue_clock
+#: The single virtual-time row unless it exists, per dialect.
+_ENSURE_CLOCK = {
+    "postgresql": pg_insert(_QC).values(id=1, virtual_time=0.0).on_conflict_do_nothing(),
+    "sqlite": sqlite_insert(_QC).values(id=1, virtual_time=0.0).on_conflict_do_nothing(),
+}
+#: SQLite: a no-op write to the clock row, which takes the database's write lock.
+_TOUCH_CLOCK = update(_QC).where(_QC.c.id == 1).values(virtual_time=_QC.c.virtual_time)
+#: Whether any run waits unclaimed (an index probe on ``ix_run_queue_pick``): an idle
+#: worker's poll reads this and nothing else.
+_ANY_WAITING = select(_Q.c.run_id).where(_Q.c.claimed_by.is_(None)).limit(1)
+
+
+def _candidates() -> Any:
+    """The next unclaimed runs in fair order whose tenant is active and under its cap
+    (parameter ``b_scan``: how many)."""
+    t = s.tenants
+    # Runs held per tenant, counted once over the claimed rows (few: at most the caps).
+    # A count correlated to each candidate row instead re-scanned a tenant's whole
+    # backlog per queued run: quadratic, so one tenant's thousands of queued runs
+    # made every claim of every tenant take seconds.
+    held = _Q.alias("held")
+    held_now = (
+        select(held.c.tenant_id, func.count().label("n"))
+        .where(held.c.claimed_by.is_not(None))
+        .group_by(held.c.tenant_id)
+        .subquery("held_now")
+    )
+    return (
+        select(
+            _Q.c.tenant_id,
+            _Q.c.run_id,
+            _Q.c.finish_tag,
+            _Q.c.max_running,
+            _Q.c.reserved_tokens,
+            _Q.c.quota_period,
+        )
+        .select_from(
+            _Q.join(t, t.c.id == _Q.c.tenant_id).outerjoin(held_now, held_now.c.tenant_id == _Q.c.tenant_id)
+        )
+        # Tenants at their cap are skipped here (re-checked under the tenant's lock in
+        # claim()), so a run of a tenant with room is never stuck behind them.
+        .where(_Q.c.claimed_by.is_(None), t.c.state == "active", t.c.moving_to.is_(None))
+        .where(func.coalesce(held_now.c.n, 0) < _Q.c.max_running)
+        .order_by(_Q.c.priority.desc(), _Q.c.finish_tag, _Q.c.run_id)
+        .limit(bindparam("b_scan"))
+    )
+
+
+#: Claim candidates per dialect; PostgreSQL skips rows other workers are picking.
+_CANDIDATES = {
+    "sqlite": _candidates(),
+    "postgresql": _candidates().with_for_update(skip_locked=True, of=_Q),
+}
+_TAKE = (
+    update(_Q)
+    .where(
+        _Q.c.tenant_id == bindparam("b_tenant"), _Q.c.run_id == bindparam("b_run"), _Q.c.claimed_by.is_(None)
+    )
+    .values(claimed_by=bindparam("b_holder"), lease_until=bindparam("b_until"))
+)
+_ADVANCE_CLOCK = (
+    update(_QC)
+    .where(_QC.c.id == 1, _QC.c.virtual_time < bindparam("b_tag"))
+    .values(virtual_time=bindparam("b_tag"))
+)
+_EXPIRED = and_(_Q.c.claimed_by.is_not(None), _Q.c.lease_until < bindparam("b_now"))
+_EXPIRED_HOLDS = select(_Q.c.tenant_id, _Q.c.run_id).where(_EXPIRED, _Q.c.finish_tag == 0.0)
+_DROP_EXPIRED_HOLDS = delete(_Q).where(_EXPIRED, _Q.c.finish_tag == 0.0)
+_REQUEUE_EXPIRED = update(_Q).where(_EXPIRED).values(claimed_by=None, lease_until=None)
 
 
 def worker_id(kind: str = "worker") -> str:
@@ -155,24 +225,10 @@ class FairRunQueue:
     def _begin_write(self, conn: Connection) -> None:
         """SQLite: take the database's write lock first, so the reads that follow (counts,
         candidates) and the writes they decide happen as one serialised transaction across
-        processes. PostgreSQL uses row locks instead."""
-        self._ensure_clock(conn)
+        processes. PostgreSQL uses row locks instead. Creates the virtual-time row if missing."""
+        conn.execute(_ENSURE_CLOCK[conn.dialect.name])
         if not self._postgres:
-            clock = s.queue_clock
-            conn.execute(update(clock).where(clock.c.id == 1).values(virtual_time=clock.c.virtual_time))
-
-    def _ensure_clock(self, conn: Connection) -> None:
-        """Create the single virtual-time row if it is missing."""
-        stmt: Any
-        if self._postgres:
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            stmt = pg_insert(s.queue_clock).values(id=1, virtual_time=0.0).on_conflict_do_nothing()
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            stmt = sqlite_insert(s.queue_clock).values(id=1, virtual_time=0.0).on_conflict_do_nothing()
-        conn.execute(stmt)
+            conn.execute(_TOUCH_CLOCK)
 
     def _ensure_tenant_row(self, conn: Connection, tenant_id: str) -> None:
         """Create the tenant's queue row if it is missing (one statement, a write)."""
@@ -249,45 +305,20 @@ class FairRunQueue:
     def claim(self, holder: str, *, lease_s: float = DEFAULT_LEASE_S, scan: int = 16) -> Claim | None:
         """Take the next run in fair order whose tenant is active and under its cap.
 
-        Returns ``None`` when nothing is claimable now.
+        Args:
+            holder: the worker's name, stored on the claimed row.
+            lease_s: the claim's lease, seconds.
+            scan: candidates read per attempt (runs of tenants at their cap are skipped).
+
+        Returns ``None`` when nothing is claimable now. When no run waits at all, that is
+        one index read and no write lock, so idle workers polling cost the database little.
         """
-        q = s.run_queue
-        t = s.tenants
-        # Runs held per tenant, counted once over the claimed rows (few: at most the caps).
-        # A count correlated to each candidate row instead re-scanned a tenant's whole
-        # backlog per queued run: quadratic, so one tenant's thousands of queued runs
-        # made every claim of every tenant take seconds.
-        held = s.run_queue.alias("held")
-        held_now = (
-            select(held.c.tenant_id, func.count().label("n"))
-            .where(held.c.claimed_by.is_not(None))
-            .group_by(held.c.tenant_id)
-            .subquery("held_now")
-        )
-        candidates = (
-            select(
-                q.c.tenant_id,
-                q.c.run_id,
-                q.c.finish_tag,
-                q.c.max_running,
-                q.c.reserved_tokens,
-                q.c.quota_period,
-            )
-            .select_from(
-                q.join(t, t.c.id == q.c.tenant_id).outerjoin(held_now, held_now.c.tenant_id == q.c.tenant_id)
-            )
-            # Tenants at their cap are skipped here (re-checked under the tenant's lock
-            # below), so a run of a tenant with room is never stuck behind them.
-            .where(q.c.claimed_by.is_(None), t.c.state == "active", t.c.moving_to.is_(None))
-            .where(func.coalesce(held_now.c.n, 0) < q.c.max_running)
-            .order_by(q.c.priority.desc(), q.c.finish_tag, q.c.run_id)
-            .limit(scan)
-        )
-        if self._postgres:
-            candidates = candidates.with_for_update(skip_locked=True, of=q)
+        with self._backend._tx() as conn:
+            if conn.execute(_ANY_WAITING).first() is None:
+                return None
         with self._backend._tx() as conn:
             self._begin_write(conn)
-            rows = conn.execute(candidates).all()
+            rows = conn.execute(_CANDIDATES[conn.dialect.name], {"b_scan": scan}).all()
             full: set[str] = set()
             for tenant_id, run_id, tag, max_running, reserved, period in rows:
                 if tenant_id in full:
@@ -298,18 +329,11 @@ class FairRunQueue:
                 if self._held(conn, tenant_id) >= max_running:
                     full.add(tenant_id)
                     continue
-                taken = conn.execute(
-                    update(q)
-                    .where(q.c.tenant_id == tenant_id, q.c.run_id == run_id, q.c.claimed_by.is_(None))
-                    .values(claimed_by=holder, lease_until=utcnow() + timedelta(seconds=lease_s))
-                ).rowcount
-                if taken != 1:
+                until = utcnow() + timedelta(seconds=lease_s)
+                params = {"b_tenant": tenant_id, "b_run": run_id, "b_holder": holder, "b_until": until}
+                if conn.execute(_TAKE, params).rowcount != 1:
                     continue
-                conn.execute(
-                    update(s.queue_clock)
-                    .where(s.queue_clock.c.id == 1, s.queue_clock.c.virtual_time < tag)
-                    .values(virtual_time=tag)
-                )
+                conn.execute(_ADVANCE_CLOCK, {"b_tag": tag})
                 return Claim(
                     tenant_id=tenant_id,
                     run_id=run_id,
@@ -362,18 +386,11 @@ class FairRunQueue:
         Returns:
             (runs put back, [(tenant_id, run_id) of the dropped synchronous holds]).
         """
-        q = s.run_queue
-        now = now or utcnow()
-        expired = and_(q.c.claimed_by.is_not(None), q.c.lease_until < now)
+        params = {"b_now": now or utcnow()}
         with self._backend._tx() as conn:
-            holds = [
-                (str(t), str(r))
-                for t, r in conn.execute(
-                    select(q.c.tenant_id, q.c.run_id).where(expired, q.c.finish_tag == 0.0)
-                )
-            ]
-            conn.execute(delete(q).where(expired, q.c.finish_tag == 0.0))
-            back = conn.execute(update(q).where(expired).values(claimed_by=None, lease_until=None)).rowcount
+            holds = [(str(t), str(r)) for t, r in conn.execute(_EXPIRED_HOLDS, params)]
+            conn.execute(_DROP_EXPIRED_HOLDS, params)
+            back = conn.execute(_REQUEUE_EXPIRED, params).rowcount
         return int(back), holds
 
     # -- views ------------------------------------------------------------------------
