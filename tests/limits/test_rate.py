@@ -232,29 +232,37 @@ def test_headers_of_a_refusal_match_retry_after(make_limiter: Factory) -> None:
 # --- the memory store's expiry --------------------------------------------------------------
 
 
-def test_memory_store_sweeps_on_one_slow_timer_and_still_frees_memory() -> None:
-    """The library hook the sweeper overrides exists (a renamed hook would silently bring
-    back one timer thread per 10 ms of hits), one 1 s daemon timer serves many hits, and a
-    sweep drops expired hits."""
-    import time
+def test_memory_window_expires_hits_and_sweeps_idle_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a clock the test moves: a full window refuses until its oldest hit leaves it, the
+    window's start and count are those of the hits inside it, a key whose hits all expired
+    is dropped by the next sweep, and no thread is ever started."""
+    import gc
 
-    from limits.storage import MemoryStorage
+    from patinox.limits import rate
 
-    from patinox.limits.rate import _SweepingMemoryStorage
+    clock = [1_000.0]
+    monkeypatch.setattr(rate.time, "time", lambda: clock[0])
+    threads = threading.active_count()
+    store = rate._WindowMemoryStorage()
+    assert store.acquire_entry("k", 2, 10)
+    clock[0] += 4
+    assert store.acquire_entry("k", 2, 10)
+    assert not store.acquire_entry("k", 2, 10)  # 2 hits in the last 10 s
+    assert store.get_moving_window("k", 2, 10) == (1_000.0, 2)
+    assert not store.acquire_entry("k", 3, 10, amount=2)  # 2 + 2 > 3
+    clock[0] += 6.5  # the first hit is now 10.5 s old
+    assert store.get_moving_window("k", 2, 10) == (1_004.0, 1)
+    assert store.acquire_entry("k", 2, 10)
+    assert not store.acquire_entry("k", 5, 10, amount=6)  # more than the limit at once
 
-    assert hasattr(MemoryStorage, "_MemoryStorage__schedule_expiry")
-    assert hasattr(MemoryStorage, "_MemoryStorage__expire_events")
-    lim = WindowRateLimiter("memory://")
-    time.sleep(0.05)  # let the constructor's first 10 ms timer end
-    for _ in range(200):
-        lim.hit("tenant", 1000, tenant_id="t_a")
-    timer = lim._storage.timer
-    assert timer.interval == _SweepingMemoryStorage.SWEEP_INTERVAL_S == 1.0  # the library's: 0.01
-    assert timer.daemon and timer.is_alive()
-
-    store = _SweepingMemoryStorage()
-    for _ in range(3):
-        assert store.acquire_entry("k", 10, 0.01)  # hits that expire after 10 ms
-    time.sleep(0.05)
-    store._MemoryStorage__expire_events()
-    assert not store.events.get("k")
+    assert store.acquire_entry("idle", 5, 10)
+    clock[0] += 30  # every hit of both keys expired
+    store._swept_at -= store.SWEEP_INTERVAL_S
+    assert store.acquire_entry("fresh", 1, 10)  # this hit runs the sweep
+    assert set(store._hits) == {"fresh"}
+    assert threading.active_count() == threads
+    # Hits are floats in a deque: nothing per hit for the garbage collector to track.
+    assert not any(gc.is_tracked(t) for t in store._hits["fresh"][1])
+    assert store.reset() == 1 and store.get_moving_window("fresh", 1, 10) == (clock[0], 0)
+    with pytest.raises(NotImplementedError):
+        store.incr("k", 10)

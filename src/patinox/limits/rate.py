@@ -8,7 +8,7 @@ storage URI in one factory:
   ``redis+cluster://``) — counts shared by every API process and node using that Redis.
   Needs the ``redis`` package: ``pip install 'patinox[redis]'``.
 
-Admission is atomic in both: the memory storage takes a lock per key, the Redis storage
+Admission is atomic in both: the memory storage admits under a lock, the Redis storage
 runs one Lua script per hit (check the window and push the hit in one step), so N
 concurrent callers over any number of processes admit exactly ``limit`` hits per window.
 Hit timestamps come from the caller's clock (``time.time()``): nodes sharing a Redis need
@@ -33,11 +33,12 @@ Source: the `limits` library (https://limits.readthedocs.io), MovingWindowRateLi
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -127,14 +128,14 @@ class WindowRateLimiter:
             )
         self.key_prefix = key_prefix
         self.shared = scheme in _REDIS_SCHEMES
-        self._storage: storage.RedisStorage | _SweepingMemoryStorage
+        self._storage: storage.RedisStorage | _WindowMemoryStorage
         self._driver_errors: type[Exception] | tuple[type[Exception], ...]
         if self.shared:
             self._storage = _redis_storage(storage_uri, key_prefix)
             # acquire_entry/get_moving_window are not wrapped by ``limits``: map here.
             self._driver_errors = self._storage.base_exceptions
         else:
-            self._storage = _SweepingMemoryStorage()
+            self._storage = _WindowMemoryStorage()
             self._driver_errors = ()
         self._limiter = strategies.MovingWindowRateLimiter(self._storage)
         self._items: dict[int, RateLimitItemPerMinute] = {}
@@ -209,31 +210,108 @@ class WindowRateLimiter:
             self._storage.storage.close()
 
 
-class _SweepingMemoryStorage(storage.MemoryStorage):
-    """The ``limits`` memory storage, dropping expired hits at most once per second.
+class _WindowMemoryStorage(storage.Storage, storage.MovingWindowSupport):
+    """In-process moving-window storage for ``limits``' ``MovingWindowRateLimiter``.
 
-    Why: the library starts a new 10 ms ``threading.Timer`` after any hit when none is alive,
-    so under load about 100 threads start per second, and each ``Thread.start`` blocks its
-    caller (the server's event loop, which calls :meth:`WindowRateLimiter.hit`) until the new
-    thread has run. Profiling ``patinox serve`` put that at ~3 % of the event loop's time.
-    Expiry only frees memory: admission compares hit timestamps and never relies on old hits
-    being gone, so sweeping every :data:`SWEEP_INTERVAL_S` keeps counts exact and memory
-    bounded (one window of hits plus one interval).
+    Per key, the hits' timestamps (``time.time()``, seconds) oldest first in a
+    :class:`collections.deque` of floats. Admission drops the hits older than the window
+    from the left and admits while fewer than ``limit`` remain, under one lock, so it is
+    exact and atomic across threads.
 
-    The hook overridden is the library's private ``MemoryStorage.__schedule_expiry`` (name
-    mangled); ``tests/limits`` pins that it exists, so a ``limits`` release that renames it
-    fails a test instead of silently restoring the per-hit timers.
+    Why not the library's ``MemoryStorage``: it keeps one ``Entry`` object (and its
+    ``__dict__``) per hit, prepends each hit to a list (a copy of the window per hit) and
+    expires hits from a ``threading.Timer`` it restarts every 10 ms. At a few hundred
+    requests a second that is tens of thousands of live, garbage-collector-tracked objects
+    per minute of window, which made most of the server's full collections (and their
+    cost), plus a thread start per burst. Floats in a deque are not tracked, and expiry
+    here needs no thread: expired hits are dropped when their key is next hit, and keys
+    whose hits all expired are swept at most every :data:`SWEEP_INTERVAL_S` by the caller
+    that notices the interval passed. Memory: one window of hits per key, plus at most one
+    interval of idle keys.
+
+    Only the moving window is stored: the fixed-window calls of the ``Storage`` interface
+    (``incr``, ``get``, ``get_expiry``) raise :class:`NotImplementedError`.
     """
 
+    STORAGE_SCHEME = None  # not registered: WindowRateLimiter builds it for memory://
+    #: Seconds between two sweeps of keys whose hits all expired.
     SWEEP_INTERVAL_S = 1.0
 
-    def _MemoryStorage__schedule_expiry(self) -> None:
-        if self.timer.is_alive():
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        #: key -> (window length in seconds, hit timestamps oldest first)
+        self._hits: dict[str, tuple[float, collections.deque[float]]] = {}
+        self._swept_at = time.monotonic()
+
+    @property
+    def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
+        return ValueError
+
+    def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        """Record ``amount`` hits on ``key`` unless that would make more than ``limit``
+        in the last ``expiry`` seconds; True when recorded."""
+        if amount > limit:
+            return False
+        now = time.time()
+        with self._lock:
+            self._maybe_sweep()
+            slot = self._hits.get(key)
+            if slot is None or slot[0] != expiry:
+                slot = self._hits[key] = (float(expiry), collections.deque())
+            hits = slot[1]
+            cutoff = now - expiry
+            while hits and hits[0] < cutoff:
+                hits.popleft()
+            if len(hits) + amount > limit:
+                return False
+            hits.extend(itertools.repeat(now, amount))
+            return True
+
+    def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        """(timestamp of the oldest hit in the window, hits in the window) of ``key``;
+        ``(now, 0)`` when it has none."""
+        now = time.time()
+        with self._lock:
+            slot = self._hits.get(key)
+            if slot is None:
+                return now, 0
+            hits, cutoff = slot[1], now - expiry
+            while hits and hits[0] < cutoff:
+                hits.popleft()
+            return (hits[0], len(hits)) if hits else (now, 0)
+
+    def _maybe_sweep(self) -> None:
+        """Drop keys whose newest hit left their window (caller holds the lock)."""
+        mono = time.monotonic()
+        if mono - self._swept_at < self.SWEEP_INTERVAL_S:
             return
-        sweep: Callable[[], None] = getattr(self, "_MemoryStorage__expire_events")  # noqa: B009
-        self.timer = threading.Timer(self.SWEEP_INTERVAL_S, sweep)
-        self.timer.daemon = True
-        self.timer.start()
+        self._swept_at = mono
+        now = time.time()
+        for key in [k for k, (expiry, hits) in self._hits.items() if not hits or hits[-1] < now - expiry]:
+            del self._hits[key]
+
+    def clear(self, key: str) -> None:
+        with self._lock:
+            self._hits.pop(key, None)
+
+    def reset(self) -> int | None:
+        with self._lock:
+            cleared = len(self._hits)
+            self._hits.clear()
+        return cleared
+
+    def check(self) -> bool:
+        return True
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        raise NotImplementedError("this storage holds moving windows only")
+
+    def get(self, key: str) -> int:
+        raise NotImplementedError("this storage holds moving windows only")
+
+    def get_expiry(self, key: str) -> float:
+        raise NotImplementedError("this storage holds moving windows only")
 
 
 def _redis_storage(uri: str, key_prefix: str) -> storage.RedisStorage:
