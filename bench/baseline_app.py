@@ -14,7 +14,9 @@ same work per run, so its throughput is the ceiling for that stack on this machi
   slot row), counts the run and its tokens (two counter updates) and inserts the run
   (``running``); transaction 2 updates the run with its result, inserts its usage and
   audit records, settles the token counter and deletes the slot. Same pragmas (WAL,
-  ``synchronous=NORMAL``, foreign keys, busy timeout, ``secure_delete``) and tables of
+  ``synchronous=NORMAL``, foreign keys, busy timeout, ``secure_delete``, no automatic
+  checkpoint) and the same WAL checkpoints on a background thread
+  (:mod:`patinox.storage._checkpoint`), and tables of
   the same shape, but no tenant, no condition on any counter and no reads. Plain
   ``sqlite3`` on one connection, not SQLAlchemy: this is the ceiling, not a replica.
 
@@ -32,11 +34,13 @@ import sqlite3
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
 from patinox.agents import AgentDefinition, RunLimits, run_agent
+from patinox.storage import _checkpoint
 
 #: Agent name -> simulated model id (the same two agents bench/throughput.py creates in Patinox).
 AGENTS = {"instant": "simulated:instant", "model20ms": "simulated:ttft_ms=20,tpot_ms=0"}
@@ -125,6 +129,7 @@ def _open(db_path: str) -> sqlite3.Connection:
         "foreign_keys=ON",
         "busy_timeout=5000",
         "secure_delete=ON",
+        "wal_autocheckpoint=0",
     ):
         conn.execute(f"PRAGMA {pragma}")
     conn.executescript(_SCHEMA)
@@ -135,6 +140,8 @@ def create_app(db_path: str) -> FastAPI:
     """The baseline app writing to the SQLite file ``db_path``."""
     app = FastAPI(title="patinox throughput baseline (no tenancy)")
     conn = _open(db_path)
+    # WAL checkpoints on Patinox's background thread, as Patinox's own databases.
+    _checkpoint.register(app, Path(db_path).resolve())
     memory = _NoMemory()
 
     @app.get("/healthz")

@@ -29,6 +29,7 @@ from patinox.errors import (
     PatinoxError,
     StorageError,
 )
+from patinox.storage import _checkpoint
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 #: PostgreSQL advisory-lock key that serialises migrations of one database (any constant
@@ -58,7 +59,9 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
 
     SQLite: WAL journal (readers never block the writer), ``synchronous=NORMAL`` (durable
     at checkpoint; a power loss may lose the last transactions, never corrupt), foreign
-    keys on, 5 s busy timeout for writers in other processes, ``secure_delete`` on.
+    keys on, 5 s busy timeout for writers in other processes, ``secure_delete`` on; for a
+    file, WAL checkpoints on a background thread instead of in commits
+    (:mod:`patinox.storage._checkpoint`).
     PostgreSQL: psycopg 3, pre-ping, a pool of ``pool_size`` connections.
 
     Raises:
@@ -70,6 +73,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         if url in ("sqlite://", "sqlite:///:memory:"):
             kwargs["poolclass"] = StaticPool
         engine = create_engine(url, **kwargs)
+        database = None if "poolclass" in kwargs else engine.url.database
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -81,8 +85,14 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             # Deleted content is overwritten, so a deleted tenant's rows do not linger
             # in free pages of the file.
             cur.execute("PRAGMA secure_delete=ON")
+            if database:
+                # Checkpoints run on a background thread, not in the commit that crosses
+                # SQLite's 1,000-page threshold (see patinox.storage._checkpoint).
+                cur.execute("PRAGMA wal_autocheckpoint=0")
             cur.close()
 
+        if database:
+            _checkpoint.register(engine, Path(database).resolve())
         return engine
     if is_postgres(url):
         try:
