@@ -190,3 +190,16 @@ def test_another_tenants_agent_id_is_not_found_even_when_cached(
     server.backend.tenant_store(ctx_a).get_agent(agent["id"])  # cached for a
     with pytest.raises(NotFound):
         server.backend.tenant_store(ctx_b).get_agent(agent["id"])
+
+
+def test_a_cached_principal_still_needs_the_right_secret(two_processes: tuple[Runtime, Runtime]) -> None:
+    """The second authentication of a key answers the principal the first built (served from
+    the cache), yet a token with the same key prefix and another secret is refused."""
+    server, _ = two_processes
+    _, secret = _tenant_key(server, "acme")
+    first = server.keys.authenticate(secret)
+    assert server.keys.authenticate(secret) is first
+    forged = secret[:-4] + ("aaaa" if not secret.endswith("aaaa") else "bbbb")
+    with pytest.raises(AuthenticationFailed):
+        server.keys.authenticate(forged)
+    assert server.keys.authenticate(secret) is first

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from patinox.errors import AuthenticationFailed, InvalidRequest, TenantSuspended
-from patinox.storage import SqlBackend, utcnow
+from patinox.storage import MISS, SqlBackend, utcnow
 from patinox.tenancy import (
     IsolationLevel,
     StorageModel,
@@ -138,7 +138,25 @@ class ApiKeys:
         parts = token.split("_")
         if len(parts) < 3 or parts[0] != "ptx" or len(parts[1]) != 12:
             raise AuthenticationFailed("invalid API key")
-        found = self._backend.find_api_key(parts[1])
+        # The principal a key resolved to is kept in the backend's cache beside the rows it
+        # was built from, and emptied with them by any change (see patinox.storage._cache);
+        # the secret is still compared on every request.
+        cache, slot = self._backend.cache, ("principal", parts[1])
+        seen = cache.epoch()
+        hit = cache.get(slot)
+        if hit is not MISS:
+            secret_hash, principal = hit
+            if not hmac.compare_digest(_digest(token), secret_hash):
+                raise AuthenticationFailed("invalid API key")
+            return principal  # type: ignore[no-any-return]
+        resolved = self._resolve(token, parts[1])
+        owner = resolved.tenant_id if isinstance(resolved, TenantContext) else None
+        cache.put(owner, slot, (_digest(token), resolved), seen)
+        return resolved
+
+    def _resolve(self, token: str, prefix: str) -> TenantContext | OperatorPrincipal:
+        """``authenticate`` from the key and tenant rows (read through the cache)."""
+        found = self._backend.find_api_key(prefix)
         if found is None:
             # Spend the same work as a real comparison.
             hmac.compare_digest(_digest(token), _digest(""))

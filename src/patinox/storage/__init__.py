@@ -1,5 +1,6 @@
 """The tenant-scoped data layer: backends chosen by URL, control-plane and tenant stores."""
 
+from patinox.storage._cache import MISS
 from patinox.storage._fast import write as execute_write
 from patinox.storage.backend import (
     PreparedWrite,
@@ -12,6 +13,7 @@ from patinox.storage.backend import (
 from patinox.storage.engine import make_engine, migrate, translate_errors
 
 __all__ = [
+    "MISS",
     "PreparedWrite",
     "SqlBackend",
     "StorageBackend",
