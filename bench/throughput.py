@@ -17,16 +17,20 @@ Agents (both **simulated**: an offline stand-in for an LLM, not a real model):
 ``instant`` (``simulated:instant``, answers at once) and ``model20ms``
 (``simulated:ttft_ms=20,tpot_ms=0``, 20 ms of model time per run).
 
-For each agent and each number of closed-loop clients (1, 8, 32), the two servers are
-measured one after the other for ``--duration`` seconds each (which goes first alternates
-per cell). Each client sends a synchronous run, waits for the answer, and sends the next
+For each agent and each number of closed-loop clients (1, 8, 32), each server is measured
+for ``--duration`` seconds in total, split into ``--rounds`` rounds (default 5) that
+alternate between the two servers (patinox, baseline, baseline, patinox, ...), so a slow
+spell of the shared machine falls on both alike; a cell's figures are over all its rounds
+(runs and time summed, quantiles over every run), and each round's runs/s is reported too
+(``round_runs_per_s``). The first round of a cell warms up for 1 s, later ones for 0.25 s
+(not measured). Each client sends a synchronous run, waits for the answer, and sends the next
 (httpx, keep-alive, one pooled connection per client). Reported per cell: completed runs
 per second, p50 and p99 latency (milliseconds), errors (non-200 answers and transport
 errors). ``ratios`` divides Patinox's runs/s by the baseline's for the same cell.
 
 Output: ``bench/results/throughput.json`` and a table. No timing is asserted: the figures
 are reported, with the issue's targets marked met or not. Run:
-``.venv/bin/python bench/throughput.py [--duration 5]``.
+``.venv/bin/python bench/throughput.py [--duration 5] [--rounds 5]``.
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ class Cell:
     #: Server process CPU time (user + system) per completed run, milliseconds: less
     #: sensitive than runs/s to other work on a shared machine.
     cpu_ms_per_run: float
+    #: runs/s of each round, in the order run (the cell's figure sums them all).
+    round_runs_per_s: list[float]
 
 
 @dataclass
@@ -177,8 +183,19 @@ def patinox_writes_per_run(tmp: Path) -> int:
 # --- load ------------------------------------------------------------------------------------
 
 
-async def _closed_loop(target: Target, agent: str, clients: int, duration_s: float) -> Cell:
-    """``clients`` clients sending runs back to back for ``duration_s`` seconds."""
+@dataclass
+class Sample:
+    """One round of one server in one cell: what :func:`_round` measured."""
+
+    latencies: list[float]  # seconds, one per completed run
+    errors: int
+    elapsed_s: float
+    cpu_s: float  # the server process's CPU time during the round
+
+
+async def _round(target: Target, agent: str, clients: int, duration_s: float, warmup_s: float) -> Sample:
+    """``clients`` clients sending runs back to back for ``duration_s`` seconds, after
+    ``warmup_s`` seconds of the same load that are not measured."""
     path = target.run_paths[agent]
     body = {"input": PROMPT, "output_tokens": OUTPUT_TOKENS}
     latencies: list[float] = []
@@ -203,7 +220,7 @@ async def _closed_loop(target: Target, agent: str, clients: int, duration_s: flo
                     errors += 1
 
         # Warm-up: open every connection and let caches and pools fill; not measured.
-        await asyncio.gather(*(client(time.perf_counter() + WARMUP_S) for _ in range(clients)))
+        await asyncio.gather(*(client(time.perf_counter() + warmup_s) for _ in range(clients)))
         latencies.clear()
         errors = 0
         cpu0 = _cpu_s(target.pid)
@@ -211,7 +228,14 @@ async def _closed_loop(target: Target, agent: str, clients: int, duration_s: flo
         await asyncio.gather(*(client(start + duration_s) for _ in range(clients)))
         elapsed = time.perf_counter() - start
         cpu = _cpu_s(target.pid) - cpu0
-    lat = sorted(latencies)
+    return Sample(latencies, errors, elapsed, cpu)
+
+
+def _cell(target: Target, agent: str, clients: int, samples: list[Sample]) -> Cell:
+    """The cell of one server from its rounds: runs and time summed, quantiles over every run."""
+    lat = sorted(x for sample in samples for x in sample.latencies)
+    elapsed = sum(sample.elapsed_s for sample in samples)
+    cpu = sum(sample.cpu_s for sample in samples)
     return Cell(
         server=target.name,
         agent=agent,
@@ -219,10 +243,11 @@ async def _closed_loop(target: Target, agent: str, clients: int, duration_s: flo
         runs_per_s=round(len(lat) / elapsed, 1),
         p50_ms=round(_quantile(lat, 0.50) * 1000, 2),
         p99_ms=round(_quantile(lat, 0.99) * 1000, 2),
-        errors=errors,
+        errors=sum(sample.errors for sample in samples),
         runs=len(lat),
         duration_s=round(elapsed, 3),
         cpu_ms_per_run=round(cpu * 1000 / len(lat), 3) if lat else float("nan"),
+        round_runs_per_s=[round(len(x.latencies) / x.elapsed_s, 1) for x in samples],
     )
 
 
@@ -297,7 +322,8 @@ def _table(cells: list[Cell], ratios: list[dict[str, Any]]) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Patinox vs baseline throughput, side by side")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per cell")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per cell and server")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds the duration is split into")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON report path")
     args = parser.parse_args()
 
@@ -347,18 +373,27 @@ def main() -> None:
                 ),
             }
             cells: list[Cell] = []
-            index = 0
             for agent in AGENTS:
                 for n in CLIENTS:
-                    order = ("patinox", "baseline") if index % 2 == 0 else ("baseline", "patinox")
-                    index += 1
-                    for server in order:
-                        cell = asyncio.run(_closed_loop(targets[server], agent, n, args.duration))
+                    samples: dict[str, list[Sample]] = {"patinox": [], "baseline": []}
+                    for r in range(args.rounds):
+                        # Rounds alternate which server goes first, so a slow spell of the
+                        # shared machine falls on both alike.
+                        for server in ("patinox", "baseline") if r % 2 == 0 else ("baseline", "patinox"):
+                            warmup = WARMUP_S if r == 0 else WARMUP_S / 4
+                            samples[server].append(
+                                asyncio.run(
+                                    _round(targets[server], agent, n, args.duration / args.rounds, warmup)
+                                )
+                            )
+                    for server in ("patinox", "baseline"):
+                        cell = _cell(targets[server], agent, n, samples[server])
                         cells.append(cell)
                         console.print(
                             f"{server:>8} {agent:>9} clients={n:<2} {cell.runs_per_s:7.1f} runs/s "
                             f"p50 {cell.p50_ms:6.1f} ms p99 {cell.p99_ms:6.1f} ms "
-                            f"CPU {cell.cpu_ms_per_run:5.2f} ms/run errors {cell.errors}"
+                            f"CPU {cell.cpu_ms_per_run:5.2f} ms/run errors {cell.errors} "
+                            f"rounds {cell.round_runs_per_s}"
                         )
 
     ratios = _ratios(cells)
@@ -368,6 +403,7 @@ def main() -> None:
         "simulated": True,
         "models": AGENTS,
         "duration_s_per_cell": args.duration,
+        "rounds_per_cell": args.rounds,
         "output_tokens": OUTPUT_TOKENS,
         "machine": {
             "cpus": os.cpu_count(),
