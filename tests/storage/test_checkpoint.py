@@ -58,3 +58,58 @@ def test_the_background_thread_checkpoints_registered_databases(tmp_path: Path) 
     assert path.resolve() in _checkpoint._seen  # a pass checkpointed the whole log
     assert any(t.name == "patinox-wal-checkpoint" for t in threading.enumerate())
     engine.dispose()
+
+
+def test_a_uri_filename_is_checkpointed_at_its_file(tmp_path: Path) -> None:
+    """``sqlite:///file:PATH?uri=true`` (a supported database URL) turns the automatic
+    checkpoint off too, so the background pass must find the file it names: registered at
+    ``<cwd>/file:PATH`` instead, its WAL was never checkpointed and grew without bound."""
+    path = tmp_path / "uri.db"
+    engine = make_engine(f"sqlite:///file:{path}?uri=true")
+    try:
+        assert _checkpoint._engines[engine] == path.resolve()
+        _fill(engine, 1_000)
+        result = _checkpoint.checkpoint_now()[path.resolve()]
+        assert result is not None and result[0] == 0 and result[1] >= 1_000 and result[2] == result[1]
+    finally:
+        engine.dispose()
+
+
+def test_purge_truncates_the_wal_while_another_checkpoint_runs(tmp_path: Path, kek_url: str) -> None:
+    """The purge's ``wal_checkpoint(TRUNCATE)`` answers busy, without an error, when the
+    background pass (of this or another process) is checkpointing at that moment; the
+    deleted tenant's page images then stayed in the ``-wal`` file. It retries until done."""
+    from patinox.storage import SqlBackend
+    from patinox.storage._crypto.providers import key_provider_from_url
+    from patinox.storage.backend import open_backend
+
+    path = tmp_path / "purge.db"
+    backend: SqlBackend = open_backend(f"sqlite:///{path}", key_provider=key_provider_from_url(kek_url))
+    _checkpoint._engines.pop(backend.engine)  # only the competing pass below checkpoints
+    with backend.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE plugin_data (tenant_id TEXT, v TEXT)")
+        conn.exec_driver_sql("INSERT INTO plugin_data VALUES ('tn_a', 'x')")
+    _fill(backend.engine, 2_000)
+    stop = threading.Event()
+
+    def compete() -> None:
+        import sqlite3
+
+        conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+        try:
+            while not stop.is_set():
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            conn.close()
+
+    other = threading.Thread(target=compete)
+    other.start()
+    try:
+        for _ in range(5):
+            _fill(backend.engine, 200)
+            backend.purge_tenant("tn_a")
+            assert Path(f"{path}-wal").stat().st_size == 0
+    finally:
+        stop.set()
+        other.join()
+        backend.close()

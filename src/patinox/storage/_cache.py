@@ -49,7 +49,7 @@ from sqlalchemy.engine import make_url
 
 from patinox.errors import ConfigurationError, StorageError
 
-__all__ = ["MISS", "ChangeEpoch", "TenantCache", "epoch_for_url"]
+__all__ = ["MISS", "ChangeEpoch", "TenantCache", "epoch_for_url", "sqlite_target"]
 
 _COUNTER: Final = struct.Struct("<Q")
 
@@ -167,12 +167,30 @@ def epoch_for_url(url: str) -> ChangeEpoch | None:
     """The change epoch of the deployment whose database is ``url``: a file beside a
     SQLite database file, a process counter for an in-memory SQLite database, ``None``
     (no cache) for PostgreSQL."""
+    target = sqlite_target(url)
+    if target is None:
+        return None
+    in_memory, database = target
+    if in_memory:
+        if not database:
+            return ChangeEpoch(None)  # a database of this engine alone
+        # A named in-memory database is shared by every engine of the process that
+        # opens it (cache=shared): so is its epoch.
+        with _MEMORY_LOCK:
+            return _MEMORY_EPOCHS.setdefault(database, ChangeEpoch(None))
+    return ChangeEpoch(Path(f"{database}.epoch"))
+
+
+def sqlite_target(url: str) -> tuple[bool, str] | None:
+    """Where a SQLite URL's database lives: ``(False, file path)`` for a file (URI
+    filenames resolved to their path), ``(True, name)`` in memory (``""``: private to one
+    engine), ``None`` for another backend."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return None
     database = parsed.database or ""
     if database in ("", ":memory:"):
-        return ChangeEpoch(None)  # a database of this engine alone
+        return True, ""
     if database.startswith("file:"):
         # A URI filename (https://sqlite.org/uri.html): file:PATH, file:///PATH or
         # file://localhost/PATH, usually a database file other processes open too.
@@ -182,12 +200,9 @@ def epoch_for_url(url: str) -> ChangeEpoch | None:
             target = "/" + rest if authority in ("", "localhost") else ""
         target = unquote(target)
         if parsed.query.get("mode") == "memory" or target in ("", ":memory:"):
-            # A named in-memory database is shared by every engine of the process that
-            # opens it (cache=shared): so is its epoch.
-            with _MEMORY_LOCK:
-                return _MEMORY_EPOCHS.setdefault(target, ChangeEpoch(None))
+            return True, target
         database = target
-    return ChangeEpoch(Path(f"{database}.epoch"))
+    return False, database
 
 
 class TenantCache:

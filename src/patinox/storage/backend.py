@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from patinox.errors import (
     InvalidRequest,
     NotFound,
     QuotaExceeded,
+    StorageError,
     TenantNotFound,
 )
 from patinox.storage import _schema as s
@@ -125,6 +127,8 @@ def _row(mapping: Mapping[str, Any] | None) -> Row | None:
     return dict(mapping) if mapping is not None else None
 
 
+#: Seconds the purge retries a WAL truncation that another checkpoint made busy.
+_TRUNCATE_WAIT_S = 5.0
 #: The cache of a store made without one: disabled, so it holds nothing and is shared.
 _NO_CACHE = TenantCache(None)
 
@@ -353,9 +357,18 @@ class SqlBackend:
             counts[f"<{model.value}>"] = 1
         if self.engine.dialect.name == "sqlite":
             # With secure_delete the freed pages are zeroed; truncating the WAL drops the
-            # older page images that still held the rows.
+            # older page images that still held the rows. A checkpoint running at that
+            # moment (the background pass of patinox.storage._checkpoint, here or in
+            # another process) makes it answer busy without an error: retry until done.
+            deadline = time.monotonic() + _TRUNCATE_WAIT_S
             with translate_errors(), self.engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                while conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()[0]:
+                    if time.monotonic() >= deadline:
+                        raise StorageError(
+                            "the WAL could not be truncated after the purge (busy); retry the deletion",
+                            tenant_id=tenant_id,
+                        )
+                    time.sleep(0.01)
         return counts
 
     # -- api keys -------------------------------------------------------------------

@@ -30,6 +30,7 @@ from patinox.errors import (
     StorageError,
 )
 from patinox.storage import _checkpoint
+from patinox.storage._cache import sqlite_target
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 #: PostgreSQL advisory-lock key that serialises migrations of one database (any constant
@@ -73,7 +74,9 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         if url in ("sqlite://", "sqlite:///:memory:"):
             kwargs["poolclass"] = StaticPool
         engine = create_engine(url, **kwargs)
-        database = None if "poolclass" in kwargs else engine.url.database
+        # The file the database lives in (a URI filename's path too); None in memory.
+        target = None if "poolclass" in kwargs else sqlite_target(url)
+        database = target[1] if target is not None and not target[0] else None
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
