@@ -1170,8 +1170,7 @@ def _delete_rows(backend: SqlBackend, tenant_id: str, model: StorageModel) -> di
             )
     if backend.engine.dialect.name == "sqlite" and model is StorageModel.POOL:
         # secure_delete zeroes freed pages; truncating the WAL drops older page images.
-        with translate_errors(), backend.engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        backend.truncate_wal(tenant_id)
     return counts
 
 

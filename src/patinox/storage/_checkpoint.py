@@ -80,6 +80,7 @@ def _changed(path: Path) -> bool:
     try:
         st = os.stat(f"{path}-wal")
     except OSError:
+        _seen.pop(path, None)  # a deleted database leaves nothing behind here
         return False  # no WAL file: nothing to checkpoint
     seen = _seen.get(path)
     return seen is None or seen[:2] != (st.st_mtime_ns, st.st_size) or time.monotonic() - seen[2] >= FORCE_S

@@ -357,19 +357,30 @@ class SqlBackend:
             counts[f"<{model.value}>"] = 1
         if self.engine.dialect.name == "sqlite":
             # With secure_delete the freed pages are zeroed; truncating the WAL drops the
-            # older page images that still held the rows. A checkpoint running at that
-            # moment (the background pass of patinox.storage._checkpoint, here or in
-            # another process) makes it answer busy without an error: retry until done.
-            deadline = time.monotonic() + _TRUNCATE_WAIT_S
-            with translate_errors(), self.engine.connect() as conn:
-                while conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()[0]:
-                    if time.monotonic() >= deadline:
-                        raise StorageError(
-                            "the WAL could not be truncated after the purge (busy); retry the deletion",
-                            tenant_id=tenant_id,
-                        )
-                    time.sleep(0.01)
+            # older page images that still held the rows.
+            self.truncate_wal(tenant_id)
         return counts
+
+    def truncate_wal(self, tenant_id: str) -> None:
+        """SQLite: copy the WAL into the database and truncate it, so page images of the
+        tenant's deleted rows are gone from the ``-wal`` file too.
+
+        A checkpoint running at that moment (the background pass of
+        :mod:`patinox.storage._checkpoint`, here or in another process) makes SQLite
+        answer busy without an error, so this retries for up to 5 s.
+
+        Raises:
+            StorageError: still busy after 5 s (the deletion or move is resumable: retry it).
+        """
+        deadline = time.monotonic() + _TRUNCATE_WAIT_S
+        with translate_errors(), self.engine.connect() as conn:
+            while conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()[0]:
+                if time.monotonic() >= deadline:
+                    raise StorageError(
+                        "the WAL could not be truncated after deleting a tenant's rows (busy); retry",
+                        tenant_id=tenant_id,
+                    )
+                time.sleep(0.01)
 
     # -- api keys -------------------------------------------------------------------
 
