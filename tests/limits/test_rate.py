@@ -235,7 +235,8 @@ def test_headers_of_a_refusal_match_retry_after(make_limiter: Factory) -> None:
 def test_memory_window_expires_hits_and_sweeps_idle_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a clock the test moves: a full window refuses until its oldest hit leaves it, the
     window's start and count are those of the hits inside it, a key whose hits all expired
-    is dropped by the next sweep, and no thread is ever started."""
+    is dropped by the next sweep, no thread is ever started, and fixed-window counts
+    restart when their window ends."""
     import gc
 
     from patinox.limits import rate
@@ -264,5 +265,8 @@ def test_memory_window_expires_hits_and_sweeps_idle_keys(monkeypatch: pytest.Mon
     # Hits are floats in a deque: nothing per hit for the garbage collector to track.
     assert not any(gc.is_tracked(t) for t in store._hits["fresh"][1])
     assert store.reset() == 1 and store.get_moving_window("fresh", 1, 10) == (clock[0], 0)
-    with pytest.raises(NotImplementedError):
-        store.incr("k", 10)
+    # The fixed-window calls of the Storage interface count within their own window.
+    assert store.incr("c", 10) == 1 and store.incr("c", 10, amount=2) == 3
+    assert store.get("c") == 3 and store.get_expiry("c") == clock[0] + 10
+    clock[0] += 10
+    assert store.get("c") == 0 and store.incr("c", 10) == 1

@@ -229,8 +229,10 @@ class _WindowMemoryStorage(storage.Storage, storage.MovingWindowSupport):
     that notices the interval passed. Memory: one window of hits per key, plus at most one
     interval of idle keys.
 
-    Only the moving window is stored: the fixed-window calls of the ``Storage`` interface
-    (``incr``, ``get``, ``get_expiry``) raise :class:`NotImplementedError`.
+    The fixed-window calls of the ``Storage`` interface (``incr``, ``get``,
+    ``get_expiry``) keep a count and its expiry per key, under the same lock and sweep, as
+    the library's memory storage does; Patinox's limiter uses only the moving window. A
+    key hit with another window length than before starts a fresh window.
     """
 
     STORAGE_SCHEME = None  # not registered: WindowRateLimiter builds it for memory://
@@ -242,6 +244,8 @@ class _WindowMemoryStorage(storage.Storage, storage.MovingWindowSupport):
         self._lock = threading.Lock()
         #: key -> (window length in seconds, hit timestamps oldest first)
         self._hits: dict[str, tuple[float, collections.deque[float]]] = {}
+        #: key -> (fixed-window count, when it expires as time.time() seconds)
+        self._counts: dict[str, tuple[int, float]] = {}
         self._swept_at = time.monotonic()
 
     @property
@@ -290,28 +294,48 @@ class _WindowMemoryStorage(storage.Storage, storage.MovingWindowSupport):
         now = time.time()
         for key in [k for k, (expiry, hits) in self._hits.items() if not hits or hits[-1] < now - expiry]:
             del self._hits[key]
+        for key in [k for k, (_, until) in self._counts.items() if until <= now]:
+            del self._counts[key]
 
     def clear(self, key: str) -> None:
         with self._lock:
             self._hits.pop(key, None)
+            self._counts.pop(key, None)
 
     def reset(self) -> int | None:
         with self._lock:
-            cleared = len(self._hits)
+            cleared = len(self._hits) + len(self._counts)
             self._hits.clear()
+            self._counts.clear()
         return cleared
 
     def check(self) -> bool:
         return True
 
     def incr(self, key: str, expiry: int, amount: int = 1) -> int:
-        raise NotImplementedError("this storage holds moving windows only")
+        """Add ``amount`` to ``key``'s fixed-window count, starting a window of ``expiry``
+        seconds when none is running; returns the new count."""
+        now = time.time()
+        with self._lock:
+            self._maybe_sweep()
+            count, until = self._counts.get(key, (0, now))
+            if until <= now:
+                count, until = 0, now + expiry
+            self._counts[key] = (count + amount, until)
+            return count + amount
 
     def get(self, key: str) -> int:
-        raise NotImplementedError("this storage holds moving windows only")
+        """``key``'s fixed-window count (0 once its window expired)."""
+        with self._lock:
+            count, until = self._counts.get(key, (0, 0.0))
+        return count if until > time.time() else 0
 
     def get_expiry(self, key: str) -> float:
-        raise NotImplementedError("this storage holds moving windows only")
+        """When ``key``'s fixed window expires (``time.time()`` seconds; now when none runs)."""
+        now = time.time()
+        with self._lock:
+            until = self._counts.get(key, (0, now))[1]
+        return max(until, now)
 
 
 def _redis_storage(uri: str, key_prefix: str) -> storage.RedisStorage:
