@@ -20,6 +20,7 @@ from patinox.errors import ConfigurationError, InvalidRequest
 from patinox.storage.engine import (
     current_revision,
     database_name,
+    dispose,
     is_postgres,
     make_engine,
     migrate,
@@ -117,14 +118,14 @@ class Placements:
             self._silos[tenant_id] = engine
             while len(self._silos) > self._max:
                 _, old = self._silos.popitem(last=False)
-                old.dispose()
+                dispose(old)
             return engine
 
     def _forget_silo(self, tenant_id: str) -> None:
         with self._lock:
             engine = self._silos.pop(tenant_id, None)
         if engine is not None:
-            engine.dispose()
+            dispose(engine)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -155,7 +156,7 @@ class Placements:
                 try:
                     migrate(owner, app_role=self.app_role)
                 finally:
-                    owner.dispose()
+                    dispose(owner)
                 return
             path = self._silo_path(tenant_id)
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -188,7 +189,7 @@ class Placements:
                     migrate(owner, app_role=self.app_role)
                     return True
                 finally:
-                    owner.dispose()
+                    dispose(owner)
             if not self._silo_path(tenant_id).exists():
                 return False  # not provisioned (yet): provision() migrates it
             engine = self._silo_engine(tenant_id)
@@ -205,7 +206,7 @@ class Placements:
                 for sql in statements:
                     conn.exec_driver_sql(sql)
         finally:
-            admin.dispose()
+            dispose(admin)
 
     def destroy(self, tenant_id: str, model: StorageModel) -> None:
         """Drop the tenant's schema / database / file (nothing for pool); idempotent."""
@@ -232,7 +233,7 @@ class Placements:
             engines = list(self._silos.values())
             self._silos.clear()
         for e in engines:
-            e.dispose()
+            dispose(e)
 
 
 def _check_tenant_id(tenant_id: str) -> None:

@@ -65,7 +65,15 @@ from patinox.storage._crypto.providers import KeyProvider
 from patinox.storage._dekstore import SqlDekStore
 from patinox.storage._fast import write as fast_write
 from patinox.storage._placement import Placement, Placements
-from patinox.storage.engine import head_revision, make_engine, migrate, normalise_url, translate_errors
+from patinox.storage.engine import (
+    begin,
+    dispose,
+    head_revision,
+    make_engine,
+    migrate,
+    normalise_url,
+    translate_errors,
+)
 from patinox.tenancy import StorageModel, TenantContext, current_tenant, new_id
 
 _SET_CONTROL = text("SELECT set_config('patinox.scope', 'control', true)")
@@ -218,7 +226,7 @@ class SqlBackend:
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
-        with translate_errors(), self.engine.begin() as conn:
+        with translate_errors(), begin(self.engine) as conn:
             if self._postgres:
                 conn.execute(_SET_CONTROL)
             yield conn
@@ -251,8 +259,8 @@ class SqlBackend:
         self.cache.close()
         self.placements.close()
         if self.placements.owner is not self.engine:
-            self.placements.owner.dispose()
-        self.engine.dispose()
+            dispose(self.placements.owner)
+        dispose(self.engine)
 
     def tenant_store(self, ctx: TenantContext | None = None) -> TenantStore:
         """A store bound to ``ctx``'s tenant, or to the active tenant context.
@@ -694,7 +702,7 @@ class TenantStore:
                     joined.execute(_SET_TENANT, {"tenant_id": self.tenant_id})
                 yield joined
             return
-        with translate_errors(), p.engine.begin() as conn:
+        with translate_errors(), begin(p.engine) as conn:
             if p.schema is not None:
                 conn.execution_options(schema_translate_map={None: p.schema})
             if p.postgres:

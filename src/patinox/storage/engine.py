@@ -29,7 +29,7 @@ from patinox.errors import (
     PatinoxError,
     StorageError,
 )
-from patinox.storage import _checkpoint
+from patinox.storage import _checkpoint, _kept
 from patinox.storage._cache import sqlite_target
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -62,7 +62,8 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     at checkpoint; a power loss may lose the last transactions, never corrupt), foreign
     keys on, 5 s busy timeout for writers in other processes, ``secure_delete`` on; for a
     file, WAL checkpoints on a background thread instead of in commits
-    (:mod:`patinox.storage._checkpoint`).
+    (:mod:`patinox.storage._checkpoint`) and one connection kept open between the owner
+    thread's transactions (:func:`begin`, :mod:`patinox.storage._kept`).
     PostgreSQL: psycopg 3, pre-ping, a pool of ``pool_size`` connections.
 
     Raises:
@@ -96,6 +97,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
 
         if database:
             _checkpoint.register(engine, Path(database).resolve())
+            _kept.keep_for(engine)
         return engine
     if is_postgres(url):
         try:
@@ -112,6 +114,12 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         "use sqlite:///PATH or postgresql://ROLE@HOST/DB",
         field="database_url",
     )
+
+
+#: ``engine.begin()``, on the connection the owner thread keeps (see :mod:`patinox.storage._kept`).
+begin = _kept.begin
+#: ``engine.dispose()``, closing the kept connection first (see :mod:`patinox.storage._kept`).
+dispose = _kept.dispose
 
 
 def database_name(url: str) -> str | None:
