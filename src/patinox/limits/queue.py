@@ -57,8 +57,8 @@ _HELD = select(func.count()).where(_Q.c.tenant_id == bindparam("b_tenant"), _Q.c
 _INSERT_ENTRY = insert(_Q)
 #: SQLite: a hold's row (every column a parameter), inserted only while the tenant holds
 #: fewer than ``b_cap`` runs -- the count (``_HELD``) and the insert as one statement, one
-#: write and no separate read. The transaction already holds SQLite's write lock (its
-#: first statement was a write), so no other hold can slip between the count and the insert.
+#: write and no separate read. A writing statement takes SQLite's write lock before it
+#: reads anything, so no other hold can slip between the count and the insert.
 _HOLD_UNDER_CAP = insert(_Q).from_select(
     list(_Q.c),
     select(*(bindparam(c.name, type_=c.type) for c in _Q.c)).where(
@@ -260,10 +260,12 @@ class FairRunQueue:
             ConcurrencyLimited: the tenant already holds ``max_running`` runs.
         """
         with self._backend.control_tx(conn) as conn:
-            # The tenant's queue row is the lock: created if missing (a write, which takes
-            # SQLite's write lock), then locked FOR UPDATE on PostgreSQL.
-            self._ensure_tenant_row(conn, tenant_id)
+            # PostgreSQL: the tenant's queue row is the lock (created if missing, locked
+            # FOR UPDATE). SQLite: the conditional insert below is one statement, and a
+            # writing statement takes the database's write lock before it reads, so no
+            # other hold or claim can come between its count and its insert.
             if self._postgres:
+                self._ensure_tenant_row(conn, tenant_id)
                 self._lock_tenant(conn, tenant_id)
             now = utcnow()
             row = {

@@ -62,6 +62,8 @@ WINDOW_S = 60
 
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster"})
 _SCHEMES = _REDIS_SCHEMES | {"memory"}
+#: Storage keys a limiter remembers (then it forgets them all and builds them again).
+_MAX_KEYS = 4096
 #: Defaults for the Redis client, seconds; options in the URI's query string win.
 _REDIS_TIMEOUTS: dict[str, float] = {"socket_connect_timeout": 2.0, "socket_timeout": 2.0}
 
@@ -137,14 +139,26 @@ class WindowRateLimiter:
         else:
             self._storage = _WindowMemoryStorage()
             self._driver_errors = ()
+        self._memory = self._storage if isinstance(self._storage, _WindowMemoryStorage) else None
         self._limiter = strategies.MovingWindowRateLimiter(self._storage)
         self._items: dict[int, RateLimitItemPerMinute] = {}
+        #: (tenant id, key, limit) -> the storage key ``limits`` builds for it (bounded).
+        self._keys: dict[tuple[str, str, int], str] = {}
 
     def _item(self, per_minute: int) -> RateLimitItemPerMinute:
         item = self._items.get(per_minute)
         if item is None:
             item = self._items[per_minute] = RateLimitItemPerMinute(per_minute, namespace="rate")
         return item
+
+    def _stored_key(self, tenant_id: str, key: str, per_minute: int) -> str:
+        """The storage key of the tenant's ``key`` at ``per_minute``, as ``limits`` names it
+        (``rate/<tenant_id>/<key>/<limit>/1/minute``), remembered for the next hit."""
+        if len(self._keys) >= _MAX_KEYS:
+            self._keys.clear()
+        stored: str = self._item(per_minute).key_for(tenant_id, key)
+        self._keys[(tenant_id, key, per_minute)] = stored
+        return stored
 
     def hit(self, key: str, per_minute: int, *, tenant_id: str) -> RateLimitState:
         """Count one request on the tenant's ``key``.
@@ -166,15 +180,24 @@ class WindowRateLimiter:
                 slot frees).
             StorageError: the shared store (Redis) failed; the driver error is chained.
         """
-        item = self._item(per_minute)
+        stored = self._keys.get((tenant_id, key, per_minute))
+        if stored is None:
+            stored = self._stored_key(tenant_id, key, per_minute)
         policy = key.partition(":")[0]
         try:
-            admitted = self._limiter.hit(item, tenant_id, key)
-            reset_time, remaining = self._limiter.get_window_stats(item, tenant_id, key)
+            # The storage's own moving-window calls, as MovingWindowRateLimiter.hit() and
+            # get_window_stats() make them, with the key built once; in memory, both in
+            # one step under the storage's lock.
+            if self._memory is not None:
+                admitted, window_start, in_window = self._memory.hit_window(stored, per_minute, WINDOW_S)
+            else:
+                admitted = self._storage.acquire_entry(stored, per_minute, WINDOW_S)
+                window_start, in_window = self._storage.get_moving_window(stored, per_minute, WINDOW_S)
         except self._driver_errors as err:
             raise StorageError(
                 f"rate-limit store failed: {type(err).__name__}", backend="redis", operation="hit"
             ) from err
+        reset_time, remaining = window_start + WINDOW_S, per_minute - in_window
         now = time.time()
         if admitted:
             reset_after = max(0, math.ceil(reset_time - now))
@@ -271,6 +294,24 @@ class _WindowMemoryStorage(storage.Storage, storage.MovingWindowSupport):
                 return False
             hits.extend(itertools.repeat(now, amount))
             return True
+
+    def hit_window(self, key: str, limit: int, expiry: int) -> tuple[bool, float, int]:
+        """:meth:`acquire_entry` of one hit, then :meth:`get_moving_window`, under one
+        lock: (admitted, timestamp of the oldest hit in the window, hits in the window)."""
+        now = time.time()
+        with self._lock:
+            self._maybe_sweep()
+            slot = self._hits.get(key)
+            if slot is None or slot[0] != expiry:
+                slot = self._hits[key] = (float(expiry), collections.deque())
+            hits = slot[1]
+            cutoff = now - expiry
+            while hits and hits[0] < cutoff:
+                hits.popleft()
+            admitted = len(hits) < limit
+            if admitted:
+                hits.append(now)
+            return admitted, (hits[0] if hits else now), len(hits)
 
     def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
         """(timestamp of the oldest hit in the window, hits in the window) of ``key``;

@@ -13,9 +13,10 @@ SQLAlchemy and drops the rest:
 * every parameter goes through its column type's own bind processor (datetimes, JSON,
   binary), as SQLAlchemy would apply it;
 * it runs on the connection's own DBAPI connection, inside the caller's transaction;
-* while the engine has ``before_cursor_execute``, ``after_cursor_execute`` or
-  ``handle_error`` listeners, every write takes the ordinary path, so observers
-  (statement counters, tracing) still see every one with its execution context;
+* while the connection, its engine or its dialect has any event listener (SQLAlchemy's
+  own ``_has_events`` flags, which its execute path checks too), every write takes the
+  ordinary path, so observers (statement counters, tracing, ``handle_error``) still see
+  every one with its execution context;
 * driver errors are wrapped as SQLAlchemy wraps them (``IntegrityError`` ...), so
   :func:`~patinox.storage.engine.translate_errors` maps them as before.
 
@@ -90,47 +91,46 @@ def write(conn: Connection, stmt: UpdateBase, params: Mapping[str, Any]) -> int:
             _PLANS.clear()
         _PLANS[key] = entry
     plan = entry[2]
-    dispatch = conn.dispatch
     if (
         plan is None
         # Outside a transaction Connection.execute autobegins one (which conn.commit()
         # then commits); a write on the raw cursor would open only the driver's, which
         # commit() does not know of and the pool's reset rolls back.
         or not conn.in_transaction()
+        # Listeners are owed an ExecutionContext (tracers keep their span on it), may
+        # rewrite the statement (retval=True) and see errors (handle_error): only
+        # Connection.execute gives them that. SQLAlchemy sets these flags when any
+        # connection or dialect event listener is added (as its own execute path checks).
+        or conn._has_events
+        or conn.engine._has_events
+        or dialect._has_events
         # The SQL of a plan names the tables without the connection's schema translation
         # (a tenant in its own schema); Connection.execute applies it.
         or conn.get_execution_options().get("schema_translate_map")
-        # Listeners are owed an ExecutionContext (tracers keep their span on it), may
-        # rewrite the statement (retval=True) and see errors (handle_error): only
-        # Connection.execute gives them that.
-        or dispatch.before_cursor_execute
-        or dispatch.after_cursor_execute
-        or conn.dialect.dispatch.handle_error
     ):
         return int(conn.execute(stmt, dict(params)).rowcount)
     sql, binds = plan
-    values = []
     try:
-        for name, constant, processor in binds:
-            value = params[name] if constant is _FROM_PARAMS else constant
-            values.append(processor(value) if processor is not None else value)
+        values = [
+            (params[name] if constant is _FROM_PARAMS else constant)
+            if processor is None
+            else processor(params[name] if constant is _FROM_PARAMS else constant)
+            for name, constant, processor in binds
+        ]
     except Exception as err:
         # As Connection.execute reports a value its column type refuses (a naive datetime
         # for a UTC column, JSON it cannot serialise): a StatementError chaining it, which
         # translate_errors() maps; raw, it escaped as an unhandled ValueError/TypeError.
         raise _wrapped(conn, sql, [dict(params)], err) from err
-    dbapi_conn = conn.connection.driver_connection
+    dbapi_conn = conn.connection.dbapi_connection
     if dbapi_conn is None:
         return int(conn.execute(stmt, dict(params)).rowcount)
-    cursor = dbapi_conn.cursor()
     try:
-        try:
-            cursor.execute(sql, values)
-        except conn.dialect.loaded_dbapi.Error as err:
-            raise _wrapped(conn, sql, values, err) from err
-        return int(cursor.rowcount)
-    finally:
-        cursor.close()
+        # sqlite3's Connection.execute: a cursor, the statement run to completion (a
+        # write returns no rows), the cursor released with its last reference.
+        return int(dbapi_conn.execute(sql, values).rowcount)
+    except dialect.loaded_dbapi.Error as err:
+        raise _wrapped(conn, sql, values, err) from err
 
 
 def _wrapped(conn: Connection, sql: str, params: Any, err: Exception) -> exc.StatementError:
