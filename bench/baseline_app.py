@@ -16,7 +16,8 @@ same work per run, so its throughput is the ceiling for that stack on this machi
   audit records, settles the token counter and deletes the slot. Same pragmas (WAL,
   ``synchronous=NORMAL``, foreign keys, busy timeout, ``secure_delete``, no automatic
   checkpoint) and the same WAL checkpoints on a background thread
-  (:mod:`patinox.storage._checkpoint`), and tables of
+  (:mod:`patinox.storage._checkpoint`), the same garbage-collector settings
+  (:func:`patinox._process.server_gc`: start-up heap frozen, server thresholds), and tables of
   the same shape, but no tenant, no condition on any counter and no reads. Plain
   ``sqlite3`` on one connection, not SQLAlchemy: this is the ceiling, not a replica.
 
@@ -39,6 +40,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
+from patinox._process import server_gc
 from patinox.agents import AgentDefinition, RunLimits, run_agent
 from patinox.storage import _checkpoint
 
@@ -264,7 +266,10 @@ def _main() -> None:
     print(
         f"baseline serving on http://{args.host}:{args.port} ({time.monotonic() - started:.2f} s)", flush=True
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    # The same collector settings as `patinox serve` (frozen start-up heap, server
+    # thresholds: patinox._process), so the comparison is of the request path alone.
+    with server_gc():
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

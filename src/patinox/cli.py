@@ -381,25 +381,19 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
 ) -> None:
     """Run the HTTP API server until interrupted."""
-    import gc
-
     import uvicorn
 
+    from patinox._process import server_gc
     from patinox.api import create_app
 
     app_ = create_app(runtime=_runtime(data_dir))
     _check_port_free(host, port)
     _say(f"Patinox serving {_where(app_.state.runtime, data_dir)} on http://{host}:{port} (docs at /docs)")
-    # What start-up built (models, schemas, compiled statements) lives as long as the
-    # server: freezing it keeps the collector's full passes from re-scanning it. Unfrozen
-    # when the server stops, so an in-process caller (the tests) keeps a collectable heap.
-    gc.collect()
-    gc.freeze()
-    try:
+    # The start-up heap frozen and the collector's thresholds set for a server (see
+    # patinox._process); as they were again when the server stops.
+    with server_gc():
         # reset_contextvars: each request starts from a clean context (see clear_inherited_tenant).
         uvicorn.run(app_, host=host, port=port, log_level=log_level, access_log=False, reset_contextvars=True)
-    finally:
-        gc.unfreeze()
 
 
 # --- tenants ---------------------------------------------------------------------------
@@ -923,7 +917,10 @@ def worker(
             await rt.runs.shutdown()
         _say(f"Worker stopped after {w.completed} runs.")
 
-    asyncio.run(go())
+    from patinox._process import server_gc
+
+    with server_gc():  # as `patinox serve` (see patinox._process)
+        asyncio.run(go())
 
 
 @app.command(cls=_Command)
