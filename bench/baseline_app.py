@@ -8,10 +8,10 @@ same work per run, so its throughput is the ceiling for that stack on this machi
   ``patinox serve``);
 - the same pydantic-ai agent loop: :func:`patinox.agents.run_agent` on the same simulated
   model ids (**simulated**: an offline stand-in for an LLM, not a real model);
-- the same number of SQLite writes as one Patinox sync run (:data:`WRITES_PER_RUN`, 10;
+- the same number of SQLite writes as one Patinox sync run (:data:`WRITES_PER_RUN`, 9;
   ``bench/throughput.py`` counts Patinox's in the same run and reports both), in the same
-  two transactions: transaction 1 takes a slot (an insert-if-absent of the owner row, a
-  slot row), counts the run and its tokens (two counter updates) and inserts the run
+  two transactions: transaction 1 takes a slot (a slot row), counts the run and its
+  tokens (two counter updates) and inserts the run
   (``running``); transaction 2 updates the run with its result, inserts its usage and
   audit records, settles the token counter and deletes the slot. Same pragmas (WAL,
   ``synchronous=NORMAL``, foreign keys, busy timeout, ``secure_delete``, no automatic
@@ -49,9 +49,9 @@ AGENTS = {"instant": "simulated:instant", "model20ms": "simulated:ttft_ms=20,tpo
 #: Instructions of both agents (also used for the Patinox agents).
 INSTRUCTIONS = "You are a benchmark agent. Answer briefly."
 #: SQLite writes (INSERT, UPDATE, DELETE) of one run: Patinox's count for a synchronous run
-#: of a pool tenant (slot owner, slot, 2 quota counters, run | run, usage, audit, token
-#: counter, slot release).
-WRITES_PER_RUN = 10
+#: of a pool tenant (slot, 2 quota counters, run | run, usage, audit, token counter, slot
+#: release).
+WRITES_PER_RUN = 9
 #: The enterprise plan's per-run limits (the Patinox bench tenant is on that plan).
 LIMITS = RunLimits(max_output_tokens=32_768, max_tool_calls=128, timeout_s=900.0)
 
@@ -67,7 +67,6 @@ CREATE TABLE IF NOT EXISTS usage_records (
   simulated INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
   tool_calls INTEGER NOT NULL, duration_ms REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS ix_usage_records_at ON usage_records (at);
-CREATE TABLE IF NOT EXISTS slot_owners (owner TEXT PRIMARY KEY, created_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS slots (
   owner TEXT NOT NULL, run_id TEXT NOT NULL, held_by TEXT NOT NULL, until TEXT NOT NULL,
   PRIMARY KEY (owner, run_id));
@@ -159,7 +158,6 @@ def create_app(db_path: str) -> FastAPI:
         # Transaction 1: slot, counters and the run, as Patinox's admission transaction.
         with conn:
             conn.execute("BEGIN")
-            conn.execute("INSERT OR IGNORE INTO slot_owners VALUES ('bench', ?)", (created.isoformat(),))
             conn.execute(
                 "INSERT INTO slots VALUES ('bench', ?, 'baseline', ?)", (run_id, created.isoformat())
             )

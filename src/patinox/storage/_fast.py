@@ -1,7 +1,7 @@
-"""Prebuilt writes on the driver's cursor: the run path's INSERT, UPDATE and DELETE
+"""Prebuilt writes on the driver connection: the run path's INSERT, UPDATE and DELETE
 statements without SQLAlchemy's per-execution machinery, on SQLite.
 
-A synchronous run writes ten rows in two transactions. Executing a prebuilt Core
+A synchronous run makes nine writes in two transactions. Executing a prebuilt Core
 statement through :meth:`Connection.execute` costs about 25 us of Python per statement
 on this machine (execution context, parameter processing, result set-up), against about
 3 us for the same SQL on the ``sqlite3`` cursor. :func:`write` keeps what matters of
