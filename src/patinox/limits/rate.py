@@ -275,6 +275,18 @@ class _WindowMemoryStorage(storage.Storage, storage.MovingWindowSupport):
     def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
         return ValueError
 
+    def _live_hits(self, key: str, expiry: int, now: float) -> collections.deque[float]:
+        """``key``'s hits still in its window at ``now``, the expired ones dropped; a fresh
+        window when the key has none or had another length (caller holds the lock)."""
+        slot = self._hits.get(key)
+        if slot is None or slot[0] != expiry:
+            slot = self._hits[key] = (float(expiry), collections.deque())
+        hits = slot[1]
+        cutoff = now - expiry
+        while hits and hits[0] < cutoff:
+            hits.popleft()
+        return hits
+
     def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         """Record ``amount`` hits on ``key`` unless that would make more than ``limit``
         in the last ``expiry`` seconds; True when recorded."""
@@ -283,13 +295,7 @@ class _WindowMemoryStorage(storage.Storage, storage.MovingWindowSupport):
         now = time.time()
         with self._lock:
             self._maybe_sweep()
-            slot = self._hits.get(key)
-            if slot is None or slot[0] != expiry:
-                slot = self._hits[key] = (float(expiry), collections.deque())
-            hits = slot[1]
-            cutoff = now - expiry
-            while hits and hits[0] < cutoff:
-                hits.popleft()
+            hits = self._live_hits(key, expiry, now)
             if len(hits) + amount > limit:
                 return False
             hits.extend(itertools.repeat(now, amount))
@@ -301,13 +307,7 @@ class _WindowMemoryStorage(storage.Storage, storage.MovingWindowSupport):
         now = time.time()
         with self._lock:
             self._maybe_sweep()
-            slot = self._hits.get(key)
-            if slot is None or slot[0] != expiry:
-                slot = self._hits[key] = (float(expiry), collections.deque())
-            hits = slot[1]
-            cutoff = now - expiry
-            while hits and hits[0] < cutoff:
-                hits.popleft()
+            hits = self._live_hits(key, expiry, now)
             admitted = len(hits) < limit
             if admitted:
                 hits.append(now)
