@@ -91,3 +91,18 @@ def test_dispose_closes_it_and_a_plain_dispose_is_noticed(engine: Engine) -> Non
     assert after.closed
     with begin(engine) as reopened:  # the engine stays usable, as after Engine.dispose()
         assert reopened.execute(text("SELECT count(*) FROM t")).scalar() == 0
+
+
+def test_a_dispose_on_another_thread_does_not_lose_the_owners_transaction(engine: Engine) -> None:
+    # An evicted silo engine is disposed on whichever thread evicted it, possibly while
+    # the owner thread is inside a transaction on it: that transaction must commit (as
+    # it does on a connection checked out of a pool that Engine.dispose() replaced).
+    with begin(engine) as conn:
+        conn.execute(text("INSERT INTO t (v) VALUES ('kept')"))
+        other = threading.Thread(target=dispose, args=(engine,))
+        other.start()
+        other.join()
+        conn.execute(text("INSERT INTO t (v) VALUES ('after')"))
+    assert conn.closed  # closed once the transaction ended, not kept
+    with engine.connect() as check:
+        assert check.execute(text("SELECT v FROM t ORDER BY id")).scalars().all() == ["kept", "after"]

@@ -87,17 +87,23 @@ class _Kept:
         broken = conn.invalidated or conn.closed or conn.in_transaction()
         with self.lock:
             self.busy = False
-            if broken and self.conn is conn:
+            if self.conn is not conn:
+                broken = True  # dropped by close() while in use: closed now it is done
+            elif broken:
                 self.conn = None
         if broken:
             with suppress(Exception):
                 conn.close()
 
     def close(self) -> None:
-        """Close the kept connection (the engine is being disposed)."""
+        """Close the kept connection (the engine is being disposed); one in use by a
+        transaction (on the owner thread) is closed when that transaction ends, as a plain
+        ``Engine.dispose()`` leaves checked-out connections to their users."""
         with self.lock:
             conn, self.conn = self.conn, None
             self.owner = None
+            if self.busy:
+                conn = None  # give_back() closes it
         if conn is not None:
             with suppress(Exception):
                 conn.close()
