@@ -3,8 +3,10 @@ never left holding a transaction, replaced after a dispose."""
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,20 @@ def test_a_dispose_on_another_thread_does_not_lose_the_owners_transaction(engine
     assert conn.closed  # closed once the transaction ended, not kept
     with engine.connect() as check:
         assert check.execute(text("SELECT v FROM t ORDER BY id")).scalars().all() == ["kept", "after"]
+
+
+def test_an_engine_used_after_its_dispose_keeps_nothing_and_is_freed(tmp_path: Path) -> None:
+    # A silo engine evicted from the LRU (disposed) may still serve a store that holds
+    # its placement; a connection kept again then would never be closed, and it holds
+    # the engine (and its open database file) alive for the life of the process.
+    made = make_engine(f"sqlite:///{tmp_path / 'evicted.db'}")
+    with begin(made) as conn:
+        conn.execute(text("SELECT 1"))
+    dispose(made)
+    with begin(made) as conn:
+        conn.execute(text("SELECT 1"))
+    assert conn.closed  # an ordinary engine.begin() connection, returned to the pool
+    ref = weakref.ref(made)
+    del made, conn
+    gc.collect()
+    assert ref() is None

@@ -19,7 +19,8 @@ processes' writers never wait for it).
 
 A kept connection that was invalidated (the driver reported it broken) or is left in a
 transaction is closed and dropped, and the next transaction checks out a fresh one.
-:func:`dispose` closes it and disposes of the engine; after a plain ``Engine.dispose()``
+:func:`dispose` closes it (a transaction in flight on it finishes first) and disposes of
+the engine, which keeps none from then on; after a plain ``Engine.dispose()``
 (a new pool) the next transaction closes it and checks out a fresh one. (Not an
 ``engine_disposed`` listener: any connection-event listener makes SQLAlchemy dispatch
 events around every statement of the engine.) Only SQLite file engines keep
@@ -45,7 +46,7 @@ _ATTR = "_patinox_kept"
 class _Kept:
     """The kept connection of one engine, its owner thread and whether it is in use."""
 
-    __slots__ = ("busy", "conn", "engine", "lock", "owner", "pool")
+    __slots__ = ("busy", "closed", "conn", "engine", "lock", "owner", "pool")
 
     def __init__(self, engine: Engine) -> None:
         # Weak: the engine holds this object, which must not keep the engine alive.
@@ -55,6 +56,11 @@ class _Kept:
         self.conn: Connection | None = None
         self.pool: object = None  # the pool ``conn`` came from
         self.busy = False
+        #: dispose() was called: the engine keeps no connection again. A kept connection
+        #: holds its engine alive (SQLAlchemy references checked-out connections), so one
+        #: kept on an engine nobody disposes again (an evicted silo engine a store still
+        #: uses) would leak the engine and its open file for the life of the process.
+        self.closed = False
 
     def take(self) -> Connection | None:
         """The kept connection for the calling thread, marked busy; None when the caller
@@ -64,7 +70,7 @@ class _Kept:
         with self.lock:
             if self.owner is None:
                 self.owner = me
-            if me != self.owner or self.busy:
+            if me != self.owner or self.busy or self.closed:
                 return None
             engine = self.engine()
             if engine is None:
@@ -102,6 +108,7 @@ class _Kept:
         with self.lock:
             conn, self.conn = self.conn, None
             self.owner = None
+            self.closed = True
             if self.busy:
                 conn = None  # give_back() closes it
         if conn is not None:
