@@ -260,12 +260,11 @@ class FairRunQueue:
             ConcurrencyLimited: the tenant already holds ``max_running`` runs.
         """
         with self._backend.control_tx(conn) as conn:
-            # PostgreSQL: the tenant's queue row is the lock (created if missing, locked
-            # FOR UPDATE). SQLite: the conditional insert below is one statement, and a
-            # writing statement takes the database's write lock before it reads, so no
-            # other hold or claim can come between its count and its insert.
+            # PostgreSQL: the tenant's queue row is the lock (_lock_tenant creates it if
+            # missing, locks it FOR UPDATE). SQLite: the conditional insert below is one
+            # statement, and a writing statement takes the database's write lock before it
+            # reads, so no other hold or claim can come between its count and its insert.
             if self._postgres:
-                self._ensure_tenant_row(conn, tenant_id)
                 self._lock_tenant(conn, tenant_id)
             now = utcnow()
             row = {

@@ -28,7 +28,8 @@ Headers. :func:`ratelimit_headers` renders :class:`RateLimitState` as the ``Rate
 and ``RateLimit-Policy`` fields of the IETF draft *RateLimit header fields for HTTP*,
 draft-ietf-httpapi-ratelimit-headers-10 (structured-field lists of named policies).
 
-Source: the `limits` library (https://limits.readthedocs.io), MovingWindowRateLimiter.
+Source: the `limits` library (https://limits.readthedocs.io): its storages (the Redis one
+runs its Lua scripts) and key names, called as its ``MovingWindowRateLimiter`` calls them.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Protocol
 
-from limits import RateLimitItemPerMinute, storage, strategies
+from limits import RateLimitItemPerMinute, storage
 from limits import errors as limits_errors
 from patinox.errors import ConfigurationError, MissingDependency, RateLimited, StorageError
 
@@ -131,16 +132,16 @@ class WindowRateLimiter:
         self.key_prefix = key_prefix
         self.shared = scheme in _REDIS_SCHEMES
         self._storage: storage.RedisStorage | _WindowMemoryStorage
+        #: The in-process storage (``memory://``), or None (Redis).
+        self._memory: _WindowMemoryStorage | None = None
         self._driver_errors: type[Exception] | tuple[type[Exception], ...]
         if self.shared:
             self._storage = _redis_storage(storage_uri, key_prefix)
-            # acquire_entry/get_moving_window are not wrapped by ``limits``: map here.
+            # The storage's calls are not wrapped by ``limits``: map its errors here.
             self._driver_errors = self._storage.base_exceptions
         else:
-            self._storage = _WindowMemoryStorage()
+            self._storage = self._memory = _WindowMemoryStorage()
             self._driver_errors = ()
-        self._memory = self._storage if isinstance(self._storage, _WindowMemoryStorage) else None
-        self._limiter = strategies.MovingWindowRateLimiter(self._storage)
         self._items: dict[int, RateLimitItemPerMinute] = {}
         #: (tenant id, key, limit) -> the storage key ``limits`` builds for it (bounded).
         self._keys: dict[tuple[str, str, int], str] = {}
@@ -154,9 +155,12 @@ class WindowRateLimiter:
     def _stored_key(self, tenant_id: str, key: str, per_minute: int) -> str:
         """The storage key of the tenant's ``key`` at ``per_minute``, as ``limits`` names it
         (``rate/<tenant_id>/<key>/<limit>/1/minute``), remembered for the next hit."""
+        stored = self._keys.get((tenant_id, key, per_minute))
+        if stored is not None:
+            return stored
         if len(self._keys) >= _MAX_KEYS:
             self._keys.clear()
-        stored: str = self._item(per_minute).key_for(tenant_id, key)
+        stored = self._item(per_minute).key_for(tenant_id, key)
         self._keys[(tenant_id, key, per_minute)] = stored
         return stored
 
@@ -180,9 +184,7 @@ class WindowRateLimiter:
                 slot frees).
             StorageError: the shared store (Redis) failed; the driver error is chained.
         """
-        stored = self._keys.get((tenant_id, key, per_minute))
-        if stored is None:
-            stored = self._stored_key(tenant_id, key, per_minute)
+        stored = self._stored_key(tenant_id, key, per_minute)
         policy = key.partition(":")[0]
         try:
             # The storage's own moving-window calls, as MovingWindowRateLimiter.hit() and
@@ -221,7 +223,7 @@ class WindowRateLimiter:
             StorageError: the shared store (Redis) failed; the driver error is chained.
         """
         try:
-            self._limiter.clear(self._item(per_minute), tenant_id, key)
+            self._storage.clear(self._stored_key(tenant_id, key, per_minute))
         except self._driver_errors as err:
             raise StorageError(
                 f"rate-limit store failed: {type(err).__name__}", backend="redis", operation="reset"
@@ -234,7 +236,7 @@ class WindowRateLimiter:
 
 
 class _WindowMemoryStorage(storage.Storage, storage.MovingWindowSupport):
-    """In-process moving-window storage for ``limits``' ``MovingWindowRateLimiter``.
+    """In-process moving-window storage with the interface of a ``limits`` storage.
 
     Per key, the hits' timestamps (``time.time()``, seconds) oldest first in a
     :class:`collections.deque` of floats. Admission drops the hits older than the window

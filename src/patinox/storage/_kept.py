@@ -49,7 +49,8 @@ class _Kept:
     __slots__ = ("busy", "closed", "conn", "engine", "lock", "owner", "pool")
 
     def __init__(self, engine: Engine) -> None:
-        # Weak: the engine holds this object, which must not keep the engine alive.
+        # Weak: the engine holds this object (a kept connection refers to the engine too,
+        # until dispose() closes it).
         self.engine = weakref.ref(engine)
         self.lock = threading.Lock()
         self.owner: int | None = None
@@ -107,7 +108,6 @@ class _Kept:
         ``Engine.dispose()`` leaves checked-out connections to their users."""
         with self.lock:
             conn, self.conn = self.conn, None
-            self.owner = None
             self.closed = True
             if self.busy:
                 conn = None  # give_back() closes it
