@@ -28,6 +28,7 @@ from sqlalchemy import (
     Text,
     text,
 )
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
@@ -37,6 +38,18 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     impl = DateTime(timezone=True)
     cache_ok = True
+
+    def bind_processor(self, dialect: Dialect) -> Any:
+        """On SQLite with its default storage format, one step: the UTC time as the text
+        SQLAlchemy's ``DATETIME`` stores (``YYYY-MM-DD HH:MM:SS.ffffff``), made by
+        ``datetime.isoformat`` instead of :meth:`process_bind_param` then a ``%``-format
+        (0.9 us of 2.2 us per value on this machine; a run binds seven). Elsewhere, and
+        with another storage format, the two steps as usual."""
+        if dialect.name == "sqlite":
+            impl = self.impl_instance.dialect_impl(dialect)
+            if getattr(impl, "_storage_format", None) == _SQLITE_DATETIME_FORMAT:
+                return _sqlite_utc_text
+        return super().bind_processor(dialect)
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
         if value is None:
@@ -50,6 +63,24 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         assert isinstance(value, datetime)
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+#: SQLAlchemy's default text format of a SQLite ``DATETIME``.
+_SQLITE_DATETIME_FORMAT = sqlite.DATETIME._storage_format
+
+
+def _sqlite_utc_text(value: datetime | None) -> str | None:
+    """``value`` as SQLite ``DATETIME`` text in UTC: what :meth:`UTCDateTime.process_bind_param`
+    and SQLAlchemy's default ``DATETIME`` format make of it, in one step.
+
+    Raises:
+        ValueError: ``value`` is naive (no timezone).
+    """
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to a UTC column")
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 metadata = MetaData(
