@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,9 +59,13 @@ class Release(Protocol):
 
 
 class RunExecutor(Protocol):
-    """Runs one agent for one tenant at that tenant's isolation level."""
+    """Runs one agent for one tenant at that tenant's isolation level.
 
-    async def execute(
+    ``execute`` returns the awaitable of the run (an ``async def`` method qualifies); it may
+    raise at once, before the run starts, or when awaited.
+    """
+
+    def execute(
         self,
         ctx: TenantContext,
         definition: AgentDefinition,
@@ -70,7 +74,7 @@ class RunExecutor(Protocol):
         output_tokens: int | None,
         limits: RunLimits,
         memory: MemoryStore,
-    ) -> RunOutcome: ...
+    ) -> Awaitable[RunOutcome]: ...
 
 
 class AgentSpec(BaseModel):

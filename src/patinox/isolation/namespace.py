@@ -8,6 +8,8 @@ tenant inside one process, so tenants needing those limits need another isolatio
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from patinox.agents import AgentDefinition, MemoryStore, RunLimits, RunOutcome, run_agent
 from patinox.errors import TenantContextAlreadySet
 from patinox.tenancy import TenantContext, current_tenant_or_none, tenant_scope
@@ -16,7 +18,7 @@ from patinox.tenancy import TenantContext, current_tenant_or_none, tenant_scope
 class NamespaceExecutor:
     """In-process execution within the tenant's context."""
 
-    async def execute(
+    def execute(
         self,
         ctx: TenantContext,
         definition: AgentDefinition,
@@ -25,23 +27,37 @@ class NamespaceExecutor:
         output_tokens: int | None,
         limits: RunLimits,
         memory: MemoryStore,
-    ) -> RunOutcome:
-        """Run ``definition`` on ``prompt`` for ``ctx``'s tenant.
+    ) -> Awaitable[RunOutcome]:
+        """The run of ``definition`` on ``prompt`` for ``ctx``'s tenant, to await.
+
+        Inside that tenant's scope (a request's run) this is the agent's own run, with no
+        coroutine of its own around it: a run resumes about fourteen times, and each layer
+        it passes through costs each time. Outside any scope (a worker's run) the run is
+        wrapped in the tenant's scope.
 
         Raises:
-            RunFailed: the run failed (see :func:`patinox.agents.run_agent`).
-            TenantContextAlreadySet: the caller is inside another tenant's scope.
+            RunFailed: the run failed, when awaited (see :func:`patinox.agents.run_agent`).
+            TenantContextAlreadySet: at once, when the caller is inside another tenant's scope.
         """
         active = current_tenant_or_none()
-        if active is not None:
-            if active.tenant_id != ctx.tenant_id:
-                raise TenantContextAlreadySet(
-                    "executing a run for one tenant inside another tenant's scope",
-                    active_tenant_id=active.tenant_id,
-                )
-            return await run_agent(
-                definition, prompt, output_tokens=output_tokens, limits=limits, memory=memory
+        if active is None:
+            return self._in_scope(ctx, definition, prompt, output_tokens, limits, memory)
+        if active.tenant_id != ctx.tenant_id:
+            raise TenantContextAlreadySet(
+                "executing a run for one tenant inside another tenant's scope",
+                active_tenant_id=active.tenant_id,
             )
+        return run_agent(definition, prompt, output_tokens=output_tokens, limits=limits, memory=memory)
+
+    @staticmethod
+    async def _in_scope(
+        ctx: TenantContext,
+        definition: AgentDefinition,
+        prompt: str,
+        output_tokens: int | None,
+        limits: RunLimits,
+        memory: MemoryStore,
+    ) -> RunOutcome:
         with tenant_scope(ctx):
             return await run_agent(
                 definition, prompt, output_tokens=output_tokens, limits=limits, memory=memory
