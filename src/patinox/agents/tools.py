@@ -17,8 +17,10 @@ behind that lands after the cancellation, which a call abandoned in a worker thr
 The calculator and the clock are computed inline too.
 
 Failures:
-    A refused calculator expression is reported to the model as a failed tool result
-    (:class:`pydantic_ai.exceptions.ToolFailed`): the run goes on and the model can adapt.
+    A refused calculator expression, and a ``memory_get`` / ``memory_list`` result too
+    large for the run's remaining token budget, are reported to the model as a failed tool
+    result (:class:`pydantic_ai.exceptions.ToolFailed`): the run goes on and the model can
+    adapt.
     Any other exception from a tool (a store error, a bug) is wrapped in
     :class:`ToolExecutionError`, which ends the run; the runner turns it into
     ``RunFailed(reason="tool_error")``.
@@ -41,6 +43,7 @@ from typing import Any, Final, ParamSpec, Protocol, TypeVar
 from pydantic_ai import RunContext, Tool
 from pydantic_ai.exceptions import ModelRetry, ToolFailed
 
+from patinox.agents.simulated import count_simulated_tokens
 from patinox.errors import UnknownTool
 
 __all__ = [
@@ -234,6 +237,28 @@ def _checked(value: object) -> int | float:
 # --- the tools as the model sees them ---------------------------------------------------
 
 
+def _fits_budget(ctx: RunContext[ToolDeps], tool: str, texts: Iterable[str]) -> None:
+    """Refuse a result the run's token cap cannot carry.
+
+    pydantic-ai checks ``total_tokens_limit`` only after a model response, and the next
+    request sends this result back to the model: a large stored value (up to a million
+    characters) would be sent, and paid for, whole, far past the tokens reserved for the
+    run and the tenant's daily budget. Counted with the simulated tokenizer (for real
+    providers an estimate, as the reservation is).
+
+    Raises:
+        ToolFailed: the run's tokens so far plus the result's would pass its cap (the model
+            is told so in a few words, instead of being sent the result).
+    """
+    limits = ctx.usage_limits
+    cap = limits.total_tokens_limit if limits is not None else None
+    if cap is None:
+        return
+    tokens = sum(count_simulated_tokens(t) for t in texts)
+    if ctx.usage.total_tokens + tokens > cap:
+        raise ToolFailed(f"{tool} result of {tokens} tokens does not fit in this run's token budget")
+
+
 @_tool_boundary("memory_get")
 async def memory_get(ctx: RunContext[ToolDeps], key: str) -> dict[str, str | None]:
     """Read a value from the agent's memory.
@@ -244,7 +269,10 @@ async def memory_get(ctx: RunContext[ToolDeps], key: str) -> dict[str, str | Non
     Returns:
         {"value": the stored text}, or {"value": null} when nothing is stored under the key.
     """
-    return {"value": ctx.deps.memory.memory_get(key)}
+    value = ctx.deps.memory.memory_get(key)
+    if value is not None:
+        _fits_budget(ctx, "memory_get", (value,))
+    return {"value": value}
 
 
 @_tool_boundary("memory_put")
@@ -274,7 +302,9 @@ async def memory_list(ctx: RunContext[ToolDeps], prefix: str = "") -> list[str]:
     Returns:
         The matching keys.
     """
-    return ctx.deps.memory.memory_list(prefix, MEMORY_LIST_LIMIT)
+    keys = ctx.deps.memory.memory_list(prefix, MEMORY_LIST_LIMIT)
+    _fits_budget(ctx, "memory_list", keys)
+    return keys
 
 
 @_tool_boundary("calculator")
