@@ -6,10 +6,17 @@ build it was written for. Docstrings describe the attack and what a fixed build 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+
+from patinox.api import Runtime, create_app
+from patinox.storage import utcnow
+from tests.conftest import TenantHandle
 
 
 @pytest.mark.parametrize("tool", ["memory_get", "memory_list"])
@@ -47,3 +54,44 @@ def test_a_large_memory_tool_result_does_not_spend_past_the_daily_budget(
     assert usage["tokens_today"] <= 2000, usage
     # The tenant can still run within its budget afterwards.
     assert a.run(agent, "hello there", output_tokens=1).status_code == 200
+
+
+def test_a_stalled_worker_whose_run_was_requeued_does_not_give_its_reservation_back_twice(
+    runtime: Runtime, operator_key: str
+) -> None:
+    """Attack: a worker claims an async run, stalls past its lease (its renewals fail), the
+    reaper puts the run back with its reservation, and a second worker claims it. Then
+    both finish: the stalled one runs the agent, the second finds the run done. Each gave
+    the run's reservation back, so the day's ``reserved`` went below zero by one
+    reservation, which the tenant's next runs could spend on top of ``tokens_per_day``.
+
+    Correct: the reservation is given back once, by the worker holding the claim; the
+    tokens the stalled worker's execution used are still charged.
+    """
+    runtime.settings = dataclasses.replace(runtime.settings, embedded_workers=0)
+    with TestClient(create_app(runtime=runtime), raise_server_exceptions=False) as client:
+        a = TenantHandle(client, operator_key, "alpha")
+        agent = a.agent("x")
+        r = a.run(agent, "hello there", mode="async", output_tokens=1)
+        assert r.status_code == 202, r.text
+        run_id = r.json()["id"]
+        assert runtime.budget.spent_today(a.id)[1] > 0  # the run's worst case, reserved
+
+        stalled = runtime.queue.claim("stalled", lease_s=30)
+        assert stalled is not None
+        assert runtime.queue.requeue_expired(now=utcnow() + timedelta(seconds=31)) == (1, [])
+        second = runtime.queue.claim("second", lease_s=30)
+        assert second is not None and second.run_id == run_id
+
+        async def both() -> None:
+            await runtime.runs.execute_claim(stalled)
+            await runtime.runs.execute_claim(second)
+
+        asyncio.run(both())
+        run = client.get(f"/v1/runs/{run_id}", headers=a.h).json()
+        assert run["status"] == "succeeded", run
+        spent, reserved = runtime.budget.spent_today(a.id)
+        assert reserved == 0
+        assert spent == run["input_tokens"] + run["output_tokens"]
+        assert runtime.queue.held(a.id) == 0
+        assert runtime.queue.depth(a.id) == 0

@@ -401,10 +401,13 @@ class RunService:
 
         def done(used: int, conn: Connection | None = None) -> None:
             with self._backend.control_tx(conn) as conn:
+                # Only the worker still holding the claim gives its reservation back: after
+                # an expired lease the run was put back with the reservation, and whoever
+                # claims it next settles it. Tokens this execution used are spent either way.
+                ours = self.queue.release(claim.tenant_id, claim.run_id, holder=claim.holder, conn=conn)
                 self._budget.settle_tokens(
-                    claim.tenant_id, claim.quota_period, claim.reserved_tokens, used, conn=conn
+                    claim.tenant_id, claim.quota_period, claim.reserved_tokens if ours else 0, used, conn=conn
                 )
-                self.queue.release(claim.tenant_id, claim.run_id, conn=conn)
 
         try:
             tenant = self._backend.get_tenant(claim.tenant_id)

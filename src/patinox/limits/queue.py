@@ -66,6 +66,9 @@ _HOLD_UNDER_CAP = insert(_Q).from_select(
     ),
 )
 _RELEASE = delete(_Q).where(_Q.c.tenant_id == bindparam("b_tenant"), _Q.c.run_id == bindparam("b_run"))
+#: A worker's release: only while the run is still its claim (not put back after its lease
+#: expired, nor claimed again by another worker).
+_RELEASE_CLAIM = _RELEASE.where(_Q.c.claimed_by == bindparam("b_holder"))
 _LAST_TAG = select(_QT.c.last_tag).where(_QT.c.tenant_id == bindparam("b_tenant"))
 _LOCK_TENANT = _LAST_TAG.with_for_update()
 #: The same lock for a claim, which skips a tenant whose row another transaction holds:
@@ -375,10 +378,24 @@ class FairRunQueue:
                     .values(lease_until=until)
                 )
 
-    def release(self, tenant_id: str, run_id: str, *, conn: Connection | None = None) -> None:
-        """Remove a finished run (or a synchronous hold) from the queue."""
+    def release(
+        self, tenant_id: str, run_id: str, *, holder: str | None = None, conn: Connection | None = None
+    ) -> bool:
+        """Remove a finished run (or a synchronous hold) from the queue.
+
+        Args:
+            holder: a worker's name: remove the run only while it is still that worker's
+                claim. A worker whose lease expired (it stalled, and the run was put back
+                or claimed by another worker) then removes nothing.
+
+        Returns:
+            Whether a queue entry was removed.
+        """
+        params = {"b_tenant": tenant_id, "b_run": run_id}
         with self._backend.control_tx(conn) as conn:
-            execute_write(conn, _RELEASE, {"b_tenant": tenant_id, "b_run": run_id})
+            if holder is None:
+                return execute_write(conn, _RELEASE, params) == 1
+            return execute_write(conn, _RELEASE_CLAIM, {**params, "b_holder": holder}) == 1
 
     def requeue_expired(self, now: datetime | None = None) -> tuple[int, list[tuple[str, str]]]:
         """Put runs whose lease expired (their worker died) back in the queue, keeping
