@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import inspect
 
-from patinox.errors import AlreadyExists, NotFound, TenantContextMissing
+from patinox.errors import AlreadyExists, InvalidRequest, NotFound, TenantContextMissing
 from patinox.storage import SqlBackend
 from patinox.storage._schema import TENANT_TABLES
 from patinox.tenancy import TenantContext, get_plan, tenant_scope
@@ -61,6 +61,15 @@ def test_memory_is_per_tenant(backend: SqlBackend) -> None:
     assert (sa.memory_get("k"), sb.memory_get("k")) == ("A2", "B")
     sa.memory_put("k%", "wild")
     assert sa.memory_list("k%") == ["k%"]  # LIKE wildcards are escaped
+
+
+def test_memory_key_with_nul_is_refused_on_every_backend(backend: SqlBackend) -> None:
+    """The HTTP route refuses a NUL in a key, and PostgreSQL cannot store one in text: the
+    store refuses it too (the memory tools write through it), and writes nothing."""
+    sa = backend.tenant_store(ctx("tn_a"))
+    with pytest.raises(InvalidRequest, match="NUL"):
+        sa.memory_put("k\x00", "v")
+    assert sa.memory_list() == []
 
 
 def test_unique_agent_name_within_tenant_only(backend: SqlBackend) -> None:

@@ -288,6 +288,8 @@ async def memory_put(ctx: RunContext[ToolDeps], key: str, value: str) -> str:
     """
     if not 1 <= len(key) <= MEMORY_KEY_MAX_CHARS:
         raise ToolFailed(f"memory keys are 1-{MEMORY_KEY_MAX_CHARS} characters")
+    if "\x00" in key:
+        raise ToolFailed("memory keys cannot hold NUL characters")
     ctx.deps.memory.memory_put(key, value)
     return "ok"
 

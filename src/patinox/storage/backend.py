@@ -971,12 +971,15 @@ class TenantStore:
         """Set ``key`` to ``value`` (insert or replace).
 
         Raises:
-            InvalidRequest: the key is not 1-200 characters.
+            InvalidRequest: the key is not 1-200 characters, or holds a NUL character (as
+                the HTTP route refuses; PostgreSQL cannot store one in text).
             QuotaExceeded: the tenant's stored memory (encrypted size, bytes) would pass its
                 ``memory_bytes`` limit (stores made from a tenant context enforce it).
         """
         if not 1 <= len(key) <= 200:
             raise InvalidRequest("memory keys are 1-200 characters", field="key")
+        if "\x00" in key:
+            raise InvalidRequest("memory keys cannot hold NUL characters", field="key")
         sealed = self._sealer.seal("memory.value", key, value)
         m = s.memory
         with self._tx() as conn:
