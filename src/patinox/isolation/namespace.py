@@ -8,7 +8,8 @@ tenant inside one process, so tenants needing those limits need another isolatio
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
+from typing import Any
 
 from patinox.agents import AgentDefinition, MemoryStore, RunLimits, RunOutcome, run_agent
 from patinox.errors import TenantContextAlreadySet
@@ -39,26 +40,20 @@ class NamespaceExecutor:
             RunFailed: the run failed, when awaited (see :func:`patinox.agents.run_agent`).
             TenantContextAlreadySet: at once, when the caller is inside another tenant's scope.
         """
+        run = run_agent(definition, prompt, output_tokens=output_tokens, limits=limits, memory=memory)
         active = current_tenant_or_none()
         if active is None:
-            return self._in_scope(ctx, definition, prompt, output_tokens, limits, memory)
+            return _in_scope(ctx, run)
         if active.tenant_id != ctx.tenant_id:
+            run.close()  # never started: closed, so it is not reported as never awaited
             raise TenantContextAlreadySet(
                 "executing a run for one tenant inside another tenant's scope",
                 active_tenant_id=active.tenant_id,
             )
-        return run_agent(definition, prompt, output_tokens=output_tokens, limits=limits, memory=memory)
+        return run
 
-    @staticmethod
-    async def _in_scope(
-        ctx: TenantContext,
-        definition: AgentDefinition,
-        prompt: str,
-        output_tokens: int | None,
-        limits: RunLimits,
-        memory: MemoryStore,
-    ) -> RunOutcome:
-        with tenant_scope(ctx):
-            return await run_agent(
-                definition, prompt, output_tokens=output_tokens, limits=limits, memory=memory
-            )
+
+async def _in_scope(ctx: TenantContext, run: Coroutine[Any, Any, RunOutcome]) -> RunOutcome:
+    """Await ``run`` (not started yet) inside ``ctx``'s tenant scope."""
+    with tenant_scope(ctx):
+        return await run
