@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
+from patinox.storage import open_backend
+from patinox.storage.crypto import key_provider_from_url
 from tests.conftest import Deployment, auth, count_tenant_rows, raw_db_bytes
 
 
@@ -95,6 +98,28 @@ def test_delete_is_resumable_after_a_crash(
     r = client.delete(f"/admin/tenants/{a.id}", headers=auth(operator_key))
     assert r.status_code == 200
     assert set(count_tenant_rows(deployment, a.id).values()) == {0}
+
+
+@pytest.mark.only_deployments("pg-silo")
+def test_delete_a_silo_tenant_while_another_process_has_connections_to_it(
+    client: TestClient, make_tenant: Any, operator_key: str, deployment: Deployment, kek_url: str
+) -> None:
+    """Every other server and worker of the deployment keeps pooled connections, as the
+    application role, to each silo database it has used. The owner role that drops the
+    database may not terminate another role's sessions, so ``DROP DATABASE ... WITH (FORCE)``
+    failed with InsufficientPrivilege and left the tenant ``deleting``."""
+    a = make_tenant("alpha")
+    assert client.put("/v1/memory/k", json={"value": "v"}, headers=a.h).status_code == 200
+    other = open_backend(
+        deployment.db_url, owner_url=deployment.owner_url, key_provider=key_provider_from_url(kek_url)
+    )
+    try:
+        assert other.acting_on(a.id).memory_list() == ["k"]  # its silo engine keeps the connection
+        r = client.delete(f"/admin/tenants/{a.id}", headers=auth(operator_key))
+        assert r.status_code == 200, r.text
+        assert set(count_tenant_rows(deployment, a.id).values()) == {0}  # the silo database too
+    finally:
+        other.close()
 
 
 def test_update_plan_and_limits(client: TestClient, make_tenant: Any, operator_key: str) -> None:

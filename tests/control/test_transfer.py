@@ -507,6 +507,29 @@ def test_move_pool_to_bridge_to_silo_to_pool_on_postgres(
     assert snapshot(client, bystander.h) == theirs
 
 
+@pytest.mark.parametrize("deployment", ["pg-pool"], indirect=True)
+def test_move_out_of_a_postgres_silo_another_process_has_connections_to(
+    client: TestClient, make_tenant: Any, backend: SqlBackend, deployment: Deployment, kek_url: str
+) -> None:
+    """The old silo database is dropped by the owner role while the other servers and
+    workers still hold application-role connections to it (their silo engines' pools)."""
+    t = make_tenant("acme", "pro", UNLIMITED)
+    populate(t)
+    before = snapshot(client, t.h)
+    move_tenant(backend, t.id, StorageModel.SILO, actor="test", grace_s=0)
+    other = open_backend(
+        deployment.db_url, owner_url=deployment.owner_url, key_provider=key_provider_from_url(kek_url)
+    )
+    try:
+        assert other.acting_on(t.id).memory_list() == ["k0", "k1", "k2"]  # a kept silo connection
+        summary = move_tenant(backend, t.id, StorageModel.POOL, actor="test", grace_s=0)
+        assert StorageModel.SILO in summary.shredded
+        assert "<database>" not in count_tenant_rows(deployment, t.id)
+        assert snapshot(client, t.h) == before
+    finally:
+        other.close()
+
+
 def test_a_failed_move_leaves_the_tenant_where_it_was(
     monkeypatch: pytest.MonkeyPatch,
     client: TestClient,

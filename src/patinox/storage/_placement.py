@@ -10,11 +10,12 @@ one per tenant, creates the schema/database/file when a tenant is created
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, text
 
 from patinox.errors import ConfigurationError, InvalidRequest
 from patinox.storage.engine import (
@@ -221,11 +222,45 @@ class Placements:
             self._forget_silo(tenant_id)
             if self.postgres:
                 db = database_name(self._silo_url(tenant_id, owner=True))
-                self._outside_transaction([f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'])
+                if db is not None:
+                    self._drop_silo_database(db)
                 return
             path = self._silo_path(tenant_id)
             for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
                 p.unlink(missing_ok=True)
+
+    def _drop_silo_database(self, db: str, *, wait_s: float = 10.0) -> None:
+        """Drop a silo database that other processes of the deployment may still be using.
+
+        Every other server and worker keeps pooled connections, as the application role, to
+        each silo database it has used. ``WITH (FORCE)`` ends other sessions only when the
+        dropping role may signal them, and the owner role may not signal the application
+        role's. So: no new connections (``CONNECT`` revoked), the application role ends its
+        own sessions there and they are waited for, then the owner drops the database (and
+        ends its own sessions with it).
+        """
+        with self.owner.connect() as conn:
+            exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": db}).first()
+        if exists is None:
+            return  # already dropped: destroy is idempotent
+        revoke = [f'REVOKE CONNECT ON DATABASE "{db}" FROM PUBLIC']
+        if self.app_role:
+            revoke.append(f'REVOKE CONNECT ON DATABASE "{db}" FROM "{self.app_role}"')
+        self._outside_transaction(revoke)
+        others = (
+            "FROM pg_stat_activity WHERE datname = :d AND usename = current_user AND pid <> pg_backend_pid()"
+        )
+        deadline = time.monotonic() + wait_s
+        with self.main.connect() as conn:
+            conn.execute(text(f"SELECT pg_terminate_backend(pid) {others}"), {"d": db})
+            conn.rollback()
+            while conn.execute(text(f"SELECT count(*) {others}"), {"d": db}).scalar_one():
+                conn.rollback()  # a fresh snapshot of pg_stat_activity on the next read
+                if time.monotonic() > deadline:
+                    break  # the DROP below reports what is still connected
+                time.sleep(0.05)
+            conn.rollback()
+        self._outside_transaction([f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'])
 
     def close(self) -> None:
         """Dispose every silo engine."""
