@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from sqlalchemy import inspect
 
+from patinox.agents import AgentDefinition, RunLimits, run_agent
 from patinox.errors import AlreadyExists, InvalidRequest, NotFound, TenantContextMissing
 from patinox.storage import SqlBackend
 from patinox.storage._schema import TENANT_TABLES
@@ -127,3 +130,18 @@ def test_migrations_are_idempotent(backend: SqlBackend) -> None:
     backend.migrate()
     backend.migrate()
     assert "alembic_version" in inspect(backend.engine).get_table_names()
+
+
+@pytest.mark.parametrize("key", ["k\\u0000", "k" * 201])
+def test_the_memory_tool_reports_a_key_the_store_refuses_and_the_run_goes_on(
+    backend: SqlBackend, key: str
+) -> None:
+    """The store is the one place memory keys are checked: the ``memory_put`` tool hands its
+    refusal to the model as a failed call (the run still succeeds) and nothing is written."""
+    store = backend.tenant_store(ctx("tn_a"))
+    definition = AgentDefinition(name="m", instructions="", model="simulated:instant", tools=("memory_put",))
+    prompt = '/call memory_put {"key": "' + key + '", "value": "v"}'
+    limits = RunLimits(max_output_tokens=64, max_tool_calls=2, timeout_s=30)
+    outcome = asyncio.run(run_agent(definition, prompt, output_tokens=12, limits=limits, memory=store))
+    assert "memory_put failed: memory keys" in outcome.output
+    assert store.memory_list() == []

@@ -44,7 +44,7 @@ from pydantic_ai import RunContext, Tool
 from pydantic_ai.exceptions import ModelRetry, ToolFailed
 
 from patinox.agents.simulated import count_simulated_tokens
-from patinox.errors import UnknownTool
+from patinox.errors import InvalidRequest, UnknownTool
 
 __all__ = [
     "BUILTIN_TOOLS",
@@ -62,8 +62,6 @@ __all__ = [
 
 MEMORY_LIST_LIMIT: Final = 100
 """Most keys one ``memory_list`` call returns."""
-MEMORY_KEY_MAX_CHARS: Final = 200
-"""Longest memory key, characters (the storage column is ``String(200)``)."""
 MAX_EXPRESSION_CHARS: Final = 1_000
 """Longest expression the calculator accepts, characters."""
 MAX_INT_BITS: Final = 4_096
@@ -84,7 +82,12 @@ class MemoryStore(Protocol):
         ...
 
     def memory_put(self, key: str, value: str) -> None:
-        """Store ``value`` under ``key``, replacing any previous value."""
+        """Store ``value`` under ``key``, replacing any previous value.
+
+        Raises:
+            InvalidRequest: the store refuses ``key`` (its length or characters); the
+                ``memory_put`` tool reports the message to the model.
+        """
         ...
 
     def memory_list(self, prefix: str = "", limit: int = 100) -> list[str]:
@@ -286,11 +289,10 @@ async def memory_put(ctx: RunContext[ToolDeps], key: str, value: str) -> str:
     Returns:
         "ok" once stored.
     """
-    if not 1 <= len(key) <= MEMORY_KEY_MAX_CHARS:
-        raise ToolFailed(f"memory keys are 1-{MEMORY_KEY_MAX_CHARS} characters")
-    if "\x00" in key:
-        raise ToolFailed("memory keys cannot hold NUL characters")
-    ctx.deps.memory.memory_put(key, value)
+    try:
+        ctx.deps.memory.memory_put(key, value)
+    except InvalidRequest as err:  # a key the store refuses: the model is told why
+        raise ToolFailed(err.message) from err
     return "ok"
 
 

@@ -20,7 +20,7 @@ import base64
 import binascii
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -195,22 +195,6 @@ def open_backend(
     return backend
 
 
-class _Joined(AbstractContextManager[Connection]):
-    """``with`` on a transaction the caller already holds: gives its connection, and leaves
-    committing or rolling back to the caller (an error passes through)."""
-
-    __slots__ = ("conn",)
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-
-    def __enter__(self) -> Connection:
-        return self.conn
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 class SqlBackend:
     """Control-plane access plus a factory of tenant-bound stores.
 
@@ -251,11 +235,12 @@ class SqlBackend:
         """A control-plane transaction, or ``conn`` when the caller already holds one (so
         several control-plane steps commit or roll back together).
 
-        Joining is a plain object, not a generator: every quota, queue and settlement step
-        of a run joins its caller's transaction this way, about eight times a run.
+        Joining is :func:`contextlib.nullcontext`, not a generator: every quota, queue and
+        settlement step of a run joins its caller's transaction this way, about eight times
+        a run; committing or rolling back stays with the caller.
         """
         if conn is not None:
-            return _Joined(conn)
+            return nullcontext(conn)
         return self._tx()
 
     def migrate(self) -> None:
