@@ -154,6 +154,25 @@ def test_per_agent_run_rate(client: TestClient, make_tenant: Any) -> None:
     assert a.run(two).status_code == 200
 
 
+def test_per_agent_policy_joins_the_ratelimit_headers(client: TestClient, make_tenant: Any) -> None:
+    a = make_tenant("alpha", limits={"agent_runs_per_minute": 2})
+    agent = a.agent("one")
+    ok = a.run(agent)
+    assert ok.status_code == 200
+    # One field each, naming the tenant's, the key's and the agent's policy.
+    assert ok.headers.get_list("RateLimit-Policy") == [ok.headers["RateLimit-Policy"]]
+    assert ok.headers["RateLimit-Policy"].endswith(', "agent";q=2;w=60')
+    assert '"agent";r=1;t=' in ok.headers["RateLimit"]
+    assert a.run(agent).status_code == 200
+    refused = a.run(agent)
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert refused.json()["error"]["message"] == "agent rate limit of 2 runs per minute reached"
+    assert refused.headers.get_list("RateLimit") == [refused.headers["RateLimit"]]
+    assert refused.headers["RateLimit"].startswith('"tenant";r=')
+    assert f'"agent";r=0;t={refused.headers["Retry-After"]}' in refused.headers["RateLimit"]
+
+
 def test_runs_per_day_quota(client: TestClient, make_tenant: Any) -> None:
     a = make_tenant("alpha", limits={"runs_per_day": 3})
     agent = a.agent("x")

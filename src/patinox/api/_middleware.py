@@ -21,6 +21,10 @@ from patinox.limits import RateLimitState, ratelimit_headers
 from patinox.tenancy import TenantContext, clear_inherited_tenant, tenant_scope
 
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: Key in the ASGI scope's ``state`` of the request's rate-limit states
+#: (``list[RateLimitState]``): the tenant's and the key's, to which a route appends its own.
+RATE_STATES = "patinox.rate_states"
+_RATE_FIELDS = frozenset({b"ratelimit", b"ratelimit-policy"})
 
 
 def error_response_parts(err: PatinoxError) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -111,8 +115,11 @@ class TenancyMiddleware:
         except PatinoxError as err:
             await _send_json(send, *error_response_parts(err))
             return
+        # A route may add its own policy (a run adds the agent's) to this list; the
+        # headers are built from it when the response starts.
+        scope.setdefault("state", {})[RATE_STATES] = states
         with tenant_scope(principal):
-            await self.app(scope, receive, _with_headers(send, ratelimit_headers(*states)))
+            await self.app(scope, receive, _with_rate_headers(send, states))
 
     async def _limit_body(self, scope: Scope, receive: Receive) -> Receive:
         """Refuse bodies over the limit (413) before any handler sees them.
@@ -146,13 +153,16 @@ class TenancyMiddleware:
         return replayed
 
 
-def _with_headers(send: Send, headers: dict[str, str]) -> Send:
-    """``send`` that adds ``headers`` to the response start."""
-    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+def _with_rate_headers(send: Send, states: list[RateLimitState]) -> Send:
+    """``send`` that gives the response start one ``RateLimit-Policy`` and one ``RateLimit``
+    field naming every policy in ``states`` (as they are when the response starts), in
+    place of any the app set (a 429 of one policy names that policy alone)."""
 
     async def sending(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", []), *raw]}
+            kept = [h for h in message.get("headers", []) if h[0].lower() not in _RATE_FIELDS]
+            added = [(k.lower().encode(), v.encode()) for k, v in ratelimit_headers(*states).items()]
+            message = {**message, "headers": [*kept, *added]}
         await send(message)
 
     return sending

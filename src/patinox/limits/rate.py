@@ -105,7 +105,7 @@ class RateLimitState:
 class RateLimiter(Protocol):
     """Admit or refuse one hit on a tenant's ``key`` against ``per_minute``."""
 
-    def hit(self, key: str, per_minute: int, *, tenant_id: str) -> RateLimitState: ...
+    def hit(self, key: str, per_minute: int, *, tenant_id: str, unit: str = "requests") -> RateLimitState: ...
 
     def reset(self, key: str, per_minute: int, *, tenant_id: str) -> None: ...
 
@@ -165,13 +165,15 @@ class WindowRateLimiter:
         self._keys[(tenant_id, key, per_minute)] = stored
         return stored
 
-    def hit(self, key: str, per_minute: int, *, tenant_id: str) -> RateLimitState:
+    def hit(self, key: str, per_minute: int, *, tenant_id: str, unit: str = "requests") -> RateLimitState:
         """Count one request on the tenant's ``key``.
 
         Args:
             key: the limit within the tenant (``tenant``, ``key:<id>``, ``agent:<id>``).
             per_minute: requests allowed in any 60 s.
             tenant_id: the tenant; always part of the stored key.
+            unit: what is counted, plural, for the refusal's message (``requests``,
+                ``runs``).
 
         Returns:
             The policy's state after this hit (for the ``RateLimit`` headers). Read just
@@ -207,7 +209,7 @@ class WindowRateLimiter:
             return RateLimitState(policy, per_minute, max(0, remaining), reset_after)
         retry_after = max(1, math.ceil(reset_time - now))
         raise RateLimited(
-            f"rate limit of {per_minute} requests per minute reached",
+            f"{policy} rate limit of {per_minute} {unit} per minute reached",
             tenant_id=tenant_id,
             policy=policy,
             limit=per_minute,

@@ -15,10 +15,11 @@ from pydantic import AwareDatetime
 from patinox.agents import is_simulated
 from patinox.api import schemas as o
 from patinox.api._deps import RT, AgentWriter, Reader, RunWriter, Store
+from patinox.api._middleware import RATE_STATES
 from patinox.api._runtime import Runtime
 from patinox.control import AgentPatch, AgentSpec, RunRequest
-from patinox.errors import InvalidRequest, NotFound
-from patinox.limits import day_start
+from patinox.errors import InvalidRequest, NotFound, RateLimited
+from patinox.limits import RateLimitState, day_start
 from patinox.storage import utcnow
 
 router = APIRouter(prefix="/v1", tags=["tenant"])
@@ -42,7 +43,16 @@ async def create_run(
     # The runtime straight from the app, not through the RT dependency: every run comes this
     # way, and each dependency FastAPI solves costs about 10 us a request on this machine.
     rt: Runtime = request.app.state.runtime
-    rt.rate.hit(f"agent:{agent_id}", ctx.limits.per_agent_rpm, tenant_id=ctx.tenant_id)
+    # The agent's policy joins the tenant's and the key's in the response's RateLimit
+    # headers, on success and on its own 429 alike.
+    states: list[RateLimitState] = request.scope["state"][RATE_STATES]
+    try:
+        states.append(
+            rt.rate.hit(f"agent:{agent_id}", ctx.limits.per_agent_rpm, tenant_id=ctx.tenant_id, unit="runs")
+        )
+    except RateLimited as err:
+        states.append(RateLimitState.from_refusal(err))
+        raise
     row = await rt.runs.start(ctx, agent_id, req)
     if req.mode == "async":
         response.status_code = 202
