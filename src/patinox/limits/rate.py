@@ -286,11 +286,7 @@ class _WindowMemoryStorage(storage.Storage, storage.MovingWindowSupport):
         slot = self._hits.get(key)
         if slot is None or slot[0] != expiry:
             slot = self._hits[key] = (float(expiry), collections.deque())
-        hits = slot[1]
-        cutoff = now - expiry
-        while hits and hits[0] < cutoff:
-            hits.popleft()
-        return hits
+        return _drop_expired(slot[1], now - expiry)
 
     def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         """Record ``amount`` hits on ``key`` unless that would make more than ``limit``
@@ -326,9 +322,7 @@ class _WindowMemoryStorage(storage.Storage, storage.MovingWindowSupport):
             slot = self._hits.get(key)
             if slot is None:
                 return now, 0
-            hits, cutoff = slot[1], now - expiry
-            while hits and hits[0] < cutoff:
-                hits.popleft()
+            hits = _drop_expired(slot[1], now - expiry)
             return (hits[0], len(hits)) if hits else (now, 0)
 
     def _maybe_sweep(self) -> None:
@@ -382,6 +376,13 @@ class _WindowMemoryStorage(storage.Storage, storage.MovingWindowSupport):
         with self._lock:
             until = self._counts.get(key, (0, now))[1]
         return max(until, now)
+
+
+def _drop_expired(hits: collections.deque[float], cutoff: float) -> collections.deque[float]:
+    """``hits`` (timestamps, oldest first) without those before ``cutoff``, dropped in place."""
+    while hits and hits[0] < cutoff:
+        hits.popleft()
+    return hits
 
 
 def _redis_storage(uri: str, key_prefix: str) -> storage.RedisStorage:
