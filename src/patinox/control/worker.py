@@ -18,7 +18,7 @@ import structlog
 
 from patinox.control.runs import RunService
 from patinox.errors import PatinoxError
-from patinox.limits import DEFAULT_LEASE_S, Claim, FairRunQueue
+from patinox.limits import DEFAULT_LEASE_S, Claim, FairRunQueue, QueueListener
 
 log = structlog.get_logger("patinox.worker")
 
@@ -31,7 +31,8 @@ class RunWorker:
         queue: the shared fair queue.
         holder: this worker's name in claims (unique per process).
         concurrency: runs executed at once by this worker.
-        poll_s: wait between claim attempts when the queue is empty, seconds.
+        poll_s: wait between claim attempts when the queue is empty, seconds (on
+            PostgreSQL a run queued by any process ends the wait at once).
         lease_s: lease of a claim, seconds; renewed every third of it.
         reap_s: least time between two requeues of expired runs, seconds (default a
             third of ``lease_s``: a dead worker's run is back in the queue at most
@@ -60,6 +61,8 @@ class RunWorker:
         self._claims: dict[tuple[str, str], Claim] = {}
         self.wakeup = asyncio.Event()
         self.completed = 0
+        #: The PostgreSQL LISTEN thread while :meth:`run` runs (None on SQLite).
+        self.listener: QueueListener | None = None
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Work until ``stop`` is set (or the task is cancelled); in-flight runs are then
@@ -67,6 +70,11 @@ class RunWorker:
         stop = stop or asyncio.Event()
         renewer = asyncio.create_task(self._renew_forever())
         running: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        # PostgreSQL: a run queued by any process wakes this worker at once.
+        self.listener = self._queue.listen(lambda: loop.call_soon_threadsafe(self.wakeup.set))
+        # Setting ``stop`` ends an idle wait too, not only at the next poll.
+        stopper = asyncio.create_task(self._wake_on(stop))
         try:
             self._reap()
             while not stop.is_set():
@@ -81,6 +89,8 @@ class RunWorker:
                 if claim is None:
                     self._slots.release()
                     self.wakeup.clear()
+                    if stop.is_set():
+                        continue
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wakeup.wait(), self._poll_s)
                     if time.monotonic() - self._reaped_at >= self._reap_s:
@@ -90,10 +100,17 @@ class RunWorker:
                 running.add(task)
                 task.add_done_callback(running.discard)
         finally:
+            if self.listener is not None:
+                await asyncio.to_thread(self.listener.close)
             renewer.cancel()
+            stopper.cancel()
             for t in list(running):
                 t.cancel()
-            await asyncio.gather(renewer, *running, return_exceptions=True)
+            await asyncio.gather(renewer, stopper, *running, return_exceptions=True)
+
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self.wakeup.set()
 
     async def _execute(self, claim: Claim) -> None:
         key = (claim.tenant_id, claim.run_id)

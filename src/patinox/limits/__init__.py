@@ -1,15 +1,24 @@
 """Resource limits: request rate limits, token quotas, and the durable fair run queue."""
 
-from patinox.limits.queue import DEFAULT_LEASE_S, Claim, FairRunQueue, worker_id
+from patinox.limits.queue import (
+    DEFAULT_LEASE_S,
+    NOTIFY_CHANNEL,
+    Claim,
+    FairRunQueue,
+    QueueListener,
+    worker_id,
+)
 from patinox.limits.quota import RUNS_PER_DAY, TOKENS_PER_DAY, Reservation, TokenBudget, day_start
 from patinox.limits.rate import RateLimiter, RateLimitState, WindowRateLimiter, ratelimit_headers
 
 __all__ = [
     "DEFAULT_LEASE_S",
+    "NOTIFY_CHANNEL",
     "RUNS_PER_DAY",
     "TOKENS_PER_DAY",
     "Claim",
     "FairRunQueue",
+    "QueueListener",
     "RateLimitState",
     "RateLimiter",
     "Reservation",

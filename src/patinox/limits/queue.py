@@ -30,17 +30,30 @@ read with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL so concurrent workers do not 
 each other's picks, and a claim skips a tenant whose queue row another transaction holds
 (``SKIP LOCKED`` again) rather than wait: two workers locking candidate tenants in
 opposite orders would otherwise deadlock.
+
+Wake-ups: an idle worker looks at the queue every ``poll_s`` seconds. A run queued in the
+same process wakes it at once (:meth:`~patinox.control.runs.RunService.set_wakeup`). On
+PostgreSQL a run queued (or put back) by any process also wakes idle workers everywhere:
+the queueing transaction sends ``NOTIFY`` on :data:`NOTIFY_CHANNEL` (delivered at commit,
+never for a rolled-back one), and :meth:`FairRunQueue.listen` keeps a ``LISTEN``
+connection per worker process (PostgreSQL docs, "NOTIFY"). The notification carries no
+payload: no tenant's id or run crosses to a process through it; the woken worker claims
+in fair order as ever. SQLite has no such channel across processes; its workers poll.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, bindparam, delete, func, insert, select, update
+import structlog
+from sqlalchemy import ColumnElement, Connection, and_, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -50,6 +63,14 @@ from patinox.storage import _schema as s
 
 #: How long a claim holds a run without renewal, seconds.
 DEFAULT_LEASE_S = 30.0
+#: PostgreSQL channel notified when a run is queued or put back (no payload).
+NOTIFY_CHANNEL = "patinox_run_queue"
+_NOTIFY = text(f"NOTIFY {NOTIFY_CHANNEL}")
+#: Seconds a listener waits for a notification before it checks whether to stop; and
+#: the first pause before it reconnects after losing its connection (doubling to 30 s).
+_LISTEN_TICK_S = 1.0
+
+log = structlog.get_logger("patinox.queue")
 
 # Statements every synchronous run executes, built once (see patinox.storage.backend).
 _Q, _QT = s.run_queue, s.queue_tenants
@@ -223,7 +244,25 @@ class FairRunQueue:
                     lease_until=None,
                 )
             )
+            self._notify(conn)
         return tag
+
+    def _notify(self, conn: Connection) -> None:
+        """PostgreSQL: wake idle workers of every process when ``conn``'s transaction commits."""
+        if self._postgres:
+            conn.execute(_NOTIFY)
+
+    def listen(self, on_notify: Callable[[], object]) -> QueueListener | None:
+        """Call ``on_notify()`` (from a background thread) whenever any process queues or
+        puts back a run, and once as soon as the listener is connected (runs may have been
+        queued before); ``None`` on SQLite, which has no channel across processes.
+
+        Returns:
+            The running listener; :meth:`QueueListener.close` stops it.
+        """
+        if not self._postgres:
+            return None
+        return QueueListener(self._backend.engine, on_notify)
 
     def _begin_write(self, conn: Connection) -> None:
         """SQLite: take the database's write lock first, so the reads that follow (counts,
@@ -409,6 +448,8 @@ class FairRunQueue:
             holds = [(str(t), str(r)) for t, r in conn.execute(_EXPIRED_HOLDS, params)]
             conn.execute(_DROP_EXPIRED_HOLDS, params)
             back = conn.execute(_REQUEUE_EXPIRED, params).rowcount
+            if back:
+                self._notify(conn)
         return int(back), holds
 
     # -- views ------------------------------------------------------------------------
@@ -426,3 +467,63 @@ class FairRunQueue:
         """Runs of the tenant held now (claimed by workers or admitted synchronously)."""
         with self._backend._tx() as conn:
             return self._held(conn, tenant_id)
+
+
+class QueueListener:
+    """A thread holding a PostgreSQL ``LISTEN`` connection on :data:`NOTIFY_CHANNEL`; see
+    :meth:`FairRunQueue.listen`.
+
+    The connection is the engine's own kind (same URL and connect arguments), taken out of
+    its pool for good and in autocommit. A lost connection is reopened after a pause
+    (1 s, doubling to 30 s), and ``on_notify`` is called again once it is back, since
+    notifications sent meanwhile are lost. ``on_notify`` must be cheap and thread-safe
+    (``loop.call_soon_threadsafe(event.set)``).
+
+    Attributes:
+        notified: notifications received so far (a count; for tests and metrics).
+        connected: set while the ``LISTEN`` connection is up.
+    """
+
+    def __init__(self, engine: Any, on_notify: Callable[[], object]) -> None:
+        self._engine = engine
+        self._on_notify = on_notify
+        self._stop = threading.Event()
+        self.connected = threading.Event()
+        self.notified = 0
+        self._thread = threading.Thread(target=self._run, name="patinox-queue-listen", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop listening; returns within about a second (the thread is a daemon)."""
+        self._stop.set()
+        self._thread.join(timeout=2 * _LISTEN_TICK_S)
+
+    def _run(self) -> None:
+        pause = _LISTEN_TICK_S
+        while not self._stop.is_set():
+            try:
+                self._listen()
+                pause = _LISTEN_TICK_S
+            except Exception as err:  # a lost connection: listen again after a pause
+                self.connected.clear()
+                log.warning("queue listener lost its connection; reconnecting", error=type(err).__name__)
+                self._stop.wait(pause)
+                pause = min(30.0, pause * 2)
+
+    def _listen(self) -> None:
+        raw = self._engine.raw_connection()
+        raw.detach()  # this connection never goes back to the pool
+        conn = raw.dbapi_connection
+        try:
+            conn.autocommit = True
+            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            self.connected.set()
+            self._on_notify()  # runs queued before the LISTEN
+            while not self._stop.is_set():
+                for _ in conn.notifies(timeout=_LISTEN_TICK_S, stop_after=1):
+                    self.notified += 1
+                    self._on_notify()
+        finally:
+            self.connected.clear()
+            with contextlib.suppress(Exception):
+                raw.close()
