@@ -37,7 +37,8 @@ Tool calls:
     issues the same call again, so pydantic-ai's retry budget ends such a run with
     :class:`~pydantic_ai.exceptions.UnexpectedModelBehavior`. A tool-call response has
     ``count_simulated_tokens(f"{tool_name} {json_args}")`` output tokens. A malformed
-    ``/call`` line also raises ``UnexpectedModelBehavior``.
+    ``/call`` line (arguments not a JSON object, or holding lone surrogates that UTF-8
+    cannot encode) also raises ``UnexpectedModelBehavior``.
 
 Latency:
     Every model response (tool call or final reply) waits, with :func:`asyncio.sleep`::
@@ -321,6 +322,14 @@ def _parse_call(line: str, words: list[str]) -> _PlannedCall:
         ) from exc
     if not isinstance(args, dict):
         raise UnexpectedModelBehavior(f"simulated model: the arguments of {line!r} must be a JSON object")
+    try:
+        # JSON escapes can spell lone surrogates ("\\ud800"), which no UTF-8 text holds: the
+        # tool call could not be serialised, sent or stored, so the line is malformed.
+        json.dumps(args, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnexpectedModelBehavior(
+            f"simulated model: the arguments of {line!r} hold characters UTF-8 cannot encode"
+        ) from exc
     return _PlannedCall(tool_name=words[1], args=args)
 
 
