@@ -41,3 +41,30 @@ def test_a_lone_surrogate_in_tool_arguments_is_a_model_error_not_an_internal_err
     run = client.get(f"/v1/runs/{details['run_id']}", headers=a.h).json()
     assert run["status"] == "failed" and run["error"]["reason"] == "model_error", run
     assert client.get("/v1/memory", headers=a.h).json() == []
+
+
+def test_a_tool_less_agent_cannot_spend_past_the_daily_budget_on_retried_calls(
+    client: TestClient, make_tenant: Any
+) -> None:
+    """Attack: a tenant with ``tokens_per_day=2000`` runs an agent with no tools on a prompt
+    of 1,900 words ending in a ``/call`` of a tool. Admission reserves the prompt once plus
+    the output (an agent without tools re-sends nothing) and passes that as the run's
+    token cap, but the run still allowed the plan's 8 tool calls: the model asked for the
+    unknown tool, pydantic-ai answered with a retry request that re-sent the whole
+    conversation, and checks the cap only after that response: the run spent 3,821
+    tokens, nearly twice the tenant's daily budget, in one run.
+
+    Correct: the day's spending never passes ``tokens_per_day``; a run of an agent without
+    tools may make no tool call, so it never re-sends its prompt.
+    """
+    a = make_tenant("alpha", limits={"tokens_per_day": 2000})
+    agent = a.agent("r")
+    prompt = " ".join(["w"] * 1900) + '\n/call memory_get {"key": "k"}'
+    r = a.run(agent, prompt, output_tokens=10)
+    assert r.status_code == 502, r.text
+    usage = client.get("/v1/usage", headers=a.h).json()
+    spent = sum(u["input_tokens"] + u["output_tokens"] for u in usage["records"])
+    assert spent <= 2000, usage
+    assert usage["tokens_today"] <= 2000, usage
+    # Within its budget the agent still runs.
+    assert a.run(agent, "hello there", output_tokens=1).status_code == 200

@@ -572,6 +572,11 @@ class RunService:
             agent["max_tool_calls"] if agent["max_tool_calls"] is not None else lim.max_tool_calls_per_run,
             lim.max_tool_calls_per_run,
         )
+        if not agent["tools"]:
+            # Admission reserves no tool calls for an agent without tools (worst_case_tokens):
+            # a call the model asks for anyway must end the run, not be answered with a retry
+            # request that re-sends the whole conversation past the reserved tokens.
+            max_tools = 0
         return RunLimits(max_output_tokens=max_out, max_tool_calls=max_tools, timeout_s=lim.run_timeout_s)
 
     async def _execute(
