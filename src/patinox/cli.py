@@ -330,7 +330,7 @@ def init(
         db.chmod(0o600)
     if rt.backend.list_api_keys(None):
         _fail(
-            f"{data_dir} is already initialised; create more operator keys with "
+            f"{_where(rt, data_dir)} is already initialised; create more operator keys with "
             "`patinox keys create --operator`"
         )
     issued = rt.keys.create(tenant_id=None, name="operator", scopes=None, actor=ACTOR)

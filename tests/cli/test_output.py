@@ -5,15 +5,19 @@ from __future__ import annotations
 import io
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from rich.console import Console
 
 from patinox import __version__
 from patinox.replay import render_table
 from patinox.replay.runner import ReplayReport, TenantReport
 from tests.cli.conftest import cli, first_json
+from tests.conftest import Deployment
 
 
 def _assert_utc_z(value: Any) -> None:
@@ -127,3 +131,36 @@ def test_replay_table_fits_80_columns() -> None:
     # each tenant on one line, numbers unwrapped
     assert any(all(v in line for v in ("azure-code", "594", "89", "505", "1,184,122")) for line in lines)
     assert any("azure-conv" in line and "1,184,122" in line and "277,576" in line for line in lines)
+
+
+@pytest.mark.parametrize("deployment", ["pg-pool"], indirect=True)
+def test_init_twice_names_the_database_it_found_initialised(deployment: Deployment, tmp_path: Path) -> None:
+    # On PostgreSQL the deployment is the database, not the (empty) data directory. Run as
+    # a process, as an operator would: the CLI leaves closing its connections to the exit.
+    env = {
+        **os.environ,
+        "PATINOX_DATABASE_URL": deployment.db_url,
+        "PATINOX_OWNER_URL": deployment.owner_url or "",
+        "PATINOX_KEK_URL": f"file://{tmp_path / 'kek.json'}",
+        "COLUMNS": "400",
+    }
+    ddir = str(tmp_path / "deployment")
+
+    def init() -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "patinox", "init", "--data-dir", ddir]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+    first = init()
+    assert first.returncode == 0, first.stderr
+    again = init()
+    assert again.returncode == 1
+    text = " ".join(again.stderr.split())
+    assert "postgresql+psycopg://" in text and f"(data directory {ddir}) is already initialised" in text
+
+
+def test_init_twice_on_sqlite_names_the_data_directory(tmp_path: Path) -> None:
+    ddir = str(tmp_path / "deployment")
+    assert cli("init", "--data-dir", ddir, "--key-file", str(tmp_path / "op.key")).exit_code == 0
+    again = cli("init", "--data-dir", ddir)
+    assert again.exit_code == 1
+    assert f"{ddir} is already initialised" in " ".join(again.output.split())
