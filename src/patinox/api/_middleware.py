@@ -9,9 +9,9 @@ Refusals are answered here, before routing, as JSON ``{"error": {...}}``.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from patinox.api._runtime import Runtime
@@ -42,7 +42,8 @@ def error_response_parts(err: PatinoxError) -> tuple[int, dict[str, Any], dict[s
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
-    payload = json.dumps(body).encode()
+    # Encoded as Starlette's JSONResponse encodes every other error body.
+    payload = JSONResponse(body).body
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
