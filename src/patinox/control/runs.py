@@ -306,7 +306,7 @@ class RunService:
         # entry cannot be written the quotas are given back and the run removed (no worker
         # would ever take it).
         with self._backend.control_tx() as conn:
-            self._budget.consume(ctx.tenant_id, RUNS_PER_DAY, 1, ctx.limits.runs_per_day, conn=conn)
+            day = self._budget.consume(ctx.tenant_id, RUNS_PER_DAY, 1, ctx.limits.runs_per_day, conn=conn)
             reservation = self._budget.reserve(
                 ctx.tenant_id, worst_case, ctx.limits.tokens_per_day, conn=conn
             )
@@ -322,7 +322,7 @@ class RunService:
             except BaseException:
                 with self._backend.control_tx() as conn:
                     self._budget.settle(reservation, 0, conn=conn)
-                    self._budget.consume(ctx.tenant_id, RUNS_PER_DAY, -1, ctx.limits.runs_per_day, conn=conn)
+                    self._budget.give_back(ctx.tenant_id, RUNS_PER_DAY, 1, day, conn=conn)
                 if written:
                     with contextlib.suppress(PatinoxError):
                         store.discard_run(run["id"])
@@ -347,7 +347,7 @@ class RunService:
             self.queue.hold(
                 ctx.tenant_id, run_id, max_running=cap, holder=self.holder, lease_s=lease, conn=conn
             )
-            self._budget.consume(ctx.tenant_id, RUNS_PER_DAY, 1, ctx.limits.runs_per_day, conn=conn)
+            day = self._budget.consume(ctx.tenant_id, RUNS_PER_DAY, 1, ctx.limits.runs_per_day, conn=conn)
             reservation = self._budget.reserve(
                 ctx.tenant_id, limits.max_total_tokens or 0, ctx.limits.tokens_per_day, conn=conn
             )
@@ -370,7 +370,7 @@ class RunService:
             except BaseException:
                 with self._backend.control_tx() as conn:
                     done(0, conn)
-                    self._budget.consume(ctx.tenant_id, RUNS_PER_DAY, -1, ctx.limits.runs_per_day, conn=conn)
+                    self._budget.give_back(ctx.tenant_id, RUNS_PER_DAY, 1, day, conn=conn)
                 raise
 
         # From admission to here nothing awaited, so a tenant fenced by stop_tenant() after

@@ -46,6 +46,8 @@ _FITS = _L.c.spent + _L.c.reserved + _AMOUNT <= bindparam("q_limit", type_=BigIn
 _TAKE_SPENT = update(_L).where(_ROW, _FITS).values(spent=_L.c.spent + _AMOUNT)
 #: Hold an amount as reserved, if it fits (reserve).
 _TAKE_RESERVED = update(_L).where(_ROW, _FITS).values(reserved=_L.c.reserved + _AMOUNT)
+#: Uncount an amount counted by consume, unconditionally (give_back).
+_GIVE_BACK = update(_L).where(_ROW).values(spent=_L.c.spent - _AMOUNT)
 _SETTLE = (
     update(_L)
     .where(_ROW)
@@ -122,9 +124,13 @@ class TokenBudget:
 
     def consume(
         self, tenant_id: str, quota: str, amount: int, limit: int, *, conn: Connection | None = None
-    ) -> None:
+    ) -> str:
         """Count ``amount`` against today's ``quota`` at once (no reservation), e.g. one run
         against ``runs_per_day``.
+
+        Returns:
+            The period counted against (the UTC date, ``YYYY-MM-DD``): pass it to
+            :meth:`give_back` to undo the count.
 
         Raises:
             QuotaExceeded: the quota's ``limit`` would be passed; nothing was counted.
@@ -133,7 +139,7 @@ class TokenBudget:
         with self._backend.control_tx(conn) as conn:
             refused = self._take(conn, _TAKE_SPENT, self._key(tenant_id, period, quota), amount, limit)
         if refused is None:
-            return
+            return period
         reset = day_start(now) + timedelta(days=1)
         raise QuotaExceeded(
             f"daily quota {quota} of {limit} reached",
@@ -145,6 +151,23 @@ class TokenBudget:
             reset_at=reset.isoformat(),
             retry_after_s=max(1, int((reset - now).total_seconds())),
         )
+
+    def give_back(
+        self, tenant_id: str, quota: str, amount: int, period: str, *, conn: Connection | None = None
+    ) -> None:
+        """Uncount ``amount`` that :meth:`consume` counted against ``quota`` in ``period``.
+
+        The count goes back to the period it was charged to, not to today: an admission
+        undone after midnight UTC must free a run of the day that counted it, and must not
+        hand the new day an extra one. Never refused (a limit lowered meanwhile does not
+        keep a refund from being made).
+
+        Args:
+            period: the period :meth:`consume` returned.
+        """
+        params = {**self._key(tenant_id, period, quota), "q_amount": amount}
+        with self._backend.control_tx(conn) as conn:
+            execute_write(conn, _GIVE_BACK, params)
 
     def reserve(
         self, tenant_id: str, tokens: int, limit: int, *, conn: Connection | None = None
