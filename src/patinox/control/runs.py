@@ -376,7 +376,10 @@ class RunService:
         # From admission to here nothing awaited, so a tenant fenced by stop_tenant() after
         # this point finds this run among its tasks.
         task = self._track(
-            ctx.tenant_id, self._execute(ctx, store, agent, run, req.input, req.output_tokens, limits, done)
+            ctx.tenant_id,
+            self._execute(
+                ctx, store, agent, run, req.input, req.output_tokens, limits, done, period=reservation.period
+            ),
         )
         try:
             return await asyncio.shield(task)
@@ -450,7 +453,17 @@ class RunService:
         store.update_run(run["id"], {"status": "running", "started_at": utcnow()})
         task = self._track(
             ctx.tenant_id,
-            self._execute(ctx, store, agent, run, run["input"], run["requested_output_tokens"], limits, done),
+            self._execute(
+                ctx,
+                store,
+                agent,
+                run,
+                run["input"],
+                run["requested_output_tokens"],
+                limits,
+                done,
+                period=claim.quota_period,
+            ),
         )
         try:
             return await asyncio.shield(task)
@@ -589,13 +602,24 @@ class RunService:
         output_tokens: int | None,
         limits: RunLimits,
         done: Release,
+        *,
+        period: str,
     ) -> Row:
-        """Run, then settle in storage; ``done(tokens_used)`` runs last, whatever happens.
+        """Run, then settle in storage; ``done(tokens)`` runs last, whatever happens.
 
         The run's result, usage and audit records are written in one transaction; for pool
-        tenants ``done`` (token settlement and slot release) joins it. If that transaction
-        fails, the run's records are written on their own and ``done`` still runs on its
-        own, so neither the run's result nor the slot and reservation are lost or kept.
+        tenants ``done`` (token settlement and slot release) joins it. Otherwise (bridge and
+        silo tenants, or when that transaction fails) the tokens used are first spent in
+        ``period`` of the shared ledger, then the run's records are written in the tenant's
+        database, then ``done(0)`` frees the slot and gives the reservation back. A process
+        dying between two of these commits leaves either a run still running, which is
+        executed again and charged again (both executions used tokens), or a finished run
+        whose tokens are already charged, which the next worker only releases: never a
+        finished run whose tokens nobody charges. Neither the run's result nor the slot
+        and reservation are lost or kept.
+
+        Args:
+            period: the ledger period the run's tokens were reserved in.
         """
         definition = AgentDefinition(
             name=agent["name"],
@@ -605,10 +629,11 @@ class RunService:
         )
         started = time.perf_counter()
         used = 0
+        charged = 0  # of ``used``, tokens already spent in the ledger (not by ``done``)
         released = False
 
         def settle(values: Row, usage: Row | None, outcome: str) -> None:
-            nonlocal released
+            nonlocal released, charged
             write = store.prepare_settlement(
                 run["id"], values, usage=usage, audit=self._audit(ctx, run, outcome, values)
             )
@@ -622,6 +647,10 @@ class RunService:
                 else:
                     released = True  # committed
                     return
+            if used:
+                with contextlib.suppress(PatinoxError):  # not charged here: done() charges them
+                    self._budget.settle_tokens(ctx.tenant_id, period, 0, used)
+                    charged = used
             store.apply(write)
 
         try:
@@ -673,7 +702,7 @@ class RunService:
             return {**run, **values}
         finally:
             if not released:
-                done(used)
+                done(used - charged)
 
     @staticmethod
     def _failure(err: RunFailed, started: float) -> tuple[Row, Row | None]:
