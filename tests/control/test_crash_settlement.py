@@ -113,3 +113,59 @@ def test_a_stalled_worker_and_the_next_one_charge_a_silo_run_once_per_execution(
     assert runtime.budget.spent_today(ctx.tenant_id) == (first["input_tokens"] + first["output_tokens"], 0)
     assert runtime.queue.held(ctx.tenant_id) == 0
     assert runtime.queue.depth(ctx.tenant_id) == 0
+
+
+# A pool run is recorded and settled in one transaction: it cannot die between the two.
+@pytest.mark.parametrize(
+    ("deployment", "dies"),
+    [
+        ("sqlite-pool", "mid-run"),
+        ("sqlite-silo", "mid-run"),
+        ("sqlite-silo", "after-recording"),
+        ("pg-silo", "mid-run"),
+        ("pg-silo", "after-recording"),
+    ],
+    indirect=["deployment"],
+)
+def test_a_sync_run_whose_server_died_is_settled_when_its_hold_expires(
+    runtime: Runtime, deployment: Deployment, monkeypatch: pytest.MonkeyPatch, dies: str
+) -> None:
+    """The API process running a synchronous run dies, either after the run was recorded
+    finished (a silo tenant's run is recorded in its own database first) or while the
+    agent runs. When its hold expires the reaper settles the run's reservation: a
+    finished run keeps its result and is charged what it used; a run cut off mid-run is
+    recorded as interrupted and charged its reservation (what it used is unknown). In
+    neither case does the worst case stay reserved for the rest of the day."""
+    ctx, agent_id = tenant(runtime, StorageModel(deployment.storage_model))
+    real_release = FairRunQueue.release
+
+    def release(self: FairRunQueue, *args: Any, holder: str | None = None, **kwargs: Any) -> bool:
+        if holder is None:  # the synchronous run's own release of its hold
+            raise ProcessDied
+        return real_release(self, *args, holder=holder, **kwargs)
+
+    monkeypatch.setattr(FairRunQueue, "release", release)
+    if dies == "mid-run":
+
+        async def die(*args: Any, **kwargs: Any) -> Any:
+            raise ProcessDied
+
+        monkeypatch.setattr(runtime.runs._executor, "execute", die)
+    with pytest.raises(ProcessDied):
+        asyncio.run(runtime.runs.start(ctx, agent_id, RunRequest(input="hello there", output_tokens=3)))
+    (run,) = runtime.backend.tenant_store(ctx).list_runs()
+    spent, reserved = runtime.budget.spent_today(ctx.tenant_id)
+    assert reserved > 0  # held by the dead process's run
+    assert runtime.queue.held(ctx.tenant_id) == 1
+
+    assert runtime.runs.reap_expired(now=utcnow() + timedelta(days=1)) == 1
+    after = runtime.backend.tenant_store(ctx).get_run(run["id"])
+    assert runtime.queue.held(ctx.tenant_id) == 0
+    if dies == "after-recording":
+        assert after["status"] == "succeeded"
+        used = after["input_tokens"] + after["output_tokens"]
+        assert used > 0
+        assert runtime.budget.spent_today(ctx.tenant_id) == (used, 0)
+    else:
+        assert after["status"] == "failed" and after["error"]["reason"] == "interrupted"
+        assert runtime.budget.spent_today(ctx.tenant_id) == (spent + reserved, 0)

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Coroutine
+from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -343,13 +344,23 @@ class RunService:
         with self._backend.control_tx() as conn:
             # The hold's lease outlives the run's timeout: an expired hold means "the API
             # process died", and the reaper would free the slot of a run still in flight.
-            lease = min(max(300.0, limits.timeout_s + _HOLD_GRACE_S), _HOLD_MAX_S)
-            self.queue.hold(
-                ctx.tenant_id, run_id, max_running=cap, holder=self.holder, lease_s=lease, conn=conn
-            )
+            # Quotas before the hold, which keeps the reservation so that the reaper can
+            # settle it if this process dies (and takes the ledger's and then the queue's
+            # row locks in the order an asynchronous admission takes them).
             day = self._budget.consume(ctx.tenant_id, RUNS_PER_DAY, 1, ctx.limits.runs_per_day, conn=conn)
             reservation = self._budget.reserve(
                 ctx.tenant_id, limits.max_total_tokens or 0, ctx.limits.tokens_per_day, conn=conn
+            )
+            lease = min(max(300.0, limits.timeout_s + _HOLD_GRACE_S), _HOLD_MAX_S)
+            self.queue.hold(
+                ctx.tenant_id,
+                run_id,
+                max_running=cap,
+                holder=self.holder,
+                lease_s=lease,
+                reserved_tokens=reservation.tokens,
+                quota_period=reservation.period,
+                conn=conn,
             )
             if joined:
                 store.apply(insert_run, conn=conn)
@@ -543,22 +554,41 @@ class RunService:
             while self.queue.held(tenant_id) and time.monotonic() < deadline:
                 time.sleep(0.05)
 
-    def reap_expired(self) -> int:
-        """Requeue runs of dead workers; record synchronous runs whose API process died
-        (their hold expired) as failed. Returns how many runs were affected."""
-        back, holds = self.queue.requeue_expired()
-        for tenant_id, run_id in holds:
-            values = {
-                "status": "failed",
-                "finished_at": utcnow(),
-                "error": {
-                    "code": "run_failed",
-                    "reason": "interrupted",
-                    "message": "the server process running this synchronous run stopped",
-                },
-            }
-            with contextlib.suppress(NotFound):
-                self._backend.acting_on(tenant_id).update_run(run_id, values)
+    def reap_expired(self, now: datetime | None = None) -> int:
+        """Requeue runs of dead workers; settle the synchronous runs whose API process died
+        (their hold expired at ``now``, UTC, default the present). Returns how many runs
+        were affected.
+
+        A dead process's run still running is recorded as failed and charged its whole
+        reservation (what it used is unknown: the budget errs on the side of refusing). A
+        run it had recorded finished (a bridge or silo tenant's run, recorded in the
+        tenant's database before the shared one heard of it) keeps its result, and its
+        reservation is given back: its tokens were charged before it was recorded.
+        """
+        back, holds = self.queue.requeue_expired(now)
+        for hold in holds:
+            try:
+                store = self._backend.acting_on(hold.tenant_id)
+                finished = store.get_run(hold.run_id)["status"] in ("succeeded", "failed")
+            except NotFound:
+                store, finished = None, False
+            if store is not None and not finished:
+                values = {
+                    "status": "failed",
+                    "finished_at": utcnow(),
+                    "error": {
+                        "code": "run_failed",
+                        "reason": "interrupted",
+                        "message": "the server process running this synchronous run stopped",
+                    },
+                }
+                with contextlib.suppress(NotFound):
+                    store.update_run(hold.run_id, values)
+            if hold.quota_period:  # holds written before reservations were kept on them have none
+                reserved = hold.reserved_tokens
+                self._budget.settle_tokens(
+                    hold.tenant_id, hold.quota_period, reserved, 0 if finished else reserved
+                )
         return back + len(holds)
 
     def on_limits_changed(self, tenant_id: str, event: str) -> None:

@@ -167,7 +167,9 @@ _ADVANCE_CLOCK = (
     .values(virtual_time=bindparam("b_tag"))
 )
 _EXPIRED = and_(_Q.c.claimed_by.is_not(None), _Q.c.lease_until < bindparam("b_now"))
-_EXPIRED_HOLDS = select(_Q.c.tenant_id, _Q.c.run_id).where(_EXPIRED, _Q.c.finish_tag == 0.0)
+_EXPIRED_HOLDS = select(
+    _Q.c.tenant_id, _Q.c.run_id, _Q.c.claimed_by, _Q.c.reserved_tokens, _Q.c.quota_period
+).where(_EXPIRED, _Q.c.finish_tag == 0.0)
 _DROP_EXPIRED_HOLDS = delete(_Q).where(_EXPIRED, _Q.c.finish_tag == 0.0)
 _REQUEUE_EXPIRED = update(_Q).where(_EXPIRED).values(claimed_by=None, lease_until=None)
 
@@ -294,9 +296,16 @@ class FairRunQueue:
         max_running: int,
         holder: str,
         lease_s: float = 300.0,
+        reserved_tokens: int = 0,
+        quota_period: str = "",
         conn: Connection | None = None,
     ) -> None:
         """Count a synchronous run against the tenant's cap, across every process.
+
+        Args:
+            reserved_tokens: tokens reserved for the run, and ``quota_period`` the budget
+                period they were reserved in: kept on the hold so that whoever drops it
+                after its holder died (:meth:`requeue_expired`) can settle them.
 
         Raises:
             ConcurrencyLimited: the tenant already holds ``max_running`` runs.
@@ -315,8 +324,8 @@ class FairRunQueue:
                 "priority": 0,
                 "finish_tag": 0.0,
                 "max_running": max_running,
-                "reserved_tokens": 0,
-                "quota_period": "",
+                "reserved_tokens": reserved_tokens,
+                "quota_period": quota_period,
                 "enqueued_at": now,
                 "claimed_by": holder,
                 "lease_until": now + timedelta(seconds=lease_s),
@@ -436,16 +445,28 @@ class FairRunQueue:
                 return execute_write(conn, _RELEASE, params) == 1
             return execute_write(conn, _RELEASE_CLAIM, {**params, "b_holder": holder}) == 1
 
-    def requeue_expired(self, now: datetime | None = None) -> tuple[int, list[tuple[str, str]]]:
+    def requeue_expired(self, now: datetime | None = None) -> tuple[int, list[Claim]]:
         """Put runs whose lease expired (their worker died) back in the queue, keeping
         their place, and drop expired synchronous holds (their API process died).
 
         Returns:
-            (runs put back, [(tenant_id, run_id) of the dropped synchronous holds]).
+            (runs put back, the dropped synchronous holds as claims of their dead holder:
+            ``finish_tag`` 0, with the tokens reserved for the run and their period, which
+            the caller settles).
         """
         params = {"b_now": now or utcnow()}
         with self._backend._tx() as conn:
-            holds = [(str(t), str(r)) for t, r in conn.execute(_EXPIRED_HOLDS, params)]
+            holds = [
+                Claim(
+                    tenant_id=str(t),
+                    run_id=str(r),
+                    finish_tag=0.0,
+                    holder=str(h),
+                    reserved_tokens=int(n),
+                    quota_period=str(period),
+                )
+                for t, r, h, n, period in conn.execute(_EXPIRED_HOLDS, params)
+            ]
             conn.execute(_DROP_EXPIRED_HOLDS, params)
             back = conn.execute(_REQUEUE_EXPIRED, params).rowcount
             if back:

@@ -9,8 +9,10 @@ The counters live in the ``quota_ledger`` table of the shared database, one row 
 tenant, quota and period, changed only by conditional ``UPDATE`` statements
 (``... SET reserved = reserved + n WHERE spent + reserved + n <= limit``): each is atomic
 on PostgreSQL and SQLite alike, so any number of API and worker processes never overbook.
-A process that dies between reserve and settle leaves its reservation held until the
-period ends (the budget errs on the side of refusing).
+A process that dies between reserve and settle leaves its reservation to whoever takes
+over the run: a queued run goes back to the queue with it, and the reaper of an expired
+synchronous hold settles it (charging the whole reservation when what the run used is
+unknown: the budget errs on the side of refusing).
 """
 
 from __future__ import annotations
