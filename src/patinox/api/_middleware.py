@@ -24,17 +24,20 @@ _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: Key in the ASGI scope's ``state`` of the request's rate-limit states
 #: (``list[RateLimitState]``): the tenant's and the key's, to which a route appends its own.
 RATE_STATES = "patinox.rate_states"
-_RATE_FIELDS = frozenset({b"ratelimit", b"ratelimit-policy"})
 
 
-def error_response_parts(err: PatinoxError) -> tuple[int, dict[str, Any], dict[str, str]]:
+def error_response_parts(
+    err: PatinoxError, *, rate_headers: bool = True
+) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, JSON body, headers) of an error; 429s and 503s carry ``Retry-After``
-    (seconds), rate-limit refusals the ``RateLimit`` / ``RateLimit-Policy`` headers."""
+    (seconds), rate-limit refusals the ``RateLimit`` / ``RateLimit-Policy`` headers unless
+    ``rate_headers`` is false (inside a tenant request, whose middleware sends those fields
+    for every policy, the refused one included)."""
     headers: dict[str, str] = {}
     retry = err.fields.get("retry_after_s")
     if err.http_status in (429, 503) and retry is not None:
         headers["Retry-After"] = str(int(retry))
-    if isinstance(err, RateLimited) and "policy" in err.fields:
+    if rate_headers and isinstance(err, RateLimited) and "policy" in err.fields:
         headers.update(ratelimit_headers(RateLimitState.from_refusal(err)))
     if err.http_status == 401:
         headers["WWW-Authenticate"] = "Bearer"
@@ -155,15 +158,14 @@ class TenancyMiddleware:
 
 
 def _with_rate_headers(send: Send, states: list[RateLimitState]) -> Send:
-    """``send`` that gives the response start one ``RateLimit-Policy`` and one ``RateLimit``
-    field naming every policy in ``states`` (as they are when the response starts), in
-    place of any the app set (a 429 of one policy names that policy alone)."""
+    """``send`` that adds to the response start one ``RateLimit-Policy`` and one
+    ``RateLimit`` field naming every policy in ``states`` (as they are when the response
+    starts; the app's error handler leaves those fields to this)."""
 
     async def sending(message: Message) -> None:
         if message["type"] == "http.response.start":
-            kept = [h for h in message.get("headers", []) if h[0].lower() not in _RATE_FIELDS]
             added = [(k.lower().encode(), v.encode()) for k, v in ratelimit_headers(*states).items()]
-            message = {**message, "headers": [*kept, *added]}
+            message = {**message, "headers": [*message.get("headers", []), *added]}
         await send(message)
 
     return sending

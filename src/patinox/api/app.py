@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from patinox.api import schemas as o
 from patinox.api._deps import BEARER_SCHEME, BEARER_SCHEME_NAME
-from patinox.api._middleware import TenancyMiddleware, error_response_parts
+from patinox.api._middleware import RATE_STATES, TenancyMiddleware, error_response_parts
 from patinox.api._runtime import Runtime, Settings
 from patinox.api.routers import admin, tenant
 from patinox.errors import PatinoxError
@@ -109,8 +109,10 @@ def _declare_bearer_auth(app: FastAPI) -> None:
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PatinoxError)
-    async def on_patinox(_: Request, err: PatinoxError) -> JSONResponse:
-        status, body, headers = error_response_parts(err)
+    async def on_patinox(request: Request, err: PatinoxError) -> JSONResponse:
+        # In a tenant request the middleware sends the RateLimit fields of every policy.
+        in_tenant_request = RATE_STATES in request.scope.get("state", {})
+        status, body, headers = error_response_parts(err, rate_headers=not in_tenant_request)
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
