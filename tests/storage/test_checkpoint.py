@@ -34,8 +34,9 @@ def test_commits_leave_checkpoints_to_the_background_pass(tmp_path: Path) -> Non
     # Every frame of the fill was still in the log: no commit checkpointed on its way.
     assert log >= 2_000
     _checkpoint.register(engine, path.resolve())
-    _fill(engine, 1_000)
-    result = _checkpoint.checkpoint_now()[path.resolve()]
+    with _checkpoint._pass_lock:  # the background pass waits: it would checkpoint mid-fill
+        _fill(engine, 1_000)
+        result = _checkpoint.checkpoint_now()[path.resolve()]
     assert result is not None
     busy, log, done = result
     assert busy == 0 and log >= 1_000 and done == log

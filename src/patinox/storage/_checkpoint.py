@@ -48,6 +48,9 @@ INTERVAL_S = 0.25
 FORCE_S = 5.0
 
 _lock = threading.Lock()
+#: Held for a whole pass, so the thread's pass and a caller's never compete in one
+#: process (re-entrant: a caller holding it may run a pass itself).
+_pass_lock = threading.RLock()
 #: Owner (an engine) -> its database file; an owner that is garbage-collected drops out.
 _engines: weakref.WeakKeyDictionary[object, Path] = weakref.WeakKeyDictionary()
 #: Database file -> (mtime_ns, size) of its ``-wal`` file when last checkpointed, and when.
@@ -71,9 +74,10 @@ def checkpoint_now() -> dict[Path, tuple[int, int, int] | None]:
     """One pass now, in the caller's thread: for each registered database whose WAL
     changed, the ``(busy, log_frames, checkpointed_frames)`` SQLite reports, or ``None``
     when the file could not be opened (deleted). Used by the thread and by tests."""
-    with _lock:
-        targets = set(_engines.values())
-    return {path: _checkpoint(path) for path in sorted(targets) if _changed(path)}
+    with _pass_lock:
+        with _lock:
+            targets = set(_engines.values())
+        return {path: _checkpoint(path) for path in sorted(targets) if _changed(path)}
 
 
 def _changed(path: Path) -> bool:
