@@ -71,8 +71,15 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.state.runtime = rt
     app.add_middleware(TenancyMiddleware, runtime=rt)
     _install_error_handlers(app)
-    # Error responses are listed on these routes only. Routes are matched in order:
-    # tenant routes (every run) before operator routes.
+    # Error responses are listed on these routes only. Routes are matched in order: the
+    # run route, then tenant routes, then operator routes.
+    app.add_api_route(
+        tenant.RUN_PATH,
+        tenant.create_run,
+        methods=["POST"],
+        tags=["tenant"],
+        responses={**_ERRORS, **tenant.RUN_RESPONSES},
+    )
     for router in (tenant.router, admin.router):
         app.include_router(router, responses=_ERRORS)
     _declare_bearer_auth(app)

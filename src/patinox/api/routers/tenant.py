@@ -33,8 +33,13 @@ def _run_out(row: dict[str, Any]) -> o.RunOut:
     return o.RunOut(**{**row, "simulated": bool(row["simulated"])})
 
 
-# First: routes are matched in order, and this one serves every run.
-@router.post("/agents/{agent_id}/runs", responses={202: {"model": o.RunOut}, 502: {"model": o.ErrorOut}})
+#: The run route: every run comes this way, so the app adds it to its own routes, matched
+#: first, instead of through this router (FastAPI matches an included router's path once
+#: to select it and again to pick its route: two passes over the routes on every request).
+RUN_PATH = "/v1/agents/{agent_id}/runs"
+RUN_RESPONSES: dict[int | str, dict[str, Any]] = {202: {"model": o.RunOut}, 502: {"model": o.ErrorOut}}
+
+
 async def create_run(
     agent_id: str, req: RunRequest, ctx: RunWriter, request: Request, response: Response
 ) -> o.RunOut:
