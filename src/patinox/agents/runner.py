@@ -151,6 +151,7 @@ async def run_agent(
     output_tokens: int | None,
     limits: RunLimits,
     memory: MemoryStore,
+    usage: RunUsage | None = None,
 ) -> RunOutcome:
     """Run ``definition`` on ``prompt`` once.
 
@@ -164,6 +165,11 @@ async def run_agent(
         limits: the run's limits; tool calls are limited through pydantic-ai
             ``UsageLimits``, wall time through :func:`asyncio.timeout`.
         memory: the tenant-bound memory store the memory tools use.
+        usage: the counter the run adds its usage to as it goes (pydantic-ai's
+            :class:`~pydantic_ai.usage.RunUsage`: tokens and tool calls of the model
+            responses and tool calls completed so far); a fresh one when ``None``. Give one
+            to read the usage of a run that was cancelled, which raises
+            :class:`asyncio.CancelledError` and carries no usage of its own.
 
     Returns:
         The reply with its usage and duration.
@@ -190,7 +196,7 @@ async def run_agent(
         settings["max_tokens"] = output_tokens
     elif not simulated:
         settings["max_tokens"] = limits.max_output_tokens
-    usage = RunUsage()
+    usage = RunUsage() if usage is None else usage
     usage_limits = UsageLimits(
         tool_calls_limit=limits.max_tool_calls,
         request_limit=request_limit_for(limits),

@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_ai.usage import RunUsage
 from sqlalchemy import Connection
 
 from patinox.agents import (
@@ -63,7 +64,9 @@ class RunExecutor(Protocol):
     """Runs one agent for one tenant at that tenant's isolation level.
 
     ``execute`` returns the awaitable of the run (an ``async def`` method qualifies); it may
-    raise at once, before the run starts, or when awaited.
+    raise at once, before the run starts, or when awaited. The run adds its usage to
+    ``usage`` as it goes (see :func:`patinox.agents.run_agent`), so a cancelled run's
+    tokens so far can be charged.
     """
 
     def execute(
@@ -75,6 +78,7 @@ class RunExecutor(Protocol):
         output_tokens: int | None,
         limits: RunLimits,
         memory: MemoryStore,
+        usage: RunUsage | None = None,
     ) -> Awaitable[RunOutcome]: ...
 
 
@@ -658,6 +662,7 @@ class RunService:
             tools=tuple(agent["tools"]),
         )
         started = time.perf_counter()
+        so_far = RunUsage()  # the run's usage as it goes: what a cancelled run is charged
         used = 0
         charged = 0  # of ``used``, tokens already spent in the ledger (not by ``done``)
         released = False
@@ -686,7 +691,13 @@ class RunService:
         try:
             try:
                 outcome = await self._executor.execute(
-                    ctx, definition, prompt, output_tokens=output_tokens, limits=limits, memory=store
+                    ctx,
+                    definition,
+                    prompt,
+                    output_tokens=output_tokens,
+                    limits=limits,
+                    memory=store,
+                    usage=so_far,
                 )
             except PatinoxError as err:
                 failed = err if isinstance(err, RunFailed) else RunFailed(err.message, reason=err.code)
@@ -697,10 +708,17 @@ class RunService:
                     raise RunFailed(failed.message, **{**failed.fields, "run_id": run["id"]}) from err
                 return {**run, **values}
             except asyncio.CancelledError:
+                # Charged what its completed model responses used (a response still in
+                # flight is not counted, as for a failed run).
+                duration = (time.perf_counter() - started) * 1000
+                used = so_far.input_tokens + so_far.output_tokens
                 values = {
                     "status": "failed",
                     "finished_at": utcnow(),
-                    "duration_ms": (time.perf_counter() - started) * 1000,
+                    "duration_ms": duration,
+                    "input_tokens": so_far.input_tokens,
+                    "output_tokens": so_far.output_tokens,
+                    "tool_calls": so_far.tool_calls,
                     "error": {
                         "code": "run_failed",
                         "reason": "cancelled",
@@ -708,7 +726,17 @@ class RunService:
                         "or its tenant was suspended or deleted",
                     },
                 }
-                settle(values, None, "error")
+                usage = None
+                if used:
+                    usage = {
+                        "model": definition.model,
+                        "simulated": int(is_simulated(definition.model)),
+                        "input_tokens": so_far.input_tokens,
+                        "output_tokens": so_far.output_tokens,
+                        "tool_calls": so_far.tool_calls,
+                        "duration_ms": duration,
+                    }
+                settle(values, usage, "error")
                 raise
             used = outcome.input_tokens + outcome.output_tokens
             values = {

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Coroutine
 from typing import Any
 
+from pydantic_ai.usage import RunUsage
+
 from patinox.agents import AgentDefinition, MemoryStore, RunLimits, RunOutcome, run_agent
 from patinox.errors import TenantContextAlreadySet
 from patinox.tenancy import TenantContext, current_tenant_or_none, tenant_scope
@@ -28,6 +30,7 @@ class NamespaceExecutor:
         output_tokens: int | None,
         limits: RunLimits,
         memory: MemoryStore,
+        usage: RunUsage | None = None,
     ) -> Awaitable[RunOutcome]:
         """The run of ``definition`` on ``prompt`` for ``ctx``'s tenant, to await.
 
@@ -40,7 +43,9 @@ class NamespaceExecutor:
             RunFailed: the run failed, when awaited (see :func:`patinox.agents.run_agent`).
             TenantContextAlreadySet: at once, when the caller is inside another tenant's scope.
         """
-        run = run_agent(definition, prompt, output_tokens=output_tokens, limits=limits, memory=memory)
+        run = run_agent(
+            definition, prompt, output_tokens=output_tokens, limits=limits, memory=memory, usage=usage
+        )
         active = current_tenant_or_none()
         if active is None:
             return _in_scope(ctx, run)

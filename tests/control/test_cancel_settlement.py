@@ -1,0 +1,66 @@
+"""A run cancelled part-way (its tenant suspended or deleted, the server stopping) is
+charged the tokens its completed model responses used, and its usage is recorded.
+
+Before, a cancelled run settled with 0 tokens: a tenant whose runs were stopped part-way
+paid nothing for the model responses they had already received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from patinox.api import Runtime
+from patinox.control import AgentSpec, RunRequest, TenantSpec
+from patinox.errors import RunFailed
+from patinox.tenancy import StorageModel, TenantContext
+from tests.conftest import Deployment
+
+# One tool call (a response of 2 output tokens), then a reply of 40 tokens at 0.25 s each:
+# the run is stopped while the reply is still being "generated".
+MODEL = "simulated:ttft_ms=0,tpot_ms=250"
+PROMPT = '/call memory_put {"key": "step", "value": "one"}'
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-silo"], indirect=True)
+def test_a_run_stopped_after_a_tool_call_is_charged_what_it_used(
+    runtime: Runtime, deployment: Deployment
+) -> None:
+    t = runtime.tenants.create(
+        TenantSpec(name="alpha", storage_model=StorageModel(deployment.storage_model)), actor="test"
+    )
+    ctx = runtime.keys.authenticate(
+        runtime.keys.create(tenant_id=t.id, name="k", scopes=None, actor="test").secret
+    )
+    assert isinstance(ctx, TenantContext)
+    agent = runtime.agents.create(ctx, AgentSpec(name="a", model=MODEL, tools=["memory_put"]))
+    store = runtime.backend.tenant_store(ctx)
+
+    async def scenario() -> RunFailed:
+        run = asyncio.create_task(
+            runtime.runs.start(ctx, agent["id"], RunRequest(input=PROMPT, output_tokens=40))
+        )
+        # The tool ran, so its model response was counted: stop the run in the final reply.
+        while store.memory_get("step") is None:
+            assert not run.done(), run
+            await asyncio.sleep(0.02)
+        assert await runtime.runs.stop_tenant(ctx.tenant_id) == 1
+        with pytest.raises(RunFailed) as failed:
+            await run
+        return failed.value
+
+    err = asyncio.run(scenario())
+    assert err.fields["reason"] == "tenant_stopped"
+    recorded = store.get_run(err.fields["run_id"])
+    assert recorded["status"] == "failed" and recorded["error"]["reason"] == "cancelled"
+    # The tool-call response: the words of 'memory_put {"key":"step","value":"one"}'.
+    assert recorded["output_tokens"] == 2 and recorded["tool_calls"] == 1
+    assert recorded["input_tokens"] > 0
+    used = recorded["input_tokens"] + recorded["output_tokens"]
+    # Spent in the ledger, nothing left reserved, and one usage record with the same counts.
+    assert runtime.budget.spent_today(ctx.tenant_id) == (used, 0)
+    records = store.list_usage()
+    assert [(r["input_tokens"], r["output_tokens"], r["tool_calls"]) for r in records] == [
+        (recorded["input_tokens"], 2, 1)
+    ]
