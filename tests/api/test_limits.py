@@ -219,3 +219,48 @@ def test_memory_bytes_quota_holds_under_concurrent_writes(client: TestClient, ma
     assert set(codes) <= {200, 429}
     # Each entry takes 2 + 300 + 33 bytes (key, value, blob overhead): at most 4 fit in 1,500.
     assert stored <= 4
+
+
+def test_max_agents_quota(client: TestClient, make_tenant: Any) -> None:
+    """A tenant at its ``max_agents`` is refused a new agent (429 ``quota_exceeded``,
+    nothing written, no ``Retry-After``: it is no daily quota); deleting one makes room.
+    The neighbour is not affected."""
+    a = make_tenant("alpha", limits={"max_agents": 2})
+    b = make_tenant("beta", limits={"max_agents": 2})
+    first = a.agent("one")
+    a.agent("two")
+    r = client.post("/v1/agents", json={"name": "three"}, headers=a.h)
+    assert r.status_code == 429, r.text
+    assert "Retry-After" not in r.headers
+    err = r.json()["error"]
+    assert err["code"] == "quota_exceeded"
+    assert {k: err["details"][k] for k in ("quota", "limit", "used", "requested")} == {
+        "quota": "max_agents",
+        "limit": 2,
+        "used": 2,
+        "requested": 1,
+    }
+    assert sorted(x["name"] for x in client.get("/v1/agents", headers=a.h).json()) == ["one", "two"]
+    b.agent("one")
+    assert client.delete(f"/v1/agents/{first}", headers=a.h).status_code == 204
+    assert client.post("/v1/agents", json={"name": "three"}, headers=a.h).status_code == 201
+
+
+def test_max_agents_quota_holds_under_concurrent_creates(client: TestClient, make_tenant: Any) -> None:
+    """Eight creators released together: exactly ``max_agents`` agents exist after (the
+    insert and the count are one serialised step), the others are refused."""
+    a = make_tenant("alpha", limits={"max_agents": 3, "requests_per_minute": 1000})
+    barrier = threading.Barrier(8)
+    codes: list[int] = []
+
+    def create(i: int) -> None:
+        barrier.wait()
+        codes.append(client.post("/v1/agents", json={"name": f"a{i}"}, headers=a.h).status_code)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [201] * 3 + [429] * 5
+    assert len(client.get("/v1/agents", headers=a.h).json()) == 3

@@ -110,6 +110,10 @@ _FIND_KEY = (
 _ROW_KEY_COLUMNS = frozenset({"tenant_id", "id"})
 
 
+#: PostgreSQL: the per-tenant lock agent creations take turns on (transaction-scoped).
+_LOCK_TENANT_AGENTS = text("SELECT pg_advisory_xact_lock(hashtext('patinox.agents:' || :t))")
+
+
 def _memory_bytes(conn: Connection) -> Any:
     """The statement summing a tenant's stored agent memory, bytes: each entry's sealed
     value plus its key's UTF-8 bytes (keys are stored in clear and count too)."""
@@ -276,6 +280,7 @@ class SqlBackend:
             placement,
             _Sealer(self.keyring, ctx.tenant_id),
             memory_bytes_limit=ctx.limits.memory_bytes,
+            agents_limit=ctx.limits.max_agents,
             cache=self.cache,
         )
 
@@ -638,7 +643,7 @@ class TenantStore:
     Do not construct directly: use :meth:`SqlBackend.tenant_store`.
     """
 
-    __slots__ = ("_cache", "_memory_limit", "_placement", "_sealer", "tenant_id")
+    __slots__ = ("_agents_limit", "_cache", "_memory_limit", "_placement", "_sealer", "tenant_id")
 
     def __init__(
         self,
@@ -646,11 +651,13 @@ class TenantStore:
         sealer: _Sealer,
         *,
         memory_bytes_limit: int | None = None,
+        agents_limit: int | None = None,
         cache: TenantCache | None = None,
     ) -> None:
         self._placement = placement
         self._sealer = sealer
         self._memory_limit = memory_bytes_limit
+        self._agents_limit = agents_limit
         self._cache = cache or _NO_CACHE
         self.tenant_id = sealer.tenant_id
 
@@ -715,7 +722,14 @@ class TenantStore:
     # -- agents ---------------------------------------------------------------------
 
     def create_agent(self, values: Row) -> Row:
-        """Insert an agent. Raises :class:`AlreadyExists` when the name is taken in this tenant."""
+        """Insert an agent.
+
+        Raises:
+            AlreadyExists: the name is taken in this tenant.
+            QuotaExceeded: the tenant already has its ``max_agents`` agents (stores made
+                from a tenant context enforce it); fields ``quota``, ``limit``, ``used``,
+                ``requested`` (agents). Nothing is written.
+        """
         now = utcnow()
         row = {
             **values,
@@ -726,7 +740,25 @@ class TenantStore:
         }
         try:
             with self._tx() as conn:
+                limit = self._agents_limit
+                if limit is not None and self._placement.postgres:
+                    # Concurrent creators of one tenant take turns, so the count below is exact.
+                    conn.execute(_LOCK_TENANT_AGENTS, {"t": self.tenant_id})
+                # Insert first (on SQLite this takes the write lock), then count; over the
+                # quota, the exception rolls the insert back.
                 conn.execute(insert(s.agents).values(**row))
+                if limit is not None:
+                    count = select(func.count()).select_from(s.agents).where(*self._where(s.agents))
+                    total = int(conn.execute(count).scalar_one())
+                    if total > limit:
+                        raise QuotaExceeded(
+                            f"this tenant already has its limit of {limit} agents; delete one to make room",
+                            tenant_id=self.tenant_id,
+                            quota="max_agents",
+                            limit=limit,
+                            used=total - 1,
+                            requested=1,
+                        )
         except AlreadyExists as err:
             raise AlreadyExists(f"an agent named {values['name']!r} already exists") from err
         self._cache.changed(self.tenant_id)

@@ -71,6 +71,7 @@ class ResourceLimits(BaseModel):
     tokens_per_day: int = Field(ge=1, description="model tokens (in + out) per UTC day")
     runs_per_day: int = Field(ge=1, description="runs started per UTC day")
     memory_bytes: int = Field(ge=1, description="agent memory stored (sealed values + keys), bytes")
+    max_agents: int = Field(ge=1, description="agents the tenant may have defined at once")
     max_output_tokens_per_run: int = Field(ge=1, description="output tokens one run may ask for")
     max_tool_calls_per_run: int = Field(ge=0, description="tool calls within one run")
     run_timeout_s: float = Field(gt=0, description="wall time of one run, seconds")
@@ -104,6 +105,7 @@ class LimitOverrides(BaseModel):
     tokens_per_day: int | None = Field(default=None, ge=1, le=10**15)
     runs_per_day: int | None = Field(default=None, ge=1, le=10**12)
     memory_bytes: int | None = Field(default=None, ge=1, le=2**50, description="bytes (at most 1 PiB)")
+    max_agents: int | None = Field(default=None, ge=1, le=1_000_000)
     max_output_tokens_per_run: int | None = Field(default=None, ge=1, le=10**7)
     max_tool_calls_per_run: int | None = Field(default=None, ge=0, le=10**4)
     run_timeout_s: float | None = Field(
@@ -157,6 +159,7 @@ PLANS: dict[str, Plan] = {
             tokens_per_day=2_000_000,
             runs_per_day=20_000,
             memory_bytes=10 * 2**20,
+            max_agents=20,
             max_output_tokens_per_run=2_048,
             max_tool_calls_per_run=8,
             run_timeout_s=60,
@@ -171,6 +174,7 @@ PLANS: dict[str, Plan] = {
             tokens_per_day=50_000_000,
             runs_per_day=1_000_000,
             memory_bytes=2**30,
+            max_agents=500,
             max_output_tokens_per_run=8_192,
             max_tool_calls_per_run=32,
             run_timeout_s=300,
@@ -186,6 +190,7 @@ PLANS: dict[str, Plan] = {
             tokens_per_day=1_000_000_000,
             runs_per_day=100_000_000,
             memory_bytes=100 * 2**30,
+            max_agents=10_000,
             max_output_tokens_per_run=32_768,
             max_tool_calls_per_run=128,
             run_timeout_s=900,
