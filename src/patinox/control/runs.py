@@ -60,6 +60,20 @@ class Release(Protocol):
     def __call__(self, used: int, conn: Connection | None = None, /) -> None: ...
 
 
+class _Once:
+    """A run's :class:`Release`, noting whether it was called: a run's task cancelled before
+    its first step runs none of :meth:`RunService._execute`, whose ``finally`` would call it.
+    """
+
+    def __init__(self, release: Release) -> None:
+        self._release = release
+        self.called = False
+
+    def __call__(self, used: int, conn: Connection | None = None, /) -> None:
+        self.called = True
+        self._release(used, conn)
+
+
 class RunExecutor(Protocol):
     """Runs one agent for one tenant at that tenant's isolation level.
 
@@ -80,6 +94,25 @@ class RunExecutor(Protocol):
         memory: MemoryStore,
         usage: RunUsage | None = None,
     ) -> Awaitable[RunOutcome]: ...
+
+
+def _cancelled(duration_ms: float, usage: RunUsage | None = None) -> Row:
+    """The settlement values of a cancelled run that ran ``duration_ms`` milliseconds and
+    used ``usage`` (nothing when ``None``)."""
+    usage = usage or RunUsage()
+    return {
+        "status": "failed",
+        "finished_at": utcnow(),
+        "duration_ms": duration_ms,
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "tool_calls": usage.tool_calls,
+        "error": {
+            "code": "run_failed",
+            "reason": "cancelled",
+            "message": "the run was cancelled: the server stopped, or its tenant was suspended or deleted",
+        },
+    }
 
 
 class AgentSpec(BaseModel):
@@ -390,12 +423,22 @@ class RunService:
 
         # From admission to here nothing awaited, so a tenant fenced by stop_tenant() after
         # this point finds this run among its tasks.
+        release = _Once(done)
         task = self._track(
             ctx.tenant_id,
             self._execute(
-                ctx, store, agent, run, req.input, req.output_tokens, limits, done, period=reservation.period
+                ctx,
+                store,
+                agent,
+                run,
+                req.input,
+                req.output_tokens,
+                limits,
+                release,
+                period=reservation.period,
             ),
         )
+        self._settle_if_unstarted(task, ctx, store, run, release)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -466,6 +509,7 @@ class RunService:
         store = self._backend.tenant_store(ctx)  # with the tenant's quotas (memory_bytes)
         limits = dataclasses.replace(self._run_limits(ctx, agent), max_total_tokens=claim.reserved_tokens)
         store.update_run(run["id"], {"status": "running", "started_at": utcnow()})
+        release = _Once(done)
         task = self._track(
             ctx.tenant_id,
             self._execute(
@@ -476,10 +520,11 @@ class RunService:
                 run["input"],
                 run["requested_output_tokens"],
                 limits,
-                done,
+                release,
                 period=claim.quota_period,
             ),
         )
+        self._settle_if_unstarted(task, ctx, store, run, release)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -487,6 +532,38 @@ class RunService:
                 task.cancel()
                 raise
             return None
+
+    def _settle_if_unstarted(
+        self, task: asyncio.Task[Row], ctx: TenantContext, store: TenantStore, run: Row, done: _Once
+    ) -> None:
+        """When ``task`` is cancelled before its first step (a tenant stopped, or the server
+        shutting down, in the loop iteration after the run was admitted), record its run
+        failed as cancelled and give back its slot and reservation: it used nothing.
+
+        Without this the slot and the worst-case tokens stay held until the hold's lease
+        expires, and the reaper then charges the whole reservation.
+        """
+
+        def check(t: asyncio.Task[Row]) -> None:
+            if not t.cancelled() or done.called:
+                return
+            values = _cancelled(0.0)
+            write = store.prepare_settlement(
+                run["id"], values, usage=None, audit=self._audit(ctx, run, "error", values)
+            )
+            try:
+                if store.joins(self._backend.engine):
+                    with self._backend.control_tx() as conn:
+                        store.apply(write, conn=conn)
+                        done(0, conn)
+                    return
+                with contextlib.suppress(PatinoxError):  # the run row only; its tokens are free
+                    store.apply(write)
+                done(0)
+            except PatinoxError:
+                pass  # the hold's lease expires and the reaper settles the run
+
+        task.add_done_callback(check)
 
     def _track(self, tenant_id: str, job: Coroutine[Any, Any, Row]) -> asyncio.Task[Row]:
         loop = asyncio.get_running_loop()
@@ -712,20 +789,7 @@ class RunService:
                 # flight is not counted, as for a failed run).
                 duration = (time.perf_counter() - started) * 1000
                 used = so_far.input_tokens + so_far.output_tokens
-                values = {
-                    "status": "failed",
-                    "finished_at": utcnow(),
-                    "duration_ms": duration,
-                    "input_tokens": so_far.input_tokens,
-                    "output_tokens": so_far.output_tokens,
-                    "tool_calls": so_far.tool_calls,
-                    "error": {
-                        "code": "run_failed",
-                        "reason": "cancelled",
-                        "message": "the run was cancelled: the server stopped, "
-                        "or its tenant was suspended or deleted",
-                    },
-                }
+                values = _cancelled(duration, so_far)
                 usage = None
                 if used:
                     usage = {

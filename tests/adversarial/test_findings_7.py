@@ -1,0 +1,101 @@
+"""Adversarial findings, round 7.
+
+Each test performs an attack and asserts the CORRECT behaviour; each failed against the
+build it was written for. Docstrings describe the attack and what a fixed build must do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from patinox.api import Runtime
+from patinox.control import AgentSpec, RunRequest, TenantSpec
+from patinox.errors import RunFailed
+from patinox.tenancy import StorageModel, TenantContext
+from tests.conftest import Deployment
+
+
+def _tenant(runtime: Runtime, deployment: Deployment) -> TenantContext:
+    t = runtime.tenants.create(
+        TenantSpec(name="alpha", storage_model=StorageModel(deployment.storage_model)), actor="test"
+    )
+    ctx = runtime.keys.authenticate(
+        runtime.keys.create(tenant_id=t.id, name="k", scopes=None, actor="test").secret
+    )
+    assert isinstance(ctx, TenantContext)
+    return ctx
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-silo"], indirect=True)
+def test_a_sync_run_stopped_before_its_task_started_is_settled(
+    runtime: Runtime, deployment: Deployment
+) -> None:
+    """Attack: the tenant is stopped (suspended, deleted, or the server shuts down) in the
+    loop iteration after a synchronous run was admitted, before the run's task took its
+    first step. The task was cancelled before its coroutine started, so none of the run's
+    code ran: its ``finally`` never released the concurrency slot nor settled the token
+    reservation, and the run stayed ``running``. The slot and the worst-case tokens were
+    held until the hold's lease (at least 300 s) expired, and the reaper then charged the
+    whole reservation for a run that never called the model.
+
+    Correct: the run is recorded failed (``cancelled``), its slot is free and nothing is
+    reserved or spent.
+    """
+    ctx = _tenant(runtime, deployment)
+    agent = runtime.agents.create(ctx, AgentSpec(name="a", model="simulated:instant"))
+    store = runtime.backend.tenant_store(ctx)
+
+    async def scenario() -> RunFailed:
+        # Both steps run in one loop iteration: the stop cancels the run's task before it starts.
+        run = asyncio.create_task(
+            runtime.runs.start(ctx, agent["id"], RunRequest(input="hello", output_tokens=40))
+        )
+        stop = asyncio.create_task(runtime.runs.stop_tenant(ctx.tenant_id))
+        assert await stop == 1
+        with pytest.raises(RunFailed) as failed:
+            await run
+        return failed.value
+
+    err = asyncio.run(scenario())
+    assert err.fields["reason"] == "tenant_stopped"
+    assert not runtime.runs.queue.held(ctx.tenant_id)
+    assert runtime.budget.spent_today(ctx.tenant_id) == (0, 0)
+    recorded = store.get_run(err.fields["run_id"])
+    assert recorded["status"] == "failed" and recorded["error"]["reason"] == "cancelled", recorded
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-bridge"], indirect=True)
+def test_a_claimed_run_stopped_before_its_task_started_is_settled(
+    runtime: Runtime, deployment: Deployment
+) -> None:
+    """Attack: as above, for a queued run a worker has claimed: the tenant is stopped in the
+    loop iteration after :meth:`RunService.execute_claim` made the run's task. None of the
+    run's code ran, so the claim kept the slot and the reservation until its lease expired
+    and the run, recorded ``running``, went back to the queue to run again later.
+
+    Correct: like a run cancelled while it runs, it is recorded failed (``cancelled``), its
+    queue entry released and its reservation given back.
+    """
+    ctx = _tenant(runtime, deployment)
+    agent = runtime.agents.create(ctx, AgentSpec(name="a", model="simulated:instant"))
+    store = runtime.backend.tenant_store(ctx)
+
+    async def scenario() -> str:
+        queued = await runtime.runs.start(
+            ctx, agent["id"], RunRequest(input="hello", output_tokens=40, mode="async")
+        )
+        claim = runtime.runs.queue.claim("w1", lease_s=600)
+        assert claim is not None and claim.run_id == queued["id"]
+        run = asyncio.create_task(runtime.runs.execute_claim(claim))
+        stop = asyncio.create_task(runtime.runs.stop_tenant(ctx.tenant_id))
+        assert await stop == 1
+        assert await run is None
+        return str(queued["id"])
+
+    run_id = asyncio.run(scenario())
+    assert not runtime.runs.queue.held(ctx.tenant_id)
+    assert runtime.budget.spent_today(ctx.tenant_id) == (0, 0)
+    recorded = store.get_run(run_id)
+    assert recorded["status"] == "failed" and recorded["error"]["reason"] == "cancelled", recorded
