@@ -99,3 +99,49 @@ def test_a_claimed_run_stopped_before_its_task_started_is_settled(
     assert runtime.budget.spent_today(ctx.tenant_id) == (0, 0)
     recorded = store.get_run(run_id)
     assert recorded["status"] == "failed" and recorded["error"]["reason"] == "cancelled", recorded
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-silo"], indirect=True)
+def test_a_run_claimed_just_before_its_tenant_was_suspended_does_not_run(
+    runtime: Runtime, deployment: Deployment
+) -> None:
+    """Attack: a worker claims a queued run, and the tenant is suspended before the worker
+    starts it (the claim and the run's start are separate steps of the worker's loop, and
+    the suspension's stop finds no run of the tenant in flight yet). The worker read the
+    tenant's row, suspended, and ran the run anyway: a suspended tenant's run called the
+    model, wrote the tenant's memory and spent its tokens.
+
+    Correct: the run does not start; it stays queued with its reservation, and runs once
+    the tenant is resumed.
+    """
+    ctx = _tenant(runtime, deployment)
+    agent = runtime.agents.create(ctx, AgentSpec(name="a", model="simulated:instant", tools=["memory_put"]))
+    store = runtime.backend.tenant_store(ctx)
+    prompt = '/call memory_put {"key": "k", "value": "v"}'
+
+    async def scenario() -> tuple[str, object]:
+        queued = await runtime.runs.start(ctx, agent["id"], RunRequest(input=prompt, mode="async"))
+        claim = runtime.runs.queue.claim("w1", lease_s=600)
+        assert claim is not None
+        runtime.tenants.suspend(ctx.tenant_id, actor="test")
+        return str(queued["id"]), await runtime.runs.execute_claim(claim)
+
+    run_id, result = asyncio.run(scenario())
+    assert result is None
+    assert store.memory_get("k") is None
+    assert store.get_run(run_id)["status"] == "queued"
+    spent, reserved = runtime.budget.spent_today(ctx.tenant_id)
+    assert spent == 0 and reserved > 0
+    assert runtime.runs.queue.held(ctx.tenant_id) == 0 and runtime.runs.queue.depth(ctx.tenant_id) == 1
+    # Resumed, the run is claimed again and runs.
+    runtime.tenants.resume(ctx.tenant_id, actor="test")
+
+    async def again() -> object:
+        claim = runtime.runs.queue.claim("w1", lease_s=600)
+        assert claim is not None and claim.run_id == run_id
+        return await runtime.runs.execute_claim(claim)
+
+    finished = asyncio.run(again())
+    assert isinstance(finished, dict) and finished["status"] == "succeeded", finished
+    assert store.memory_get("k") == "v"
+    assert runtime.budget.spent_today(ctx.tenant_id)[1] == 0

@@ -457,7 +457,8 @@ class RunService:
         """Run a queued run a worker claimed; settle its tokens and release it.
 
         Returns the finished run, or ``None`` when the run or its tenant is gone (the
-        queue entry is dropped and its reservation returned).
+        queue entry is dropped and its reservation returned) or the tenant is no longer
+        active (the run is put back in the queue, unstarted, with its reservation).
         """
 
         def done(used: int, conn: Connection | None = None) -> None:
@@ -481,6 +482,11 @@ class RunService:
         if run["status"] not in ("queued", "running"):
             done(0)  # finished by a worker that died before releasing it
             return run
+        if tenant["state"] != "active":
+            # Suspended (or being deleted) since the claim: the run waits, queued, for the
+            # tenant's resumption (a deletion purges it).
+            self.queue.put_back(claim)
+            return None
         principal = str(run["principal"])
         if principal.startswith("key_") and not self._backend.key_may(principal, tenant["id"], "runs:write"):
             # The API key that queued the run was revoked (or lost the scope) meanwhile;

@@ -426,6 +426,29 @@ class FairRunQueue:
                     .values(lease_until=until)
                 )
 
+    def put_back(self, claim: Claim) -> bool:
+        """Give an unstarted claim back to the queue, in its place and with its reservation,
+        while it is still ``claim.holder``'s (a run whose tenant was suspended between its
+        claim and its start waits for the tenant's resumption like its other queued runs).
+
+        Returns:
+            Whether the claim was given back (False: its lease had expired meanwhile).
+        """
+        q = s.run_queue
+        with self._backend._tx() as conn:
+            back = conn.execute(
+                update(q)
+                .where(
+                    q.c.tenant_id == claim.tenant_id,
+                    q.c.run_id == claim.run_id,
+                    q.c.claimed_by == claim.holder,
+                )
+                .values(claimed_by=None, lease_until=None)
+            ).rowcount
+            if back:
+                self._notify(conn)
+        return bool(back)
+
     def release(
         self, tenant_id: str, run_id: str, *, holder: str | None = None, conn: Connection | None = None
     ) -> bool:
