@@ -7,12 +7,14 @@ build it was written for. Docstrings describe the attack and what a fixed build 
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 
 from patinox.api import Runtime
-from patinox.control import AgentSpec, RunRequest, TenantSpec
+from patinox.control import AgentSpec, RunRequest, TenantSpec, TenantUpdate
 from patinox.errors import RunFailed
+from patinox.storage import utcnow
 from patinox.tenancy import StorageModel, TenantContext
 from tests.conftest import Deployment
 
@@ -144,4 +146,43 @@ def test_a_run_claimed_just_before_its_tenant_was_suspended_does_not_run(
     finished = asyncio.run(again())
     assert isinstance(finished, dict) and finished["status"] == "succeeded", finished
     assert store.memory_get("k") == "v"
+    assert runtime.budget.spent_today(ctx.tenant_id)[1] == 0
+
+
+def test_a_sync_run_with_the_longest_timeout_keeps_its_hold_until_settlement(
+    runtime: Runtime, deployment: Deployment
+) -> None:
+    """Attack: a tenant's ``run_timeout_s`` override is set to its bound, 30 days. A
+    synchronous run's hold must outlive the run's timeout by the settlement grace (60 s),
+    or the reaper takes it for a dead process's run while it still runs; but the lease was
+    capped at exactly 30 days. Reaping the hold in that last minute charged the whole
+    reservation and gave it back, and the live run's own settlement then gave the
+    reservation back a second time: the ledger's ``reserved`` went negative, which raises
+    the tenant's budget for the rest of the day by that much.
+
+    Correct: the hold lives at least the run's timeout plus 60 s; the reaper leaves it and
+    the run is settled once.
+    """
+    ctx = _tenant(runtime, deployment)
+    runtime.tenants.update(ctx.tenant_id, TenantUpdate(limits={"run_timeout_s": 30 * 86_400}), actor="test")
+    ctx = runtime.keys.authenticate(
+        runtime.keys.create(tenant_id=ctx.tenant_id, name="k2", scopes=None, actor="test").secret
+    )
+    assert isinstance(ctx, TenantContext) and ctx.limits.run_timeout_s == 30 * 86_400
+    agent = runtime.agents.create(ctx, AgentSpec(name="a", model="simulated:ttft_ms=0,tpot_ms=250"))
+
+    async def scenario() -> int:
+        run = asyncio.create_task(
+            runtime.runs.start(ctx, agent["id"], RunRequest(input="hello", output_tokens=40))
+        )
+        while not runtime.runs.queue.held(ctx.tenant_id):
+            await asyncio.sleep(0.02)
+        # 30 s into the settlement grace of a run that ran to its timeout.
+        reaped = runtime.runs.reap_expired(utcnow() + timedelta(seconds=30 * 86_400 + 30))
+        await runtime.runs.stop_tenant(ctx.tenant_id)
+        with pytest.raises(RunFailed):
+            await run
+        return reaped
+
+    assert asyncio.run(scenario()) == 0
     assert runtime.budget.spent_today(ctx.tenant_id)[1] == 0

@@ -157,8 +157,9 @@ class RunRequest(BaseModel):
 
 #: Seconds a synchronous run's concurrency hold outlives the run's timeout (settlement).
 _HOLD_GRACE_S = 60.0
-#: Longest lease of a synchronous run's hold, seconds (an override may set any timeout).
-_HOLD_MAX_S = 30 * 86_400.0
+#: Longest lease of a synchronous run's hold, seconds: the longest run timeout an override
+#: may set (30 days, :class:`~patinox.tenancy.LimitOverrides`) plus the settlement grace.
+_HOLD_MAX_S = 30 * 86_400.0 + _HOLD_GRACE_S
 
 #: Tokens allowed per tool call for the call itself and its result in the admission estimate.
 TOOL_CALL_TOKENS = 64
