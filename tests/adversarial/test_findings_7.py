@@ -10,6 +10,7 @@ import asyncio
 from datetime import timedelta
 
 import pytest
+import sqlalchemy
 
 from patinox.api import Runtime
 from patinox.control import AgentSpec, RunRequest, TenantSpec, TenantUpdate
@@ -186,3 +187,43 @@ def test_a_sync_run_with_the_longest_timeout_keeps_its_hold_until_settlement(
 
     assert asyncio.run(scenario()) == 0
     assert runtime.budget.spent_today(ctx.tenant_id)[1] == 0
+
+
+@pytest.mark.parametrize("deployment", ["pg-pool"], indirect=True)
+def test_deleted_tenants_are_not_watched_for_ever(runtime: Runtime, deployment: Deployment) -> None:
+    """Attack: tenants are created and deleted. Every process keeps a fence for each tenant
+    suspended or deleted while it ran (or held) its runs, and its tenant watch reads every
+    fenced tenant's row once a second, on the event loop. A deleted tenant's fence was never
+    lifted (its id is never reused, so it can never be resumed): each deletion in the
+    process's life added one more read every second, for ever, so the serving loop of
+    every tenant slowed with the number of tenants ever deleted.
+
+    Correct: once a tenant is deleted no process watches it: a watch with nothing to stop
+    reads nothing.
+    """
+    gone = _tenant(runtime, deployment)
+    runtime.tenants.delete(gone.tenant_id, actor="test")  # deleted through this process
+    elsewhere = runtime.tenants.create(TenantSpec(name="beta"), actor="test")
+
+    async def scenario() -> int:
+        # Fenced here as a process does whose runs of it were stopped; then deleted by another.
+        await runtime.runs.stop_tenant(elsewhere.id)
+        backend = runtime.backend
+        backend.update_tenant(elsewhere.id, {"state": "deleting"}, expect_state="active")
+        backend.update_tenant(elsewhere.id, {"state": "deleted"}, expect_state="deleting")
+        watch = asyncio.create_task(runtime.runs.watch_tenants(interval_s=0.01))
+        await asyncio.sleep(0.1)  # the watch's first ticks, which may still notice the deletion
+        statements: list[str] = []
+
+        def count(*args: object) -> None:
+            statements.append(str(args[2]))
+
+        sqlalchemy.event.listen(backend.engine, "before_cursor_execute", count)
+        try:
+            await asyncio.sleep(0.1)  # later ticks: timers of 0.01 s fire before this one's
+        finally:
+            sqlalchemy.event.remove(backend.engine, "before_cursor_execute", count)
+            watch.cancel()
+        return len(statements)
+
+    assert asyncio.run(scenario()) == 0

@@ -601,7 +601,7 @@ class RunService:
 
     async def watch_tenants(self, interval_s: float = 1.0) -> None:
         """Stop, in this process, the runs of tenants another process suspended or began
-        deleting; lift the fence of resumed ones. Runs until cancelled."""
+        deleting; lift the fence of resumed and deleted ones. Runs until cancelled."""
         while True:
             await asyncio.sleep(interval_s)
             for tenant_id in list(self._tasks) + list(self._fenced):
@@ -613,15 +613,20 @@ class RunService:
                     self._fenced.discard(tenant_id)
                 elif tenant_id in self._tasks:
                     await self.stop_tenant(tenant_id)
+                elif state == "deleted":
+                    self._fenced.discard(tenant_id)  # never resumed: nothing left to watch
 
     def on_tenant_event(self, tenant_id: str, event: str) -> None:
-        """Tenant-manager listener: stop runs on suspend/delete, lift the fence on resume.
+        """Tenant-manager listener: stop runs on suspend/delete, lift the fence on resume
+        and once a deletion is done.
 
         Called from any thread. On ``deleting`` it also waits (at most 30 s) until no
         process holds a run of the tenant any more (others notice within a second, see
         :meth:`watch_tenants`), so deletion purges only after every run stopped.
         """
-        if event == "resumed":
+        if event in ("resumed", "deleted"):
+            # A deleted tenant is never resumed (ids are never reused): its fence would only
+            # cost the tenant watch a read every second for the rest of the process's life.
             self._fenced.discard(tenant_id)
             return
         if event not in ("suspended", "deleting"):
