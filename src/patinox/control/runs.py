@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -438,8 +438,8 @@ class RunService:
                 release,
                 period=reservation.period,
             ),
+            if_unstarted=self._unstarted_settlement(ctx, store, run, release),
         )
-        self._settle_if_unstarted(task, ctx, store, run, release)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -530,8 +530,8 @@ class RunService:
                 release,
                 period=claim.quota_period,
             ),
+            if_unstarted=self._unstarted_settlement(ctx, store, run, release),
         )
-        self._settle_if_unstarted(task, ctx, store, run, release)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -540,19 +540,20 @@ class RunService:
                 raise
             return None
 
-    def _settle_if_unstarted(
-        self, task: asyncio.Task[Row], ctx: TenantContext, store: TenantStore, run: Row, done: _Once
-    ) -> None:
-        """When ``task`` is cancelled before its first step (a tenant stopped, or the server
-        shutting down, in the loop iteration after the run was admitted), record its run
-        failed as cancelled and give back its slot and reservation: it used nothing.
+    def _unstarted_settlement(
+        self, ctx: TenantContext, store: TenantStore, run: Row, done: _Once
+    ) -> Callable[[], None]:
+        """What to do when a run's task was cancelled: if it was cancelled before its first
+        step (a tenant stopped, or the server shutting down, in the loop iteration after the
+        run was admitted) and so never called ``done``, record its run failed as cancelled
+        and give back its slot and reservation: it used nothing.
 
         Without this the slot and the worst-case tokens stay held until the hold's lease
         expires, and the reaper then charges the whole reservation.
         """
 
-        def check(t: asyncio.Task[Row]) -> None:
-            if not t.cancelled() or done.called:
+        def check() -> None:
+            if done.called:
                 return
             values = _cancelled(0.0)
             write = store.prepare_settlement(
@@ -570,9 +571,14 @@ class RunService:
             except PatinoxError:
                 pass  # the hold's lease expires and the reaper settles the run
 
-        task.add_done_callback(check)
+        return check
 
-    def _track(self, tenant_id: str, job: Coroutine[Any, Any, Row]) -> asyncio.Task[Row]:
+    def _track(
+        self, tenant_id: str, job: Coroutine[Any, Any, Row], *, if_unstarted: Callable[[], None]
+    ) -> asyncio.Task[Row]:
+        """``job`` as a task among ``tenant_id``'s runs in flight (:meth:`stop_tenant`
+        cancels them); ``if_unstarted`` is called if the task ends cancelled (one done
+        callback does both: every run's task has it, and each callback costs the run)."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         task = loop.create_task(job)
@@ -583,7 +589,9 @@ class RunService:
             tasks.discard(t)
             if not tasks and self._tasks.get(tenant_id) is tasks:
                 del self._tasks[tenant_id]
-            if not t.cancelled():
+            if t.cancelled():
+                if_unstarted()
+            else:
                 t.exception()  # retrieved: a failed run is recorded, not re-raised here
 
         task.add_done_callback(done)
