@@ -74,6 +74,17 @@ class _Once:
         self._release(used, conn)
 
 
+class _RunTask(asyncio.Task[Row]):
+    """A run's task, whose ``repr`` is its name and state instead of asyncio's default,
+    which formats the coroutine and every done callback with its source file and line.
+    anyio puts the repr of the current task into the reason of every cancel scope it
+    cancels, and the agent loop cancels several a run: the default repr cost a run about
+    as much as one of its SQLite writes."""
+
+    def __repr__(self) -> str:
+        return f"<RunTask {self.get_name()!r} {'done' if self.done() else 'pending'}>"
+
+
 class RunExecutor(Protocol):
     """Runs one agent for one tenant at that tenant's isolation level.
 
@@ -581,7 +592,7 @@ class RunService:
         callback does both: every run's task has it, and each callback costs the run)."""
         loop = asyncio.get_running_loop()
         self._loop = loop
-        task = loop.create_task(job)
+        task: asyncio.Task[Row] = _RunTask(job, loop=loop, name=f"run of {tenant_id}")
         tasks = self._tasks.setdefault(tenant_id, set())
         tasks.add(task)
 
