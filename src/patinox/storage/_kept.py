@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, suppress
+from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine
 
@@ -129,23 +129,52 @@ def dispose(engine: Engine) -> None:
     engine.dispose()
 
 
-@contextmanager
-def begin(engine: Engine) -> Iterator[Connection]:
+class begin:
     """``engine.begin()``: a transaction, committed at the end or rolled back on error,
-    on the kept connection when the calling thread owns it (see module).
+    on the kept connection when the calling thread owns it (see module); a context
+    manager handing back the :class:`~sqlalchemy.Connection`. A class, not a generator:
+    every transaction of a run enters one.
 
     Raises:
         sqlalchemy.exc.SQLAlchemyError: as ``engine.begin()`` raises.
     """
-    kept: _Kept | None = engine.__dict__.get(_ATTR)
-    conn = kept.take() if kept is not None else None
-    if conn is None:
-        with engine.begin() as fresh:
-            yield fresh
-        return
-    assert kept is not None
-    try:
-        with conn.begin():
-            yield conn
-    finally:
-        kept.give_back(conn)
+
+    __slots__ = ("_conn", "_engine", "_kept", "_outer")
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._kept: _Kept | None = None
+        self._conn: Connection | None = None
+        #: The context manager whose exit ends the transaction: the kept connection's
+        #: Transaction, or ``engine.begin()``'s when there is no kept connection to use.
+        self._outer: AbstractContextManager[Any] | None = None
+
+    def __enter__(self) -> Connection:
+        kept: _Kept | None = self._engine.__dict__.get(_ATTR)
+        conn = kept.take() if kept is not None else None
+        if conn is None:
+            fresh = self._engine.begin()
+            conn = fresh.__enter__()
+            self._outer = fresh
+            return conn
+        assert kept is not None
+        try:
+            tx = conn.begin()
+            tx.__enter__()
+        except BaseException:
+            kept.give_back(conn)
+            raise
+        self._kept, self._conn, self._outer = kept, conn, tx
+        return conn
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: Any
+    ) -> Literal[False]:
+        outer, kept, conn = self._outer, self._kept, self._conn
+        assert outer is not None
+        try:
+            outer.__exit__(kind, err, tb)
+        finally:
+            if kept is not None and conn is not None:
+                kept.give_back(conn)
+        return False

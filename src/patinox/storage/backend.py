@@ -698,10 +698,23 @@ class TenantStore:
         commit or roll back with it (a run's admission and its settlement)."""
         return self._placement.schema is None and self._placement.engine is target.engine
 
-    @contextmanager
-    def _tx(self, joined: Connection | None = None) -> Iterator[Connection]:
+    def _tx(self, joined: Connection | None = None) -> AbstractContextManager[Connection]:
         """A transaction bound to this tenant, or ``joined`` (see :meth:`joins`) with the
-        tenant setting added to it on PostgreSQL."""
+        tenant setting added to it on PostgreSQL.
+
+        Raises:
+            ConfigurationError: ``joined`` is a transaction on another database.
+        """
+        if joined is not None and not self._placement.postgres:
+            # Joining on SQLite (every step of a pool tenant's run): errors translated, nothing
+            # to set; one object instead of a generator.
+            if not self.joins(joined):
+                raise ConfigurationError("a tenant store can join only a transaction on its own database")
+            return translate_errors(joined)
+        return self._bound_tx(joined)
+
+    @contextmanager
+    def _bound_tx(self, joined: Connection | None) -> Iterator[Connection]:
         p = self._placement
         if joined is not None:
             if not self.joins(joined):

@@ -12,10 +12,8 @@ URL formats:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Literal, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, exc
 from sqlalchemy.engine import make_url
@@ -132,34 +130,56 @@ def with_database(url: str, database: str) -> str:
     return make_url(normalise_url(url)).set(database=database).render_as_string(hide_password=False)
 
 
-@contextmanager
-def translate_errors() -> Iterator[None]:
-    """Map driver errors to Patinox errors, chaining the original.
+_T = TypeVar("_T")
+
+
+class translate_errors(Generic[_T]):
+    """Map driver errors to Patinox errors, chaining the original; a context manager.
 
     Integrity (unique/foreign key) violations become :class:`AlreadyExists`, values out of
     the storable range :class:`InvalidRequest`; every other driver error becomes
-    :class:`StorageError`. Patinox errors pass through unchanged.
+    :class:`StorageError`. Patinox errors and anything else pass through unchanged.
+
+    ``with translate_errors(value) as v`` hands ``value`` back (a connection a caller
+    joins). A class, not a generator: a run enters about a dozen of these.
     """
-    try:
-        yield
-    except PatinoxError:
-        raise
-    except exc.IntegrityError as err:
-        raise AlreadyExists("a record with that key already exists") from err
-    except OverflowError as err:
-        raise InvalidRequest("a value is out of the range the database can store") from err
-    except exc.DataError as err:
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: _T = None) -> None:  # type: ignore[assignment]
+        self._value = value
+
+    def __enter__(self) -> _T:
+        return self._value
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: object
+    ) -> Literal[False]:
+        if err is None or isinstance(err, PatinoxError):
+            return False
+        mapped = _translated(err)
+        if mapped is None:
+            return False
+        raise mapped from err
+
+
+def _translated(err: BaseException) -> PatinoxError | None:
+    """The Patinox error for a driver error (see :class:`translate_errors`), or None."""
+    if isinstance(err, exc.IntegrityError):
+        return AlreadyExists("a record with that key already exists")
+    if isinstance(err, OverflowError):
+        return InvalidRequest("a value is out of the range the database can store")
+    if isinstance(err, exc.DataError):
         # The database refused a value (e.g. a NUL character in PostgreSQL text).
-        raise InvalidRequest("a value cannot be stored (invalid characters or format)") from err
-    except exc.StatementError as err:
+        return InvalidRequest("a value cannot be stored (invalid characters or format)")
+    if isinstance(err, exc.StatementError):
         if isinstance(err.orig, OverflowError | ValueError) and not isinstance(err, exc.DBAPIError):
             # Raised while binding a parameter, before the database saw anything.
-            raise InvalidRequest("a value is out of the range the database can store") from err
-        kind = type(err.orig or err).__name__
-        raise StorageError(f"database error: {kind}") from err
-    except exc.SQLAlchemyError as err:
-        kind = type(getattr(err, "orig", None) or err).__name__
-        raise StorageError(f"database error: {kind}") from err
+            return InvalidRequest("a value is out of the range the database can store")
+        return StorageError(f"database error: {type(err.orig or err).__name__}")
+    if isinstance(err, exc.SQLAlchemyError):
+        return StorageError(f"database error: {type(getattr(err, 'orig', None) or err).__name__}")
+    return None
 
 
 def migrate(engine: Engine, *, schema: str | None = None, app_role: str | None = None) -> None:

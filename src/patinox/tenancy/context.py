@@ -14,9 +14,8 @@ contextvars binding.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar
 
 from pydantic import BaseModel, ConfigDict
@@ -74,22 +73,35 @@ _current: contextvars.ContextVar[TenantContext | None] = contextvars.ContextVar(
 )
 
 
-@contextmanager
-def tenant_scope(ctx: TenantContext) -> Iterator[TenantContext]:
-    """Make ``ctx`` the current tenant for the body; restores the previous value on exit.
+class tenant_scope:
+    """``with tenant_scope(ctx):`` makes ``ctx`` the current tenant for the body (and hands
+    it back); restores the previous value on exit. A class, not a generator: every tenant
+    request enters one.
 
     Raises:
-        TenantContextAlreadySet: a tenant scope is already active in this context. Scopes do
-            not nest: acting for two tenants at once is always a bug.
+        TenantContextAlreadySet: on entering, when a tenant scope is already active in this
+            context. Scopes do not nest: acting for two tenants at once is always a bug.
     """
-    active = _current.get()
-    if active is not None:
-        raise TenantContextAlreadySet("a tenant scope is already active", active_tenant_id=active.tenant_id)
-    token = _current.set(ctx)
-    try:
-        yield ctx
-    finally:
-        _current.reset(token)
+
+    __slots__ = ("_ctx", "_token")
+
+    def __init__(self, ctx: TenantContext) -> None:
+        self._ctx = ctx
+        self._token: contextvars.Token[TenantContext | None] | None = None
+
+    def __enter__(self) -> TenantContext:
+        active = _current.get()
+        if active is not None:
+            raise TenantContextAlreadySet(
+                "a tenant scope is already active", active_tenant_id=active.tenant_id
+            )
+        self._token = _current.set(self._ctx)
+        return self._ctx
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: object) -> None:
+        assert self._token is not None
+        _current.reset(self._token)
+        self._token = None
 
 
 def clear_inherited_tenant() -> bool:
