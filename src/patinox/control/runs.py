@@ -107,10 +107,21 @@ class RunExecutor(Protocol):
     ) -> Awaitable[RunOutcome]: ...
 
 
-def _cancelled(duration_ms: float, usage: RunUsage | None = None) -> Row:
-    """The settlement values of a cancelled run that ran ``duration_ms`` milliseconds and
-    used ``usage`` (nothing when ``None``)."""
+def _cancelled(duration_ms: float, model: str, usage: RunUsage | None = None) -> tuple[Row, Row | None]:
+    """The settlement values and usage record (``None`` when it used no tokens) of a
+    cancelled run of ``model`` that ran ``duration_ms`` milliseconds and used ``usage``
+    (nothing when ``None``), as :meth:`RunService._failure` gives them for a failed run."""
     usage = usage or RunUsage()
+    record = None
+    if usage.input_tokens or usage.output_tokens:
+        record = {
+            "model": model,
+            "simulated": int(is_simulated(model)),
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "tool_calls": usage.tool_calls,
+            "duration_ms": duration_ms,
+        }
     return {
         "status": "failed",
         "finished_at": utcnow(),
@@ -123,7 +134,7 @@ def _cancelled(duration_ms: float, usage: RunUsage | None = None) -> Row:
             "reason": "cancelled",
             "message": "the run was cancelled: the server stopped, or its tenant was suspended or deleted",
         },
-    }
+    }, record
 
 
 class AgentSpec(BaseModel):
@@ -566,7 +577,7 @@ class RunService:
         def check() -> None:
             if done.called:
                 return
-            values = _cancelled(0.0)
+            values, _ = _cancelled(0.0, run["model"])
             write = store.prepare_settlement(
                 run["id"], values, usage=None, audit=self._audit(ctx, run, "error", values)
             )
@@ -818,19 +829,8 @@ class RunService:
             except asyncio.CancelledError:
                 # Charged what its completed model responses used (a response still in
                 # flight is not counted, as for a failed run).
-                duration = (time.perf_counter() - started) * 1000
                 used = so_far.input_tokens + so_far.output_tokens
-                values = _cancelled(duration, so_far)
-                usage = None
-                if used:
-                    usage = {
-                        "model": definition.model,
-                        "simulated": int(is_simulated(definition.model)),
-                        "input_tokens": so_far.input_tokens,
-                        "output_tokens": so_far.output_tokens,
-                        "tool_calls": so_far.tool_calls,
-                        "duration_ms": duration,
-                    }
+                values, usage = _cancelled((time.perf_counter() - started) * 1000, definition.model, so_far)
                 settle(values, usage, "error")
                 raise
             used = outcome.input_tokens + outcome.output_tokens
