@@ -39,7 +39,7 @@ from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
 from patinox import __version__
-from patinox.errors import NotFound, PatinoxError
+from patinox.errors import NotFound, PatinoxError, StorageError
 from patinox.tenancy import PLANS, LimitOverrides
 
 if typing.TYPE_CHECKING:
@@ -59,6 +59,18 @@ def _print_errors(lines: Iterable[str]) -> None:
     """Print ``error: <line>`` for each line; the text is never read as markup."""
     for line in lines:
         err_console.print(Text.assemble(("error:", "red"), " ", line), soft_wrap=True)
+
+
+def _error_message(err: PatinoxError) -> str:
+    """``err``'s message for the operator's terminal: a :class:`StorageError` adds the first
+    line of the driver's own message (e.g. ``role "patinox_owner" does not exist``), which
+    the HTTP API keeps to itself (a tenant must not see the database's details)."""
+    cause = err.__cause__
+    if not isinstance(err, StorageError) or cause is None:
+        return err.message
+    driver = getattr(cause, "orig", None) or cause
+    detail = next((line.strip() for line in str(driver).splitlines() if line.strip()), "")
+    return f"{err.message}: {detail}" if detail else err.message
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -170,7 +182,7 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except PatinoxError as err:
-            _fail(err.message)
+            _fail(_error_message(err))
         except ValidationError as err:
             _print_errors(_validation_lines(err))
             raise typer.Exit(1) from None
@@ -1156,5 +1168,5 @@ def main() -> None:
     try:
         app()
     except PatinoxError as err:  # raised outside a command (the group prints the others)
-        _print_errors([err.message])
+        _print_errors([_error_message(err)])
         sys.exit(1)

@@ -111,3 +111,16 @@ def test_a_key_name_with_markup_is_listed_as_is(acme: str) -> None:
 
 def test_no_deployment(tmp_path: Path) -> None:
     assert_error(cli("tenants", "list", "--data-dir", str(tmp_path / "none")), "error: no deployment in")
+
+
+def test_a_database_error_names_the_drivers_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator sees why the database refused (here: a role ``bootstrap`` never made),
+    not only the driver's exception class."""
+    url = "postgresql://patinox_no_such_role@127.0.0.1:5432/postgres"
+    monkeypatch.setenv("PATINOX_DATABASE_URL", url)
+    monkeypatch.setenv("PATINOX_OWNER_URL", url)
+    monkeypatch.setenv("PATINOX_KEK_URL", (tmp_path / "kek.json").as_uri())
+    result = cli("init")
+    assert_error(
+        result, "error: database error: OperationalError", 'role "patinox_no_such_role" does not exist'
+    )
