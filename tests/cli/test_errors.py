@@ -115,7 +115,7 @@ def test_no_deployment(tmp_path: Path) -> None:
 
 def test_a_database_error_names_the_drivers_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The operator sees why the database refused (here: a role ``bootstrap`` never made),
-    not only the driver's exception class."""
+    not only the driver's exception class; the KEK file ``init`` had made is gone again."""
     url = "postgresql://patinox_no_such_role@127.0.0.1:5432/postgres"
     monkeypatch.setenv("PATINOX_DATABASE_URL", url)
     monkeypatch.setenv("PATINOX_OWNER_URL", url)
@@ -124,3 +124,4 @@ def test_a_database_error_names_the_drivers_reason(tmp_path: Path, monkeypatch: 
     assert_error(
         result, "error: database error: OperationalError", 'role "patinox_no_such_role" does not exist'
     )
+    assert not (tmp_path / "kek.json").exists()

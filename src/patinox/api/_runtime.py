@@ -74,13 +74,26 @@ class Runtime:
     @classmethod
     def initialise(cls, data_dir: Path) -> Runtime:
         """Create a deployment directory (mode 0700) with its KEK file (mode 0600) unless
-        ``PATINOX_KEK_URL`` points elsewhere, migrate the database, and return the runtime."""
+        ``PATINOX_KEK_URL`` points elsewhere, migrate the database, and return the runtime.
+
+        Raises:
+            StorageError: the database could not be opened or migrated; a KEK file this
+                call created is removed again.
+        """
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         settings = Settings.for_data_dir(data_dir)
         kek = Path(settings.kek_url.removeprefix("file://"))
-        if settings.kek_url.startswith("file://") and not kek.exists():
+        made_kek = settings.kek_url.startswith("file://") and not kek.exists()
+        if made_kek:
             FileKeyProvider.create(kek)
-        rt = cls.build(settings)
+        try:
+            rt = cls.build(settings)
+        except BaseException:
+            # Nothing was encrypted with a KEK made just now: a failed start-up (the
+            # database refused) leaves no key file behind.
+            if made_kek:
+                kek.unlink(missing_ok=True)
+            raise
         db = data_dir / "patinox.db"
         if db.exists():
             db.chmod(0o600)
