@@ -107,34 +107,67 @@ class RunExecutor(Protocol):
     ) -> Awaitable[RunOutcome]: ...
 
 
-def _cancelled(duration_ms: float, model: str, usage: RunUsage | None = None) -> tuple[Row, Row | None]:
-    """The settlement values and usage record (``None`` when it used no tokens) of a
-    cancelled run of ``model`` that ran ``duration_ms`` milliseconds and used ``usage``
-    (nothing when ``None``), as :meth:`RunService._failure` gives them for a failed run."""
-    usage = usage or RunUsage()
-    record = None
-    if usage.input_tokens or usage.output_tokens:
-        record = {
-            "model": model,
-            "simulated": int(is_simulated(model)),
-            "input_tokens": usage.input_tokens,
-            "output_tokens": usage.output_tokens,
-            "tool_calls": usage.tool_calls,
-            "duration_ms": duration_ms,
-        }
+def _usage_record(
+    model: str, simulated: bool, input_tokens: int, output_tokens: int, tool_calls: int, duration_ms: float
+) -> Row:
+    """A run's usage record (the ``usage`` row its settlement writes); tokens, milliseconds."""
     return {
+        "model": model,
+        "simulated": int(simulated),
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "tool_calls": tool_calls,
+        "duration_ms": duration_ms,
+    }
+
+
+def _failed(
+    duration_ms: float,
+    error: Row,
+    *,
+    model: str,
+    simulated: bool,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
+    tool_calls: int = 0,
+) -> tuple[Row, Row | None]:
+    """The settlement values of a failed run of ``model`` that ran ``duration_ms``
+    milliseconds, with ``error`` (``code``, ``reason``, ``message``), and its usage record:
+    ``None`` when it used no tokens (nothing to meter)."""
+    values = {
         "status": "failed",
         "finished_at": utcnow(),
         "duration_ms": duration_ms,
-        "input_tokens": usage.input_tokens,
-        "output_tokens": usage.output_tokens,
-        "tool_calls": usage.tool_calls,
-        "error": {
-            "code": "run_failed",
-            "reason": "cancelled",
-            "message": "the run was cancelled: the server stopped, or its tenant was suspended or deleted",
-        },
-    }, record
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "tool_calls": tool_calls,
+        "error": error,
+    }
+    if not (input_tokens or output_tokens):
+        return values, None
+    return values, _usage_record(model, simulated, input_tokens, output_tokens, tool_calls, duration_ms)
+
+
+_CANCELLED = {
+    "code": "run_failed",
+    "reason": "cancelled",
+    "message": "the run was cancelled: the server stopped, or its tenant was suspended or deleted",
+}
+
+
+def _cancelled(duration_ms: float, model: str, usage: RunUsage | None = None) -> tuple[Row, Row | None]:
+    """:func:`_failed` for a run of ``model`` cancelled after ``duration_ms`` milliseconds,
+    having used ``usage`` (nothing when ``None``)."""
+    usage = usage or RunUsage()
+    return _failed(
+        duration_ms,
+        dict(_CANCELLED),
+        model=model,
+        simulated=is_simulated(model),
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        tool_calls=usage.tool_calls,
+    )
 
 
 class AgentSpec(BaseModel):
@@ -843,14 +876,14 @@ class RunService:
                 "tool_calls": outcome.tool_calls,
                 "duration_ms": outcome.duration_ms,
             }
-            usage = {
-                "model": outcome.model,
-                "simulated": int(outcome.simulated),
-                "input_tokens": outcome.input_tokens,
-                "output_tokens": outcome.output_tokens,
-                "tool_calls": outcome.tool_calls,
-                "duration_ms": outcome.duration_ms,
-            }
+            usage = _usage_record(
+                outcome.model,
+                outcome.simulated,
+                outcome.input_tokens,
+                outcome.output_tokens,
+                outcome.tool_calls,
+                outcome.duration_ms,
+            )
             settle(values, usage, "ok")
             return {**run, **values}
         finally:
@@ -860,28 +893,15 @@ class RunService:
     @staticmethod
     def _failure(err: RunFailed, started: float) -> tuple[Row, Row | None]:
         f = err.fields
-        tokens_in, tokens_out = int(f.get("input_tokens", 0)), int(f.get("output_tokens", 0))
-        duration = (time.perf_counter() - started) * 1000
-        values = {
-            "status": "failed",
-            "finished_at": utcnow(),
-            "duration_ms": duration,
-            "input_tokens": tokens_in,
-            "output_tokens": tokens_out,
-            "tool_calls": int(f.get("tool_calls", 0)),
-            "error": {"code": err.code, "reason": f.get("reason", "error"), "message": err.message},
-        }
-        usage = None
-        if tokens_in or tokens_out:
-            usage = {
-                "model": f.get("model", "unknown"),
-                "simulated": int(bool(f.get("simulated", False))),
-                "input_tokens": tokens_in,
-                "output_tokens": tokens_out,
-                "tool_calls": int(f.get("tool_calls", 0)),
-                "duration_ms": duration,
-            }
-        return values, usage
+        return _failed(
+            (time.perf_counter() - started) * 1000,
+            {"code": err.code, "reason": f.get("reason", "error"), "message": err.message},
+            model=f.get("model", "unknown"),
+            simulated=bool(f.get("simulated", False)),
+            input_tokens=int(f.get("input_tokens", 0)),
+            output_tokens=int(f.get("output_tokens", 0)),
+            tool_calls=int(f.get("tool_calls", 0)),
+        )
 
     @staticmethod
     def _audit(ctx: TenantContext, run: Row, outcome: str, values: Row) -> Row:
