@@ -903,7 +903,15 @@ def run(
 
 @app.command(cls=_Command)
 def worker(
-    concurrency: Annotated[int, typer.Option(min=1, max=1024, help="runs executed at once")] = 8,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=1024,
+            help="most runs executed at once (within it, as many as the fair share of this "
+            "process's capacity allows, unless PATINOX_FAIR_SHARE=off)",
+        ),
+    ] = 256,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Execute queued (async) runs until interrupted; run as many as you like beside the servers.
@@ -919,13 +927,17 @@ def worker(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         w = rt.worker(concurrency=concurrency)
-        watch = asyncio.create_task(rt.runs.watch_tenants())
-        _say(f"Patinox worker {w.holder} executing up to {concurrency} runs at once")
+        watches = [asyncio.create_task(rt.runs.watch_tenants())]
+        if rt.runs.admission is not None:
+            watches.append(asyncio.create_task(rt.runs.admission.watch()))
+        fair = " as this process's capacity allows" if rt.runs.admission is not None else ""
+        _say(f"Patinox worker {w.holder} executing up to {concurrency} runs at once{fair}")
         try:
             await w.run(stop)
         finally:
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
+            for watch in watches:
+                watch.cancel()
+            await asyncio.gather(*watches, return_exceptions=True)
             await rt.runs.shutdown()
         _say(f"Worker stopped after {w.completed} runs.")
 

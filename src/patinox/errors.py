@@ -23,6 +23,8 @@
     │   ├── RateLimited                  request rate over the limit            (429 rate_limited)
     │   ├── ConcurrencyLimited           too many runs in flight                (429 concurrency_limited)
     │   ├── QuotaExceeded                period budget spent                    (429 quota_exceeded)
+    │   ├── Overloaded                   the process is at capacity and the
+    │   │                                tenant has its fair share of it        (503 overloaded)
     │   ├── RunFailed                    the agent run failed                   (502 run_failed)
     │   ├── DecryptionFailed             ciphertext failed authentication       (500 decryption_failed)
     │   ├── TenantKeysDestroyed          the tenant was crypto-shredded         (410 tenant_keys_destroyed)
@@ -51,6 +53,7 @@ __all__ = [
     "MissingDependency",
     "NotFound",
     "OperationFailed",
+    "Overloaded",
     "PatinoxError",
     "PermissionDenied",
     "QuotaExceeded",
@@ -244,6 +247,17 @@ class QuotaExceeded(OperationFailed):
 
     code = "quota_exceeded"
     http_status = 429
+
+
+class Overloaded(OperationFailed):
+    """The process serving the run is at capacity, and the tenant already runs its fair
+    share of it: the run waited its bounded time for a turn and was not started (nothing
+    was reserved or written). Fields: ``tenant_id``, ``retry_after_s`` (an estimate of when
+    the tenant's turn comes), ``waited_s``, ``limit`` and ``running`` (runs). Distinct
+    from 429, which means the tenant's own limits."""
+
+    code = "overloaded"
+    http_status = 503
 
 
 class RunFailed(OperationFailed):

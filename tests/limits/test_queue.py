@@ -224,3 +224,20 @@ def test_a_reservation_beyond_32_bits_is_queued_and_claimed_whole(backend: SqlBa
     q.enqueue(tid, new_id("run"), weight=1, max_running=1, reserved_tokens=5_000_300_001, quota_period="p")
     claim = q.claim("w")
     assert claim is not None and claim.reserved_tokens == 5_000_300_001
+
+
+def test_a_claim_passes_over_the_tenants_its_process_may_not_admit(backend: SqlBackend) -> None:
+    """A worker whose process is at its fair share for some tenants claims the next run of
+    another tenant, however far behind in fair order, and learns the tenant's plan weight."""
+    q = FairRunQueue(backend)
+    busy = [_tenant(backend, f"busy{i}") for i in range(6)]
+    for tid in busy:
+        _enqueue(q, tid, 40, weight=16)  # 240 runs ahead in fair order
+    light = _tenant(backend, "light")
+    _enqueue(q, light, 1, weight=1)
+    c = q.claim("w", skip=busy)
+    assert c is not None and c.tenant_id == light
+    assert c.weight == 1  # the "free" plan's weight
+    assert q.claim("w", skip=[*busy, light]) is None
+    c = q.claim("w")
+    assert c is not None and c.tenant_id in busy

@@ -8,8 +8,16 @@ from pathlib import Path
 
 from patinox.control import AgentService, ApiKeys, RunService, TenantManager
 from patinox.control.worker import RunWorker
+from patinox.errors import ConfigurationError
 from patinox.isolation import NamespaceExecutor
-from patinox.limits import FairRunQueue, TokenBudget, WindowRateLimiter, worker_id
+from patinox.limits import (
+    AdmissionSettings,
+    FairRunQueue,
+    FairShareAdmission,
+    TokenBudget,
+    WindowRateLimiter,
+    worker_id,
+)
 from patinox.storage import SqlBackend, open_backend
 from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
 
@@ -25,16 +33,20 @@ class Settings:
         owner_url: PostgreSQL owner-role URL for migrations and tenant schemas/databases.
         rate_limit_storage: a ``limits`` storage URI (``memory://``).
         max_body_bytes: largest request body accepted, bytes (larger: 413).
-        embedded_workers: queued runs the API process itself executes at once (0: only
-            ``patinox worker`` processes execute them).
+        embedded_workers: most queued runs the API process itself executes at once, as
+            many as its fair-share admission allows up to this (0: none; only ``patinox
+            worker`` processes execute them).
+        admission: the process's fair share of its own capacity
+            (:class:`~patinox.limits.FairShareAdmission`); ``enabled=False`` turns it off.
     """
 
     database_url: str
     kek_url: str
     owner_url: str | None = None
     rate_limit_storage: str = "memory://"
-    embedded_workers: int = 8
+    embedded_workers: int = 256
     max_body_bytes: int = 2 * 1024 * 1024
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> Settings:
@@ -44,7 +56,9 @@ class Settings:
         ``PATINOX_DATABASE_URL`` (and ``PATINOX_OWNER_URL`` for PostgreSQL) say otherwise;
         ``PATINOX_RATE_LIMIT_URL`` picks the rate-limit storage (default ``memory://``);
         the KEK is ``data_dir/kek.json`` unless ``PATINOX_KEK_URL`` says otherwise;
-        ``PATINOX_EMBEDDED_WORKERS`` sets how many queued runs the server executes itself.
+        ``PATINOX_EMBEDDED_WORKERS`` caps how many queued runs the server executes itself
+        at once (0: none); ``PATINOX_FAIR_SHARE=off`` turns the fair-share admission off (for
+        benchmarks and emergencies).
         """
         return cls(
             database_url=os.environ.get("PATINOX_DATABASE_URL")
@@ -52,8 +66,23 @@ class Settings:
             kek_url=os.environ.get("PATINOX_KEK_URL") or f"file://{(data_dir / 'kek.json').resolve()}",
             owner_url=os.environ.get("PATINOX_OWNER_URL") or None,
             rate_limit_storage=os.environ.get("PATINOX_RATE_LIMIT_URL") or "memory://",
-            embedded_workers=int(os.environ.get("PATINOX_EMBEDDED_WORKERS") or 8),
+            embedded_workers=int(os.environ.get("PATINOX_EMBEDDED_WORKERS") or 256),
+            admission=AdmissionSettings(enabled=_fair_share_enabled(os.environ.get("PATINOX_FAIR_SHARE"))),
         )
+
+
+def _fair_share_enabled(value: str | None) -> bool:
+    """``PATINOX_FAIR_SHARE``: unset, ``on``, ``1``, ``true`` or ``yes`` keep the fair-share
+    admission on; ``off``, ``0``, ``false`` or ``no`` turn it off.
+
+    Raises:
+        ConfigurationError: any other value.
+    """
+    if value is None or value.strip().lower() in ("", "on", "1", "true", "yes"):
+        return True
+    if value.strip().lower() in ("off", "0", "false", "no"):
+        return False
+    raise ConfigurationError(f"PATINOX_FAIR_SHARE must be 'on' or 'off', not {value!r}")
 
 
 @dataclass(kw_only=True)
@@ -111,7 +140,8 @@ class Runtime:
         queue = FairRunQueue(backend)
         rate = WindowRateLimiter(settings.rate_limit_storage)
         tenants = TenantManager(backend)
-        runs = RunService(backend, NamespaceExecutor(), queue=queue, budget=budget)
+        admission = FairShareAdmission(settings.admission) if settings.admission.enabled else None
+        runs = RunService(backend, NamespaceExecutor(), queue=queue, budget=budget, admission=admission)
         tenants.subscribe(runs.on_tenant_event)
         tenants.subscribe(runs.on_limits_changed)
         # No decrypted key of a suspended or deleted tenant stays in memory.
@@ -130,8 +160,14 @@ class Runtime:
             budget=budget,
         )
 
-    def worker(self, *, concurrency: int = 8, holder: str | None = None) -> RunWorker:
+    def worker(self, *, concurrency: int = 256, holder: str | None = None) -> RunWorker:
         """A worker executing this deployment's queued runs through this runtime."""
-        w = RunWorker(self.runs, self.queue, holder=holder or worker_id("worker"), concurrency=concurrency)
+        w = RunWorker(
+            self.runs,
+            self.queue,
+            holder=holder or worker_id("worker"),
+            concurrency=concurrency,
+            admission=self.runs.admission,
+        )
         self.runs.set_wakeup(w.wakeup)
         return w

@@ -53,6 +53,8 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         # Queued runs are durable: an in-process worker executes them (unless the
         # deployment runs `patinox worker` processes only), beside any other workers.
         background = [asyncio.create_task(rt.runs.watch_tenants())]
+        if rt.runs.admission is not None:  # learns this process's capacity as it serves
+            background.append(asyncio.create_task(rt.runs.admission.watch()))
         if rt.settings.embedded_workers > 0:
             background.append(asyncio.create_task(rt.worker(concurrency=rt.settings.embedded_workers).run()))
         yield

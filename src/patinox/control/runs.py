@@ -40,7 +40,7 @@ from patinox.agents import (
     validate_tool_names,
 )
 from patinox.errors import InvalidRequest, NotFound, PatinoxError, RunFailed, TenantSuspended
-from patinox.limits import RUNS_PER_DAY, Claim, FairRunQueue, TokenBudget, worker_id
+from patinox.limits import RUNS_PER_DAY, Claim, FairRunQueue, FairShareAdmission, TokenBudget, worker_id
 from patinox.storage import PreparedWrite, SqlBackend, TenantStore, utcnow
 from patinox.tenancy import (
     IsolationLevel,
@@ -313,11 +313,14 @@ class RunService:
         queue: FairRunQueue,
         budget: TokenBudget,
         holder: str | None = None,
+        admission: FairShareAdmission | None = None,
     ) -> None:
         self._backend = backend
         self._executor = executor
         self.queue = queue
         self._budget = budget
+        #: This process's fair share of its own capacity; ``None`` admits every run at once.
+        self.admission = admission
         self.holder = holder or worker_id("api")
         self._tasks: dict[str, set[asyncio.Task[Row]]] = {}
         self._fenced: set[str] = set()
@@ -332,6 +335,8 @@ class RunService:
             NotFound: no such agent for this tenant.
             InvalidRequest: output_tokens above the agent's or plan's cap.
             ConcurrencyLimited, QuotaExceeded: admission refused; nothing was run or stored.
+            Overloaded: a synchronous run's turn in this process's fair share did not come
+                in time; nothing was run or stored.
             RunFailed: a synchronous run failed (the run is recorded with its error).
         """
         if ctx.tenant_id in self._fenced:
@@ -426,6 +431,26 @@ class RunService:
         return run
 
     async def _run_now(
+        self, ctx: TenantContext, store: TenantStore, agent: Row, req: RunRequest, limits: RunLimits
+    ) -> Row:
+        admission = self.admission
+        if admission is not None:
+            # The process's fair share first: a run waiting for its turn holds no slot of
+            # the tenant's cap and no tokens.
+            weight = get_plan(ctx.plan).weight
+            if not admission.try_admit(ctx.tenant_id, weight):
+                await admission.admit(ctx.tenant_id, weight)
+            # Released when the run is answered (a caller that went away: when its run was
+            # told to stop, a moment before the run's own settlement ends).
+            try:
+                if ctx.tenant_id in self._fenced:  # suspended while the run waited
+                    raise TenantSuspended("this tenant is suspended", tenant_id=ctx.tenant_id)
+                return await self._admitted_run(ctx, store, agent, req, limits)
+            finally:
+                admission.release(ctx.tenant_id)
+        return await self._admitted_run(ctx, store, agent, req, limits)
+
+    async def _admitted_run(
         self, ctx: TenantContext, store: TenantStore, agent: Row, req: RunRequest, limits: RunLimits
     ) -> Row:
         run_id = new_id("run")

@@ -1,10 +1,13 @@
 """Workers: processes (or tasks of the API process) that execute queued runs.
 
-A :class:`RunWorker` claims runs from the durable fair queue in fair order, executes up to
-``concurrency`` of them at once through a :class:`~patinox.control.runs.RunService`,
-renews their leases while they run, and puts back in the queue the runs of workers that
-died (expired leases). Any number of workers, in any number of processes, may share one
-database; ``patinox worker`` runs one as its own process.
+A :class:`RunWorker` claims runs from the durable fair queue in fair order, executes them
+through a :class:`~patinox.control.runs.RunService`, renews their leases while they run,
+and puts back in the queue the runs of workers that died (expired leases). How many it
+executes at once is, up to its ``concurrency``, its process's
+:class:`~patinox.limits.FairShareAdmission` decision (an adaptive limit shared fairly
+among tenants, the same one the process's synchronous runs pass). Any number of workers,
+in any number of processes, may share one database; ``patinox worker`` runs one as its
+own process.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import structlog
 
 from patinox.control.runs import RunService
 from patinox.errors import PatinoxError
-from patinox.limits import DEFAULT_LEASE_S, Claim, FairRunQueue, QueueListener
+from patinox.limits import DEFAULT_LEASE_S, Claim, FairRunQueue, FairShareAdmission, QueueListener
 
 log = structlog.get_logger("patinox.worker")
 
@@ -30,7 +33,10 @@ class RunWorker:
         service: executes a claimed run (admission already happened when it was queued).
         queue: the shared fair queue.
         holder: this worker's name in claims (unique per process).
-        concurrency: runs executed at once by this worker.
+        concurrency: most runs executed at once by this worker.
+        admission: its process's fair share of capacity: within ``concurrency``, the
+            worker claims a run only of a tenant it may admit now
+            (:meth:`FairShareAdmission.claimable`), and counts the runs it executes there.
         poll_s: wait between claim attempts when the queue is empty, seconds (on
             PostgreSQL a run queued by any process ends the wait at once).
         lease_s: lease of a claim, seconds; renewed every third of it.
@@ -49,11 +55,14 @@ class RunWorker:
         poll_s: float = 0.2,
         lease_s: float = DEFAULT_LEASE_S,
         reap_s: float | None = None,
+        admission: FairShareAdmission | None = None,
     ) -> None:
         self._service = service
         self._queue = queue
         self.holder = holder
+        self._admission = admission
         self._slots = asyncio.Semaphore(concurrency)
+        self._free_pending = False  # waiting for the admission to have room
         self._poll_s = poll_s
         self._lease_s = lease_s
         self._reap_s = lease_s / 3 if reap_s is None else reap_s
@@ -79,16 +88,22 @@ class RunWorker:
             self._reap()
             while not stop.is_set():
                 await self._slots.acquire()
+                skip = frozenset() if self._admission is None else self._admission.claimable()
+                claim = None
                 try:
-                    claim = self._queue.claim(self.holder, lease_s=self._lease_s)
+                    if skip is not None:
+                        claim = self._queue.claim(self.holder, lease_s=self._lease_s, skip=skip)
                 except PatinoxError as err:
                     # A storage failure (a lost connection, a deadlock victim) must not end
                     # the worker: the queue is durable, so try again after a pause.
                     log.warning("claim failed; retrying", error=err.code, detail=err.message)
-                    claim = None
                 if claim is None:
                     self._slots.release()
                     self.wakeup.clear()
+                    if self._admission is not None and (skip is None or skip):
+                        # Full, or runs of tenants at their share may wait: a run ending
+                        # here may make room for them.
+                        self._wake_when_free(self._admission)
                     if stop.is_set():
                         continue
                     with contextlib.suppress(TimeoutError):
@@ -96,6 +111,8 @@ class RunWorker:
                     if time.monotonic() - self._reaped_at >= self._reap_s:
                         self._reap()
                     continue
+                if self._admission is not None:
+                    self._admission.take(claim.tenant_id, claim.weight)
                 task = asyncio.create_task(self._execute(claim))
                 running.add(task)
                 task.add_done_callback(running.discard)
@@ -107,6 +124,15 @@ class RunWorker:
             for t in list(running):
                 t.cancel()
             await asyncio.gather(renewer, stopper, *running, return_exceptions=True)
+
+    def _wake_when_free(self, admission: FairShareAdmission) -> None:
+        if not self._free_pending:
+            self._free_pending = True
+            admission.notify_when_free(self._on_free)
+
+    def _on_free(self) -> None:
+        self._free_pending = False
+        self.wakeup.set()
 
     async def _wake_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -124,6 +150,8 @@ class RunWorker:
             )
         finally:
             self._claims.pop(key, None)
+            if self._admission is not None:
+                self._admission.release(claim.tenant_id)
             self._slots.release()
 
     def _reap(self) -> None:

@@ -1,5 +1,7 @@
-"""Resource limits: request rate limits, token quotas, and the durable fair run queue."""
+"""Resource limits: request rate limits, token quotas, the durable fair run queue, and the
+fair share of each process's capacity."""
 
+from patinox.limits.admission import AdmissionSettings, FairShareAdmission
 from patinox.limits.queue import (
     DEFAULT_LEASE_S,
     NOTIFY_CHANNEL,
@@ -16,8 +18,10 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "RUNS_PER_DAY",
     "TOKENS_PER_DAY",
+    "AdmissionSettings",
     "Claim",
     "FairRunQueue",
+    "FairShareAdmission",
     "QueueListener",
     "RateLimitState",
     "RateLimiter",

@@ -47,7 +47,7 @@ import contextlib
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -60,6 +60,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from patinox.errors import ConcurrencyLimited
 from patinox.storage import SqlBackend, execute_write, utcnow
 from patinox.storage import _schema as s
+from patinox.tenancy import get_plan
 
 #: How long a claim holds a run without renewal, seconds.
 DEFAULT_LEASE_S = 30.0
@@ -136,6 +137,7 @@ def _candidates() -> Any:
             _Q.c.max_running,
             _Q.c.reserved_tokens,
             _Q.c.quota_period,
+            t.c.plan,
         )
         .select_from(
             _Q.join(t, t.c.id == _Q.c.tenant_id).outerjoin(held_now, held_now.c.tenant_id == _Q.c.tenant_id)
@@ -144,6 +146,8 @@ def _candidates() -> Any:
         # claim()), so a run of a tenant with room is never stuck behind them.
         .where(_Q.c.claimed_by.is_(None), t.c.state == "active", t.c.moving_to.is_(None))
         .where(func.coalesce(held_now.c.n, 0) < _Q.c.max_running)
+        # Tenants this process may not admit a run of now (FairShareAdmission.claimable).
+        .where(_Q.c.tenant_id.not_in(bindparam("b_skip", expanding=True)))
         .order_by(_Q.c.priority.desc(), _Q.c.finish_tag, _Q.c.run_id)
         .limit(bindparam("b_scan"))
     )
@@ -189,6 +193,7 @@ class Claim:
     holder: str
     reserved_tokens: int
     quota_period: str
+    weight: int = 1
 
 
 class FairRunQueue:
@@ -354,13 +359,24 @@ class FairRunQueue:
 
     # -- workers ----------------------------------------------------------------------
 
-    def claim(self, holder: str, *, lease_s: float = DEFAULT_LEASE_S, scan: int = 16) -> Claim | None:
+    def claim(
+        self,
+        holder: str,
+        *,
+        lease_s: float = DEFAULT_LEASE_S,
+        scan: int = 16,
+        skip: Collection[str] = (),
+    ) -> Claim | None:
         """Take the next run in fair order whose tenant is active and under its cap.
 
         Args:
             holder: the worker's name, stored on the claimed row.
             lease_s: the claim's lease, seconds.
             scan: candidates read per attempt (runs of tenants at their cap are skipped).
+            skip: tenants whose runs not to claim (those at their fair share of the
+                worker's process, :meth:`patinox.limits.FairShareAdmission.claimable`).
+
+        The claim carries the tenant's plan weight, for the worker's admission.
 
         Returns ``None`` when nothing is claimable now. When no run waits at all, that is
         one index read and no write lock, so idle workers polling cost the database little.
@@ -370,9 +386,10 @@ class FairRunQueue:
                 return None
         with self._backend._tx() as conn:
             self._begin_write(conn)
-            rows = conn.execute(_CANDIDATES[conn.dialect.name], {"b_scan": scan}).all()
+            params = {"b_scan": scan, "b_skip": list(skip)}
+            rows = conn.execute(_CANDIDATES[conn.dialect.name], params).all()
             full: set[str] = set()
-            for tenant_id, run_id, tag, max_running, reserved, period in rows:
+            for tenant_id, run_id, tag, max_running, reserved, period, plan in rows:
                 if tenant_id in full:
                     continue
                 if conn.execute(_TRY_LOCK_TENANT, {"b_tenant": tenant_id}).first() is None:
@@ -393,6 +410,7 @@ class FairRunQueue:
                     holder=holder,
                     reserved_tokens=int(reserved),
                     quota_period=str(period),
+                    weight=get_plan(str(plan)).weight,
                 )
         return None
 
