@@ -111,6 +111,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results" / "noisy_neighbour.json"
 sys.path.insert(0, str(BENCH_DIR))
 
+import _nn_overload as ov  # noqa: E402
 from _common import check, free_port  # noqa: E402
 from _common import server as run_server  # noqa: E402
 from _nn_load import Outcome, Send, send_all  # noqa: E402
@@ -501,6 +502,7 @@ def jain_end_to_end(
         f"({queue_database}) -> the server's in-process RunWorker (8 slots)",
         "model": JAIN_MODEL,
         "other_statuses": {k: v for k, v in statuses.items() if not k.endswith(":202")},
+        "tenant_ids": [h.tenant_id for h in handles.values()],
     }
 
 
@@ -918,6 +920,45 @@ def _targets_met(ratio: float | None, jain_index: float | None) -> dict[str, boo
     }
 
 
+def _suspend(url: str, op_key: str, tenant_ids: list[str]) -> None:
+    with httpx.Client(base_url=url, timeout=60.0) as http:
+        for tid in tenant_ids:
+            check(
+                http.post(f"/admin/tenants/{tid}/suspend", headers={"Authorization": f"Bearer {op_key}"}),
+                "suspend a tenant",
+            )
+
+
+def _overload_figures(on: dict[str, Any], off: dict[str, Any], slot: dict[str, Any]) -> dict[str, Any]:
+    """The three overload figures of a shape, their targets met, and what they came from."""
+    alone, loaded = on["light_alone"]["p99_ms"], on["light_loaded"]["p99_ms"]
+    ratio = loaded / alone if alone and loaded else None
+    g_on, g_off = on["heavy"]["runs_per_s"], off["heavy"]["runs_per_s"]
+    goodput = g_on / g_off if g_on is not None and g_off else None
+    slot_ratio = slot["slot_wait_ratio"]
+    return {
+        "overload_victim_p99_ratio": _r(ratio, 3),
+        "overload_heavy_goodput": _r(goodput, 3),
+        "slot_wait_ratio": slot_ratio,
+        "targets_met": {
+            "overload_victim_p99_ratio": None if ratio is None else ratio <= ov.P99_RATIO_TARGET,
+            "overload_heavy_goodput": None if goodput is None else goodput >= ov.GOODPUT_TARGET,
+            "slot_wait_ratio": slot_ratio <= ov.SLOT_WAIT_TARGET,
+        },
+        "fair_share_on": on,
+        "fair_share_off": off,
+        "slot_wait": slot,
+        "setup": {
+            "light": f"1 pro tenant, {ov.LIGHT_RATE_PER_S:g} sync runs/s on {ov.MODEL}",
+            "heavy": f"{ov.HEAVY_TENANTS} pro tenants x {ov.HEAVY_LOOPS} closed loops of sync runs on "
+            f"{ov.MODEL}, limit overrides {ov.HEAVY_LIMITS}",
+            "phases": "fair share on: alone, loaded, loaded, alone; then a server with "
+            "PATINOX_FAIR_SHARE=off on the same deployment: loaded, loaded",
+            "counted_from_s": ov.WARM_S,
+        },
+    }
+
+
 def end_to_end(shape: Shape, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Parts 1 and 2 against one ``patinox serve`` started on ``shape``, stopped after.
 
@@ -934,23 +975,48 @@ def end_to_end(shape: Shape, tmp: Path, args: argparse.Namespace) -> dict[str, A
     argv = [sys.executable, "-m", "patinox", "serve", "--data-dir", str(shape.data_dir), "--port", str(port)]
     console.rule(f"end to end: {shape.name}")
     timings: dict[str, float] = {}
+    victims: dict[str, Any] = {}
+    fairness: dict[str, Any] = {}
     with run_server(argv, url, log, shape.env):
+        if not args.only_overload:
+            t = time.monotonic()
+            victims = victims_vs_aggressor(url, shape.op_key, work, args)
+            timings["victims_s"] = round(time.monotonic() - t, 1)
+            t = time.monotonic()
+            fairness = jain_end_to_end(
+                url, shape.op_key, args.jain_window_s, queue_database=shape.queue_database
+            )
+            timings["jain_s"] = round(time.monotonic() - t, 1)
+            console.print(
+                f"jain: {fairness['jain_index']} (dispatched {fairness['jain_index_dispatched']}), "
+                f"all backlogged {fairness['all_backlogged_through_window']}, "
+                f"enqueue {fairness['enqueue_s']} s, completed in window "
+                f"{ {n: p['completed_in_window'] for n, p in fairness['tenants'].items()} }"
+            )
+            # The jain tenants' backlog stays queued, unclaimed, while the overload runs.
+            _suspend(url, shape.op_key, fairness["tenant_ids"])
         t = time.monotonic()
-        victims = victims_vs_aggressor(url, shape.op_key, work, args)
-        timings["victims_s"] = round(time.monotonic() - t, 1)
-        t = time.monotonic()
-        fairness = jain_end_to_end(url, shape.op_key, args.jain_window_s, queue_database=shape.queue_database)
-        timings["jain_s"] = round(time.monotonic() - t, 1)
-        console.print(
-            f"jain: {fairness['jain_index']} (dispatched {fairness['jain_index_dispatched']}), "
-            f"all backlogged {fairness['all_backlogged_through_window']}, "
-            f"enqueue {fairness['enqueue_s']} s, completed in window "
-            f"{ {n: p['completed_in_window'] for n, p in fairness['tenants'].items()} }"
-        )
+        handles = ov.onboard_overload(url, shape.op_key, _onboard)
+        overload_on = ov.overload_with_fair_share(url, handles, args.overload_phase_s, work, console.print)
+        slot = ov.slot_wait(url, shape.op_key, _onboard, console.print)
+        timings["overload_on_s"] = round(time.monotonic() - t, 1)
         with httpx.Client(base_url=url, timeout=60.0) as http:
             listed = http.get("/admin/tenants", headers={"Authorization": f"Bearer {shape.op_key}"})
             tenants = check(listed, "list tenants")
             assert isinstance(tenants, list)
+    # The same deployment again, with the fair-share admission switched off.
+    off_log = work / "server-fair-share-off.log"
+    with run_server(argv, url, off_log, {**shape.env, "PATINOX_FAIR_SHARE": "off"}):
+        t = time.monotonic()
+        overload_off = ov.overload_without_fair_share(
+            url, handles, args.overload_phase_s, work, console.print
+        )
+        timings["overload_off_s"] = round(time.monotonic() - t, 1)
+    overload = _overload_figures(overload_on, overload_off, slot)
+    console.print(
+        f"overload: victim p99 ratio {overload['overload_victim_p99_ratio']}, heavy goodput "
+        f"{overload['overload_heavy_goodput']}, slot wait ratio {overload['slot_wait_ratio']}"
+    )
     server_errors = _server_errors(log)
     if server_errors.get("asgi_exceptions"):
         console.print(f"[red]{shape.name} server logged unhandled exceptions:[/red] {server_errors}")
@@ -958,12 +1024,19 @@ def end_to_end(shape: Shape, tmp: Path, args: argparse.Namespace) -> dict[str, A
         "shape": shape.name,
         "run": True,
         "configuration": shape.configuration,
-        "victim_p99_ratio": victims["victim_p99_ratio"],
-        "victim_p99_alone_ms": victims["victim_p99_alone_ms"],
-        "victim_p99_with_aggressor_ms": victims["victim_p99_with_aggressor_ms"],
-        "victim_overhead_p99_ratio": victims["victim_overhead_p99_ratio"],
-        "jain_index": fairness["jain_index"],
-        "targets_met": _targets_met(victims["victim_p99_ratio"], fairness["jain_index"]),
+        "victim_p99_ratio": victims.get("victim_p99_ratio"),
+        "victim_p99_alone_ms": victims.get("victim_p99_alone_ms"),
+        "victim_p99_with_aggressor_ms": victims.get("victim_p99_with_aggressor_ms"),
+        "victim_overhead_p99_ratio": victims.get("victim_overhead_p99_ratio"),
+        "jain_index": fairness.get("jain_index"),
+        "overload_victim_p99_ratio": overload["overload_victim_p99_ratio"],
+        "overload_heavy_goodput": overload["overload_heavy_goodput"],
+        "slot_wait_ratio": overload["slot_wait_ratio"],
+        "targets_met": {
+            **_targets_met(victims.get("victim_p99_ratio"), fairness.get("jain_index")),
+            **overload["targets_met"],
+        },
+        "overload": overload,
         "server_errors": server_errors,
         "victims": victims,
         "jain": fairness,
@@ -1189,6 +1262,12 @@ def main() -> None:
     parser.add_argument(
         "--pg-all-pairs", action="store_true", help="PostgreSQL: every plan pair (default: pro-vs-free only)"
     )
+    parser.add_argument(
+        "--overload-phase-s", type=float, default=20.0, help="wall seconds of each overload phase"
+    )
+    parser.add_argument(
+        "--only-overload", action="store_true", help="only the overload figures (for tuning; no report)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -1200,6 +1279,12 @@ def main() -> None:
         # Parts 1 and 2 on each deployment shape in turn (each server stopped after its shape).
         embedded = end_to_end(embedded_shape(tmp), tmp, args)
         postgres = postgres_redis_end_to_end(tmp, args)
+        if args.only_overload:
+            for d in (embedded, postgres):
+                console.print(
+                    f"{d['shape']}: {json.dumps(d.get('overload', d.get('skipped')), default=str)[:3000]}"
+                )
+            return
         if not postgres["run"]:
             console.print(f"end to end on {PG_REDIS}: not run ({escape(postgres['skipped'])})")
         deployments = [embedded, postgres]
