@@ -13,7 +13,6 @@ import asyncio
 import io
 import json
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +21,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from rich.console import Console
@@ -38,6 +36,7 @@ from patinox.replay import (
     render_table,
     replay,
 )
+from tests.replay._serve import serve
 
 OPERATOR_KEY = "operator-secret"
 BASE_URL = "http://patinox.test"
@@ -444,33 +443,8 @@ def test_percentile_is_nearest_rank(samples: list[float], p: float, expected: fl
 
 @pytest.fixture
 def live_server(server: FakeServer) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        build_app(server),
-        log_level="warning",
-        lifespan="off",
-        ws="none",
-        http="h11",
-        loop="asyncio",
-        timeout_graceful_shutdown=1,
-    )
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not uv.started:
-        if not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.wake_sleepy.set()
-        uv.should_exit = True
-        thread.join()
-        sock.close()
+    with serve(build_app(server), before_stop=server.wake_sleepy.set) as url:
+        yield url
 
 
 async def test_replay_over_http_with_timeouts(server: FakeServer, live_server: str) -> None:
