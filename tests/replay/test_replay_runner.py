@@ -269,7 +269,8 @@ async def test_replay_accounts_for_every_request(server: FakeServer, transport: 
         "down": (2, 0, 0, 2),
     }
     for t in report.tenants:
-        assert t.sent == t.completed + t.throttled + t.failed
+        assert t.scheduled == t.sent == t.completed + t.throttled + t.failed
+        assert (t.dropped, t.unfinished, t.dropped_reasons) == (0, 0, {})
         assert t.tenant_id == handles[t.source].tenant_id
         assert t.plan == sources[t.source]
     assert rows["limited"].error_codes == {"rate_limited": 3}
@@ -358,6 +359,10 @@ async def test_arrivals_keep_order_and_compressed_offsets(
     assert report.trace_duration_s == offsets[-1]
     assert report.compression == compression
     assert report.max_send_lag_ms >= 0
+    for t in report.tenants:  # the send lag, per tenant
+        assert t.send_lag_p50_ms is not None and t.send_lag_p99_ms is not None
+        assert t.send_lag_max_ms is not None
+        assert 0 <= t.send_lag_p50_ms <= t.send_lag_p99_ms <= t.send_lag_max_ms <= report.max_send_lag_ms
 
 
 async def test_progress_is_reported(server: FakeServer, transport: httpx.ASGITransport) -> None:
@@ -395,7 +400,8 @@ async def test_idle_tenant_is_listed_and_report_serialises(
     report = await replay(BASE_URL, handles, _requests("ok", 2), compression=2.0, transport=transport)
     data = json.loads(report.to_json())
     rows = {t["source"]: t for t in data["tenants"]}
-    assert rows["idle"]["sent"] == 0
+    assert rows["idle"]["sent"] == rows["idle"]["scheduled"] == 0
+    assert rows["idle"]["send_lag_max_ms"] is None
     assert rows["idle"]["p50_ms"] is None and rows["idle"]["p99_ms"] is None
     assert set(rows["ok"]) >= {
         "tenant_id",
@@ -410,7 +416,18 @@ async def test_idle_tenant_is_listed_and_report_serialises(
         "tokens_in",
         "tokens_out",
         "error_codes",
+        "scheduled",
+        "unfinished",
+        "dropped",
+        "late",
+        "dropped_reasons",
+        "send_lag_p50_ms",
+        "send_lag_p99_ms",
+        "send_lag_max_ms",
+        "peak_in_flight",
     }
+    assert data["totals"]["scheduled"] == data["totals"]["completed"] == 2
+    assert data["deadline_s"] == data["trace_duration_s"] / 2.0 + data["drain_timeout_s"]
     assert data["trace"] == "ok" and data["compression"] == 2.0
     assert data["percentile_method"] == "nearest-rank"
     text = _render(report)
