@@ -39,7 +39,8 @@ from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
 from patinox import __version__
-from patinox.errors import NotFound, PatinoxError, StorageError
+from patinox.errors import ConfigurationError, NotFound, PatinoxError, StorageError
+from patinox.replay import ReplayBounds
 from patinox.tenancy import PLANS, LimitOverrides
 
 if typing.TYPE_CHECKING:
@@ -1002,6 +1003,7 @@ def _run_replay(
     model: str,
     traces_dir: Path | None,
     seed: int = 0,
+    bounds: ReplayBounds | None = None,
 ) -> dict[str, Any]:
     import httpx
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -1028,9 +1030,9 @@ def _run_replay(
             def on_progress(p: ReplayProgress) -> None:
                 progress.update(
                     task,
-                    completed=p.finished,
+                    completed=p.finished + p.dropped,
                     total=p.total,
-                    detail=f"ok {p.completed} · 429 {p.throttled} · failed {p.failed}",
+                    detail=f"ok {p.completed} · 429 {p.throttled} · failed {p.failed} · dropped {p.dropped}",
                 )
 
             return await replay(
@@ -1038,6 +1040,7 @@ def _run_replay(
                 handles,
                 requests,
                 compression=compression,
+                bounds=bounds,
                 on_progress=on_progress,
                 trace=trace,
             )
@@ -1058,6 +1061,9 @@ def _run_replay(
     return data
 
 
+_BOUNDS = ReplayBounds()
+
+
 @app.command("replay", cls=_Command)
 def replay_cmd(
     url: Annotated[str, typer.Option(help="server base URL")] = "http://127.0.0.1:8000",
@@ -1076,8 +1082,31 @@ def replay_cmd(
     traces_dir: Annotated[
         Path | None, typer.Option(help="traces folder (default: bundled data/traces)")
     ] = None,
+    max_in_flight: Annotated[
+        int, typer.Option(min=1, help="most requests in flight, all tenants together")
+    ] = _BOUNDS.max_in_flight,
+    max_in_flight_per_tenant: Annotated[
+        int, typer.Option(min=1, help="most requests in flight per tenant (its connections)")
+    ] = _BOUNDS.max_in_flight_per_tenant,
+    late_tolerance: Annotated[
+        float,
+        typer.Option(min=0, help="seconds a request may leave after its due time; then dropped if no slot"),
+    ] = _BOUNDS.late_tolerance_s,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(min=0, help="seconds to wait for answers after the last due time; then unfinished"),
+    ] = _BOUNDS.drain_timeout_s,
 ) -> None:
-    """Replay a real public trace against a running server, one tenant per trace source."""
+    """Replay a real public trace against a running server, one tenant per trace source.
+
+    Open loop and bounded: each request leaves at its trace time whatever became of the
+    earlier ones, while fewer than --max-in-flight-per-tenant of its tenant and
+    --max-in-flight in all are in flight; one that finds no free slot by --late-tolerance
+    after its due time is dropped (never sent). The run ends --drain-timeout seconds after
+    the last due time at the latest: requests still in flight then are cancelled and
+    counted unfinished. Every request ends up completed, throttled (429), failed,
+    unfinished or dropped; late counts those sent over --late-tolerance after their due time.
+    """
     key = admin_key
     if not key and admin_key_file is not None:
         try:
@@ -1100,7 +1129,20 @@ def replay_cmd(
         model=model,
         traces_dir=traces_dir,
         seed=seed,
+        bounds=_replay_bounds(max_in_flight, max_in_flight_per_tenant, late_tolerance, drain_timeout),
     )
+
+
+def _replay_bounds(total: int, per_tenant: int, late_tolerance: float, drain_timeout: float) -> ReplayBounds:
+    try:
+        return ReplayBounds(
+            max_in_flight=total,
+            max_in_flight_per_tenant=per_tenant,
+            late_tolerance_s=late_tolerance,
+            drain_timeout_s=drain_timeout,
+        )
+    except ConfigurationError as err:
+        _fail(str(err))
 
 
 def _free_port() -> int:

@@ -13,7 +13,6 @@ import asyncio
 import io
 import json
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +21,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from rich.console import Console
@@ -38,6 +36,7 @@ from patinox.replay import (
     render_table,
     replay,
 )
+from tests.replay._serve import serve
 
 OPERATOR_KEY = "operator-secret"
 BASE_URL = "http://patinox.test"
@@ -270,7 +269,8 @@ async def test_replay_accounts_for_every_request(server: FakeServer, transport: 
         "down": (2, 0, 0, 2),
     }
     for t in report.tenants:
-        assert t.sent == t.completed + t.throttled + t.failed
+        assert t.scheduled == t.sent == t.completed + t.throttled + t.failed
+        assert (t.dropped, t.unfinished, t.dropped_reasons) == (0, 0, {})
         assert t.tenant_id == handles[t.source].tenant_id
         assert t.plan == sources[t.source]
     assert rows["limited"].error_codes == {"rate_limited": 3}
@@ -359,6 +359,10 @@ async def test_arrivals_keep_order_and_compressed_offsets(
     assert report.trace_duration_s == offsets[-1]
     assert report.compression == compression
     assert report.max_send_lag_ms >= 0
+    for t in report.tenants:  # the send lag, per tenant
+        assert t.send_lag_p50_ms is not None and t.send_lag_p99_ms is not None
+        assert t.send_lag_max_ms is not None
+        assert 0 <= t.send_lag_p50_ms <= t.send_lag_p99_ms <= t.send_lag_max_ms <= report.max_send_lag_ms
 
 
 async def test_progress_is_reported(server: FakeServer, transport: httpx.ASGITransport) -> None:
@@ -396,7 +400,8 @@ async def test_idle_tenant_is_listed_and_report_serialises(
     report = await replay(BASE_URL, handles, _requests("ok", 2), compression=2.0, transport=transport)
     data = json.loads(report.to_json())
     rows = {t["source"]: t for t in data["tenants"]}
-    assert rows["idle"]["sent"] == 0
+    assert rows["idle"]["sent"] == rows["idle"]["scheduled"] == 0
+    assert rows["idle"]["send_lag_max_ms"] is None
     assert rows["idle"]["p50_ms"] is None and rows["idle"]["p99_ms"] is None
     assert set(rows["ok"]) >= {
         "tenant_id",
@@ -411,7 +416,18 @@ async def test_idle_tenant_is_listed_and_report_serialises(
         "tokens_in",
         "tokens_out",
         "error_codes",
+        "scheduled",
+        "unfinished",
+        "dropped",
+        "late",
+        "dropped_reasons",
+        "send_lag_p50_ms",
+        "send_lag_p99_ms",
+        "send_lag_max_ms",
+        "peak_in_flight",
     }
+    assert data["totals"]["scheduled"] == data["totals"]["completed"] == 2
+    assert data["deadline_s"] == data["trace_duration_s"] / 2.0 + data["drain_timeout_s"]
     assert data["trace"] == "ok" and data["compression"] == 2.0
     assert data["percentile_method"] == "nearest-rank"
     text = _render(report)
@@ -444,33 +460,8 @@ def test_percentile_is_nearest_rank(samples: list[float], p: float, expected: fl
 
 @pytest.fixture
 def live_server(server: FakeServer) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        build_app(server),
-        log_level="warning",
-        lifespan="off",
-        ws="none",
-        http="h11",
-        loop="asyncio",
-        timeout_graceful_shutdown=1,
-    )
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not uv.started:
-        if not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.wake_sleepy.set()
-        uv.should_exit = True
-        thread.join()
-        sock.close()
+    with serve(build_app(server), before_stop=server.wake_sleepy.set) as url:
+        yield url
 
 
 async def test_replay_over_http_with_timeouts(server: FakeServer, live_server: str) -> None:

@@ -26,12 +26,14 @@ from patinox.replay import (
 from patinox.replay.traces import _find_traces_dir, _parse_timestamp_ns
 
 PUBLIC_API = [
+    "ACCOUNTING",
     "AZURE_FILES",
     "PERCENTILE_METHOD",
     "SERVEGEN_WINDOW_S",
     "TRACES_DIR_ENV",
     "BundledTrace",
     "ProgressCallback",
+    "ReplayBounds",
     "ReplayProgress",
     "ReplayReport",
     "TenantHandle",

@@ -1,13 +1,16 @@
 """Replay public LLM traces against a running Patinox server, one tenant per trace source.
 
 Load a trace (:func:`load_trace`, :func:`load_azure`, :func:`load_servegen`), create the
-tenants (:func:`onboard`), send the requests at their trace times (:func:`replay`) and
-show the per-tenant outcome (:func:`render_table`, :meth:`ReplayReport.to_json`).
+tenants (:func:`onboard`), send the requests at their trace times, open-loop and bounded
+(:func:`replay`, :class:`ReplayBounds`) and show the per-tenant outcome
+(:func:`render_table`, :meth:`ReplayReport.to_json`).
 """
 
 from patinox.replay.runner import (
+    ACCOUNTING,
     PERCENTILE_METHOD,
     ProgressCallback,
+    ReplayBounds,
     ReplayProgress,
     ReplayReport,
     TenantHandle,
@@ -33,12 +36,14 @@ from patinox.replay.traces import (
 )
 
 __all__ = [
+    "ACCOUNTING",
     "AZURE_FILES",
     "PERCENTILE_METHOD",
     "SERVEGEN_WINDOW_S",
     "TRACES_DIR_ENV",
     "BundledTrace",
     "ProgressCallback",
+    "ReplayBounds",
     "ReplayProgress",
     "ReplayReport",
     "TenantHandle",
