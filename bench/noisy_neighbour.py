@@ -25,7 +25,8 @@ same targets, one shape after the other, each on a fresh deployment):
   reason.
 
 In both shapes ``PATINOX_EMBEDDED_WORKERS`` is unset, so the server's in-process queue
-worker has its default 8 slots. The embedded shape's figures keep the top-level keys
+worker has its default cap (256 runs at once) and the fair-share admission decides within
+it. The embedded shape's figures keep the top-level keys
 (``victim_p99_ratio``, ``jain_index``, ``victims``, ``jain``, ``server_errors``); both
 shapes are in ``deployments`` (one entry each: configuration, figures, targets met), and
 the PostgreSQL + Redis headline figures are also ``victim_p99_ratio_postgres`` and
@@ -54,10 +55,10 @@ the PostgreSQL + Redis headline figures are also ``victim_p99_ratio_postgres`` a
 2. ``jain_index`` (end to end, the same server as 1, per shape). Two ``free`` (weight 1)
    and two ``pro`` (weight 4) tenants each POST many asynchronous runs at once
    (``"mode": "async"``, agent ``simulated:ttft_ms=200,tpot_ms=0``); the server's
-   in-process worker (8 slots) takes them from the durable fair queue (in the shape's
-   database: SQLite or PostgreSQL). After every POST is answered, completed (and
-   dispatched) runs per tenant are counted over a window while every tenant still has
-   queued runs (checked), normalised by weight; Jain's index is
+   in-process worker (by its fair share of the server's capacity) takes them from the
+   durable fair queue (in the shape's database: SQLite or PostgreSQL). After every POST
+   is answered, completed (and dispatched) runs per tenant are counted over a window
+   while every tenant still has queued runs (checked), normalised by weight; Jain's index is
    ``(sum x)^2 / (n * sum x^2)``.
 
 3. ``limiter_excess``: 4 processes x 4 threads hit one tenant's limit at once through
@@ -72,6 +73,13 @@ the PostgreSQL + Redis headline figures are also ``victim_p99_ratio_postgres`` a
    one-run tenant's dispatch. Worst over points and plan pairs. A second check puts the big
    tenant(s) at their concurrency cap and asks whether an idle worker can still claim the
    one-run tenant's run (``at_cap``).
+
+5. ``overload_victim_p99_ratio``, ``overload_heavy_goodput`` and ``slot_wait_ratio`` (end
+   to end, per shape, after part 2 on the same deployment, the tenants of part 2
+   suspended so their backlog stays unclaimed): the server's own capacity shared fairly
+   when it runs out; see ``bench/_nn_overload.py`` for the workload. The goodput's
+   "off" half runs on a second server started on the same deployment with
+   ``PATINOX_FAIR_SHARE=off``.
 
 Each shape's server log is scanned after its server stopped for unhandled exceptions
 (counted by type in ``server_errors`` of the shape), so a 5xx seen by a tenant is
@@ -100,6 +108,7 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import httpx
@@ -499,7 +508,7 @@ def jain_end_to_end(
         "enqueue_s": round(enqueue_s, 1),
         "tenants": per,
         "path": "end to end: POST /v1/agents/{id}/runs mode=async -> durable FairRunQueue "
-        f"({queue_database}) -> the server's in-process RunWorker (8 slots)",
+        f"({queue_database}) -> the server's in-process RunWorker (fair-share admission)",
         "model": JAIN_MODEL,
         "other_statuses": {k: v for k, v in statuses.items() if not k.endswith(":202")},
         "tenant_ids": [h.tenant_id for h in handles.values()],
@@ -788,7 +797,7 @@ _DEPLOYMENT_VARS = (
     "PATINOX_OWNER_URL",
     "PATINOX_RATE_LIMIT_URL",
     "PATINOX_KEK_URL",
-    "PATINOX_EMBEDDED_WORKERS",  # unset in both: the server's in-process worker, 8 slots
+    "PATINOX_EMBEDDED_WORKERS",  # unset in both: the server's in-process worker, default cap
 )
 
 
@@ -828,7 +837,7 @@ def embedded_shape(tmp: Path) -> Shape:
             "rate_limit_url": "memory:// (default)",
             "kek": "file: <data dir>/kek.json (patinox init)",
             "operator_key": "printed by patinox init --key-file",
-            "queue_worker": "the server's in-process RunWorker, 8 slots",
+            "queue_worker": "the server's in-process RunWorker (fair-share admission)",
         },
     )
 
@@ -873,7 +882,7 @@ def postgres_redis_shape(tmp: Path, dep: Any, redis_url: str) -> Shape:
             "rate_limit_keys": f"{KEY_PREFIX}:rate/<tenant_id>/... (this run's tenants; deleted after)",
             "kek": "file: a new KEK file (FileKeyProvider.create), PATINOX_KEK_URL",
             "operator_key": "ApiKeys(backend).create(tenant_id=None) before the server started",
-            "queue_worker": "the server's in-process RunWorker, 8 slots",
+            "queue_worker": "the server's in-process RunWorker (fair-share admission)",
         },
     )
 
@@ -1104,7 +1113,39 @@ _E2E_FIGURES = (
     "aggressor 429s",
     "victim runs failed",
     "jain_index",
+    "overload_victim_p99_ratio",
+    "overload_heavy_goodput",
+    "slot_wait_ratio",
 )
+
+
+def _overload_rows(o: dict[str, Any]) -> dict[str, tuple[str, str, str, str]]:
+    """A shape's overload rows of the table: figure -> (value, target, mark, detail)."""
+    on, off, slot, met = o["fair_share_on"], o["fair_share_off"], o["slot_wait"], o["targets_met"]
+    return {
+        "overload_victim_p99_ratio": (
+            _fmt(o["overload_victim_p99_ratio"]),
+            f"<= {ov.P99_RATIO_TARGET}",
+            _mark(met["overload_victim_p99_ratio"]),
+            f"light p99 alone {on['light_alone']['p99_ms']} ms, beside the heavy tenants "
+            f"{on['light_loaded']['p99_ms']} ms (fair share off: {off['light_loaded']['p99_ms']} ms); "
+            f"light refused {on['light_loaded']['refused'] or 'none'}",
+        ),
+        "overload_heavy_goodput": (
+            _fmt(o["overload_heavy_goodput"]),
+            f">= {ov.GOODPUT_TARGET}",
+            _mark(met["overload_heavy_goodput"]),
+            f"heavy runs/s on {on['heavy']['runs_per_s']} / off {off['heavy']['runs_per_s']}; "
+            f"heavy refused on {on['heavy']['refused'] or 'none'}, off {off['heavy']['refused'] or 'none'}",
+        ),
+        "slot_wait_ratio": (
+            _fmt(o["slot_wait_ratio"]),
+            f"<= {ov.SLOT_WAIT_TARGET}",
+            _mark(met["slot_wait_ratio"]),
+            f"B idle {median(slot['b_idle_ms']):.1f} ms, with {slot['a_runs_running_when_b_arrived']} "
+            f"of A's long runs running {median(slot['b_loaded_ms']):.1f} ms (medians)",
+        ),
+    }
 
 
 def _end_to_end_rows(d: dict[str, Any]) -> dict[str, tuple[str, str, str, str]]:
@@ -1116,6 +1157,8 @@ def _end_to_end_rows(d: dict[str, Any]) -> dict[str, tuple[str, str, str, str]]:
             "victim_p99_ratio": ("n/a", p99_target, "[yellow]not run[/yellow]", why),
             "jain_index": ("n/a", jain_target, "[yellow]not run[/yellow]", why),
         }
+    if not d["victims"]:  # --only-overload
+        return _overload_rows(d["overload"])
     v, j, se, met = d["victims"], d["jain"], d["server_errors"], d["targets_met"]
     a = v["aggressor"]
     failed = v["victims_alone"]["failed"] + v["victims_with_aggressor"]["failed"]
@@ -1159,6 +1202,7 @@ def _end_to_end_rows(d: dict[str, Any]) -> dict[str, tuple[str, str, str, str]]:
             f"{ {n: p['completed_per_weight'] for n, p in j['tenants'].items()} }; dispatched-based "
             f"{j['jain_index_dispatched']}; all backlogged: {j['all_backlogged_through_window']}",
         ),
+        **_overload_rows(d["overload"]),
     }
 
 
@@ -1315,6 +1359,12 @@ def main() -> None:
         "jain_index": fairness["jain_index"],
         "victim_p99_ratio_postgres": postgres["victim_p99_ratio"],
         "jain_index_postgres": postgres["jain_index"],
+        "overload_victim_p99_ratio": embedded["overload_victim_p99_ratio"],
+        "overload_heavy_goodput": embedded["overload_heavy_goodput"],
+        "slot_wait_ratio": embedded["slot_wait_ratio"],
+        "overload_victim_p99_ratio_postgres": postgres.get("overload_victim_p99_ratio"),
+        "overload_heavy_goodput_postgres": postgres.get("overload_heavy_goodput"),
+        "slot_wait_ratio_postgres": postgres.get("slot_wait_ratio"),
         "limiter_excess": limiter.get("limiter_excess"),
         "starvation_rounds": None if not sr or any(x is None for x in sr) else max(sr),
         "targets": {
@@ -1322,6 +1372,9 @@ def main() -> None:
             "jain_index": ">= 0.99",
             "limiter_excess": "0",
             "starvation_rounds": "a few scheduling rounds (this bench marks <= 5)",
+            "overload_victim_p99_ratio": f"<= {ov.P99_RATIO_TARGET}",
+            "overload_heavy_goodput": f">= {ov.GOODPUT_TARGET}",
+            "slot_wait_ratio": f"<= {ov.SLOT_WAIT_TARGET}",
         },
         "deployment": "patinox serve, embedded default: SQLite, rate limits memory://, in-process worker "
         "(victims, jain; the same again on PostgreSQL + Redis: see deployments); limiter on Redis; "

@@ -35,7 +35,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (413, "`payload_too_large`: the request body is over the limit"),
         (422, "`invalid_request`, `unknown_model`, `unknown_tool` or `isolation_unavailable`"),
         (429, "`rate_limited`, `concurrency_limited` or `quota_exceeded`, with `Retry-After` (seconds)"),
-        (503, "`storage_error`: the database failed; retry later"),
+        (
+            503,
+            "`storage_error` (the database failed), `tenant_moving` or `overloaded` (the server is "
+            "at capacity and this tenant has its fair share of it), with `Retry-After` (seconds)",
+        ),
     )
 }
 
