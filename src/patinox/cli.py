@@ -391,13 +391,20 @@ def serve(
     data_dir: DataDir = DEFAULT_DATA_DIR,
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8000,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
+    log_level: Annotated[str, typer.Option(help="uvicorn's own log level (start-up, errors)")] = "warning",
 ) -> None:
-    """Run the HTTP API server until interrupted."""
+    """Run the HTTP API server until interrupted.
+
+    Every request is logged as one JSON line on stderr (PATINOX_LOG_LEVEL: debug, info,
+    warning, error; default info).
+    """
     import uvicorn
 
+    from patinox._logs import configure_logging
     from patinox._process import server_gc
     from patinox.api import create_app
+
+    configure_logging()
 
     app_ = create_app(runtime=_runtime(data_dir))
     _check_port_free(host, port)
@@ -918,8 +925,12 @@ def worker(
     """Execute queued (async) runs until interrupted; run as many as you like beside the servers.
 
     Set PATINOX_DATABASE_URL, PATINOX_OWNER_URL and PATINOX_KEK_URL (or --data-dir) to the
-    same deployment as the API servers.
+    same deployment as the API servers. Events are logged as JSON lines on stderr
+    (PATINOX_LOG_LEVEL, default info).
     """
+    from patinox._logs import configure_logging
+
+    configure_logging()
     rt = _runtime(data_dir)
 
     async def go() -> None:

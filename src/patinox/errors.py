@@ -29,6 +29,7 @@
     │   ├── DecryptionFailed             ciphertext failed authentication       (500 decryption_failed)
     │   ├── TenantKeysDestroyed          the tenant was crypto-shredded         (410 tenant_keys_destroyed)
     │   └── StorageError                 the database failed (original chained) (503 storage_error)
+    │       └── LimitStoreUnavailable    the rate-limit store (Redis) failed    (503 limit_store_unavailable)
     └── ControlSignal                    not failures; used for flow control inside the runtime
 
 Every error carries a stable ``code`` (the JSON ``error.code`` of the HTTP API) and an
@@ -50,6 +51,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidTransition",
     "IsolationUnavailable",
+    "LimitStoreUnavailable",
     "MissingDependency",
     "NotFound",
     "OperationFailed",
@@ -297,6 +299,15 @@ class StorageError(OperationFailed):
     """The database failed; the driver's exception is chained as ``__cause__``."""
 
     code = "storage_error"
+    http_status = 503
+
+
+class LimitStoreUnavailable(StorageError):
+    """The shared rate-limit store (Redis) failed or timed out, so no request limit can be
+    checked and the request is refused (fail closed); the driver's exception is chained.
+    Fields: ``backend`` (``"redis"``), ``operation`` (``hit``, ``reset``, ``ping``)."""
+
+    code = "limit_store_unavailable"
     http_status = 503
 
 

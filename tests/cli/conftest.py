@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from typer.testing import CliRunner, Result
 
 from patinox.cli import app
@@ -18,14 +20,19 @@ _ENV_VARS = (
     "PATINOX_KEK_URL",
     "PATINOX_RATE_LIMIT_URL",
     "PATINOX_ADMIN_KEY",
+    "PATINOX_LOG_LEVEL",
 )
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No deployment settings leak in from the developer's shell."""
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No deployment settings leak in from the developer's shell, and none out: ``serve``
+    configures structlog for its process (JSON on the stderr of the moment), which is put
+    back as it was for the tests after this one."""
     for var in _ENV_VARS:
         monkeypatch.delenv(var, raising=False)
+    yield
+    structlog.reset_defaults()
 
 
 def cli(*args: str, width: int = 200) -> Result:

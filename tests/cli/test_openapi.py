@@ -29,6 +29,13 @@ def test_error_responses(client: TestClient) -> None:
             assert set(op["responses"]) == {"200"}, op["responses"]
             assert not op.get("security")
             continue
+        if path == "/readyz":
+            assert set(op["responses"]) == {"200", "503"}, op["responses"]
+            for status in ("200", "503"):
+                ref = op["responses"][status]["content"]["application/json"]["schema"]["$ref"]
+                assert ref.endswith("/ReadinessOut"), status
+            assert not op.get("security")
+            continue
         for status in ("400", "401", "403", "404", "422", "429", "503"):
             ref = op["responses"][status]["content"]["application/json"]["schema"]["$ref"]
             assert ref.endswith("/ErrorOut"), (method, path, status)
@@ -40,3 +47,4 @@ def test_the_middleware_still_does_the_auth(client: TestClient, operator_key: st
     assert client.get("/admin/plans", headers=auth(operator_key)).status_code == 200
     assert client.get("/v1/me", headers=auth(operator_key)).status_code == 403
     assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code in (200, 503)  # public: never 401

@@ -12,7 +12,13 @@ from collections.abc import Callable
 
 import pytest
 
-from patinox.errors import ConfigurationError, MissingDependency, RateLimited, StorageError
+from patinox.errors import (
+    ConfigurationError,
+    LimitStoreUnavailable,
+    MissingDependency,
+    RateLimited,
+    StorageError,
+)
 from patinox.limits import RateLimitState, WindowRateLimiter, ratelimit_headers
 from patinox.limits.rate import KEY_PREFIX
 from tests.limits._hammer import hammer
@@ -184,6 +190,34 @@ def test_unreachable_redis_is_a_storage_error_with_the_cause_chained() -> None:
         lim.close()
     assert ei.value.backend == "redis" and ei.value.__cause__ is not None
     assert ei.value.http_status == 503
+
+
+def test_ping_names_the_unreachable_limit_store() -> None:
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lim = WindowRateLimiter(f"redis://127.0.0.1:{port}/0")
+    try:
+        with pytest.raises(LimitStoreUnavailable) as ei:
+            lim.ping()
+        with pytest.raises(LimitStoreUnavailable) as hit:
+            lim.hit("tenant", 5, tenant_id="t_a")
+    finally:
+        lim.close()
+    assert ei.value.code == hit.value.code == "limit_store_unavailable"
+    assert ei.value.http_status == 503 and isinstance(ei.value, StorageError)
+    assert type(ei.value.__cause__).__name__ == "ConnectionError"
+
+
+def test_ping_answers_on_a_working_store(redis_target: RedisTarget) -> None:
+    for lim in (
+        WindowRateLimiter("memory://"),
+        WindowRateLimiter(redis_target.url, key_prefix=redis_target.key_prefix),
+    ):
+        try:
+            lim.ping()
+        finally:
+            lim.close()
 
 
 def test_missing_redis_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

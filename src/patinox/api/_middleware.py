@@ -14,6 +14,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from patinox.api._logging import record_failure
 from patinox.api._runtime import Runtime
 from patinox.control import OperatorPrincipal
 from patinox.errors import AuthenticationFailed, PatinoxError, PermissionDenied, RateLimited, TenantMoving
@@ -97,10 +98,11 @@ class TenancyMiddleware:
                 await self.app(scope, receive, send)
                 return
             principal = self.rt.keys.authenticate(_bearer(scope))
+            # Read by the operator routes and the request log (tenant id, key id).
+            scope.setdefault("state", {})["principal"] = principal
             if admin_route:
                 if not isinstance(principal, OperatorPrincipal):
                     raise PermissionDenied("admin routes need an operator key", scope="admin")
-                scope.setdefault("state", {})["principal"] = principal
                 await self.app(scope, receive, send)
                 return
             if not isinstance(principal, TenantContext):
@@ -117,6 +119,7 @@ class TenancyMiddleware:
                     retry_after_s=2,
                 )
         except PatinoxError as err:
+            record_failure(scope, err)
             await _send_json(send, *error_response_parts(err))
             return
         # A route may add its own policy (a run adds the agent's) to this list; the

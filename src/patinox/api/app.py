@@ -1,7 +1,9 @@
-"""The HTTP API (FastAPI): operator routes under ``/admin``, tenant routes under ``/v1``.
+"""The HTTP API (FastAPI): operator routes under ``/admin``, tenant routes under ``/v1``;
+``/healthz`` (liveness) and ``/readyz`` (readiness, see :mod:`patinox.api._health`) need no key.
 
 Errors are JSON ``{"error": {"code", "message", "details"}}`` with a stable ``code``.
 A foreign tenant's object id answers exactly like a missing one (404 ``not_found``).
+Every request is logged with a request id (:mod:`patinox.api._logging`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from patinox.api import schemas as o
 from patinox.api._deps import BEARER_SCHEME, BEARER_SCHEME_NAME
+from patinox.api._health import Readiness
+from patinox.api._logging import RequestLogMiddleware, record_failure
 from patinox.api._middleware import RATE_STATES, TenancyMiddleware, error_response_parts
 from patinox.api._runtime import Runtime, Settings
 from patinox.api.routers import admin, tenant
@@ -37,8 +41,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (429, "`rate_limited`, `concurrency_limited` or `quota_exceeded`, with `Retry-After` (seconds)"),
         (
             503,
-            "`storage_error` (the database failed), `tenant_moving` or `overloaded` (the server is "
-            "at capacity and this tenant has its fair share of it), with `Retry-After` (seconds)",
+            "`storage_error` (the database failed), `limit_store_unavailable` (the rate-limit store "
+            "failed), `tenant_moving` or `overloaded` (the server is at capacity and this tenant "
+            "has its fair share of it; the last two with `Retry-After`, seconds)",
         ),
     )
 }
@@ -51,6 +56,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
             raise ValueError("give settings or runtime")
         runtime = Runtime.build(settings)
     rt = runtime
+    readiness = Readiness(rt)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -60,7 +66,8 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         if rt.runs.admission is not None:  # learns this process's capacity as it serves
             background.append(asyncio.create_task(rt.runs.admission.watch()))
         if rt.settings.embedded_workers > 0:
-            background.append(asyncio.create_task(rt.worker(concurrency=rt.settings.embedded_workers).run()))
+            readiness.worker = rt.worker(concurrency=rt.settings.embedded_workers)
+            background.append(asyncio.create_task(readiness.worker.run()))
         yield
         for task in background:
             task.cancel()
@@ -76,6 +83,8 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     )
     app.state.runtime = rt
     app.add_middleware(TenancyMiddleware, runtime=rt)
+    # Added last, so outermost: it sees every request, refusals of the tenancy layer included.
+    app.add_middleware(RequestLogMiddleware)
     _install_error_handlers(app)
     # Error responses are listed on these routes only. Routes are matched in order: the
     # run route, then tenant routes, then operator routes.
@@ -92,7 +101,21 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
 
     @app.get("/healthz", tags=["public"])
     def healthz() -> dict[str, str]:
+        """Liveness: the process answers HTTP. Checks no dependency (see ``/readyz``)."""
         return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["public"],
+        response_model=o.ReadinessOut,
+        responses={503: {"model": o.ReadinessOut, "description": "a dependency is failing"}},
+    )
+    async def readyz() -> JSONResponse:
+        """Readiness: `200` when the database, the rate-limit store and the embedded queue
+        worker all work, `503` when any fails; each check gets about a second."""
+        ready, checks = await readiness.check()
+        body = {"status": "ready" if ready else "not_ready", "checks": checks}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     return app
 
@@ -125,6 +148,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def on_patinox(request: Request, err: PatinoxError) -> JSONResponse:
         # In a tenant request the middleware sends the RateLimit fields of every policy.
         in_tenant_request = RATE_STATES in request.scope.get("state", {})
+        record_failure(request.scope, err)
         status, body, headers = error_response_parts(err, rate_headers=not in_tenant_request)
         return JSONResponse(body, status_code=status, headers=headers)
 

@@ -22,6 +22,18 @@ class ErrorOut(_Out):
     error: ErrorBody
 
 
+class DependencyOut(_Out):
+    status: str = Field(description="ok | failing | disabled (not used by this deployment)")
+    error: str | None = Field(
+        default=None, description="when failing: the error's type, `timeout` or `not_running`"
+    )
+
+
+class ReadinessOut(_Out):
+    status: str = Field(description="ready | not_ready")
+    checks: dict[str, DependencyOut] = Field(description="database, limit_store and workers")
+
+
 class KeyOut(_Out):
     id: str
     tenant_id: str | None

@@ -72,6 +72,12 @@ class RunWorker:
         self.completed = 0
         #: The PostgreSQL LISTEN thread while :meth:`run` runs (None on SQLite).
         self.listener: QueueListener | None = None
+        self._running = False
+
+    @property
+    def running(self) -> bool:
+        """True while :meth:`run` is claiming runs (from its start until it stops or fails)."""
+        return self._running
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Work until ``stop`` is set (or the task is cancelled); in-flight runs are then
@@ -84,6 +90,7 @@ class RunWorker:
         self.listener = self._queue.listen(lambda: loop.call_soon_threadsafe(self.wakeup.set))
         # Setting ``stop`` ends an idle wait too, not only at the next poll.
         stopper = asyncio.create_task(self._wake_on(stop))
+        self._running = True
         try:
             self._reap()
             while not stop.is_set():
@@ -117,6 +124,7 @@ class RunWorker:
                 running.add(task)
                 task.add_done_callback(running.discard)
         finally:
+            self._running = False
             if self.listener is not None:
                 await asyncio.to_thread(self.listener.close)
             renewer.cancel()

@@ -46,7 +46,7 @@ from typing import Protocol
 
 from limits import RateLimitItemPerMinute, storage
 from limits import errors as limits_errors
-from patinox.errors import ConfigurationError, MissingDependency, RateLimited, StorageError
+from patinox.errors import ConfigurationError, LimitStoreUnavailable, MissingDependency, RateLimited
 
 __all__ = [
     "KEY_PREFIX",
@@ -108,6 +108,8 @@ class RateLimiter(Protocol):
     def hit(self, key: str, per_minute: int, *, tenant_id: str, unit: str = "requests") -> RateLimitState: ...
 
     def reset(self, key: str, per_minute: int, *, tenant_id: str) -> None: ...
+
+    def ping(self) -> None: ...
 
 
 class WindowRateLimiter:
@@ -185,7 +187,8 @@ class WindowRateLimiter:
                 ``tenant_id``, ``policy``, ``limit``, ``remaining`` (0), ``window_s``,
                 ``reset_after_s`` and ``retry_after_s`` (whole seconds, >= 1: when one
                 slot frees).
-            StorageError: the shared store (Redis) failed; the driver error is chained.
+            LimitStoreUnavailable: the shared store (Redis) failed or timed out (a
+                ``StorageError``, ``503``); the driver error is chained.
         """
         stored = self._stored_key(tenant_id, key, per_minute)
         policy = key.partition(":")[0]
@@ -199,9 +202,7 @@ class WindowRateLimiter:
                 admitted = self._storage.acquire_entry(stored, per_minute, WINDOW_S)
                 window_start, in_window = self._storage.get_moving_window(stored, per_minute, WINDOW_S)
         except self._driver_errors as err:
-            raise StorageError(
-                f"rate-limit store failed: {type(err).__name__}", backend="redis", operation="hit"
-            ) from err
+            raise _unavailable(err, "hit") from err
         reset_time, remaining = window_start + WINDOW_S, per_minute - in_window
         now = time.time()
         if admitted:
@@ -223,19 +224,42 @@ class WindowRateLimiter:
         """Forget the window of the tenant's ``key`` (a tenant deleted, a test cleaning up).
 
         Raises:
-            StorageError: the shared store (Redis) failed; the driver error is chained.
+            LimitStoreUnavailable: the shared store (Redis) failed; the driver error is chained.
         """
         try:
             self._storage.clear(self._stored_key(tenant_id, key, per_minute))
         except self._driver_errors as err:
-            raise StorageError(
-                f"rate-limit store failed: {type(err).__name__}", backend="redis", operation="reset"
-            ) from err
+            raise _unavailable(err, "reset") from err
+
+    def ping(self) -> None:
+        """Check that the storage answers, for a readiness probe: a Redis ``PING`` (nothing
+        to do for ``memory://``, which is always available).
+
+        Blocks for at most the Redis client's timeouts (2 s to connect and 2 s to read,
+        unless the storage URI's query string sets others); a refused connection fails at
+        once. Callers on an event loop run it in a thread.
+
+        Raises:
+            LimitStoreUnavailable: Redis refused, failed or timed out; the driver error is chained.
+        """
+        if not isinstance(self._storage, storage.RedisStorage):
+            return
+        try:
+            self._storage.storage.ping()
+        except self._driver_errors as err:
+            raise _unavailable(err, "ping") from err
 
     def close(self) -> None:
         """Release the Redis connections (no-op for ``memory://``); the limiter is not used after."""
         if isinstance(self._storage, storage.RedisStorage):
             self._storage.storage.close()
+
+
+def _unavailable(err: Exception, operation: str) -> LimitStoreUnavailable:
+    """The error for a failed call to the shared store (the caller chains ``err``)."""
+    return LimitStoreUnavailable(
+        f"rate-limit store failed: {type(err).__name__}", backend="redis", operation=operation
+    )
 
 
 class _WindowMemoryStorage(storage.Storage, storage.MovingWindowSupport):

@@ -260,6 +260,17 @@ class SqlBackend:
             if tenant["state"] in ("active", "suspended"):
                 self.placements.upgrade(tenant["id"], model, head)
 
+    def ping(self) -> None:
+        """Run ``SELECT 1`` on the deployment's main database through the application's
+        connection pool, for a readiness probe. Blocking (callers on an event loop run it in
+        a thread); a database that does not answer can block it as long as the driver waits.
+
+        Raises:
+            StorageError: the database refused or failed; the driver error is chained.
+        """
+        with translate_errors(), self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
     def close(self) -> None:
         """Release every pooled connection and the cache's epoch file."""
         self.cache.close()
