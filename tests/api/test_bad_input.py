@@ -112,16 +112,27 @@ def test_null_for_required_agent_fields_is_refused(client: TestClient, make_tena
     assert client.get(f"/v1/agents/{agent}", headers=a.h).json()["model"] == "simulated:instant"
 
 
-def test_a_name_with_a_trailing_newline_is_refused(client: TestClient, operator_key: str) -> None:
+def test_a_name_with_a_trailing_newline_is_refused(
+    client: TestClient, operator_key: str, make_tenant: Any
+) -> None:
     """``re.match`` with ``$`` also matches before a final newline, so ``"acme\\n"`` was
-    accepted as a second tenant beside ``acme``. Every name is matched whole."""
+    accepted as a second tenant beside ``acme``. Every name is matched whole (an agent
+    name's ``pattern`` runs in pydantic's Rust engine, where ``$`` is the end of the text:
+    pinned here too)."""
+    a = make_tenant("alpha")
+    agent = a.agent("x")
+    for name in ("x\n", "y\n", "\ny"):
+        for method, path in (("POST", "/v1/agents"), ("PATCH", f"/v1/agents/{agent}")):
+            r = client.request(method, path, json={"name": name}, headers=a.h)
+            assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", (name, r.text)
+    assert [x["name"] for x in client.get("/v1/agents", headers=a.h).json()] == ["x"]
     op = auth(operator_key)
     assert client.post("/admin/tenants", json={"name": "acme"}, headers=op).status_code == 201
     for name in ("acme\n", "acme\r\n", "\nacme", "ac\nme"):
         r = client.post("/admin/tenants", json={"name": name}, headers=op)
         assert r.status_code == 422, (name, r.text)
         assert r.json()["error"]["code"] == "invalid_request"
-    assert [t["name"] for t in client.get("/admin/tenants", headers=op).json()] == ["acme"]
+    assert [t["name"] for t in client.get("/admin/tenants", headers=op).json()] == ["alpha", "acme"]
 
 
 def test_a_nul_character_is_refused_in_every_text_field_alike(
