@@ -9,6 +9,7 @@ Refusals are answered here, before routing, as JSON ``{"error": {...}}``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -37,13 +38,14 @@ def error_response_parts(
     err: PatinoxError, *, rate_headers: bool = True
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, JSON body, headers) of an error; 429s and 503s carry ``Retry-After``
-    (seconds), rate-limit refusals the ``RateLimit`` / ``RateLimit-Policy`` headers unless
-    ``rate_headers`` is false (inside a tenant request, whose middleware sends those fields
-    for every policy, the refused one included)."""
+    (whole seconds, rounded up: a retry after it is never early), rate-limit refusals the
+    ``RateLimit`` / ``RateLimit-Policy`` headers unless ``rate_headers`` is false (inside a
+    tenant request, whose middleware sends those fields for every policy, the refused one
+    included)."""
     headers: dict[str, str] = {}
     retry = err.fields.get("retry_after_s")
     if err.http_status in (429, 503) and retry is not None:
-        headers["Retry-After"] = str(int(retry))
+        headers["Retry-After"] = str(math.ceil(retry))
     if rate_headers and isinstance(err, RateLimited) and "policy" in err.fields:
         headers.update(ratelimit_headers(RateLimitState.from_refusal(err)))
     if err.http_status == 401:

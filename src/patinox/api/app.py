@@ -34,7 +34,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (404, "`not_found`: missing, or another tenant's object"),
         (409, "`already_exists` or `invalid_transition`"),
         (413, "`payload_too_large`: the request body is over the limit"),
-        (422, "`invalid_request`, `unknown_model`, `unknown_tool` or `isolation_unavailable`"),
+        (
+            422,
+            "`invalid_request`, `unknown_model`, `unknown_tool`, `isolation_unavailable` or "
+            "`exceeds_budget` (a run larger than the whole daily token budget)",
+        ),
         (429, "`rate_limited`, `concurrency_limited` or `quota_exceeded`, with `Retry-After` (seconds)"),
         (503, "`storage_error`: the database failed; retry later"),
     )

@@ -332,6 +332,8 @@ class RunService:
             NotFound: no such agent for this tenant.
             InvalidRequest: output_tokens above the agent's or plan's cap.
             ConcurrencyLimited, QuotaExceeded: admission refused; nothing was run or stored.
+            ExceedsBudget: the run's worst case is more than the whole daily token budget
+                (no day admits it); nothing was run, stored or counted.
             RunFailed: a synchronous run failed (the run is recorded with its error).
         """
         if ctx.tenant_id in self._fenced:
