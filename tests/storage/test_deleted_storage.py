@@ -85,3 +85,20 @@ def test_a_silo_file_is_private_from_its_creation(backend: SqlBackend, tmp_path:
     spec = TenantSpec(name="alpha", storage_model=StorageModel.SILO)
     tenant = TenantManager(backend).create(spec, actor="test")
     assert (tmp_path / "tenants" / f"{tenant.id}.db").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool", "pg-bridge"], indirect=True)
+def test_deletion_drops_a_copy_a_move_made_under_another_storage_model(
+    backend: SqlBackend, deployment: Deployment
+) -> None:
+    """A move between storage models that switched the tenant (or crashed holding its new
+    copy) while a deletion ran: the deletion, having read the old model, dropped only that
+    placement and left the tenant's new schema, database or file behind. Deletion drops the
+    tenant's own storage under every model the deployment offers."""
+    model = StorageModel(deployment.storage_model)
+    manager = TenantManager(backend)
+    tenant = manager.create(TenantSpec(name="alpha", storage_model=model), actor="test")
+    for other in sorted(backend.placements.supported() - {model, StorageModel.POOL}):
+        backend.placements.provision(tenant.id, other)  # the move's copy
+    manager.delete(tenant.id, actor="test")
+    assert set(count_tenant_rows(deployment, tenant.id).values()) == {0}

@@ -365,7 +365,8 @@ class SqlBackend:
 
     def purge_tenant(self, tenant_id: str, model: StorageModel = StorageModel.POOL) -> dict[str, int]:
         """Delete every row of ``tenant_id`` from every tenant-owned table of the shared
-        database (one transaction), then drop its bridge schema or silo database/file.
+        database (one transaction), then drop its bridge schema or silo database/file (and
+        any under another storage model, which a move may have left).
 
         Tables are found from the database catalog, so a table added later is covered
         without editing this code. Returns rows deleted per table (``"<placement>"`` counts
@@ -384,6 +385,11 @@ class SqlBackend:
         if model is not StorageModel.POOL:
             self.placements.destroy(tenant_id, model)
             counts[f"<{model.value}>"] = 1
+        # A move between storage models racing the deletion may have switched the tenant
+        # after ``model`` was read, or crashed holding its new copy: drop the tenant's own
+        # storage under every other model too (destroy is idempotent).
+        for other in sorted(self.placements.supported() - {model, StorageModel.POOL}):
+            self.placements.destroy(tenant_id, other)
         if self.engine.dialect.name == "sqlite":
             # With secure_delete the freed pages are zeroed; truncating the WAL drops the
             # older page images that still held the rows.
