@@ -11,6 +11,7 @@
     │   ├── UnknownModel                 model id not known or not configured   (422 unknown_model)
     │   ├── UnknownTool                  tool name not known or not allowed     (422 unknown_tool)
     │   ├── IsolationUnavailable         isolation level not built/enforceable  (422 isolation_unavailable)
+    │   ├── ExceedsBudget                a run larger than its whole budget     (422 exceeds_budget)
     │   └── MissingDependency            an optional extra is not installed
     ├── OperationFailed                  runtime failures, structured, picklable across processes
     │   ├── AuthenticationFailed         no, malformed, wrong or revoked key    (401 unauthenticated)
@@ -48,6 +49,7 @@ __all__ = [
     "ConfigurationError",
     "ControlSignal",
     "DecryptionFailed",
+    "ExceedsBudget",
     "InvalidRequest",
     "InvalidTransition",
     "IsolationUnavailable",
@@ -162,6 +164,17 @@ class IsolationUnavailable(ConfigurationError):
     """An isolation level this deployment cannot enforce; refused rather than ignored."""
 
     code = "isolation_unavailable"
+    http_status = 422
+
+
+class ExceedsBudget(ConfigurationError):
+    """A run's worst case needs more tokens than its whole budget for a day: no day can
+    admit it, so it is refused for good (no ``retry_after_s``), unlike
+    :class:`QuotaExceeded`. Ask for fewer output tokens, send a shorter prompt or raise the
+    limit. Fields: ``tenant_id``, ``quota`` (``tokens_per_day``), ``limit`` and
+    ``requested`` (the run's worst case), tokens."""
+
+    code = "exceeds_budget"
     http_status = 422
 
 

@@ -81,12 +81,21 @@ def test_set_default_latency_returns_the_previous_one() -> None:
         "simulated:ttft_ms=1;tpot_ms=2",
         "simulated:latency_ms=5",
         "simulated:instant,ttft_ms=1",
+        # Matched whole: float() and strip() took these, a newline included.
+        "simulated:ttft_ms=20\n",
+        "simulated:ttft_ms=20 ",
+        "simulated: ttft_ms=20",
+        "simulated:ttft_ms= 20",
+        "simulated:ttft_ms=2_0",
+        "simulated:ttft_ms=1e3",
+        "simulated:ttft_ms=+1",
+        "simulated:ttft_ms=١٢",
     ],
 )
 def test_bad_params_are_unknown_models(model_id: str) -> None:
     with pytest.raises(UnknownModel) as info:
         parse_simulated_model_id(model_id)
-    assert model_id in info.value.message
+    assert repr(model_id) in info.value.message
     assert info.value.fields["model"] == model_id
 
 

@@ -166,3 +166,47 @@ def test_audit_records_every_tenant_action(client: TestClient, make_tenant: Any,
     rec = client.get("/v1/audit", headers=a.h).json()[-1]
     assert {"at", "actor", "tenant_id", "action", "target", "outcome"} <= set(rec)
     assert rec["actor"] == a.key_id and rec["tenant_id"] == a.id
+
+
+def test_a_deleted_tenants_id_answers_like_an_unknown_one_and_its_storage_stays_gone(
+    client: TestClient, make_tenant: Any, operator_key: str, deployment: Deployment, tmp_path: Any
+) -> None:
+    """``GET /admin/usage?tenant_id=<deleted bridge tenant>`` answered ``503 storage_error``
+    (its schema is gone), so did ``/admin/audit`` for a deleted silo tenant, and on SQLite
+    the request re-created an empty database file for it. Every operator route answers a
+    deleted tenant's id exactly like an id never issued (``404 not_found``), its storage
+    is never re-created, and the unfiltered views still answer."""
+    op = auth(operator_key)
+    a = make_tenant("alpha")
+    agent = a.agent("x")
+    assert a.run(agent).status_code == 200
+    keep = make_tenant("beta")
+    assert keep.run(keep.agent("y")).status_code == 200
+    assert client.delete(f"/admin/tenants/{a.id}", headers=op).status_code == 200
+    unknown = "tn_" + "0" * (len(a.id) - 3)
+    for method, path in (
+        ("GET", "/admin/tenants/{}"),
+        ("GET", "/admin/tenants/{}/keys"),
+        ("GET", "/admin/usage?tenant_id={}"),
+        ("GET", "/admin/audit?tenant_id={}"),
+        ("GET", "/admin/usage?tenant_id={}&since=2020-01-01T00:00:00Z"),
+        ("POST", "/admin/tenants/{}/suspend"),
+        ("POST", "/admin/tenants/{}/keys"),
+        ("PATCH", "/admin/tenants/{}"),
+        ("DELETE", "/admin/tenants/{}"),
+    ):
+        body = {"name": "k"} if path.endswith("/keys") and method == "POST" else None
+        if method == "PATCH":
+            body = {"plan": "pro"}
+        deleted = client.request(method, path.format(a.id), json=body, headers=op)
+        never = client.request(method, path.format(unknown), json=body, headers=op)
+        assert (deleted.status_code, never.status_code) == (404, 404), (method, path, deleted.text)
+        assert deleted.json()["error"]["code"] == never.json()["error"]["code"] == "not_found"
+    assert set(count_tenant_rows(deployment, a.id).values()) == {0}  # no file, schema or database
+    if not deployment.postgres:
+        silo = tmp_path / "tenants"
+        assert not any(p.name.startswith(a.id) for p in silo.iterdir()) if silo.exists() else True
+    assert client.get("/admin/usage", headers=op).status_code == 200
+    assert [u["tenant_id"] for u in client.get("/admin/usage", headers=op).json()] == [keep.id]
+    assert client.get("/admin/audit", headers=op).status_code == 200
+    assert client.get(f"/admin/usage?tenant_id={keep.id}", headers=op).json()[0]["runs"] == 1

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
+from patinox.api import Runtime, create_app
+from patinox.control import RunService
+from patinox.errors import TenantMoving
+from patinox.isolation import NamespaceExecutor
+from patinox.limits import TokenBudget
 from patinox.storage._crypto.aead import BLOB_OVERHEAD
+from tests.conftest import TenantHandle
 
 
 def test_rate_limit_429_with_retry_after(client: TestClient, make_tenant: Any) -> None:
@@ -91,9 +100,64 @@ def test_token_budget_stops_runs_once_spent(client: TestClient, make_tenant: Any
 def test_reservation_refuses_a_run_that_could_pass_the_budget(client: TestClient, make_tenant: Any) -> None:
     a = make_tenant("alpha", limits={"tokens_per_day": 50})
     agent = a.agent("x")
-    r = a.run(agent, "hello", output_tokens=60)
+    assert a.run(agent, "hello", output_tokens=30).status_code == 200  # 31 spent, 19 left
+    r = a.run(agent, "hello", output_tokens=20)  # worst case 21
     assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
     assert a.run(agent, "hello", output_tokens=10).status_code == 200
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_run_larger_than_the_whole_daily_budget_is_refused_for_good(
+    client: TestClient, make_tenant: Any, mode: str
+) -> None:
+    """A run whose worst case exceeds the whole ``tokens_per_day`` was answered ``429``
+    with a ``Retry-After`` of many hours, though no day can ever admit it. It is
+    ``422 exceeds_budget`` with the limit and the run's worst case, no ``Retry-After``, and
+    nothing is written: no run, no reservation, no run counted against ``runs_per_day``."""
+    a = make_tenant("alpha", limits={"tokens_per_day": 100, "runs_per_day": 1})
+    agent = a.agent("x")
+    # With no output_tokens the plan's 2,048 per run is reserved; 1 word of prompt.
+    for kw, worst_case in (({}, 2049), ({"output_tokens": 100}, 101)):
+        r = a.run(agent, "hello", mode=mode, **kw)
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["code"] == "exceeds_budget", err
+        assert {k: err["details"][k] for k in ("quota", "limit", "requested")} == {
+            "quota": "tokens_per_day",
+            "limit": 100,
+            "requested": worst_case,
+        }
+        assert "Retry-After" not in r.headers
+    assert client.get("/v1/runs", headers=a.h).json() == []
+    usage = client.get("/v1/usage", headers=a.h).json()
+    assert (usage["tokens_today"], usage["tokens_reserved"], usage["runs_in_flight"]) == (0, 0, 0)
+    r = a.run(agent, "hello", mode=mode, output_tokens=99)  # worst case 100: the whole budget
+    assert r.status_code == (200 if mode == "sync" else 202), r.text
+
+
+@pytest.mark.only_deployments("sqlite-pool")
+def test_retry_after_is_whole_seconds_rounded_up(runtime: Runtime, operator_key: str) -> None:
+    """The token budget's ``Retry-After`` was rounded down: at 23:59:58.7 it said 1 s and a
+    retry then was refused again; so was any fractional ``retry_after_s`` on its way to
+    the header. Both round up."""
+    clock = [datetime(2026, 1, 1, 23, 59, 58, 700_000, tzinfo=UTC)]
+    budget = TokenBudget(runtime.backend, clock=lambda: clock[0])
+    runs = RunService(runtime.backend, NamespaceExecutor(), queue=runtime.queue, budget=budget)
+    app = create_app(runtime=dataclasses.replace(runtime, runs=runs, budget=budget))
+
+    def moving() -> None:
+        raise TenantMoving("moving", tenant_id="tn_x", retry_after_s=0.2)
+
+    app.add_api_route("/probe/moving", moving)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        a = TenantHandle(client, operator_key, "alpha", limits={"tokens_per_day": 20})
+        agent = a.agent("x")
+        assert a.run(agent, "hello", output_tokens=19).status_code == 200
+        r = a.run(agent, "hello", output_tokens=1)
+        assert r.status_code == 429 and r.headers["Retry-After"] == "2", r.headers
+        assert r.json()["error"]["details"]["retry_after_s"] == 2
+        r = client.get("/probe/moving")
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.headers
 
 
 def test_output_tokens_above_plan_is_refused(client: TestClient, make_tenant: Any) -> None:

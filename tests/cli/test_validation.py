@@ -81,3 +81,32 @@ def test_bad_agent_name(acme: str) -> None:
 
 def test_update_with_nothing_names_the_flags(acme: str) -> None:
     assert_error(cli("tenants", "update", "acme"), "error: nothing to update: give --plan and/or --limit")
+
+
+@pytest.mark.parametrize(
+    ("flag", "scheme"),
+    [
+        ("--database-url", "sqlite"),
+        ("--admin-url", "sqlite"),
+        ("env", "sqlite"),  # PATINOX_CONFORMANCE_ADMIN_URL
+        ("--database-url", "mysql"),
+        ("--database-url", ""),
+    ],
+)
+def test_conformance_refuses_a_database_url_that_is_not_postgresql(
+    flag: str, scheme: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--database-url sqlite:///...`` was taken for PostgreSQL: the suite then printed 35
+    failures about ``pg_roles``. A URL that is not PostgreSQL is refused before any check
+    runs (nothing is opened or created), saying that SQLite is always checked."""
+    db = tmp_path / "patinox.db"
+    url = {"sqlite": f"sqlite:///{db}", "mysql": "mysql://root:secret@127.0.0.1/db", "": ""}[scheme]
+    if flag == "env":
+        monkeypatch.setenv("PATINOX_CONFORMANCE_ADMIN_URL", url)
+        result = cli("conformance", "--model", "pg-pool", "--examples", "1")
+    else:
+        result = cli("conformance", flag, url, "--model", "pg-pool", "--examples", "1")
+    assert_error(result, "PostgreSQL URL", "SQLite pool and silo are always checked")
+    assert "FAIL" not in result.output and "pg_roles" not in result.output
+    assert "secret" not in result.output  # the URL's password is not echoed
+    assert list(tmp_path.iterdir()) == []

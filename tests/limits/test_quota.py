@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from patinox.errors import QuotaExceeded
-from patinox.limits import TokenBudget
+from patinox.errors import ExceedsBudget, QuotaExceeded
+from patinox.limits import RUNS_PER_DAY, TokenBudget
 from patinox.storage import SqlBackend
 
 pytestmark = pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
@@ -67,3 +67,41 @@ def test_concurrent_reservations_never_overbook(backend: SqlBackend) -> None:
         t.join()
     assert len(won) == 3
     assert budgets[0].spent_today("tn_a") == (0, 90)
+
+
+@pytest.mark.parametrize(
+    ("now", "retry_after_s"),
+    [
+        (datetime(2026, 1, 1, 23, 59, 58, 700_000, tzinfo=UTC), 2),  # 1.3 s to midnight
+        (datetime(2026, 1, 1, 23, 59, 59, tzinfo=UTC), 1),
+        (datetime(2026, 1, 1, 23, 59, 59, 999_999, tzinfo=UTC), 1),
+        (datetime(2026, 1, 1, 0, 0, 0, 1, tzinfo=UTC), 86_400),
+    ],
+)
+def test_retry_after_is_rounded_up_to_the_reset(
+    backend: SqlBackend, now: datetime, retry_after_s: int
+) -> None:
+    """At 23:59:58.7 the refusal said 1 s (``int()`` of 1.3 s): a retry then was refused
+    again. A retry after ``retry_after_s`` always falls in the next day."""
+    b = TokenBudget(backend, clock=lambda: now)
+    b.reserve("tn_a", 100, limit=100)
+    with pytest.raises(QuotaExceeded) as ei:
+        b.reserve("tn_a", 1, limit=100)
+    assert ei.value.retry_after_s == retry_after_s
+    b.consume("tn_a", RUNS_PER_DAY, 1, 1)
+    with pytest.raises(QuotaExceeded) as ei:
+        b.consume("tn_a", RUNS_PER_DAY, 1, 1)
+    assert ei.value.retry_after_s == retry_after_s
+
+
+def test_a_reservation_larger_than_the_whole_budget_is_refused_for_good(backend: SqlBackend) -> None:
+    """A run whose worst case exceeds the whole daily budget was refused as if it could
+    run tomorrow (``quota_exceeded`` with a ``retry_after_s`` of hours); no day ever
+    admits it. It is ``ExceedsBudget``, with no retry time, and nothing is held."""
+    b = TokenBudget(backend)
+    with pytest.raises(ExceedsBudget) as ei:
+        b.reserve("tn_a", 101, limit=100)
+    assert (ei.value.limit, ei.value.requested) == (100, 101)
+    assert "retry_after_s" not in ei.value.fields and ei.value.http_status == 422
+    assert b.spent_today("tn_a") == (0, 0)
+    b.reserve("tn_a", 100, limit=100)  # the whole budget, exactly, is admitted

@@ -309,6 +309,10 @@ def test_key_provider_from_url(
     assert isinstance(key_provider_from_url("env://SOME_KEK"), EnvKeyProvider)
     with pytest.raises(ConfigurationError, match=r"file:///.*env://"):
         key_provider_from_url("kms://arn:aws:kms:secret")
+    # The variable's name is matched whole: "$" would also match before a final newline.
+    monkeypatch.setenv("SOME_KEK\n", base64.b64encode(os.urandom(32)).decode())
+    with pytest.raises(ConfigurationError, match="not an environment variable name"):
+        EnvKeyProvider("SOME_KEK\n")
     with pytest.raises(ConfigurationError):
         key_provider_from_url("file://otherhost/kek.json")
 

@@ -33,6 +33,13 @@ def test_ids_unique_and_shaped() -> None:
     assert all(looks_like_id(i) for i in ids)
 
 
+def test_an_id_is_matched_whole() -> None:
+    """``re.match`` with ``$`` took ``"tn_...\n"`` for an id; ids name schemas and files."""
+    tid = new_id("tn")
+    for bad in (tid + "\n", "\n" + tid, tid + " ", tid[:-1], tid + "0", tid.upper()):
+        assert not looks_like_id(bad), repr(bad)
+
+
 def test_ids_sort_by_creation_time_as_text() -> None:
     import time
 

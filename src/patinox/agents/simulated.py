@@ -55,6 +55,7 @@ import asyncio
 import itertools
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -149,6 +150,9 @@ def set_default_latency(latency: SimulatedLatency) -> SimulatedLatency:
 
 
 _PARAMS: Final = {"ttft_ms": "ttft_s", "tpot_ms": "tpot_s"}
+#: A parameter's value: a plain decimal number of milliseconds, matched whole (no sign,
+#: exponent, "_", whitespace or newline, all of which ``float`` would take).
+_MILLISECONDS: Final = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 
 
 def is_simulated(model_id: str) -> bool:
@@ -164,8 +168,9 @@ def parse_simulated_model_id(model_id: str) -> SimulatedLatency:
 
     Grammar: ``simulated`` | ``simulated:instant`` |
     ``simulated:<param>=<number>[,<param>=<number>]`` with params ``ttft_ms`` and ``tpot_ms``
-    (milliseconds, finite, >= 0, each at most once; a missing one takes its
-    :data:`DEFAULT_LATENCY` value).
+    (milliseconds as plain decimal digits, e.g. ``20`` or ``0.5``, each at most once; a
+    missing one takes its :data:`DEFAULT_LATENCY` value). Nothing else, not even
+    whitespace, may stand in the id.
 
     Returns:
         The latency (in seconds) of the model.
@@ -183,7 +188,6 @@ def parse_simulated_model_id(model_id: str) -> SimulatedLatency:
     values: dict[str, float] = {}
     for item in spec.split(","):
         name, sep, raw = item.partition("=")
-        name = name.strip()
         if not sep or name not in _PARAMS:
             raise UnknownModel(
                 f"bad simulated model id {model_id!r}: {item!r} is not one of "
@@ -193,17 +197,13 @@ def parse_simulated_model_id(model_id: str) -> SimulatedLatency:
             )
         if _PARAMS[name] in values:
             raise UnknownModel(f"bad simulated model id {model_id!r}: {name} given twice", model=model_id)
-        try:
-            milliseconds = float(raw)
-        except ValueError:
-            milliseconds = math.nan
-        if not math.isfinite(milliseconds) or milliseconds < 0:
+        if _MILLISECONDS.fullmatch(raw) is None:
             raise UnknownModel(
-                f"bad simulated model id {model_id!r}: {name} must be a finite number of "
-                f"milliseconds >= 0, got {raw!r}",
+                f"bad simulated model id {model_id!r}: {name} must be a number of "
+                f"milliseconds >= 0 in decimal digits, got {raw!r}",
                 model=model_id,
             )
-        values[_PARAMS[name]] = milliseconds / 1000.0
+        values[_PARAMS[name]] = float(raw) / 1000.0
     base = DEFAULT_LATENCY
     return SimulatedLatency(
         ttft_s=values.get("ttft_s", base.ttft_s), tpot_s=values.get("tpot_s", base.tpot_s)

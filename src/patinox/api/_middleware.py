@@ -9,6 +9,7 @@ Refusals are answered here, before routing, as JSON ``{"error": {...}}``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -17,7 +18,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from patinox.api._logging import record_failure
 from patinox.api._runtime import Runtime
 from patinox.control import OperatorPrincipal
-from patinox.errors import AuthenticationFailed, PatinoxError, PermissionDenied, RateLimited, TenantMoving
+from patinox.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    PatinoxError,
+    PermissionDenied,
+    RateLimited,
+    TenantMoving,
+)
 from patinox.limits import RateLimitState, ratelimit_headers
 from patinox.tenancy import TenantContext, clear_inherited_tenant, tenant_scope
 
@@ -31,13 +39,14 @@ def error_response_parts(
     err: PatinoxError, *, rate_headers: bool = True
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
     """(status, JSON body, headers) of an error; 429s and 503s carry ``Retry-After``
-    (seconds), rate-limit refusals the ``RateLimit`` / ``RateLimit-Policy`` headers unless
-    ``rate_headers`` is false (inside a tenant request, whose middleware sends those fields
-    for every policy, the refused one included)."""
+    (whole seconds, rounded up: a retry after it is never early), rate-limit refusals the
+    ``RateLimit`` / ``RateLimit-Policy`` headers unless ``rate_headers`` is false (inside a
+    tenant request, whose middleware sends those fields for every policy, the refused one
+    included)."""
     headers: dict[str, str] = {}
     retry = err.fields.get("retry_after_s")
     if err.http_status in (429, 503) and retry is not None:
-        headers["Retry-After"] = str(int(retry))
+        headers["Retry-After"] = str(math.ceil(retry))
     if rate_headers and isinstance(err, RateLimited) and "policy" in err.fields:
         headers.update(ratelimit_headers(RateLimitState.from_refusal(err)))
     if err.http_status == 401:
@@ -129,17 +138,18 @@ class TenancyMiddleware:
             await self.app(scope, receive, _with_rate_headers(send, states))
 
     async def _limit_body(self, scope: Scope, receive: Receive) -> Receive:
-        """Refuse bodies over the limit (413) before any handler sees them.
+        """Refuse bodies over the limit (413) or holding a NUL character (422
+        ``invalid_request``) before any handler sees them.
 
-        A declared ``Content-Length`` is checked at once (the server enforces it); a body
-        without one (chunked) is read here up to the limit and replayed to the app.
+        A declared ``Content-Length`` is checked at once (the server enforces it). The body
+        is read here, up to the limit, and replayed to the app.
         """
         limit = self.rt.settings.max_body_bytes
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 if not value.isdigit() or int(value) > limit:
                     raise _BodyTooLarge(f"request body over {limit} bytes", limit_bytes=limit)
-                return receive
+                break
         chunks: list[bytes] = []
         seen = 0
         while True:
@@ -152,12 +162,38 @@ class TenancyMiddleware:
                 raise _BodyTooLarge(f"request body over {limit} bytes", limit_bytes=limit)
             if not message.get("more_body", False):
                 break
-        replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        body = b"".join(chunks)
+        if _spells_nul(body):
+            # PostgreSQL text cannot hold one (SQLite can): refused here, every deployment
+            # answers alike, whichever field it is in.
+            raise InvalidRequest("NUL characters are not allowed", field="body")
+        replay: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replayed() -> Message:
             return replay.pop() if replay else await receive()
 
         return replayed
+
+
+_NUL_ESCAPE = b"\\u0000"
+
+
+def _spells_nul(body: bytes) -> bool:
+    """True when a JSON request body holds a NUL character: the escape ``\\u0000`` (not
+    itself escaped, i.e. after an even number of backslashes) or a raw zero byte (UTF-8
+    JSON text holds none; the UTF-16 and UTF-32 encodings that ``json.loads`` would also
+    read are refused with it)."""
+    if b"\x00" in body:
+        return True
+    at = body.find(_NUL_ESCAPE)
+    while at != -1:
+        start = at
+        while start > 0 and body[start - 1] == 0x5C:  # backslashes before the escape's own
+            start -= 1
+        if (at - start) % 2 == 0:
+            return True
+        at = body.find(_NUL_ESCAPE, at + 1)
+    return False
 
 
 def _with_rate_headers(send: Send, states: list[RateLimitState]) -> Send:

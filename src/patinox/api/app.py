@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from patinox.api import schemas as o
 from patinox.api._deps import BEARER_SCHEME, BEARER_SCHEME_NAME
@@ -37,7 +38,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (404, "`not_found`: missing, or another tenant's object"),
         (409, "`already_exists` or `invalid_transition`"),
         (413, "`payload_too_large`: the request body is over the limit"),
-        (422, "`invalid_request`, `unknown_model`, `unknown_tool` or `isolation_unavailable`"),
+        (
+            422,
+            "`invalid_request`, `unknown_model`, `unknown_tool`, `isolation_unavailable` or "
+            "`exceeds_budget` (a run larger than the whole daily token budget)",
+        ),
         (429, "`rate_limited`, `concurrency_limited` or `quota_exceeded`, with `Retry-After` (seconds)"),
         (
             503,
@@ -172,13 +177,34 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": body}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request"}
+    async def on_http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 400: "malformed_json"}
+        message = str(err.detail)
+        headers = getattr(err, "headers", None)
+        if err.status_code == 400:
+            # FastAPI's answer to a body json.loads could not parse for another reason than
+            # a syntax error (nested deeper than it recurses): a malformed body all the same.
+            message = "the request body is not valid JSON (or nests too deeply to parse)"
+        elif err.status_code == 405:
+            # Starlette names the methods of the first route on the path only.
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
         body = {
             "code": codes.get(err.status_code, f"http_{err.status_code}"),
-            "message": str(err.detail),
+            "message": message,
             "details": {},
         }
-        return JSONResponse(
-            {"error": body}, status_code=err.status_code, headers=getattr(err, "headers", None)
-        )
+        return JSONResponse({"error": body}, status_code=err.status_code, headers=headers)
+
+
+#: Methods a 405's ``Allow`` may name (those of RFC 9110 that a route can declare).
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route of the app allows on the request's path, for ``Allow``:
+    each method is tried against every route (included routers too) as the router would."""
+    routes = request.app.router.routes
+    allowed = (
+        m for m in _METHODS if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes)
+    )
+    return ", ".join(allowed)

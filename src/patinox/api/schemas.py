@@ -1,11 +1,44 @@
-"""HTTP response bodies (the OpenAPI schema of the API)."""
+"""HTTP response bodies (the OpenAPI schema of the API), and the timestamp parameters take."""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+_TIMESTAMP_FORM = (
+    "an ISO 8601 date-time with an offset, e.g. 2025-01-31T00:00:00Z or 2025-01-31T01:00:00+01:00"
+)
+
+
+def _utc_timestamp(value: object) -> datetime:
+    """``value`` (ISO 8601 text with an explicit offset) as a UTC datetime.
+
+    Raises:
+        ValueError: not such text (a number, a date alone, no offset), or its UTC time
+            falls outside years 1-9999, the range every storage engine stores alike.
+    """
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"give {_TIMESTAMP_FORM}") from None
+    elif isinstance(value, datetime):
+        parsed = value
+    else:
+        raise ValueError(f"give {_TIMESTAMP_FORM}")
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise ValueError(f"the offset is missing: give {_TIMESTAMP_FORM}")
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range: its UTC time must lie in years 1-9999") from None
+
+
+#: A timestamp parameter (e.g. ``since``): ISO 8601 with an offset (``Z`` or ``+HH:MM``),
+#: read as UTC; a Unix time, a date alone or a time without offset is refused (422).
+Timestamp = Annotated[datetime, BeforeValidator(_utc_timestamp)]
 
 
 class _Out(BaseModel):

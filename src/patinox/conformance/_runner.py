@@ -23,6 +23,7 @@ from patinox.conformance._deployment import (
     select_deployments,
 )
 from patinox.errors import ConfigurationError, MissingDependency
+from patinox.storage.engine import is_postgres
 from patinox.storage.postgres import PostgresDeployment
 
 #: Steps of one state-machine example (hypothesis ``stateful_step_count``).
@@ -215,12 +216,23 @@ def run_conformance(
         The counts and every check's outcome (failure details included).
 
     Raises:
-        ConfigurationError: an unknown model, a PostgreSQL model without ``admin_url``, or
-            ``examples`` < 1.
+        ConfigurationError: ``admin_url`` is not a PostgreSQL URL (SQLite is always
+            checked, in a temporary directory), an unknown model, a PostgreSQL model
+            without ``admin_url``, or ``examples`` < 1.
         MissingDependency: hypothesis (``patinox[conformance]``) or psycopg
             (``patinox[postgres]``) is not installed.
     """
     started = time.perf_counter()
+    if admin_url is not None and not is_postgres(admin_url):
+        # Only the scheme is named: the rest of a URL may hold a password.
+        scheme, sep, _ = admin_url.partition("://")
+        got = f"a {scheme!r} URL" if sep else "text that is not a URL"
+        raise ConfigurationError(
+            "the conformance suite takes a PostgreSQL URL (postgresql://ROLE@HOST:PORT/DB) of a "
+            f"role that may create databases and roles, got {got}; SQLite pool and silo are "
+            "always checked, in a temporary directory: omit the URL to check SQLite only",
+            field="admin_url",
+        )
     if examples < 1:
         raise ConfigurationError("examples must be at least 1", field="examples")
     try:

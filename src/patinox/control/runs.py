@@ -337,6 +337,8 @@ class RunService:
             ConcurrencyLimited, QuotaExceeded: admission refused; nothing was run or stored.
             Overloaded: a synchronous run's turn in this process's fair share did not come
                 in time; nothing was run or stored.
+            ExceedsBudget: the run's worst case is more than the whole daily token budget
+                (no day admits it); nothing was run, stored or counted.
             RunFailed: a synchronous run failed (the run is recorded with its error).
         """
         if ctx.tenant_id in self._fenced:

@@ -35,11 +35,12 @@ from patinox.tenancy import (
     new_id,
 )
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+#: Matched whole (``fullmatch``): with ``match`` and ``$``, "acme\n" passed as a second "acme".
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 
 def _check_name(value: str) -> str:
-    if not _NAME.match(value):
+    if _NAME.fullmatch(value) is None:
         raise ValueError("use 1-63 lowercase letters, digits and '-', starting with a letter or digit")
     return value
 

@@ -17,6 +17,7 @@ unknown: the budget errs on the side of refusing).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
@@ -26,7 +27,7 @@ from sqlalchemy import BigInteger, Connection, and_, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from patinox.errors import QuotaExceeded
+from patinox.errors import ExceedsBudget, QuotaExceeded
 from patinox.storage import SqlBackend, execute_write
 from patinox.storage import _schema as s
 
@@ -69,6 +70,12 @@ _ENSURE = {
 def day_start(now: datetime) -> datetime:
     """Midnight UTC of ``now``'s day."""
     return datetime.combine(now.astimezone(UTC).date(), time(0), tzinfo=UTC)
+
+
+def _seconds_until(reset: datetime, now: datetime) -> int:
+    """Whole seconds from ``now`` to ``reset``, rounded up (at least 1): a retry after them
+    falls at or after ``reset``, never just before it."""
+    return max(1, math.ceil((reset - now).total_seconds()))
 
 
 @dataclass
@@ -151,7 +158,7 @@ class TokenBudget:
             used=refused[0],
             requested=amount,
             reset_at=reset.isoformat(),
-            retry_after_s=max(1, int((reset - now).total_seconds())),
+            retry_after_s=_seconds_until(reset, now),
         )
 
     def give_back(
@@ -177,9 +184,20 @@ class TokenBudget:
         """Hold ``tokens`` of today's ``limit`` for one run.
 
         Raises:
+            ExceedsBudget: ``tokens`` > ``limit``: no day can hold them, so nothing is
+                tried (no retry time); in a transaction the caller rolls back.
             QuotaExceeded: spent + reserved + ``tokens`` > ``limit``; fields give the limit,
                 usage, request and the reset time (next midnight UTC).
         """
+        if tokens > limit:
+            raise ExceedsBudget(
+                f"this run may use up to {tokens} tokens, more than the whole daily token budget "
+                f"of {limit}: ask for fewer output_tokens, send a shorter prompt or raise tokens_per_day",
+                tenant_id=tenant_id,
+                quota=TOKENS_PER_DAY,
+                limit=limit,
+                requested=tokens,
+            )
         period, now = self._period()
         with self._backend.control_tx(conn) as conn:
             refused = self._take(conn, _TAKE_RESERVED, self._key(tenant_id, period), tokens, limit)
@@ -195,7 +213,7 @@ class TokenBudget:
             reserved=refused[1],
             requested=tokens,
             reset_at=reset.isoformat(),
-            retry_after_s=max(1, int((reset - now).total_seconds())),
+            retry_after_s=_seconds_until(reset, now),
         )
 
     def settle(self, reservation: Reservation, used: int, *, conn: Connection | None = None) -> None:

@@ -60,11 +60,14 @@ AZURE_FILES: dict[str, str] = {
 """Tenant source name -> file name inside ``azure-llm-2023/``."""
 
 _AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+# Both matched whole (``fullmatch``: ``$`` would also match before a final newline), with
+# ASCII digits only.
 _TIMESTAMP = re.compile(
-    r"^(?P<date>\d{4}-\d{2}-\d{2})[ T](?P<time>\d{2}:\d{2}:\d{2})"
-    r"(?:\.(?P<frac>\d+))?\s*(?P<tz>Z|[+-]\d{2}:?\d{2})?$"
+    r"(?P<date>\d{4}-\d{2}-\d{2})[ T](?P<time>\d{2}:\d{2}:\d{2})"
+    r"(?:\.(?P<frac>\d+))?\s*(?P<tz>Z|[+-]\d{2}:?\d{2})?",
+    re.ASCII,
 )
-_SERVEGEN_TRACE = re.compile(r"^chunk-(?P<client>[^/]+)-trace\.csv$")
+_SERVEGEN_TRACE = re.compile(r"chunk-(?P<client>[^/]+)-trace\.csv")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -168,7 +171,7 @@ def servegen_clients(folder: str | os.PathLike[str]) -> list[str]:
     Returns:
         Client ids as strings, numeric ones in numeric order.
     """
-    names = (_SERVEGEN_TRACE.match(p.name) for p in Path(folder).iterdir())
+    names = (_SERVEGEN_TRACE.fullmatch(p.name) for p in Path(folder).iterdir())
     clients = [m["client"] for m in names if m is not None]
     return sorted(clients, key=lambda c: (0, int(c), c) if c.isdigit() else (1, 0, c))
 
@@ -228,7 +231,7 @@ def _parse_timestamp_ns(text: str) -> int:
     Raises:
         ValueError: the text is not such a timestamp.
     """
-    match = _TIMESTAMP.match(text.strip())
+    match = _TIMESTAMP.fullmatch(text.strip())
     if match is None:
         raise ValueError(f"not a timestamp: {text!r}")
     base = datetime.fromisoformat(f"{match['date']}T{match['time']}").replace(tzinfo=UTC)

@@ -5,15 +5,24 @@ one per tenant, creates the schema/database/file when a tenant is created
 (:meth:`Placements.provision`) and removes it when the tenant is deleted
 (:meth:`Placements.destroy`). Engines of silo tenants are cached per tenant, at most
 ``max_silo_engines`` at a time (least recently used closed first).
+
+Only :meth:`Placements.provision` creates a schema, database or file. Everything else
+opens what exists or fails (:class:`~patinox.errors.StorageError`): a SQLite silo file is
+opened ``mode=rw``, which never creates it; a dropped PostgreSQL database cannot be
+connected to; a dropped bridge schema holds no tables. So a late reader or writer of a
+deleted tenant (a stale tenant context, another process's cached engine, a worker's
+expired claim) never brings its storage back.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, text
 
@@ -67,7 +76,8 @@ class Placements:
         self.main = main
         self.owner = owner
         self.postgres = is_postgres(app_url)
-        self._silos: OrderedDict[str, Engine] = OrderedDict()
+        #: Silo engines by tenant id, with the (device, inode) of the SQLite file each opened.
+        self._silos: OrderedDict[str, tuple[Engine, tuple[int, int] | None]] = OrderedDict()
         self._max = max_silo_engines
         self._lock = threading.Lock()
 
@@ -103,30 +113,53 @@ class Placements:
         base = self.owner_url if owner else self.app_url
         if self.postgres:
             return with_database(base, f"{database_name(base)}_{tenant_id}")
-        return f"sqlite:///{self._silo_path(tenant_id)}"
+        # A URI filename opened mode=rw: SQLite opens the file only if it exists, so an
+        # engine of a deleted tenant never re-creates it (provision() makes the file).
+        # Quoted twice: SQLAlchemy decodes the URL once, SQLite the URI once more.
+        uri = quote(self._silo_path(tenant_id).absolute().as_uri(), safe="/:")
+        return f"sqlite:///{uri}?mode=rw&uri=true"
 
     def _silo_path(self, tenant_id: str) -> Path:
         main = Path(self.app_url.removeprefix("sqlite:///"))
         return main.parent / "tenants" / f"{tenant_id}.db"
 
     def _silo_engine(self, tenant_id: str) -> Engine:
+        stale: Engine | None = None
         with self._lock:
-            engine = self._silos.get(tenant_id)
-            if engine is not None:
-                self._silos.move_to_end(tenant_id)
-                return engine
+            cached = self._silos.get(tenant_id)
+            if cached is not None:
+                if cached[1] == self._file_identity(tenant_id):
+                    self._silos.move_to_end(tenant_id)
+                    return cached[0]
+                # SQLite: the file was removed (the tenant deleted or moved away, perhaps
+                # by another process) or replaced since this engine opened it; its
+                # connections would go on reading and writing the unlinked file.
+                stale = self._silos.pop(tenant_id)[0]
             engine = make_engine(self._silo_url(tenant_id), pool_size=2)
-            self._silos[tenant_id] = engine
+            self._silos[tenant_id] = (engine, self._file_identity(tenant_id))
             while len(self._silos) > self._max:
-                _, old = self._silos.popitem(last=False)
+                _, (old, _) = self._silos.popitem(last=False)
                 dispose(old)
-            return engine
+        if stale is not None:
+            dispose(stale)
+        return engine
+
+    def _file_identity(self, tenant_id: str) -> tuple[int, int] | None:
+        """SQLite: the silo file's (device, inode), ``None`` when it does not exist (and on
+        PostgreSQL, where a dropped database ends every session in it)."""
+        if self.postgres:
+            return None
+        try:
+            st = self._silo_path(tenant_id).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
 
     def _forget_silo(self, tenant_id: str) -> None:
         with self._lock:
-            engine = self._silos.pop(tenant_id, None)
-        if engine is not None:
-            dispose(engine)
+            cached = self._silos.pop(tenant_id, None)
+        if cached is not None:
+            dispose(cached[0])
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -161,10 +194,14 @@ class Placements:
                 return
             path = self._silo_path(tenant_id)
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # The one place the file is made (engines open it mode=rw): 0600 from the start,
+            # a tenant's whole database is readable by the server only. An empty file is
+            # an empty SQLite database.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
             migrate(self._silo_engine(tenant_id))
             for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
                 if p.exists():
-                    p.chmod(0o600)  # a tenant's whole database: readable by the server only
+                    p.chmod(0o600)
 
     def upgrade(self, tenant_id: str, model: StorageModel, head: str) -> bool:
         """Migrate the tenant's schema / database / file to ``head`` if it is behind
@@ -265,7 +302,7 @@ class Placements:
     def close(self) -> None:
         """Dispose every silo engine."""
         with self._lock:
-            engines = list(self._silos.values())
+            engines = [engine for engine, _ in self._silos.values()]
             self._silos.clear()
         for e in engines:
             dispose(e)

@@ -300,12 +300,26 @@ class SqlBackend:
         (lifecycle audit, key audit, usage loading). Tenant-facing code uses :meth:`tenant_store`.
 
         Raises:
-            TenantNotFound: no such tenant.
+            TenantNotFound: no such tenant, or it was deleted (its rows, schema, database
+                or file are gone and are never opened, let alone re-created).
         """
-        model = StorageModel(self.get_tenant(tenant_id, include_deleted=True)["storage_model"])
-        return TenantStore(
-            self.placements.for_tenant(tenant_id, model), _Sealer(self.keyring, tenant_id), cache=self.cache
-        )
+        return self._store_of(self.get_tenant(tenant_id))
+
+    def _store_of(self, tenant: Row) -> TenantStore:
+        tenant_id = tenant["id"]
+        placement = self.placements.for_tenant(tenant_id, StorageModel(tenant["storage_model"]))
+        return TenantStore(placement, _Sealer(self.keyring, tenant_id), cache=self.cache)
+
+    def _records_of(self, tenant_id: str) -> TenantStore | None:
+        """The store an operator view reads ``tenant_id``'s records from, or ``None`` while
+        the tenant is being deleted (its records are being purged and its schema, database
+        or file may be gone already: it has none to show).
+
+        Raises:
+            TenantNotFound: no such tenant, or it was deleted.
+        """
+        tenant = self.get_tenant(tenant_id)
+        return None if tenant["state"] == "deleting" else self._store_of(tenant)
 
     # -- tenants --------------------------------------------------------------------
 
@@ -362,7 +376,8 @@ class SqlBackend:
 
     def purge_tenant(self, tenant_id: str, model: StorageModel = StorageModel.POOL) -> dict[str, int]:
         """Delete every row of ``tenant_id`` from every tenant-owned table of the shared
-        database (one transaction), then drop its bridge schema or silo database/file.
+        database (one transaction), then drop its bridge schema or silo database/file (and
+        any under another storage model, which a move may have left).
 
         Tables are found from the database catalog, so a table added later is covered
         without editing this code. Returns rows deleted per table (``"<placement>"`` counts
@@ -381,6 +396,11 @@ class SqlBackend:
         if model is not StorageModel.POOL:
             self.placements.destroy(tenant_id, model)
             counts[f"<{model.value}>"] = 1
+        # A move between storage models racing the deletion may have switched the tenant
+        # after ``model`` was read, or crashed holding its new copy: drop the tenant's own
+        # storage under every other model too (destroy is idempotent).
+        for other in sorted(self.placements.supported() - {model, StorageModel.POOL}):
+            self.placements.destroy(tenant_id, other)
         if self.engine.dialect.name == "sqlite":
             # With secure_delete the freed pages are zeroed; truncating the WAL drops the
             # older page images that still held the rows.
@@ -499,25 +519,43 @@ class SqlBackend:
         after_seq: int = 0,
     ) -> list[Row]:
         """Audit records of one tenant (wherever it is stored), or, when ``tenant_id`` is
-        None, of the shared database: operator records and every pool tenant's."""
+        None, of the shared database: operator records and every pool tenant's.
+
+        A tenant being deleted has none (``[]``).
+
+        Raises:
+            TenantNotFound: no such tenant, or it was deleted (as for an id never issued).
+        """
         if tenant_id is not None:
-            return self.acting_on(tenant_id).list_audit(limit=limit, after_seq=after_seq)
+            store = self._records_of(tenant_id)
+            return [] if store is None else store.list_audit(limit=limit, after_seq=after_seq)
         q = select(s.audit_log).where(s.audit_log.c.seq > after_seq)
         with self._tx() as conn:
             return [dict(r) for r in conn.execute(q.order_by(s.audit_log.c.seq).limit(limit)).mappings()]
 
-    def _separate_tenants(self) -> list[str]:
-        """Ids of live tenants stored outside the shared tables (bridge, silo)."""
-        return [t["id"] for t in self.list_tenants() if t["storage_model"] != StorageModel.POOL.value]
+    def _separate_tenants(self) -> list[Row]:
+        """Active and suspended tenants stored outside the shared tables (bridge, silo); a
+        tenant being deleted is left out (its storage may be gone already)."""
+        return [
+            t
+            for t in self.list_tenants()
+            if t["storage_model"] != StorageModel.POOL.value and t["state"] in ("active", "suspended")
+        ]
 
     def usage_summary(self, tenant_id: str | None, *, since: datetime | None = None) -> list[Row]:
-        """Usage totals per tenant and model since ``since`` (every tenant when ``tenant_id`` is None)."""
+        """Usage totals per tenant and model since ``since`` (every tenant when ``tenant_id``
+        is None). A tenant being deleted has none (``[]``).
+
+        Raises:
+            TenantNotFound: no such tenant, or it was deleted (as for an id never issued).
+        """
         if tenant_id is not None:
-            return self.acting_on(tenant_id).usage_summary(since=since)
+            store = self._records_of(tenant_id)
+            return [] if store is None else store.usage_summary(since=since)
         with self._tx() as conn:
             rows = [dict(r) for r in conn.execute(_usage_summary_query(None, since)).mappings()]
-        for tid in self._separate_tenants():
-            rows += self.acting_on(tid).usage_summary(since=since)
+        for tenant in self._separate_tenants():
+            rows += self._store_of(tenant).usage_summary(since=since)
         return rows
 
 

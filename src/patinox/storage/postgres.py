@@ -25,13 +25,17 @@ from sqlalchemy import create_engine, text
 from patinox.errors import ConfigurationError
 from patinox.storage.engine import normalise_url, translate_errors, with_database
 
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+#: Matched whole (``fullmatch``; ``$`` would also match before a final newline).
+_IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 def check_identifier(name: str, what: str) -> str:
     """``name`` if it is a safe lower-case SQL identifier, else :class:`ConfigurationError`."""
-    if not _IDENT.match(name):
-        raise ConfigurationError(f"{what} {name!r} must match {_IDENT.pattern}", field=what)
+    if _IDENT.fullmatch(name) is None:
+        raise ConfigurationError(
+            f"{what} {name!r} must be 1-63 lower-case letters, digits and '_', not starting with a digit",
+            field=what,
+        )
     return name
 
 

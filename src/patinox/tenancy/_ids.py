@@ -10,7 +10,8 @@ import time
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 #: Every 10-bit value -> its two base32 digits (1,024 two-character strings).
 _PAIRS = tuple(a + b for a in _ALPHABET for b in _ALPHABET)
-_ID_RE = re.compile(r"^[a-z]{2,4}_[0-9a-hjkmnp-tv-z]{26}$")
+#: Matched whole (``fullmatch``): ``$`` would also match before a final newline.
+_ID_RE = re.compile(r"[a-z]{2,4}_[0-9a-hjkmnp-tv-z]{26}")
 
 
 def new_id(prefix: str) -> str:
@@ -43,4 +44,4 @@ def _base32_26(value: int) -> str:
 
 def looks_like_id(value: str) -> bool:
     """True when ``value`` has the shape of an id made by :func:`new_id`."""
-    return bool(_ID_RE.match(value))
+    return _ID_RE.fullmatch(value) is not None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from patinox.api import schemas as o
 from patinox.api._deps import RT, Operator
@@ -83,7 +83,7 @@ def revoke_key(tenant_id: str, key_id: str, op: Operator, rt: RT) -> o.KeyOut:
 
 @router.get("/usage")
 def usage(
-    _: Operator, rt: RT, tenant_id: str | None = None, since: AwareDatetime | None = None
+    _: Operator, rt: RT, tenant_id: str | None = None, since: o.Timestamp | None = None
 ) -> list[o.UsageSummaryOut]:
     return [o.UsageSummaryOut(**u) for u in rt.backend.usage_summary(tenant_id, since=since)]
 

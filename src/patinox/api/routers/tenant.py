@@ -10,7 +10,6 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import AwareDatetime
 
 from patinox.agents import is_simulated
 from patinox.api import schemas as o
@@ -168,7 +167,7 @@ def delete_memory(key: str, ctx: AgentWriter, store: Store) -> Response:
 
 
 @router.get("/usage")
-def usage(ctx: Reader, rt: RT, store: Store, since: AwareDatetime | None = None) -> o.TenantUsageOut:
+def usage(ctx: Reader, rt: RT, store: Store, since: o.Timestamp | None = None) -> o.TenantUsageOut:
     spent, reserved = rt.budget.spent_today(ctx.tenant_id)
     records = store.list_usage(since=since or day_start(utcnow()))
     return o.TenantUsageOut(

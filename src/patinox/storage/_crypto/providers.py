@@ -85,7 +85,8 @@ _KEK_BYTES = 32
 _NONCE_BYTES = 12
 _FILE_FORMAT = "patinox-kek"
 _FILE_FORMAT_VERSION = 1
-_ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: Matched whole (``fullmatch``; ``$`` would also match before a final newline).
+_ENV_VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -583,7 +584,7 @@ class EnvKeyProvider:
     """
 
     def __init__(self, var: str = "PATINOX_KEK", *, version: int = 1) -> None:
-        if not _ENV_VAR_RE.match(var):
+        if _ENV_VAR_RE.fullmatch(var) is None:
             raise ConfigurationError(f"not an environment variable name: {var!r}")
         if isinstance(version, bool) or not 1 <= version <= MAX_KEY_VERSION:
             raise ConfigurationError(f"KEK versions are integers in 1..{MAX_KEY_VERSION}")
