@@ -1199,8 +1199,11 @@ def demo(
         init(data_dir=ddir, key_file=key_file)
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
+        # The server's request log would bury the replay's progress: only its warnings and
+        # errors show, unless PATINOX_LOG_LEVEL says otherwise.
+        env = {**os.environ, "PATINOX_LOG_LEVEL": os.environ.get("PATINOX_LOG_LEVEL", "warning")}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "patinox", "serve", "--data-dir", str(ddir), "--port", str(port)]
+            [sys.executable, "-m", "patinox", "serve", "--data-dir", str(ddir), "--port", str(port)], env=env
         )
         try:
             _wait_healthy(url, proc)
