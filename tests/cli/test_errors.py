@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from tests.cli.conftest import assert_error, cli
 
@@ -113,10 +114,12 @@ def test_no_deployment(tmp_path: Path) -> None:
     assert_error(cli("tenants", "list", "--data-dir", str(tmp_path / "none")), "error: no deployment in")
 
 
-def test_a_database_error_names_the_drivers_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_database_error_names_the_drivers_reason(
+    pg_admin_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The operator sees why the database refused (here: a role ``bootstrap`` never made),
     not only the driver's exception class; the KEK file ``init`` had made is gone again."""
-    url = "postgresql://patinox_no_such_role@127.0.0.1:5432/postgres"
+    url = make_url(pg_admin_url).set(username="patinox_no_such_role").render_as_string(hide_password=False)
     monkeypatch.setenv("PATINOX_DATABASE_URL", url)
     monkeypatch.setenv("PATINOX_OWNER_URL", url)
     monkeypatch.setenv("PATINOX_KEK_URL", (tmp_path / "kek.json").as_uri())

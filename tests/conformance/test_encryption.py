@@ -17,9 +17,9 @@ from patinox.errors import DecryptionFailed, TenantKeysDestroyed
 from patinox.storage import SqlBackend, open_backend
 from patinox.storage import _schema as schema
 from patinox.storage.crypto import key_provider_from_url
-from patinox.storage.engine import normalise_url, with_database
+from patinox.storage.engine import database_name, normalise_url, with_database
 from patinox.tenancy import StorageModel, TenantContext, get_plan
-from tests.conftest import PG_ADMIN_URL, Deployment, auth, raw_db_bytes
+from tests.conftest import Deployment, auth, raw_db_bytes
 
 MARKERS = ("memory-plaintext-marker", "run-input-plaintext-marker")
 
@@ -32,10 +32,12 @@ def _all_stored_text(deployment: Deployment, tenant_id: str) -> bytes:
         out = raw_db_bytes(deployment.db_url)
         silo = deployment.db_url.removeprefix("sqlite:///").rsplit("/", 1)[0] + f"/tenants/{tenant_id}.db"
         return out + raw_db_bytes("sqlite:///" + silo)
-    dbname = deployment.db_url.rsplit("/", 1)[1]
+    admin_url = deployment.admin_url
+    dbname = database_name(deployment.db_url)
+    assert admin_url is not None and dbname is not None
     out = b""
     for db in (dbname, f"{dbname}_{tenant_id}"):
-        eng = create_engine(normalise_url(with_database(PG_ADMIN_URL, db)))
+        eng = create_engine(normalise_url(with_database(admin_url, db)))
         try:
             with eng.connect() as conn:
                 tables = conn.execute(

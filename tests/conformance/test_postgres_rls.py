@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 from patinox.storage import SqlBackend
 from patinox.storage._placement import Placements
 from patinox.storage.crypto import key_provider_from_url
-from patinox.storage.engine import normalise_url
+from patinox.storage.engine import normalise_url, with_database
 from patinox.storage.postgres import PostgresDeployment
 from patinox.tenancy import StorageModel, TenantContext, get_plan
 from tests.conftest import Deployment
@@ -126,7 +126,7 @@ def test_rls_forced_in_bridge_schemas_and_silo_databases(
     if deployment.storage_model == "bridge":
         url, schema = pg.app_url, t.id
     else:
-        url, schema = pg.app_url.rsplit("/", 1)[0] + f"/{pg.database}_{t.id}", "public"
+        url, schema = with_database(pg.app_url, f"{pg.database}_{t.id}"), "public"
     eng = create_engine(normalise_url(url))
     with eng.connect() as conn:
         forced = dict(

@@ -211,6 +211,7 @@ def test_import_into_another_deployment_on_postgres_silo(
     make_tenant: Any,
     backend: SqlBackend,
     pg_deployment: PostgresDeployment,
+    pg_admin_url: str,
     tmp_path: Path,
 ) -> None:
     """Export from embedded SQLite (pool), import into PostgreSQL (silo) with its own KEK."""
@@ -220,7 +221,7 @@ def test_import_into_another_deployment_on_postgres_silo(
     bundle = tmp_path / "acme.ptx"
     export_tenant(backend, t.id, bundle, passphrase=PASS)
 
-    _reset_postgres(pg_deployment)
+    _reset_postgres(pg_admin_url, pg_deployment)
     kek = tmp_path / "other-kek.json"
     FileKeyProvider.create(kek)
     settings = Settings(
@@ -239,7 +240,7 @@ def test_import_into_another_deployment_on_postgres_silo(
         assert imported.name == "acme" and imported.storage_model is StorageModel.SILO
         with TestClient(create_app(runtime=rt), raise_server_exceptions=False) as c:
             assert snapshot(c, new_key(rt, imported.id)) == before
-        pg = Deployment("pg-silo", pg_deployment.app_url, pg_deployment.owner_url, "silo")
+        pg = Deployment("pg-silo", pg_deployment.app_url, pg_deployment.owner_url, "silo", pg_admin_url)
         rows = count_tenant_rows(pg, imported.id)
         assert rows["<database>"] == 1 and data_rows(rows, "silo:") > 0
         assert data_rows(rows) == data_rows(rows, "silo:")

@@ -2,7 +2,8 @@
 every limit holds across them, and the queue stays fair.
 
 This is the documented multi-process deployment (README, "Running several processes"),
-started for real: separate OS processes, real PostgreSQL (application role), real Redis.
+started for real: separate OS processes, real PostgreSQL (application role), real Redis,
+the run's own (``pg_deployment``, ``redis_url``), whose URLs the processes are given.
 """
 
 from __future__ import annotations
@@ -24,24 +25,13 @@ import pytest
 from patinox.storage import open_backend
 from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
 from patinox.storage.postgres import PostgresDeployment
-from tests.conftest import Deployment, service_missing
+from tests.conftest import Deployment
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def redis_url() -> str:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=2) as s:
-            s.sendall(b"PING\r\n")
-            assert s.recv(16).startswith(b"+PONG")
-    except (OSError, AssertionError) as err:
-        service_missing("Redis at 127.0.0.1:6379", err)
-    return "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
+from urllib.parse import unquote
 
 from sqlalchemy import Connection, Engine, create_engine, event, exc
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import StaticPool
 
 from patinox.errors import (
@@ -41,11 +42,48 @@ _MIGRATION_WAIT_MS = 600_000
 
 
 def normalise_url(url: str) -> str:
-    """``postgresql://`` and ``postgres://`` mean psycopg 3; other URLs are returned as given."""
+    """``url`` in the form SQLAlchemy and psycopg 3 read as libpq would.
+
+    ``postgresql://`` and ``postgres://`` mean psycopg 3 (``postgresql+psycopg://``). A
+    Unix-socket directory given percent-encoded as the host, libpq's
+    ``postgresql://ROLE@%2Frun%2Fpostgresql/DB``, moves to the query
+    (``postgresql+psycopg://ROLE@/DB?host=/run/postgresql``): SQLAlchemy would hand the
+    encoded text to the driver as a host name. Other URLs are returned as given.
+
+    Raises:
+        ConfigurationError: the URL names a socket directory as its host and another host
+            in its query.
+    """
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix) :]
+            url = "postgresql+psycopg://" + url[len(prefix) :]
+            break
+    if url.startswith("postgresql+") and "%2f" in url.lower():
+        return _socket_host_in_query(url)
     return url
+
+
+def _socket_host_in_query(url: str) -> str:
+    """``url`` with a percent-encoded socket directory host moved to ``?host=``."""
+    parsed = make_url(url)
+    host = unquote(parsed.host or "")
+    if not host.startswith("/"):
+        return url
+    if "host" in parsed.query:
+        raise ConfigurationError(
+            f"a PostgreSQL URL names two hosts: the socket directory {host!r} and "
+            f"?host={parsed.query['host']!r}; give one",
+            field="database_url",
+        )
+    moved = URL.create(
+        parsed.drivername,
+        username=parsed.username,
+        password=parsed.password,
+        port=parsed.port,
+        database=parsed.database,
+        query={**parsed.query, "host": host},
+    )
+    return moved.render_as_string(hide_password=False)
 
 
 def is_postgres(url: str) -> bool:
