@@ -20,7 +20,7 @@ from patinox.storage.postgres import PostgresDeployment
 from patinox.tenancy import StorageModel, TenantContext, get_plan
 from tests.conftest import Deployment
 
-TENANT_TABLES = ("agents", "runs", "memory", "usage_records", "audit_log", "api_keys")
+TENANT_TABLES = ("agents", "runs", "run_attempts", "memory", "usage_records", "audit_log", "api_keys")
 
 
 def ctx(tid: str, model: StorageModel = StorageModel.POOL) -> TenantContext:

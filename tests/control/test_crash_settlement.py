@@ -9,10 +9,13 @@ dead worker's lease puts back is found finished by the next worker, which then s
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from patinox.api import Runtime
 from patinox.control import AgentSpec, RunRequest, TenantSpec
@@ -169,3 +172,48 @@ def test_a_sync_run_whose_server_died_is_settled_when_its_hold_expires(
     else:
         assert after["status"] == "failed" and after["error"]["reason"] == "interrupted"
         assert runtime.budget.spent_today(ctx.tenant_id) == (spent + reserved, 0)
+
+
+@pytest.mark.parametrize("deployment", ["pg-pool"], indirect=True)
+def test_two_reapers_at_once_settle_an_expired_hold_once(
+    runtime: Runtime, deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes reap at the same moment: both read the expired hold of a synchronous
+    run whose server died before either commits. One of them settles it; the other finds
+    nothing to do. Settled twice, the ledger would spend the reservation twice and hold
+    minus one reservation."""
+    ctx, agent_id = tenant(runtime, StorageModel(deployment.storage_model))
+    real_release = FairRunQueue.release
+
+    def release(self: FairRunQueue, *args: Any, holder: str | None = None, **kwargs: Any) -> bool:
+        if holder is None:
+            raise ProcessDied
+        return real_release(self, *args, holder=holder, **kwargs)
+
+    async def die(*args: Any, **kwargs: Any) -> Any:
+        raise ProcessDied
+
+    monkeypatch.setattr(FairRunQueue, "release", release)
+    monkeypatch.setattr(runtime.runs._executor, "execute", die)
+    with pytest.raises(ProcessDied):
+        asyncio.run(runtime.runs.start(ctx, agent_id, RunRequest(input="hello there", output_tokens=3)))
+    spent, reserved = runtime.budget.spent_today(ctx.tenant_id)
+    assert reserved > 0
+
+    # Each reaper stops right after reading the expired entries until the other has read
+    # them too (a guard timeout only: the barrier is the interleaving, not a measurement).
+    both_read = threading.Barrier(2, timeout=60)
+
+    def after_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "run_queue" in statement and "lease_until <" in statement and "reserved_tokens" in statement:
+            both_read.wait()
+
+    event.listen(runtime.backend.engine, "after_cursor_execute", after_execute)
+    try:
+        later = utcnow() + timedelta(days=1)
+        with ThreadPoolExecutor(2) as pool:
+            reaped = list(pool.map(lambda _: runtime.runs.reap_expired(now=later), range(2)))
+    finally:
+        event.remove(runtime.backend.engine, "after_cursor_execute", after_execute)
+    assert sorted(reaped) == [0, 1]
+    assert runtime.budget.spent_today(ctx.tenant_id) == (spent + reserved, 0)

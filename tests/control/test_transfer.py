@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -667,3 +668,33 @@ def test_move_refuses_what_it_cannot_do(make_tenant: Any, backend: SqlBackend, r
     TenantManager(backend).delete(t.id, actor="test")
     with pytest.raises(TenantNotFound):
         move_tenant(backend, t.id, StorageModel.SILO, actor="test")
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
+def test_run_attempts_travel_with_their_runs(
+    client: TestClient, make_tenant: Any, runtime: Runtime, backend: SqlBackend, tmp_path: Path
+) -> None:
+    """A queued run's attempts (who executed it, when, how it ended) are the tenant's data:
+    an export carries them into the imported tenant, and a move to another storage model
+    takes them along (instead of refusing the tenant, or leaving them behind)."""
+    t = make_tenant("acme", "pro", UNLIMITED)
+    agent = t.agent("worker-run", tools=["calculator"])
+    r = t.run(agent, '/call calculator {"expression": "6*7"}', output_tokens=3, mode="async")
+    assert r.status_code == 202, r.text
+    run_id = r.json()["id"]
+    deadline = time.monotonic() + 60  # a guard against a hang, not a measurement
+    while (run := client.get(f"/v1/runs/{run_id}", headers=t.h).json())["status"] != "succeeded":
+        assert time.monotonic() < deadline, run
+        time.sleep(0.02)
+    assert run["attempts"] == 1 and run["attempt_history"][0]["holder"].startswith("worker:")
+    history = run["attempt_history"]
+
+    bundle = tmp_path / "acme.ptx"
+    summary = export_tenant(backend, t.id, bundle, passphrase=PASS)
+    assert summary.counts["attempt"] == 1
+    imported = import_tenant(backend, bundle, passphrase=PASS, name="acme-2", actor="test")
+    got = client.get(f"/v1/runs/{run_id}", headers=new_key(runtime, imported.id)).json()
+    assert got["attempt_history"] == history
+
+    move_tenant(backend, t.id, StorageModel.SILO, actor="test", grace_s=0)
+    assert client.get(f"/v1/runs/{run_id}", headers=t.h).json()["attempt_history"] == history

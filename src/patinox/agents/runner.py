@@ -36,10 +36,13 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from pydantic_ai import Agent
+from pydantic_ai import Agent, RunContext
+from pydantic_ai.capabilities import AbstractCapability
+from pydantic_ai.capabilities.abstract import AgentNode, NodeResult
 from pydantic_ai.exceptions import (
     AgentRunError,
     ModelAPIError,
@@ -139,6 +142,22 @@ class RunOutcome:
     duration_ms: float
 
 
+class _AfterEachStep(AbstractCapability[ToolDeps]):
+    """Calls ``on_usage(usage)`` after each step of the agent loop: a model response
+    (already counted in ``usage``, before any tool it asks for runs), or the tool calls a
+    response asked for. An exception it raises ends the run (``internal_error``)."""
+
+    def __init__(self, usage: RunUsage, on_usage: Callable[[RunUsage], None]) -> None:
+        self._usage = usage
+        self._on_usage = on_usage
+
+    async def after_node_run(
+        self, ctx: RunContext[ToolDeps], *, node: AgentNode[ToolDeps], result: NodeResult[ToolDeps]
+    ) -> NodeResult[ToolDeps]:
+        self._on_usage(self._usage)
+        return result
+
+
 def request_limit_for(limits: RunLimits) -> int:
     """Most model requests a run under ``limits`` may make: ``max(50, max_tool_calls + 1)``."""
     return max(MIN_REQUEST_LIMIT, limits.max_tool_calls + 1)
@@ -152,6 +171,7 @@ async def run_agent(
     limits: RunLimits,
     memory: MemoryStore,
     usage: RunUsage | None = None,
+    on_usage: Callable[[RunUsage], None] | None = None,
 ) -> RunOutcome:
     """Run ``definition`` on ``prompt`` once.
 
@@ -170,6 +190,12 @@ async def run_agent(
             responses and tool calls completed so far); a fresh one when ``None``. Give one
             to read the usage of a run that was cancelled, which raises
             :class:`asyncio.CancelledError` and carries no usage of its own.
+        on_usage: called with ``usage`` after each step of the agent loop: after each
+            model response (counted in it, before any tool the response asks for runs) and
+            after the tool calls a response asked for. Synchronous, on the event loop: the
+            run goes on once it returns, so a caller that records usage there has recorded
+            every model response but the one in hand. An exception it raises ends the run
+            (``RunFailed``, ``reason="internal_error"``).
 
     Returns:
         The reply with its usage and duration.
@@ -184,19 +210,20 @@ async def run_agent(
     model = resolve_model(definition.model)
     simulated = is_simulated(definition.model)
     started = time.perf_counter()
+    usage = RunUsage() if usage is None else usage
     agent: Agent[ToolDeps, str] = Agent(
         model,
         deps_type=ToolDeps,
         instructions=definition.instructions,
         tools=builtin_tools(definition.tools),
         name=definition.name,
+        capabilities=[_AfterEachStep(usage, on_usage)] if on_usage is not None else None,
     )
     settings: ModelSettings = {}
     if output_tokens is not None:
         settings["max_tokens"] = output_tokens
     elif not simulated:
         settings["max_tokens"] = limits.max_output_tokens
-    usage = RunUsage() if usage is None else usage
     usage_limits = UsageLimits(
         tool_calls_limit=limits.max_tool_calls,
         request_limit=request_limit_for(limits),

@@ -4,7 +4,11 @@ Built-in tools (names as the model sees them):
 
 - ``memory_get(key)`` -> ``{"value": <text>}``, or ``{"value": null}`` if nothing is stored
   (an object, so that "nothing stored" and "an empty text stored" read differently).
-- ``memory_put(key, value)`` -> ``"ok"``.
+- ``memory_put(key, value)`` -> ``"ok"``. The only built-in tool with a side effect, and
+  safe to repeat: it replaces the value under the key, so writing the same value again
+  leaves memory as one write did. A queued run executed again after its worker died
+  (execution is at-least-once) repeats its calls; if its model writes another value the
+  second time, the last write wins, as for any two writes of one key.
 - ``memory_list(prefix="")`` -> up to :data:`MEMORY_LIST_LIMIT` keys starting with ``prefix``.
 - ``calculator(expression)`` -> the value of an arithmetic expression (see :func:`calculator`).
 - ``current_time()`` -> the current UTC time, ISO 8601 (``2025-01-31T12:00:00.000+00:00``).
@@ -82,7 +86,8 @@ class MemoryStore(Protocol):
         ...
 
     def memory_put(self, key: str, value: str) -> None:
-        """Store ``value`` under ``key``, replacing any previous value.
+        """Store ``value`` under ``key``, replacing any previous value: idempotent, so a
+        run executed again (after its worker died) may repeat it.
 
         Raises:
             InvalidRequest: the store refuses ``key`` (its length or characters); the
@@ -281,6 +286,7 @@ async def memory_get(ctx: RunContext[ToolDeps], key: str) -> dict[str, str | Non
 @_tool_boundary("memory_put")
 async def memory_put(ctx: RunContext[ToolDeps], key: str, value: str) -> str:
     """Store a value in the agent's memory, replacing any previous value under the key.
+    Writing the same value again leaves memory as it was, so repeating the call is safe.
 
     Args:
         key: the key to write.

@@ -94,6 +94,25 @@ class AgentOut(_Out):
     updated_at: datetime
 
 
+class AttemptOut(_Out):
+    attempt: int = Field(description="1 for the run's first execution, then 2, 3, ...")
+    holder: str | None = Field(
+        default=None,
+        description="the worker that ran it (worker:<host>:<pid>); null for a synchronous run, "
+        "which runs once in the API process that admitted it",
+    )
+    started_at: datetime
+    ended_at: datetime | None = None
+    outcome: str | None = Field(
+        default=None,
+        description="null while it runs; then succeeded | failed | cancelled | interrupted "
+        "(its worker died or stalled past its lease, and the run went back to the queue)",
+    )
+    input_tokens: int = Field(description="model input tokens this attempt used, tokens")
+    output_tokens: int = Field(description="model output tokens this attempt used, tokens")
+    tool_calls: int
+
+
 class RunOut(_Out):
     id: str
     agent_id: str
@@ -112,6 +131,14 @@ class RunOut(_Out):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     duration_ms: float | None = Field(default=None, description="execution wall time, milliseconds")
+    attempts: int = Field(
+        default=0,
+        description="times the run was executed: a queued run whose worker died runs again "
+        "(at-least-once execution); 0 while it waits",
+    )
+    attempt_history: list[AttemptOut] = Field(
+        default_factory=list, description="each execution, first first; the run's tokens are its last's"
+    )
 
 
 class MemoryItemOut(_Out):
@@ -139,6 +166,10 @@ class AuditOut(_Out):
 class UsageRecordOut(_Out):
     id: str
     run_id: str
+    attempt: int | None = Field(
+        default=None,
+        description="the execution of the run it meters (see attempt_history); at most one record each",
+    )
     at: datetime
     model: str
     simulated: bool

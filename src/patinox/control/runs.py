@@ -12,7 +12,9 @@
 Asynchronous runs (``mode="async"``) have their tokens reserved, are written to the
 durable fair queue and answered at once; a worker (in this process or another) claims
 and executes them later, and settles their reservation. A restart loses none; a run
-whose worker died is executed again by another (at-least-once execution).
+whose worker died is executed again by another (at-least-once execution): each execution
+is an attempt, recorded on the run and charged what it used (see :class:`_Attempt` and
+:meth:`RunService.reap_expired`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
+import structlog
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_ai.usage import RunUsage
 from sqlalchemy import Connection
@@ -52,6 +55,8 @@ from patinox.tenancy import (
 )
 
 Row = dict[str, Any]
+
+log = structlog.get_logger("patinox.runs")
 
 
 class Release(Protocol):
@@ -85,13 +90,102 @@ class _RunTask(asyncio.Task[Row]):
         return f"<RunTask {self.get_name()!r} {'done' if self.done() else 'pending'}>"
 
 
+def _outcome(values: Row) -> str:
+    """How an attempt ended (``succeeded``, ``failed``, ``cancelled``), from the settlement
+    values of its run."""
+    if values["status"] == "succeeded":
+        return "succeeded"
+    return "cancelled" if (values.get("error") or {}).get("reason") == "cancelled" else "failed"
+
+
+class _Attempt:
+    """One execution of a queued run by a worker: its number, and its usage kept where it
+    outlives the worker.
+
+    After each step of the agent loop (:meth:`record`: after each model response, before
+    acting on it) the attempt's usage is written on the run's queue entry
+    (:meth:`FairRunQueue.record_usage`) while the entry is still this worker's claim. If
+    the worker dies, the reaper puts the run back and charges that usage
+    (:meth:`RunService.reap_expired`): at most the model response in hand when the worker
+    died goes uncharged. ``on_entry`` is what the entry holds, unspent, by this worker's
+    last write that committed; once the entry is no longer its claim (the lease expired
+    while it stalled), that is exactly what the reaper charged, and the worker charges
+    only the rest (:meth:`unspent`).
+
+    A failed write ends the run (``RunFailed``, ``internal_error``) rather than let it go
+    on unmetered.
+    """
+
+    def __init__(
+        self, claim: Claim, number: int, *, backend: SqlBackend, queue: FairRunQueue, budget: TokenBudget
+    ) -> None:
+        self.claim = claim
+        #: 1 for the run's first execution, then 2, 3, ... (see TenantStore.start_attempt)
+        self.number = number
+        self._backend = backend
+        self._queue = queue
+        self._budget = budget
+        self.on_entry = 0
+        self.lost = False
+
+    def record(self, usage: RunUsage) -> None:
+        """Write ``usage`` (the attempt's so far) on the run's queue entry, if its tokens
+        changed and the entry is still this worker's claim.
+
+        Raises:
+            StorageError: the database refused the write.
+        """
+        tokens = usage.input_tokens + usage.output_tokens
+        if self.lost or tokens == self.on_entry:
+            return
+        if self._queue.record_usage(
+            self.claim,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            tool_calls=usage.tool_calls,
+        ):
+            self.on_entry = tokens
+        else:
+            self.lost = True  # put back: the reaper charged what the entry held
+
+    def unspent(self, used: int, ours: bool) -> int:
+        """Of ``used``, the tokens of this attempt not yet spent (by it or by the reaper):
+        all of them while the entry is still this worker's claim (``ours``)."""
+        return used if ours else max(0, used - self.on_entry)
+
+    def spend(self, used: int) -> None:
+        """Spend the attempt's ``used`` tokens in the ledger now (what the reaper already
+        charged excepted), and clear them from the entry while it is this worker's claim,
+        in one transaction: the reaper can then never charge them again."""
+        c = self.claim
+        with self._backend.control_tx() as conn:
+            ours = self._queue.record_usage(c, input_tokens=0, output_tokens=0, tool_calls=0, conn=conn)
+            self._budget.settle_tokens(c.tenant_id, c.quota_period, 0, self.unspent(used, ours), conn=conn)
+        self.on_entry = 0
+        self.lost = self.lost or not ours
+
+    def ended(self, values: Row) -> Row:
+        """The attempt's end, from its run's settlement ``values`` (see
+        :meth:`TenantStore.prepare_settlement`)."""
+        return {
+            "attempt": self.number,
+            "outcome": _outcome(values),
+            "ended_at": values["finished_at"],
+            "input_tokens": values.get("input_tokens", 0),
+            "output_tokens": values.get("output_tokens", 0),
+            "tool_calls": values.get("tool_calls", 0),
+        }
+
+
 class RunExecutor(Protocol):
     """Runs one agent for one tenant at that tenant's isolation level.
 
     ``execute`` returns the awaitable of the run (an ``async def`` method qualifies); it may
     raise at once, before the run starts, or when awaited. The run adds its usage to
     ``usage`` as it goes (see :func:`patinox.agents.run_agent`), so a cancelled run's
-    tokens so far can be charged.
+    tokens so far can be charged, and calls ``on_usage(usage)`` after each step of the
+    agent loop (each model response, before acting on it), so that a worker can record
+    them where they outlive its process.
     """
 
     def execute(
@@ -104,6 +198,7 @@ class RunExecutor(Protocol):
         limits: RunLimits,
         memory: MemoryStore,
         usage: RunUsage | None = None,
+        on_usage: Callable[[RunUsage], None] | None = None,
     ) -> Awaitable[RunOutcome]: ...
 
 
@@ -544,14 +639,22 @@ class RunService:
         active (the run is put back in the queue, unstarted, with its reservation).
         """
 
+        attempt: _Attempt | None = None
+
         def done(used: int, conn: Connection | None = None) -> None:
             with self._backend.control_tx(conn) as conn:
                 # Only the worker still holding the claim gives its reservation back: after
                 # an expired lease the run was put back with the reservation, and whoever
-                # claims it next settles it. Tokens this execution used are spent either way.
+                # claims it next settles it. Tokens this execution used are spent either way,
+                # less those the reaper charged when it put the run back.
                 ours = self.queue.release(claim.tenant_id, claim.run_id, holder=claim.holder, conn=conn)
+                spend = used if attempt is None else attempt.unspent(used, ours)
                 self._budget.settle_tokens(
-                    claim.tenant_id, claim.quota_period, claim.reserved_tokens if ours else 0, used, conn=conn
+                    claim.tenant_id,
+                    claim.quota_period,
+                    claim.reserved_tokens if ours else 0,
+                    spend,
+                    conn=conn,
                 )
 
         try:
@@ -597,7 +700,13 @@ class RunService:
         )
         store = self._backend.tenant_store(ctx)  # with the tenant's quotas (memory_bytes)
         limits = dataclasses.replace(self._run_limits(ctx, agent), max_total_tokens=claim.reserved_tokens)
-        store.update_run(run["id"], {"status": "running", "started_at": utcnow()})
+        attempt = _Attempt(
+            claim,
+            store.start_attempt(run["id"], holder=claim.holder),
+            backend=self._backend,
+            queue=self.queue,
+            budget=self._budget,
+        )
         release = _Once(done)
         task = self._track(
             ctx.tenant_id,
@@ -611,8 +720,9 @@ class RunService:
                 limits,
                 release,
                 period=claim.quota_period,
+                attempt=attempt,
             ),
-            if_unstarted=self._unstarted_settlement(ctx, store, run, release),
+            if_unstarted=self._unstarted_settlement(ctx, store, run, release, attempt=attempt),
         )
         try:
             return await asyncio.shield(task)
@@ -623,7 +733,13 @@ class RunService:
             return None
 
     def _unstarted_settlement(
-        self, ctx: TenantContext, store: TenantStore, run: Row, done: _Once
+        self,
+        ctx: TenantContext,
+        store: TenantStore,
+        run: Row,
+        done: _Once,
+        *,
+        attempt: _Attempt | None = None,
     ) -> Callable[[], None]:
         """What to do when a run's task was cancelled: if it was cancelled before its first
         step (a tenant stopped, or the server shutting down, in the loop iteration after the
@@ -639,7 +755,11 @@ class RunService:
                 return
             values, _ = _cancelled(0.0, run["model"])
             write = store.prepare_settlement(
-                run["id"], values, usage=None, audit=self._audit(ctx, run, "error", values)
+                run["id"],
+                values,
+                usage=None,
+                audit=self._audit(ctx, run, "error", values),
+                attempt=None if attempt is None else attempt.ended(values),
             )
             try:
                 if store.joins(self._backend.engine):
@@ -742,13 +862,31 @@ class RunService:
         (their hold expired at ``now``, UTC, default the present). Returns how many runs
         were affected.
 
-        A dead process's run still running is recorded as failed and charged its whole
-        reservation (what it used is unknown: the budget errs on the side of refusing). A
-        run it had recorded finished (a bridge or silo tenant's run, recorded in the
-        tenant's database before the shared one heard of it) keeps its result, and its
-        reservation is given back: its tokens were charged before it was recorded.
+        A run put back keeps its reservation (its next attempt settles it); the tokens its
+        dead worker's attempt had recorded (:class:`_Attempt`) are spent in the ledger in
+        the same transaction as the requeue, in the period of the claim. Then, in the
+        tenant's storage, the attempt ends ``interrupted`` with that usage and a usage
+        record, a ``run.requeue`` audit record names the dead holder and the attempt, and
+        a warning is logged (see :meth:`_record_requeue`).
+
+        A dead process's synchronous run still running is recorded as failed and charged
+        its whole reservation (what it used is unknown: the budget errs on the side of
+        refusing). A run it had recorded finished (a bridge or silo tenant's run, recorded
+        in the tenant's database before the shared one heard of it) keeps its result, and
+        its reservation is given back: its tokens were charged before it was recorded.
         """
-        back, holds = self.queue.requeue_expired(now)
+        requeued: list[Claim] = []
+
+        def charge(conn: Connection, claims: list[Claim]) -> None:
+            requeued[:] = claims  # read only once the requeue committed
+            for c in sorted(claims, key=lambda c: (c.tenant_id, c.quota_period)):  # lock order
+                used = c.input_tokens + c.output_tokens
+                if used and c.quota_period:
+                    self._budget.settle_tokens(c.tenant_id, c.quota_period, 0, used, conn=conn)
+
+        back, holds = self.queue.requeue_expired(now, on_requeue=charge)
+        for claim in requeued:
+            self._record_requeue(claim)
         for hold in holds:
             try:
                 store = self._backend.acting_on(hold.tenant_id)
@@ -773,6 +911,55 @@ class RunService:
                     hold.tenant_id, hold.quota_period, reserved, 0 if finished else reserved
                 )
         return back + len(holds)
+
+    def _record_requeue(self, claim: Claim) -> None:
+        """Record in the tenant's storage that ``claim``'s run went back to the queue after
+        its holder's lease expired (its attempt interrupted, with a usage record of what it
+        had recorded, and a ``run.requeue`` audit record), and log a warning. The tokens
+        were already charged with the requeue: a failure here loses the record of it, not
+        the charge (logged; the run's next attempt closes the attempt as interrupted)."""
+        detail = {
+            "holder": claim.holder,
+            "reason": "lease_expired",
+            "input_tokens": claim.input_tokens,
+            "output_tokens": claim.output_tokens,
+        }
+        number: int | None = None
+        try:
+            store = self._backend.acting_on(claim.tenant_id)
+            number = store.interrupt_attempt(
+                claim.run_id,
+                holder=claim.holder,
+                input_tokens=claim.input_tokens,
+                output_tokens=claim.output_tokens,
+                tool_calls=claim.tool_calls,
+                audit={
+                    "actor": "system",
+                    "action": "run.requeue",
+                    "target": claim.run_id,
+                    "outcome": "ok",
+                    "detail": detail,
+                },
+            )
+        except NotFound:
+            pass  # the tenant is gone: nothing of it to record
+        except PatinoxError as err:
+            log.warning(
+                "recording a requeued run failed",
+                tenant_id=claim.tenant_id,
+                run_id=claim.run_id,
+                holder=claim.holder,
+                error=err.code,
+            )
+        log.warning(
+            "run requeued: its worker's lease expired",
+            tenant_id=claim.tenant_id,
+            run_id=claim.run_id,
+            holder=claim.holder,
+            attempt=number,
+            input_tokens=claim.input_tokens,
+            output_tokens=claim.output_tokens,
+        )
 
     def on_limits_changed(self, tenant_id: str, event: str) -> None:
         """Tenant-manager listener: queued runs take the tenant's new cap and priority."""
@@ -817,6 +1004,7 @@ class RunService:
         done: Release,
         *,
         period: str,
+        attempt: _Attempt | None = None,
     ) -> Row:
         """Run, then settle in storage; ``done(tokens)`` runs last, whatever happens.
 
@@ -831,8 +1019,12 @@ class RunService:
         finished run whose tokens nobody charges. Neither the run's result nor the slot
         and reservation are lost or kept.
 
+        A queued run's ``attempt`` records its usage as it goes (see :class:`_Attempt`)
+        and ends with the run; its usage record is that attempt's.
+
         Args:
             period: the ledger period the run's tokens were reserved in.
+            attempt: the worker's attempt, for a queued run (``None``: a synchronous run).
         """
         definition = AgentDefinition(
             name=agent["name"],
@@ -848,8 +1040,14 @@ class RunService:
 
         def settle(values: Row, usage: Row | None, outcome: str) -> None:
             nonlocal released, charged
+            if usage is not None:
+                usage = {**usage, "attempt": 1 if attempt is None else attempt.number}
             write = store.prepare_settlement(
-                run["id"], values, usage=usage, audit=self._audit(ctx, run, outcome, values)
+                run["id"],
+                values,
+                usage=usage,
+                audit=self._audit(ctx, run, outcome, values),
+                attempt=None if attempt is None else attempt.ended(values),
             )
             if store.joins(self._backend.engine):
                 try:
@@ -863,7 +1061,10 @@ class RunService:
                     return
             if used:
                 with contextlib.suppress(PatinoxError):  # not charged here: done() charges them
-                    self._budget.settle_tokens(ctx.tenant_id, period, 0, used)
+                    if attempt is None:
+                        self._budget.settle_tokens(ctx.tenant_id, period, 0, used)
+                    else:
+                        attempt.spend(used)
                     charged = used
             store.apply(write)
 
@@ -877,6 +1078,7 @@ class RunService:
                     limits=limits,
                     memory=store,
                     usage=so_far,
+                    on_usage=None if attempt is None else attempt.record,
                 )
             except PatinoxError as err:
                 failed = err if isinstance(err, RunFailed) else RunFailed(err.message, reason=err.code)

@@ -88,6 +88,7 @@ JSON lines::
     {"type": "manifest", "format": 1, "tenant": {...}, "exported_at": ..., "source": {...}}
     {"type": "agent", "row": {...}}          one per agent, then
     {"type": "run", "row": {...}}            runs (input/output in plaintext),
+    {"type": "attempt", "row": {...}}        each execution of a queued run (run_attempts),
     {"type": "memory", "row": {...}}         memory entries (value in plaintext),
     {"type": "usage", "row": {...}}          usage records,
     {"type": "audit", "row": {...}}          the tenant's audit records (oldest first),
@@ -96,7 +97,9 @@ JSON lines::
 
 ``sha256`` is the SHA-256 of every body byte before the ``end`` line; ``records`` and
 ``counts`` count the lines between the manifest and the end line. Datetimes are ISO 8601
-strings with a UTC offset.
+strings with a UTC offset. ``attempt`` records came later than format 1 itself: a bundle
+without them imports as before (its runs have no attempts), and a build older than them
+refuses a bundle with them (``malformed_body``, unknown record type).
 
 Errors
 ------
@@ -112,8 +115,8 @@ passphrase *or* changed bytes: AES-GCM cannot tell them apart, by design),
 :class:`~patinox.errors.OperationFailed`, 503 ``move_failed``). Both belong in
 :mod:`patinox.errors`; they are defined here until that module takes them.
 
-Tables: a transfer carries the known tenant data tables (agents, runs, memory,
-usage_records, audit_log) and leaves the control-plane tables of the shared database
+Tables: a transfer carries the known tenant data tables (agents, runs, run_attempts,
+memory, usage_records, audit_log) and leaves the control-plane tables of the shared database
 where they are (:data:`CONTROL_PLANE_TABLES`). It also reads the placement's catalog for
 every other table with a ``tenant_id`` column: if one holds rows of the tenant, export
 and move refuse (:class:`~patinox.errors.OperationFailed`, ``reason="unknown_table"``)
@@ -206,12 +209,20 @@ CONTROL_PLANE_TABLES = frozenset({"api_keys", "tenant_keys", "run_queue", "queue
 _KIND_TABLES: dict[str, Table] = {
     "agent": s.agents,
     "run": s.runs,
+    "attempt": s.run_attempts,
     "memory": s.memory,
     "usage": s.usage_records,
     "audit": s.audit_log,
 }
 #: Columns the keyset pagination walks, per table (audit in sequence order).
-_WALK_KEY = {"agents": "id", "runs": "id", "memory": "key", "usage_records": "id", "audit_log": "seq"}
+_WALK_KEY = {
+    "agents": "id",
+    "runs": "id",
+    "run_attempts": "id",
+    "memory": "key",
+    "usage_records": "id",
+    "audit_log": "seq",
+}
 #: Payload columns sealed with the tenant's DEK: table -> {column: AAD table name}.
 _SEALED = {"runs": {"input": "runs.input", "output": "runs.output"}, "memory": {"value": "memory.value"}}
 _UNFINISHED = ("queued", "running")
@@ -253,8 +264,8 @@ class ExportSummary:
         tenant_id: the exported tenant's id.
         tenant_name: its name at export.
         exported_at: when the export started, UTC.
-        counts: records per bundle record type (``agent``, ``run``, ``memory``, ``usage``,
-            ``audit``, ``api_key``).
+        counts: records per bundle record type (``agent``, ``run``, ``attempt``, ``memory``,
+            ``usage``, ``audit``, ``api_key``).
         records: all records in the body (the sum of ``counts``).
         size_bytes: size of the bundle file, bytes.
         body_sha256: hex SHA-256 of the body (also inside the sealed body).
@@ -749,11 +760,15 @@ def _tenant_predicate(table: Table, tenant_id: str) -> Any:
     return table.c.tenant_id == tenant_id
 
 
-def _pages(store: TenantStore, table: Table, *, walk: str | None = None) -> Iterator[list[Row]]:
+def _pages(
+    store: TenantStore, table: Table, *, walk: str | None = None, query: Any = None
+) -> Iterator[list[Row]]:
     """The tenant's rows of ``table`` in pages of ``_BATCH``, each page its own transaction,
-    walked by a keyset on ``walk`` (default :data:`_WALK_KEY` of the table)."""
+    walked by a keyset on ``walk`` (default :data:`_WALK_KEY` of the table); ``query``
+    instead of ``select(table)`` to read more (a join)."""
     key = table.c[walk or _WALK_KEY[table.name]]
-    base = select(table).where(_tenant_predicate(table, store.tenant_id)).order_by(key).limit(_BATCH)
+    chosen: Any = select(table) if query is None else query
+    base = chosen.where(_tenant_predicate(table, store.tenant_id)).order_by(key).limit(_BATCH)
     last: Any = None
     while True:
         q = base if last is None else base.where(key > last)
@@ -805,17 +820,40 @@ def _data_tables(backend: SqlBackend, tenant_id: str, model: StorageModel) -> li
     return known
 
 
-def _export_rows(store: TenantStore, kind: str, agents: set[str]) -> Iterator[Row]:
+@dataclass
+class _Exported:
+    """What an export wrote so far that later record types refer to."""
+
+    agents: set[str] = field(default_factory=set)
+    #: The greatest run id written (ids grow with time: a run made after the runs were
+    #: read has a greater one).
+    last_run: str = ""
+
+
+#: An attempt with its run's agent (every attempt has its run: the key cascades).
+_ATTEMPTS_WITH_AGENT = select(s.run_attempts, s.runs.c.agent_id.label("run_agent_id")).join(
+    s.runs, (s.runs.c.tenant_id == s.run_attempts.c.tenant_id) & (s.runs.c.id == s.run_attempts.c.run_id)
+)
+
+
+def _export_rows(store: TenantStore, kind: str, exported: _Exported) -> Iterator[Row]:
     """The rows of one record type, payloads decrypted, ready for JSON."""
     table = _KIND_TABLES[kind]
     sealed = _SEALED.get(table.name, {})
-    for page in _pages(store, table):
+    query = _ATTEMPTS_WITH_AGENT if kind == "attempt" else None
+    for page in _pages(store, table, query=query):
         for row in page:
             row.pop("tenant_id", None)
             if kind == "agent":
-                agents.add(row["id"])
-            if kind == "run" and row["agent_id"] not in agents:
-                continue  # its agent was created after the agents were read: not in this bundle
+                exported.agents.add(row["id"])
+            if kind == "run":
+                if row["agent_id"] not in exported.agents:
+                    continue  # its agent was created after the agents were read: not in this bundle
+                exported.last_run = max(exported.last_run, row["id"])
+            if kind == "attempt":
+                agent_id = row.pop("run_agent_id")
+                if agent_id not in exported.agents or row["run_id"] > exported.last_run:
+                    continue  # its run is not in this bundle
             record_id = row["key"] if kind == "memory" else row["id"]
             for column, aad_table in sealed.items():
                 row[column] = store._sealer.open(aad_table, record_id, row[column])
@@ -926,9 +964,9 @@ def export_tenant(
             )
             writer.record(manifest)
             done = 0
-            agents: set[str] = set()
+            exported = _Exported()
             for kind in _KIND_TABLES:
-                for row in _export_rows(store, kind, agents):
+                for row in _export_rows(store, kind, exported):
                     writer.record({"type": kind, "row": row})
                     done += 1
                     if progress is not None and done % 100 == 0:
@@ -992,6 +1030,9 @@ def _import_row(store: TenantStore, kind: str, row: Mapping[str, Any]) -> Row:
     out["tenant_id"] = store.tenant_id
     if kind == "audit":
         out["id"] = new_id("au")  # audit ids are unique across the deployment
+    if kind == "attempt" and out.get("outcome") is None:
+        out["outcome"] = "interrupted"  # its run was exported unfinished (see below)
+        out["ended_at"] = out.get("ended_at") or utcnow()
     if kind == "run" and out.get("status") in _UNFINISHED:
         out["status"] = "failed"
         out["finished_at"] = out.get("finished_at") or utcnow()

@@ -8,7 +8,7 @@ tenant inside one process, so tenants needing those limits need another isolatio
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from pydantic_ai.usage import RunUsage
@@ -31,6 +31,7 @@ class NamespaceExecutor:
         limits: RunLimits,
         memory: MemoryStore,
         usage: RunUsage | None = None,
+        on_usage: Callable[[RunUsage], None] | None = None,
     ) -> Awaitable[RunOutcome]:
         """The run of ``definition`` on ``prompt`` for ``ctx``'s tenant, to await.
 
@@ -44,7 +45,13 @@ class NamespaceExecutor:
             TenantContextAlreadySet: at once, when the caller is inside another tenant's scope.
         """
         run = run_agent(
-            definition, prompt, output_tokens=output_tokens, limits=limits, memory=memory, usage=usage
+            definition,
+            prompt,
+            output_tokens=output_tokens,
+            limits=limits,
+            memory=memory,
+            usage=usage,
+            on_usage=on_usage,
         )
         active = current_tenant_or_none()
         if active is None:

@@ -77,13 +77,16 @@ log = structlog.get_logger("patinox.queue")
 _Q, _QT = s.run_queue, s.queue_tenants
 _HELD = select(func.count()).where(_Q.c.tenant_id == bindparam("b_tenant"), _Q.c.claimed_by.is_not(None))
 _INSERT_ENTRY = insert(_Q)
+#: The columns a hold's row is written with; the others (an attempt's usage) start at
+#: their server default.
+_HOLD_COLUMNS = [c for c in _Q.c if c.server_default is None]
 #: SQLite: a hold's row (every column a parameter), inserted only while the tenant holds
 #: fewer than ``b_cap`` runs -- the count (``_HELD``) and the insert as one statement, one
 #: write and no separate read. A writing statement takes SQLite's write lock before it
 #: reads anything, so no other hold can slip between the count and the insert.
 _HOLD_UNDER_CAP = insert(_Q).from_select(
-    list(_Q.c),
-    select(*(bindparam(c.name, type_=c.type) for c in _Q.c)).where(
+    _HOLD_COLUMNS,
+    select(*(bindparam(c.name, type_=c.type) for c in _HOLD_COLUMNS)).where(
         _HELD.scalar_subquery() < bindparam("b_cap")
     ),
 )
@@ -171,11 +174,54 @@ _ADVANCE_CLOCK = (
     .values(virtual_time=bindparam("b_tag"))
 )
 _EXPIRED = and_(_Q.c.claimed_by.is_not(None), _Q.c.lease_until < bindparam("b_now"))
-_EXPIRED_HOLDS = select(
-    _Q.c.tenant_id, _Q.c.run_id, _Q.c.claimed_by, _Q.c.reserved_tokens, _Q.c.quota_period
-).where(_EXPIRED, _Q.c.finish_tag == 0.0)
-_DROP_EXPIRED_HOLDS = delete(_Q).where(_EXPIRED, _Q.c.finish_tag == 0.0)
-_REQUEUE_EXPIRED = update(_Q).where(_EXPIRED).values(claimed_by=None, lease_until=None)
+#: Whether any lease expired (read before taking a write lock: usually none did).
+_ANY_EXPIRED = select(_Q.c.run_id).where(_EXPIRED).limit(1)
+
+
+def _expired() -> Any:
+    return (
+        select(
+            _Q.c.tenant_id,
+            _Q.c.run_id,
+            _Q.c.claimed_by,
+            _Q.c.finish_tag,
+            _Q.c.reserved_tokens,
+            _Q.c.quota_period,
+            _Q.c.used_input_tokens,
+            _Q.c.used_output_tokens,
+            _Q.c.used_tool_calls,
+        )
+        .where(_EXPIRED)
+        .order_by(_Q.c.tenant_id, _Q.c.run_id)
+    )
+
+
+#: Expired entries per dialect. PostgreSQL locks them (skipping rows another reaper or
+#: their renewing worker holds), so two reapers never both put back, and charge, one run.
+#: SQLite serialises reapers by taking the write lock first (FairRunQueue._begin_write).
+_EXPIRED_ENTRIES = {"sqlite": _expired(), "postgresql": _expired().with_for_update(skip_locked=True)}
+#: One expired entry, still held by the same holder (``b_holder``).
+_ENTRY_OF_HOLDER = and_(
+    _Q.c.tenant_id == bindparam("b_tenant"),
+    _Q.c.run_id == bindparam("b_run"),
+    _Q.c.claimed_by == bindparam("b_holder"),
+)
+_DROP_HOLD = delete(_Q).where(_ENTRY_OF_HOLDER)
+_PUT_BACK_EXPIRED = (
+    update(_Q)
+    .where(_ENTRY_OF_HOLDER)
+    .values(claimed_by=None, lease_until=None, used_input_tokens=0, used_output_tokens=0, used_tool_calls=0)
+)
+#: The holder's attempt's unspent usage on its entry, while the entry is its claim.
+_RECORD_USAGE = (
+    update(_Q)
+    .where(_ENTRY_OF_HOLDER)
+    .values(
+        used_input_tokens=bindparam("b_input"),
+        used_output_tokens=bindparam("b_output"),
+        used_tool_calls=bindparam("b_tools"),
+    )
+)
 
 
 def worker_id(kind: str = "worker") -> str:
@@ -185,7 +231,15 @@ def worker_id(kind: str = "worker") -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class Claim:
-    """A run taken from the queue by a worker."""
+    """A run taken from the queue by a worker.
+
+    Attributes:
+        weight: the tenant's plan weight, for the worker's fair-share admission.
+        input_tokens, output_tokens, tool_calls: on a claim whose lease expired, as
+            :meth:`FairRunQueue.requeue_expired` hands it over, the usage its holder's
+            attempt had recorded on the entry (:meth:`FairRunQueue.record_usage`) and not
+            yet spent in the token ledger; 0 otherwise.
+    """
 
     tenant_id: str
     run_id: str
@@ -194,6 +248,9 @@ class Claim:
     reserved_tokens: int
     quota_period: str
     weight: int = 1
+    input_tokens: int = 0
+    output_tokens: int = 0
+    tool_calls: int = 0
 
 
 class FairRunQueue:
@@ -486,9 +543,52 @@ class FairRunQueue:
                 return execute_write(conn, _RELEASE, params) == 1
             return execute_write(conn, _RELEASE_CLAIM, {**params, "b_holder": holder}) == 1
 
-    def requeue_expired(self, now: datetime | None = None) -> tuple[int, list[Claim]]:
+    def record_usage(
+        self,
+        claim: Claim,
+        *,
+        input_tokens: int,
+        output_tokens: int,
+        tool_calls: int,
+        conn: Connection | None = None,
+    ) -> bool:
+        """Write the usage of ``claim.holder``'s attempt not yet spent in the token ledger
+        on the run's entry (tokens, tool calls), while the entry is still that holder's
+        claim; in ``conn`` when given. If the holder dies, :meth:`requeue_expired` hands
+        these figures to its caller to charge. Writing zeros says they were spent.
+
+        Returns:
+            Whether the entry is still the holder's claim (False: its lease expired and
+            the run was put back, with whatever the entry held then).
+        """
+        params = {
+            "b_tenant": claim.tenant_id,
+            "b_run": claim.run_id,
+            "b_holder": claim.holder,
+            "b_input": input_tokens,
+            "b_output": output_tokens,
+            "b_tools": tool_calls,
+        }
+        with self._backend.control_tx(conn) as conn:
+            return execute_write(conn, _RECORD_USAGE, params) == 1
+
+    def requeue_expired(
+        self,
+        now: datetime | None = None,
+        *,
+        on_requeue: Callable[[Connection, list[Claim]], None] | None = None,
+    ) -> tuple[int, list[Claim]]:
         """Put runs whose lease expired (their worker died) back in the queue, keeping
-        their place, and drop expired synchronous holds (their API process died).
+        their place and their reservation, and drop expired synchronous holds (their API
+        process died). One transaction; several reapers never take the same entry.
+
+        Args:
+            now: the time leases are compared with (UTC; default the present).
+            on_requeue: called, inside that transaction, with the runs being put back:
+                claims of their dead holder, with the usage its attempt had recorded and
+                not spent (:meth:`record_usage`), which the entry no longer holds once the
+                transaction commits. Charging it in the same transaction (the token
+                ledger is in this database) charges it exactly once.
 
         Returns:
             (runs put back, the dropped synchronous holds as claims of their dead holder:
@@ -497,22 +597,41 @@ class FairRunQueue:
         """
         params = {"b_now": now or utcnow()}
         with self._backend._tx() as conn:
-            holds = [
+            if conn.execute(_ANY_EXPIRED, params).first() is None:
+                return 0, []
+        with self._backend._tx() as conn:
+            if not self._postgres:  # PostgreSQL locks the entries it reads instead
+                self._begin_write(conn)
+            expired = [
                 Claim(
                     tenant_id=str(t),
                     run_id=str(r),
-                    finish_tag=0.0,
+                    finish_tag=float(tag),
                     holder=str(h),
                     reserved_tokens=int(n),
                     quota_period=str(period),
+                    input_tokens=int(i),
+                    output_tokens=int(o),
+                    tool_calls=int(c),
                 )
-                for t, r, h, n, period in conn.execute(_EXPIRED_HOLDS, params)
+                for t, r, h, tag, n, period, i, o, c in conn.execute(
+                    _EXPIRED_ENTRIES[conn.dialect.name], params
+                )
             ]
-            conn.execute(_DROP_EXPIRED_HOLDS, params)
-            back = conn.execute(_REQUEUE_EXPIRED, params).rowcount
+            holds, back = [], []
+            for c in expired:
+                key = {"b_tenant": c.tenant_id, "b_run": c.run_id, "b_holder": c.holder}
+                if c.finish_tag == 0.0:
+                    execute_write(conn, _DROP_HOLD, key)
+                    holds.append(c)
+                else:
+                    execute_write(conn, _PUT_BACK_EXPIRED, key)
+                    back.append(c)
             if back:
+                if on_requeue is not None:
+                    on_requeue(conn, back)
                 self._notify(conn)
-        return int(back), holds
+        return len(back), holds
 
     # -- views ------------------------------------------------------------------------
 

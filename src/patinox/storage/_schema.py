@@ -215,7 +215,36 @@ usage_records = Table(
     Column("output_tokens", Integer, nullable=False),
     Column("tool_calls", Integer, nullable=False),
     Column("duration_ms", Float, nullable=False),
+    # The run's execution this record meters (1, 2, ... see run_attempts); NULL on records
+    # written before attempts were numbered. A queued run's attempt has at most one record.
+    Column("attempt", Integer, nullable=True),
     Index("ix_usage_records_tenant_id_at", "tenant_id", "at"),
+    Index("uq_usage_records_tenant_id_run_id_attempt", "tenant_id", "run_id", "attempt", unique=True),
+)
+
+run_attempts = Table(
+    "run_attempts",
+    metadata,
+    # One row per execution of a queued run by a worker: a run put back in the queue after
+    # its worker died runs again, as attempt 2, 3, ... Lives beside the run, in the
+    # tenant's placement. A synchronous run has none (it runs once, in the API process).
+    Column("tenant_id", String(40), primary_key=True),
+    Column("id", String(40), primary_key=True),
+    Column("run_id", String(40), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    # The worker that ran it (its claim's holder, ``worker:<host>:<pid>``).
+    Column("holder", String(80), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("ended_at", UTCDateTime(), nullable=True),
+    # NULL while it runs; then succeeded | failed | cancelled | interrupted.
+    Column("outcome", String(20), nullable=True),
+    # Tokens and tool calls the attempt used (for an interrupted one: what its worker had
+    # recorded before it died).
+    Column("input_tokens", Integer, nullable=False, default=0),
+    Column("output_tokens", Integer, nullable=False, default=0),
+    Column("tool_calls", Integer, nullable=False, default=0),
+    ForeignKeyConstraint(["tenant_id", "run_id"], ["runs.tenant_id", "runs.id"], ondelete="CASCADE"),
+    Index("uq_run_attempts_tenant_id_run_id_attempt", "tenant_id", "run_id", "attempt", unique=True),
 )
 
 tenant_keys = Table(
@@ -245,6 +274,15 @@ run_queue = Table(
     Column("enqueued_at", UTCDateTime(), nullable=False),
     Column("claimed_by", String(80), nullable=True),
     Column("lease_until", UTCDateTime(), nullable=True),
+    # Usage of the holder's attempt not yet spent in the token ledger, written after each
+    # model response while it runs: what the reaper charges if the holder dies.
+    Column(
+        "used_input_tokens", BigInteger().with_variant(Integer, "sqlite"), nullable=False, server_default="0"
+    ),
+    Column(
+        "used_output_tokens", BigInteger().with_variant(Integer, "sqlite"), nullable=False, server_default="0"
+    ),
+    Column("used_tool_calls", Integer, nullable=False, server_default="0"),
     Index("ix_run_queue_pick", "claimed_by", "priority", "finish_tag"),
 )
 
@@ -283,6 +321,7 @@ TENANT_TABLES = (
     runs,
     memory,
     usage_records,
+    run_attempts,
     audit_log,
     api_keys,
     tenant_keys,

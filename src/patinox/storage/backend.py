@@ -44,6 +44,8 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.sql.elements import BindParameter
 
@@ -93,6 +95,34 @@ _UPDATE_RUN = update(s.runs).where(s.runs.c.tenant_id == _B_TENANT, s.runs.c.id 
 _INSERT_RUN = insert(s.runs)
 _INSERT_USAGE = insert(s.usage_records)
 _INSERT_AUDIT = insert(s.audit_log)
+_A = s.run_attempts
+#: Ends attempt ``b_attempt`` of run ``b_run`` with the values given (outcome, ended_at,
+#: tokens), unless it already ended; an attempt the reaper marked ``interrupted`` (its
+#: lease expired) is ended by its own worker too, which had only stalled and knows how it
+#: really ended.
+_END_ATTEMPT = update(_A).where(
+    _A.c.tenant_id == _B_TENANT,
+    _A.c.run_id == bindparam("b_run"),
+    _A.c.attempt == bindparam("b_attempt"),
+    or_(_A.c.outcome.is_(None), _A.c.outcome == "interrupted"),
+)
+
+
+def _usage_upsert(make: Any) -> Any:
+    """The usage record of one attempt of a run, replacing the record of that attempt if
+    there is one (the reaper's record of an attempt whose worker turned out to be alive
+    is superseded by the worker's own, which counts everything the attempt used)."""
+    u = s.usage_records
+    stmt = make(u)
+    columns = ("at", "model", "simulated", "input_tokens", "output_tokens", "tool_calls", "duration_ms")
+    return stmt.on_conflict_do_update(
+        index_elements=[u.c.tenant_id, u.c.run_id, u.c.attempt],
+        set_={c: stmt.excluded[c] for c in columns},
+    )
+
+
+#: Per dialect (a placement's engine is PostgreSQL or SQLite).
+_UPSERT_ATTEMPT_USAGE = {True: _usage_upsert(pg_insert), False: _usage_upsert(sqlite_insert)}
 _FIND_KEY = (
     select(
         s.api_keys,
@@ -566,7 +596,9 @@ def _usage_summary_query(tenant_id: str | None, since: datetime | None) -> Any:
             u.c.tenant_id,
             u.c.model,
             u.c.simulated,
-            func.count().label("runs"),
+            # Runs, not records: a run executed again after its worker died has a record
+            # per attempt that used tokens.
+            func.count(u.c.run_id.distinct()).label("runs"),
             func.coalesce(func.sum(u.c.input_tokens), 0).label("input_tokens"),
             func.coalesce(func.sum(u.c.output_tokens), 0).label("output_tokens"),
             func.coalesce(func.sum(u.c.tool_calls), 0).label("tool_calls"),
@@ -981,16 +1013,161 @@ class TenantStore:
         usage record, its audit record."""
         self.apply(self.prepare_settlement(run_id, values, usage=usage, audit=audit))
 
-    def prepare_settlement(self, run_id: str, values: Row, *, usage: Row | None, audit: Row) -> PreparedWrite:
-        """The sealed statements of :meth:`settle_run`, for :meth:`apply`."""
+    def prepare_settlement(
+        self, run_id: str, values: Row, *, usage: Row | None, audit: Row, attempt: Row | None = None
+    ) -> PreparedWrite:
+        """The sealed statements of :meth:`settle_run`, for :meth:`apply`.
+
+        Args:
+            attempt: for a run a worker executed, how its attempt ended: ``attempt`` (its
+                number, see :meth:`start_attempt`), ``outcome``, ``ended_at`` and its
+                ``input_tokens``, ``output_tokens``, ``tool_calls``. The attempt is ended
+                with the run, and the usage record (``usage["attempt"]``, the same number)
+                replaces any record of that attempt (:meth:`interrupt_attempt`'s).
+        """
         if values.get("output") is not None:
             values = {**values, "output": self._sealer.seal("runs.output", run_id, values["output"])}
         statements: list[tuple[Any, Row]] = [(_UPDATE_RUN, {**self._settable(values), "b_id": run_id})]
+        if attempt is not None:
+            ended = {k: v for k, v in attempt.items() if k != "attempt"}
+            statements.append((_END_ATTEMPT, {**ended, "b_run": run_id, "b_attempt": attempt["attempt"]}))
         if usage is not None:
             record = {**usage, "tenant_id": self.tenant_id, "id": new_id("us"), "run_id": run_id}
-            statements.append((_INSERT_USAGE, {**record, "at": utcnow()}))
+            insert_usage = (
+                _INSERT_USAGE if attempt is None else _UPSERT_ATTEMPT_USAGE[self._placement.postgres]
+            )
+            statements.append((insert_usage, {**record, "at": utcnow()}))
         statements.append((_INSERT_AUDIT, self._audit(**audit)))
         return PreparedWrite(self.tenant_id, tuple(statements))
+
+    # -- attempts of queued runs ------------------------------------------------------
+
+    def start_attempt(self, run_id: str, *, holder: str) -> int:
+        """Record that ``holder`` (a worker) starts executing the run now: the run becomes
+        ``running`` with ``started_at`` now, and gets its next attempt, open until it ends.
+        An earlier attempt still open (its worker died, and the record of that is not
+        written yet) is closed as ``interrupted`` (:meth:`interrupt_attempt` still adds
+        what it used).
+
+        Returns:
+            The attempt's number: 1 for the run's first execution, then 2, 3, ...
+
+        Raises:
+            NotFound: no such run.
+        """
+        a = s.run_attempts
+        last_error: AlreadyExists | None = None
+        for _ in range(3):  # two workers starting one run at once: the later one numbers again
+            now = utcnow()
+            try:
+                with self._tx() as conn:
+                    started = {"status": "running", "started_at": now, "b_id": run_id}
+                    if self._exec(conn, _UPDATE_RUN, started).rowcount != 1:
+                        raise NotFound(f"run {run_id!r} not found")
+                    open_ = [*self._where(a, run_id=run_id), a.c.outcome.is_(None)]
+                    conn.execute(update(a).where(*open_).values(outcome="interrupted", ended_at=now))
+                    last = conn.execute(select(func.max(a.c.attempt)).where(*self._where(a, run_id=run_id)))
+                    number = int(last.scalar() or 0) + 1
+                    conn.execute(
+                        insert(a).values(
+                            tenant_id=self.tenant_id,
+                            id=new_id("at"),
+                            run_id=run_id,
+                            attempt=number,
+                            holder=holder,
+                            started_at=now,
+                            ended_at=None,
+                            outcome=None,
+                            input_tokens=0,
+                            output_tokens=0,
+                            tool_calls=0,
+                        )
+                    )
+                return number
+            except AlreadyExists as err:
+                last_error = err
+        assert last_error is not None
+        raise last_error
+
+    def interrupt_attempt(
+        self,
+        run_id: str,
+        *,
+        holder: str,
+        input_tokens: int,
+        output_tokens: int,
+        tool_calls: int,
+        audit: Row,
+    ) -> int | None:
+        """Record, in one transaction, that ``holder``'s attempt of the run was cut short
+        (its lease expired and the run went back to the queue): the attempt ends
+        ``interrupted`` with the usage it had recorded (tokens, tool calls), which gets a
+        usage record when it used tokens; and ``audit`` is appended (its ``detail`` gains
+        the attempt's number). An attempt its worker already ended is left as it is (the
+        worker was alive and its record counts everything).
+
+        Returns:
+            The attempt's number, or ``None`` when there is none to mark (the worker died
+            before it started the run, or already ended it).
+        """
+        a, r = s.run_attempts, s.runs
+        tokens = input_tokens + output_tokens
+        with self._tx() as conn:
+            latest = conn.execute(
+                select(a.c.attempt, a.c.outcome, a.c.started_at)
+                .where(*self._where(a, run_id=run_id, holder=holder))
+                .order_by(a.c.attempt.desc())
+                .limit(1)
+            ).first()
+            number: int | None = None
+            # Closed already by the run's next start (as interrupted, without its usage),
+            # or still open: either way it is this holder's attempt whose usage this is.
+            if latest is not None and (
+                latest.outcome is None or (latest.outcome == "interrupted" and tokens)
+            ):
+                number = int(latest.attempt)
+                now = utcnow()
+                ended: Row = {"outcome": "interrupted", "ended_at": now} if latest.outcome is None else {}
+                conn.execute(
+                    update(a)
+                    .where(*self._where(a, run_id=run_id, attempt=number))
+                    .where(or_(a.c.outcome.is_(None), a.c.outcome == "interrupted"))
+                    .values(
+                        **ended, input_tokens=input_tokens, output_tokens=output_tokens, tool_calls=tool_calls
+                    )
+                )
+                run = conn.execute(select(r.c.model, r.c.simulated).where(*self._where(r, id=run_id))).first()
+                if tokens and run is not None:
+                    record = {
+                        "tenant_id": self.tenant_id,
+                        "id": new_id("us"),
+                        "run_id": run_id,
+                        "attempt": number,
+                        "at": now,
+                        "model": run.model,
+                        "simulated": run.simulated,
+                        "input_tokens": input_tokens,
+                        "output_tokens": output_tokens,
+                        "tool_calls": tool_calls,
+                        "duration_ms": (now - latest.started_at).total_seconds() * 1000,
+                    }
+                    conn.execute(_UPSERT_ATTEMPT_USAGE[self._placement.postgres], record)
+            detail = {**audit.get("detail", {}), "attempt": number}
+            conn.execute(_INSERT_AUDIT, self._audit(**{**audit, "detail": detail}))
+        return number
+
+    def list_attempts(self, run_ids: list[str]) -> dict[str, list[Row]]:
+        """The attempts of these runs of this tenant (a foreign or missing id has none),
+        per run id, first attempt first."""
+        a = s.run_attempts
+        found: dict[str, list[Row]] = {run_id: [] for run_id in run_ids}
+        if not run_ids:
+            return found
+        q = select(a).where(*self._where(a), a.c.run_id.in_(run_ids)).order_by(a.c.run_id, a.c.attempt)
+        with self._tx() as conn:
+            for row in conn.execute(q).mappings():
+                found[row["run_id"]].append(dict(row))
+        return found
 
     # -- key rotation -----------------------------------------------------------------
 
@@ -1047,7 +1224,9 @@ class TenantStore:
         return self._sealer.open("memory.value", key, v)
 
     def memory_put(self, key: str, value: str) -> None:
-        """Set ``key`` to ``value`` (insert or replace).
+        """Set ``key`` to ``value`` (insert or replace). Idempotent: putting the same value
+        again leaves the same memory (only ``updated_at`` moves) and the same stored size,
+        so a run executed again after its worker died may repeat its writes.
 
         Raises:
             InvalidRequest: the key is not 1-200 characters, or holds a NUL character (as

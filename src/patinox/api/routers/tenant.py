@@ -28,8 +28,36 @@ def _agent_out(row: dict[str, Any]) -> o.AgentOut:
     return o.AgentOut(**row, simulated=is_simulated(row["model"]))
 
 
-def _run_out(row: dict[str, Any]) -> o.RunOut:
-    return o.RunOut(**{**row, "simulated": bool(row["simulated"])})
+def _run_out(row: dict[str, Any], stored: list[dict[str, Any]] | None = None) -> o.RunOut:
+    """A run with its attempts: ``stored``, its rows of ``run_attempts`` (a queued run a
+    worker executed); without any, a run that started ran once where it was admitted (a
+    synchronous run), its one attempt read from the run itself."""
+    history = [o.AttemptOut(**a) for a in stored or ()]
+    if not history and row["started_at"] is not None:
+        history = [
+            o.AttemptOut(
+                attempt=1,
+                started_at=row["started_at"],
+                ended_at=row["finished_at"],
+                outcome=_outcome(row),
+                input_tokens=row["input_tokens"],
+                output_tokens=row["output_tokens"],
+                tool_calls=row["tool_calls"],
+            )
+        ]
+    return o.RunOut(
+        **{**row, "simulated": bool(row["simulated"])}, attempts=len(history), attempt_history=history
+    )
+
+
+def _outcome(row: dict[str, Any]) -> str | None:
+    """How a run's only attempt ended, from the run (``None`` while it runs)."""
+    if row["status"] in ("queued", "running"):
+        return None
+    if row["status"] == "succeeded":
+        return "succeeded"
+    reason = (row["error"] or {}).get("reason")
+    return reason if reason in ("cancelled", "interrupted") else "failed"
 
 
 #: The run route: every run comes this way, so the app adds it to its own routes, matched
@@ -122,7 +150,8 @@ def list_runs(
     if more:
         query = {"limit": limit, "before": runs[-1]["id"], **({"agent_id": agent_id} if agent_id else {})}
         response.headers["Link"] = f'</v1/runs?{urlencode(query)}>; rel="next"'
-    return [_run_out(x) for x in runs]
+    attempts = store.list_attempts([x["id"] for x in runs])
+    return [_run_out(x, attempts[x["id"]]) for x in runs]
 
 
 def _truncated(store: Any, runs: list[dict[str, Any]], agent_id: str | None) -> bool:
@@ -132,7 +161,8 @@ def _truncated(store: Any, runs: list[dict[str, Any]], agent_id: str | None) -> 
 
 @router.get("/runs/{run_id}")
 def get_run(run_id: str, _: Reader, store: Store) -> o.RunOut:
-    return _run_out(store.get_run(run_id))
+    """The run, with each of its executions (``attempts``, ``attempt_history``)."""
+    return _run_out(store.get_run(run_id), store.list_attempts([run_id])[run_id])
 
 
 @router.get("/memory")
