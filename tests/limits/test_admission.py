@@ -190,3 +190,18 @@ async def test_the_limit_follows_the_event_loops_real_lag() -> None:
             await asyncio.sleep(0.01)
     watch.cancel()
     await asyncio.gather(watch, return_exceptions=True)
+
+
+async def test_a_slot_is_released_however_its_block_ends() -> None:
+    adm = fixed(1, max_wait_s=0.05)
+    with pytest.raises(ZeroDivisionError):
+        async with adm.slot("a", 1):
+            assert adm.running == 1
+            _ = 1 / 0
+    assert adm.running == 0
+    async with adm.slot("a", 1):
+        with pytest.raises(Overloaded):
+            async with adm.slot("a", 1):
+                pytest.fail("admitted past the limit")  # pragma: no cover
+        assert adm.running == 1
+    assert adm.running == 0 and adm.snapshot()["tenants"] == 0

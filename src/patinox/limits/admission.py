@@ -110,10 +110,11 @@ class _Waiter:
 class FairShareAdmission:
     """Admits runs into this process by weighted max-min fair share of an adaptive limit.
 
-    See the module docstring. Use :meth:`try_admit` (no wait) and then :meth:`admit` (wait
-    for a turn) before a run starts, :meth:`release` once it ended; a worker uses
-    :meth:`claimable` and :meth:`take`. :meth:`watch` adapts the limit; without it the
-    limit stays at :attr:`AdmissionSettings.initial_limit`.
+    See the module docstring. A run enters with ``async with admission.slot(tenant_id,
+    weight)`` (or :meth:`try_admit`, then :meth:`admit` to wait for its turn, and
+    :meth:`release` once it ended); a worker uses :meth:`claimable` and :meth:`take`.
+    :meth:`watch` adapts the limit; without it the limit stays at
+    :attr:`AdmissionSettings.initial_limit`.
     """
 
     def __init__(self, settings: AdmissionSettings | None = None) -> None:
@@ -194,6 +195,16 @@ class FairShareAdmission:
             raise
         finally:
             handle.cancel()
+
+    def slot(self, tenant_id: str, weight: int) -> _Slot:
+        """``async with admission.slot(tenant_id, weight):`` runs the block once the run is
+        admitted (:meth:`try_admit`, else :meth:`admit`) and releases it after, however the
+        block ends.
+
+        Raises:
+            Overloaded: on entry, as :meth:`admit`.
+        """
+        return _Slot(self, tenant_id, weight)
 
     def release(self, tenant_id: str) -> None:
         """A run of ``tenant_id`` admitted here ended: free its slot (for the next waiting
@@ -371,6 +382,25 @@ class FairShareAdmission:
         if rate <= 0:
             return math.ceil(self.settings.max_wait_s) or 1
         return max(1, min(60, math.ceil(ahead / rate)))
+
+
+class _Slot:
+    """:meth:`FairShareAdmission.slot`: a class rather than a generator context manager,
+    which costs every run a generator and its frames."""
+
+    __slots__ = ("_admission", "_tenant_id", "_weight")
+
+    def __init__(self, admission: FairShareAdmission, tenant_id: str, weight: int) -> None:
+        self._admission = admission
+        self._tenant_id = tenant_id
+        self._weight = weight
+
+    async def __aenter__(self) -> None:
+        if not self._admission.try_admit(self._tenant_id, self._weight):
+            await self._admission.admit(self._tenant_id, self._weight)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._admission.release(self._tenant_id)
 
 
 class _Expired(Exception):
