@@ -83,13 +83,15 @@ def test_purge_truncates_the_wal_while_another_checkpoint_runs(tmp_path: Path, k
     from patinox.storage import SqlBackend
     from patinox.storage._crypto.providers import key_provider_from_url
     from patinox.storage.backend import open_backend
+    from patinox.tenancy import new_id
 
+    tenant = new_id("tn")
     path = tmp_path / "purge.db"
     backend: SqlBackend = open_backend(f"sqlite:///{path}", key_provider=key_provider_from_url(kek_url))
     _checkpoint._engines.pop(backend.engine)  # only the competing pass below checkpoints
     with backend.engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE plugin_data (tenant_id TEXT, v TEXT)")
-        conn.exec_driver_sql("INSERT INTO plugin_data VALUES ('tn_a', 'x')")
+        conn.exec_driver_sql(f"INSERT INTO plugin_data VALUES ('{tenant}', 'x')")
     _fill(backend.engine, 2_000)
     stop = threading.Event()
 
@@ -108,7 +110,7 @@ def test_purge_truncates_the_wal_while_another_checkpoint_runs(tmp_path: Path, k
     try:
         for _ in range(5):
             _fill(backend.engine, 200)
-            backend.purge_tenant("tn_a")
+            backend.purge_tenant(tenant)
             assert Path(f"{path}-wal").stat().st_size == 0
     finally:
         stop.set()

@@ -11,7 +11,10 @@ from patinox.agents import AgentDefinition, RunLimits, run_agent
 from patinox.errors import AlreadyExists, InvalidRequest, NotFound, TenantContextMissing
 from patinox.storage import SqlBackend
 from patinox.storage._schema import TENANT_TABLES
-from patinox.tenancy import TenantContext, get_plan, tenant_scope
+from patinox.tenancy import TenantContext, get_plan, new_id, tenant_scope
+
+#: Tenant ids as Patinox makes them (a purge drops storage named after the id).
+A, B = new_id("tn"), new_id("tn")
 
 
 def ctx(tid: str) -> TenantContext:
@@ -118,12 +121,12 @@ def test_purge_reads_the_catalog(backend: SqlBackend) -> None:
     """A table added outside the known schema is purged too."""
     with backend.engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE plugin_data (tenant_id TEXT, v TEXT)")
-        conn.exec_driver_sql("INSERT INTO plugin_data VALUES ('tn_a', 'x'), ('tn_b', 'y')")
-    counts = backend.purge_tenant("tn_a")
+        conn.exec_driver_sql(f"INSERT INTO plugin_data VALUES ('{A}', 'x'), ('{B}', 'y')")
+    counts = backend.purge_tenant(A)
     assert counts["plugin_data"] == 1
     with backend.engine.connect() as conn:
         rows = conn.exec_driver_sql("SELECT tenant_id FROM plugin_data").fetchall()
-    assert rows == [("tn_b",)]
+    assert rows == [(B,)]
 
 
 def test_migrations_are_idempotent(backend: SqlBackend) -> None:
