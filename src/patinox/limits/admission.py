@@ -13,13 +13,16 @@ limit, per process:
   :attr:`AdmissionSettings.probe_s` by a timer that notes how late it fires. Everything a
   run does on the process's CPU (HTTP, the agent loop, SQLite, sealing) runs on that loop,
   so lag is the queueing delay that every run in the process pays; time spent waiting on
-  a model or the network adds none. Each window of probes either raises ``L`` by
-  :attr:`AdmissionSettings.increase` (the loop keeps up: median lag under half the
-  target, and the limit was in use) or lowers it by :attr:`AdmissionSettings.decrease`
-  (median lag over the target), in the manner of TCP Vegas and Netflix's
-  ``concurrency-limits`` (additive/multiplicative steps on a delay signal instead of a
-  hand-set constant). Runs that only wait on a model cost the loop nothing, so ``L`` grows
-  until the process's CPU, not the number of runs, is what is scarce.
+  a model or the network adds none. After each window of probes, ``L`` is multiplied by
+  the gradient ``sqrt(target / lag)`` (``lag``: the windows' median lags, smoothed),
+  bounded to :attr:`AdmissionSettings.increase` up and :attr:`AdmissionSettings.decrease`
+  down per window, and raised only while the limit is in use: a delay-based gradient
+  controller in the manner of TCP Vegas and Netflix's ``concurrency-limits``
+  (``Gradient2Limit``), steering the loop's lag to its target instead of a hand-set
+  constant. Runs that only wait on a model cost the loop nothing, so ``L`` grows until the
+  process's CPU, not the number of runs, is what is scarce; the target trades a light
+  tenant's latency (every step of its run waits out the lag) against the heavy tenants'
+  throughput (a lag near zero leaves the CPU idle).
 - **Who gets it** is weighted max-min fair: a tenant's share is ``L * w / W``, its plan
   weight ``w`` over the weights ``W`` of the tenants with runs executing or waiting here.
   A tenant under its share is admitted at once, within a headroom over ``L``
@@ -71,11 +74,13 @@ class AdmissionSettings:
         initial_limit: ``L`` at start, runs.
         min_limit: ``L`` never goes below this, runs.
         max_limit: ``L`` never goes above this, runs (each run in flight holds memory).
-        target_lag_s: event-loop lag the limit steers to, seconds (median of a window).
+        target_lag_s: event-loop lag the limit steers to, seconds (median of a window,
+            smoothed over windows).
         probe_s: how often the lag is sampled, seconds.
         window: probes per adjustment of ``L``.
-        increase: fraction of ``L`` added when the loop keeps up (at least one run).
-        decrease: fraction of ``L`` removed when the lag is over the target.
+        smoothing: weight of the newest window in the smoothed lag (1: no smoothing).
+        increase: most ``L`` grows in one adjustment, as a fraction of ``L``.
+        decrease: most ``L`` shrinks in one adjustment, as a fraction of ``L``.
         headroom: fraction of ``L`` (at least one run) by which tenants under their share
             may exceed ``L``.
         max_wait_s: longest a run waits for its turn before ``503 overloaded``, seconds.
@@ -85,9 +90,10 @@ class AdmissionSettings:
     initial_limit: int = 32
     min_limit: int = 4
     max_limit: int = 1024
-    target_lag_s: float = 0.010
+    target_lag_s: float = 0.005
     probe_s: float = 0.020
     window: int = 5
+    smoothing: float = 0.3
     increase: float = 0.10
     decrease: float = 0.10
     headroom: float = 0.25
@@ -131,6 +137,7 @@ class FairShareAdmission:
         self._rate = 0.0  # runs released per second, smoothed
         self._on_free: list[Callable[[], object]] = []
         self.lag_s = 0.0  # median probe lag of the last window, seconds
+        self._smoothed: float | None = None  # smoothed window lag, seconds
         self.refused = 0  # runs refused 503 overloaded, ever
 
     # -- admission -------------------------------------------------------------------
@@ -271,13 +278,17 @@ class FairShareAdmission:
 
     def adjust(self, lag_s: float) -> None:
         """One step of the limit for a window whose median loop lag was ``lag_s`` seconds
-        (called by :meth:`watch`)."""
+        (called by :meth:`watch`): ``L`` times ``sqrt(target / smoothed lag)``, bounded."""
         s = self.settings
         self.lag_s = lag_s
-        if lag_s > s.target_lag_s:
-            self._limit = max(float(s.min_limit), self._limit * (1.0 - s.decrease))
-        elif lag_s < s.target_lag_s / 2 and (self._waiting or self._peak >= 0.8 * self._cap):
-            self._limit = min(float(s.max_limit), self._limit + max(1.0, self._limit * s.increase))
+        smoothed = self._smoothed = (
+            lag_s if self._smoothed is None else s.smoothing * lag_s + (1 - s.smoothing) * self._smoothed
+        )
+        gradient = math.sqrt(s.target_lag_s / max(smoothed, 1e-4))
+        gradient = min(1.0 + s.increase, max(1.0 - s.decrease, gradient))
+        # Raised only while in use: an idle process's lag says nothing of what it can carry.
+        if gradient < 1.0 or self._waiting or self._peak >= 0.8 * self._cap:
+            self._limit = min(float(s.max_limit), max(float(s.min_limit), self._limit * gradient))
         self._cap = int(self._limit)
         self._headroom = self._headroom_for(self._cap)
         self._peak = self.running
@@ -293,6 +304,7 @@ class FairShareAdmission:
             "running": self.running,
             "waiting": self._waiting,
             "lag_ms": round(self.lag_s * 1000, 2),
+            "smoothed_lag_ms": round((self._smoothed or 0.0) * 1000, 2),
             "tenants": len(self._tenants),
             "refused": self.refused,
             "completion_rate_per_s": round(self._rate, 1),
