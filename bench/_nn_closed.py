@@ -5,8 +5,8 @@ client work never shares an event loop with the light tenant's latency measureme
 tenant in the spec runs ``loops`` closed loops from ``start_at`` (seconds since the epoch)
 until ``stop_at``: each loop sends one synchronous run, waits for its answer, and sends
 the next at once. A refusal with ``Retry-After`` (``503 overloaded``, ``429``) is waited
-out as the official OpenAI and Anthropic SDKs do (at most 2 s here), so a refused loop
-does not spin. One record per request: tenant, start and end (seconds after
+out as the official OpenAI SDK does (it honours up to 60 s), so a refused loop does not
+spin. One record per request: tenant, start and end (seconds after
 ``start_at``), HTTP status and error code.
 """
 
@@ -21,8 +21,9 @@ from typing import Any
 
 import httpx
 
-#: Longest pause after a refusal, seconds (Retry-After above this is cut to it).
-MAX_BACKOFF_S = 2.0
+#: Longest pause after a refusal, seconds (Retry-After above this is cut to it), as the
+#: official OpenAI SDK's retry logic honours it.
+MAX_BACKOFF_S = 60.0
 
 
 async def _loop(

@@ -5,12 +5,15 @@ of capacity, does it share it fairly?
   :data:`MODEL`, 200 ms) alone, then beside :data:`HEAVY_TENANTS` heavy ``pro`` tenants
   that each run :data:`HEAVY_LOOPS` closed loops of synchronous runs on the same model
   (a child process, ``_nn_closed.py``), with request-rate overrides so high that none of
-  their own limits binds: only the server's capacity does. Phases ABBA (alone, loaded,
-  loaded, alone); the light tenant's pooled p99 loaded over its p99 alone.
+  their own limits binds: only the server's capacity does. Phases ABBA on the server with
+  fair share on (alone, loaded, loaded, alone); the light tenant's pooled p99 loaded over
+  its p99 alone.
 - ``overload_heavy_goodput``: the heavy tenants' completed runs/s in the loaded phases with
-  the fair-share admission on, over the same with it off (``PATINOX_FAIR_SHARE=off``, a
-  second server on the same deployment right after), counted from :data:`WARM_S` after
-  each phase's start to its end.
+  the fair-share admission on, over the same with it off (``PATINOX_FAIR_SHARE=off``: a
+  second server on the same deployment, running beside the first, with no queue worker of
+  its own), counted from :data:`WARM_S` after each phase's start to its end. The loaded
+  phases alternate between the two servers (:data:`PHASES`), so a slow spell of the
+  shared machine falls on both.
 - ``slot_wait_ratio``: tenant B's instant asynchronous run, submitted-to-finished (the
   run's ``created_at`` to ``finished_at``), while tenant A's long asynchronous runs
   (``simulated:ttft_ms=45000``) already hold every slot they can get, over the same on
@@ -165,45 +168,40 @@ def _r(x: float | None, nd: int = 1) -> float | None:
     return None if x is None else round(x, nd)
 
 
-def overload_with_fair_share(
-    url: str, handles: dict[str, Any], phase_s: float, tmp: Path, say: Callable[[str], None]
-) -> dict[str, Any]:
-    """ABBA phases on a server with the fair-share admission on."""
+#: The phases, in order: (server, loaded). Both servers serve the same deployment at once,
+#: so the two halves of the goodput ratio alternate instead of following each other.
+PHASES = (("on", False), ("on", True), ("off", True), ("on", True), ("off", True), ("on", False))
+
+
+def overload_phases(
+    urls: dict[str, str], handles: dict[str, Any], phase_s: float, tmp: Path, say: Callable[[str], None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The light tenant alone and loaded on the server with fair share on (ABBA), with loaded
+    phases on the server with it off in between. Returns (on, off) summaries."""
     phases = []
-    for i, loaded in enumerate((False, True, True, False)):
-        p = _phase(url, handles, phase_s, loaded, tmp, f"on-{i + 1}")
+    for i, (server, loaded) in enumerate(PHASES):
+        p = _phase(urls[server], handles, phase_s, loaded, tmp, f"{server}-{i + 1}")
+        p["server"] = server
         phases.append(p)
         say(
-            f"overload (fair share on) phase {i + 1} {'loaded' if loaded else 'alone '}: light "
+            f"overload phase {i + 1}, fair share {server}, {'loaded' if loaded else 'alone'}: light "
             f"{_light_stats(p['light'])}" + (f" heavy {_heavy_stats([p])}" if loaded else "")
         )
         time.sleep(1.0)
-    alone = _light_stats([o for p in phases if not p["loaded"] for o in p["light"]])
-    loaded = _light_stats([o for p in phases if p["loaded"] for o in p["light"]])
-    return {
-        "light_alone": alone,
-        "light_loaded": loaded,
-        "heavy": _heavy_stats([p for p in phases if p["loaded"]]),
-    }
 
+    def pick(server: str, loaded: bool) -> list[dict[str, Any]]:
+        return [p for p in phases if p["server"] == server and p["loaded"] == loaded]
 
-def overload_without_fair_share(
-    url: str, handles: dict[str, Any], phase_s: float, tmp: Path, say: Callable[[str], None]
-) -> dict[str, Any]:
-    """Two loaded phases on a server with ``PATINOX_FAIR_SHARE=off``."""
-    phases = []
-    for i in range(2):
-        p = _phase(url, handles, phase_s, True, tmp, f"off-{i + 1}")
-        phases.append(p)
-        say(
-            f"overload (fair share off) phase {i + 1} loaded: light {_light_stats(p['light'])} "
-            f"heavy {_heavy_stats([p])}"
-        )
-        time.sleep(1.0)
-    return {
-        "light_loaded": _light_stats([o for p in phases for o in p["light"]]),
-        "heavy": _heavy_stats(phases),
+    on = {
+        "light_alone": _light_stats([o for p in pick("on", False) for o in p["light"]]),
+        "light_loaded": _light_stats([o for p in pick("on", True) for o in p["light"]]),
+        "heavy": _heavy_stats(pick("on", True)),
     }
+    off = {
+        "light_loaded": _light_stats([o for p in pick("off", True) for o in p["light"]]),
+        "heavy": _heavy_stats(pick("off", True)),
+    }
+    return on, off
 
 
 def _ts(text: str) -> datetime:

@@ -78,8 +78,9 @@ the PostgreSQL + Redis headline figures are also ``victim_p99_ratio_postgres`` a
    to end, per shape, after part 2 on the same deployment, the tenants of part 2
    suspended so their backlog stays unclaimed): the server's own capacity shared fairly
    when it runs out; see ``bench/_nn_overload.py`` for the workload. The goodput's
-   "off" half runs on a second server started on the same deployment with
-   ``PATINOX_FAIR_SHARE=off``.
+   "off" half runs on a second server on the same deployment with
+   ``PATINOX_FAIR_SHARE=off``, beside the first, its loaded phases alternating with the
+   first server's.
 
 Each shape's server log is scanned after its server stopped for unhandled exceptions
 (counted by type in ``server_errors`` of the shape), so a 5xx seen by a tenant is
@@ -961,8 +962,9 @@ def _overload_figures(on: dict[str, Any], off: dict[str, Any], slot: dict[str, A
             "light": f"1 pro tenant, {ov.LIGHT_RATE_PER_S:g} sync runs/s on {ov.MODEL}",
             "heavy": f"{ov.HEAVY_TENANTS} pro tenants x {ov.HEAVY_LOOPS} closed loops of sync runs on "
             f"{ov.MODEL}, limit overrides {ov.HEAVY_LIMITS}",
-            "phases": "fair share on: alone, loaded, loaded, alone; then a server with "
-            "PATINOX_FAIR_SHARE=off on the same deployment: loaded, loaded",
+            "phases": "on alone, on loaded, off loaded, on loaded, off loaded, on alone (on: the "
+            "server; off: a second server on the same deployment with PATINOX_FAIR_SHARE=off, "
+            "running beside it)",
             "counted_from_s": ov.WARM_S,
         },
     }
@@ -1006,21 +1008,24 @@ def end_to_end(shape: Shape, tmp: Path, args: argparse.Namespace) -> dict[str, A
             _suspend(url, shape.op_key, fairness["tenant_ids"])
         t = time.monotonic()
         handles = ov.onboard_overload(url, shape.op_key, _onboard)
-        overload_on = ov.overload_with_fair_share(url, handles, args.overload_phase_s, work, console.print)
+        # The same deployment served at once by a second server with the fair-share
+        # admission off (and no queue worker); the loaded phases alternate between them.
+        off_port = free_port()
+        off_url = f"http://127.0.0.1:{off_port}"
+        off_argv = [*argv[:-1], str(off_port)]
+        off_env = {**shape.env, "PATINOX_FAIR_SHARE": "off", "PATINOX_EMBEDDED_WORKERS": "0"}
+        with run_server(off_argv, off_url, work / "server-fair-share-off.log", off_env):
+            overload_on, overload_off = ov.overload_phases(
+                {"on": url, "off": off_url}, handles, args.overload_phase_s, work, console.print
+            )
+        timings["overload_s"] = round(time.monotonic() - t, 1)
+        t = time.monotonic()
         slot = ov.slot_wait(url, shape.op_key, _onboard, console.print)
-        timings["overload_on_s"] = round(time.monotonic() - t, 1)
+        timings["slot_wait_s"] = round(time.monotonic() - t, 1)
         with httpx.Client(base_url=url, timeout=60.0) as http:
             listed = http.get("/admin/tenants", headers={"Authorization": f"Bearer {shape.op_key}"})
             tenants = check(listed, "list tenants")
             assert isinstance(tenants, list)
-    # The same deployment again, with the fair-share admission switched off.
-    off_log = work / "server-fair-share-off.log"
-    with run_server(argv, url, off_log, {**shape.env, "PATINOX_FAIR_SHARE": "off"}):
-        t = time.monotonic()
-        overload_off = ov.overload_without_fair_share(
-            url, handles, args.overload_phase_s, work, console.print
-        )
-        timings["overload_off_s"] = round(time.monotonic() - t, 1)
     overload = _overload_figures(overload_on, overload_off, slot)
     console.print(
         f"overload: victim p99 ratio {overload['overload_victim_p99_ratio']}, heavy goodput "
@@ -1307,7 +1312,7 @@ def main() -> None:
         "--pg-all-pairs", action="store_true", help="PostgreSQL: every plan pair (default: pro-vs-free only)"
     )
     parser.add_argument(
-        "--overload-phase-s", type=float, default=20.0, help="wall seconds of each overload phase"
+        "--overload-phase-s", type=float, default=30.0, help="wall seconds of each overload phase"
     )
     parser.add_argument(
         "--only-overload", action="store_true", help="only the overload figures (for tuning; no report)"

@@ -182,7 +182,9 @@ async def test_the_limit_follows_the_event_loops_real_lag() -> None:
 
     async def hog() -> None:  # a run hogging the loop: 20 ms of CPU at a time
         while not stop:
-            time.sleep(0.02)
+            until = time.thread_time() + 0.02
+            while time.thread_time() < until:
+                pass
             await asyncio.sleep(0)
 
     hogs = asyncio.create_task(hog())
@@ -213,3 +215,14 @@ async def test_a_slot_is_released_however_its_block_ends() -> None:
                 pytest.fail("admitted past the limit")  # pragma: no cover
         assert adm.running == 1
     assert adm.running == 0 and adm.snapshot()["tenants"] == 0
+
+
+def test_a_lag_from_waiting_on_blocking_calls_does_not_shrink_the_limit() -> None:
+    """A loop stalled on a database round trip (not on the CPU) is not relieved by admitting
+    fewer runs: the limit falls only when the loop's thread was busy computing."""
+    adm = FairShareAdmission(AdmissionSettings(initial_limit=32, min_limit=4, target_lag_s=0.005))
+    for _ in range(20):
+        adm.adjust(0.050, busy=0.3)
+    assert adm.limit == 32
+    adm.adjust(0.050, busy=0.95)
+    assert adm.limit < 32

@@ -79,6 +79,8 @@ class AdmissionSettings:
         probe_s: how often the lag is sampled, seconds.
         window: probes per adjustment of ``L``.
         smoothing: weight of the newest window in the smoothed lag (1: no smoothing).
+        busy_floor: ``L`` falls only in a window in which the loop's thread computed at
+            least this fraction of the time (0-1); see :meth:`FairShareAdmission.adjust`.
         increase: most ``L`` grows in one adjustment, as a fraction of ``L``.
         decrease: most ``L`` shrinks in one adjustment, as a fraction of ``L``.
         headroom: fraction of ``L`` (at least one run) by which tenants under their share
@@ -88,12 +90,13 @@ class AdmissionSettings:
 
     enabled: bool = True
     initial_limit: int = 32
-    min_limit: int = 4
+    min_limit: int = 16
     max_limit: int = 1024
     target_lag_s: float = 0.005
     probe_s: float = 0.020
     window: int = 5
     smoothing: float = 0.3
+    busy_floor: float = 0.8
     increase: float = 0.10
     decrease: float = 0.10
     headroom: float = 0.25
@@ -137,6 +140,7 @@ class FairShareAdmission:
         self._rate = 0.0  # runs released per second, smoothed
         self._on_free: list[Callable[[], object]] = []
         self.lag_s = 0.0  # median probe lag of the last window, seconds
+        self.busy = 0.0  # fraction of the last window the loop's thread was on the CPU
         self._smoothed: float | None = None  # smoothed window lag, seconds
         self.refused = 0  # runs refused 503 overloaded, ever
 
@@ -262,30 +266,45 @@ class FairShareAdmission:
         loop = asyncio.get_running_loop()
         probe = self.settings.probe_s
         lags: list[float] = []
-        started, released = loop.time(), self._released
+        started, released, cpu = loop.time(), self._released, time.thread_time()
         while True:
             due = loop.time() + probe
             await asyncio.sleep(probe)
             lags.append(max(0.0, loop.time() - due))
             if len(lags) < self.settings.window:
                 continue
-            now = loop.time()
-            rate = (self._released - released) / max(now - started, 1e-3)
+            now, cpu_now = loop.time(), time.thread_time()
+            wall = max(now - started, 1e-3)
+            rate = (self._released - released) / wall
             self._rate = rate if not self._rate else 0.7 * self._rate + 0.3 * rate
-            self.adjust(statistics.median(lags))
+            # This coroutine runs on the loop's thread: its CPU time is the loop's.
+            self.adjust(statistics.median(lags), busy=(cpu_now - cpu) / wall)
             lags.clear()
-            started, released = now, self._released
+            started, released, cpu = now, self._released, cpu_now
 
-    def adjust(self, lag_s: float) -> None:
+    def adjust(self, lag_s: float, *, busy: float = 1.0) -> None:
         """One step of the limit for a window whose median loop lag was ``lag_s`` seconds
-        (called by :meth:`watch`): ``L`` times ``sqrt(target / smoothed lag)``, bounded."""
+        and in which the loop's thread was on the CPU ``busy`` of the time (0-1; called by
+        :meth:`watch`): ``L`` times ``sqrt(target / smoothed lag)``, bounded.
+
+        ``L`` falls only while the loop is busy computing (``busy`` at least
+        :attr:`AdmissionSettings.busy_floor`): a lag from waiting on a blocking call (a
+        database round trip or commit made on the loop's thread) is not relieved by
+        admitting fewer runs, which would only throw capacity away.
+        """
         s = self.settings
         self.lag_s = lag_s
+        self.busy = busy
+        # A burst (hundreds of requests arriving at once) can stall the loop for a window
+        # of its own; clamped, it moves the smoothed lag no more than a sustained overload.
+        sample = min(lag_s, 4 * s.target_lag_s)
         smoothed = self._smoothed = (
-            lag_s if self._smoothed is None else s.smoothing * lag_s + (1 - s.smoothing) * self._smoothed
+            sample if self._smoothed is None else s.smoothing * sample + (1 - s.smoothing) * self._smoothed
         )
         gradient = math.sqrt(s.target_lag_s / max(smoothed, 1e-4))
         gradient = min(1.0 + s.increase, max(1.0 - s.decrease, gradient))
+        if gradient < 1.0 and busy < s.busy_floor:
+            gradient = 1.0
         # Raised only while in use: an idle process's lag says nothing of what it can carry.
         if gradient < 1.0 or self._waiting or self._peak >= 0.8 * self._cap:
             self._limit = min(float(s.max_limit), max(float(s.min_limit), self._limit * gradient))
@@ -305,6 +324,7 @@ class FairShareAdmission:
             "waiting": self._waiting,
             "lag_ms": round(self.lag_s * 1000, 2),
             "smoothed_lag_ms": round((self._smoothed or 0.0) * 1000, 2),
+            "busy": round(self.busy, 2),
             "tenants": len(self._tenants),
             "refused": self.refused,
             "completion_rate_per_s": round(self._rate, 1),
