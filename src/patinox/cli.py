@@ -413,7 +413,19 @@ def serve(
     # patinox._process); as they were again when the server stops.
     with server_gc():
         # reset_contextvars: each request starts from a clean context (see clear_inherited_tenant).
-        uvicorn.run(app_, host=host, port=port, log_level=log_level, access_log=False, reset_contextvars=True)
+        # While the fair share is on, the loop takes ready callbacks by tenant in turn
+        # (patinox.limits.fair_loop); off, it is asyncio's own.
+        fair = app_.state.runtime.settings.admission.enabled
+        loop = "patinox.limits.fair_loop:new_event_loop" if fair else "asyncio"
+        uvicorn.run(
+            app_,
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=False,
+            reset_contextvars=True,
+            loop=loop,
+        )
 
 
 # --- tenants ---------------------------------------------------------------------------
@@ -954,9 +966,11 @@ def worker(
         _say(f"Worker stopped after {w.completed} runs.")
 
     from patinox._process import server_gc
+    from patinox.limits import fair_loop
 
-    with server_gc():  # as `patinox serve` (see patinox._process)
-        asyncio.run(go())
+    fair = rt.settings.admission.enabled
+    with server_gc(), asyncio.Runner(loop_factory=fair_loop.new_event_loop if fair else None) as runner:
+        runner.run(go())  # as `patinox serve` (see patinox._process), on a tenant-fair loop
 
 
 @app.command(cls=_Command)

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from patinox.errors import Overloaded
+from patinox.limits.fair_loop import flow_scope
 
 __all__ = ["AdmissionSettings", "FairShareAdmission"]
 
@@ -263,6 +264,10 @@ class FairShareAdmission:
         """Sample the event loop's lag and adapt the limit; runs until cancelled."""
         if not self.settings.enabled:
             return
+        with flow_scope("lag-probe"):  # on a tenant-fair loop, a flow of its own
+            await self._watch()
+
+    async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
         probe = self.settings.probe_s
         lags: list[float] = []

@@ -8,6 +8,7 @@ from patinox.tenancy.context import (
     current_tenant,
     current_tenant_or_none,
     run_in_thread,
+    tenant_in,
     tenant_scope,
 )
 from patinox.tenancy.plans import (
@@ -40,5 +41,6 @@ __all__ = [
     "looks_like_id",
     "new_id",
     "run_in_thread",
+    "tenant_in",
     "tenant_scope",
 ]

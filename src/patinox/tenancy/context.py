@@ -137,6 +137,13 @@ def current_tenant_or_none() -> TenantContext | None:
     return _current.get()
 
 
+def tenant_in(context: contextvars.Context) -> TenantContext | None:
+    """The tenant context active in ``context`` (a :class:`contextvars.Context`, such as
+    the one an event-loop callback will run in), or ``None``. Read-only: used to schedule
+    a callback by the tenant it works for."""
+    return context.get(_current)
+
+
 def run_in_thread(
     executor: ThreadPoolExecutor, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs
 ) -> Future[R]:

@@ -1,0 +1,179 @@
+"""A tenant-fair event loop: the loop's ready callbacks are taken in weighted round robin by
+tenant instead of first come, first served.
+
+Why: admission (:mod:`patinox.limits.admission`) bounds how many runs a process carries,
+but the runs it admitted still share one event loop, whose ready queue is a single FIFO.
+Near saturation every callback waits behind every other one: a light tenant with one run
+in flight waits, at each of its run's steps, behind the hundreds of callbacks of a
+neighbour with hundreds of runs in flight, and its latency grows with the neighbour's load
+(the noisy neighbour inside the process). Taking ready callbacks by tenant in turn bounds
+that wait to one turn per active tenant, whatever each one has in flight.
+
+How: :class:`FairReadyQueue` replaces the loop's ready deque. A callback belongs to the
+tenant active in the :class:`contextvars.Context` it will run in (a task's steps, its timers
+and the I/O callbacks it registered all carry the task's context, so they follow its
+tenant); callbacks with no tenant (the server's own I/O, accepting and parsing requests,
+background work) form the *system* flow. Each pass takes from the system flow and the
+tenant flows alternately (when both have callbacks ready), and among tenants in weighted
+round robin: a tenant's turn takes up to its plan weight of callbacks (``free`` 1, ``pro``
+4, ``enterprise`` 16), then the next tenant's turn comes. Callbacks of one flow keep their
+order, so a task's steps and a transport's reads stay in sequence; only callbacks of
+different tenants, which share nothing, are reordered. The admission's lag probe runs in a
+flow of its own (:func:`flow_scope`), so the lag it measures is the wait of a tenant that
+has just become active.
+
+Where it applies: the loop of ``patinox serve`` and ``patinox worker`` while the fair share
+is on (``PATINOX_FAIR_SHARE=off`` gives the stock loop). It works with CPython's own
+asyncio loop (3.11-3.13), whose pure-Python scheduler keeps the ready queue in the
+attribute ``_ready`` and calls only ``append``, ``popleft``, ``clear``, ``len()`` and
+truth on it; :func:`install` checks that the loop has one and otherwise leaves it alone and
+says so (uvloop, for one, keeps its queue in C).
+
+Sources: weighted round robin and deficit round robin (Shreedhar and Varghese, "Efficient
+Fair Queueing using Deficit Round Robin", SIGCOMM 1995), here with a quantum counted in
+callbacks; CPython ``asyncio/base_events.py`` (``BaseEventLoop._run_once``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from patinox.tenancy import get_plan, tenant_in
+
+__all__ = ["FairReadyQueue", "describe", "flow_scope", "install", "new_event_loop"]
+
+#: The name of a flow that is neither a tenant nor the system (the admission's lag probe).
+_flow: contextvars.ContextVar[str | None] = contextvars.ContextVar("patinox_flow", default=None)
+
+
+@contextmanager
+def flow_scope(name: str) -> Iterator[None]:
+    """``with flow_scope("probe"):`` makes the callbacks scheduled from the body a flow of
+    their own, with weight 1, named ``name`` (prefixed so it can never be a tenant id)."""
+    token = _flow.set(f"flow:{name}")
+    try:
+        yield
+    finally:
+        _flow.reset(token)
+
+
+class FairReadyQueue:
+    """Ready callbacks by flow, served in turn: the drop-in for an asyncio loop's ready deque.
+
+    The interface is what ``BaseEventLoop`` uses: :meth:`append` (a :class:`asyncio.Handle`),
+    :meth:`popleft`, :meth:`clear`, ``len()`` and truth. ``popleft`` raises
+    :class:`IndexError` when empty, as a deque does.
+    """
+
+    __slots__ = ("_credit", "_flows", "_n", "_system", "_system_next", "_turns", "_weights")
+
+    def __init__(self) -> None:
+        self._system: collections.deque[asyncio.Handle] = collections.deque()
+        #: Flow key (tenant id, or ``flow:<name>``) -> its ready callbacks; only non-empty ones.
+        self._flows: dict[str, collections.deque[asyncio.Handle]] = {}
+        #: The keys of the non-empty flows, the one whose turn it is first.
+        self._turns: collections.deque[str] = collections.deque()
+        self._weights: dict[str, int] = {}
+        self._credit = 0  # callbacks left in the turn of the flow at the head of _turns
+        self._system_next = True
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __bool__(self) -> bool:
+        return self._n > 0
+
+    def append(self, handle: asyncio.Handle) -> None:
+        """Queue ``handle`` at the end of its flow."""
+        self._n += 1
+        context: contextvars.Context = handle._context  # type: ignore[attr-defined]
+        tenant = tenant_in(context)
+        if tenant is not None:
+            key = tenant.tenant_id
+        else:
+            named = context.get(_flow)
+            if named is None:
+                self._system.append(handle)
+                return
+            key = named
+        queue = self._flows.get(key)
+        if queue is None:
+            self._flows[key] = queue = collections.deque()
+            self._turns.append(key)
+            if key not in self._weights:
+                self._weights[key] = get_plan(tenant.plan).weight if tenant is not None else 1
+                if len(self._weights) > 4096:  # tenants come and go: keep only the active
+                    self._weights = {k: self._weights[k] for k in self._flows}
+        queue.append(handle)
+
+    def popleft(self) -> asyncio.Handle:
+        """The next callback: the system flow's and the tenants' alternately, the tenants'
+        in weighted round robin."""
+        turns = self._turns
+        if self._system and (self._system_next or not turns):
+            self._system_next = False
+            self._n -= 1
+            return self._system.popleft()
+        if not turns:
+            raise IndexError("pop from an empty FairReadyQueue")
+        self._system_next = True
+        key = turns[0]
+        queue = self._flows[key]
+        handle = queue.popleft()
+        self._n -= 1
+        if not queue:
+            del self._flows[key]
+            turns.popleft()
+            self._credit = 0
+        else:
+            if self._credit <= 0:
+                self._credit = self._weights.get(key, 1)
+            self._credit -= 1
+            if self._credit <= 0:
+                turns.rotate(-1)
+        return handle
+
+    def clear(self) -> None:
+        """Drop every queued callback (the loop does when it closes)."""
+        self._system.clear()
+        self._flows.clear()
+        self._turns.clear()
+        self._credit = 0
+        self._n = 0
+
+    def flows(self) -> dict[str, int]:
+        """Ready callbacks per flow now (``"system"`` and each active flow's key)."""
+        return {"system": len(self._system), **{k: len(q) for k, q in self._flows.items()}}
+
+
+def install(loop: asyncio.AbstractEventLoop) -> bool:
+    """Give ``loop`` a :class:`FairReadyQueue`; before it runs anything. Returns whether it
+    did: ``False`` for a loop without CPython's ready deque (uvloop) or one with callbacks
+    already queued, which is left as it was."""
+    ready = getattr(loop, "_ready", None)
+    if isinstance(ready, FairReadyQueue):
+        return True
+    if type(ready) is not collections.deque or ready:
+        return False
+    loop._ready = FairReadyQueue()  # type: ignore[attr-defined]
+    return True
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new asyncio event loop with a :class:`FairReadyQueue`: a loop factory for
+    ``asyncio.Runner(loop_factory=...)`` and for uvicorn (``loop=
+    "patinox.limits.fair_loop:new_event_loop"``)."""
+    loop = asyncio.new_event_loop()
+    install(loop)
+    return loop
+
+
+def describe(loop: Any) -> str:
+    """``"tenant-fair"`` when ``loop`` takes ready callbacks by tenant, else ``"fifo"``."""
+    return "tenant-fair" if isinstance(getattr(loop, "_ready", None), FairReadyQueue) else "fifo"

@@ -1,0 +1,156 @@
+"""The tenant-fair event loop: ready callbacks by tenant in weighted turns, each tenant's in
+order, the system's alternating with the tenants'; a light tenant's task is not held behind
+a heavy neighbour's hundreds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Callable
+
+import pytest
+
+from patinox.limits import fair_loop
+from patinox.limits.fair_loop import FairReadyQueue, flow_scope
+from patinox.tenancy import TenantContext, effective_limits, tenant_scope
+
+
+def ctx(tenant_id: str, plan: str = "pro") -> TenantContext:
+    return TenantContext(
+        tenant_id=tenant_id,
+        principal="test",
+        scopes=frozenset(),
+        plan=plan,
+        limits=effective_limits(plan, None),
+    )
+
+
+class _Constructing:
+    """What a handle asks of its loop when made outside one."""
+
+    def get_debug(self) -> bool:
+        return False
+
+
+_LOOP: asyncio.AbstractEventLoop = _Constructing()  # type: ignore[assignment]
+
+
+def handle(label: str, tenant: TenantContext | None, log: list[str], flow: str | None = None) -> asyncio.Handle:
+    """A handle whose context holds ``tenant`` (or the flow ``flow``), as the loop would make."""
+
+    def make() -> contextvars.Context:
+        if flow is not None:
+            with flow_scope(flow):
+                return contextvars.copy_context()
+        if tenant is None:
+            return contextvars.copy_context()
+        with tenant_scope(tenant):
+            return contextvars.copy_context()
+
+    context = contextvars.Context().run(make)
+    return asyncio.Handle(log.append, (label,), loop=_LOOP, context=context)
+
+
+def drain(queue: FairReadyQueue) -> list[str]:
+    out: list[str] = []
+    while queue:
+        h = queue.popleft()
+        out.append(h._args[0])  # noqa: SLF001
+    return out
+
+
+def test_tenants_take_turns_by_plan_weight_and_each_keeps_its_order() -> None:
+    log: list[str] = []
+    q = FairReadyQueue()
+    a, b = ctx("tn_a", "pro"), ctx("tn_b", "free")  # weights 4 and 1
+    for i in range(8):
+        q.append(handle(f"a{i}", a, log))
+    for i in range(3):
+        q.append(handle(f"b{i}", b, log))
+    assert len(q) == 11
+    order = drain(q)
+    assert order == ["a0", "a1", "a2", "a3", "b0", "a4", "a5", "a6", "a7", "b1", "b2"]
+    assert len(q) == 0 and not q
+    with pytest.raises(IndexError):
+        q.popleft()
+
+
+def test_system_callbacks_alternate_with_the_tenants_and_a_named_flow_is_its_own() -> None:
+    log: list[str] = []
+    q = FairReadyQueue()
+    a = ctx("tn_a", "enterprise")  # weight 16: one turn covers all of its callbacks here
+    for i in range(4):
+        q.append(handle(f"a{i}", a, log))
+    for i in range(3):
+        q.append(handle(f"s{i}", None, log))
+    q.append(handle("p0", None, log, flow="lag-probe"))
+    assert q.flows() == {"system": 3, "tn_a": 4, "flow:lag-probe": 1}
+    assert drain(q) == ["s0", "a0", "s1", "a1", "s2", "a2", "a3", "p0"]
+
+
+def test_clear_empties_every_flow() -> None:
+    log: list[str] = []
+    q = FairReadyQueue()
+    q.append(handle("a", ctx("tn_a"), log))
+    q.append(handle("s", None, log))
+    q.clear()
+    assert len(q) == 0 and q.flows() == {"system": 0}
+
+
+def _light_waits(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> int:
+    """Steps the heavy tenant's 200 tasks took while the light tenant's one task took 50."""
+    heavy_steps = 0
+
+    async def heavy_task() -> None:
+        nonlocal heavy_steps
+        for _ in range(200):
+            heavy_steps += 1
+            await asyncio.sleep(0)
+
+    async def light_task() -> int:
+        for _ in range(50):
+            await asyncio.sleep(0)
+        return heavy_steps
+
+    async def main() -> int:
+        with tenant_scope(ctx("tn_heavy")):
+            heavy = [asyncio.create_task(heavy_task()) for _ in range(200)]
+        await asyncio.sleep(0)  # the heavy tasks are all running before the light one starts
+        with tenant_scope(ctx("tn_light")):
+            light = asyncio.create_task(light_task())
+        waited = await light
+        await asyncio.gather(*heavy)
+        return waited
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main())
+
+
+def test_a_light_tenant_is_not_held_behind_a_heavy_neighbours_hundreds_of_tasks() -> None:
+    fifo = _light_waits(asyncio.new_event_loop)
+    fair = _light_waits(fair_loop.new_event_loop)
+    # First come, first served: each of the light task's steps waits for one step of each
+    # of the 200 heavy tasks. In turns: for one turn of the heavy tenant (4 steps, pro).
+    assert fifo >= 50 * 200 - 200
+    assert fair <= 50 * 4 + 4
+
+
+def test_install_takes_only_an_unused_stock_loop() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        assert fair_loop.describe(loop) == "fifo"
+        loop.call_soon(lambda: None)  # already has a callback queued: left alone
+        assert fair_loop.install(loop) is False and fair_loop.describe(loop) == "fifo"
+    finally:
+        loop.close()
+    loop = fair_loop.new_event_loop()
+    try:
+        assert fair_loop.describe(loop) == "tenant-fair" and fair_loop.install(loop) is True
+        assert loop.run_until_complete(asyncio.sleep(0, result=7)) == 7
+    finally:
+        loop.close()
+
+    class Foreign:  # a loop without CPython's ready deque (uvloop keeps its queue in C)
+        pass
+
+    assert fair_loop.install(Foreign()) is False  # type: ignore[arg-type]
