@@ -26,6 +26,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -76,7 +77,7 @@ def onboard_overload(url: str, op_key: str, onboard: Onboard) -> dict[str, Any]:
                 ),
                 "overload warm-up run",
             )
-    return {"light": light, "heavy": heavy}
+    return {"light": light, "heavy": heavy, "op_key": op_key}
 
 
 def _light_sends(light: Any, phase_s: float) -> list[Send]:
@@ -120,13 +121,56 @@ def _phase(
             )
         )
         child = subprocess.Popen([sys.executable, str(BENCH_DIR / "_nn_closed.py"), str(spec), str(out)])
+    sampler = _CapacitySampler(url, handles["op_key"], start_at + WARM_S, start_at + phase_s)
+    sampler.start()
     light = asyncio.run(send_all(url, _light_sends(handles["light"], phase_s), start_at=start_at))
+    sampler.join()
     heavy: list[list[Any]] = []
     if child is not None:
         if child.wait(timeout=300) != 0:
             raise SystemExit(f"heavy load process of phase {label} failed (exit {child.returncode})")
         heavy = json.loads(out.read_text())
-    return {"label": label, "loaded": loaded, "light": light, "heavy": heavy, "phase_s": phase_s}
+    return {
+        "label": label,
+        "loaded": loaded,
+        "light": light,
+        "heavy": heavy,
+        "phase_s": phase_s,
+        "capacity": sampler.summary(),
+    }
+
+
+class _CapacitySampler(threading.Thread):
+    """Samples the server's ``GET /admin/capacity`` every second between two wall times:
+    the adaptive limit, runs executing and waiting, the loop's lag and busy fraction."""
+
+    FIELDS = ("limit", "running", "waiting", "lag_ms", "busy")
+
+    def __init__(self, url: str, op_key: str, start_at: float, stop_at: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.op_key, self.start_at, self.stop_at = url, op_key, start_at, stop_at
+        self.samples: list[dict[str, Any]] = []
+        self.event_loop: str | None = None
+
+    def run(self) -> None:
+        time.sleep(max(0.0, self.start_at - time.time()))
+        with httpx.Client(base_url=self.url, timeout=10.0) as http:
+            while time.time() < self.stop_at - 0.5:
+                got = http.get("/admin/capacity", headers={"Authorization": f"Bearer {self.op_key}"})
+                if got.status_code == 200:
+                    body = got.json()
+                    self.event_loop = body["event_loop"]
+                    if body["fair_share"].get("enabled"):
+                        self.samples.append(body["fair_share"])
+                time.sleep(1.0)
+
+    def summary(self) -> dict[str, Any]:
+        """Median of each field over the samples (none when the fair share is off)."""
+        out: dict[str, Any] = {"event_loop": self.event_loop, "samples": len(self.samples)}
+        for f in self.FIELDS:
+            values = [x[f] for x in self.samples if x.get(f) is not None]
+            out[f] = _r(median(values), 2) if values else None
+        return out
 
 
 def _light_stats(outcomes: list[Outcome]) -> dict[str, Any]:
@@ -185,7 +229,9 @@ def overload_phases(
         phases.append(p)
         say(
             f"overload phase {i + 1}, fair share {server}, {'loaded' if loaded else 'alone'}: light "
-            f"{_light_stats(p['light'])}" + (f" heavy {_heavy_stats([p])}" if loaded else "")
+            f"{_light_stats(p['light'])}"
+            + (f" heavy {_heavy_stats([p])}" if loaded else "")
+            + f" server {p['capacity']}"
         )
         time.sleep(1.0)
 

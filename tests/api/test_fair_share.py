@@ -79,6 +79,13 @@ def test_over_its_share_a_tenant_gets_503_overloaded_while_a_light_one_runs_at_o
         assert body["details"]["tenant_id"] == heavy.id
         assert int(r.headers["Retry-After"]) >= 1
         assert runs(heavy, "running") == 2  # the refused run left nothing behind
+        # The operator sees the process's share of its capacity; a tenant key does not.
+        cap = client.get("/admin/capacity", headers={"Authorization": f"Bearer {op}"})
+        assert cap.status_code == 200, cap.text
+        state = cap.json()["fair_share"]
+        assert (state["enabled"], state["limit"], state["running"], state["tenants"]) == (True, 2, 2, 1)
+        assert state["refused"] == 1
+        assert client.get("/admin/capacity", headers=heavy.h).status_code == 403
         # The light tenant is under its share: it runs now, beside the heavy runs.
         r = light.run(quick, "hello")
         assert r.status_code == 200, r.text

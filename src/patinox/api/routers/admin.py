@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -10,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from patinox.api import schemas as o
 from patinox.api._deps import RT, Operator
 from patinox.control import Tenant, TenantSpec, TenantUpdate
+from patinox.limits import fair_loop
 from patinox.tenancy import PLANS, Plan
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -26,6 +29,28 @@ class KeyCreate(BaseModel):
 @router.get("/plans")
 def plans(_: Operator) -> list[Plan]:
     return list(PLANS.values())
+
+
+class CapacityOut(BaseModel):
+    """This server process's fair share of its own capacity (each process has its own)."""
+
+    pid: int = Field(description="the answering process")
+    event_loop: str = Field(description="'tenant-fair' (ready callbacks by tenant in turn) or 'fifo'")
+    fair_share: dict[str, Any] = Field(
+        description="the admission's state: enabled, limit (runs), running, waiting, lag_ms, "
+        "smoothed_lag_ms, busy (0-1), tenants, refused, completion_rate_per_s; only "
+        "enabled=false when PATINOX_FAIR_SHARE=off"
+    )
+
+
+@router.get("/capacity")
+async def capacity(_: Operator, rt: RT) -> CapacityOut:
+    admission = rt.runs.admission
+    return CapacityOut(
+        pid=os.getpid(),
+        event_loop=fair_loop.describe(asyncio.get_running_loop()),
+        fair_share=admission.snapshot() if admission is not None else {"enabled": False},
+    )
 
 
 @router.post("/tenants", status_code=201)
