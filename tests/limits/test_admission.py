@@ -226,3 +226,52 @@ def test_a_lag_from_waiting_on_blocking_calls_does_not_shrink_the_limit() -> Non
     assert adm.limit == 32
     adm.adjust(0.050, busy=0.95)
     assert adm.limit < 32
+
+
+def _measured_lags(loop_factory: object) -> tuple[float, float]:
+    """(lag the limit used, the timer probe's lag) after a heavy tenant's 600 tasks, each
+    computing 50 us per step, kept the loop busy for a few windows."""
+    from patinox.tenancy import TenantContext, effective_limits, tenant_scope
+
+    adm = FairShareAdmission(AdmissionSettings(probe_s=0.01, window=3))
+    heavy = TenantContext(
+        tenant_id="tn_heavy",
+        principal="t",
+        scopes=frozenset(),
+        plan="pro",
+        limits=effective_limits("pro", None),
+    )
+
+    async def spin(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            end = time.perf_counter() + 50e-6
+            while time.perf_counter() < end:
+                pass
+            await asyncio.sleep(0)
+
+    async def main() -> tuple[float, float]:
+        stop = asyncio.Event()
+        with tenant_scope(heavy):
+            tasks = [asyncio.create_task(spin(stop)) for _ in range(600)]
+        watch = asyncio.create_task(adm.watch())
+        await asyncio.sleep(0.4)
+        stop.set()
+        watch.cancel()
+        await asyncio.gather(watch, *tasks, return_exceptions=True)
+        return adm.lag_s, adm.probe_lag_s
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:  # type: ignore[arg-type]
+        return runner.run(main())
+
+
+def test_on_a_tenant_fair_loop_the_limit_follows_the_backlog_not_the_probes_turn() -> None:
+    from patinox.limits import fair_loop
+
+    # First come, first served: the probe waits out the whole backlog, and that is the lag.
+    lag, probe = _measured_lags(asyncio.new_event_loop)
+    assert lag == probe and probe > 0.005
+    # In turns, the probe (a flow of its own) waits out at most a pass of BATCH callbacks
+    # and one turn of the heavy tenant, far less than the backlog, which is what admitting
+    # fewer runs would shorten: the limit uses the backlog's lag.
+    lag, probe = _measured_lags(fair_loop.new_event_loop)
+    assert lag > 0.005 and lag > 3 * probe

@@ -35,7 +35,9 @@ class _Constructing:
 _LOOP: asyncio.AbstractEventLoop = _Constructing()  # type: ignore[assignment]
 
 
-def handle(label: str, tenant: TenantContext | None, log: list[str], flow: str | None = None) -> asyncio.Handle:
+def handle(
+    label: str, tenant: TenantContext | None, log: list[str], flow: str | None = None
+) -> asyncio.Handle:
     """A handle whose context holds ``tenant`` (or the flow ``flow``), as the loop would make."""
 
     def make() -> contextvars.Context:
@@ -55,7 +57,7 @@ def drain(queue: FairReadyQueue) -> list[str]:
     out: list[str] = []
     while queue:
         h = queue.popleft()
-        out.append(h._args[0])  # noqa: SLF001
+        out.append(h._args[0])
     return out
 
 
@@ -67,7 +69,7 @@ def test_tenants_take_turns_by_plan_weight_and_each_keeps_its_order() -> None:
         q.append(handle(f"a{i}", a, log))
     for i in range(3):
         q.append(handle(f"b{i}", b, log))
-    assert len(q) == 11
+    assert len(q) == q.size == 11
     order = drain(q)
     assert order == ["a0", "a1", "a2", "a3", "b0", "a4", "a5", "a6", "a7", "b1", "b2"]
     assert len(q) == 0 and not q
@@ -94,7 +96,60 @@ def test_clear_empties_every_flow() -> None:
     q.append(handle("a", ctx("tn_a"), log))
     q.append(handle("s", None, log))
     q.clear()
-    assert len(q) == 0 and q.flows() == {"system": 0}
+    assert q.size == 0 and q.flows() == {"system": 0}
+
+
+def test_one_pass_runs_at_most_a_batch_so_timers_and_sockets_are_polled_between() -> None:
+    log: list[str] = []
+    q = FairReadyQueue()
+    a = ctx("tn_a")
+    for i in range(fair_loop.BATCH + 8):
+        q.append(handle(f"a{i}", a, log))
+    assert q.size == fair_loop.BATCH + 8 and len(q) == fair_loop.BATCH
+
+
+def _timer_waits(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> int:
+    """Most steps the heavy tenant's 300 tasks took between a timer of the light tenant
+    falling due (``call_later(0)``) and its callback running, over 20 timers."""
+    heavy_steps = 0
+
+    async def heavy_task(stop: asyncio.Event) -> None:
+        nonlocal heavy_steps
+        while not stop.is_set():
+            heavy_steps += 1
+            await asyncio.sleep(0)
+
+    async def light_task() -> int:
+        loop = asyncio.get_running_loop()
+        worst = 0
+        for _ in range(20):
+            fired = loop.create_future()
+            at = heavy_steps
+            loop.call_later(0, lambda f=fired: f.done() or f.set_result(heavy_steps))
+            worst = max(worst, await fired - at)
+        return worst
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        with tenant_scope(ctx("tn_heavy")):
+            heavy = [asyncio.create_task(heavy_task(stop)) for _ in range(300)]
+        await asyncio.sleep(0)
+        with tenant_scope(ctx("tn_light")):
+            worst = await asyncio.create_task(light_task())
+        stop.set()
+        await asyncio.gather(*heavy)
+        return worst
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main())
+
+
+def test_a_light_tenants_timer_waits_a_batch_not_the_whole_backlog() -> None:
+    # First come, first served, the timer joins the queue after the pass under way (up to
+    # all 300 heavy steps) and then waits behind all of them again.
+    assert _timer_waits(asyncio.new_event_loop) >= 300
+    # Here: at most the rest of a pass (one batch), then one turn of the heavy tenant.
+    assert _timer_waits(fair_loop.new_event_loop) <= fair_loop.BATCH + 8
 
 
 def _light_waits(loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> int:

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from patinox.errors import Overloaded
-from patinox.limits.fair_loop import flow_scope
+from patinox.limits.fair_loop import flow_scope, ready_queue
 
 __all__ = ["AdmissionSettings", "FairShareAdmission"]
 
@@ -75,8 +75,14 @@ class AdmissionSettings:
         initial_limit: ``L`` at start, runs.
         min_limit: ``L`` never goes below this, runs.
         max_limit: ``L`` never goes above this, runs (each run in flight holds memory).
-        target_lag_s: event-loop lag the limit steers to, seconds (median of a window,
-            smoothed over windows).
+        target_lag_s: event-loop lag the limit steers to on a first-come-first-served
+            loop, seconds (the median lag of a timer in a window, smoothed over windows):
+            every step of every run, a light tenant's too, waits about this long.
+        fair_target_lag_s: the same on a tenant-fair loop
+            (:mod:`patinox.limits.fair_loop`), where the lag is that of the loop's backlog
+            (ready callbacks times the mean time of one): what every step of a run of the
+            busiest tenants waits, while a light tenant's steps wait one turn of each
+            active tenant instead, so the loop may run fuller.
         probe_s: how often the lag is sampled, seconds.
         window: probes per adjustment of ``L``.
         smoothing: weight of the newest window in the smoothed lag (1: no smoothing).
@@ -94,6 +100,7 @@ class AdmissionSettings:
     min_limit: int = 16
     max_limit: int = 1024
     target_lag_s: float = 0.005
+    fair_target_lag_s: float = 0.025
     probe_s: float = 0.020
     window: int = 5
     smoothing: float = 0.3
@@ -140,7 +147,9 @@ class FairShareAdmission:
         self._released = 0  # runs released, ever (for the completion rate)
         self._rate = 0.0  # runs released per second, smoothed
         self._on_free: list[Callable[[], object]] = []
-        self.lag_s = 0.0  # median probe lag of the last window, seconds
+        self.lag_s = 0.0  # the lag the last window's adjustment used, seconds
+        self.target_lag_s = s.target_lag_s  # the target it steered to, seconds
+        self.probe_lag_s = 0.0  # the median lag of the timer probe in the last window, seconds
         self.busy = 0.0  # fraction of the last window the loop's thread was on the CPU
         self._smoothed: float | None = None  # smoothed window lag, seconds
         self.refused = 0  # runs refused 503 overloaded, ever
@@ -269,28 +278,45 @@ class FairShareAdmission:
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
-        probe = self.settings.probe_s
+        s = self.settings
+        fair = ready_queue(loop)
         lags: list[float] = []
+        backlogs: list[int] = []
         started, released, cpu = loop.time(), self._released, time.thread_time()
+        popped = fair.popped if fair is not None else 0
         while True:
-            due = loop.time() + probe
-            await asyncio.sleep(probe)
+            due = loop.time() + s.probe_s
+            await asyncio.sleep(s.probe_s)
             lags.append(max(0.0, loop.time() - due))
-            if len(lags) < self.settings.window:
+            if fair is not None:
+                backlogs.append(fair.size)
+            if len(lags) < s.window:
                 continue
             now, cpu_now = loop.time(), time.thread_time()
             wall = max(now - started, 1e-3)
             rate = (self._released - released) / wall
             self._rate = rate if not self._rate else 0.7 * self._rate + 0.3 * rate
             # This coroutine runs on the loop's thread: its CPU time is the loop's.
-            self.adjust(statistics.median(lags), busy=(cpu_now - cpu) / wall)
+            busy = (cpu_now - cpu) / wall
+            self.probe_lag_s = statistics.median(lags)
+            if fair is None:
+                self.adjust(self.probe_lag_s, busy=busy)
+            else:
+                # The probe's own lag is one turn of each active tenant, whatever L is; the
+                # backlog's is what admitting fewer runs shortens.
+                per_callback = (cpu_now - cpu) / max(1, fair.popped - popped)
+                backlog_lag = statistics.median(backlogs) * per_callback
+                self.adjust(backlog_lag, busy=busy, target_s=s.fair_target_lag_s)
+                popped = fair.popped
+                backlogs.clear()
             lags.clear()
             started, released, cpu = now, self._released, cpu_now
 
-    def adjust(self, lag_s: float, *, busy: float = 1.0) -> None:
-        """One step of the limit for a window whose median loop lag was ``lag_s`` seconds
-        and in which the loop's thread was on the CPU ``busy`` of the time (0-1; called by
-        :meth:`watch`): ``L`` times ``sqrt(target / smoothed lag)``, bounded.
+    def adjust(self, lag_s: float, *, busy: float = 1.0, target_s: float | None = None) -> None:
+        """One step of the limit for a window whose loop lag was ``lag_s`` seconds and in
+        which the loop's thread was on the CPU ``busy`` of the time (0-1; called by
+        :meth:`watch`): ``L`` times ``sqrt(target / smoothed lag)``, bounded; ``target_s``
+        defaults to :attr:`AdmissionSettings.target_lag_s`.
 
         ``L`` falls only while the loop is busy computing (``busy`` at least
         :attr:`AdmissionSettings.busy_floor`): a lag from waiting on a blocking call (a
@@ -298,15 +324,17 @@ class FairShareAdmission:
         admitting fewer runs, which would only throw capacity away.
         """
         s = self.settings
+        target = s.target_lag_s if target_s is None else target_s
         self.lag_s = lag_s
+        self.target_lag_s = target
         self.busy = busy
         # A burst (hundreds of requests arriving at once) can stall the loop for a window
         # of its own; clamped, it moves the smoothed lag no more than a sustained overload.
-        sample = min(lag_s, 4 * s.target_lag_s)
+        sample = min(lag_s, 4 * target)
         smoothed = self._smoothed = (
             sample if self._smoothed is None else s.smoothing * sample + (1 - s.smoothing) * self._smoothed
         )
-        gradient = math.sqrt(s.target_lag_s / max(smoothed, 1e-4))
+        gradient = math.sqrt(target / max(smoothed, 1e-4))
         gradient = min(1.0 + s.increase, max(1.0 - s.decrease, gradient))
         if gradient < 1.0 and busy < s.busy_floor:
             gradient = 1.0
@@ -329,6 +357,8 @@ class FairShareAdmission:
             "waiting": self._waiting,
             "lag_ms": round(self.lag_s * 1000, 2),
             "smoothed_lag_ms": round((self._smoothed or 0.0) * 1000, 2),
+            "target_lag_ms": round(self.target_lag_s * 1000, 2),
+            "probe_lag_ms": round(self.probe_lag_s * 1000, 2),
             "busy": round(self.busy, 2),
             "tenants": len(self._tenants),
             "refused": self.refused,

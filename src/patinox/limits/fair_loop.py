@@ -45,7 +45,13 @@ from typing import Any
 
 from patinox.tenancy import get_plan, tenant_in
 
-__all__ = ["FairReadyQueue", "describe", "flow_scope", "install", "new_event_loop"]
+__all__ = ["FairReadyQueue", "describe", "flow_scope", "install", "new_event_loop", "ready_queue"]
+
+#: Most callbacks one pass of the loop runs before it polls timers and sockets again. A
+#: trade: a light tenant's timer or reply waits out at most this many callbacks before it
+#: joins the turns (about 6 ms at 50 us a callback), and each pass costs a poll; at 32 a
+#: saturated server completed about 8 % fewer runs than with no cap.
+BATCH = 128
 
 #: The name of a flow that is neither a tenant nor the system (the admission's lag probe).
 _flow: contextvars.ContextVar[str | None] = contextvars.ContextVar("patinox_flow", default=None)
@@ -67,10 +73,11 @@ class FairReadyQueue:
 
     The interface is what ``BaseEventLoop`` uses: :meth:`append` (a :class:`asyncio.Handle`),
     :meth:`popleft`, :meth:`clear`, ``len()`` and truth. ``popleft`` raises
-    :class:`IndexError` when empty, as a deque does.
+    :class:`IndexError` when empty, as a deque does. ``len()`` is what the loop runs in one
+    pass, at most :data:`BATCH`; :attr:`size` is everything queued.
     """
 
-    __slots__ = ("_credit", "_flows", "_n", "_system", "_system_next", "_turns", "_weights")
+    __slots__ = ("_credit", "_flows", "_n", "_system", "_system_next", "_turns", "_weights", "popped")
 
     def __init__(self) -> None:
         self._system: collections.deque[asyncio.Handle] = collections.deque()
@@ -82,8 +89,18 @@ class FairReadyQueue:
         self._credit = 0  # callbacks left in the turn of the flow at the head of _turns
         self._system_next = True
         self._n = 0
+        #: Callbacks taken from the queue, ever (for the mean cost of one callback).
+        self.popped = 0
 
     def __len__(self) -> int:
+        # The loop runs len() callbacks a pass, then polls its timers and sockets: capped,
+        # a timer or a reply that falls due waits out at most BATCH callbacks, not the
+        # whole backlog, before it joins its tenant's turn.
+        return self._n if self._n < BATCH else BATCH
+
+    @property
+    def size(self) -> int:
+        """Callbacks queued, all flows (``len()`` is at most :data:`BATCH` of them)."""
         return self._n
 
     def __bool__(self) -> bool:
@@ -116,11 +133,13 @@ class FairReadyQueue:
         """The next callback: the system flow's and the tenants' alternately, the tenants'
         in weighted round robin."""
         turns = self._turns
+        self.popped += 1
         if self._system and (self._system_next or not turns):
             self._system_next = False
             self._n -= 1
             return self._system.popleft()
         if not turns:
+            self.popped -= 1
             raise IndexError("pop from an empty FairReadyQueue")
         self._system_next = True
         key = turns[0]
@@ -172,6 +191,13 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     loop = asyncio.new_event_loop()
     install(loop)
     return loop
+
+
+def ready_queue(loop: Any) -> FairReadyQueue | None:
+    """The :class:`FairReadyQueue` of ``loop``, or ``None`` when its loop is first come,
+    first served."""
+    ready = getattr(loop, "_ready", None)
+    return ready if isinstance(ready, FairReadyQueue) else None
 
 
 def describe(loop: Any) -> str:
