@@ -18,7 +18,8 @@ from patinox.storage import SqlBackend, open_backend
 from patinox.storage import _schema as schema
 from patinox.storage.crypto import key_provider_from_url
 from patinox.storage.engine import database_name, normalise_url, with_database
-from patinox.tenancy import StorageModel, TenantContext, get_plan
+from patinox.tenancy import TenantContext
+from tests._contexts import tenant_context
 from tests.conftest import Deployment, auth, raw_db_bytes
 
 MARKERS = ("memory-plaintext-marker", "run-input-plaintext-marker")
@@ -86,14 +87,7 @@ def test_no_plaintext_payload_in_storage(
 
 
 def _tenant_ctx(tenant_id: str, model: str) -> TenantContext:
-    return TenantContext(
-        tenant_id=tenant_id,
-        principal="test",
-        scopes=frozenset(),
-        plan="free",
-        limits=get_plan("free").limits,
-        storage_model=StorageModel(model),
-    )
+    return tenant_context(tenant_id, storage_model=model, scopes=frozenset(), principal="test")
 
 
 def _copy_memory_value(backend: SqlBackend, src: tuple[str, str], dst: tuple[str, str], model: str) -> None:

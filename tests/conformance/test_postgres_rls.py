@@ -17,21 +17,15 @@ from patinox.storage._placement import Placements
 from patinox.storage.crypto import key_provider_from_url
 from patinox.storage.engine import normalise_url, with_database
 from patinox.storage.postgres import PostgresDeployment
-from patinox.tenancy import StorageModel, TenantContext, get_plan
+from patinox.tenancy import StorageModel, TenantContext
+from tests._contexts import tenant_context
 from tests.conftest import Deployment
 
 TENANT_TABLES = ("agents", "runs", "run_attempts", "memory", "usage_records", "audit_log", "api_keys")
 
 
 def ctx(tid: str, model: StorageModel = StorageModel.POOL) -> TenantContext:
-    return TenantContext(
-        tenant_id=tid,
-        principal="key_x",
-        scopes=frozenset({"read"}),
-        plan="free",
-        limits=get_plan("free").limits,
-        storage_model=model,
-    )
+    return tenant_context(tid, storage_model=model)
 
 
 @pytest.fixture

@@ -231,16 +231,11 @@ def test_a_lag_from_waiting_on_blocking_calls_does_not_shrink_the_limit() -> Non
 def _measured_lags(loop_factory: object) -> tuple[float, float]:
     """(lag the limit used, the timer probe's lag) after a heavy tenant's 600 tasks, each
     computing 50 us per step, kept the loop busy for a few windows."""
-    from patinox.tenancy import TenantContext, effective_limits, tenant_scope
+    from patinox.tenancy import tenant_scope
+    from tests._contexts import tenant_context
 
     adm = FairShareAdmission(AdmissionSettings(probe_s=0.01, window=3))
-    heavy = TenantContext(
-        tenant_id="tn_heavy",
-        principal="t",
-        scopes=frozenset(),
-        plan="pro",
-        limits=effective_limits("pro", None),
-    )
+    heavy = tenant_context("tn_heavy", plan="pro")
 
     async def spin(stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -18,21 +18,15 @@ from patinox.errors import StorageError, TenantNotFound
 from patinox.storage import SqlBackend, open_backend
 from patinox.storage.crypto import key_provider_from_url
 from patinox.storage.engine import head_revision
-from patinox.tenancy import StorageModel, TenantContext, get_plan
+from patinox.tenancy import StorageModel, TenantContext
+from tests._contexts import tenant_context
 from tests.conftest import Deployment, count_tenant_rows
 
 SEPARATE = ("sqlite-silo", "pg-bridge", "pg-silo")
 
 
 def _ctx(tenant_id: str, model: StorageModel) -> TenantContext:
-    return TenantContext(
-        tenant_id=tenant_id,
-        principal="key_x",
-        scopes=frozenset({"read"}),
-        plan="free",
-        limits=get_plan("free").limits,
-        storage_model=model,
-    )
+    return tenant_context(tenant_id, storage_model=model)
 
 
 @pytest.fixture

@@ -11,20 +11,15 @@ from patinox.agents import AgentDefinition, RunLimits, run_agent
 from patinox.errors import AlreadyExists, InvalidRequest, NotFound, TenantContextMissing
 from patinox.storage import SqlBackend
 from patinox.storage._schema import TENANT_TABLES
-from patinox.tenancy import TenantContext, get_plan, new_id, tenant_scope
+from patinox.tenancy import TenantContext, new_id, tenant_scope
+from tests._contexts import tenant_context
 
 #: Tenant ids as Patinox makes them (a purge drops storage named after the id).
 A, B = new_id("tn"), new_id("tn")
 
 
 def ctx(tid: str) -> TenantContext:
-    return TenantContext(
-        tenant_id=tid,
-        principal="key_x",
-        scopes=frozenset({"read"}),
-        plan="free",
-        limits=get_plan("free").limits,
-    )
+    return tenant_context(tid)
 
 
 AGENT = {

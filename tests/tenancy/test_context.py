@@ -21,20 +21,14 @@ from patinox.tenancy import (
     TenantThreadPoolExecutor,
     current_tenant,
     current_tenant_or_none,
-    get_plan,
     run_in_thread,
     tenant_scope,
 )
+from tests._contexts import tenant_context
 
 
 def ctx(tid: str) -> TenantContext:
-    return TenantContext(
-        tenant_id=tid,
-        principal="key_x",
-        scopes=frozenset({"read"}),
-        plan="free",
-        limits=get_plan("free").limits,
-    )
+    return tenant_context(tid)
 
 
 def test_no_context_fails_closed() -> None:

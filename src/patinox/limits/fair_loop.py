@@ -10,17 +10,19 @@ neighbour with hundreds of runs in flight, and its latency grows with the neighb
 that wait to one turn per active tenant, whatever each one has in flight.
 
 How: :class:`FairReadyQueue` replaces the loop's ready deque. A callback belongs to the
-tenant active in the :class:`contextvars.Context` it will run in (a task's steps, its timers
-and the I/O callbacks it registered all carry the task's context, so they follow its
-tenant); callbacks with no tenant (the server's own I/O, accepting and parsing requests,
-background work) form the *system* flow. Each pass takes from the system flow and the
-tenant flows alternately (when both have callbacks ready), and among tenants in weighted
-round robin: a tenant's turn takes up to its plan weight of callbacks (``free`` 1, ``pro``
-4, ``enterprise`` 16), then the next tenant's turn comes. Callbacks of one flow keep their
-order, so a task's steps and a transport's reads stay in sequence; only callbacks of
-different tenants, which share nothing, are reordered. The admission's lag probe runs in a
-flow of its own (:func:`flow_scope`), so the lag it measures is the wait of a tenant that
-has just become active.
+tenant active in the :class:`contextvars.Context` it will run in (a task's steps, its
+timers and the I/O callbacks it registered all carry the task's context, so they follow
+its tenant); callbacks with no tenant (the server's own I/O, accepting and parsing
+requests, background work) form the *system* flow. Each pass takes from the system flow
+and the tenant flows alternately (when both have callbacks ready), and among tenants in
+weighted round robin: a tenant's turn takes up to its plan weight of callbacks (``free``
+1, ``pro`` 4, ``enterprise`` 16), then the next tenant's turn comes. A tenant with nothing
+queued until now goes first (a *sparse* flow, after FQ-CoDel, RFC 8290): a light tenant's
+steps barely wait, while tenants with callbacks always queued share the rest in turns.
+Callbacks of one flow keep their order, so a task's steps and a transport's reads stay in
+sequence; only callbacks of different tenants, which share nothing, are reordered. The
+admission's lag probe runs in a flow of its own (:func:`flow_scope`), so the lag it
+measures is the wait of a tenant that has just become active.
 
 Where it applies: the loop of ``patinox serve`` and ``patinox worker`` while the fair share
 is on (``PATINOX_FAIR_SHARE=off`` gives the stock loop). It works with CPython's own
@@ -31,7 +33,8 @@ says so (uvloop, for one, keeps its queue in C).
 
 Sources: weighted round robin and deficit round robin (Shreedhar and Varghese, "Efficient
 Fair Queueing using Deficit Round Robin", SIGCOMM 1995), here with a quantum counted in
-callbacks; CPython ``asyncio/base_events.py`` (``BaseEventLoop._run_once``).
+callbacks; the sparse-flow rule of FQ-CoDel (RFC 8290, section 4.1); CPython
+``asyncio/base_events.py`` (``BaseEventLoop._run_once``).
 """
 
 from __future__ import annotations
@@ -121,8 +124,12 @@ class FairReadyQueue:
             key = named
         queue = self._flows.get(key)
         if queue is None:
+            # A flow with nothing queued until now goes first (a sparse flow, as in
+            # FQ-CoDel): a light tenant's one ready callback runs next instead of after a
+            # turn of every busy tenant; given its turn and still not empty, it goes last.
             self._flows[key] = queue = collections.deque()
-            self._turns.append(key)
+            self._turns.appendleft(key)
+            self._credit = 0
             if key not in self._weights:
                 self._weights[key] = get_plan(tenant.plan).weight if tenant is not None else 1
                 if len(self._weights) > 4096:  # tenants come and go: keep only the active
