@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -131,17 +132,7 @@ def resolve_postgres(servers: EmbeddedServers) -> Service:
     Raises:
         ServiceUnavailable: the named or system server does not answer, or none could be started.
     """
-    url = os.environ.get(PG_ENV)
-    if url:
-        origin = PG_ENV
-    elif accepts_connections(SYSTEM_PG):
-        url, origin = SYSTEM_PG_ADMIN_URL, "the system server at 127.0.0.1:5432"
-    else:
-        return servers.postgres()
-    why = postgres_refusal(url)
-    if why is not None:
-        raise ServiceUnavailable(f"PostgreSQL at {url} ({origin})", why)
-    return Service("PostgreSQL", url, origin)
+    return _resolve("PostgreSQL", PG_ENV, SYSTEM_PG, SYSTEM_PG_ADMIN_URL, postgres_refusal, servers.postgres)
 
 
 def resolve_redis(servers: EmbeddedServers) -> Service:
@@ -150,17 +141,31 @@ def resolve_redis(servers: EmbeddedServers) -> Service:
     Raises:
         ServiceUnavailable: the named or system server does not answer, or none could be started.
     """
-    url = os.environ.get(REDIS_ENV)
+    return _resolve("Redis", REDIS_ENV, SYSTEM_REDIS, SYSTEM_REDIS_URL, redis_refusal, servers.redis)
+
+
+def _resolve(
+    name: str,
+    env: str,
+    system: tuple[str, int],
+    system_url: str,
+    refusal: Callable[[str], str | None],
+    start: Callable[[], Service],
+) -> Service:
+    """The URL named by ``env``, else the system server's at ``system`` if it accepts
+    connections, else an embedded one (``start()``); a named or system server that does
+    not answer as it should raises :class:`ServiceUnavailable` (``refusal(url)`` says why)."""
+    url = os.environ.get(env)
     if url:
-        origin = REDIS_ENV
-    elif accepts_connections(SYSTEM_REDIS):
-        url, origin = SYSTEM_REDIS_URL, "the system server at 127.0.0.1:6379"
+        origin = env
+    elif accepts_connections(system):
+        url, origin = system_url, f"the system server at {system[0]}:{system[1]}"
     else:
-        return servers.redis()
-    why = redis_refusal(url)
+        return start()
+    why = refusal(url)
     if why is not None:
-        raise ServiceUnavailable(f"Redis at {url} ({origin})", why)
-    return Service("Redis", url, origin)
+        raise ServiceUnavailable(f"{name} at {url} ({origin})", why)
+    return Service(name, url, origin)
 
 
 def _free_loopback_port() -> int:
