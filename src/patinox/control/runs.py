@@ -533,9 +533,9 @@ class RunService:
         admission = self.admission
         if admission is not None:
             # The process's fair share first: a run waiting for its turn holds no slot of
-            # the tenant's cap and no tokens.
-            # The slot is freed when the run is answered (a caller that went away: when its
-            # run was told to stop, a moment before the run's own settlement ends).
+            # the tenant's cap and no tokens. The slot is freed when the run is answered (a
+            # caller that went away: when its run was told to stop, a moment before the
+            # run's own settlement ends).
             async with admission.slot(ctx.tenant_id, get_plan(ctx.plan).weight):
                 if ctx.tenant_id in self._fenced:  # suspended while the run waited
                     raise TenantSuspended("this tenant is suspended", tenant_id=ctx.tenant_id)
