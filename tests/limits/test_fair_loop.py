@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -206,3 +207,42 @@ def test_install_takes_only_an_unused_stock_loop() -> None:
         pass
 
     assert fair_loop.install(Foreign()) is False  # type: ignore[arg-type]
+
+
+def test_callbacks_from_other_threads_all_run_while_tenants_keep_the_loop_busy() -> None:
+    """``call_soon_threadsafe`` (executor and ``to_thread`` completions) appends from other
+    threads while the loop's thread takes callbacks: none is lost, none counted twice."""
+    threads, each = 8, 3000
+    ran = [0]
+
+    def note() -> None:
+        ran[0] += 1
+
+    async def busy(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        with tenant_scope(ctx("tn_busy")):
+            spinning = [asyncio.create_task(busy(stop)) for _ in range(50)]
+
+        def hammer() -> None:
+            for _ in range(each):
+                loop.call_soon_threadsafe(note)
+
+        await asyncio.gather(*(asyncio.to_thread(hammer) for _ in range(threads)))
+        for _ in range(100):
+            await asyncio.sleep(0)
+        stop.set()
+        await asyncio.gather(*spinning)
+        return ran[0]
+
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads swap the GIL every few bytecodes: races show up
+    try:
+        with asyncio.Runner(loop_factory=fair_loop.new_event_loop) as runner:
+            assert runner.run(main()) == threads * each
+    finally:
+        sys.setswitchinterval(switching)

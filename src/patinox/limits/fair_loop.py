@@ -74,15 +74,34 @@ def flow_scope(name: str) -> Iterator[None]:
 class FairReadyQueue:
     """Ready callbacks by flow, served in turn: the drop-in for an asyncio loop's ready deque.
 
-    The interface is what ``BaseEventLoop`` uses: :meth:`append` (a :class:`asyncio.Handle`),
+    The interface is what ``BaseEventLoop`` uses: ``append`` (a :class:`asyncio.Handle`),
     :meth:`popleft`, :meth:`clear`, ``len()`` and truth. ``popleft`` raises
     :class:`IndexError` when empty, as a deque does. ``len()`` is what the loop runs in one
     pass, at most :data:`BATCH`; :attr:`size` is everything queued.
+
+    ``append`` may be called from any thread (``call_soon_threadsafe``: executor and
+    ``to_thread`` completions, listener threads): it is a plain deque's ``append``, atomic
+    under the GIL, into an inbox that only the loop's own thread files into flows (in
+    ``len()``, truth aside, and :meth:`popleft`).
     """
 
-    __slots__ = ("_credit", "_flows", "_n", "_system", "_system_next", "_turns", "_weights", "popped")
+    __slots__ = (
+        "_credit",
+        "_flows",
+        "_inbox",
+        "_n",
+        "_system",
+        "_system_next",
+        "_turns",
+        "_weights",
+        "append",
+        "popped",
+    )
 
     def __init__(self) -> None:
+        #: Handles appended and not yet filed into a flow, in order (any thread appends).
+        self._inbox: collections.deque[asyncio.Handle] = collections.deque()
+        self.append = self._inbox.append
         self._system: collections.deque[asyncio.Handle] = collections.deque()
         #: Flow key (tenant id, or ``flow:<name>``) -> its ready callbacks; only non-empty ones.
         self._flows: dict[str, collections.deque[asyncio.Handle]] = {}
@@ -99,17 +118,25 @@ class FairReadyQueue:
         # The loop runs len() callbacks a pass, then polls its timers and sockets: capped,
         # a timer or a reply that falls due waits out at most BATCH callbacks, not the
         # whole backlog, before it joins its tenant's turn.
+        if self._inbox:
+            self._file_inbox()
         return self._n if self._n < BATCH else BATCH
 
     @property
     def size(self) -> int:
         """Callbacks queued, all flows (``len()`` is at most :data:`BATCH` of them)."""
-        return self._n
+        return self._n + len(self._inbox)
 
     def __bool__(self) -> bool:
-        return self._n > 0
+        return self._n > 0 or bool(self._inbox)
 
-    def append(self, handle: asyncio.Handle) -> None:
+    def _file_inbox(self) -> None:
+        """File the inbox's handles into their flows, in order (the loop's thread only)."""
+        inbox = self._inbox
+        while inbox:
+            self._file(inbox.popleft())
+
+    def _file(self, handle: asyncio.Handle) -> None:
         """Queue ``handle`` at the end of its flow."""
         self._n += 1
         context: contextvars.Context = handle._context  # type: ignore[attr-defined]
@@ -139,6 +166,8 @@ class FairReadyQueue:
     def popleft(self) -> asyncio.Handle:
         """The next callback: the system flow's and the tenants' alternately, the tenants'
         in weighted round robin."""
+        if self._inbox:
+            self._file_inbox()
         turns = self._turns
         self.popped += 1
         if self._system and (self._system_next or not turns):
@@ -167,6 +196,7 @@ class FairReadyQueue:
 
     def clear(self) -> None:
         """Drop every queued callback (the loop does when it closes)."""
+        self._inbox.clear()
         self._system.clear()
         self._flows.clear()
         self._turns.clear()
@@ -174,7 +204,9 @@ class FairReadyQueue:
         self._n = 0
 
     def flows(self) -> dict[str, int]:
-        """Ready callbacks per flow now (``"system"`` and each active flow's key)."""
+        """Ready callbacks per flow now (``"system"`` and each active flow's key); on the
+        loop's thread, like :meth:`popleft`."""
+        self._file_inbox()
         return {"system": len(self._system), **{k: len(q) for k, q in self._flows.items()}}
 
 
