@@ -16,13 +16,15 @@ its tenant); callbacks with no tenant (the server's own I/O, accepting and parsi
 requests, background work) form the *system* flow. Each pass takes from the system flow
 and the tenant flows alternately (when both have callbacks ready), and among tenants in
 weighted round robin: a tenant's turn takes up to its plan weight of callbacks (``free``
-1, ``pro`` 4, ``enterprise`` 16), then the next tenant's turn comes. A tenant with nothing
-queued until now goes first (a *sparse* flow, after FQ-CoDel, RFC 8290): a light tenant's
-steps barely wait, while tenants with callbacks always queued share the rest in turns.
-Callbacks of one flow keep their order, so a task's steps and a transport's reads stay in
-sequence; only callbacks of different tenants, which share nothing, are reordered. The
-admission's lag probe runs in a flow of its own (:func:`flow_scope`), so the lag it
-measures is the wait of a tenant that has just become active.
+1, ``pro`` 4, ``enterprise`` 16), then the next tenant's turn comes. A tenant absent from
+the round goes first (a *sparse* flow, after FQ-CoDel, RFC 8290): a light tenant's run,
+back from waiting on its model, barely waits; a flow that empties keeps its place until
+its next turn, so a tenant whose callbacks come one at a time is not new again (and first)
+at each, and the turns of the others keep what was left of them. Callbacks of one flow
+keep their order, so a task's steps and a transport's reads stay in sequence; only
+callbacks of different tenants, which share nothing, are reordered. The admission's lag
+probe runs in a flow of its own (:func:`flow_scope`), so the lag it measures is the wait
+of a tenant that has just become active.
 
 Where it applies: the loop of ``patinox serve`` and ``patinox worker`` while the fair share
 is on (``PATINOX_FAIR_SHARE=off`` gives the stock loop). It works with CPython's own
@@ -93,7 +95,7 @@ class FairReadyQueue:
         "_system",
         "_system_next",
         "_turns",
-        "_weights",
+        "_weight",
         "append",
         "popped",
     )
@@ -103,14 +105,17 @@ class FairReadyQueue:
         self._inbox: collections.deque[asyncio.Handle] = collections.deque()
         self.append = self._inbox.append
         self._system: collections.deque[asyncio.Handle] = collections.deque()
-        #: Flow key (tenant id, or ``flow:<name>``) -> its ready callbacks; only non-empty ones.
+        #: Flow key (tenant id, or ``flow:<name>``) -> its ready callbacks. A flow that
+        #: empties keeps its place in the turns until its next turn comes (an empty
+        #: placeholder): a flow is new, and goes first, only after a whole round away.
         self._flows: dict[str, collections.deque[asyncio.Handle]] = {}
-        #: The keys of the non-empty flows, the one whose turn it is first.
+        #: The keys of the flows, the one whose turn it is first.
         self._turns: collections.deque[str] = collections.deque()
-        self._weights: dict[str, int] = {}
-        self._credit = 0  # callbacks left in the turn of the flow at the head of _turns
+        #: Each flow's callbacks per turn (its plan weight) and what is left of its turn.
+        self._weight: dict[str, int] = {}
+        self._credit: dict[str, int] = {}
         self._system_next = True
-        self._n = 0
+        self._n = 0  # callbacks filed, system and tenant flows
         #: Callbacks taken from the queue, ever (for the mean cost of one callback).
         self.popped = 0
 
@@ -138,7 +143,6 @@ class FairReadyQueue:
 
     def _file(self, handle: asyncio.Handle) -> None:
         """Queue ``handle`` at the end of its flow."""
-        self._n += 1
         context: contextvars.Context = handle._context  # type: ignore[attr-defined]
         tenant = tenant_in(context)
         if tenant is not None:
@@ -147,51 +151,53 @@ class FairReadyQueue:
             named = context.get(_flow)
             if named is None:
                 self._system.append(handle)
+                self._n += 1
                 return
             key = named
         queue = self._flows.get(key)
         if queue is None:
-            # A flow with nothing queued until now goes first (a sparse flow, as in
-            # FQ-CoDel): a light tenant's one ready callback runs next instead of after a
-            # turn of every busy tenant; given its turn and still not empty, it goes last.
+            # A flow absent for a whole round goes first (a sparse flow, as in FQ-CoDel):
+            # a light tenant's one ready callback runs next instead of after a turn of
+            # every busy tenant. Its own turn over, it goes last like any other.
+            weight = get_plan(tenant.plan).weight if tenant is not None else 1
             self._flows[key] = queue = collections.deque()
             self._turns.appendleft(key)
-            self._credit = 0
-            if key not in self._weights:
-                self._weights[key] = get_plan(tenant.plan).weight if tenant is not None else 1
-                if len(self._weights) > 4096:  # tenants come and go: keep only the active
-                    self._weights = {k: self._weights[k] for k in self._flows}
+            self._weight[key] = self._credit[key] = weight
         queue.append(handle)
+        self._n += 1
 
     def popleft(self) -> asyncio.Handle:
         """The next callback: the system flow's and the tenants' alternately, the tenants'
         in weighted round robin."""
         if self._inbox:
             self._file_inbox()
-        turns = self._turns
-        self.popped += 1
-        if self._system and (self._system_next or not turns):
+        system = self._system
+        if system and (self._system_next or self._n == len(system)):
             self._system_next = False
             self._n -= 1
-            return self._system.popleft()
-        if not turns:
-            self.popped -= 1
+            self.popped += 1
+            return system.popleft()
+        if not self._n:
             raise IndexError("pop from an empty FairReadyQueue")
         self._system_next = True
-        key = turns[0]
-        queue = self._flows[key]
+        turns, flows, credit = self._turns, self._flows, self._credit
+        while True:  # ends: some tenant flow holds a callback
+            key = turns[0]
+            queue = flows[key]
+            if queue:
+                break
+            # An emptied flow's turn came round and it is still empty: it leaves.
+            turns.popleft()
+            del flows[key], credit[key], self._weight[key]
         handle = queue.popleft()
         self._n -= 1
-        if not queue:
-            del self._flows[key]
-            turns.popleft()
-            self._credit = 0
+        self.popped += 1
+        left = credit[key] - 1
+        if left <= 0 or not queue:
+            credit[key] = self._weight[key]
+            turns.rotate(-1)  # its turn is over (or it emptied): to the back of the round
         else:
-            if self._credit <= 0:
-                self._credit = self._weights.get(key, 1)
-            self._credit -= 1
-            if self._credit <= 0:
-                turns.rotate(-1)
+            credit[key] = left
         return handle
 
     def clear(self) -> None:
@@ -200,12 +206,13 @@ class FairReadyQueue:
         self._system.clear()
         self._flows.clear()
         self._turns.clear()
-        self._credit = 0
+        self._weight.clear()
+        self._credit.clear()
         self._n = 0
 
     def flows(self) -> dict[str, int]:
-        """Ready callbacks per flow now (``"system"`` and each active flow's key); on the
-        loop's thread, like :meth:`popleft`."""
+        """Ready callbacks per flow now (``"system"`` and each flow in the round, an
+        emptied one with 0); on the loop's thread, like :meth:`popleft`."""
         self._file_inbox()
         return {"system": len(self._system), **{k: len(q) for k, q in self._flows.items()}}
 
