@@ -270,3 +270,13 @@ def test_on_a_tenant_fair_loop_the_limit_follows_the_backlog_not_the_probes_turn
     # fewer runs would shorten: the limit uses the backlog's lag.
     lag, probe = _measured_lags(fair_loop.new_event_loop)
     assert lag > 0.005 and lag > 3 * probe
+
+
+def test_a_raised_limit_wakes_a_worker_that_found_the_process_full() -> None:
+    adm = FairShareAdmission(AdmissionSettings(initial_limit=16, min_limit=16, max_limit=64))
+    assert all(adm.try_admit(f"t{i}", 1) for i in range(20))  # the limit and its headroom
+    assert adm.claimable() is None  # full: a worker waits
+    woken: list[bool] = []
+    adm.notify_when_free(lambda: woken.append(True))
+    adm.adjust(0.0001, busy=1.0)  # an idle loop: the limit grows
+    assert adm.limit > 16 and woken == [True]

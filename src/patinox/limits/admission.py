@@ -240,10 +240,7 @@ class FairShareAdmission:
             self._leave(tenant_id, t)
         if self._waiting:
             self._grant()
-        if self._on_free and self.running < self._cap + self._headroom:
-            ready, self._on_free = self._on_free, []
-            for notify in ready:
-                notify()
+        self._notify_free()
 
     # -- workers ---------------------------------------------------------------------
 
@@ -346,6 +343,7 @@ class FairShareAdmission:
         self._peak = self.running
         if self._waiting:
             self._grant()
+        self._notify_free()  # a raised limit makes room for a worker waiting on a full process
 
     def snapshot(self) -> dict[str, Any]:
         """The controller's state: limit (runs), running, waiting, lag (ms), tenants
@@ -366,6 +364,13 @@ class FairShareAdmission:
         }
 
     # -- internals ---------------------------------------------------------------------
+
+    def _notify_free(self) -> None:
+        """Call the :meth:`notify_when_free` callbacks if there is room for a run now."""
+        if self._on_free and self.running < self._cap + self._headroom:
+            ready, self._on_free = self._on_free, []
+            for notify in ready:
+                notify()
 
     def _headroom_for(self, cap: int) -> int:
         return max(1, math.ceil(cap * self.settings.headroom))
