@@ -52,10 +52,12 @@ the PostgreSQL + Redis headline figures are also ``victim_p99_ratio_postgres`` a
    p99 *overhead* (latency minus the simulated model's own time, the part a neighbour can
    affect), and the aggressor's admitted / 429 counts.
 
-2. ``jain_index`` (end to end, the same server as 1, per shape). Two ``free`` (weight 1)
+2. ``jain_index`` (end to end, per shape, on a server of its own on the same deployment
+   whose queue worker runs at most :data:`JAIN_SLOTS` runs at once, so the queue's order is
+   what decides). Two ``free`` (weight 1)
    and two ``pro`` (weight 4) tenants each POST many asynchronous runs at once
    (``"mode": "async"``, agent ``simulated:ttft_ms=200,tpot_ms=0``); the server's
-   in-process worker (by its fair share of the server's capacity) takes them from the
+   in-process worker takes them from the
    durable fair queue (in the shape's database: SQLite or PostgreSQL). After every POST
    is answered, completed (and dispatched) runs per tenant are counted over a window
    while every tenant still has queued runs (checked), normalised by weight; Jain's index is
@@ -148,6 +150,9 @@ KEY_SCOPES = ["agents:write", "runs:write", "read"]
 JAIN_MODEL = "simulated:ttft_ms=200,tpot_ms=0"
 JAIN_TENANTS = {"jain-free-1": "free", "jain-free-2": "free", "jain-pro-1": "pro", "jain-pro-2": "pro"}
 JAIN_RUNS = {"free": 120, "pro": 400}  # per tenant; <= 500 so GET /v1/runs?limit=500 lists them all
+#: Queue-worker slots of the server the fairness part runs on: fewer than the tenants' own
+#: limits of concurrent runs allow together, so the queue's order decides who runs.
+JAIN_SLOTS = 8
 
 DEFAULT_PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -988,14 +993,18 @@ def end_to_end(shape: Shape, tmp: Path, args: argparse.Namespace) -> dict[str, A
     timings: dict[str, float] = {}
     victims: dict[str, Any] = {}
     fairness: dict[str, Any] = {}
-    with run_server(argv, url, log, shape.env):
-        if not args.only_overload:
-            t = time.monotonic()
-            victims = victims_vs_aggressor(url, shape.op_key, work, args)
-            timings["victims_s"] = round(time.monotonic() - t, 1)
+    if not args.only_overload:
+        # The queue's own fairness, where the queue is what binds: a server on the same
+        # deployment whose queue worker runs at most JAIN_SLOTS runs at once. (The main
+        # server runs as many as its fair share of the process allows, so the backlog
+        # would run out, or the tenants' own limits bind, before the queue's order shows.)
+        jain_port = free_port()
+        jain_url = f"http://127.0.0.1:{jain_port}"
+        jain_env = {**shape.env, "PATINOX_EMBEDDED_WORKERS": str(JAIN_SLOTS)}
+        with run_server([*argv[:-1], str(jain_port)], jain_url, work / "server-jain.log", jain_env):
             t = time.monotonic()
             fairness = jain_end_to_end(
-                url, shape.op_key, args.jain_window_s, queue_database=shape.queue_database
+                jain_url, shape.op_key, args.jain_window_s, queue_database=shape.queue_database
             )
             timings["jain_s"] = round(time.monotonic() - t, 1)
             console.print(
@@ -1004,8 +1013,13 @@ def end_to_end(shape: Shape, tmp: Path, args: argparse.Namespace) -> dict[str, A
                 f"enqueue {fairness['enqueue_s']} s, completed in window "
                 f"{ {n: p['completed_in_window'] for n, p in fairness['tenants'].items()} }"
             )
-            # The jain tenants' backlog stays queued, unclaimed, while the overload runs.
-            _suspend(url, shape.op_key, fairness["tenant_ids"])
+            # The jain tenants' backlog stays queued, unclaimed, while the rest runs.
+            _suspend(jain_url, shape.op_key, fairness["tenant_ids"])
+    with run_server(argv, url, log, shape.env):
+        if not args.only_overload:
+            t = time.monotonic()
+            victims = victims_vs_aggressor(url, shape.op_key, work, args)
+            timings["victims_s"] = round(time.monotonic() - t, 1)
         t = time.monotonic()
         handles = ov.onboard_overload(url, shape.op_key, _onboard)
         # The same deployment served at once by a second server with the fair-share
