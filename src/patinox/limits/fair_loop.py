@@ -248,4 +248,4 @@ def ready_queue(loop: Any) -> FairReadyQueue | None:
 
 def describe(loop: Any) -> str:
     """``"tenant-fair"`` when ``loop`` takes ready callbacks by tenant, else ``"fifo"``."""
-    return "tenant-fair" if isinstance(getattr(loop, "_ready", None), FairReadyQueue) else "fifo"
+    return "tenant-fair" if ready_queue(loop) is not None else "fifo"

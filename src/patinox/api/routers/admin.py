@@ -37,9 +37,10 @@ class CapacityOut(BaseModel):
     pid: int = Field(description="the answering process")
     event_loop: str = Field(description="'tenant-fair' (ready callbacks by tenant in turn) or 'fifo'")
     fair_share: dict[str, Any] = Field(
-        description="the admission's state: enabled, limit (runs), running, waiting, lag_ms, "
-        "smoothed_lag_ms, busy (0-1), tenants, refused, completion_rate_per_s; only "
-        "enabled=false when PATINOX_FAIR_SHARE=off"
+        description="the admission's state: enabled, limit (runs), running, waiting, lag_ms (the "
+        "lag the limit follows), smoothed_lag_ms, target_lag_ms, probe_lag_ms (a timer's), busy "
+        "(0-1), tenants, refused, completion_rate_per_s; only enabled=false when "
+        "PATINOX_FAIR_SHARE=off"
     )
 
 
