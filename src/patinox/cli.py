@@ -830,18 +830,10 @@ def _cli_context(rt: Any, tenant_id: str) -> Any:
     from patinox.errors import TenantSuspended
     from patinox.tenancy import TenantContext
 
-    t = rt.tenants.get(_tenant_id(rt, tenant_id))
-    if t.state.value == "suspended":
+    row = rt.backend.get_tenant(_tenant_id(rt, tenant_id))
+    if row["state"] == "suspended":
         raise TenantSuspended("this tenant is suspended", tenant_id=tenant_id)
-    return TenantContext(
-        tenant_id=t.id,
-        principal=ACTOR,
-        scopes=frozenset({"agents:write", "runs:write", "read"}),
-        plan=t.plan,
-        limits=t.limits,
-        isolation_level=t.isolation_level,
-        storage_model=t.storage_model,
-    )
+    return TenantContext.for_tenant(row, principal=ACTOR, scopes={"agents:write", "runs:write", "read"})
 
 
 @agents_app.command("create", cls=_Command)

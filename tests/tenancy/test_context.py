@@ -138,3 +138,31 @@ def test_errors_survive_pickling_with_fields() -> None:
     assert back.retry_after_s == 3
     assert back.fields == err.fields
     assert back.message == "slow down"
+
+
+def _tenant_row(**changes: object) -> dict[str, object]:
+    row: dict[str, object] = {
+        "id": "t_abc",
+        "plan": "pro",
+        "limit_overrides": {"requests_per_minute": 7},
+        "isolation_level": "namespace",
+        "storage_model": "bridge",
+        "moving_to": None,
+    }
+    row.update(changes)
+    return row
+
+
+def test_for_tenant_builds_the_whole_context_from_a_row() -> None:
+    ctx = TenantContext.for_tenant(_tenant_row(), principal="k_1", scopes=["read", "read"])
+    assert (ctx.tenant_id, ctx.principal, ctx.scopes, ctx.plan) == ("t_abc", "k_1", frozenset({"read"}), "pro")
+    assert ctx.limits.requests_per_minute == 7
+    assert ctx.storage_model.value == "bridge"
+    assert ctx.writes_held is False
+
+
+def test_for_tenant_holds_writes_of_a_moving_tenant_and_of_a_row_that_cannot_say() -> None:
+    assert TenantContext.for_tenant(_tenant_row(moving_to="silo"), principal="k", scopes=()).writes_held
+    row = _tenant_row()
+    del row["moving_to"]
+    assert TenantContext.for_tenant(row, principal="k", scopes=()).writes_held

@@ -23,11 +23,8 @@ from typing import Any
 from patinox.errors import AuthenticationFailed, InvalidRequest, TenantSuspended
 from patinox.storage import MISS, SqlBackend, utcnow
 from patinox.tenancy import (
-    IsolationLevel,
-    StorageModel,
     TenantContext,
     TenantState,
-    effective_limits,
     new_id,
 )
 
@@ -170,13 +167,4 @@ class ApiKeys:
             raise TenantSuspended("this tenant is suspended", tenant_id=tenant["id"])
         if tenant["state"] != TenantState.ACTIVE.value:
             raise AuthenticationFailed("invalid API key")
-        return TenantContext(
-            tenant_id=tenant["id"],
-            principal=key["id"],
-            scopes=frozenset(key["scopes"]),
-            plan=tenant["plan"],
-            limits=effective_limits(tenant["plan"], tenant["limit_overrides"]),
-            isolation_level=IsolationLevel(tenant["isolation_level"]),
-            storage_model=StorageModel(tenant["storage_model"]),
-            writes_held=tenant["moving_to"] is not None,
-        )
+        return TenantContext.for_tenant(tenant, principal=key["id"], scopes=key["scopes"])

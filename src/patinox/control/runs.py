@@ -46,8 +46,6 @@ from patinox.errors import InvalidRequest, NotFound, PatinoxError, RunFailed, Te
 from patinox.limits import RUNS_PER_DAY, Claim, FairRunQueue, FairShareAdmission, TokenBudget, worker_id
 from patinox.storage import PreparedWrite, SqlBackend, TenantStore, utcnow
 from patinox.tenancy import (
-    IsolationLevel,
-    StorageModel,
     TenantContext,
     effective_limits,
     get_plan,
@@ -684,15 +682,7 @@ class RunService:
             store.update_run(run["id"], values)
             done(0)
             return {**run, **values}
-        ctx = TenantContext(
-            tenant_id=tenant["id"],
-            principal=run["principal"],
-            scopes=frozenset({"runs:write"}),
-            plan=tenant["plan"],
-            limits=effective_limits(tenant["plan"], tenant["limit_overrides"]),
-            isolation_level=IsolationLevel(tenant["isolation_level"]),
-            storage_model=StorageModel(tenant["storage_model"]),
-        )
+        ctx = TenantContext.for_tenant(tenant, principal=run["principal"], scopes={"runs:write"})
         store = self._backend.tenant_store(ctx)  # with the tenant's quotas (memory_bytes)
         limits = dataclasses.replace(self._run_limits(ctx, agent), max_total_tokens=claim.reserved_tokens)
         attempt = _Attempt(

@@ -14,14 +14,16 @@ contextvars binding.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, ParamSpec, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from patinox.errors import PermissionDenied, TenantContextAlreadySet, TenantContextMissing
-from patinox.tenancy.plans import IsolationLevel, ResourceLimits, StorageModel
+from patinox.tenancy.plans import IsolationLevel, ResourceLimits, StorageModel, effective_limits
+
+_ABSENT = object()  # a tenant row without ``moving_to`` is treated as moving (fail closed)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -61,6 +63,36 @@ class TenantContext(BaseModel):
     def to_wire(self) -> dict[str, Any]:
         """A JSON-safe dict to send across a process boundary (data, not objects)."""
         return self.model_dump(mode="json")
+
+    @classmethod
+    def for_tenant(
+        cls, tenant: Mapping[str, Any], *, principal: str, scopes: Iterable[str]
+    ) -> TenantContext:
+        """The one way to build a context from a stored tenant row.
+
+        Args:
+            tenant: the control plane's tenant row (``id``, ``plan``, ``limit_overrides``,
+                ``isolation_level``, ``storage_model``, ``moving_to``).
+            principal: the key id, ``"cli"`` or ``"system"`` acting for the tenant.
+            scopes: the scopes granted to that principal.
+
+        Fails closed: a tenant being moved between storage models (``moving_to`` set, or
+        the column absent) gets ``writes_held`` so its writes are refused.
+
+        Raises:
+            KeyError: the row lacks a required column.
+            InvalidRequest: the row names a plan this deployment does not define.
+        """
+        return cls(
+            tenant_id=tenant["id"],
+            principal=principal,
+            scopes=frozenset(scopes),
+            plan=tenant["plan"],
+            limits=effective_limits(tenant["plan"], tenant["limit_overrides"]),
+            isolation_level=IsolationLevel(tenant["isolation_level"]),
+            storage_model=StorageModel(tenant["storage_model"]),
+            writes_held=tenant.get("moving_to", _ABSENT) is not None,
+        )
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> TenantContext:
