@@ -155,7 +155,12 @@ def _tenant_row(**changes: object) -> dict[str, object]:
 
 def test_for_tenant_builds_the_whole_context_from_a_row() -> None:
     ctx = TenantContext.for_tenant(_tenant_row(), principal="k_1", scopes=["read", "read"])
-    assert (ctx.tenant_id, ctx.principal, ctx.scopes, ctx.plan) == ("t_abc", "k_1", frozenset({"read"}), "pro")
+    assert (ctx.tenant_id, ctx.principal, ctx.scopes, ctx.plan) == (
+        "t_abc",
+        "k_1",
+        frozenset({"read"}),
+        "pro",
+    )
     assert ctx.limits.requests_per_minute == 7
     assert ctx.storage_model.value == "bridge"
     assert ctx.writes_held is False
