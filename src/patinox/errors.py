@@ -93,6 +93,10 @@ class PatinoxError(Exception):
     code: ClassVar[str] = "internal_error"
     http_status: ClassVar[int] = 500
 
+    # Typed views of the fields most errors may carry; ``None`` when this one does not.
+    tenant_id: str | None = None
+    retry_after_s: float | None = None  #: seconds until a retry may succeed (429 / 503)
+
     def __init__(self, message: str, **fields: Any) -> None:
         super().__init__(message)
         self.message = message
@@ -177,6 +181,10 @@ class ExceedsBudget(ConfigurationError):
     code = "exceeds_budget"
     http_status = 422
 
+    quota: str | None = None
+    limit: int | None = None
+    requested: int | None = None
+
 
 class MissingDependency(ConfigurationError):
     """An optional dependency is not installed; the message names the pip extra."""
@@ -248,12 +256,20 @@ class RateLimited(OperationFailed):
     code = "rate_limited"
     http_status = 429
 
+    limit: int | None = None  #: hits per window
+    policy: str | None = None  #: the RateLimit-Policy name, when the limiter refused
+    reset_after_s: int | None = None
+    window_s: int | None = None
+
 
 class ConcurrencyLimited(OperationFailed):
     """Too many runs in flight. Fields: ``tenant_id``, ``limit``, ``in_flight``, ``retry_after_s``."""
 
     code = "concurrency_limited"
     http_status = 429
+
+    limit: int | None = None
+    in_flight: int | None = None
 
 
 class QuotaExceeded(OperationFailed):
@@ -262,6 +278,12 @@ class QuotaExceeded(OperationFailed):
 
     code = "quota_exceeded"
     http_status = 429
+
+    quota: str | None = None
+    limit: int | None = None
+    used: int | None = None
+    requested: int | None = None
+    reset_at: str | None = None
 
 
 class Overloaded(OperationFailed):
@@ -274,12 +296,24 @@ class Overloaded(OperationFailed):
     code = "overloaded"
     http_status = 503
 
+    waited_s: float | None = None
+    limit: int | None = None
+    running: int | None = None
+
 
 class RunFailed(OperationFailed):
     """The agent run failed (model error, tool error, limit hit inside the run, timeout)."""
 
     code = "run_failed"
     http_status = 502
+
+    # What the failed attempt used and why it failed (charged like a finished run).
+    reason: str = "error"
+    model: str = "unknown"
+    simulated: bool = False
+    input_tokens: int = 0
+    output_tokens: int = 0
+    tool_calls: int = 0
 
 
 class DecryptionFailed(OperationFailed):
@@ -295,6 +329,11 @@ class DecryptionFailed(OperationFailed):
 
     code = "decryption_failed"
     http_status = 500
+
+    reason: str | None = None
+    table: str | None = None
+    record_id: str | None = None
+    key_version: int | None = None
 
 
 class TenantKeysDestroyed(OperationFailed):
@@ -322,6 +361,9 @@ class LimitStoreUnavailable(StorageError):
 
     code = "limit_store_unavailable"
     http_status = 503
+
+    backend: str | None = None
+    operation: str | None = None
 
 
 class ControlSignal(PatinoxError):

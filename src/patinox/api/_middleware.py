@@ -44,10 +44,9 @@ def error_response_parts(
     tenant request, whose middleware sends those fields for every policy, the refused one
     included)."""
     headers: dict[str, str] = {}
-    retry = err.fields.get("retry_after_s")
-    if err.http_status in (429, 503) and retry is not None:
-        headers["Retry-After"] = str(math.ceil(retry))
-    if rate_headers and isinstance(err, RateLimited) and "policy" in err.fields:
+    if err.http_status in (429, 503) and err.retry_after_s is not None:
+        headers["Retry-After"] = str(math.ceil(err.retry_after_s))
+    if rate_headers and isinstance(err, RateLimited) and err.policy is not None:
         headers.update(ratelimit_headers(RateLimitState.from_refusal(err)))
     if err.http_status == 401:
         headers["WWW-Authenticate"] = "Bearer"

@@ -9,7 +9,7 @@ from patinox.control.runs import (
     RunRequest,
     RunService,
 )
-from patinox.control.tenants import Tenant, TenantManager, TenantSpec, TenantUpdate
+from patinox.control.tenants import Tenant, TenantEvent, TenantManager, TenantSpec, TenantUpdate
 
 __all__ = [
     "ADMIN_SCOPE",
@@ -24,6 +24,7 @@ __all__ = [
     "RunRequest",
     "RunService",
     "Tenant",
+    "TenantEvent",
     "TenantManager",
     "TenantSpec",
     "TenantUpdate",

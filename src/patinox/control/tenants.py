@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -92,10 +93,22 @@ class Tenant(BaseModel):
         return cls(**row, limits=effective_limits(row["plan"], row["limit_overrides"]))
 
 
-#: Called as ``listener(tenant_id, event)`` with event one of ``updated``, ``suspended``,
-#: ``resumed``, ``deleting`` (before any data is removed; listeners stop the tenant's work)
-#: and ``deleted``; used to stop runs and drop per-tenant state held in this process.
-TenantListener = Callable[[str, str], None]
+class TenantEvent(StrEnum):
+    """What happened to a tenant, as :meth:`TenantManager.subscribe` listeners hear it.
+
+    A ``str`` enum: each member equals its value (``TenantEvent.DELETED == "deleted"``).
+    """
+
+    UPDATED = "updated"  #: plan, limits or isolation level changed
+    SUSPENDED = "suspended"
+    RESUMED = "resumed"
+    DELETING = "deleting"  #: before any data is removed; listeners stop the tenant's work
+    DELETED = "deleted"
+
+
+#: Called as ``listener(tenant_id, event)``; used to stop runs and drop per-tenant state
+#: held in this process.
+TenantListener = Callable[[str, TenantEvent], None]
 
 
 class TenantManager:
@@ -121,7 +134,7 @@ class TenantManager:
         """Call ``listener(tenant_id, event)`` on every change of a tenant's state or limits."""
         self._listeners.append(listener)
 
-    def _changed(self, tenant_id: str, event: str) -> None:
+    def _changed(self, tenant_id: str, event: TenantEvent) -> None:
         for listener in self._listeners:
             listener(tenant_id, event)
 
@@ -208,7 +221,7 @@ class TenantManager:
             raise InvalidRequest("nothing to update: give plan and/or limits")
         row = self._backend.update_tenant(tenant_id, values, expect_state=current["state"])
         self._audit(tenant_id, actor, "tenant.update", {k: v for k, v in values.items()})
-        self._changed(tenant_id, "updated")
+        self._changed(tenant_id, TenantEvent.UPDATED)
         return Tenant.from_row(row)
 
     def suspend(self, tenant_id: str, *, actor: str, reason: str = "") -> Tenant:
@@ -245,7 +258,7 @@ class TenantManager:
             self._backend.update_tenant(
                 tenant_id, {"state": TenantState.DELETING.value}, expect_state=current["state"]
             )
-        self._changed(tenant_id, "deleting")
+        self._changed(tenant_id, TenantEvent.DELETING)
         # Crypto-shredding first: from here on nothing of the tenant decrypts, whatever
         # rows a crash below might leave for the resumed deletion.
         self._backend.keyring.shred(tenant_id)
@@ -262,7 +275,7 @@ class TenantManager:
             outcome="ok",
             detail={"rows_purged": counts, "name": current["name"]},
         )
-        self._changed(tenant_id, "deleted")
+        self._changed(tenant_id, TenantEvent.DELETED)
         return counts
 
     @staticmethod
@@ -288,5 +301,6 @@ class TenantManager:
         self._require(current, {src}, action.split(".")[1])
         row = self._backend.update_tenant(tenant_id, {"state": dst.value}, expect_state=src.value)
         self._audit(tenant_id, actor, action, detail)
-        self._changed(tenant_id, {"tenant.suspend": "suspended", "tenant.resume": "resumed"}[action])
+        suspended = dst is TenantState.SUSPENDED
+        self._changed(tenant_id, TenantEvent.SUSPENDED if suspended else TenantEvent.RESUMED)
         return Tenant.from_row(row)

@@ -96,10 +96,9 @@ class RateLimitState:
         Raises:
             KeyError: ``err`` was not raised by :meth:`WindowRateLimiter.hit` (fields missing).
         """
-        f = err.fields
-        return cls(
-            str(f["policy"]), int(f["limit"]), 0, int(f["reset_after_s"]), int(f.get("window_s", WINDOW_S))
-        )
+        if err.policy is None or err.limit is None or err.reset_after_s is None:
+            raise KeyError("policy")
+        return cls(err.policy, err.limit, 0, err.reset_after_s, err.window_s or WINDOW_S)
 
 
 class RateLimiter(Protocol):
