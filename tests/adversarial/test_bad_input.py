@@ -1,181 +1,22 @@
-"""Adversarial findings: each test performs an attack and asserts the CORRECT behaviour.
+"""Bad input from a tenant, an operator or a model answers a client error and stores nothing.
 
-Every test here failed against the build it was written for; each docstring describes
-the attack and what a fixed build must do.
+Attacks: query parameters and ids a database cannot hold (naive or overflowing dates, huge
+integers, NUL bytes), values past what a column stores (``max_tool_calls``, limit
+overrides), tool arguments that break the memory key rules or cannot be encoded, SQL
+wildcards in a memory prefix, an unknown storage model on the command line. Each must
+answer a 4xx (or the CLI's one-line ``error:``), never a 5xx or a traceback, and write
+nothing. Every test performs the attack and asserts the correct behaviour.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import text
 
-from patinox.api import Runtime
 from tests.conftest import auth
-
-_TENANT_TABLES = ("agents", "runs", "memory", "usage_records", "audit_log", "api_keys")
-
-
-def _rows_of(runtime: Runtime, tenant_id: str) -> dict[str, int]:
-    with runtime.backend.engine.connect() as conn:
-        return {
-            t: int(
-                conn.execute(
-                    text(f"SELECT count(*) FROM {t} WHERE tenant_id = :t"), {"t": tenant_id}
-                ).scalar_one()
-            )
-            for t in _TENANT_TABLES
-        }
-
-
-def _wait_no_runs_in_flight(runtime: Runtime, tenant_id: str, deadline_s: float = 5.0) -> None:
-    end = time.monotonic() + deadline_s
-    while runtime.queue.held(tenant_id) and time.monotonic() < end:
-        time.sleep(0.02)
-    time.sleep(0.05)  # let the settling transaction finish
-
-
-def _wait_in_flight(client: TestClient, h: dict[str, str], n: int) -> None:
-    for _ in range(200):
-        if client.get("/v1/usage", headers=h).json()["runs_in_flight"] >= n:
-            return
-        time.sleep(0.01)
-    raise AssertionError("run never started")
-
-
-# --- lifecycle races ----------------------------------------------------------------
-
-
-def test_tenant_delete_during_an_async_run_leaves_no_rows_behind(
-    client: TestClient, make_tenant: Any, operator_key: str, runtime: Runtime
-) -> None:
-    """Attack: start a slow async run whose agent writes memory, then have the operator delete
-    the tenant while it is in flight. The purge runs first; the run then finishes and writes
-    its memory row, its usage record and its audit record under the deleted tenant's id, so
-    the "deleted" tenant's data (here a secret value) survives deletion for ever.
-
-    Correct: after deletion and once the run is over, no row of the tenant exists (the
-    run is cancelled by the delete, or its late writes are refused).
-    """
-    a = make_tenant("alpha")
-    agent = a.agent("slow", model="simulated:ttft_ms=300,tpot_ms=0", tools=["memory_put"])
-    r = a.run(
-        agent,
-        '/call memory_put {"key": "secret", "value": "late-write-marker"}',
-        mode="async",
-        output_tokens=3,
-    )
-    assert r.status_code == 202, r.text
-    _wait_in_flight(client, a.h, 1)
-    assert client.delete(f"/admin/tenants/{a.id}", headers=auth(operator_key)).status_code == 200
-    _wait_no_runs_in_flight(runtime, a.id)
-    assert _rows_of(runtime, a.id) == dict.fromkeys(_TENANT_TABLES, 0)
-
-
-def test_suspend_during_an_async_run_stops_its_side_effects(
-    client: TestClient, make_tenant: Any, operator_key: str, runtime: Runtime
-) -> None:
-    """Attack: start a slow async run that will call ``memory_put``, then the operator
-    suspends the tenant. The run keeps going after suspension: it calls the tool, writes
-    memory, consumes model tokens and is recorded as ``succeeded``, although a suspended
-    tenant must have every call refused.
-
-    Correct: once suspended, the run does not go on (it ends ``failed``) and its tool does
-    not write.
-    """
-    a = make_tenant("alpha")
-    agent = a.agent("slow", model="simulated:ttft_ms=300,tpot_ms=0", tools=["memory_put"])
-    r = a.run(agent, '/call memory_put {"key": "after-suspend", "value": "v"}', mode="async", output_tokens=3)
-    assert r.status_code == 202, r.text
-    run_id = r.json()["id"]
-    _wait_in_flight(client, a.h, 1)
-    op = auth(operator_key)
-    assert client.post(f"/admin/tenants/{a.id}/suspend", headers=op).status_code == 200
-    _wait_no_runs_in_flight(runtime, a.id)
-    assert client.post(f"/admin/tenants/{a.id}/resume", headers=op).status_code == 200
-    run = client.get(f"/v1/runs/{run_id}", headers=a.h).json()
-    assert run["status"] == "failed", run
-    assert client.get("/v1/memory/after-suspend", headers=a.h).status_code == 404
-
-
-# --- limit bypasses -----------------------------------------------------------------
-
-
-def test_daily_token_budget_is_not_exceeded_by_tool_call_loops(client: TestClient, make_tenant: Any) -> None:
-    """Attack: a tenant with ``tokens_per_day=3000`` sends a 1000-word prompt with eight
-    ``/call calculator`` lines. Admission reserves only instructions + prompt + output
-    (~1000 tokens), but every model request of the tool loop re-sends the whole history,
-    so the run uses ~9400 tokens: three times the daily budget, in one request.
-
-    Correct: the day's spending never passes ``tokens_per_day`` (the run is refused at
-    admission, or stopped by a usage limit of its remaining budget).
-    """
-    a = make_tenant("alpha", limits={"tokens_per_day": 3000})
-    agent = a.agent("calc", tools=["calculator"])
-    prompt = " ".join(["w"] * 1000) + "\n" + "\n".join(['/call calculator {"expression": "1+1"}'] * 8)
-    a.run(agent, prompt, output_tokens=1)
-    usage = client.get("/v1/usage", headers=a.h).json()
-    spent = sum(u["input_tokens"] + u["output_tokens"] for u in usage["records"])
-    assert spent <= 3000, usage
-    assert usage["tokens_today"] <= 3000, usage
-
-
-def test_reservations_survive_an_operator_limit_change(
-    client: TestClient, make_tenant: Any, operator_key: str, runtime: Runtime
-) -> None:
-    """Attack: a tenant with ``tokens_per_day=1000`` starts a slow async run that reserves
-    601 tokens. Any operator change to the tenant (PATCH limits, suspend/resume) calls
-    ``TokenBudget.forget``, which drops the ledger with its reservations. A second run
-    reserving 601 more is then admitted: 1202 tokens committed against a budget of 1000.
-
-    Correct: the in-flight reservation still counts, and the second run is refused (429
-    ``quota_exceeded``).
-    """
-    a = make_tenant("alpha", limits={"tokens_per_day": 1000})
-    agent = a.agent("slow", model="simulated:ttft_ms=400,tpot_ms=0")
-    assert a.run(agent, "x", output_tokens=600, mode="async").status_code == 202
-    _wait_in_flight(client, a.h, 1)
-    r = client.patch(
-        f"/admin/tenants/{a.id}", json={"limits": {"tokens_per_day": 1000}}, headers=auth(operator_key)
-    )
-    assert r.status_code == 200
-    second = a.run(agent, "x", output_tokens=600, mode="async")
-    _wait_no_runs_in_flight(runtime, a.id)
-    assert second.status_code == 429, second.text
-    assert second.json()["error"]["code"] == "quota_exceeded"
-
-
-def test_tokens_of_a_run_in_flight_during_a_limit_change_are_counted(
-    client: TestClient, make_tenant: Any, operator_key: str, runtime: Runtime
-) -> None:
-    """Attack: start a slow run, have the operator change the tenant's limits while it runs
-    and read ``/v1/usage`` (the ledger is rebuilt from durable records before the run has
-    settled). The run then settles into the *old* ledger, so its 101 tokens are never
-    counted: ``tokens_today`` stays 0 for the rest of the UTC day and the tenant can spend
-    them again.
-
-    Correct: once the run is settled, ``tokens_today`` equals the tokens in its usage records.
-    """
-    a = make_tenant("alpha", limits={"tokens_per_day": 1000})
-    agent = a.agent("slow", model="simulated:ttft_ms=400,tpot_ms=0")
-    assert a.run(agent, "hello", output_tokens=100, mode="async").status_code == 202
-    _wait_in_flight(client, a.h, 1)
-    r = client.patch(
-        f"/admin/tenants/{a.id}", json={"limits": {"tokens_per_day": 1000}}, headers=auth(operator_key)
-    )
-    assert r.status_code == 200
-    client.get("/v1/usage", headers=a.h)  # rebuilds the ledger while the run is in flight
-    _wait_no_runs_in_flight(runtime, a.id)
-    usage = client.get("/v1/usage", headers=a.h).json()
-    recorded = sum(u["input_tokens"] + u["output_tokens"] for u in usage["records"])
-    assert recorded == 101, usage
-    assert usage["tokens_today"] == recorded, usage
-
-
-# --- crashes on bad input -------------------------------------------------------------
 
 
 def test_naive_or_out_of_range_since_is_a_client_error(
@@ -261,3 +102,112 @@ def test_non_finite_limit_override_is_refused(client: TestClient, operator_key: 
     )
     assert r.status_code == 422, r.text
     assert r.json()["error"]["code"] == "invalid_request"
+
+
+def test_limit_overrides_beyond_storable_values_are_refused(client: TestClient, operator_key: str) -> None:
+    """An override too large for the queue and ledger columns is a 422 at creation, not a
+    tenant whose every run fails later."""
+    for name, value in (("max_concurrent_runs", 2**63), ("memory_bytes", 2**60), ("run_timeout_s", 1e12)):
+        r = client.post(
+            "/admin/tenants",
+            json={"name": f"big-{name}".replace("_", "-"), "limits": {name: value}},
+            headers={"Authorization": f"Bearer {operator_key}"},
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "invalid_request"
+    assert client.get("/admin/tenants", headers={"Authorization": f"Bearer {operator_key}"}).json() == []
+
+
+@pytest.mark.parametrize("deployment", ["pg-pool"], indirect=True)
+def test_nul_bytes_in_ids_and_keys_are_client_errors_not_storage_errors(
+    client: TestClient, make_tenant: Any
+) -> None:
+    """Attack: put a NUL byte (``%00``) in a memory key, a run or agent id, a list filter
+    or the memory prefix on PostgreSQL. psycopg refuses NUL in text and every such request
+    answers ``503 storage_error`` "database error: DataError" — a server-side failure that
+    tells clients to retry and lets any tenant make the server log database errors at
+    will.
+
+    Correct: a 4xx (422 invalid_request, or 404 for an id that cannot exist), never 5xx.
+    """
+    a = make_tenant("alpha")
+    agent = a.agent("x")
+    probes = [
+        ("PUT", "/v1/memory/a%00b", {"value": "v"}),
+        ("GET", "/v1/memory?prefix=%00", None),
+        ("GET", "/v1/runs?agent_id=a%00", None),
+        ("GET", "/v1/runs/run%00x", None),
+        ("GET", "/v1/agents/ag%00x", None),
+        ("POST", "/v1/agents/ag%00x/runs", {"input": "hi", "mode": "async"}),
+    ]
+    answers = {u: client.request(m, u, json=body, headers=a.h).status_code for m, u, body in probes}
+    assert all(400 <= c < 500 for c in answers.values()), answers
+    assert a.run(agent, "still fine", output_tokens=1).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        '/call memory_put {"key": "\\ud800", "value": "v"}',
+        '/call calculator {"expression": "1\\udfff"}',
+    ],
+)
+def test_a_lone_surrogate_in_tool_arguments_is_a_model_error_not_an_internal_error(
+    client: TestClient, make_tenant: Any, call: str
+) -> None:
+    """Attack: the JSON body of a run is valid UTF-8, so the API accepts it, but the prompt's
+    ``/call`` line carries the JSON escape ``\\ud800`` (a lone surrogate) in the tool's
+    arguments. The simulated model decoded them into a string UTF-8 cannot encode and then
+    failed serialising its own tool call: the run failed with
+    ``reason="internal_error"`` ("the run failed: PydanticSerializationError"), the reason
+    kept for bugs, instead of a stable client-facing reason.
+
+    Correct: arguments that cannot be encoded are a malformed ``/call``, like arguments that
+    are not JSON: the run fails with ``reason="model_error"`` and nothing is stored.
+    """
+    a = make_tenant("alpha")
+    agent = a.agent("r", tools=["memory_put", "calculator"])
+    r = a.run(agent, call)
+    assert r.status_code == 502, r.text
+    details = r.json()["error"]["details"]
+    assert details["reason"] == "model_error", details
+    run = client.get(f"/v1/runs/{details['run_id']}", headers=a.h).json()
+    assert run["status"] == "failed" and run["error"]["reason"] == "model_error", run
+    assert client.get("/v1/memory", headers=a.h).json() == []
+
+
+def test_memory_prefix_wildcards_are_literal(client: TestClient, make_tenant: Any) -> None:
+    """Attack: ``GET /v1/memory?prefix=%`` / ``prefix=_`` hoping the prefix reaches SQL LIKE
+    unescaped and lists every key. Defended: ``startswith(..., autoescape=True)``."""
+    a = make_tenant("alpha")
+    for k in ("abc", "a_c", "zz"):
+        client.put(f"/v1/memory/{k}", json={"value": "1"}, headers=a.h)
+    assert client.get("/v1/memory?prefix=%25", headers=a.h).json() == []
+    assert client.get("/v1/memory?prefix=_", headers=a.h).json() == []
+    assert client.get("/v1/memory?prefix=a_", headers=a.h).json() == ["a_c"]
+
+
+def test_cli_move_to_an_unknown_storage_model_is_a_clean_error(tmp_path: Any, monkeypatch: Any) -> None:
+    """Attack: ``patinox tenants move acme --to nonsense`` (or ``--to SILO``). The value is
+    passed straight to ``StorageModel(to)`` and the command dies with a ValueError
+    traceback instead of the one-line ``error:`` every other CLI refusal gives.
+
+    Correct: exit code 1 (or 2, usage error), no traceback, the valid choices named; a
+    name in another case is simply accepted.
+    """
+    from tests.cli.conftest import cli
+
+    for var in ("PATINOX_DATA_DIR", "PATINOX_DATABASE_URL", "PATINOX_OWNER_URL", "PATINOX_KEK_URL"):
+        monkeypatch.delenv(var, raising=False)
+    ddir = tmp_path / "d"
+    assert cli("init", "--data-dir", str(ddir), "--key-file", str(tmp_path / "op.key")).exit_code == 0
+    monkeypatch.setenv("PATINOX_DATA_DIR", str(ddir))
+    assert cli("tenants", "create", "acme").exit_code == 0
+    result = cli("tenants", "move", "acme", "--to", "nonsense")
+    assert isinstance(result.exception, SystemExit), (result.exception, result.output)
+    assert result.exit_code in (1, 2), result.output
+    assert "Traceback" not in result.output
+    assert "pool" in result.output and "silo" in result.output
+    # Names are case-insensitive: SILO is silo.
+    result = cli("tenants", "move", "acme", "--to", "SILO")
+    assert result.exit_code == 0, result.output
