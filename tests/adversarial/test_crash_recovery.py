@@ -96,7 +96,6 @@ def test_a_sync_run_whose_row_cannot_be_written_does_not_count_against_runs_per_
     assert again.status_code == 200, again.text
 
 
-@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
 def _fail_joined_release_once(runtime: Runtime, tenant_id: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Make the tenant's first slot release inside a joined settlement transaction fail,
     as a lock timeout or a deadlock would; returns the run ids it failed for."""
@@ -113,6 +112,7 @@ def _fail_joined_release_once(runtime: Runtime, tenant_id: str, monkeypatch: pyt
     return failures
 
 
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
 def test_a_failed_settlement_transaction_gives_the_tokens_back(
     client: TestClient, make_tenant: Any, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
