@@ -44,7 +44,7 @@ from patinox.replay import ReplayBounds
 from patinox.tenancy import PLANS, LimitOverrides
 
 if typing.TYPE_CHECKING:
-    from patinox.api import Runtime
+    from patinox.runtime import Runtime
 
 ACTOR = "cli"
 
@@ -221,7 +221,7 @@ DEFAULT_DATA_DIR = Path(".patinox")
 
 def _runtime(data_dir: Path) -> Any:
     """The runtime of the deployment in ``data_dir`` (or named by ``PATINOX_DATABASE_URL``)."""
-    from patinox.api import Runtime, Settings
+    from patinox.runtime import Runtime, Settings
 
     settings = Settings.for_data_dir(data_dir)
     if settings.database_url.startswith("sqlite:///") and not (data_dir / "patinox.db").exists():
@@ -332,7 +332,7 @@ def init(
     The deployment directory is created with mode 0700 and the database file gets mode 0600:
     they hold key hashes and every tenant's data.
     """
-    from patinox.api import Runtime
+    from patinox.runtime import Runtime
 
     created = not data_dir.exists()
     rt = Runtime.initialise(data_dir)
