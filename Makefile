@@ -1,4 +1,5 @@
-# Two commands matter: `make demo` and `make test` (see README.md).
+# Two commands matter: `make demo` and `make test` (see README.md); CI (.ci/run) runs
+# `make lint` before `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -29,6 +30,7 @@ test: $(STAMP_DEV)
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure" >&2; exit 1; fi; \
 	  exit $$rc
 
+## lint: set up with the dev extras, then ruff, mypy (strict) and the import-linter contracts
 lint: $(STAMP_DEV)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy

@@ -151,8 +151,8 @@ def patinox_writes_per_run(tmp: Path) -> int:
     report shows the baseline does as many."""
     from sqlalchemy import event
 
-    from patinox.api import Runtime
     from patinox.control import AgentSpec, RunRequest, TenantSpec
+    from patinox.runtime import Runtime
     from patinox.tenancy import TenantContext
 
     rt = Runtime.initialise(tmp)

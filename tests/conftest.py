@@ -17,7 +17,8 @@ from typing import Any, NoReturn
 import pytest
 from fastapi.testclient import TestClient
 
-from patinox.api import Runtime, Settings, create_app
+from patinox.api import create_app
+from patinox.runtime import Runtime, Settings
 from patinox.storage import SqlBackend, open_backend
 from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
 from patinox.storage.engine import database_name, normalise_url, with_database

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from patinox.api import Runtime, Settings, create_app
+from patinox.api import create_app
 from patinox.limits import AdmissionSettings
+from patinox.runtime import Runtime, Settings
 from patinox.storage import SqlBackend
 from tests.conftest import Deployment, TenantHandle
 

@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from patinox.api import Runtime, create_app
+from patinox.api import create_app
 from patinox.control import RunService
 from patinox.errors import TenantMoving
 from patinox.isolation import NamespaceExecutor
 from patinox.limits import TokenBudget
+from patinox.runtime import Runtime
 from patinox.storage._crypto.aead import BLOB_OVERHEAD
 from tests.conftest import TenantHandle
 

@@ -15,7 +15,8 @@ import pytest
 from fastapi.testclient import TestClient
 from structlog.testing import capture_logs
 
-from patinox.api import Runtime, Settings, create_app
+from patinox.api import create_app
+from patinox.runtime import Runtime, Settings
 from patinox.storage import SqlBackend, open_backend
 from patinox.storage.crypto import key_provider_from_url
 from tests.conftest import Deployment, TenantHandle, auth

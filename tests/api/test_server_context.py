@@ -20,7 +20,8 @@ import httpx
 import pytest
 import uvicorn
 
-from patinox.api import Runtime, create_app
+from patinox.api import create_app
+from patinox.runtime import Runtime
 from patinox.tenancy import current_tenant_or_none
 from tests.conftest import auth
 

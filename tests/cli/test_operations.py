@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from patinox.api import Runtime, Settings
 from patinox.control import RunRequest
+from patinox.runtime import Runtime, Settings
 from tests.cli.conftest import cli, first_json
 
 

@@ -11,9 +11,9 @@ import asyncio
 
 import pytest
 
-from patinox.api import Runtime
 from patinox.control import AgentSpec, RunRequest, TenantSpec
 from patinox.errors import RunFailed
+from patinox.runtime import Runtime
 from patinox.tenancy import StorageModel, TenantContext
 from tests.conftest import Deployment
 

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from patinox.api import Runtime
 from patinox.control import AgentSpec, RunRequest, TenantSpec
 from patinox.limits import FairRunQueue
+from patinox.runtime import Runtime
 from patinox.storage import utcnow
 from patinox.tenancy import StorageModel, TenantContext
 from tests.conftest import Deployment

@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import select
 
 from patinox.agents import AgentDefinition, RunOutcome
-from patinox.api import Runtime
 from patinox.control import AgentSpec, RunRequest, RunService, TenantSpec
 from patinox.errors import RunFailed, StorageError
 from patinox.isolation import NamespaceExecutor
 from patinox.limits import RUNS_PER_DAY, TOKENS_PER_DAY, TokenBudget
+from patinox.runtime import Runtime
 from patinox.storage import SqlBackend, TenantStore, utcnow
 from patinox.storage import _schema as s
 from patinox.tenancy import StorageModel, TenantContext

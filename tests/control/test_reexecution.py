@@ -28,9 +28,10 @@ from fastapi.testclient import TestClient
 from structlog.testing import capture_logs
 
 from patinox.agents import count_simulated_tokens
-from patinox.api import Runtime, create_app
+from patinox.api import create_app
 from patinox.control import AgentSpec, RunRequest, TenantSpec
 from patinox.errors import StorageError
+from patinox.runtime import Runtime
 from patinox.storage import utcnow
 from patinox.tenancy import StorageModel, TenantContext
 from tests.conftest import Deployment, auth

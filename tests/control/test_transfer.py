@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import String, insert
 
-from patinox.api import Runtime, Settings, create_app
+from patinox.api import create_app
 from patinox.control import transfer
 from patinox.control.tenants import TenantManager
 from patinox.control.transfer import (
@@ -40,6 +40,7 @@ from patinox.errors import (
     StorageError,
     TenantNotFound,
 )
+from patinox.runtime import Runtime, Settings
 from patinox.storage import SqlBackend, open_backend, utcnow
 from patinox.storage import _schema as schema
 from patinox.storage.crypto import FileKeyProvider, key_provider_from_url

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from patinox.api import Runtime
 from patinox.control.worker import RunWorker
 from patinox.limits import AdmissionSettings, FairShareAdmission
+from patinox.runtime import Runtime
 
 
 async def until(cond: Callable[[], bool], what: str, guard_s: float = 30.0) -> None:

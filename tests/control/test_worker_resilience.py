@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from patinox.api import Runtime
 from patinox.control import AgentSpec, RunRequest, TenantSpec
 from patinox.errors import StorageError
+from patinox.runtime import Runtime
 from patinox.tenancy import TenantContext
 
 

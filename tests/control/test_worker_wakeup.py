@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from patinox.api import Runtime, Settings
 from patinox.control import AgentSpec, RunRequest, TenantSpec
+from patinox.runtime import Runtime, Settings
 from patinox.storage import open_backend
 from patinox.storage.crypto import key_provider_from_url
 from patinox.tenancy import TenantContext

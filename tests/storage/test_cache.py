@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from patinox.api import Runtime, Settings
 from patinox.control import AgentPatch, AgentSpec, TenantSpec, TenantUpdate
 from patinox.errors import AuthenticationFailed, NotFound, TenantSuspended
+from patinox.runtime import Runtime, Settings
 from patinox.storage._cache import MISS, ChangeEpoch, TenantCache, epoch_for_url
 from patinox.tenancy import TenantContext
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from patinox.api import Runtime, Settings
 from patinox.control import TenantSpec
 from patinox.errors import AuthenticationFailed
+from patinox.runtime import Runtime, Settings
 from patinox.storage._cache import MISS, ChangeEpoch, TenantCache, epoch_for_url
 from patinox.tenancy import TenantContext
 
@@ -75,7 +75,7 @@ def test_engines_sharing_one_in_memory_database_share_one_epoch() -> None:
 _SCRIPT = """
 import os, sys
 from pathlib import Path
-from patinox.api import Runtime
+from patinox.runtime import Runtime
 from patinox.control import TenantSpec
 from patinox.errors import AuthenticationFailed
 data = Path(sys.argv[1])

@@ -7,9 +7,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from patinox.api._runtime import Runtime
 from patinox.control import OperatorPrincipal
 from patinox.errors import PermissionDenied
+from patinox.runtime import Runtime
 from patinox.storage import TenantStore
 from patinox.tenancy import TenantContext, current_tenant
 

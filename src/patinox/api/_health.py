@@ -26,8 +26,8 @@ from typing import Any
 import structlog
 
 from patinox.api._logging import failure_cause
-from patinox.api._runtime import Runtime
 from patinox.control.worker import RunWorker
+from patinox.runtime import Runtime
 
 __all__ = ["CHECK_TIMEOUT_S", "Readiness"]
 

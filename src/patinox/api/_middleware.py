@@ -16,7 +16,6 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from patinox.api._logging import record_failure
-from patinox.api._runtime import Runtime
 from patinox.control import OperatorPrincipal
 from patinox.errors import (
     AuthenticationFailed,
@@ -27,6 +26,7 @@ from patinox.errors import (
     TenantMoving,
 )
 from patinox.limits import RateLimitState, ratelimit_headers
+from patinox.runtime import Runtime
 from patinox.tenancy import TenantContext, clear_inherited_tenant, tenant_scope
 
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

@@ -24,9 +24,9 @@ from patinox.api._deps import BEARER_SCHEME, BEARER_SCHEME_NAME
 from patinox.api._health import Readiness
 from patinox.api._logging import RequestLogMiddleware, record_failure
 from patinox.api._middleware import RATE_STATES, TenancyMiddleware, error_response_parts
-from patinox.api._runtime import Runtime, Settings
 from patinox.api.routers import admin, tenant
 from patinox.errors import PatinoxError
+from patinox.runtime import Runtime, Settings
 
 #: Error responses of every ``/admin`` and ``/v1`` route, as the OpenAPI document lists them.
 _ERRORS: dict[int | str, dict[str, Any]] = {

@@ -23,8 +23,9 @@ from typing import Any, Protocol
 
 from fastapi.testclient import TestClient
 
-from patinox.api import Runtime, Settings, create_app
+from patinox.api import create_app
 from patinox.errors import ConfigurationError
+from patinox.runtime import Runtime, Settings
 from patinox.storage import SqlBackend, open_backend
 from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
 from patinox.storage.postgres import PostgresDeployment, bootstrap, drop

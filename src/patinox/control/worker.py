@@ -1,4 +1,13 @@
-"""Workers: processes (or tasks of the API process) that execute queued runs.
+"""The queue worker: claims queued runs and executes them (in its own process, ``patinox
+worker``, or as a task of the API process).
+
+Two kinds of worker are kept apart. The *queue worker* here holds the deployment's
+database credentials and KEK: it claims runs, settles them and writes their results. The
+*tenant execution process* (the ``process``, ``container`` and ``dedicated`` isolation
+levels, not built yet) runs one tenant's agent code and holds no credentials: it reaches
+storage only through a channel to the host bound to that tenant. Neither imports the HTTP
+API: an import-linter contract in ``pyproject.toml`` keeps FastAPI and :mod:`patinox.api`
+out of ``patinox worker``, the runtime, ``control``, ``isolation`` and the layers below.
 
 A :class:`RunWorker` claims runs from the durable fair queue in fair order, executes them
 through a :class:`~patinox.control.runs.RunService`, renews their leases while they run,
@@ -26,7 +35,7 @@ log = structlog.get_logger("patinox.worker")
 
 
 class RunWorker:
-    """Claims and executes queued runs.
+    """A queue worker: claims and executes queued runs.
 
     Args:
         service: executes a claimed run (admission already happened when it was queued).

@@ -15,10 +15,10 @@ from patinox.agents import is_simulated
 from patinox.api import schemas as o
 from patinox.api._deps import RT, AgentWriter, Reader, RunWriter, Store
 from patinox.api._middleware import RATE_STATES
-from patinox.api._runtime import Runtime
 from patinox.control import AgentPatch, AgentSpec, RunRequest
 from patinox.errors import InvalidRequest, NotFound, RateLimited
 from patinox.limits import RateLimitState, day_start
+from patinox.runtime import Runtime
 from patinox.storage import utcnow
 
 router = APIRouter(prefix="/v1", tags=["tenant"])

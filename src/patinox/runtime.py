@@ -1,4 +1,11 @@
-"""The objects one server process holds, wired from settings."""
+"""The composition root: :class:`Settings` and the :class:`Runtime` wired from them.
+
+One place builds the services a process needs (storage, tenant manager, keys, agents,
+runs, rate limits, the fair queue) from one :class:`Settings`. It belongs to no interface:
+the HTTP API (``patinox serve``), the command line and the queue worker (``patinox
+worker``) each build a :class:`Runtime` here, and nothing here imports the HTTP API, so a
+queue worker never loads FastAPI.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    """Server settings.
+    """Settings of one process of a deployment (API server, queue worker or CLI command).
 
     Attributes:
         database_url: see :mod:`patinox.storage.engine` (PostgreSQL: the application role).
@@ -87,7 +94,8 @@ def _fair_share_enabled(value: str | None) -> bool:
 
 @dataclass(kw_only=True)
 class Runtime:
-    """Everything a server process needs; built once at start-up."""
+    """Everything an API server, a queue worker or a CLI command needs; built once at
+    start-up from :class:`Settings`."""
 
     settings: Settings
     backend: SqlBackend
@@ -161,7 +169,16 @@ class Runtime:
         )
 
     def worker(self, *, concurrency: int = 256, holder: str | None = None) -> RunWorker:
-        """A worker executing this deployment's queued runs through this runtime."""
+        """A queue worker executing this deployment's queued runs through this runtime.
+
+        Args:
+            concurrency: most runs it executes at once.
+            holder: its name in queue claims (default ``worker:<host>:<pid>``).
+
+        Returns:
+            The :class:`~patinox.control.worker.RunWorker`, not yet running; this
+            runtime's run service wakes it when a run is queued in this process.
+        """
         w = RunWorker(
             self.runs,
             self.queue,

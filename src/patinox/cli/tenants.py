@@ -1,0 +1,172 @@
+"""``patinox tenants``: create, list, show, update, suspend, resume and delete tenants;
+export, import, move and rotate-key come from :mod:`patinox.cli.transfer`."""
+
+from __future__ import annotations
+
+import math
+import typing
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from patinox.cli import transfer
+from patinox.cli._deployment import ACTOR, DEFAULT_DATA_DIR, DataDir, open_runtime, resolve_tenant
+from patinox.cli._output import Command, Group, cells, console, fail, say, show, utc
+from patinox.control import TenantSpec, TenantUpdate
+from patinox.tenancy import PLANS, LimitOverrides
+
+app = typer.Typer(cls=Group, no_args_is_help=True, help="Create and manage tenants.")
+
+
+def _limit_kinds() -> dict[str, type]:
+    """Limit name -> ``int`` or ``float``, from :class:`~patinox.tenancy.LimitOverrides`."""
+    return {
+        name: float if float in typing.get_args(field.annotation) else int
+        for name, field in LimitOverrides.model_fields.items()
+    }
+
+
+LIMIT_NAMES = ", ".join(LimitOverrides.model_fields)
+LIMIT_HELP = f"override a plan limit, NAME=VALUE (repeatable); NAME is one of: {LIMIT_NAMES}"
+
+
+def _limit_value(name: str, kind: type, text: str) -> int | float:
+    """``text`` as a limit value; integer limits take ``1e6`` when it is a whole number."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        fail(f"--limit {name}: needs a number, got {text!r}")
+    if not math.isfinite(number):
+        fail(f"--limit {name}: needs a finite number, got {text!r}")
+    if kind is int:
+        if not number.is_integer():
+            fail(f"--limit {name}: must be a whole number, got {text!r}")
+        return int(number)
+    return number
+
+
+def _limits(pairs: list[str]) -> dict[str, int | float]:
+    """``--limit NAME=VALUE`` pairs as a LimitOverrides dict (spaces around parts ignored)."""
+    kinds = _limit_kinds()
+    out: dict[str, int | float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep:
+            fail(f"--limit takes NAME=VALUE, got {pair!r}")
+        if name not in kinds:
+            fail(f"--limit {name}: unknown limit; valid names: {LIMIT_NAMES}")
+        out[name] = _limit_value(name, kinds[name], value)
+    return out
+
+
+@app.command("create", cls=Command)
+def tenants_create(
+    name: str,
+    plan: Annotated[str, typer.Option(help=" | ".join(PLANS))] = "free",
+    isolation_level: Annotated[
+        str, typer.Option(help="namespace (others need their executors)")
+    ] = "namespace",
+    limit: Annotated[list[str] | None, typer.Option(help=LIMIT_HELP)] = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Create a tenant."""
+    spec = TenantSpec.model_validate(
+        {
+            "name": name,
+            "plan": plan,
+            "isolation_level": isolation_level,
+            "limits": _limits(limit or []),
+        }
+    )
+    rt = open_runtime(data_dir)
+    show(rt.tenants.create(spec, actor=ACTOR))
+
+
+@app.command("list", cls=Command)
+def tenants_list(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    all_: Annotated[bool, typer.Option("--all", help="include deleted tenants (tombstones)")] = False,
+) -> None:
+    """List tenants."""
+    rt = open_runtime(data_dir)
+    table = Table("name", "plan", "state", "isolation", "storage", "created")
+    table.add_column("id", no_wrap=True, min_width=29)
+    for t in rt.tenants.list(include_deleted=all_):
+        table.add_row(
+            *cells(
+                t.name,
+                t.plan,
+                t.state.value,
+                t.isolation_level.value,
+                t.storage_model.value,
+                utc(t.created_at),
+                t.id,
+            )
+        )
+    console.print(table)
+
+
+@app.command("show", cls=Command)
+def tenants_show(tenant_id: str, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Show one tenant with its effective limits."""
+    rt = open_runtime(data_dir)
+    show(rt.tenants.get(resolve_tenant(rt, tenant_id)))
+
+
+@app.command("update", cls=Command)
+def tenants_update(
+    tenant_id: str,
+    plan: Annotated[str | None, typer.Option(help=f"new plan: {' | '.join(PLANS)}")] = None,
+    limit: Annotated[list[str] | None, typer.Option(help=f"{LIMIT_HELP}; replaces all overrides")] = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Change a tenant's plan or limit overrides."""
+    if plan is None and limit is None:
+        fail("nothing to update: give --plan and/or --limit")
+    change = TenantUpdate.model_validate(
+        {"plan": plan, "limits": _limits(limit) if limit is not None else None}
+    )
+    rt = open_runtime(data_dir)
+    show(rt.tenants.update(resolve_tenant(rt, tenant_id), change, actor=ACTOR))
+
+
+@app.command("suspend", cls=Command)
+def tenants_suspend(tenant_id: str, reason: str = "", data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Suspend a tenant: data kept, every call refused."""
+    rt = open_runtime(data_dir)
+    show(rt.tenants.suspend(resolve_tenant(rt, tenant_id), actor=ACTOR, reason=reason))
+
+
+@app.command("resume", cls=Command)
+def tenants_resume(tenant_id: str, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Resume a suspended tenant."""
+    rt = open_runtime(data_dir)
+    show(rt.tenants.resume(resolve_tenant(rt, tenant_id), actor=ACTOR))
+
+
+@app.command("delete", cls=Command)
+def tenants_delete(
+    tenant_id: str,
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Delete a tenant and everything it owns (irreversible)."""
+    rt = open_runtime(data_dir)
+    tenant_id = resolve_tenant(rt, tenant_id)
+    tenant = rt.tenants.get(tenant_id)
+    if not yes:
+        typer.confirm(f"Delete tenant {tenant.name} ({tenant_id}) and all its data?", abort=True)
+    counts = rt.tenants.delete(tenant_id, actor=ACTOR)
+    say(f"Deleted {tenant_id}; rows purged: {counts}")
+
+
+app.command("export", cls=Command)(transfer.tenants_export)
+app.command("import", cls=Command)(transfer.tenants_import)
+app.command("move", cls=Command)(transfer.tenants_move)
+app.command("rotate-key", cls=Command)(transfer.tenants_rotate_key)
