@@ -9,8 +9,9 @@ import time
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from patinox.api import Runtime, create_app
+from patinox.api import create_app
 from patinox.control import TenantSpec
+from patinox.runtime import Runtime
 from patinox.tenancy import StorageModel, TenantContext
 from tests.conftest import Deployment
 

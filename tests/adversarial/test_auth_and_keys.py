@@ -14,7 +14,8 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from patinox.api import Runtime, create_app
+from patinox.api import create_app
+from patinox.runtime import Runtime
 from tests.conftest import TenantHandle, auth
 
 

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from patinox.api import Runtime, create_app
+from patinox.api import create_app
 from patinox.errors import StorageError
+from patinox.runtime import Runtime
 from patinox.storage import TenantStore, utcnow
 from tests.conftest import TenantHandle
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from patinox.api import Runtime
+from patinox.runtime import Runtime
 
 
 def test_run_filter_by_foreign_agent_answers_like_a_missing_agent(

@@ -17,9 +17,9 @@ import pytest
 import sqlalchemy
 from fastapi.testclient import TestClient
 
-from patinox.api import Runtime
 from patinox.control import AgentSpec, RunRequest, TenantSpec
 from patinox.errors import RunFailed
+from patinox.runtime import Runtime
 from tests.adversarial._helpers import (
     TENANT_TABLES,
     new_tenant_context,

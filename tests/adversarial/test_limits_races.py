@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from patinox.api import Runtime, create_app
+from patinox.api import create_app
 from patinox.control import AgentSpec, RunRequest, TenantUpdate
 from patinox.errors import RunFailed
+from patinox.runtime import Runtime
 from patinox.storage import utcnow
 from patinox.tenancy import TenantContext
 from tests.adversarial._helpers import (

@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 
-from patinox.api import Runtime
+from patinox.runtime import Runtime
 from tests.adversarial._helpers import (
     no_workers,
 )

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from patinox.api import Runtime
+from patinox.runtime import Runtime
 from tests.adversarial._helpers import (
     wait_in_flight,
     wait_no_runs_in_flight,

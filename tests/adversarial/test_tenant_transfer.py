@@ -15,8 +15,8 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from patinox.api import Runtime
 from patinox.control.transfer import export_tenant, import_tenant, move_tenant
+from patinox.runtime import Runtime
 from patinox.tenancy import StorageModel
 from tests.adversarial._helpers import (
     no_workers,

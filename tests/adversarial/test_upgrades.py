@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from patinox.api import Runtime
+from patinox.runtime import Runtime
 
 
 @pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
