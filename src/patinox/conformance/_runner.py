@@ -12,7 +12,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from patinox.conformance import _checks
+from patinox.conformance._checks import _context, _deletion, _encryption, _postgres, _tenant_routes
 from patinox.conformance._deployment import (
     ConformanceFailure,
     Markers,
@@ -113,17 +113,17 @@ def _stateful(t: Target, env: SuiteEnv) -> None:
 
 #: Every check, in the order each deployment runs them.
 CHECKS: tuple[Check, ...] = (
-    Check("no-plaintext-at-rest", _checks.no_plaintext_at_rest),
-    Check("ciphertext-bound-to-row", _checks.ciphertext_bound_to_row),
-    Check("foreign-ids-like-missing", _checks.foreign_ids_like_missing),
-    Check("delete-shreds-and-purges", _checks.delete_shreds_and_purges),
-    Check("delete-with-runs-in-flight", _checks.delete_with_runs_in_flight),
-    Check("same-cache-key-material", _checks.same_cache_key_material),
-    Check("first-dek-race", _checks.first_dek_race),
-    Check("thread-pool-context", _checks.thread_pool_context),
-    Check("worker-process-context", _checks.worker_process_context),
-    Check("pool-of-one-connection", _checks.pool_of_one_connection, True, frozenset({"pool", "bridge"})),
-    Check("rls-as-app-role", _checks.rls_as_app_role, postgres_only=True),
+    Check("no-plaintext-at-rest", _encryption.no_plaintext_at_rest),
+    Check("ciphertext-bound-to-row", _encryption.ciphertext_bound_to_row),
+    Check("foreign-ids-like-missing", _tenant_routes.foreign_ids_like_missing),
+    Check("delete-shreds-and-purges", _deletion.delete_shreds_and_purges),
+    Check("delete-with-runs-in-flight", _deletion.delete_with_runs_in_flight),
+    Check("same-cache-key-material", _tenant_routes.same_cache_key_material),
+    Check("first-dek-race", _encryption.first_dek_race),
+    Check("thread-pool-context", _context.thread_pool_context),
+    Check("worker-process-context", _context.worker_process_context),
+    Check("pool-of-one-connection", _postgres.pool_of_one_connection, True, frozenset({"pool", "bridge"})),
+    Check("rls-as-app-role", _postgres.rls_as_app_role, postgres_only=True),
     Check("stateful-isolation", _stateful),
 )
 
