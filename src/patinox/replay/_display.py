@@ -5,9 +5,7 @@ from __future__ import annotations
 from rich.console import Group, RenderableType
 from rich.table import Table
 
-from patinox.replay._report import (
-    ReplayReport,
-)
+from patinox.replay._report import ReplayReport
 
 
 def _ms(value: float | None) -> str:

@@ -16,12 +16,7 @@ import httpx
 
 from patinox.replay._bound import InFlightBound, ReplayBounds
 from patinox.replay._onboard import TenantHandle, error_of
-from patinox.replay._report import (
-    ProgressCallback,
-    ReplayProgress,
-    TenantReport,
-    percentile,
-)
+from patinox.replay._report import ProgressCallback, ReplayProgress, TenantReport, percentile
 from patinox.replay.traces import TraceRequest
 
 _THROTTLE_STATUS = 429

@@ -5,12 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from patinox.conformance._deployment import (
-    Target,
-    TenantHandle,
-    check,
-    memory_get_call,
-)
+from patinox.conformance._deployment import Target, TenantHandle, check, memory_get_call
 from patinox.errors import DecryptionFailed, TenantKeysDestroyed
 from patinox.storage import SqlBackend
 from patinox.storage.crypto import decrypt_str

@@ -9,13 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from patinox.conformance import _worker
 from patinox.conformance._checks._common import TIMEOUT_S
-from patinox.conformance._deployment import (
-    ConformanceFailure,
-    SuiteEnv,
-    Target,
-    TenantHandle,
-    check,
-)
+from patinox.conformance._deployment import ConformanceFailure, SuiteEnv, Target, TenantHandle, check
 from patinox.errors import TenantContextMissing
 from patinox.tenancy import (
     TenantContext,

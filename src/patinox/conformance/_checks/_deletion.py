@@ -7,18 +7,9 @@ import time
 
 from patinox.conformance import _raw
 from patinox.conformance._checks._common import TIMEOUT_S, decrypts, raises, seed
-from patinox.conformance._deployment import (
-    ID_RE,
-    Answer,
-    SuiteEnv,
-    Target,
-    check,
-    memory_get_call,
-)
+from patinox.conformance._deployment import ID_RE, Answer, SuiteEnv, Target, check, memory_get_call
 from patinox.errors import TenantKeysDestroyed
-from patinox.tenancy import (
-    new_id,
-)
+from patinox.tenancy import new_id
 
 
 def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:

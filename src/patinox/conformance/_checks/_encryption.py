@@ -8,13 +8,7 @@ import threading
 
 from patinox.conformance import _raw
 from patinox.conformance._checks._common import TIMEOUT_S, decrypts, seed
-from patinox.conformance._deployment import (
-    Answer,
-    ConformanceFailure,
-    SuiteEnv,
-    Target,
-    check,
-)
+from patinox.conformance._deployment import Answer, ConformanceFailure, SuiteEnv, Target, check
 from patinox.errors import PatinoxError
 
 

@@ -7,19 +7,12 @@ from sqlalchemy import Connection, create_engine, text
 
 from patinox.conformance import _raw
 from patinox.conformance._checks._common import raises, seed
-from patinox.conformance._deployment import (
-    SuiteEnv,
-    Target,
-    TenantHandle,
-    check,
-)
+from patinox.conformance._deployment import SuiteEnv, Target, TenantHandle, check
 from patinox.errors import NotFound
 from patinox.storage import SqlBackend
 from patinox.storage.crypto import key_provider_from_url
 from patinox.storage.engine import normalise_url, with_database
-from patinox.tenancy import (
-    StorageModel,
-)
+from patinox.tenancy import StorageModel
 
 
 def pool_of_one_connection(t: Target, _: SuiteEnv) -> None:

@@ -16,9 +16,7 @@ from patinox.conformance._deployment import (
     check,
     memory_get_call,
 )
-from patinox.tenancy import (
-    new_id,
-)
+from patinox.tenancy import new_id
 
 
 def foreign_ids_like_missing(t: Target, _: SuiteEnv) -> None:
