@@ -7,6 +7,11 @@ as a run of that source's agent at its (compressed) trace time and returns a
 server cannot keep up (see :class:`ReplayBounds`): requests in flight are capped per tenant
 and in total, a request that cannot be sent in time is dropped and counted, and the run ends
 at a deadline. This module is an HTTP client only: it imports nothing of the server.
+
+It schedules the trace (requests grouped by source, due times, the deadline) and holds the
+public names; the parts live by job: the bounds in :mod:`._bound`, onboarding in
+:mod:`._onboard`, the open-loop sender in :mod:`._send`, accounting and the report in
+:mod:`._report`, the tables in :mod:`._display`.
 """
 
 from __future__ import annotations
