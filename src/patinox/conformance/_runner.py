@@ -12,7 +12,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from patinox.conformance import _checks
+from patinox.conformance._checks import _context, _deletion, _encryption, _postgres, _tenant_routes
 from patinox.conformance._deployment import (
     ConformanceFailure,
     Markers,
@@ -113,17 +113,17 @@ def _stateful(t: Target, env: SuiteEnv) -> None:
 
 #: Every check, in the order each deployment runs them.
 CHECKS: tuple[Check, ...] = (
-    Check("no-plaintext-at-rest", _checks.no_plaintext_at_rest),
-    Check("ciphertext-bound-to-row", _checks.ciphertext_bound_to_row),
-    Check("foreign-ids-like-missing", _checks.foreign_ids_like_missing),
-    Check("delete-shreds-and-purges", _checks.delete_shreds_and_purges),
-    Check("delete-with-runs-in-flight", _checks.delete_with_runs_in_flight),
-    Check("same-cache-key-material", _checks.same_cache_key_material),
-    Check("first-dek-race", _checks.first_dek_race),
-    Check("thread-pool-context", _checks.thread_pool_context),
-    Check("worker-process-context", _checks.worker_process_context),
-    Check("pool-of-one-connection", _checks.pool_of_one_connection, True, frozenset({"pool", "bridge"})),
-    Check("rls-as-app-role", _checks.rls_as_app_role, postgres_only=True),
+    Check("no-plaintext-at-rest", _encryption.no_plaintext_at_rest),
+    Check("ciphertext-bound-to-row", _encryption.ciphertext_bound_to_row),
+    Check("foreign-ids-like-missing", _tenant_routes.foreign_ids_like_missing),
+    Check("delete-shreds-and-purges", _deletion.delete_shreds_and_purges),
+    Check("delete-with-runs-in-flight", _deletion.delete_with_runs_in_flight),
+    Check("same-cache-key-material", _tenant_routes.same_cache_key_material),
+    Check("first-dek-race", _encryption.first_dek_race),
+    Check("thread-pool-context", _context.thread_pool_context),
+    Check("worker-process-context", _context.worker_process_context),
+    Check("pool-of-one-connection", _postgres.pool_of_one_connection, True, frozenset({"pool", "bridge"})),
+    Check("rls-as-app-role", _postgres.rls_as_app_role, postgres_only=True),
     Check("stateful-isolation", _stateful),
 )
 
@@ -223,6 +223,36 @@ def run_conformance(
             (``patinox[postgres]``) is not installed.
     """
     started = time.perf_counter()
+    names = _deployments_to_check(admin_url, models, examples)
+    result = ConformanceResult(deployments=names, postgres=any(n.startswith("pg-") for n in names))
+    markers = Markers()
+    if admin_url is None:
+        out("note: no PostgreSQL admin URL given: PostgreSQL storage models (pool, bridge, silo) NOT checked")
+    with ExitStack() as stack:
+        base = Path(
+            stack.enter_context(
+                tempfile.TemporaryDirectory(
+                    prefix="patinox-conformance-", dir=sqlite_dir, ignore_cleanup_errors=True
+                )
+            )
+        )
+        env = _Env(stack, examples)
+        pg, pg_error = _open_postgres(stack, admin_url, result, out)
+        for name in names:
+            _run_deployment(name, pg, pg_error, admin_url, base, markers, env, result, out)
+    result.seconds = time.perf_counter() - started
+    out(result.summary())
+    return result
+
+
+def _deployments_to_check(admin_url: str | None, models: list[str] | None, examples: int) -> list[str]:
+    """The deployments :func:`run_conformance` is asked to check, once its arguments and
+    the libraries those deployments need are found good.
+
+    Raises:
+        ConfigurationError: see :func:`run_conformance`.
+        MissingDependency: see :func:`run_conformance`.
+    """
     if admin_url is not None and not is_postgres(admin_url):
         # Only the scheme is named: the rest of a URL may hold a password.
         scheme, sep, _ = admin_url.partition("://")
@@ -249,46 +279,38 @@ def run_conformance(
             raise MissingDependency(
                 "PostgreSQL needs psycopg: pip install 'patinox[postgres]'", extra="postgres"
             ) from err
-    result = ConformanceResult(deployments=names, postgres=any(n.startswith("pg-") for n in names))
-    markers = Markers()
-    if admin_url is None:
-        out("note: no PostgreSQL admin URL given: PostgreSQL storage models (pool, bridge, silo) NOT checked")
-    with ExitStack() as stack:
-        base = Path(
-            stack.enter_context(
-                tempfile.TemporaryDirectory(
-                    prefix="patinox-conformance-", dir=sqlite_dir, ignore_cleanup_errors=True
-                )
+    return names
+
+
+def _open_postgres(
+    stack: ExitStack, admin_url: str | None, result: ConformanceResult, out: Callable[[str], None]
+) -> tuple[PostgresDeployment | None, BaseException | None]:
+    """The scratch PostgreSQL deployment (dropped when ``stack`` closes; a failure to drop
+    it is recorded as a ``cleanup`` outcome), or the error that kept it from being made;
+    ``(None, None)`` when no PostgreSQL deployment is to be checked."""
+    pg: PostgresDeployment | None = None
+    pg_error: BaseException | None = None
+    if result.postgres:
+        assert admin_url is not None
+
+        def cleanup_failed(what: str, err: BaseException) -> None:
+            _record(
+                result,
+                out,
+                CheckOutcome(
+                    deployment="postgres",
+                    check="cleanup",
+                    passed=False,
+                    reason=f"{what}: {_one_line(err)}",
+                    detail=_detail(err, []),
+                ),
             )
-        )
-        env = _Env(stack, examples)
-        pg: PostgresDeployment | None = None
-        pg_error: BaseException | None = None
-        if result.postgres:
-            assert admin_url is not None
 
-            def cleanup_failed(what: str, err: BaseException) -> None:
-                _record(
-                    result,
-                    out,
-                    CheckOutcome(
-                        deployment="postgres",
-                        check="cleanup",
-                        passed=False,
-                        reason=f"{what}: {_one_line(err)}",
-                        detail=_detail(err, []),
-                    ),
-                )
-
-            try:
-                pg = stack.enter_context(scratch_postgres(admin_url, on_cleanup_error=cleanup_failed))
-            except Exception as err:
-                pg_error = err
-        for name in names:
-            _run_deployment(name, pg, pg_error, admin_url, base, markers, env, result, out)
-    result.seconds = time.perf_counter() - started
-    out(result.summary())
-    return result
+        try:
+            pg = stack.enter_context(scratch_postgres(admin_url, on_cleanup_error=cleanup_failed))
+        except Exception as err:
+            pg_error = err
+    return pg, pg_error
 
 
 def _run_deployment(
