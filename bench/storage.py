@@ -70,7 +70,7 @@ from patinox.replay.traces import AZURE_FILES, default_traces_dir, load_azure
 from patinox.storage import SqlBackend, TenantStore, open_backend, utcnow
 from patinox.storage import _schema as s
 from patinox.storage import postgres as pg
-from patinox.storage.backend import _Sealer
+from patinox.storage._sealer import Sealer
 from patinox.storage.crypto import FileKeyProvider, InMemoryDekStore, TenantKeyring, key_provider_from_url
 from patinox.storage.engine import normalise_url
 from patinox.tenancy import StorageModel, TenantContext, get_plan, new_id
@@ -267,7 +267,7 @@ def add_tenant(dep: Deployment, manager: TenantManager, p: Payload) -> None:
     dep.tenants.append((ctx, agent["id"]))
 
 
-def _bulk_rows(tenant_id: str, index: int, sealer: _Sealer, p: Payload) -> dict[str, list[dict[str, Any]]]:
+def _bulk_rows(tenant_id: str, index: int, sealer: Sealer, p: Payload) -> dict[str, list[dict[str, Any]]]:
     """The rows :func:`add_tenant` leaves for a pool tenant, payloads sealed by its real sealer."""
     now = utcnow()
     agent_id, run_id, key = new_id("ag"), new_id("run"), "note-seed"
@@ -342,14 +342,14 @@ def add_tenants_bulk(dep: Deployment, count: int, p: Payload) -> None:
         added: list[tuple[TenantContext, str]] = []
         for index in range(first, min(first + BULK_BATCH, start + count)):
             tenant_id = new_id("tn")
-            for name, got in _bulk_rows(tenant_id, index, _Sealer(keyring, tenant_id), p).items():
+            for name, got in _bulk_rows(tenant_id, index, Sealer(keyring, tenant_id), p).items():
                 rows[name] += got
             rows["tenant_keys"] += [
                 {"tenant_id": tenant_id, "version": v, "wrapped": w, "created_at": utcnow()}
                 for v, w in dek_store.list_wrapped(tenant_id)
             ]
             added.append((tenant_context(tenant_id, StorageModel.POOL), rows["agents"][-1]["id"]))
-        with dep.backend._tx() as conn:
+        with dep.backend.transaction() as conn:
             for name in _BULK_ORDER:
                 conn.execute(insert(s.metadata.tables[name]), rows[name])
         dep.tenants += added
@@ -422,7 +422,7 @@ def database_bytes(dep: Deployment, lab: Lab) -> int | None:
     if dep.database is None:
         folder = lab.tmp / f"{dep.model.split()[1]}_{dep.size}"
         return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    with dep.backend._tx() as conn:
+    with dep.backend.transaction() as conn:
         return int(conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
 
 

@@ -96,7 +96,7 @@ def test_overrides_stored_before_their_bounds_existed_do_not_break_the_deploymen
 
     a, b = make_tenant("alpha"), make_tenant("beta")
     stored = {"run_timeout_s": 40 * 86_400.0, "max_concurrent_runs": 2_000_000, "max_tool_calls_per_run": 3}
-    with runtime.backend._tx() as conn:
+    with runtime.backend.transaction() as conn:
         conn.execute(update(s.tenants).where(s.tenants.c.id == a.id).values(limit_overrides=stored))
     listed = client.get("/admin/tenants", headers=auth(operator_key))
     assert listed.status_code == 200, listed.text

@@ -80,9 +80,8 @@ def test_purge_truncates_the_wal_while_another_checkpoint_runs(tmp_path: Path, k
     """The purge's ``wal_checkpoint(TRUNCATE)`` answers busy, without an error, when the
     background pass (of this or another process) is checkpointing at that moment; the
     deleted tenant's page images then stayed in the ``-wal`` file. It retries until done."""
-    from patinox.storage import SqlBackend
+    from patinox.storage import SqlBackend, open_backend
     from patinox.storage._crypto.providers import key_provider_from_url
-    from patinox.storage.backend import open_backend
     from patinox.tenancy import new_id
 
     tenant = new_id("tn")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from patinox.errors import AuthenticationFailed, InvalidRequest, TenantSuspended
-from patinox.storage import MISS, SqlBackend, utcnow
+from patinox.storage import SqlBackend, utcnow
 from patinox.tenancy import (
     TenantContext,
     TenantState,
@@ -140,8 +140,8 @@ class ApiKeys:
         # the secret is still compared on every request.
         cache, slot = self._backend.cache, ("principal", parts[1])
         seen = cache.epoch()
-        hit = cache.get(slot)
-        if hit is not MISS:
+        hit = cache.get(slot, None)
+        if hit is not None:
             secret_hash, principal = hit
             if not hmac.compare_digest(_digest(token), secret_hash):
                 raise AuthenticationFailed("invalid API key")

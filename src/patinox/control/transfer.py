@@ -1192,7 +1192,7 @@ def _compare_and_set(backend: SqlBackend, tenant_id: str, expect: Mapping[str, A
             q = q.where(t.c[column].in_(value))
         else:
             q = q.where(t.c[column] == value)
-    with backend._tx() as conn:
+    with backend.transaction() as conn:
         won = int(conn.execute(q.values(**values, updated_at=utcnow())).rowcount) == 1
     if won:
         backend.cache.changed(tenant_id)
@@ -1242,7 +1242,7 @@ def _runs_in_flight(backend: SqlBackend, store: TenantStore) -> int:
     waiting = select(s.run_queue.c.run_id).where(
         _tenant_predicate(s.run_queue, store.tenant_id), s.run_queue.c.claimed_by.is_(None)
     )
-    with backend._tx() as conn:
+    with backend.transaction() as conn:
         pending -= {str(r) for r in conn.execute(waiting).scalars()}
     return len(pending)
 

@@ -143,7 +143,9 @@ class FairReadyQueue:
 
     def _file(self, handle: asyncio.Handle) -> None:
         """Queue ``handle`` at the end of its flow."""
-        context: contextvars.Context = handle._context  # type: ignore[attr-defined]
+        # The handle's context says whose callback it is; asyncio keeps it only in this
+        # private attribute, and replacing the ready queue is what this module does.
+        context: contextvars.Context = handle._context  # type: ignore[attr-defined]  # noqa: SLF001
         tenant = tenant_in(context)
         if tenant is not None:
             key = tenant.tenant_id
@@ -226,7 +228,9 @@ def install(loop: asyncio.AbstractEventLoop) -> bool:
         return True
     if type(ready) is not collections.deque or ready:
         return False
-    loop._ready = FairReadyQueue()  # type: ignore[attr-defined]
+    # Replacing asyncio's ready queue (a private attribute of its base event loop) is the
+    # point of this module; ``_ready`` is checked above to be CPython's plain deque.
+    loop._ready = FairReadyQueue()  # type: ignore[attr-defined]  # noqa: SLF001
     return True
 
 

@@ -59,7 +59,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from patinox.errors import ConcurrencyLimited
 from patinox.storage import SqlBackend, execute_write, utcnow
-from patinox.storage import _schema as s
+from patinox.storage import schema as s
 from patinox.tenancy import get_plan
 
 #: How long a claim holds a run without renewal, seconds.
@@ -73,7 +73,7 @@ _LISTEN_TICK_S = 1.0
 
 log = structlog.get_logger("patinox.queue")
 
-# Statements every synchronous run executes, built once (see patinox.storage.backend).
+# Statements every synchronous run executes, built once (see patinox.storage._statements).
 _Q, _QT = s.run_queue, s.queue_tenants
 _HELD = select(func.count()).where(_Q.c.tenant_id == bindparam("b_tenant"), _Q.c.claimed_by.is_not(None))
 _INSERT_ENTRY = insert(_Q)
@@ -438,10 +438,10 @@ class FairRunQueue:
         Returns ``None`` when nothing is claimable now. When no run waits at all, that is
         one index read and no write lock, so idle workers polling cost the database little.
         """
-        with self._backend._tx() as conn:
+        with self._backend.transaction() as conn:
             if conn.execute(_ANY_WAITING).first() is None:
                 return None
-        with self._backend._tx() as conn:
+        with self._backend.transaction() as conn:
             self._begin_write(conn)
             params = {"b_scan": scan, "b_skip": list(skip)}
             rows = conn.execute(_CANDIDATES[conn.dialect.name], params).all()
@@ -475,7 +475,7 @@ class FairRunQueue:
         """Apply a tenant's new concurrency cap and priority to its queued runs (its weight
         applies to runs queued from now on)."""
         q = s.run_queue
-        with self._backend._tx() as conn:
+        with self._backend.transaction() as conn:
             conn.execute(
                 update(q)
                 .where(q.c.tenant_id == tenant_id, q.c.finish_tag > 0)
@@ -493,7 +493,7 @@ class FairRunQueue:
             return
         q = s.run_queue
         until = utcnow() + timedelta(seconds=lease_s)
-        with self._backend._tx() as conn:
+        with self._backend.transaction() as conn:
             for c in claims:
                 conn.execute(
                     update(q)
@@ -510,7 +510,7 @@ class FairRunQueue:
             Whether the claim was given back (False: its lease had expired meanwhile).
         """
         q = s.run_queue
-        with self._backend._tx() as conn:
+        with self._backend.transaction() as conn:
             back = conn.execute(
                 update(q)
                 .where(
@@ -596,10 +596,10 @@ class FairRunQueue:
             the caller settles).
         """
         params = {"b_now": now or utcnow()}
-        with self._backend._tx() as conn:
+        with self._backend.transaction() as conn:
             if conn.execute(_ANY_EXPIRED, params).first() is None:
                 return 0, []
-        with self._backend._tx() as conn:
+        with self._backend.transaction() as conn:
             if not self._postgres:  # PostgreSQL locks the entries it reads instead
                 self._begin_write(conn)
             expired = [
@@ -641,12 +641,12 @@ class FairRunQueue:
         cond: list[ColumnElement[bool]] = [q.c.claimed_by.is_(None)]
         if tenant_id is not None:
             cond.append(q.c.tenant_id == tenant_id)
-        with self._backend._tx() as conn:
+        with self._backend.transaction() as conn:
             return int(conn.execute(select(func.count()).where(*cond)).scalar_one())
 
     def held(self, tenant_id: str) -> int:
         """Runs of the tenant held now (claimed by workers or admitted synchronously)."""
-        with self._backend._tx() as conn:
+        with self._backend.transaction() as conn:
             return self._held(conn, tenant_id)
 
 

@@ -29,7 +29,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from patinox.errors import ExceedsBudget, QuotaExceeded
 from patinox.storage import SqlBackend, execute_write
-from patinox.storage import _schema as s
+from patinox.storage import schema as s
 
 TOKENS_PER_DAY = "tokens_per_day"
 RUNS_PER_DAY = "runs_per_day"
@@ -235,6 +235,6 @@ class TokenBudget:
     def spent_today(self, tenant_id: str) -> tuple[int, int]:
         """(spent, reserved) tokens of ``tenant_id`` today."""
         period, _ = self._period()
-        with self._backend._tx() as conn:
+        with self._backend.transaction() as conn:
             row = conn.execute(_READ, self._key(tenant_id, period)).first()
         return (0, 0) if row is None else (int(row[0]), int(row[1]))

@@ -1,27 +1,44 @@
-"""The tenant-scoped data layer: backends chosen by URL, control-plane and tenant stores."""
+"""The tenant-scoped data layer: backends chosen by URL, control-plane and tenant stores.
 
-from patinox.storage._cache import MISS
-from patinox.storage._fast import write as execute_write
-from patinox.storage.backend import (
-    PreparedWrite,
-    SqlBackend,
-    StorageBackend,
-    TenantStore,
-    open_backend,
-    utcnow,
-)
+Two kinds of access, kept apart:
+
+* :class:`SqlBackend` — the control plane, used by operator code (tenant manager, key
+  verification, operator audit and usage views). Its methods take explicit tenant ids
+  because operators act *on* tenants; :meth:`SqlBackend.transaction` is the control-plane
+  transaction of components that keep statements of their own on control-plane tables
+  (:data:`schema`: the run queue, the quota ledger), run with :func:`execute_write`.
+* :class:`TenantStore` — everything a tenant owns. It is bound to exactly one tenant when
+  made (from the active :class:`~patinox.tenancy.TenantContext`, or one passed in
+  explicitly as data) and adds the ``tenant_id`` predicate to every statement itself;
+  its callers never pass a tenant id and cannot name another tenant's rows. Which of its
+  columns are sealed (encrypted per tenant) is said once, by :func:`sealed_columns`.
+
+Modules whose names start with ``_`` are this package's own: nothing outside
+``patinox.storage`` imports them (an import-linter contract says so).
+"""
+
+from patinox.storage import _schema as schema
+from patinox.storage._control_store import SqlBackend, open_backend
+from patinox.storage._fast import execute_write
+from patinox.storage._placement import Placements
+from patinox.storage._schema import utcnow
+from patinox.storage._sealer import SealedColumn, sealed_columns
+from patinox.storage._statements import PreparedWrite
+from patinox.storage._tenant_store import TenantStore
 from patinox.storage.engine import make_engine, migrate, translate_errors
 
 __all__ = [
-    "MISS",
+    "Placements",
     "PreparedWrite",
+    "SealedColumn",
     "SqlBackend",
-    "StorageBackend",
     "TenantStore",
     "execute_write",
     "make_engine",
     "migrate",
     "open_backend",
+    "schema",
+    "sealed_columns",
     "translate_errors",
     "utcnow",
 ]

@@ -49,7 +49,7 @@ from sqlalchemy.engine import make_url
 
 from patinox.errors import ConfigurationError, StorageError
 
-__all__ = ["MISS", "ChangeEpoch", "TenantCache", "epoch_for_url", "sqlite_target"]
+__all__ = ["MISS", "ChangeEpoch", "TenantCache", "copy_row", "epoch_for_url", "sqlite_target"]
 
 _COUNTER: Final = struct.Struct("<Q")
 
@@ -264,19 +264,21 @@ class TenantCache:
                     self._seen = now
         return now
 
-    def get(self, key: Hashable) -> Any:
-        """The cached value of ``key``, or :data:`MISS` (call :meth:`epoch` first)."""
+    def get(self, key: Hashable, default: Any = MISS) -> Any:
+        """The cached value of ``key``, or ``default`` when there is none (call
+        :meth:`epoch` first); ``default`` is :data:`MISS` unless given, for callers that
+        may cache ``None``."""
         if self._epoch is None:
-            return MISS
+            return default
         with self._lock:
             tenant = self._owner.get(key, MISS)
             if tenant is MISS:
-                return MISS
+                return default
             bucket = self._buckets[tenant]  # type: ignore[index]
             value, expiry = bucket[key]
             if self._clock() >= expiry:
                 del bucket[key], self._owner[key]
-                return MISS
+                return default
             bucket.move_to_end(key)
             self._buckets.move_to_end(tenant)  # type: ignore[arg-type]
             return value
@@ -324,3 +326,9 @@ class TenantCache:
         """Release the epoch's file."""
         if self._epoch is not None:
             self._epoch.close()
+
+
+def copy_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a cached row whose lists and dicts (JSON columns) are copies too, so a
+    caller may change what it is given without changing the cache."""
+    return {k: v.copy() if isinstance(v, list | dict) else v for k, v in row.items()}

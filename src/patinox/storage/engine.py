@@ -28,7 +28,7 @@ from patinox.errors import (
     PatinoxError,
     StorageError,
 )
-from patinox.storage import _checkpoint, _kept
+from patinox.storage import _checkpoint, _fast
 from patinox.storage._cache import sqlite_target
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -99,7 +99,8 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     keys on, 5 s busy timeout for writers in other processes, ``secure_delete`` on; for a
     file, WAL checkpoints on a background thread instead of in commits
     (:mod:`patinox.storage._checkpoint`) and one connection kept open between the owner
-    thread's transactions (:func:`begin`, :mod:`patinox.storage._kept`).
+    thread's transactions (:func:`begin`, :mod:`patinox.storage._fast`; not with
+    ``PATINOX_SQLA_FASTPATH=0``).
     PostgreSQL: psycopg 3, pre-ping, a pool of ``pool_size`` connections.
 
     Raises:
@@ -133,7 +134,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
 
         if database:
             _checkpoint.register(engine, Path(database).resolve())
-            _kept.keep_for(engine)
+            _fast.keep_for(engine)
         return engine
     if is_postgres(url):
         try:
@@ -152,10 +153,10 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     )
 
 
-#: ``engine.begin()``, on the connection the owner thread keeps (see :mod:`patinox.storage._kept`).
-begin = _kept.begin
-#: ``engine.dispose()``, closing the kept connection first (see :mod:`patinox.storage._kept`).
-dispose = _kept.dispose
+#: ``engine.begin()``, on the connection the owner thread keeps (see :mod:`patinox.storage._fast`).
+begin = _fast.begin
+#: ``engine.dispose()``, closing the kept connection first (see :mod:`patinox.storage._fast`).
+dispose = _fast.dispose
 
 
 def database_name(url: str) -> str | None:

@@ -19,7 +19,7 @@ def pool_of_one_connection(t: Target, _: SuiteEnv) -> None:
     """One pooled connection, two tenants alternating: each sees only its own rows, and
     between transactions the connection carries no tenant setting (also after a failed
     transaction), so a forgotten setting can never serve the next tenant."""
-    from patinox.storage._placement import Placements
+    from patinox.storage import Placements
 
     assert t.pg is not None and t.owner_url is not None
     small = create_engine(normalise_url(t.app_url), pool_size=1, max_overflow=0)

@@ -76,14 +76,15 @@ class DataKey:
     tenant_id: str
     version: int
     key: bytes = field(repr=False)
-    _aead: AESGCM = field(init=False, repr=False, compare=False, hash=False)
+    #: The AES-GCM cipher of ``key``, made once: what :func:`encrypt` and :func:`decrypt` use.
+    cipher: AESGCM = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         _check_tenant(self.tenant_id)
         _check_version(self.version)
         if not isinstance(self.key, bytes) or len(self.key) != DEK_BYTES:
             raise ConfigurationError(f"a DEK is {DEK_BYTES} bytes")
-        object.__setattr__(self, "_aead", AESGCM(self.key))
+        object.__setattr__(self, "cipher", AESGCM(self.key))
 
     @classmethod
     def generate(cls, tenant_id: str, version: int) -> DataKey:
@@ -114,7 +115,7 @@ def encrypt(plaintext: bytes, *, key: DataKey, table: str, record_id: str) -> by
     header = _HEADER.pack(BLOB_FORMAT_VERSION, key.version)
     nonce = os.urandom(_NONCE_BYTES)
     aad = _aad(header, key.tenant_id, table, record_id)
-    return header + nonce + key._aead.encrypt(nonce, plaintext, aad)
+    return header + nonce + key.cipher.encrypt(nonce, plaintext, aad)
 
 
 def decrypt(
@@ -163,7 +164,7 @@ def decrypt(
     aad = _aad(header, tenant_id, table, record_id)
     nonce = bytes(blob[_HEADER.size : _BODY_OFFSET])
     try:
-        return key._aead.decrypt(nonce, bytes(blob[_BODY_OFFSET:]), aad)
+        return key.cipher.decrypt(nonce, bytes(blob[_BODY_OFFSET:]), aad)
     except InvalidTag as exc:
         raise DecryptionFailed(
             "ciphertext failed authentication (altered, or not stored for this tenant/table/row)",

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import patinox.storage._schema
+from patinox.storage._schema import UTCDateTime
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -32,8 +32,8 @@ def upgrade() -> None:
         sa.Column("tools", sa.JSON(), nullable=False),
         sa.Column("max_output_tokens", sa.Integer(), nullable=True),
         sa.Column("max_tool_calls", sa.Integer(), nullable=True),
-        sa.Column("created_at", patinox.storage._schema.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", patinox.storage._schema.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("tenant_id", "id", name=op.f("pk_agents")),
     )
     with op.batch_alter_table("agents", schema=None) as batch_op:
@@ -47,8 +47,8 @@ def upgrade() -> None:
         sa.Column("prefix", sa.String(length=24), nullable=False),
         sa.Column("secret_hash", sa.String(length=64), nullable=False),
         sa.Column("scopes", sa.JSON(), nullable=False),
-        sa.Column("created_at", patinox.storage._schema.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("revoked_at", patinox.storage._schema.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("revoked_at", UTCDateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_api_keys")),
         sa.UniqueConstraint("prefix", name=op.f("uq_api_keys_prefix")),
     )
@@ -65,7 +65,7 @@ def upgrade() -> None:
         ),
         sa.Column("tenant_id", sa.String(length=40), nullable=True),
         sa.Column("id", sa.String(length=40), nullable=False),
-        sa.Column("at", patinox.storage._schema.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("at", UTCDateTime(timezone=True), nullable=False),
         sa.Column("actor", sa.String(length=40), nullable=False),
         sa.Column("action", sa.String(length=60), nullable=False),
         sa.Column("target", sa.String(length=200), nullable=True),
@@ -82,7 +82,7 @@ def upgrade() -> None:
         sa.Column("tenant_id", sa.String(length=40), nullable=False),
         sa.Column("key", sa.String(length=200), nullable=False),
         sa.Column("value", sa.Text(), nullable=False),
-        sa.Column("updated_at", patinox.storage._schema.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("tenant_id", "key", name=op.f("pk_memory")),
     )
     op.create_table(
@@ -93,9 +93,9 @@ def upgrade() -> None:
         sa.Column("state", sa.String(length=20), nullable=False),
         sa.Column("isolation_level", sa.String(length=20), nullable=False),
         sa.Column("limit_overrides", sa.JSON(), nullable=False),
-        sa.Column("created_at", patinox.storage._schema.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", patinox.storage._schema.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("deleted_at", patinox.storage._schema.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("deleted_at", UTCDateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_tenants")),
     )
     with op.batch_alter_table("tenants", schema=None) as batch_op:
@@ -112,7 +112,7 @@ def upgrade() -> None:
         sa.Column("tenant_id", sa.String(length=40), nullable=False),
         sa.Column("id", sa.String(length=40), nullable=False),
         sa.Column("run_id", sa.String(length=40), nullable=False),
-        sa.Column("at", patinox.storage._schema.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("at", UTCDateTime(timezone=True), nullable=False),
         sa.Column("model", sa.String(length=200), nullable=False),
         sa.Column("simulated", sa.Integer(), nullable=False),
         sa.Column("input_tokens", sa.Integer(), nullable=False),
@@ -141,9 +141,9 @@ def upgrade() -> None:
         sa.Column("output_tokens", sa.Integer(), nullable=False),
         sa.Column("tool_calls", sa.Integer(), nullable=False),
         sa.Column("error", sa.JSON(), nullable=True),
-        sa.Column("created_at", patinox.storage._schema.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("started_at", patinox.storage._schema.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("finished_at", patinox.storage._schema.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
+        sa.Column("started_at", UTCDateTime(timezone=True), nullable=True),
+        sa.Column("finished_at", UTCDateTime(timezone=True), nullable=True),
         sa.Column("duration_ms", sa.Float(), nullable=True),
         sa.ForeignKeyConstraint(
             ["tenant_id", "agent_id"],

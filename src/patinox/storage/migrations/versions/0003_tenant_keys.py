@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import patinox.storage._schema
+from patinox.storage._schema import UTCDateTime
 
 revision: str = "0003"
 down_revision: str | None = "0002"
@@ -29,11 +29,11 @@ def upgrade() -> None:
         sa.Column("tenant_id", sa.String(length=40), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("wrapped", sa.LargeBinary(), nullable=False),
-        sa.Column("created_at", patinox.storage._schema.UTCDateTime(), nullable=False),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint("tenant_id", "version", name=op.f("pk_tenant_keys")),
     )
     with op.batch_alter_table("tenants") as batch:
-        batch.add_column(sa.Column("keys_destroyed_at", patinox.storage._schema.UTCDateTime(), nullable=True))
+        batch.add_column(sa.Column("keys_destroyed_at", UTCDateTime(), nullable=True))
     if op.get_bind().dialect.name == "postgresql":
         op.execute("ALTER TABLE tenant_keys ENABLE ROW LEVEL SECURITY")
         op.execute("ALTER TABLE tenant_keys FORCE ROW LEVEL SECURITY")

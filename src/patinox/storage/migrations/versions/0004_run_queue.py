@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import patinox.storage._schema
+from patinox.storage._schema import UTCDateTime
 
 revision: str = "0004"
 down_revision: str | None = "0003"
@@ -26,7 +26,7 @@ POLICY = (
 
 
 def upgrade() -> None:
-    utc = patinox.storage._schema.UTCDateTime
+    utc = UTCDateTime
     op.create_table(
         "run_queue",
         sa.Column("tenant_id", sa.String(length=40), nullable=False),

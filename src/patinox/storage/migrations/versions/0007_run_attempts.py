@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-import patinox.storage._schema
+from patinox.storage._schema import UTCDateTime
 
 revision: str = "0007"
 down_revision: str | None = "0006"
@@ -38,7 +38,7 @@ def _tokens() -> sa.types.TypeEngine[int]:
 
 
 def upgrade() -> None:
-    utc = patinox.storage._schema.UTCDateTime
+    utc = UTCDateTime
     op.create_table(
         "run_attempts",
         sa.Column("tenant_id", sa.String(length=40), nullable=False),
