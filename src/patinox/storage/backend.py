@@ -59,6 +59,7 @@ from patinox.errors import (
     StorageError,
     TenantNotFound,
 )
+from patinox.storage import _bulk
 from patinox.storage import _schema as s
 from patinox.storage._cache import MISS, TenantCache, epoch_for_url
 from patinox.storage._crypto.aead import blob_key_version, decrypt_str, encrypt_str
@@ -587,6 +588,44 @@ class SqlBackend:
         for tenant in self._separate_tenants():
             rows += self._store_of(tenant).usage_summary(since=since)
         return rows
+
+    # -- moves between storage models -----------------------------------------------
+
+    def acting_on_model(self, tenant_id: str, model: StorageModel) -> TenantStore:
+        """Like :meth:`acting_on`, but bound to the tenant's placement under ``model``,
+        which need not be its current one (a move reads one copy and writes the other).
+
+        Raises:
+            TenantNotFound: no such tenant, or it was deleted.
+        """
+        return self._store_of({**self.get_tenant(tenant_id), "storage_model": model.value})
+
+    def compare_and_set_tenant(self, tenant_id: str, expect: Mapping[str, Any], values: Row) -> bool:
+        """Update the tenant row with ``values`` only if every column in ``expect`` still
+        holds its value (``None``: is null; a tuple: any of these), in one UPDATE.
+
+        :meth:`update_tenant` compares only ``state``; a move also compares
+        ``storage_model`` and ``moving_to``, so two moves, or a move and a deletion,
+        cannot both win.
+
+        Returns:
+            True if the row was updated.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        won = _bulk.compare_and_set_tenant(self.control_tx, tenant_id, expect, values)
+        if won:
+            self.cache.changed(tenant_id)
+        return won
+
+    def unclaimed_runs(self, tenant_id: str) -> set[str]:
+        """Ids of ``tenant_id``'s runs waiting, unclaimed, in the durable run queue.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        return _bulk.unclaimed_runs(self.control_tx, tenant_id)
 
 
 def _usage_summary_query(tenant_id: str | None, since: datetime | None) -> Any:
@@ -1342,3 +1381,11 @@ class TenantStore:
             q = q.where(s.usage_records.c.at >= since)
         with self._tx() as conn:
             return [dict(r) for r in conn.execute(q.order_by(s.usage_records.c.at).limit(limit)).mappings()]
+
+    # -- bulk (export, import, moves) -------------------------------------------------
+
+    def bulk(self) -> _bulk.BulkRows:
+        """This tenant's rows in this placement, a table at a time: paged reads (payloads
+        opened or as stored), bulk inserts (sealed here or kept), delete-all, counts and
+        fingerprints. See :class:`~patinox.storage._bulk.BulkRows`."""
+        return _bulk.BulkRows(self._placement, self._tx, self._sealer, self._SEALED, tenant_id=self.tenant_id)
