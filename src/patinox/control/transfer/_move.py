@@ -232,6 +232,24 @@ def _copy_and_switch(
     return rows, samples
 
 
+def _finish_switched(
+    backend: SqlBackend, tenant_id: str, model: StorageModel, moving: str | None, started: float
+) -> MoveSummary:
+    """Nothing to copy (the tenant is on ``model`` already): finish a move interrupted after
+    its switch, lifting its hold and removing the stale copies elsewhere."""
+    if moving is not None:
+        backend.compare_and_set_tenant(tenant_id, {"moving_to": moving}, {"moving_to": None})
+    shredded = _shred_stale(backend, tenant_id, model)
+    return MoveSummary(
+        tenant_id=tenant_id,
+        from_model=model,
+        to_model=model,
+        shredded=shredded,
+        resumed=True,
+        duration_s=time.monotonic() - started,
+    )
+
+
 def move_tenant(
     backend: SqlBackend,
     tenant_id: str,
@@ -300,18 +318,7 @@ def move_tenant(
     to = StorageModel(to)
     src, moving = _movable(backend, tenant_id, to)
     if src is to:
-        # Nothing to copy; finish a move interrupted after its switch (stale copies elsewhere).
-        if moving is not None:
-            backend.compare_and_set_tenant(tenant_id, {"moving_to": moving}, {"moving_to": None})
-        shredded = _shred_stale(backend, tenant_id, src)
-        return MoveSummary(
-            tenant_id=tenant_id,
-            from_model=src,
-            to_model=to,
-            shredded=shredded,
-            resumed=True,
-            duration_s=time.monotonic() - started,
-        )
+        return _finish_switched(backend, tenant_id, src, moving, started)
     claim = {"state": _LIVE, "storage_model": src.value, "moving_to": moving}
     if not backend.compare_and_set_tenant(tenant_id, claim, {"moving_to": to.value}):
         raise InvalidTransition("the tenant changed while the move started; try again", tenant_id=tenant_id)
@@ -328,12 +335,9 @@ def move_tenant(
     except BaseException as err:
         _abort(backend, tenant_id, src, to, actor, err)
         raise
+    detail = {"from": src.value, "to": to.value, "rows": rows, "resumed": moving is not None}
     backend.acting_on(tenant_id).append_audit(
-        actor=actor,
-        action="tenant.move",
-        target=tenant_id,
-        outcome="ok",
-        detail={"from": src.value, "to": to.value, "rows": rows, "resumed": moving is not None},
+        actor=actor, action="tenant.move", target=tenant_id, outcome="ok", detail=detail
     )
     time.sleep(grace_s)
     _remove_copy(backend, tenant_id, src)
