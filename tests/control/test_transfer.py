@@ -22,11 +22,13 @@ from sqlalchemy import String, insert
 
 from patinox.api import Runtime, Settings, create_app
 from patinox.control import transfer
-from patinox.control.transfer import _bundle, _import, _move
 from patinox.control.tenants import TenantManager
 from patinox.control.transfer import (
     BundleRejected,
     TenantMoveFailed,
+    _bundle,
+    _import,
+    _move,
     abort_move,
     export_tenant,
     generate_recipient_keypair,

@@ -121,7 +121,7 @@ where they are (:data:`CONTROL_PLANE_TABLES`). It also reads the placement's cat
 every other table with a ``tenant_id`` column: if one holds rows of the tenant, export
 and move refuse (:class:`~patinox.errors.OperationFailed`, ``reason="unknown_table"``)
 rather than leave those rows behind or move a control-plane table out of the shared
-database. A new table is therefore taught to this module, not silently skipped.
+database. A new table is therefore taught to this package, not silently skipped.
 
 Layout
 ------
