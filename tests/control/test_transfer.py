@@ -26,6 +26,9 @@ from patinox.control.tenants import TenantManager
 from patinox.control.transfer import (
     BundleRejected,
     TenantMoveFailed,
+    _bundle,
+    _import,
+    _move,
     abort_move,
     export_tenant,
     generate_recipient_keypair,
@@ -59,7 +62,7 @@ UNLIMITED = {"requests_per_minute": 1_000_000}
 @pytest.fixture(autouse=True)
 def _fast_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
     """Scrypt at its minimum accepted cost (2**14), so the suite stays fast; one test uses the default."""
-    monkeypatch.setattr(transfer, "SCRYPT_N", 2**14)
+    monkeypatch.setattr(_bundle, "SCRYPT_N", 2**14)
 
 
 def populate(t: TenantHandle) -> None:
@@ -330,8 +333,8 @@ def test_default_scrypt_cost_and_multi_segment_bundles(
     backend: SqlBackend,
     tmp_path: Path,
 ) -> None:
-    monkeypatch.setattr(transfer, "SCRYPT_N", 2**17)
-    monkeypatch.setattr(transfer, "SEGMENT_BYTES", 1024)
+    monkeypatch.setattr(_bundle, "SCRYPT_N", 2**17)
+    monkeypatch.setattr(_bundle, "SEGMENT_BYTES", 1024)
     t = make_tenant("acme", "pro", UNLIMITED)
     populate(t)
     noise = base64.b64encode(os.urandom(12_000)).decode()  # 16 KB that zlib cannot shrink much
@@ -398,16 +401,16 @@ def test_import_failing_halfway_leaves_nothing(
     bundle = tmp_path / "acme.ptx"
     export_tenant(backend, t.id, bundle, passphrase=PASS)
     live = {x["id"] for x in backend.list_tenants()}
-    real = transfer._import_row
+    real = _import._import_row
     written: list[str] = []
 
-    def failing(store: Any, kind: str, row: Any) -> Any:
+    def failing(kind: str, row: Any) -> Any:
         if kind == "memory":  # agents and runs are already in the database by now
             raise StorageError("disk full (simulated)")
         written.append(kind)
-        return real(store, kind, row)
+        return real(kind, row)
 
-    monkeypatch.setattr(transfer, "_import_row", failing)
+    monkeypatch.setattr(_import, "_import_row", failing)
     with pytest.raises(StorageError):
         import_tenant(
             backend, bundle, passphrase=PASS, name="acme-copy", actor="test", manager=runtime.tenants
@@ -420,7 +423,7 @@ def test_import_failing_halfway_leaves_nothing(
     rows = count_tenant_rows(deployment, gone["id"])
     assert sum(rows.values()) == 0, rows  # no rows anywhere, no schema / database / file
     # The name is free again.
-    monkeypatch.setattr(transfer, "_import_row", real)
+    monkeypatch.setattr(_import, "_import_row", real)
     assert import_tenant(backend, bundle, passphrase=PASS, name="acme-copy", actor="test").name == "acme-copy"
 
 
@@ -547,7 +550,7 @@ def test_a_failed_move_leaves_the_tenant_where_it_was(
     def fail(*args: Any) -> int:
         raise TenantMoveFailed("simulated", tenant_id=t.id, reason="verification_failed")
 
-    monkeypatch.setattr(transfer, "_verify_copy", fail)
+    monkeypatch.setattr(_move, "_verify_copy", fail)
     with pytest.raises(TenantMoveFailed):
         move_tenant(backend, t.id, StorageModel.SILO, actor="test", grace_s=0)
 
@@ -639,17 +642,17 @@ def test_interrupted_moves_resume_or_abort(
     assert snapshot(client, t.h) == before
 
     # A crash after the switch, before the old copy is shredded.
-    real = transfer._remove_copy
+    real = _move._remove_copy
 
     def crash_on_shred(b: SqlBackend, tid: str, model: StorageModel) -> None:
         if model is StorageModel.SILO:
             raise KeyboardInterrupt
         real(b, tid, model)
 
-    monkeypatch.setattr(transfer, "_remove_copy", crash_on_shred)
+    monkeypatch.setattr(_move, "_remove_copy", crash_on_shred)
     with pytest.raises(KeyboardInterrupt):
         move_tenant(backend, t.id, StorageModel.POOL, actor="test", grace_s=0)
-    monkeypatch.setattr(transfer, "_remove_copy", real)
+    monkeypatch.setattr(_move, "_remove_copy", real)
     rows = count_tenant_rows(deployment, t.id)
     assert backend.get_tenant(t.id)["storage_model"] == "pool" and rows["<file>"] == 1  # stale copy
     summary = move_tenant(backend, t.id, StorageModel.POOL, actor="test", grace_s=0)

@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine, Table, delete, insert, inspect, selec
 from sqlalchemy.engine import make_url
 
 from patinox.errors import AlreadyExists, NotFound, StorageError, TenantNotFound
+from patinox.storage import _bulk
 from patinox.storage import _schema as s
 from patinox.storage._cache import MISS, TenantCache, copy_row, epoch_for_url
 from patinox.storage._crypto.keyring import TenantKeyring
@@ -464,3 +465,41 @@ class SqlBackend:
         for tenant in self._separate_tenants():
             rows += self._store_of(tenant).usage_summary(since=since)
         return rows
+
+    # -- moves between storage models -----------------------------------------------
+
+    def acting_on_model(self, tenant_id: str, model: StorageModel) -> TenantStore:
+        """Like :meth:`acting_on`, but bound to the tenant's placement under ``model``,
+        which need not be its current one (a move reads one copy and writes the other).
+
+        Raises:
+            TenantNotFound: no such tenant, or it was deleted.
+        """
+        return self._store_of({**self.get_tenant(tenant_id), "storage_model": model.value})
+
+    def compare_and_set_tenant(self, tenant_id: str, expect: Mapping[str, Any], values: Row) -> bool:
+        """Update the tenant row with ``values`` only if every column in ``expect`` still
+        holds its value (``None``: is null; a tuple: any of these), in one UPDATE.
+
+        :meth:`update_tenant` compares only ``state``; a move also compares
+        ``storage_model`` and ``moving_to``, so two moves, or a move and a deletion,
+        cannot both win.
+
+        Returns:
+            True if the row was updated.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        won = _bulk.compare_and_set_tenant(self.control_tx, tenant_id, expect, values)
+        if won:
+            self.cache.changed(tenant_id)
+        return won
+
+    def unclaimed_runs(self, tenant_id: str) -> set[str]:
+        """Ids of ``tenant_id``'s runs waiting, unclaimed, in the durable run queue.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        return _bulk.unclaimed_runs(self.control_tx, tenant_id)

@@ -34,6 +34,7 @@ from sqlalchemy import (
 )
 
 from patinox.errors import AlreadyExists, ConfigurationError, InvalidRequest, NotFound, QuotaExceeded
+from patinox.storage import _bulk
 from patinox.storage import _schema as s
 from patinox.storage._cache import MISS, TenantCache, copy_row
 from patinox.storage._fast import execute_write
@@ -682,3 +683,11 @@ class TenantStore:
             q = q.where(s.usage_records.c.at >= since)
         with self._tx() as conn:
             return [dict(r) for r in conn.execute(q.order_by(s.usage_records.c.at).limit(limit)).mappings()]
+
+    # -- bulk (export, import, moves) -------------------------------------------------
+
+    def bulk(self) -> _bulk.BulkRows:
+        """This tenant's rows in this placement, a table at a time: paged reads (payloads
+        opened or as stored), bulk inserts (sealed here or kept), delete-all, counts and
+        fingerprints. See :class:`~patinox.storage._bulk.BulkRows`."""
+        return _bulk.BulkRows(self._placement, self._tx, self._sealer, tenant_id=self.tenant_id)
