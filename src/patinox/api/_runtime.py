@@ -141,7 +141,9 @@ class Runtime:
         rate = WindowRateLimiter(settings.rate_limit_storage)
         tenants = TenantManager(backend)
         admission = FairShareAdmission(settings.admission) if settings.admission.enabled else None
-        runs = RunService(backend, NamespaceExecutor(), queue=queue, budget=budget, admission=admission)
+        runs = RunService(
+            backend, NamespaceExecutor(), queue=queue, budget=budget, admission=admission, rate=rate
+        )
         tenants.subscribe(runs.on_tenant_event)
         tenants.subscribe(runs.on_limits_changed)
         # No decrypted key of a suspended or deleted tenant stays in memory.
