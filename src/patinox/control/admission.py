@@ -275,7 +275,7 @@ class RunAdmission:
         )
 
     def refusal_of_claim(self, tenant: Row, principal: str) -> str | None:
-        """Step 1 for a claimed run, and its queuing key: ``"suspended"`` when the tenant
+        """Step 2 for a claimed run, and its queuing key: ``"suspended"`` when the tenant
         is no longer active (the run waits, queued, for its resumption; a deletion purges
         it), ``"key_revoked"`` when the API key that queued it was revoked or lost
         ``runs:write`` meanwhile (runs queued by an operator carry no key), else ``None``.
