@@ -316,7 +316,7 @@ class Settlement:
             PatinoxError: what ``admit`` raised (a refusal; nothing was kept), or the
                 storage error that ended the run's writing (its admission undone).
         """
-        joined = store.joins(self._backend.engine)
+        joined = self.joins(store)
         with self._backend.control_tx() as conn:
             ticket = admit(conn)
             if joined:
