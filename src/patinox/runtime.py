@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from patinox.control import AgentService, ApiKeys, RunService, TenantManager
+from patinox.control import AgentService, ApiKeys, RunService, TenantEvent, TenantManager
 from patinox.control.worker import RunWorker
 from patinox.errors import ConfigurationError
 from patinox.isolation import NamespaceExecutor
@@ -149,13 +149,14 @@ class Runtime:
         rate = WindowRateLimiter(settings.rate_limit_storage)
         tenants = TenantManager(backend)
         admission = FairShareAdmission(settings.admission) if settings.admission.enabled else None
-        runs = RunService(backend, NamespaceExecutor(), queue=queue, budget=budget, admission=admission)
+        runs = RunService(
+            backend, NamespaceExecutor(), queue=queue, budget=budget, admission=admission, rate=rate
+        )
         tenants.subscribe(runs.on_tenant_event)
         tenants.subscribe(runs.on_limits_changed)
         # No decrypted key of a suspended or deleted tenant stays in memory.
-        tenants.subscribe(
-            lambda tid, event: backend.keyring.forget(tid) if event in ("suspended", "deleted") else None
-        )
+        forget_on = (TenantEvent.SUSPENDED, TenantEvent.DELETED)
+        tenants.subscribe(lambda tid, event: backend.keyring.forget(tid) if event in forget_on else None)
         return cls(
             settings=settings,
             backend=backend,

@@ -1,14 +1,8 @@
 """The control plane: tenant lifecycle, API keys, agent definitions and the run path."""
 
+from patinox.control.agents import AgentPatch, AgentService, AgentSpec
 from patinox.control.keys import ADMIN_SCOPE, TENANT_SCOPES, ApiKeys, IssuedKey, OperatorPrincipal
-from patinox.control.runs import (
-    AgentPatch,
-    AgentService,
-    AgentSpec,
-    RunExecutor,
-    RunRequest,
-    RunService,
-)
+from patinox.control.runs import RunExecutor, RunRequest, RunService
 from patinox.control.tenants import Tenant, TenantEvent, TenantManager, TenantSpec, TenantUpdate
 
 __all__ = [

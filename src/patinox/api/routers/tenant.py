@@ -16,7 +16,7 @@ from patinox.api import schemas as o
 from patinox.api._deps import RT, AgentWriter, Reader, RunWriter, Store
 from patinox.api._middleware import RATE_STATES
 from patinox.control import AgentPatch, AgentSpec, RunRequest
-from patinox.errors import InvalidRequest, NotFound, RateLimited
+from patinox.errors import InvalidRequest, NotFound
 from patinox.limits import RateLimitState, day_start
 from patinox.runtime import Runtime
 from patinox.storage import utcnow
@@ -75,17 +75,10 @@ async def create_run(
     # The runtime straight from the app, not through the RT dependency: every run comes this
     # way, and each dependency FastAPI solves costs about 10 us a request on this machine.
     rt: Runtime = request.app.state.runtime
-    # The agent's policy joins the tenant's and the key's in the response's RateLimit
-    # headers, on success and on its own 429 alike.
+    # The run's admission adds the agent's rate-limit policy to the tenant's and the key's
+    # in the response's RateLimit headers, on success and on its own 429 alike.
     states: list[RateLimitState] = request.scope["state"][RATE_STATES]
-    try:
-        states.append(
-            rt.rate.hit(f"agent:{agent_id}", ctx.limits.per_agent_rpm, tenant_id=ctx.tenant_id, unit="runs")
-        )
-    except RateLimited as err:
-        states.append(RateLimitState.from_refusal(err))
-        raise
-    row = await rt.runs.start(ctx, agent_id, req)
+    row = await rt.runs.start(ctx, agent_id, req, rate_states=states)
     if req.mode == "async":
         response.status_code = 202
         response.headers["Location"] = f"/v1/runs/{row['id']}"
