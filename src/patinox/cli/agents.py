@@ -51,7 +51,7 @@ def agents_create(
     spec = AgentSpec(name=name, model=model, instructions=instructions, tools=tool or [])
     rt = open_runtime(data_dir)
     row = rt.agents.create(_tenant_context(rt, tenant_id), spec)
-    show(AgentOut(**row, simulated=is_simulated(row["model"])))
+    show(AgentOut.model_validate({**row, "simulated": is_simulated(row["model"])}))
 
 
 @app.command("list", cls=Command)
@@ -101,5 +101,5 @@ def run(
     ctx = _tenant_context(rt, tenant_id)
     agents = {a["name"]: a["id"] for a in rt.backend.tenant_store(ctx).list_agents()}
     row = asyncio.run(rt.runs.start(ctx, agents.get(agent, agent), request))
-    out = RunOut(**{**row, "simulated": bool(row["simulated"])}).model_dump(mode="json")
+    out = RunOut.model_validate({**row, "simulated": bool(row["simulated"])}).model_dump(mode="json")
     show({k: out[k] for k in _RUN_FIELDS})

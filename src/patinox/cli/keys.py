@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -14,11 +14,12 @@ from patinox.errors import NotFound
 if TYPE_CHECKING:
     from patinox.api.schemas import KeyOut
     from patinox.runtime import Runtime
+    from patinox.storage import ApiKeyRecord
 
 app = typer.Typer(cls=Group, no_args_is_help=True, help="Create and revoke API keys.")
 
 
-def _key_out(row: dict[str, Any]) -> KeyOut:
+def _key_out(row: ApiKeyRecord) -> KeyOut:
     from patinox.api.schemas import KeyOut
 
     return KeyOut(**row)

@@ -44,8 +44,6 @@ entry point                               admission
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import Connection
 
 from patinox.agents import RunLimits, count_simulated_tokens
@@ -60,10 +58,8 @@ from patinox.limits import (
     RateLimitState,
     TokenBudget,
 )
-from patinox.storage import SqlBackend
+from patinox.storage import AgentRecord, SqlBackend, TenantRecord
 from patinox.tenancy import TenantContext, get_plan
-
-Row = dict[str, Any]
 
 #: Seconds a synchronous run's concurrency hold outlives the run's timeout (settlement).
 _HOLD_GRACE_S = 60.0
@@ -75,7 +71,7 @@ _HOLD_MAX_S = 30 * 86_400.0 + _HOLD_GRACE_S
 TOOL_CALL_TOKENS = 64
 
 
-def worst_case_tokens(agent: Row, prompt: str, output_tokens: int | None, limits: RunLimits) -> int:
+def worst_case_tokens(agent: AgentRecord, prompt: str, output_tokens: int | None, limits: RunLimits) -> int:
     """The tokens reserved for a run before it starts, and its hard cap while it runs.
 
     Every model request of a run re-sends the conversation, so a run that may make ``n``
@@ -90,7 +86,7 @@ def worst_case_tokens(agent: Row, prompt: str, output_tokens: int | None, limits
     return (calls + 1) * words + calls * TOOL_CALL_TOKENS + output
 
 
-def run_limits(ctx: TenantContext, agent: Row) -> RunLimits:
+def run_limits(ctx: TenantContext, agent: AgentRecord) -> RunLimits:
     """The limits of one run of ``agent``: the agent's own caps within the tenant's."""
     lim = ctx.limits
     max_out = min(
@@ -283,7 +279,7 @@ class RunAdmission:
             claim=claim,
         )
 
-    def refusal_of_claim(self, tenant: Row, principal: str) -> str | None:
+    def refusal_of_claim(self, tenant: TenantRecord, principal: str) -> str | None:
         """Step 2 for a claimed run, and its queuing key: ``"suspended"`` when the tenant
         is no longer active (the run waits, queued, for its resumption; a deletion purges
         it), ``"key_revoked"`` when the API key that queued it was revoked or lost

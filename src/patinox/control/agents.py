@@ -3,18 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from patinox.agents import validate_model_id, validate_tool_names
 from patinox.errors import InvalidRequest
-from patinox.storage import SqlBackend
+from patinox.storage import AgentRecord, AnyRow, SqlBackend
 from patinox.tenancy import TenantContext
 
 __all__ = ["AgentPatch", "AgentService", "AgentSpec"]
-
-Row = dict[str, Any]
 
 
 class AgentSpec(BaseModel):
@@ -51,7 +47,7 @@ class AgentService:
     def __init__(self, backend: SqlBackend) -> None:
         self._backend = backend
 
-    def create(self, ctx: TenantContext, spec: AgentSpec) -> Row:
+    def create(self, ctx: TenantContext, spec: AgentSpec) -> AgentRecord:
         """Create an agent. Raises UnknownModel, UnknownTool, InvalidRequest, AlreadyExists."""
         self._validate(ctx, spec.model, spec.tools, spec.max_output_tokens)
         store = self._backend.tenant_store(ctx)
@@ -65,7 +61,7 @@ class AgentService:
         )
         return row
 
-    def update(self, ctx: TenantContext, agent_id: str, patch: AgentPatch) -> Row:
+    def update(self, ctx: TenantContext, agent_id: str, patch: AgentPatch) -> AgentRecord:
         """Update an agent. Raises NotFound, UnknownModel, UnknownTool, InvalidRequest."""
         store = self._backend.tenant_store(ctx)
         values = patch.model_dump(exclude_unset=True)
@@ -74,7 +70,7 @@ class AgentService:
         cleared = [k for k in ("name", "instructions", "model", "tools") if k in values and values[k] is None]
         if cleared:
             raise InvalidRequest(f"{', '.join(cleared)} cannot be null", field=cleared[0])
-        merged: Row = {**store.get_agent(agent_id), **values}
+        merged: AnyRow = {**store.get_agent(agent_id), **values}
         self._validate(ctx, merged["model"], merged["tools"], merged["max_output_tokens"])
         row = store.update_agent(agent_id, values)
         store.append_audit(

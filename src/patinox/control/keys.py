@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from patinox.errors import AuthenticationFailed, InvalidRequest, TenantSuspended
-from patinox.storage import SqlBackend, utcnow
+from patinox.storage import ApiKeyRecord, SqlBackend, utcnow
 from patinox.tenancy import (
     TenantContext,
     TenantState,
@@ -46,7 +46,7 @@ class OperatorPrincipal:
 class IssuedKey:
     """A newly created key: the row (no hash) and the secret, shown this once."""
 
-    record: dict[str, Any]
+    record: ApiKeyRecord
     secret: str
 
 
@@ -87,22 +87,20 @@ class ApiKeys:
                 raise InvalidRequest(f"tenant is {tenant['state']}", field="tenant_id")
         prefix = base64.b32encode(os.urandom(8)).decode().lower().rstrip("=")[:12]
         secret = f"ptx_{prefix}_{secrets.token_urlsafe(32)}"
-        record = {
+        public: ApiKeyRecord = {
             "id": new_id("key"),
             "tenant_id": tenant_id,
             "name": name,
             "prefix": prefix,
-            "secret_hash": _digest(secret),
             "scopes": chosen,
             "created_at": utcnow(),
             "revoked_at": None,
         }
-        self._backend.insert_api_key(record)
-        public = {k: v for k, v in record.items() if k != "secret_hash"}
-        self._audit(tenant_id, actor, "key.create", str(record["id"]), {"name": name, "scopes": chosen})
+        self._backend.insert_api_key({**public, "secret_hash": _digest(secret)})
+        self._audit(tenant_id, actor, "key.create", public["id"], {"name": name, "scopes": chosen})
         return IssuedKey(record=public, secret=secret)
 
-    def revoke(self, key_id: str, *, tenant_id: str | None, actor: str) -> dict[str, Any]:
+    def revoke(self, key_id: str, *, tenant_id: str | None, actor: str) -> ApiKeyRecord:
         """Revoke a key of ``tenant_id`` (operator key when ``None``).
 
         Raises:

@@ -59,7 +59,15 @@ from patinox.limits import (
     WindowRateLimiter,
     worker_id,
 )
-from patinox.storage import PreparedWrite, SqlBackend, TenantStore, utcnow
+from patinox.storage import (
+    AgentRecord,
+    PreparedWrite,
+    RunRecord,
+    SqlBackend,
+    TenantStore,
+    UsageRecord,
+    utcnow,
+)
 from patinox.tenancy import TenantContext, effective_limits, get_plan, new_id
 
 __all__ = [
@@ -70,10 +78,8 @@ __all__ = [
     "worst_case_tokens",
 ]
 
-Row = dict[str, Any]
 
-
-class _RunTask(asyncio.Task[Row]):
+class _RunTask(asyncio.Task[RunRecord]):
     """A run's task, whose ``repr`` is its name and state instead of asyncio's default,
     which formats the coroutine and every done callback with its source file and line.
     anyio puts the repr of the current task into the reason of every cancel scope it
@@ -170,7 +176,7 @@ class RunService:
             holder=self.holder,
         )
         self._settlement = Settlement(backend, budget, queue)
-        self._tasks: dict[str, set[asyncio.Task[Row]]] = {}
+        self._tasks: dict[str, set[asyncio.Task[RunRecord]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
 
@@ -186,7 +192,7 @@ class RunService:
         req: RunRequest,
         *,
         rate_states: list[RateLimitState] | None = None,
-    ) -> Row:
+    ) -> RunRecord:
         """Admit a run; for ``sync`` wait for and return the finished run, for ``async``
         queue it and return the queued run at once.
 
@@ -231,8 +237,8 @@ class RunService:
 
     @staticmethod
     def _new_run(
-        ctx: TenantContext, store: TenantStore, agent: Row, req: RunRequest, run_id: str
-    ) -> tuple[Row, PreparedWrite]:
+        ctx: TenantContext, store: TenantStore, agent: AgentRecord, req: RunRequest, run_id: str
+    ) -> tuple[RunRecord, PreparedWrite]:
         """The run row and its prepared insert (sealed outside any transaction)."""
         sync = req.mode == "sync"
         return store.prepare_run(
@@ -255,8 +261,8 @@ class RunService:
         )
 
     def _enqueue(
-        self, ctx: TenantContext, store: TenantStore, agent: Row, req: RunRequest, worst_case: int
-    ) -> Row:
+        self, ctx: TenantContext, store: TenantStore, agent: AgentRecord, req: RunRequest, worst_case: int
+    ) -> RunRecord:
         """Admit an asynchronous run (quotas, tokens) and queue it with its row."""
         run, insert_run = self._new_run(ctx, store, agent, req, new_id("run"))
         admit = self._admit
@@ -271,8 +277,8 @@ class RunService:
         return run
 
     async def _run_now(
-        self, ctx: TenantContext, store: TenantStore, agent: Row, req: RunRequest, limits: RunLimits
-    ) -> Row:
+        self, ctx: TenantContext, store: TenantStore, agent: AgentRecord, req: RunRequest, limits: RunLimits
+    ) -> RunRecord:
         """Admit a synchronous run (quotas, tokens, slot) with its row, run it here and
         return it settled."""
         run, insert_run = self._new_run(ctx, store, agent, req, new_id("run"))
@@ -299,7 +305,7 @@ class RunService:
                 run_id=run_id,
             ) from None
 
-    async def execute_claim(self, claim: Claim) -> Row | None:
+    async def execute_claim(self, claim: Claim) -> RunRecord | None:
         """Run a queued run a worker claimed; settle its tokens and release it.
 
         Returns the finished run, or ``None`` when the run or its tenant is gone (the
@@ -323,7 +329,7 @@ class RunService:
             self.queue.put_back(claim)
             return None
         if refusal is not None:
-            values = {
+            values: RunRecord = {
                 "status": "failed",
                 "finished_at": utcnow(),
                 "error": {
@@ -359,8 +365,13 @@ class RunService:
             return None
 
     def _track(
-        self, job: Coroutine[Any, Any, Row], ctx: TenantContext, store: TenantStore, run: Row, ticket: Ticket
-    ) -> asyncio.Task[Row]:
+        self,
+        job: Coroutine[Any, Any, RunRecord],
+        ctx: TenantContext,
+        store: TenantStore,
+        run: RunRecord,
+        ticket: Ticket,
+    ) -> asyncio.Task[RunRecord]:
         """``job`` as a task among the tenant's runs in flight (:meth:`stop_tenant` cancels
         them); if the task ends cancelled before its first step, its run is settled as
         such (:meth:`Settlement.settle_unstarted`). One done callback does both: every
@@ -368,11 +379,11 @@ class RunService:
         loop = asyncio.get_running_loop()
         self._loop = loop
         tenant_id = ctx.tenant_id
-        task: asyncio.Task[Row] = _RunTask(job, loop=loop, name=f"run of {tenant_id}")
+        task: asyncio.Task[RunRecord] = _RunTask(job, loop=loop, name=f"run of {tenant_id}")
         tasks = self._tasks.setdefault(tenant_id, set())
         tasks.add(task)
 
-        def done(t: asyncio.Task[Row]) -> None:
+        def done(t: asyncio.Task[RunRecord]) -> None:
             tasks.discard(t)
             if not tasks and self._tasks.get(tenant_id) is tasks:
                 del self._tasks[tenant_id]
@@ -466,13 +477,13 @@ class RunService:
         self,
         ctx: TenantContext,
         store: TenantStore,
-        agent: Row,
-        run: Row,
+        agent: AgentRecord,
+        run: RunRecord,
         prompt: str,
         output_tokens: int | None,
         limits: RunLimits,
         ticket: Ticket,
-    ) -> Row:
+    ) -> RunRecord:
         """Run, then settle (:meth:`Settlement.settle`); the ticket is released whatever
         happens.
 
@@ -544,7 +555,7 @@ class RunService:
                 self._settlement.release(ticket, 0)
 
     @staticmethod
-    def _failure(err: RunFailed, started: float) -> tuple[Row, Row | None]:
+    def _failure(err: RunFailed, started: float) -> tuple[RunRecord, UsageRecord | None]:
         return failed_values(
             (time.perf_counter() - started) * 1000,
             {"code": err.code, "reason": err.reason, "message": err.message},

@@ -37,10 +37,17 @@ from sqlalchemy import Connection
 from patinox.agents import is_simulated
 from patinox.errors import NotFound, PatinoxError
 from patinox.limits import RUNS_PER_DAY, Claim, FairRunQueue, TokenBudget
-from patinox.storage import PreparedWrite, SqlBackend, TenantStore, utcnow
+from patinox.storage import (
+    AttemptRecord,
+    AuditEntry,
+    PreparedWrite,
+    RunRecord,
+    SqlBackend,
+    TenantStore,
+    UsageRecord,
+    utcnow,
+)
 from patinox.tenancy import TenantContext
-
-Row = dict[str, Any]
 
 log = structlog.get_logger("patinox.runs")
 
@@ -174,7 +181,7 @@ class Attempt:
         self.on_entry = 0
         self.lost = self.lost or not ours
 
-    def ended(self, values: Row) -> Row:
+    def ended(self, values: RunRecord) -> AttemptRecord:
         """The attempt's end, from its run's settlement ``values`` (see
         :meth:`TenantStore.prepare_settlement`)."""
         return {
@@ -187,7 +194,7 @@ class Attempt:
         }
 
 
-def outcome_of(values: Row) -> str:
+def outcome_of(values: RunRecord) -> str:
     """How an attempt ended (``succeeded``, ``failed``, ``cancelled``), from the settlement
     values of its run."""
     if values["status"] == "succeeded":
@@ -197,7 +204,7 @@ def outcome_of(values: Row) -> str:
 
 def usage_record(
     model: str, simulated: bool, input_tokens: int, output_tokens: int, tool_calls: int, duration_ms: float
-) -> Row:
+) -> UsageRecord:
     """A run's usage record (the ``usage`` row its settlement writes); tokens, milliseconds."""
     return {
         "model": model,
@@ -211,18 +218,18 @@ def usage_record(
 
 def failed_values(
     duration_ms: float,
-    error: Row,
+    error: dict[str, Any],
     *,
     model: str,
     simulated: bool,
     input_tokens: int = 0,
     output_tokens: int = 0,
     tool_calls: int = 0,
-) -> tuple[Row, Row | None]:
+) -> tuple[RunRecord, UsageRecord | None]:
     """The settlement values of a failed run of ``model`` that ran ``duration_ms``
     milliseconds, with ``error`` (``code``, ``reason``, ``message``), and its usage record:
     ``None`` when it used no tokens (nothing to meter)."""
-    values = {
+    values: RunRecord = {
         "status": "failed",
         "finished_at": utcnow(),
         "duration_ms": duration_ms,
@@ -243,7 +250,9 @@ _CANCELLED = {
 }
 
 
-def cancelled_values(duration_ms: float, model: str, usage: RunUsage | None = None) -> tuple[Row, Row | None]:
+def cancelled_values(
+    duration_ms: float, model: str, usage: RunUsage | None = None
+) -> tuple[RunRecord, UsageRecord | None]:
     """:func:`failed_values` for a run of ``model`` cancelled after ``duration_ms``
     milliseconds, having used ``usage`` (nothing when ``None``)."""
     usage = usage or RunUsage()
@@ -258,7 +267,7 @@ def cancelled_values(duration_ms: float, model: str, usage: RunUsage | None = No
     )
 
 
-def finish_audit(ctx: TenantContext, run: Row, outcome: str, values: Row) -> Row:
+def finish_audit(ctx: TenantContext, run: RunRecord, outcome: str, values: RunRecord) -> AuditEntry:
     """The ``run.finish`` audit record of ``run`` ending with ``values``."""
     return {
         "actor": ctx.principal,
@@ -387,9 +396,9 @@ class Settlement:
         ticket: Ticket,
         ctx: TenantContext,
         store: TenantStore,
-        run: Row,
-        values: Row,
-        usage: Row | None,
+        run: RunRecord,
+        values: RunRecord,
+        usage: UsageRecord | None,
         *,
         used: int,
         outcome: str,
@@ -445,7 +454,9 @@ class Settlement:
                 ticket.released = True
                 self.release(ticket, used - ticket.charged)
 
-    def settle_unstarted(self, ticket: Ticket, store: TenantStore, ctx: TenantContext, run: Row) -> None:
+    def settle_unstarted(
+        self, ticket: Ticket, store: TenantStore, ctx: TenantContext, run: RunRecord
+    ) -> None:
         """Settle a run whose task was cancelled before its first step (a tenant stopped,
         or the server shutting down, in the loop iteration after the run was admitted): it
         never reached :meth:`settle`, so record it failed as cancelled and give back its
@@ -515,7 +526,7 @@ class Settlement:
             except NotFound:
                 store, finished = None, False
             if store is not None and not finished:
-                values = {
+                values: RunRecord = {
                     "status": "failed",
                     "finished_at": utcnow(),
                     "error": {

@@ -16,7 +16,7 @@ is never handed out again. A crash between the steps leaves ``deleting``; callin
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from patinox.errors import InvalidRequest, InvalidTransition, IsolationUnavailable
-from patinox.storage import SqlBackend, utcnow
+from patinox.storage import Changes, SqlBackend, TenantRecord, utcnow
 from patinox.tenancy import (
     IsolationLevel,
     LimitOverrides,
@@ -89,8 +89,11 @@ class Tenant(BaseModel):
     deleted_at: datetime | None = None
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> Tenant:
-        return cls(**row, limits=effective_limits(row["plan"], row["limit_overrides"]))
+    def from_row(cls, row: TenantRecord) -> Tenant:
+        """The tenant of a ``tenants`` row, with its effective limits (columns the model
+        does not show, such as ``moving_to``, are left out)."""
+        columns: Mapping[str, Any] = row
+        return cls(**columns, limits=effective_limits(row["plan"], row["limit_overrides"]))
 
 
 class TenantEvent(StrEnum):
@@ -179,7 +182,7 @@ class TenantManager:
         )
         return Tenant.from_row(row)
 
-    def _register(self, tenant_id: str, spec: TenantSpec, now: Any) -> dict[str, Any]:
+    def _register(self, tenant_id: str, spec: TenantSpec, now: datetime) -> TenantRecord:
         return self._backend.insert_tenant(
             {
                 "id": tenant_id,
@@ -192,6 +195,8 @@ class TenantManager:
                 "created_at": now,
                 "updated_at": now,
                 "deleted_at": None,
+                "keys_destroyed_at": None,
+                "moving_to": None,
             }
         )
 
@@ -211,7 +216,7 @@ class TenantManager:
         """
         current = self._backend.get_tenant(tenant_id)
         self._require(current, {TenantState.ACTIVE, TenantState.SUSPENDED}, "update")
-        values: dict[str, Any] = {}
+        values: Changes = {}
         if change.plan is not None:
             get_plan(change.plan)
             values["plan"] = change.plan
@@ -279,7 +284,7 @@ class TenantManager:
         return counts
 
     @staticmethod
-    def _require(row: dict[str, Any], allowed: set[TenantState], action: str) -> None:
+    def _require(row: TenantRecord, allowed: set[TenantState], action: str) -> None:
         if TenantState(row["state"]) not in allowed:
             raise InvalidTransition(
                 f"cannot {action} a tenant that is {row['state']}",

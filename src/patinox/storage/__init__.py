@@ -13,6 +13,9 @@ Two kinds of access, kept apart:
   its callers never pass a tenant id and cannot name another tenant's rows. Which of its
   columns are sealed (encrypted per tenant) is said once, by :func:`sealed_columns`.
 
+The rows they hand upward are typed records (:mod:`patinox.storage.records`: TypedDicts,
+plain dicts at run time), exported here.
+
 Modules whose names start with ``_`` are this package's own: nothing outside
 ``patinox.storage`` imports them (an import-linter contract says so).
 """
@@ -26,13 +29,41 @@ from patinox.storage._sealer import SealedColumn, sealed_columns
 from patinox.storage._statements import PreparedWrite
 from patinox.storage._tenant_store import TenantStore
 from patinox.storage.engine import make_engine, migrate, translate_errors
+from patinox.storage.records import (
+    AgentRecord,
+    AnyRow,
+    ApiKeyRecord,
+    AttemptRecord,
+    AuditEntry,
+    AuditRecord,
+    Changes,
+    KeyTenantRecord,
+    RunRecord,
+    StoredApiKeyRecord,
+    TenantRecord,
+    UsageRecord,
+    UsageTotals,
+)
 
 __all__ = [
+    "AgentRecord",
+    "AnyRow",
+    "ApiKeyRecord",
+    "AttemptRecord",
+    "AuditEntry",
+    "AuditRecord",
+    "Changes",
+    "KeyTenantRecord",
     "Placements",
     "PreparedWrite",
+    "RunRecord",
     "SealedColumn",
     "SqlBackend",
+    "StoredApiKeyRecord",
+    "TenantRecord",
     "TenantStore",
+    "UsageRecord",
+    "UsageTotals",
     "execute_write",
     "make_engine",
     "migrate",

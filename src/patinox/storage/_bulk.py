@@ -31,11 +31,11 @@ from sqlalchemy import Connection, MetaData, Table, delete, func, insert, select
 from patinox.storage import _schema as s
 from patinox.storage._sealer import Sealer, sealed_columns
 from patinox.storage.engine import translate_errors
+from patinox.storage.records import AnyRow
 
 if TYPE_CHECKING:
     from patinox.storage._placement import Placement
 
-Row = dict[str, Any]
 #: A transaction bound to the tenant (``TenantStore._tx`` or ``SqlBackend.control_tx``).
 Transaction = Callable[[], AbstractContextManager[Connection]]
 
@@ -117,7 +117,7 @@ class BulkRows:
         opened: bool = False,
         order_by: str | None = None,
         with_run_agent: bool = False,
-    ) -> Iterator[list[Row]]:
+    ) -> Iterator[list[AnyRow]]:
         """The tenant's rows of ``table`` in pages of :data:`PAGE_ROWS` rows, each page read
         in a transaction of its own, in a stable order.
 
@@ -190,7 +190,7 @@ class BulkRows:
             conn.execute(insert(self._table(table)), out)
         return len(out)
 
-    def _row_to_insert(self, row: Mapping[str, Any], sealed: list[tuple[str, str, str]]) -> Row:
+    def _row_to_insert(self, row: Mapping[str, Any], sealed: list[tuple[str, str, str]]) -> AnyRow:
         out = {k: v for k, v in row.items() if k not in _PLACEMENT_COLUMNS}
         out["tenant_id"] = self.tenant_id
         for key_column, column, aad in sealed:

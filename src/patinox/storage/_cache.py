@@ -40,9 +40,9 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar, cast
 from urllib.parse import unquote
 
 from sqlalchemy.engine import make_url
@@ -56,6 +56,7 @@ _COUNTER: Final = struct.Struct("<Q")
 #: Process-local epochs of named in-memory databases, by name.
 _MEMORY_EPOCHS: dict[str, ChangeEpoch] = {}
 _MEMORY_LOCK = threading.Lock()
+_R = TypeVar("_R", bound=Mapping[str, Any])
 
 #: Returned by :meth:`TenantCache.get` when nothing usable is cached.
 MISS: Final = object()
@@ -328,7 +329,8 @@ class TenantCache:
             self._epoch.close()
 
 
-def copy_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a cached row whose lists and dicts (JSON columns) are copies too, so a
-    caller may change what it is given without changing the cache."""
-    return {k: v.copy() if isinstance(v, list | dict) else v for k, v in row.items()}
+def copy_row(row: _R) -> _R:
+    """A copy of a cached row (a record of :mod:`patinox.storage.records`, of the same
+    type) whose lists and dicts (JSON columns) are copies too, so a caller may change what
+    it is given without changing the cache."""
+    return cast(_R, {k: v.copy() if isinstance(v, list | dict) else v for k, v in row.items()})

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Table, delete, insert, inspect, select, update
 from sqlalchemy.engine import make_url
@@ -32,7 +32,6 @@ from patinox.storage._statements import (
     FIND_KEY,
     SET_CONTROL,
     TENANT_COLUMNS,
-    Row,
     audit_values,
     usage_summary_query,
 )
@@ -45,6 +44,15 @@ from patinox.storage.engine import (
     migrate,
     normalise_url,
     translate_errors,
+)
+from patinox.storage.records import (
+    ApiKeyRecord,
+    AuditRecord,
+    Changes,
+    KeyTenantRecord,
+    StoredApiKeyRecord,
+    TenantRecord,
+    UsageTotals,
 )
 from patinox.tenancy import StorageModel, TenantContext, current_tenant
 
@@ -213,7 +221,7 @@ class SqlBackend:
         """
         return self._store_of(self.get_tenant(tenant_id))
 
-    def _store_of(self, tenant: Row) -> TenantStore:
+    def _store_of(self, tenant: Mapping[str, Any]) -> TenantStore:
         tenant_id = tenant["id"]
         placement = self.placements.for_tenant(tenant_id, StorageModel(tenant["storage_model"]))
         return TenantStore(placement, Sealer(self.keyring, tenant_id), cache=self.cache)
@@ -231,7 +239,7 @@ class SqlBackend:
 
     # -- tenants --------------------------------------------------------------------
 
-    def insert_tenant(self, values: Row) -> Row:
+    def insert_tenant(self, values: TenantRecord) -> TenantRecord:
         """Insert a tenant row. Raises :class:`AlreadyExists` when the live name is taken."""
         try:
             with self.transaction() as conn:
@@ -240,23 +248,25 @@ class SqlBackend:
             raise AlreadyExists(f"a tenant named {values['name']!r} already exists") from err
         return values
 
-    def get_tenant(self, tenant_id: str, *, include_deleted: bool = False) -> Row:
+    def get_tenant(self, tenant_id: str, *, include_deleted: bool = False) -> TenantRecord:
         """The tenant row. Raises :class:`TenantNotFound` (also for deleted ones by default)."""
         with self.transaction() as conn:
             row = conn.execute(select(s.tenants).where(s.tenants.c.id == tenant_id)).mappings().first()
         if row is None or (row["state"] == "deleted" and not include_deleted):
             raise TenantNotFound(f"tenant {tenant_id!r} not found", tenant_id=tenant_id)
-        return dict(row)
+        return cast(TenantRecord, dict(row))
 
-    def list_tenants(self, *, include_deleted: bool = False) -> list[Row]:
+    def list_tenants(self, *, include_deleted: bool = False) -> list[TenantRecord]:
         """All tenants, oldest first."""
         q = select(s.tenants).order_by(s.tenants.c.created_at, s.tenants.c.id)
         if not include_deleted:
             q = q.where(s.tenants.c.state != "deleted")
         with self.transaction() as conn:
-            return [dict(r) for r in conn.execute(q).mappings()]
+            return cast(list[TenantRecord], [dict(r) for r in conn.execute(q).mappings()])
 
-    def update_tenant(self, tenant_id: str, values: Row, *, expect_state: str | None = None) -> Row:
+    def update_tenant(
+        self, tenant_id: str, values: Changes, *, expect_state: str | None = None
+    ) -> TenantRecord:
         """Update a tenant row, optionally only if it is still in ``expect_state``.
 
         Raises:
@@ -338,19 +348,19 @@ class SqlBackend:
 
     # -- api keys -------------------------------------------------------------------
 
-    def insert_api_key(self, values: Row) -> Row:
+    def insert_api_key(self, values: StoredApiKeyRecord) -> StoredApiKeyRecord:
         """Insert an API key row (hash only; the secret is never stored)."""
         with self.transaction() as conn:
             conn.execute(insert(s.api_keys).values(**values))
         return values
 
-    def find_api_key(self, prefix: str) -> tuple[Row, Row | None] | None:
+    def find_api_key(self, prefix: str) -> tuple[StoredApiKeyRecord, KeyTenantRecord | None] | None:
         """The key row with ``prefix`` and its tenant row (``None`` for operator keys).
 
         Served from :attr:`cache` when nothing changed since it was read; the rows are
         copies the caller may change."""
         seen = self.cache.epoch()
-        cached = self.cache.get(("key", prefix))
+        cached: tuple[StoredApiKeyRecord, KeyTenantRecord | None] = self.cache.get(("key", prefix))
         if cached is MISS:
             with self.transaction() as conn:
                 row = conn.execute(FIND_KEY, {"b_prefix": prefix}).mappings().first()
@@ -358,10 +368,11 @@ class SqlBackend:
                 return None
             data = dict(row)
             joined = {name: data.pop(f"t_{name}") for name in TENANT_COLUMNS}
-            cached = (data, None if data["tenant_id"] is None else {"id": data["tenant_id"], **joined})
+            tenant = None if data["tenant_id"] is None else {"id": data["tenant_id"], **joined}
+            cached = (cast(StoredApiKeyRecord, data), cast(KeyTenantRecord | None, tenant))
             self.cache.put(data["tenant_id"], ("key", prefix), cached, seen)
-        data, tenant = cached
-        return copy_row(data), None if tenant is None else copy_row(tenant)
+        key, owner = cached
+        return copy_row(key), None if owner is None else copy_row(owner)
 
     def key_may(self, key_id: str, tenant_id: str, scope: str) -> bool:
         """True when ``key_id`` is a live (unrevoked) key of ``tenant_id`` holding ``scope``."""
@@ -374,7 +385,7 @@ class SqlBackend:
             ).first()
         return row is not None and scope in row[0]
 
-    def list_api_keys(self, tenant_id: str | None) -> list[Row]:
+    def list_api_keys(self, tenant_id: str | None) -> list[ApiKeyRecord]:
         """Keys of one tenant (or operator keys when ``tenant_id`` is None), no hashes."""
         cond = s.api_keys.c.tenant_id.is_(None) if tenant_id is None else s.api_keys.c.tenant_id == tenant_id
         q = select(s.api_keys).where(cond).order_by(s.api_keys.c.created_at)
@@ -382,9 +393,9 @@ class SqlBackend:
             rows = [dict(r) for r in conn.execute(q).mappings()]
         for r in rows:
             r.pop("secret_hash")
-        return rows
+        return cast(list[ApiKeyRecord], rows)
 
-    def revoke_api_key(self, key_id: str, tenant_id: str | None) -> Row:
+    def revoke_api_key(self, key_id: str, tenant_id: str | None) -> ApiKeyRecord:
         """Mark a key revoked. Raises :class:`NotFound` if it is not that tenant's key."""
         cond = s.api_keys.c.tenant_id.is_(None) if tenant_id is None else s.api_keys.c.tenant_id == tenant_id
         with self.transaction() as conn:
@@ -400,7 +411,7 @@ class SqlBackend:
             self.cache.changed(tenant_id)
         out = dict(row)
         out.pop("secret_hash")
-        return out
+        return cast(ApiKeyRecord, out)
 
     # -- operator views -------------------------------------------------------------
 
@@ -412,7 +423,7 @@ class SqlBackend:
         target: str | None,
         outcome: str,
         detail: Mapping[str, Any] | None = None,
-    ) -> Row:
+    ) -> AuditRecord:
         """An operator-level audit record (tenant id NULL): kept after a tenant is deleted."""
         values = audit_values(None, actor, action, target, outcome, detail)
         with self.transaction() as conn:
@@ -425,7 +436,7 @@ class SqlBackend:
         *,
         limit: int = 100,
         after_seq: int = 0,
-    ) -> list[Row]:
+    ) -> list[AuditRecord]:
         """Audit records of one tenant (wherever it is stored), or, when ``tenant_id`` is
         None, of the shared database: operator records and every pool tenant's.
 
@@ -439,9 +450,10 @@ class SqlBackend:
             return [] if store is None else store.list_audit(limit=limit, after_seq=after_seq)
         q = select(s.audit_log).where(s.audit_log.c.seq > after_seq)
         with self.transaction() as conn:
-            return [dict(r) for r in conn.execute(q.order_by(s.audit_log.c.seq).limit(limit)).mappings()]
+            rows = conn.execute(q.order_by(s.audit_log.c.seq).limit(limit)).mappings()
+            return cast(list[AuditRecord], [dict(r) for r in rows])
 
-    def _separate_tenants(self) -> list[Row]:
+    def _separate_tenants(self) -> list[TenantRecord]:
         """Active and suspended tenants stored outside the shared tables (bridge, silo); a
         tenant being deleted is left out (its storage may be gone already)."""
         return [
@@ -450,7 +462,7 @@ class SqlBackend:
             if t["storage_model"] != StorageModel.POOL.value and t["state"] in ("active", "suspended")
         ]
 
-    def usage_summary(self, tenant_id: str | None, *, since: datetime | None = None) -> list[Row]:
+    def usage_summary(self, tenant_id: str | None, *, since: datetime | None = None) -> list[UsageTotals]:
         """Usage totals per tenant and model since ``since`` (every tenant when ``tenant_id``
         is None). A tenant being deleted has none (``[]``).
 
@@ -461,7 +473,10 @@ class SqlBackend:
             store = self._records_of(tenant_id)
             return [] if store is None else store.usage_summary(since=since)
         with self.transaction() as conn:
-            rows = [dict(r) for r in conn.execute(usage_summary_query(None, since)).mappings()]
+            rows = cast(
+                list[UsageTotals],
+                [dict(r) for r in conn.execute(usage_summary_query(None, since)).mappings()],
+            )
         for tenant in self._separate_tenants():
             rows += self._store_of(tenant).usage_summary(since=since)
         return rows
@@ -477,7 +492,7 @@ class SqlBackend:
         """
         return self._store_of({**self.get_tenant(tenant_id), "storage_model": model.value})
 
-    def compare_and_set_tenant(self, tenant_id: str, expect: Mapping[str, Any], values: Row) -> bool:
+    def compare_and_set_tenant(self, tenant_id: str, expect: Mapping[str, Any], values: Changes) -> bool:
         """Update the tenant row with ``values`` only if every column in ``expect`` still
         holds its value (``None``: is null; a tuple: any of these), in one UPDATE.
 

@@ -21,6 +21,7 @@ from sqlalchemy.sql.elements import BindParameter
 
 from patinox.storage import _schema as s
 from patinox.storage._schema import utcnow
+from patinox.storage.records import AuditRecord
 from patinox.tenancy import new_id
 
 #: PostgreSQL: declares a control-plane transaction (row-level security lets it see every
@@ -28,9 +29,6 @@ from patinox.tenancy import new_id
 SET_CONTROL = text("SELECT set_config('patinox.scope', 'control', true)")
 #: PostgreSQL: binds a transaction to one tenant for row-level security; transaction-local.
 SET_TENANT = text("SELECT set_config('patinox.tenant_id', :tenant_id, true)")
-
-#: A row as the stores take and return it: column name to value.
-Row = dict[str, Any]
 
 #: The tenant of a tenant-store statement (see module).
 B_TENANT: BindParameter[str] = bindparam("b_tenant_id")
@@ -141,7 +139,7 @@ def audit_values(
     target: str | None,
     outcome: str,
     detail: Mapping[str, Any] | None,
-) -> Row:
+) -> AuditRecord:
     """The values of a new audit record (a fresh id, ``at`` now); ``tenant_id`` ``None``
     for an operator-level record."""
     return {
@@ -167,4 +165,4 @@ class PreparedWrite:
     """
 
     tenant_id: str
-    statements: tuple[tuple[Any, Row], ...]
+    statements: tuple[tuple[Any, Mapping[str, Any]], ...]

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Connection,
@@ -54,12 +54,22 @@ from patinox.storage._statements import (
     UPDATE_RUN,
     UPSERT_ATTEMPT_USAGE,
     PreparedWrite,
-    Row,
     audit_values,
     memory_bytes,
     usage_summary_query,
 )
 from patinox.storage.engine import begin, translate_errors
+from patinox.storage.records import (
+    AgentRecord,
+    AnyRow,
+    AttemptRecord,
+    AuditEntry,
+    AuditRecord,
+    Changes,
+    RunRecord,
+    UsageRecord,
+    UsageTotals,
+)
 from patinox.tenancy import new_id
 
 __all__ = ["TenantStore"]
@@ -99,7 +109,7 @@ class TenantStore:
         return conds
 
     @staticmethod
-    def _settable(values: Row) -> Row:
+    def _settable(values: Mapping[str, Any]) -> Mapping[str, Any]:
         """``values`` for the SET of an update of this tenant's row, refusing the columns
         that say whose and which row it is (an update sets every column it is given)."""
         keys = sorted(ROW_KEY_COLUMNS & values.keys())
@@ -107,16 +117,16 @@ class TenantStore:
             raise InvalidRequest(f"cannot change {', '.join(keys)} of a row", field=keys[0])
         return values
 
-    def _bound(self, params: Row) -> Row:
+    def _bound(self, params: Mapping[str, Any]) -> AnyRow:
         """``params`` with the store's tenant as ``b_tenant_id``, overriding any value a
         caller put there: every prebuilt statement's tenant comes from here."""
         return {**params, "b_tenant_id": self.tenant_id}
 
-    def _exec(self, conn: Connection, stmt: Any, params: Row) -> Any:
+    def _exec(self, conn: Connection, stmt: Any, params: Mapping[str, Any]) -> Any:
         """Execute a prebuilt statement (module constants above) for the store's tenant."""
         return conn.execute(stmt, self._bound(params))
 
-    def _get(self, conn: Connection, table: Table, what: str, **eq: Any) -> Row:
+    def _get(self, conn: Connection, table: Table, what: str, **eq: Any) -> AnyRow:
         row = conn.execute(select(table).where(*self._where(table, **eq))).mappings().first()
         if row is None:
             ident = next(iter(eq.values()))
@@ -165,7 +175,7 @@ class TenantStore:
 
     # -- agents ---------------------------------------------------------------------
 
-    def create_agent(self, values: Row) -> Row:
+    def create_agent(self, values: Mapping[str, Any]) -> AgentRecord:
         """Insert an agent.
 
         Raises:
@@ -206,30 +216,30 @@ class TenantStore:
         except AlreadyExists as err:
             raise AlreadyExists(f"an agent named {values['name']!r} already exists") from err
         self._cache.changed(self.tenant_id)
-        return row
+        return cast(AgentRecord, row)
 
-    def get_agent(self, agent_id: str) -> Row:
+    def get_agent(self, agent_id: str) -> AgentRecord:
         """The agent (a copy), served from the cache when nothing changed since it was
         read. Raises :class:`NotFound` (missing and foreign ids alike)."""
         key = ("agent", self.tenant_id, agent_id)
         seen = self._cache.epoch()
-        cached = self._cache.get(key)
+        cached: AgentRecord = self._cache.get(key)
         if cached is MISS:
             with self._tx() as conn:
                 row = self._exec(conn, GET_AGENT, {"b_id": agent_id}).mappings().first()
             if row is None:
                 raise NotFound(f"agent {agent_id!r} not found")
-            cached = dict(row)
+            cached = cast(AgentRecord, dict(row))
             self._cache.put(self.tenant_id, key, cached, seen)
         return copy_row(cached)
 
-    def list_agents(self) -> list[Row]:
+    def list_agents(self) -> list[AgentRecord]:
         """This tenant's agents by name."""
         with self._tx() as conn:
             q = select(s.agents).where(*self._where(s.agents)).order_by(s.agents.c.name)
-            return [dict(r) for r in conn.execute(q).mappings()]
+            return cast(list[AgentRecord], [dict(r) for r in conn.execute(q).mappings()])
 
-    def update_agent(self, agent_id: str, values: Row) -> Row:
+    def update_agent(self, agent_id: str, values: Changes) -> AgentRecord:
         """Update an agent's fields. Raises :class:`NotFound` / :class:`AlreadyExists`."""
         try:
             with self._tx() as conn:
@@ -244,7 +254,7 @@ class TenantStore:
         except AlreadyExists as err:
             raise AlreadyExists(f"an agent named {values.get('name')!r} already exists") from err
         self._cache.changed(self.tenant_id)
-        return row
+        return cast(AgentRecord, row)
 
     def delete_agent(self, agent_id: str) -> None:
         """Delete an agent and its runs (usage records are kept). Raises :class:`NotFound`."""
@@ -256,7 +266,7 @@ class TenantStore:
 
     # -- runs -----------------------------------------------------------------------
 
-    def create_run(self, values: Row) -> Row:
+    def create_run(self, values: RunRecord) -> RunRecord:
         """Insert a run row (status ``queued`` or ``running``); returns it with its id.
 
         ``input`` is stored encrypted (AAD: tenant, ``runs.input``, run id).
@@ -265,11 +275,11 @@ class TenantStore:
         self.apply(write)
         return row
 
-    def prepare_run(self, values: Row) -> tuple[Row, PreparedWrite]:
+    def prepare_run(self, values: RunRecord) -> tuple[RunRecord, PreparedWrite]:
         """The run row :meth:`create_run` would insert, and its sealed insert for
         :meth:`apply` (to write it inside another transaction, see :meth:`joins`)."""
-        row = {"created_at": utcnow(), "id": new_id("run"), **values, "tenant_id": self.tenant_id}
-        stored = {**row, "input": self._sealer.seal("runs.input", row["id"], row["input"])}
+        row: RunRecord = {"created_at": utcnow(), "id": new_id("run"), **values, "tenant_id": self.tenant_id}
+        stored: AnyRow = {**row, "input": self._sealer.seal("runs.input", row["id"], row["input"])}
         return row, PreparedWrite(self.tenant_id, ((INSERT_RUN, stored),))
 
     def apply(self, write: PreparedWrite, *, conn: Connection | None = None) -> None:
@@ -284,12 +294,12 @@ class TenantStore:
             for stmt, params in write.statements:
                 execute_write(conn, stmt, self._bound(params))
 
-    def _open_run(self, row: Row) -> Row:
+    def _open_run(self, row: AnyRow) -> RunRecord:
         row["input"] = self._sealer.open("runs.input", row["id"], row["input"])
         row["output"] = self._sealer.open("runs.output", row["id"], row["output"])
-        return row
+        return cast(RunRecord, row)
 
-    def get_run(self, run_id: str) -> Row:
+    def get_run(self, run_id: str) -> RunRecord:
         """The run. Raises :class:`NotFound` (missing and foreign ids alike)."""
         with self._tx() as conn:
             found = self._exec(conn, GET_RUN, {"b_id": run_id}).mappings().first()
@@ -304,7 +314,7 @@ class TenantStore:
         limit: int = 50,
         before: str | None = None,
         max_bytes: int | None = None,
-    ) -> list[Row]:
+    ) -> list[RunRecord]:
         """This tenant's newest runs first.
 
         Args:
@@ -345,7 +355,7 @@ class TenantStore:
             rows = [dict(x) for x in conn.execute(q).mappings()]
         return [self._open_run(row) for row in rows]
 
-    def update_run(self, run_id: str, values: Row) -> None:
+    def update_run(self, run_id: str, values: RunRecord) -> None:
         """Update a run's fields. Raises :class:`NotFound`."""
         with self._tx() as conn:
             n = self._exec(conn, UPDATE_RUN, {**self._settable(values), "b_id": run_id}).rowcount
@@ -358,13 +368,21 @@ class TenantStore:
         with self._tx() as conn:
             conn.execute(delete(s.runs).where(*self._where(s.runs, id=run_id)))
 
-    def settle_run(self, run_id: str, values: Row, *, usage: Row | None, audit: Row) -> None:
+    def settle_run(
+        self, run_id: str, values: RunRecord, *, usage: UsageRecord | None, audit: AuditEntry
+    ) -> None:
         """Finish a run in one transaction: the run's final fields (``output`` encrypted), its
         usage record, its audit record."""
         self.apply(self.prepare_settlement(run_id, values, usage=usage, audit=audit))
 
     def prepare_settlement(
-        self, run_id: str, values: Row, *, usage: Row | None, audit: Row, attempt: Row | None = None
+        self,
+        run_id: str,
+        values: RunRecord,
+        *,
+        usage: UsageRecord | None,
+        audit: AuditEntry,
+        attempt: AttemptRecord | None = None,
     ) -> PreparedWrite:
         """The sealed statements of :meth:`settle_run`, for :meth:`apply`.
 
@@ -375,14 +393,16 @@ class TenantStore:
                 with the run, and the usage record (``usage["attempt"]``, the same number)
                 replaces any record of that attempt (:meth:`interrupt_attempt`'s).
         """
-        if values.get("output") is not None:
-            values = {**values, "output": self._sealer.seal("runs.output", run_id, values["output"])}
-        statements: list[tuple[Any, Row]] = [(UPDATE_RUN, {**self._settable(values), "b_id": run_id})]
+        run_params: AnyRow = {**self._settable(values), "b_id": run_id}
+        output = values.get("output")
+        if output is not None:
+            run_params["output"] = self._sealer.seal("runs.output", run_id, output)
+        statements: list[tuple[Any, Mapping[str, Any]]] = [(UPDATE_RUN, run_params)]
         if attempt is not None:
             ended = {k: v for k, v in attempt.items() if k != "attempt"}
             statements.append((END_ATTEMPT, {**ended, "b_run": run_id, "b_attempt": attempt["attempt"]}))
         if usage is not None:
-            record = {**usage, "tenant_id": self.tenant_id, "id": new_id("us"), "run_id": run_id}
+            record: AnyRow = {**usage, "tenant_id": self.tenant_id, "id": new_id("us"), "run_id": run_id}
             insert_usage = INSERT_USAGE if attempt is None else UPSERT_ATTEMPT_USAGE[self._placement.postgres]
             statements.append((insert_usage, {**record, "at": utcnow()}))
         statements.append((INSERT_AUDIT, self._audit(**audit)))
@@ -445,7 +465,7 @@ class TenantStore:
         input_tokens: int,
         output_tokens: int,
         tool_calls: int,
-        audit: Row,
+        audit: AuditEntry,
     ) -> int | None:
         """Record, in one transaction, that ``holder``'s attempt of the run was cut short
         (its lease expired and the run went back to the queue): the attempt ends
@@ -475,7 +495,9 @@ class TenantStore:
             ):
                 number = int(latest.attempt)
                 now = utcnow()
-                ended: Row = {"outcome": "interrupted", "ended_at": now} if latest.outcome is None else {}
+                ended: AttemptRecord = (
+                    {"outcome": "interrupted", "ended_at": now} if latest.outcome is None else {}
+                )
                 conn.execute(
                     update(a)
                     .where(*self._where(a, run_id=run_id, attempt=number))
@@ -501,21 +523,21 @@ class TenantStore:
                     }
                     conn.execute(UPSERT_ATTEMPT_USAGE[self._placement.postgres], record)
             detail = {**audit.get("detail", {}), "attempt": number}
-            conn.execute(INSERT_AUDIT, self._audit(**{**audit, "detail": detail}))
+            entry: AuditEntry = {**audit, "detail": detail}
+            conn.execute(INSERT_AUDIT, self._audit(**entry))
         return number
 
-    def list_attempts(self, run_ids: list[str]) -> dict[str, list[Row]]:
+    def list_attempts(self, run_ids: list[str]) -> dict[str, list[AttemptRecord]]:
         """The attempts of these runs of this tenant (a foreign or missing id has none),
         per run id, first attempt first."""
         a = s.run_attempts
-        found: dict[str, list[Row]] = {run_id: [] for run_id in run_ids}
-        if not run_ids:
-            return found
-        q = select(a).where(*self._where(a), a.c.run_id.in_(run_ids)).order_by(a.c.run_id, a.c.attempt)
-        with self._tx() as conn:
-            for row in conn.execute(q).mappings():
-                found[row["run_id"]].append(dict(row))
-        return found
+        found: dict[str, list[AnyRow]] = {run_id: [] for run_id in run_ids}
+        if run_ids:
+            q = select(a).where(*self._where(a), a.c.run_id.in_(run_ids)).order_by(a.c.run_id, a.c.attempt)
+            with self._tx() as conn:
+                for row in conn.execute(q).mappings():
+                    found[row["run_id"]].append(dict(row))
+        return cast(dict[str, list[AttemptRecord]], found)
 
     # -- key rotation -----------------------------------------------------------------
 
@@ -631,7 +653,7 @@ class TenantStore:
         target: str | None,
         outcome: str,
         detail: Mapping[str, Any] | None = None,
-    ) -> Row:
+    ) -> AuditRecord:
         return audit_values(self.tenant_id, actor, action, target, outcome, detail)
 
     def append_audit(
@@ -642,14 +664,14 @@ class TenantStore:
         target: str | None,
         outcome: str,
         detail: Mapping[str, Any] | None = None,
-    ) -> Row:
+    ) -> AuditRecord:
         """Append one audit record for this tenant."""
         values = self._audit(actor=actor, action=action, target=target, outcome=outcome, detail=detail)
         with self._tx() as conn:
             conn.execute(INSERT_AUDIT, values)
         return values
 
-    def list_audit(self, *, limit: int = 100, after_seq: int = 0) -> list[Row]:
+    def list_audit(self, *, limit: int = 100, after_seq: int = 0) -> list[AuditRecord]:
         """This tenant's audit records, oldest first, after sequence number ``after_seq``.
 
         ``seq`` is the record's number within this tenant's log (1, 2, ...), not the
@@ -668,21 +690,22 @@ class TenantStore:
             rows = [dict(r) for r in conn.execute(q).mappings()]
         for number, row in enumerate(rows, start=after_seq + 1):
             row["seq"] = number
-        return rows
+        return cast(list[AuditRecord], rows)
 
-    def usage_summary(self, *, since: datetime | None = None) -> list[Row]:
+    def usage_summary(self, *, since: datetime | None = None) -> list[UsageTotals]:
         """This tenant's usage totals per model since ``since``."""
         with self._tx() as conn:
             q = usage_summary_query(self.tenant_id, since)
-            return [dict(r) for r in conn.execute(q).mappings()]
+            return cast(list[UsageTotals], [dict(r) for r in conn.execute(q).mappings()])
 
-    def list_usage(self, *, since: datetime | None = None, limit: int = 1000) -> list[Row]:
+    def list_usage(self, *, since: datetime | None = None, limit: int = 1000) -> list[UsageRecord]:
         """This tenant's usage records since ``since``, oldest first."""
         q = select(s.usage_records).where(*self._where(s.usage_records))
         if since is not None:
             q = q.where(s.usage_records.c.at >= since)
         with self._tx() as conn:
-            return [dict(r) for r in conn.execute(q.order_by(s.usage_records.c.at).limit(limit)).mappings()]
+            rows = conn.execute(q.order_by(s.usage_records.c.at).limit(limit)).mappings()
+            return cast(list[UsageRecord], [dict(r) for r in rows])
 
     # -- bulk (export, import, moves) -------------------------------------------------
 

@@ -11,38 +11,61 @@ at that boundary), never as these dicts' Python objects.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
+
+#: The columns to set in an update of one row (column name to value): a partial record
+#: whose columns the caller chooses (``update_agent``, ``update_tenant``, a tenant's
+#: compare-and-set). Runs, whose record is not total, are updated with a :class:`RunRecord`.
+Changes = dict[str, Any]
+
+#: A row of any table, column name to value: for code that walks every table alike
+#: (export and import bundles, bulk pages, statement parameters).
+AnyRow = dict[str, Any]
 
 
-class TenantRecord(TypedDict):
-    """One row of ``tenants`` (the control plane)."""
+class KeyTenantRecord(TypedDict):
+    """The columns of a ``tenants`` row that a key lookup reads beside the key
+    (:meth:`SqlBackend.find_api_key <patinox.storage.SqlBackend.find_api_key>`): what a
+    :class:`~patinox.tenancy.TenantContext` is built from."""
 
     id: str
-    name: str
     plan: str
     state: str  #: a :class:`patinox.tenancy.TenantState` value
     isolation_level: str
     storage_model: str
     limit_overrides: dict[str, Any]
+    moving_to: str | None
+
+
+class TenantRecord(KeyTenantRecord):
+    """One row of ``tenants`` (the control plane)."""
+
+    name: str
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None
     keys_destroyed_at: datetime | None
-    moving_to: str | None
 
 
 class ApiKeyRecord(TypedDict):
-    """One row of ``api_keys``; ``tenant_id`` is ``None`` for an operator key."""
+    """One row of ``api_keys`` without its secret hash, as listings and revocation show it;
+    ``tenant_id`` is ``None`` for an operator key."""
 
     id: str
     tenant_id: str | None
     name: str
     prefix: str
-    secret_hash: str
     scopes: list[str]
     created_at: datetime
     revoked_at: datetime | None
+
+
+class StoredApiKeyRecord(ApiKeyRecord):
+    """One row of ``api_keys`` as stored: with the SHA-256 (hex) of the whole key."""
+
+    secret_hash: str
 
 
 class AgentRecord(TypedDict):
@@ -88,6 +111,26 @@ class RunRecord(TypedDict, total=False):
     duration_ms: float | None
 
 
+class AttemptRecord(TypedDict, total=False):
+    """One row of ``run_attempts``: one execution of a queued run by a worker.
+
+    Not total: a settlement ends an attempt with some of its columns (``attempt``,
+    ``outcome``, ``ended_at`` and its usage).
+    """
+
+    tenant_id: str
+    id: str
+    run_id: str
+    attempt: int
+    holder: str
+    started_at: datetime
+    ended_at: datetime | None
+    outcome: str | None  #: ``None`` while it runs; then ``succeeded``, ``failed``, ...
+    input_tokens: int
+    output_tokens: int
+    tool_calls: int
+
+
 class UsageRecord(TypedDict, total=False):
     """One row of ``usage_records``: what one run (attempt) was charged."""
 
@@ -107,7 +150,7 @@ class UsageRecord(TypedDict, total=False):
 class AuditRecord(TypedDict, total=False):
     """One row of ``audit_log``; ``tenant_id`` is ``None`` for the operator's own entries."""
 
-    seq: int
+    seq: int  #: the record's number within its tenant's log (1, 2, ...)
     tenant_id: str | None
     id: str
     at: datetime
@@ -116,3 +159,27 @@ class AuditRecord(TypedDict, total=False):
     target: str | None
     outcome: str
     detail: dict[str, Any]
+
+
+class AuditEntry(TypedDict):
+    """An audit record as a caller asks for it to be appended (the store adds the
+    tenant, a fresh id and the time)."""
+
+    actor: str
+    action: str
+    target: str | None
+    outcome: str
+    detail: NotRequired[Mapping[str, Any]]
+
+
+class UsageTotals(TypedDict):
+    """Usage totals of one tenant, model and simulated flag (a usage summary's row);
+    tokens, tool calls, and runs (not records: a run executed again has one per attempt)."""
+
+    tenant_id: str
+    model: str
+    simulated: int
+    runs: int
+    input_tokens: int
+    output_tokens: int
+    tool_calls: int

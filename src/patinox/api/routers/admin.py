@@ -111,7 +111,7 @@ def revoke_key(tenant_id: str, key_id: str, op: Operator, rt: RT) -> o.KeyOut:
 def usage(
     _: Operator, rt: RT, tenant_id: str | None = None, since: o.Timestamp | None = None
 ) -> list[o.UsageSummaryOut]:
-    return [o.UsageSummaryOut(**u) for u in rt.backend.usage_summary(tenant_id, since=since)]
+    return [o.UsageSummaryOut.model_validate(u) for u in rt.backend.usage_summary(tenant_id, since=since)]
 
 
 @router.get("/audit")

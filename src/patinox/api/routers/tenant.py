@@ -19,20 +19,20 @@ from patinox.control import AgentPatch, AgentSpec, RunRequest
 from patinox.errors import InvalidRequest, NotFound
 from patinox.limits import RateLimitState, day_start
 from patinox.runtime import Runtime
-from patinox.storage import utcnow
+from patinox.storage import AgentRecord, AttemptRecord, RunRecord, TenantStore, utcnow
 
 router = APIRouter(prefix="/v1", tags=["tenant"])
 
 
-def _agent_out(row: dict[str, Any]) -> o.AgentOut:
-    return o.AgentOut(**row, simulated=is_simulated(row["model"]))
+def _agent_out(row: AgentRecord) -> o.AgentOut:
+    return o.AgentOut.model_validate({**row, "simulated": is_simulated(row["model"])})
 
 
-def _run_out(row: dict[str, Any], stored: list[dict[str, Any]] | None = None) -> o.RunOut:
+def _run_out(row: RunRecord, stored: list[AttemptRecord] | None = None) -> o.RunOut:
     """A run with its attempts: ``stored``, its rows of ``run_attempts`` (a queued run a
     worker executed); without any, a run that started ran once where it was admitted (a
     synchronous run), its one attempt read from the run itself."""
-    history = [o.AttemptOut(**a) for a in stored or ()]
+    history = [o.AttemptOut.model_validate(a) for a in stored or ()]
     if not history and row["started_at"] is not None:
         history = [
             o.AttemptOut(
@@ -45,12 +45,12 @@ def _run_out(row: dict[str, Any], stored: list[dict[str, Any]] | None = None) ->
                 tool_calls=row["tool_calls"],
             )
         ]
-    return o.RunOut(
-        **{**row, "simulated": bool(row["simulated"])}, attempts=len(history), attempt_history=history
+    return o.RunOut.model_validate(
+        {**row, "simulated": bool(row["simulated"]), "attempts": len(history), "attempt_history": history}
     )
 
 
-def _outcome(row: dict[str, Any]) -> str | None:
+def _outcome(row: RunRecord) -> str | None:
     """How a run's only attempt ended, from the run (``None`` while it runs)."""
     if row["status"] in ("queued", "running"):
         return None
@@ -147,7 +147,7 @@ def list_runs(
     return [_run_out(x, attempts[x["id"]]) for x in runs]
 
 
-def _truncated(store: Any, runs: list[dict[str, Any]], agent_id: str | None) -> bool:
+def _truncated(store: TenantStore, runs: list[RunRecord], agent_id: str | None) -> bool:
     """True when a page shorter than its limit was cut by the byte budget (older runs exist)."""
     return bool(store.list_runs(agent_id=agent_id, limit=1, before=runs[-1]["id"]))
 
@@ -198,7 +198,7 @@ def usage(ctx: Reader, rt: RT, store: Store, since: o.Timestamp | None = None) -
         tokens_reserved=reserved,
         tokens_per_day=ctx.limits.tokens_per_day,
         runs_in_flight=rt.queue.held(ctx.tenant_id),
-        records=[o.UsageRecordOut(**{**u, "simulated": bool(u["simulated"])}) for u in records],
+        records=[o.UsageRecordOut.model_validate({**u, "simulated": bool(u["simulated"])}) for u in records],
     )
 
 

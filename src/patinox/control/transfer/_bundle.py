@@ -29,8 +29,6 @@ from sqlalchemy import Table
 from patinox.errors import InvalidRequest
 from patinox.storage import schema as s
 
-Row = dict[str, Any]
-
 MAGIC = b"PATINOX-EXPORT"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct(">14sBI")  # magic, format version, header length

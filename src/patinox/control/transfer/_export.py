@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -13,14 +13,13 @@ from typing import IO, Any, TypeVar
 from patinox.control.transfer._bundle import (
     _KIND_TABLES,
     FORMAT_VERSION,
-    Row,
     _BundleWriter,
     _seal_for_export,
     _start_bundle,
 )
 from patinox.control.transfer._tables import Progress, _data_tables
 from patinox.errors import InvalidRequest, InvalidTransition
-from patinox.storage import SqlBackend, TenantStore, utcnow
+from patinox.storage import AnyRow, ApiKeyRecord, SqlBackend, TenantRecord, TenantStore, utcnow
 from patinox.tenancy import StorageModel, TenantState
 
 _T = TypeVar("_T")
@@ -77,7 +76,7 @@ class _Exported:
     last_run: str = ""
 
 
-def _export_rows(store: TenantStore, kind: str, exported: _Exported) -> Iterator[Row]:
+def _export_rows(store: TenantStore, kind: str, exported: _Exported) -> Iterator[AnyRow]:
     """The rows of one record type, payloads decrypted, ready for JSON."""
     table = _KIND_TABLES[kind].name
     for page in store.bulk().pages(table, opened=True, with_run_agent=kind == "attempt"):
@@ -96,7 +95,7 @@ def _export_rows(store: TenantStore, kind: str, exported: _Exported) -> Iterator
             yield row
 
 
-def _exportable(backend: SqlBackend, tenant_id: str, target: Path, overwrite: bool) -> dict[str, Any]:
+def _exportable(backend: SqlBackend, tenant_id: str, target: Path, overwrite: bool) -> TenantRecord:
     """The tenant row, once the tenant and the target path are fit for an export.
 
     Raises:
@@ -115,13 +114,14 @@ def _exportable(backend: SqlBackend, tenant_id: str, target: Path, overwrite: bo
 
 
 def _manifest(
-    backend: SqlBackend, tenant: dict[str, Any], model: StorageModel, exported_at: datetime
+    backend: SqlBackend, tenant: TenantRecord, model: StorageModel, exported_at: datetime
 ) -> dict[str, Any]:
+    columns: Mapping[str, Any] = tenant  # read by name from the list above
     return {
         "type": "manifest",
         "format": FORMAT_VERSION,
         "exported_at": exported_at,
-        "tenant": {k: tenant[k] for k in _MANIFEST_TENANT},
+        "tenant": {k: columns[k] for k in _MANIFEST_TENANT},
         "source": {"database": backend.engine.dialect.name, "storage_model": model.value},
     }
 
@@ -129,7 +129,7 @@ def _manifest(
 def _write_records(
     writer: _BundleWriter,
     store: TenantStore,
-    keys: list[dict[str, Any]],
+    keys: list[ApiKeyRecord],
     total: int,
     progress: Progress | None,
 ) -> int:
@@ -146,8 +146,9 @@ def _write_records(
             done += 1
             if progress is not None and done % 100 == 0:
                 progress(done, max(total, done))
-    for k in keys:
-        writer.record({"type": "api_key", "row": {f: k[f] for f in _KEY_FIELDS}})
+    for key in keys:
+        fields: Mapping[str, Any] = key  # read by name from the list above
+        writer.record({"type": "api_key", "row": {f: fields[f] for f in _KEY_FIELDS}})
         done += 1
     return done
 

@@ -12,10 +12,10 @@ from pydantic import ValidationError
 from sqlalchemy import Table
 
 from patinox.control.tenants import Tenant, TenantManager, TenantSpec
-from patinox.control.transfer._bundle import _KIND_TABLES, Row, _Body, _BundleReader, _one_secret
+from patinox.control.transfer._bundle import _KIND_TABLES, _Body, _BundleReader, _one_secret
 from patinox.control.transfer._tables import _UNFINISHED, Progress
 from patinox.errors import InvalidRequest
-from patinox.storage import SqlBackend, TenantStore, utcnow
+from patinox.storage import AnyRow, SqlBackend, TenantStore, utcnow
 from patinox.storage import schema as s
 from patinox.tenancy import IsolationLevel, LimitOverrides, StorageModel, new_id
 
@@ -42,11 +42,11 @@ def _is_datetime(table: Table, column: str) -> bool:
     return isinstance(table.c[column].type, s.UTCDateTime)
 
 
-def _import_row(kind: str, row: Mapping[str, Any]) -> Row:
+def _import_row(kind: str, row: Mapping[str, Any]) -> AnyRow:
     """A bundle row as a row of the new tenant: known columns only, payloads in plaintext
     (storage seals them, and sets the tenant id)."""
     table = _KIND_TABLES[kind]
-    out: Row = {}
+    out: AnyRow = {}
     for column in table.columns:
         if column.name in ("tenant_id", "seq") or column.name not in row:
             continue
@@ -76,7 +76,7 @@ def _write_bundle(
     """Second pass: write every record of the (already verified) bundle; returns rows per type."""
     rows = store.bulk()
     written: dict[str, int] = {}
-    batch: list[Row] = []
+    batch: list[AnyRow] = []
     batch_kind = ""
 
     def flush() -> None:
