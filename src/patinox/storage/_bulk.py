@@ -68,7 +68,7 @@ class BulkRows:
     id whatever the rows say.
     """
 
-    __slots__ = ("_placement", "_sealed", "_sealer", "_tx", "tenant_id")
+    __slots__ = ("_placement", "_sealer", "_tx", "tenant_id")
 
     def __init__(
         self,
@@ -81,9 +81,6 @@ class BulkRows:
         self._placement = placement
         self._tx = tx
         self._sealer = sealer
-        self._sealed: dict[str, list[tuple[str, str, str]]] = {}
-        for table, key, column, aad in sealed_columns():
-            self._sealed.setdefault(table, []).append((key, column, aad))
         self.tenant_id = tenant_id
 
     def _table(self, name: str) -> Table:
@@ -145,7 +142,7 @@ class BulkRows:
         key = t.c[order_by or _WALK_KEY[table]]
         chosen: Any = _ATTEMPTS_WITH_RUN_AGENT if with_run_agent else select(t)
         base = chosen.where(t.c.tenant_id == self.tenant_id).order_by(key).limit(PAGE_ROWS)
-        sealed = self._sealed.get(table, []) if opened else []
+        sealed = opened and bool(sealed_columns(table))
         last: Any = None
         while True:
             q = base if last is None else base.where(key > last)
@@ -155,8 +152,7 @@ class BulkRows:
                 return
             last = rows[-1][key.name]
             for row in rows if sealed else ():
-                for key_column, column, aad in sealed:
-                    row[column] = self._sealer.open(aad, row[key_column], row[column])
+                self._sealer.open_row(table, row)
             yield rows
             if len(rows) < PAGE_ROWS:
                 return
@@ -184,19 +180,15 @@ class BulkRows:
         """
         if not rows:
             return 0
-        sealed = self._sealed.get(table, []) if seal else []
-        out = [self._row_to_insert(row, sealed) for row in rows]
+        out = [self._row_to_insert(table, row, seal) for row in rows]
         with self._tx() as conn:
             conn.execute(insert(self._table(table)), out)
         return len(out)
 
-    def _row_to_insert(self, row: Mapping[str, Any], sealed: list[tuple[str, str, str]]) -> AnyRow:
+    def _row_to_insert(self, table: str, row: Mapping[str, Any], seal: bool) -> AnyRow:
         out = {k: v for k, v in row.items() if k not in _PLACEMENT_COLUMNS}
         out["tenant_id"] = self.tenant_id
-        for key_column, column, aad in sealed:
-            if out.get(column) is not None:
-                out[column] = self._sealer.seal(aad, out[key_column], out[column])
-        return out
+        return self._sealer.seal_row(table, out) if seal else out
 
     def delete_all(self, tables: Sequence[str]) -> dict[str, int]:
         """Delete every row of the tenant from ``tables``, in the order given (children
