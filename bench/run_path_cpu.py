@@ -61,7 +61,8 @@ def _child(runs: int, warmup: int) -> None:
             tokens_per_day=10**12,
         )
         tenant = rt.tenants.create(TenantSpec(name="bench", plan="enterprise", limits=high), actor="bench")
-        ctx = rt.keys.authenticate(rt.keys.create(tenant_id=tenant.id, name="k", scopes=None, actor="bench").secret)
+        key = rt.keys.create(tenant_id=tenant.id, name="k", scopes=None, actor="bench")
+        ctx = rt.keys.authenticate(key.secret)
         assert isinstance(ctx, TenantContext)
         agent_id = str(rt.agents.create(ctx, AgentSpec(name="a", model="simulated:instant"))["id"])
         request = RunRequest(input="hello there", output_tokens=3)
