@@ -117,7 +117,7 @@ class SqlBackend:
     ) -> None:
         self.engine = engine
         #: Per-tenant DEKs (wrapped in ``tenant_keys``), cached per tenant and version.
-        self.keyring = TenantKeyring(SqlDekStore(self), key_provider)
+        self.keyring = TenantKeyring(SqlDekStore(self.transaction), key_provider)
         self.placements = placements or Placements(
             app_url=engine.url.render_as_string(hide_password=False),
             owner_url=engine.url.render_as_string(hide_password=False),

@@ -8,30 +8,32 @@ A tenant whose ``keys_destroyed_at`` is set never gets a DEK again.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Connection, delete, insert, select, update
 
 from patinox.errors import AlreadyExists
 from patinox.storage import _schema as s
 from patinox.storage._schema import utcnow
 
-if TYPE_CHECKING:
-    from patinox.storage._control_store import SqlBackend
-
 
 class SqlDekStore:
-    """Wrapped DEKs of every tenant, through the backend's control-plane transactions."""
+    """Wrapped DEKs of every tenant, through the control plane's transactions.
 
-    def __init__(self, backend: SqlBackend) -> None:
-        self._backend = backend
+    Args:
+        transaction: opens one control-plane transaction (``SqlBackend.transaction``).
+    """
+
+    def __init__(self, transaction: Callable[[], AbstractContextManager[Connection]]) -> None:
+        self._transaction = transaction
 
     def get_wrapped(self, tenant_id: str, version: int | None = None) -> tuple[int, bytes] | None:
         """(version, wrapped) of ``version``, or of the newest when ``version`` is None."""
         k = s.tenant_keys
         q = select(k.c.version, k.c.wrapped).where(k.c.tenant_id == tenant_id)
         q = q.order_by(k.c.version.desc()).limit(1) if version is None else q.where(k.c.version == version)
-        with self._backend.transaction() as conn:
+        with self._transaction() as conn:
             row = conn.execute(q).first()
         return None if row is None else (int(row[0]), bytes(row[1]))
 
@@ -39,13 +41,13 @@ class SqlDekStore:
         """Every (version, wrapped) of the tenant, oldest first."""
         k = s.tenant_keys
         q = select(k.c.version, k.c.wrapped).where(k.c.tenant_id == tenant_id).order_by(k.c.version)
-        with self._backend.transaction() as conn:
+        with self._transaction() as conn:
             return [(int(v), bytes(w)) for v, w in conn.execute(q)]
 
     def insert_wrapped_if_absent(self, tenant_id: str, version: int, wrapped: bytes) -> bool:
         """Insert a DEK row; False when that version exists or the tenant was shredded."""
         try:
-            with self._backend.transaction() as conn:
+            with self._transaction() as conn:
                 if self._destroyed(conn, tenant_id):
                     return False
                 conn.execute(
@@ -60,7 +62,7 @@ class SqlDekStore:
     def replace_wrapped(self, tenant_id: str, version: int, wrapped: bytes) -> bool:
         """Re-wrap an existing DEK row (KEK rotation); never creates one."""
         k = s.tenant_keys
-        with self._backend.transaction() as conn:
+        with self._transaction() as conn:
             n = conn.execute(
                 update(k).where(k.c.tenant_id == tenant_id, k.c.version == version).values(wrapped=wrapped)
             ).rowcount
@@ -68,7 +70,7 @@ class SqlDekStore:
 
     def destroy(self, tenant_id: str) -> None:
         """Delete every DEK of the tenant and mark it shredded, in one transaction."""
-        with self._backend.transaction() as conn:
+        with self._transaction() as conn:
             conn.execute(delete(s.tenant_keys).where(s.tenant_keys.c.tenant_id == tenant_id))
             conn.execute(
                 update(s.tenants)
@@ -78,7 +80,7 @@ class SqlDekStore:
 
     def is_destroyed(self, tenant_id: str) -> bool:
         """True once the tenant's keys were destroyed."""
-        with self._backend.transaction() as conn:
+        with self._transaction() as conn:
             return self._destroyed(conn, tenant_id)
 
     @staticmethod
