@@ -1,15 +1,9 @@
 """Resource limits: request rate limits, token quotas, the durable fair run queue, and the
 fair share of each process's capacity."""
 
+from patinox.limits._listener import NOTIFY_CHANNEL, QueueListener
 from patinox.limits.admission import AdmissionSettings, FairShareAdmission
-from patinox.limits.queue import (
-    DEFAULT_LEASE_S,
-    NOTIFY_CHANNEL,
-    Claim,
-    FairRunQueue,
-    QueueListener,
-    worker_id,
-)
+from patinox.limits.queue import DEFAULT_LEASE_S, Claim, FairRunQueue, worker_id
 from patinox.limits.quota import RUNS_PER_DAY, TOKENS_PER_DAY, Reservation, TokenBudget, day_start
 from patinox.limits.rate import RateLimiter, RateLimitState, WindowRateLimiter, ratelimit_headers
 

@@ -26,7 +26,7 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, MetaData, Table, delete, func, insert, select, update
+from sqlalchemy import Connection, MetaData, Table, Text, delete, func, insert, literal, select, update
 
 from patinox.storage import _schema as s
 from patinox.storage._sealer import Sealer, sealed_columns
@@ -237,6 +237,46 @@ class BulkRows:
         q = select(r.c.id).where(r.c.tenant_id == self.tenant_id, r.c.status.in_(list(statuses)))
         with self._tx() as conn:
             return {str(x) for x in conn.execute(q).scalars()}
+
+    def reseal(self, *, progress: Callable[[int, int], None] | None = None, batch: int = 200) -> int:
+        """Re-seal every payload of the tenant that is not under its current DEK version
+        (the background job after a DEK rotation). Each row is updated only if it still
+        holds the value read (compare-and-set), so concurrent writes are never lost.
+
+        Args:
+            progress: called with (rows done, rows in all) as it goes.
+            batch: rows read per query.
+
+        Returns:
+            Rows re-sealed.
+
+        Raises:
+            DecryptionFailed: a stored payload fails authentication.
+            StorageError: the database failed.
+        """
+        current = self._sealer.keyring.current_key(self.tenant_id).version
+        todo: list[tuple[Table, str, str, str, Any, bytes | str]] = []
+        for table_name, key_col, col, aad in sealed_columns():
+            table = self._table(table_name)
+            sealed = select(table.c[key_col], table.c[col]).where(
+                table.c.tenant_id == self.tenant_id, table.c[col].is_not(None)
+            )
+            with self._tx() as conn:
+                rows = conn.execute(sealed).all()
+            todo += [(table, key_col, col, aad, k, v) for k, v in rows if self._sealer.version(v) < current]
+        done = 0
+        for start in range(0, len(todo), batch):
+            with self._tx() as conn:
+                for table, key_col, col, aad, key, old in todo[start : start + batch]:
+                    fresh = self._sealer.seal(aad, str(key), self._sealer.open(aad, str(key), old) or "")
+                    # Compared as read: a legacy value SQLite kept as text is not bytes.
+                    held = literal(old, Text()) if isinstance(old, str) else old
+                    row = (table.c.tenant_id == self.tenant_id, table.c[key_col] == key)
+                    conn.execute(update(table).where(*row, table.c[col] == held).values({col: fresh}))
+                    done += 1
+            if progress is not None:
+                progress(done, len(todo))
+        return done
 
 
 def _canonical(row: Mapping[str, Any]) -> bytes:

@@ -138,7 +138,7 @@ def audit_values(
     action: str,
     target: str | None,
     outcome: str,
-    detail: Mapping[str, Any] | None,
+    detail: Mapping[str, Any] | None = None,
 ) -> AuditRecord:
     """The values of a new audit record (a fresh id, ``at`` now); ``tenant_id`` ``None``
     for an operator-level record."""

@@ -21,12 +21,10 @@ from sqlalchemy import (
     Connection,
     Engine,
     Table,
-    Text,
     and_,
     delete,
     func,
     insert,
-    literal,
     or_,
     select,
     text,
@@ -40,7 +38,7 @@ from patinox.storage._cache import MISS, TenantCache, copy_row
 from patinox.storage._fast import execute_write
 from patinox.storage._placement import Placement
 from patinox.storage._schema import utcnow
-from patinox.storage._sealer import Sealer, sealed_columns
+from patinox.storage._sealer import Sealer
 from patinox.storage._statements import (
     END_ATTEMPT,
     GET_AGENT,
@@ -405,7 +403,7 @@ class TenantStore:
             record: AnyRow = {**usage, "tenant_id": self.tenant_id, "id": new_id("us"), "run_id": run_id}
             insert_usage = INSERT_USAGE if attempt is None else UPSERT_ATTEMPT_USAGE[self._placement.postgres]
             statements.append((insert_usage, {**record, "at": utcnow()}))
-        statements.append((INSERT_AUDIT, self._audit(**audit)))
+        statements.append((INSERT_AUDIT, audit_values(self.tenant_id, **audit)))
         return PreparedWrite(self.tenant_id, tuple(statements))
 
     # -- attempts of queued runs ------------------------------------------------------
@@ -524,7 +522,7 @@ class TenantStore:
                     conn.execute(UPSERT_ATTEMPT_USAGE[self._placement.postgres], record)
             detail = {**audit.get("detail", {}), "attempt": number}
             entry: AuditEntry = {**audit, "detail": detail}
-            conn.execute(INSERT_AUDIT, self._audit(**entry))
+            conn.execute(INSERT_AUDIT, audit_values(self.tenant_id, **entry))
         return number
 
     def list_attempts(self, run_ids: list[str]) -> dict[str, list[AttemptRecord]]:
@@ -543,40 +541,12 @@ class TenantStore:
 
     def reencrypt(self, progress: Callable[[int, int], None] | None = None, batch: int = 200) -> int:
         """Re-seal every payload of this tenant that is not under its current DEK version
-        (the background job after a DEK rotation). Each row is updated only if it still
-        holds the value read (compare-and-set), so concurrent writes are never lost.
-
-        Args:
-            progress: called with (rows done, rows in all) as it goes.
-            batch: rows read per query.
+        (the background job after a DEK rotation); see :meth:`BulkRows.reseal`.
 
         Returns:
             Rows re-sealed.
         """
-        current = self._sealer.keyring.current_key(self.tenant_id).version
-        todo: list[tuple[Table, str, str, str, Any, bytes | str]] = []
-        for table_name, key_col, col, aad in sealed_columns():
-            table = s.metadata.tables[table_name]
-            with self._tx() as conn:
-                cols = select(table.c[key_col], table.c[col])
-                rows = conn.execute(cols.where(*self._where(table), table.c[col].is_not(None))).all()
-            todo += [(table, key_col, col, aad, k, v) for k, v in rows if self._sealer.version(v) < current]
-        done = 0
-        for start in range(0, len(todo), batch):
-            with self._tx() as conn:
-                for table, key_col, col, aad, key, old in todo[start : start + batch]:
-                    fresh = self._sealer.seal(aad, str(key), self._sealer.open(aad, str(key), old) or "")
-                    # Compared as read: a legacy value SQLite kept as text is not bytes.
-                    held = literal(old, Text()) if isinstance(old, str) else old
-                    conn.execute(
-                        update(table)
-                        .where(*self._where(table), table.c[key_col] == key, table.c[col] == held)
-                        .values({col: fresh})
-                    )
-                    done += 1
-            if progress is not None:
-                progress(done, len(todo))
-        return done
+        return self.bulk().reseal(progress=progress, batch=batch)
 
     # -- memory (implements patinox.agents.MemoryStore) -------------------------------
 
@@ -645,17 +615,6 @@ class TenantStore:
 
     # -- audit and usage ------------------------------------------------------------
 
-    def _audit(
-        self,
-        *,
-        actor: str,
-        action: str,
-        target: str | None,
-        outcome: str,
-        detail: Mapping[str, Any] | None = None,
-    ) -> AuditRecord:
-        return audit_values(self.tenant_id, actor, action, target, outcome, detail)
-
     def append_audit(
         self,
         *,
@@ -666,7 +625,7 @@ class TenantStore:
         detail: Mapping[str, Any] | None = None,
     ) -> AuditRecord:
         """Append one audit record for this tenant."""
-        values = self._audit(actor=actor, action=action, target=target, outcome=outcome, detail=detail)
+        values = audit_values(self.tenant_id, actor, action, target, outcome, detail)
         with self._tx() as conn:
             conn.execute(INSERT_AUDIT, values)
         return values
