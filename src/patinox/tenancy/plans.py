@@ -75,6 +75,36 @@ class ResourceLimits(BaseModel):
     max_output_tokens_per_run: int = Field(ge=1, description="output tokens one run may ask for")
     max_tool_calls_per_run: int = Field(ge=0, description="tool calls within one run")
     run_timeout_s: float = Field(gt=0, description="wall time of one run, seconds")
+    # Execution limits: enforced by the operating system at the ``process``, ``container``
+    # and ``dedicated`` levels (cgroups where the host allows it, rlimits otherwise); the
+    # ``namespace`` level shares one process and cannot enforce them (README, isolation).
+    exec_memory_bytes: int = Field(
+        default=512 * 2**20,
+        ge=16 * 2**20,
+        description="memory of all the tenant's execution processes together, bytes",
+    )
+    cpu_weight: int = Field(
+        default=100, ge=1, le=10_000, description="CPU weight (cgroup v2 scale, 100 = default)"
+    )
+    cpu_quota_cores: float | None = Field(
+        default=None, gt=0, description="CPU time per wall second, cores (None: no quota)"
+    )
+    cpu_seconds_per_run: float = Field(default=30, gt=0, description="CPU seconds one run may use")
+    max_processes: int = Field(
+        default=64, ge=4, description="processes and threads in the tenant's execution cgroup"
+    )
+    max_open_files: int = Field(default=256, ge=16, description="open files per execution process")
+    disk_bytes: int = Field(
+        default=64 * 2**20, ge=2**20, description="the tenant's writable directory, bytes"
+    )
+    execution_processes: int = Field(
+        default=2, ge=1, description="warm execution processes of the tenant per host"
+    )
+    dedicated_cores: int = Field(default=1, ge=1, description="CPU cores a dedicated tenant gets for itself")
+    code_timeout_s: float = Field(default=10, gt=0, description="wall time of one python tool call, seconds")
+    code_output_bytes: int = Field(
+        default=64 * 2**10, ge=1024, description="stdout + stderr kept from one python tool call, bytes"
+    )
 
     @property
     def per_key_rpm(self) -> int:
@@ -111,6 +141,17 @@ class LimitOverrides(BaseModel):
     run_timeout_s: float | None = Field(
         default=None, gt=0, le=30 * 86_400, description="seconds (<= 30 days)"
     )
+    exec_memory_bytes: int | None = Field(default=None, ge=16 * 2**20, le=2**50)
+    cpu_weight: int | None = Field(default=None, ge=1, le=10_000)
+    cpu_quota_cores: float | None = Field(default=None, gt=0, le=4_096)
+    cpu_seconds_per_run: float | None = Field(default=None, gt=0, le=30 * 86_400)
+    max_processes: int | None = Field(default=None, ge=4, le=4_194_304)
+    max_open_files: int | None = Field(default=None, ge=16, le=1_048_576)
+    disk_bytes: int | None = Field(default=None, ge=2**20, le=2**50)
+    execution_processes: int | None = Field(default=None, ge=1, le=4_096)
+    dedicated_cores: int | None = Field(default=None, ge=1, le=4_096)
+    code_timeout_s: float | None = Field(default=None, gt=0, le=86_400)
+    code_output_bytes: int | None = Field(default=None, ge=1024, le=2**30)
 
     def apply_to(self, limits: ResourceLimits) -> ResourceLimits:
         """The plan's limits with every set override applied."""
@@ -163,6 +204,16 @@ PLANS: dict[str, Plan] = {
             max_output_tokens_per_run=2_048,
             max_tool_calls_per_run=8,
             run_timeout_s=60,
+            exec_memory_bytes=512 * 2**20,
+            cpu_weight=100,
+            cpu_quota_cores=0.5,
+            cpu_seconds_per_run=30,
+            max_processes=64,
+            max_open_files=256,
+            disk_bytes=64 * 2**20,
+            execution_processes=2,
+            code_timeout_s=10,
+            code_output_bytes=64 * 2**10,
         ),
     ),
     "pro": Plan(
@@ -178,6 +229,16 @@ PLANS: dict[str, Plan] = {
             max_output_tokens_per_run=8_192,
             max_tool_calls_per_run=32,
             run_timeout_s=300,
+            exec_memory_bytes=2 * 2**30,
+            cpu_weight=400,
+            cpu_quota_cores=2.0,
+            cpu_seconds_per_run=300,
+            max_processes=256,
+            max_open_files=1024,
+            disk_bytes=2**30,
+            execution_processes=8,
+            code_timeout_s=30,
+            code_output_bytes=256 * 2**10,
         ),
     ),
     "enterprise": Plan(
@@ -194,6 +255,16 @@ PLANS: dict[str, Plan] = {
             max_output_tokens_per_run=32_768,
             max_tool_calls_per_run=128,
             run_timeout_s=900,
+            exec_memory_bytes=8 * 2**30,
+            cpu_weight=1600,
+            cpu_quota_cores=None,
+            cpu_seconds_per_run=1800,
+            max_processes=1024,
+            max_open_files=4096,
+            disk_bytes=10 * 2**30,
+            execution_processes=32,
+            code_timeout_s=60,
+            code_output_bytes=2**20,
         ),
     ),
 }
