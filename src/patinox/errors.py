@@ -302,7 +302,15 @@ class Overloaded(OperationFailed):
 
 
 class RunFailed(OperationFailed):
-    """The agent run failed (model error, tool error, limit hit inside the run, timeout)."""
+    """The agent run failed (model error, tool error, limit hit inside the run, timeout).
+
+    ``reason`` says why (see :mod:`patinox.agents.runner`); runs in an execution process
+    (isolation levels ``process`` and above) may also fail with ``worker_crashed`` (the
+    process died, not by a limit), ``memory_limit`` (killed by the OOM killer: the tenant's
+    cgroup counted an OOM kill), ``cpu_limit`` (past ``cpu_seconds_per_run``), and
+    ``disk_limit`` (the tenant's writable directory is full); they carry ``cpu_seconds``
+    and ``peak_memory_bytes`` of their process where measured.
+    """
 
     code = "run_failed"
     http_status = 502
@@ -314,6 +322,8 @@ class RunFailed(OperationFailed):
     input_tokens: int = 0
     output_tokens: int = 0
     tool_calls: int = 0
+    cpu_seconds: float | None = None
+    peak_memory_bytes: int | None = None
 
 
 class DecryptionFailed(OperationFailed):

@@ -10,13 +10,22 @@ queue worker never loads FastAPI.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from patinox.control import AgentService, ApiKeys, RunService, TenantEvent, TenantManager
 from patinox.control.worker import RunWorker
-from patinox.errors import ConfigurationError
-from patinox.isolation import NamespaceExecutor
+from patinox.errors import ConfigurationError, NotFound
+from patinox.isolation import (
+    ExecutorMap,
+    NamespaceExecutor,
+    PoolSettings,
+    PoolSupervisor,
+    ProcessExecutor,
+    Template,
+    process_isolation_available,
+)
 from patinox.limits import (
     AdmissionSettings,
     FairRunQueue,
@@ -27,6 +36,16 @@ from patinox.limits import (
 )
 from patinox.storage import SqlBackend, open_backend
 from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
+from patinox.tenancy import IsolationLevel, ResourceLimits, effective_limits
+
+
+def _default_exec_root() -> Path:
+    """Where tenants' working directories go by default: ``$PATINOX_EXEC_ROOT``, else
+    ``<temp dir>/patinox-exec-<uid>`` (outside the deployment directory, which execution
+    processes must not be able to enter)."""
+    return Path(
+        os.environ.get("PATINOX_EXEC_ROOT") or Path(tempfile.gettempdir()) / f"patinox-exec-{os.getuid()}"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +64,10 @@ class Settings:
             worker`` processes execute them).
         admission: the process's fair share of its own capacity
             (:class:`~patinox.limits.FairShareAdmission`); ``enabled=False`` turns it off.
+        exec_root: where the working directories of ``process``-level tenants are made
+            (``<exec_root>/<tenant_id>``; see :class:`~patinox.isolation.PoolSettings`).
+        exec_idle_s: a tenant's execution processes stop after this long without a run,
+            seconds (started again by the next run).
     """
 
     database_url: str
@@ -54,6 +77,8 @@ class Settings:
     embedded_workers: int = 256
     max_body_bytes: int = 2 * 1024 * 1024
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    exec_root: Path = field(default_factory=_default_exec_root)
+    exec_idle_s: float = 300.0
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> Settings:
@@ -65,7 +90,8 @@ class Settings:
         the KEK is ``data_dir/kek.json`` unless ``PATINOX_KEK_URL`` says otherwise;
         ``PATINOX_EMBEDDED_WORKERS`` caps how many queued runs the server executes itself
         at once (0: none); ``PATINOX_FAIR_SHARE=off`` turns the fair-share admission off (for
-        benchmarks and emergencies).
+        benchmarks and emergencies); ``PATINOX_EXEC_ROOT`` and ``PATINOX_EXEC_IDLE_S`` set
+        :attr:`exec_root` and :attr:`exec_idle_s`.
         """
         return cls(
             database_url=os.environ.get("PATINOX_DATABASE_URL")
@@ -75,6 +101,7 @@ class Settings:
             rate_limit_storage=os.environ.get("PATINOX_RATE_LIMIT_URL") or "memory://",
             embedded_workers=int(os.environ.get("PATINOX_EMBEDDED_WORKERS") or 256),
             admission=AdmissionSettings(enabled=_fair_share_enabled(os.environ.get("PATINOX_FAIR_SHARE"))),
+            exec_idle_s=float(os.environ.get("PATINOX_EXEC_IDLE_S") or 300.0),
         )
 
 
@@ -106,6 +133,8 @@ class Runtime:
     rate: WindowRateLimiter
     queue: FairRunQueue
     budget: TokenBudget
+    executors: ExecutorMap
+    process_executor: ProcessExecutor | None = None
     extra: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -137,8 +166,20 @@ class Runtime:
         return rt
 
     @classmethod
-    def build(cls, settings: Settings, backend: SqlBackend | None = None) -> Runtime:
-        """Open storage (migrating it) and wire the services."""
+    def build(
+        cls, settings: Settings, backend: SqlBackend | None = None, *, template: Template | None = None
+    ) -> Runtime:
+        """Open storage (migrating it) and wire the services.
+
+        The executor of each isolation level this host can enforce goes in one
+        :class:`~patinox.isolation.ExecutorMap`: ``namespace`` always, ``process`` where
+        :func:`~patinox.isolation.process_isolation_available` says so (its pool supervisor
+        is made at first need: a command that runs nothing at that level starts nothing).
+
+        Args:
+            template: a warm template to fork execution processes from, shared with other
+                runtimes (tests); default: the supervisor starts its own when first needed.
+        """
         backend = backend or open_backend(
             settings.database_url,
             owner_url=settings.owner_url,
@@ -147,13 +188,15 @@ class Runtime:
         budget = TokenBudget(backend)
         queue = FairRunQueue(backend)
         rate = WindowRateLimiter(settings.rate_limit_storage)
-        tenants = TenantManager(backend)
         admission = FairShareAdmission(settings.admission) if settings.admission.enabled else None
-        runs = RunService(
-            backend, NamespaceExecutor(), queue=queue, budget=budget, admission=admission, rate=rate
-        )
+        process, executors = _executors(settings, backend, template)
+        tenants = TenantManager(backend, supported_isolation=executors.levels)
+        runs = RunService(backend, executors, queue=queue, budget=budget, admission=admission, rate=rate)
         tenants.subscribe(runs.on_tenant_event)
         tenants.subscribe(runs.on_limits_changed)
+        # After the run service's: a suspended or deleted tenant's runs stop first, then its
+        # execution processes.
+        tenants.subscribe(executors.on_tenant_event)
         # No decrypted key of a suspended or deleted tenant stays in memory.
         forget_on = (TenantEvent.SUSPENDED, TenantEvent.DELETED)
         tenants.subscribe(lambda tid, event: backend.keyring.forget(tid) if event in forget_on else None)
@@ -167,6 +210,8 @@ class Runtime:
             rate=rate,
             queue=queue,
             budget=budget,
+            executors=executors,
+            process_executor=process,
         )
 
     def worker(self, *, concurrency: int = 256, holder: str | None = None) -> RunWorker:
@@ -188,4 +233,42 @@ class Runtime:
             admission=self.runs.admission,
         )
         self.runs.set_wakeup(w.wakeup)
+        if self.process_executor is not None:
+            # A process that executes runs supervises execution pools: from now on a
+            # ``process`` tenant created here gets its pool at once (the template starts
+            # with the first pool).
+            _ = self.process_executor.supervisor
         return w
+
+    def close(self) -> None:
+        """Stop what this runtime started beside storage: every tenant execution pool and
+        the template (:meth:`RunService.shutdown` does it too). Idempotent."""
+        self.executors.close()
+
+
+def _executors(
+    settings: Settings, backend: SqlBackend, template: Template | None
+) -> tuple[ProcessExecutor | None, ExecutorMap]:
+    """The ``process`` executor (``None`` where this host cannot run it) and the map of
+    every level's executor."""
+    namespace = NamespaceExecutor()
+    available, _ = process_isolation_available()
+    if not available:
+        return None, ExecutorMap({IsolationLevel.NAMESPACE: namespace})
+
+    def tenant_info(tenant_id: str) -> tuple[IsolationLevel, ResourceLimits] | None:
+        try:
+            row = backend.get_tenant(tenant_id)
+        except NotFound:
+            return None
+        return IsolationLevel(row["isolation_level"]), effective_limits(row["plan"], row["limit_overrides"])
+
+    def supervisor() -> PoolSupervisor:
+        return PoolSupervisor(
+            settings=PoolSettings(exec_root=settings.exec_root, idle_s=settings.exec_idle_s),
+            template=template,
+            tenant_info=tenant_info,
+        )
+
+    process = ProcessExecutor(supervisor)
+    return process, ExecutorMap({IsolationLevel.NAMESPACE: namespace, IsolationLevel.PROCESS: process})

@@ -16,6 +16,7 @@ def test_a_listener_hears_each_lifecycle_change_as_a_tenant_event(backend: SqlBa
     tenants.resume(t.id, actor="test")
     tenants.delete(t.id, actor="test")
     assert heard == [
+        (t.id, TenantEvent.CREATED),
         (t.id, TenantEvent.UPDATED),
         (t.id, TenantEvent.SUSPENDED),
         (t.id, TenantEvent.RESUMED),

@@ -48,6 +48,7 @@ from pydantic_ai.exceptions import (
     ModelAPIError,
     UsageLimitExceeded,
 )
+from pydantic_ai.models import Model
 from pydantic_ai.settings import ModelSettings
 from pydantic_ai.usage import RunUsage, UsageLimits
 
@@ -130,6 +131,10 @@ class RunOutcome:
         tool_calls: successful tool calls.
         requests: model requests.
         duration_ms: wall time of the run, milliseconds.
+        cpu_seconds: CPU time the run's execution process used, seconds; ``None`` where
+            the run shares a process (``namespace``) and nothing measures it alone.
+        peak_memory_bytes: peak memory of the run's execution process, bytes; ``None`` as
+            for ``cpu_seconds``.
     """
 
     output: str
@@ -140,6 +145,8 @@ class RunOutcome:
     tool_calls: int
     requests: int
     duration_ms: float
+    cpu_seconds: float | None = None
+    peak_memory_bytes: int | None = None
 
 
 class _AfterEachStep(AbstractCapability[ToolDeps]):
@@ -172,6 +179,7 @@ async def run_agent(
     memory: MemoryStore,
     usage: RunUsage | None = None,
     on_usage: Callable[[RunUsage], None] | None = None,
+    model: Model | None = None,
 ) -> RunOutcome:
     """Run ``definition`` on ``prompt`` once.
 
@@ -196,6 +204,9 @@ async def run_agent(
             run goes on once it returns, so a caller that records usage there has recorded
             every model response but the one in hand. An exception it raises ends the run
             (``RunFailed``, ``reason="internal_error"``).
+        model: the model to send the requests to instead of ``definition.model`` resolved
+            here (an execution process's stand-in, which asks the host to run the real
+            one); ``definition.model`` still names the run's model in its outcome.
 
     Returns:
         The reply with its usage and duration.
@@ -207,7 +218,8 @@ async def run_agent(
         RunFailed: the run failed; ``reason`` and usage so far as fields (module docstring).
     """
     _check_output_tokens(output_tokens, limits)
-    model = resolve_model(definition.model)
+    if model is None:
+        model = resolve_model(definition.model)
     simulated = is_simulated(definition.model)
     started = time.perf_counter()
     usage = RunUsage() if usage is None else usage

@@ -26,7 +26,7 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_ai.usage import RunUsage
@@ -72,6 +72,7 @@ from patinox.tenancy import TenantContext, effective_limits, get_plan, new_id
 
 __all__ = [
     "TOOL_CALL_TOKENS",
+    "ClosableExecutor",
     "RunExecutor",
     "RunRequest",
     "RunService",
@@ -113,6 +114,14 @@ class RunExecutor(Protocol):
         usage: RunUsage | None = None,
         on_usage: Callable[[RunUsage], None] | None = None,
     ) -> Awaitable[RunOutcome]: ...
+
+
+@runtime_checkable
+class ClosableExecutor(Protocol):
+    """An executor holding resources beyond a run (execution processes, their template):
+    :meth:`RunService.shutdown` closes it after the last run."""
+
+    async def aclose(self) -> None: ...
 
 
 class RunRequest(BaseModel):
@@ -546,6 +555,8 @@ class RunService:
                 outcome.output_tokens,
                 outcome.tool_calls,
                 outcome.duration_ms,
+                cpu_seconds=outcome.cpu_seconds,
+                peak_memory_bytes=outcome.peak_memory_bytes,
             )
             used = outcome.input_tokens + outcome.output_tokens
             settle(ticket, ctx, store, run, values, usage, used=used, outcome="ok")
@@ -564,11 +575,16 @@ class RunService:
             input_tokens=int(err.input_tokens),
             output_tokens=int(err.output_tokens),
             tool_calls=int(err.tool_calls),
+            cpu_seconds=err.fields.get("cpu_seconds"),
+            peak_memory_bytes=err.fields.get("peak_memory_bytes"),
         )
 
     async def shutdown(self) -> None:
-        """Cancel runs in flight (each is recorded as failed) and wait for them."""
+        """Cancel runs in flight (each is recorded as failed) and wait for them; then close
+        the executor when it holds resources (execution processes)."""
         tasks = [t for ts in self._tasks.values() for t in ts]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if isinstance(self._executor, ClosableExecutor):
+            await self._executor.aclose()

@@ -203,10 +203,19 @@ def outcome_of(values: RunRecord) -> str:
 
 
 def usage_record(
-    model: str, simulated: bool, input_tokens: int, output_tokens: int, tool_calls: int, duration_ms: float
+    model: str,
+    simulated: bool,
+    input_tokens: int,
+    output_tokens: int,
+    tool_calls: int,
+    duration_ms: float,
+    *,
+    cpu_seconds: float | None = None,
+    peak_memory_bytes: int | None = None,
 ) -> UsageRecord:
-    """A run's usage record (the ``usage`` row its settlement writes); tokens, milliseconds."""
-    return {
+    """A run's usage record (the ``usage`` row its settlement writes); tokens, milliseconds,
+    and the CPU seconds and peak memory bytes of its execution process where measured."""
+    record: UsageRecord = {
         "model": model,
         "simulated": int(simulated),
         "input_tokens": input_tokens,
@@ -214,6 +223,11 @@ def usage_record(
         "tool_calls": tool_calls,
         "duration_ms": duration_ms,
     }
+    if cpu_seconds is not None:
+        record["cpu_seconds"] = cpu_seconds
+    if peak_memory_bytes is not None:
+        record["peak_memory_bytes"] = peak_memory_bytes
+    return record
 
 
 def failed_values(
@@ -225,6 +239,8 @@ def failed_values(
     input_tokens: int = 0,
     output_tokens: int = 0,
     tool_calls: int = 0,
+    cpu_seconds: float | None = None,
+    peak_memory_bytes: int | None = None,
 ) -> tuple[RunRecord, UsageRecord | None]:
     """The settlement values of a failed run of ``model`` that ran ``duration_ms``
     milliseconds, with ``error`` (``code``, ``reason``, ``message``), and its usage record:
@@ -240,7 +256,16 @@ def failed_values(
     }
     if not (input_tokens or output_tokens):
         return values, None
-    return values, usage_record(model, simulated, input_tokens, output_tokens, tool_calls, duration_ms)
+    return values, usage_record(
+        model,
+        simulated,
+        input_tokens,
+        output_tokens,
+        tool_calls,
+        duration_ms,
+        cpu_seconds=cpu_seconds,
+        peak_memory_bytes=peak_memory_bytes,
+    )
 
 
 _CANCELLED = {

@@ -102,6 +102,7 @@ class TenantEvent(StrEnum):
     A ``str`` enum: each member equals its value (``TenantEvent.DELETED == "deleted"``).
     """
 
+    CREATED = "created"  #: registered and active; listeners set up its resources (execution pools)
     UPDATED = "updated"  #: plan, limits or isolation level changed
     SUSPENDED = "suspended"
     RESUMED = "resumed"
@@ -180,6 +181,7 @@ class TenantManager:
             "tenant.create",
             {"name": spec.name, "plan": spec.plan, "storage_model": spec.storage_model.value},
         )
+        self._changed(row["id"], TenantEvent.CREATED)
         return Tenant.from_row(row)
 
     def _register(self, tenant_id: str, spec: TenantSpec, now: datetime) -> TenantRecord:

@@ -204,6 +204,10 @@ usage_records = Table(
     # The run's execution this record meters (1, 2, ... see run_attempts); NULL on records
     # written before attempts were numbered. A queued run's attempt has at most one record.
     Column("attempt", Integer, nullable=True),
+    # CPU time and peak memory of the run's execution process (seconds, bytes); NULL where
+    # nothing measured them (the namespace level shares one process; older records).
+    Column("cpu_seconds", Float, nullable=True),
+    Column("peak_memory_bytes", BigInteger().with_variant(Integer(), "sqlite"), nullable=True),
     Index("ix_usage_records_tenant_id_at", "tenant_id", "at"),
     Index("uq_usage_records_tenant_id_run_id_attempt", "tenant_id", "run_id", "attempt", unique=True),
 )

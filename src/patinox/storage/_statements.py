@@ -58,7 +58,17 @@ def _usage_upsert(make: Any) -> Any:
     is superseded by the worker's own, which counts everything the attempt used)."""
     u = s.usage_records
     stmt = make(u)
-    columns = ("at", "model", "simulated", "input_tokens", "output_tokens", "tool_calls", "duration_ms")
+    columns = (
+        "at",
+        "model",
+        "simulated",
+        "input_tokens",
+        "output_tokens",
+        "tool_calls",
+        "duration_ms",
+        "cpu_seconds",
+        "peak_memory_bytes",
+    )
     return stmt.on_conflict_do_update(
         index_elements=[u.c.tenant_id, u.c.run_id, u.c.attempt],
         set_={c: stmt.excluded[c] for c in columns},

@@ -145,6 +145,8 @@ class UsageRecord(TypedDict, total=False):
     tool_calls: int
     duration_ms: float
     attempt: int | None
+    cpu_seconds: float | None  #: CPU time of the run's execution process, seconds (None: not measured)
+    peak_memory_bytes: int | None  #: its peak memory, bytes (None: not measured)
 
 
 class AuditRecord(TypedDict, total=False):

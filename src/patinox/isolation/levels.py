@@ -1,0 +1,129 @@
+"""The executor of each isolation level, behind one :class:`~patinox.control.runs.RunExecutor`.
+
+:class:`ExecutorMap` is what the run service is given: it runs each run with the executor
+of its tenant's isolation level (``ctx.isolation_level``), so a tenant that changes level
+is served by the new level's executor from its next run, and no other code asks which
+level a tenant is at.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
+
+from pydantic_ai.usage import RunUsage
+
+from patinox.agents import AgentDefinition, MemoryStore, RunLimits, RunOutcome
+from patinox.errors import IsolationUnavailable
+from patinox.tenancy import IsolationLevel, TenantContext
+
+__all__ = ["ExecutorMap", "LevelExecutor", "process_isolation_available"]
+
+
+class LevelExecutor(Protocol):
+    """One level's executor (the shape of :class:`~patinox.control.runs.RunExecutor`)."""
+
+    def execute(
+        self,
+        ctx: TenantContext,
+        definition: AgentDefinition,
+        prompt: str,
+        *,
+        output_tokens: int | None,
+        limits: RunLimits,
+        memory: MemoryStore,
+        usage: RunUsage | None = None,
+        on_usage: Callable[[RunUsage], None] | None = None,
+    ) -> Awaitable[RunOutcome]: ...
+
+
+def process_isolation_available() -> tuple[bool, str]:
+    """Whether this host can run execution processes (``process`` level), and why not.
+
+    Needs Linux (``prctl``, ``/proc``), ``fork`` and passing sockets between processes
+    (``SCM_RIGHTS``). Not being root is no reason: processes then keep the host's uid and
+    are limited by rlimits only, which the supervisor says at start-up.
+    """
+    if not sys.platform.startswith("linux"):
+        return False, f"execution processes need Linux, not {sys.platform}"
+    if not hasattr(os, "fork") or not hasattr(socket, "send_fds"):
+        return False, "execution processes need fork() and SCM_RIGHTS"
+    return True, "available"
+
+
+class ExecutorMap:
+    """Runs each run with the executor of its tenant's isolation level.
+
+    Args:
+        executors: the executor of each level this deployment enforces.
+    """
+
+    def __init__(self, executors: Mapping[IsolationLevel, LevelExecutor]) -> None:
+        self._executors = dict(executors)
+
+    @property
+    def levels(self) -> frozenset[IsolationLevel]:
+        """The levels with an executor."""
+        return frozenset(self._executors)
+
+    def get(self, level: IsolationLevel) -> LevelExecutor | None:
+        """The executor of ``level``, if this deployment has one."""
+        return self._executors.get(level)
+
+    def execute(
+        self,
+        ctx: TenantContext,
+        definition: AgentDefinition,
+        prompt: str,
+        *,
+        output_tokens: int | None,
+        limits: RunLimits,
+        memory: MemoryStore,
+        usage: RunUsage | None = None,
+        on_usage: Callable[[RunUsage], None] | None = None,
+    ) -> Awaitable[RunOutcome]:
+        """The run, by the executor of ``ctx.isolation_level`` (see ``RunExecutor``).
+
+        Raises:
+            IsolationUnavailable: at once, when no executor enforces that level here.
+        """
+        executor = self._executors.get(ctx.isolation_level)
+        if executor is None:
+            raise IsolationUnavailable(
+                f"isolation level {ctx.isolation_level.value!r} is not available in this process",
+                isolation_level=ctx.isolation_level.value,
+            )
+        return executor.execute(
+            ctx,
+            definition,
+            prompt,
+            output_tokens=output_tokens,
+            limits=limits,
+            memory=memory,
+            usage=usage,
+            on_usage=on_usage,
+        )
+
+    def on_tenant_event(self, tenant_id: str, event: str) -> None:
+        """Tenant-manager listener: passed on to every executor that listens."""
+        for executor in self._executors.values():
+            listener = getattr(executor, "on_tenant_event", None)
+            if listener is not None:
+                listener(tenant_id, event)
+
+    def close(self) -> None:
+        """Close every executor holding resources (their processes stop)."""
+        for executor in self._executors.values():
+            close = getattr(executor, "close", None)
+            if close is not None:
+                close()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, for :meth:`~patinox.control.runs.RunService.shutdown`."""
+        for executor in self._executors.values():
+            aclose = getattr(executor, "aclose", None)
+            if aclose is not None:
+                await aclose()

@@ -1,0 +1,831 @@
+"""Warm pools of tenant execution processes, and the supervisor that owns them.
+
+:class:`TenantPool` holds one tenant's warm execution processes on this host: at most
+``min(limits.execution_processes, limits.max_concurrent_runs)`` of them, each bound to the
+tenant, reused run after run. A run borrows one (:meth:`TenantPool.acquire`, waiting for
+a free one when all are busy) and gives it back (:meth:`TenantPool.release`); a process
+that crashed, was killed or ended its run abnormally is not reused, and the pool starts a
+replacement. A pool with no run for ``idle_s`` seconds stops its processes (scaled to
+zero) and starts them again on the next run.
+
+:class:`PoolSupervisor` (one per host process that executes runs) owns the pools, the
+template that forks their processes (:mod:`patinox.isolation.template`), and per tenant a
+cgroup with a child per process, a writable directory and an execution identity (uid/gid)
+when running as root. It starts a pool at a tenant's first run and when a tenant is
+created, stops it when the tenant is suspended or deleted, and follows limit updates.
+
+Nothing here binds to an event loop: processes are forked and bound by worker threads,
+exits are reported by the template's thread, and :meth:`TenantPool.acquire` waits on the
+loop it is called from. One supervisor can serve one event loop after another.
+
+The cgroup, working directory and identity seams (:class:`CgroupManagerLike`,
+:class:`WorkdirsLike`, :class:`IdentitiesLike`) are ``patinox.isolation.cgroups`` and
+``patinox.isolation.workdir`` once present; without them a pool confines its processes
+with rlimits, a plain directory under ``exec_root``, and uids from
+:data:`EXEC_UID_BASE` up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import resource
+import shutil
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Protocol
+
+import structlog
+
+from patinox.isolation.channel import (
+    Bind,
+    BlockingChannel,
+    HostChannel,
+    ProtocolError,
+    Ready,
+    decode_process_message,
+)
+from patinox.isolation.template import Template, TemplateUnavailable
+from patinox.tenancy import IsolationLevel, ResourceLimits
+
+__all__ = [
+    "EXEC_UID_BASE",
+    "CgroupManagerLike",
+    "ExecutionProcess",
+    "IdentitiesLike",
+    "PoolSettings",
+    "PoolStopped",
+    "PoolSupervisor",
+    "ProcessCgroupLike",
+    "SpawnFailed",
+    "TenantCgroupLike",
+    "TenantPool",
+    "WorkdirsLike",
+    "basic_rlimits",
+]
+
+log = structlog.get_logger("patinox.isolation")
+
+EXEC_UID_BASE: Final = 100_000
+"""First uid (and gid) of execution identities when none are given: ``EXEC_UID_BASE + n``."""
+
+
+class PoolStopped(Exception):
+    """The tenant's pool was stopped (the tenant suspended, deleted or moved to another level)."""
+
+
+class SpawnFailed(Exception):
+    """An execution process could not be started or bound (the message says why)."""
+
+
+# --- seams: patinox.isolation.cgroups and workdir --------------------------------------------
+
+
+class ProcessCgroupLike(Protocol):
+    """One execution process's cgroup (``patinox.isolation.cgroups.ProcessCgroup``)."""
+
+    def procs_files(self) -> tuple[Path, ...]: ...
+    def cpu_seconds(self) -> float: ...
+    def memory_peak_bytes(self) -> int: ...
+    def reset_peak(self) -> None: ...
+    def kill(self) -> None: ...
+    def remove(self) -> None: ...
+
+
+class TenantCgroupLike(Protocol):
+    """A tenant's cgroup (``patinox.isolation.cgroups.TenantCgroup``)."""
+
+    def update(self, limits: ResourceLimits, *, cpus: tuple[int, ...] | None = None) -> None: ...
+    def child(self, name: str) -> ProcessCgroupLike: ...
+    def oom_kills(self) -> int: ...
+
+
+class CgroupManagerLike(Protocol):
+    """The host's tenant cgroups (``patinox.isolation.cgroups.CgroupManager``)."""
+
+    def tenant(
+        self, tenant_id: str, limits: ResourceLimits, *, cpus: tuple[int, ...] | None = None
+    ) -> TenantCgroupLike: ...
+    def remove_tenant(self, tenant_id: str) -> None: ...
+
+
+class WorkdirLike(Protocol):
+    @property
+    def path(self) -> Path: ...
+
+
+class WorkdirsLike(Protocol):
+    """The tenants' writable directories (``patinox.isolation.workdir.Workdirs``)."""
+
+    def ensure(self, tenant_id: str, *, uid: int, gid: int, size_bytes: int) -> WorkdirLike: ...
+    def remove(self, tenant_id: str) -> None: ...
+    def full(self, tenant_id: str) -> bool: ...
+
+
+class IdentitiesLike(Protocol):
+    """Execution uid/gid per tenant (``patinox.isolation.workdir.ExecIdentities``)."""
+
+    def for_tenant(self, tenant_id: str) -> tuple[int, int]: ...
+
+
+class _SequentialIdentities:
+    """``EXEC_UID_BASE + n`` for the n-th tenant seen by this process (stable while it
+    lives, never shared by two tenants)."""
+
+    def __init__(self, base: int = EXEC_UID_BASE) -> None:
+        self._base = base
+        self._ids: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def for_tenant(self, tenant_id: str) -> tuple[int, int]:
+        with self._lock:
+            n = self._ids.setdefault(tenant_id, self._base + len(self._ids))
+        return n, n
+
+
+def basic_rlimits(limits: ResourceLimits) -> list[tuple[int, int, int]]:
+    """The rlimits every execution process applies to itself without cgroups:
+    ``RLIMIT_NOFILE`` = ``max_open_files``, no core files."""
+    return [
+        (resource.RLIMIT_NOFILE, limits.max_open_files, limits.max_open_files),
+        (resource.RLIMIT_CORE, 0, 0),
+    ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolSettings:
+    """How the pools of one host process behave.
+
+    Attributes:
+        exec_root: where tenants' working directories are made when no
+            :class:`WorkdirsLike` is given (``<exec_root>/<tenant_id>``, mode 0700, owned by
+            the tenant's execution uid; ``exec_root`` itself mode 0711).
+        idle_s: a pool with no run for this long stops its processes, seconds.
+        spawn_timeout_s: longest wait for a new process to be forked and bound, seconds.
+        cpu_poll_s: how often a run's CPU time is checked against
+            ``cpu_seconds_per_run``, seconds.
+        maintenance_s: how often idle pools are looked for, seconds.
+    """
+
+    exec_root: Path
+    idle_s: float = 300.0
+    spawn_timeout_s: float = 60.0
+    cpu_poll_s: float = 0.25
+    maintenance_s: float = 1.0
+
+
+# --- one process --------------------------------------------------------------------------------
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+class ExecutionProcess:
+    """The host's handle on one warm execution process, bound to one tenant.
+
+    Attributes:
+        tenant_id: the tenant it is bound to.
+        pid, uid, gid: the process and the identity it runs as.
+        channel: its channel (:class:`~patinox.isolation.channel.HostChannel`).
+        exit: its exit status once the template reaped it (``Popen.returncode`` style).
+        ready_ms: milliseconds from the fork request to its ``Ready``.
+        killed_for: why the host killed it (``cpu_limit``, ``timeout``, ``cancelled``...).
+    """
+
+    __slots__ = (
+        "_cgroup",
+        "_template",
+        "channel",
+        "exit",
+        "generation",
+        "gid",
+        "killed_for",
+        "pid",
+        "ready_ms",
+        "runs",
+        "tenant_id",
+        "uid",
+    )
+
+    def __init__(
+        self,
+        *,
+        tenant_id: str,
+        pid: int,
+        uid: int,
+        gid: int,
+        channel: HostChannel,
+        exit: concurrent.futures.Future[int],
+        template: Template,
+        cgroup: ProcessCgroupLike | None,
+        generation: int,
+        ready_ms: float,
+    ) -> None:
+        self.tenant_id = tenant_id
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+        self.channel = channel
+        self.exit = exit
+        self._template = template
+        self._cgroup = cgroup
+        self.generation = generation
+        self.ready_ms = ready_ms
+        self.killed_for: str | None = None
+        self.runs = 0
+
+    @property
+    def alive(self) -> bool:
+        """Whether it has not exited (as far as the template reported)."""
+        return not self.exit.done()
+
+    def kill(self, reason: str | None = None) -> None:
+        """SIGKILL it (and everything in its cgroup); ``reason`` is kept as :attr:`killed_for`."""
+        if self.killed_for is None:
+            self.killed_for = reason
+        if self._cgroup is not None:
+            with contextlib.suppress(OSError):
+                self._cgroup.kill()
+        self._template.kill(self.pid)
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time it used so far, seconds (its cgroup's, else its own from
+        ``/proc/<pid>/schedstat``); ``None`` once it is gone."""
+        try:
+            if self._cgroup is not None:
+                return self._cgroup.cpu_seconds()
+            return int(_read(f"/proc/{self.pid}/schedstat").split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def peak_memory_bytes(self) -> int | None:
+        """Its peak memory since :meth:`reset_peak`, bytes (its cgroup's, else its peak
+        resident set from ``/proc/<pid>/status``); ``None`` when unknown."""
+        try:
+            if self._cgroup is not None:
+                return self._cgroup.memory_peak_bytes()
+            for line in _read(f"/proc/{self.pid}/status").splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+
+    def reset_peak(self) -> None:
+        """Start measuring its peak memory afresh (best effort)."""
+        try:
+            if self._cgroup is not None:
+                self._cgroup.reset_peak()
+                return
+            with open(f"/proc/{self.pid}/clear_refs", "w", encoding="utf-8") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Close the host's end of its channel and remove its cgroup (once it exited)."""
+        with contextlib.suppress(OSError):
+            self.channel.close()
+        if self._cgroup is not None:
+            with contextlib.suppress(OSError):
+                self._cgroup.remove()
+
+
+# --- one tenant's pool ----------------------------------------------------------------------------
+
+
+class TenantPool:
+    """One tenant's warm execution processes on this host (see the module docstring).
+
+    Made by :meth:`PoolSupervisor.pool`; thread-safe.
+
+    Attributes:
+        tenant_id: the tenant every process of the pool is bound to.
+        limits: the tenant's effective limits the pool was last given.
+        cgroup: the tenant's cgroup, when cgroups are in use.
+        workdir: the tenant's writable directory the processes work in.
+        uid, gid: the tenant's execution identity (``None``: not root, processes keep the host's).
+    """
+
+    def __init__(
+        self,
+        tenant_id: str,
+        limits: ResourceLimits,
+        *,
+        template: Template,
+        spawner: concurrent.futures.Executor,
+        settings: PoolSettings,
+        rlimits: Sequence[tuple[int, int, int]],
+        workdir: Path | None,
+        uid: int | None,
+        gid: int | None,
+        cgroup: TenantCgroupLike | None = None,
+        on_ready: Callable[[float], None] | None = None,
+    ) -> None:
+        self.tenant_id = tenant_id
+        self.limits = limits
+        self.cgroup = cgroup
+        self.workdir = workdir
+        self.uid = uid
+        self.gid = gid
+        self._template = template
+        self._spawner = spawner
+        self._settings = settings
+        self._rlimits = list(rlimits)
+        self._on_ready = on_ready
+        self._lock = threading.Lock()
+        self._live: set[ExecutionProcess] = set()
+        self._idle: list[ExecutionProcess] = []
+        self._busy: set[ExecutionProcess] = set()
+        self._starting = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self._generation = 0
+        self._names = 0
+        self._warm = False
+        self._stopped = False
+        self._last_active = time.monotonic()
+
+    @property
+    def size(self) -> int:
+        """Most processes the pool keeps: ``min(execution_processes, max_concurrent_runs)``."""
+        return min(self.limits.execution_processes, self.limits.max_concurrent_runs)
+
+    def processes(self) -> list[ExecutionProcess]:
+        """Its live processes, idle and busy."""
+        with self._lock:
+            return list(self._live)
+
+    def counts(self) -> tuple[int, int, int]:
+        """``(live, idle, starting)`` processes now."""
+        with self._lock:
+            return len(self._live), len(self._idle), self._starting
+
+    @property
+    def warm(self) -> bool:
+        """Whether it keeps its processes started (false once scaled to zero, until a run)."""
+        return self._warm
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    async def acquire(self) -> ExecutionProcess:
+        """A free process of the tenant, marked busy; waits (on the running loop) for one
+        to be started or given back. Bound the wait with the run's timeout.
+
+        Raises:
+            PoolStopped: the pool was stopped.
+            SpawnFailed: the process started for this call could not start.
+        """
+        loop = asyncio.get_running_loop()
+        job: concurrent.futures.Future[None] | None = None
+        while True:
+            with self._lock:
+                if self._stopped:
+                    raise PoolStopped(f"the execution pool of tenant {self.tenant_id} was stopped")
+                self._warm = True
+                self._last_active = time.monotonic()
+                while self._idle:
+                    proc = self._idle.pop()
+                    if proc.alive:
+                        self._busy.add(proc)
+                        return proc
+                if job is not None and job.done() and job.exception() is not None:
+                    raise SpawnFailed(str(job.exception()))
+                spawn = job is None and len(self._live) + self._starting < self.size
+                if spawn:
+                    self._starting += 1
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._waiters.append(waiter)
+            if spawn:
+                job = self._spawner.submit(self._spawn)
+            try:
+                await waiter
+            finally:
+                with self._lock, contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    def release(self, proc: ExecutionProcess, *, reuse: bool) -> None:
+        """Give ``proc`` back after a run: idle again when ``reuse`` (the run ended
+        normally) and it still fits the pool; otherwise it is killed and replaced."""
+        with self._lock:
+            self._busy.discard(proc)
+            self._last_active = time.monotonic()
+            keep = (
+                reuse
+                and proc.alive
+                and not self._stopped
+                and proc.generation == self._generation
+                and len(self._live) <= self.size
+            )
+            if keep:
+                proc.runs += 1
+                self._idle.append(proc)
+        if not keep:
+            proc.kill(proc.killed_for or "discarded")
+        self._wake()
+
+    def warm_up(self) -> None:
+        """Start processes until the pool holds :attr:`size` of them (in the background)."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._warm = True
+            self._last_active = time.monotonic()
+        self._refill()
+
+    def idle_for(self, now: float | None = None) -> float | None:
+        """Seconds since its last run began or ended, while warm with no run; else ``None``."""
+        with self._lock:
+            if not self._warm or self._busy or self._stopped:
+                return None
+            return (time.monotonic() if now is None else now) - self._last_active
+
+    def scale_to_zero(self) -> int:
+        """Stop its idle processes and start none until the next run; returns how many
+        (nothing happens while a run holds a process)."""
+        with self._lock:
+            if self._busy:
+                return 0
+            self._warm = False
+            idle, self._idle = self._idle, []
+        for proc in idle:
+            proc.kill("idle")
+        return len(idle)
+
+    def update(self, limits: ResourceLimits, rlimits: Sequence[tuple[int, int, int]]) -> None:
+        """Take the tenant's new limits: idle processes are replaced by ones bound with the
+        new rlimits; busy ones are replaced when their run ends."""
+        with self._lock:
+            self.limits = limits
+            self._rlimits = list(rlimits)
+            self._generation += 1
+            idle, self._idle = self._idle, []
+        for proc in idle:
+            proc.kill("limits_changed")
+        self._refill()
+
+    def stop(self) -> None:
+        """Kill every process of the pool and refuse runs from now on (idempotent)."""
+        with self._lock:
+            self._stopped = True
+            self._warm = False
+            procs = list(self._live)
+            self._idle = []
+        for proc in procs:
+            proc.kill("stopped")
+        self._wake()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        """Wake every waiting :meth:`acquire`, on its own loop, from any thread."""
+        with self._lock:
+            waiters = list(self._waiters)
+        if not waiters:
+            return
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        for waiter in waiters:
+            loop = waiter.get_loop()
+            if loop is here:
+                _resolve(waiter)
+            else:
+                with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_resolve, waiter)
+
+    def _refill(self) -> None:
+        with self._lock:
+            if not self._warm or self._stopped:
+                return
+            missing = max(0, self.size - len(self._live) - self._starting)
+            self._starting += missing
+        for _ in range(missing):
+            self._spawner.submit(self._spawn)
+
+    def _spawn(self) -> None:
+        """Start one process into the idle list (a worker thread); ``_starting`` was
+        counted by the caller."""
+        try:
+            proc = self._start_one()
+        except BaseException as err:
+            with self._lock:
+                self._starting -= 1
+            log.warning("execution process failed to start", tenant_id=self.tenant_id, error=str(err))
+            self._wake()
+            raise
+        with self._lock:
+            self._starting -= 1
+            fits = not self._stopped and proc.generation == self._generation
+            self._live.add(proc)
+            if fits:
+                self._idle.append(proc)
+        if not fits:
+            proc.kill("stopped")
+        proc.exit.add_done_callback(lambda _: self._exited(proc))
+        self._wake()
+
+    def _start_one(self) -> ExecutionProcess:
+        """Fork a process, bind it to the tenant and wait for its ``Ready`` (blocking)."""
+        with self._lock:
+            generation = self._generation
+            rlimits = list(self._rlimits)
+            self._names += 1
+            name = f"p{self._names}"
+        try:
+            self._template.wait_ready()
+        except TemplateUnavailable as err:
+            raise SpawnFailed(str(err)) from err
+        cgroup = self.cgroup.child(name) if self.cgroup is not None else None
+        host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        started = time.perf_counter()
+        try:
+            try:
+                pid, exit_status = self._template.spawn(child, timeout_s=self._settings.spawn_timeout_s)
+            finally:
+                child.close()
+        except TemplateUnavailable as err:
+            host.close()
+            if cgroup is not None:
+                cgroup.remove()
+            raise SpawnFailed(str(err)) from err
+        try:
+            host.settimeout(self._settings.spawn_timeout_s)
+            channel = BlockingChannel(host)
+            channel.send(
+                Bind(
+                    tenant_id=self.tenant_id,
+                    uid=self.uid,
+                    gid=self.gid,
+                    workdir=None if self.workdir is None else str(self.workdir),
+                    rlimits=rlimits,
+                    cgroup_procs=[] if cgroup is None else [str(p) for p in cgroup.procs_files()],
+                )
+            )
+            ready = decode_process_message(channel.receive_body())
+            if not isinstance(ready, Ready):
+                raise SpawnFailed(
+                    f"the execution process did not start: {getattr(ready, 'reason', ready.type)}"
+                )
+            host.settimeout(None)
+        except (OSError, ProtocolError, SpawnFailed) as err:
+            self._template.kill(pid)
+            host.close()
+            if cgroup is not None:
+                with contextlib.suppress(OSError):
+                    exit_status.result(5)
+                    cgroup.remove()
+            raise err if isinstance(err, SpawnFailed) else SpawnFailed(str(err)) from err
+        ready_ms = (time.perf_counter() - started) * 1000
+        if self._on_ready is not None:
+            self._on_ready(ready_ms)
+        return ExecutionProcess(
+            tenant_id=self.tenant_id,
+            pid=pid,
+            uid=ready.uid,
+            gid=ready.gid,
+            channel=HostChannel(host),
+            exit=exit_status,
+            template=self._template,
+            cgroup=cgroup,
+            generation=generation,
+            ready_ms=ready_ms,
+        )
+
+    def _exited(self, proc: ExecutionProcess) -> None:
+        """``proc`` ended (the template's thread): forget it, replace it while warm."""
+        with self._lock:
+            self._live.discard(proc)
+            with contextlib.suppress(ValueError):
+                self._idle.remove(proc)
+        proc.close()
+        self._refill()
+        self._wake()
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+# --- the supervisor ---------------------------------------------------------------------------------
+
+#: ``(isolation level, effective limits)`` of a live tenant, or ``None`` when it is gone.
+TenantInfo = Callable[[str], tuple[IsolationLevel, ResourceLimits] | None]
+
+
+class PoolSupervisor:
+    """The execution pools of this host process (see the module docstring). Thread-safe.
+
+    Args:
+        settings: how pools behave.
+        template: the template to fork from (shared, not closed by :meth:`close`);
+            default: one of its own, started at the first pool.
+        cgroups: the host's tenant cgroups; ``None``: none (rlimits only).
+        workdirs: the tenants' writable directories; ``None``: plain directories under
+            ``settings.exec_root``.
+        identities: execution uid/gid per tenant, used when running as root; ``None``:
+            ``EXEC_UID_BASE + n``.
+        rlimits: the rlimits of a tenant's processes from its limits (default
+            :func:`basic_rlimits`).
+        tenant_info: a tenant's isolation level and limits, for tenant events.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: PoolSettings,
+        template: Template | None = None,
+        cgroups: CgroupManagerLike | None = None,
+        workdirs: WorkdirsLike | None = None,
+        identities: IdentitiesLike | None = None,
+        rlimits: Callable[[ResourceLimits], list[tuple[int, int, int]]] | None = None,
+        tenant_info: TenantInfo | None = None,
+    ) -> None:
+        self.settings = settings
+        self._owns_template = template is None
+        self.template = template or Template()
+        self._cgroups = cgroups
+        self._workdirs = workdirs
+        self._identities = identities or _SequentialIdentities()
+        self._rlimits = rlimits or basic_rlimits
+        self._tenant_info = tenant_info
+        self._root = os.geteuid() == 0
+        self._spawner = concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="patinox-spawn"
+        )
+        self._pools: dict[str, TenantPool] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._maintenance: threading.Thread | None = None
+        #: Milliseconds from fork request to ``Ready`` of the last processes started.
+        self.ready_ms: deque[float] = deque(maxlen=1000)
+        log.info("process isolation", mechanisms=self.mechanisms())
+
+    def mechanisms(self) -> str:
+        """What confines execution processes on this host, in one line."""
+        who = (
+            "per-tenant uids, no capabilities, no_new_privs"
+            if self._root
+            else "the host's own uid (not root: no uid change, no tmpfs)"
+        )
+        limits = "cgroups" if self._cgroups is not None else "rlimits only (no cgroups)"
+        return f"execution processes run as {who}; limits by {limits}"
+
+    def pool(self, tenant_id: str, limits: ResourceLimits) -> TenantPool:
+        """The tenant's pool, started (and warming up) if it was not.
+
+        Raises:
+            PoolStopped: the supervisor was closed.
+            OSError: its cgroup or directory could not be made.
+        """
+        with self._lock:
+            if self._closed.is_set():
+                raise PoolStopped("the execution supervisor was closed")
+            pool = self._pools.get(tenant_id)
+            if pool is not None and not pool.stopped:
+                return pool
+            pool = self._new_pool(tenant_id, limits)
+            self._pools[tenant_id] = pool
+            self._start_maintenance()
+        self.template.start()
+        pool.warm_up()
+        return pool
+
+    def pools(self) -> dict[str, TenantPool]:
+        """The pools by tenant id."""
+        with self._lock:
+            return dict(self._pools)
+
+    def _new_pool(self, tenant_id: str, limits: ResourceLimits) -> TenantPool:
+        uid, gid = self._identities.for_tenant(tenant_id) if self._root else (None, None)
+        cgroup = self._cgroups.tenant(tenant_id, limits) if self._cgroups is not None else None
+        workdir = self._workdir(tenant_id, limits, uid, gid)
+        return TenantPool(
+            tenant_id,
+            limits,
+            template=self.template,
+            spawner=self._spawner,
+            settings=self.settings,
+            rlimits=self._rlimits(limits),
+            workdir=workdir,
+            uid=uid,
+            gid=gid,
+            cgroup=cgroup,
+            on_ready=self.ready_ms.append,
+        )
+
+    def _workdir(self, tenant_id: str, limits: ResourceLimits, uid: int | None, gid: int | None) -> Path:
+        if self._workdirs is not None:
+            return self._workdirs.ensure(
+                tenant_id,
+                uid=os.getuid() if uid is None else uid,
+                gid=os.getgid() if gid is None else gid,
+                size_bytes=limits.disk_bytes,
+            ).path
+        root = self.settings.exec_root
+        root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        if root.stat().st_uid != os.geteuid():
+            raise PermissionError(f"{root} belongs to another user: it cannot hold tenants' directories")
+        path = root / tenant_id
+        path.mkdir(mode=0o700, exist_ok=True)
+        if uid is not None and gid is not None:
+            os.chown(path, uid, gid)
+        return path
+
+    def workdir_full(self, tenant_id: str) -> bool:
+        """Whether the tenant's writable directory has no space left (``disk_limit``)."""
+        return self._workdirs is not None and self._workdirs.full(tenant_id)
+
+    def stop_pool(self, tenant_id: str) -> None:
+        """Stop the tenant's pool (its processes killed); a later run starts a new one."""
+        with self._lock:
+            pool = self._pools.pop(tenant_id, None)
+        if pool is not None:
+            pool.stop()
+
+    def remove_tenant(self, tenant_id: str) -> None:
+        """Stop the pool and remove the tenant's cgroup and directory (a deleted tenant)."""
+        self.stop_pool(tenant_id)
+        if self._cgroups is not None:
+            self._cgroups.remove_tenant(tenant_id)
+        if self._workdirs is not None:
+            self._workdirs.remove(tenant_id)
+        else:
+            shutil.rmtree(self.settings.exec_root / tenant_id, ignore_errors=True)
+
+    def on_tenant_event(self, tenant_id: str, event: str) -> None:
+        """Tenant-manager listener (any thread): start a pool when a ``process`` tenant is
+        created, follow limit and level updates, stop on suspend/delete, clean up once
+        deleted. A pool that fails to start here is logged and started at the first run."""
+        if event in ("suspended", "deleting"):
+            self.stop_pool(tenant_id)
+        elif event == "deleted":
+            self.remove_tenant(tenant_id)
+        elif event == "created":
+            info = self._tenant_info(tenant_id) if self._tenant_info is not None else None
+            if info is not None and info[0] is IsolationLevel.PROCESS:
+                try:
+                    self.pool(tenant_id, info[1])
+                except (OSError, PoolStopped) as err:
+                    log.warning("execution pool not started", tenant_id=tenant_id, error=str(err))
+        elif event == "updated":
+            self._updated(tenant_id)
+
+    def _updated(self, tenant_id: str) -> None:
+        with self._lock:
+            pool = self._pools.get(tenant_id)
+        if pool is None or self._tenant_info is None:
+            return
+        info = self._tenant_info(tenant_id)
+        if info is None or info[0] is not IsolationLevel.PROCESS:
+            self.stop_pool(tenant_id)
+            return
+        limits = info[1]
+        if pool.cgroup is not None:
+            pool.cgroup.update(limits)
+        self._workdir(tenant_id, limits, pool.uid, pool.gid)
+        pool.update(limits, self._rlimits(limits))
+
+    def _start_maintenance(self) -> None:
+        if self._maintenance is None:
+            self._maintenance = threading.Thread(target=self._maintain, name="patinox-pools", daemon=True)
+            self._maintenance.start()
+
+    def _maintain(self) -> None:
+        """Scale pools idle for ``idle_s`` to zero, until closed."""
+        while not self._closed.wait(self.settings.maintenance_s):
+            now = time.monotonic()
+            for tenant_id, pool in self.pools().items():
+                idle = pool.idle_for(now)
+                if idle is not None and idle >= self.settings.idle_s:
+                    stopped = pool.scale_to_zero()
+                    if stopped:
+                        log.info("execution pool scaled to zero", tenant_id=tenant_id, processes=stopped)
+
+    def close(self) -> None:
+        """Stop every pool and the template (when it is this supervisor's own). Idempotent."""
+        with self._lock:
+            self._closed.set()
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.stop()
+        if self._owns_template:
+            self.template.close()
+        else:
+            for pool in pools:
+                for proc in pool.processes():
+                    with contextlib.suppress(concurrent.futures.TimeoutError):
+                        proc.exit.result(10)
+        self._spawner.shutdown(wait=False, cancel_futures=True)
