@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -18,6 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from patinox.api import create_app
+from patinox.isolation import Template
 from patinox.runtime import Runtime, Settings
 from patinox.storage import SqlBackend, open_backend
 from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
@@ -213,15 +216,39 @@ def backend(deployment: Deployment, kek_url: str) -> Iterator[SqlBackend]:
     b.close()
 
 
+@pytest.fixture(scope="session")
+def exec_template() -> Iterator[Template]:
+    """One warm template for the run's execution processes (``process`` level), shared by
+    every test's runtime; started only when a test first needs an execution process."""
+    template = Template()
+    yield template
+    template.close()
+
+
+@pytest.fixture(scope="session")
+def exec_root() -> Iterator[Path]:
+    """The parent of tenants' working directories for the run: under /tmp, mode 0711, so
+    an execution process's uid can reach its own directory (pytest's tmp_path is 0700)."""
+    root = Path(tempfile.mkdtemp(prefix="patinox-test-exec-", dir="/tmp"))
+    root.chmod(0o711)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
-def runtime(deployment: Deployment, backend: SqlBackend, kek_url: str) -> Runtime:
+def runtime(
+    deployment: Deployment, backend: SqlBackend, kek_url: str, exec_template: Template, exec_root: Path
+) -> Iterator[Runtime]:
     settings = Settings(
         database_url=deployment.db_url,
         owner_url=deployment.owner_url,
         kek_url=kek_url,
         max_body_bytes=64 * 1024,
+        exec_root=exec_root,
     )
-    return Runtime.build(settings, backend=backend)
+    rt = Runtime.build(settings, backend=backend, template=exec_template)
+    yield rt
+    rt.close()  # the test's execution pools; the template is the session's
 
 
 @pytest.fixture

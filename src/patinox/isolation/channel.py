@@ -357,7 +357,9 @@ def encode(message: _Message) -> bytes:
     """
     body = message.__pydantic_serializer__.to_json(message)
     if len(body) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"a {type(message).__name__} message of {len(body)} bytes is over {MAX_FRAME_BYTES}")
+        raise ProtocolError(
+            f"a {type(message).__name__} message of {len(body)} bytes is over {MAX_FRAME_BYTES}"
+        )
     return _HEADER.pack(len(body)) + body
 
 
@@ -495,7 +497,7 @@ class HostChannel:
                 sent = 0
             if sent < len(data):
                 await asyncio.get_running_loop().sock_sendall(self.sock, memoryview(data)[sent:])
-        except (BrokenPipeError, ConnectionResetError) as err:
+        except OSError as err:  # a broken pipe, a reset, or the host's end already closed
             raise ChannelClosed("the execution process closed its channel") from err
 
     async def receive(self) -> Ready | ModelRequest | MemoryCall | Done | Failed | Refused:
@@ -508,11 +510,12 @@ class HostChannel:
         frames = self._frames
         while (body := frames.next()) is None:
             try:
-                data = self.sock.recv(_READ_CHUNK)
-            except BlockingIOError:
-                data = await asyncio.get_running_loop().sock_recv(self.sock, _READ_CHUNK)
-            except ConnectionResetError as err:
-                raise ChannelClosed("the execution process reset its channel") from err
+                try:
+                    data = self.sock.recv(_READ_CHUNK)
+                except BlockingIOError:
+                    data = await asyncio.get_running_loop().sock_recv(self.sock, _READ_CHUNK)
+            except OSError as err:  # a reset, or the host's end already closed
+                raise ChannelClosed("the execution process's channel failed") from err
             if not data:
                 raise ChannelClosed("the execution process closed its channel")
             frames.feed(data)

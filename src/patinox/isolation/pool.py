@@ -204,6 +204,7 @@ class ExecutionProcess:
     __slots__ = (
         "_cgroup",
         "_template",
+        "_watchers",
         "channel",
         "exit",
         "generation",
@@ -242,6 +243,25 @@ class ExecutionProcess:
         self.ready_ms = ready_ms
         self.killed_for: str | None = None
         self.runs = 0
+        self._watchers: set[asyncio.Future[None]] = set()
+        exit.add_done_callback(self._exited)
+
+    def _exited(self, _: concurrent.futures.Future[int]) -> None:
+        for watcher in list(self._watchers):
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                watcher.get_loop().call_soon_threadsafe(_resolve, watcher)
+
+    def exit_watch(self) -> asyncio.Future[None]:
+        """A future of the running loop resolved once the process exits (give it back with
+        :meth:`unwatch`). Cancelling it leaves :attr:`exit` alone."""
+        watcher: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._watchers.add(watcher)
+        if self.exit.done():
+            _resolve(watcher)
+        return watcher
+
+    def unwatch(self, watcher: asyncio.Future[None]) -> None:
+        self._watchers.discard(watcher)
 
     @property
     def alive(self) -> bool:
@@ -431,7 +451,10 @@ class TenantPool:
                 proc.runs += 1
                 self._idle.append(proc)
         if not keep:
-            proc.kill(proc.killed_for or "discarded")
+            if proc.alive:
+                proc.kill(proc.killed_for or "discarded")  # closed when it has exited
+            else:
+                proc.close()
         self._wake()
 
     def warm_up(self) -> None:
@@ -609,7 +632,9 @@ class TenantPool:
             self._live.discard(proc)
             with contextlib.suppress(ValueError):
                 self._idle.remove(proc)
-        proc.close()
+            held = proc in self._busy  # its run reads the end of file, then releases it
+        if not held:
+            proc.close()
         self._refill()
         self._wake()
 

@@ -251,11 +251,11 @@ class _HostRun:
             result = await self._serve(proc, model)
         except (ChannelClosed, ProtocolError) as err:
             watch.cancel()
-            self._measure(proc, cpu_before)
+            self._measure(proc, cpu_before, watch.last)
             raise await self._died(proc, pool, ooms_before, err) from err
         finally:
             watch.cancel()
-        self._measure(proc, cpu_before)
+        self._measure(proc, cpu_before, watch.last)
         if isinstance(result, Done):
             self.usage.tool_calls = max(self.usage.tool_calls, result.tool_calls)
             return self._outcome(result), True
@@ -290,7 +290,7 @@ class _HostRun:
         while True:
             message = await channel.receive()
             if isinstance(message, ModelRequest):
-                await channel.send(await self._model_request(message, model))
+                await channel.send(await self._model_request(message, model, proc))
             elif isinstance(message, MemoryCall):
                 await channel.send(self._memory_call(message))
             elif isinstance(message, Done | Failed):
@@ -298,8 +298,13 @@ class _HostRun:
             else:
                 raise ProtocolError(f"unexpected {message.type} from an execution process during a run")
 
-    async def _model_request(self, message: ModelRequest, model: Model) -> ModelReply:
-        """Make the process's model request with the real model, count its usage."""
+    async def _model_request(self, message: ModelRequest, model: Model, proc: ExecutionProcess) -> ModelReply:
+        """Make the process's model request with the real model, count its usage.
+
+        Raises:
+            ChannelClosed: the process died while the model answered (the response in
+                flight is not counted, as for a cancelled run).
+        """
         self.tool_calls = max(self.tool_calls, message.tool_calls)
         self.usage.tool_calls = max(self.usage.tool_calls, message.tool_calls)
         usage, limits = self.usage, self.limits
@@ -316,10 +321,24 @@ class _HostRun:
             settings["max_tokens"] = self.output_tokens
         elif not is_simulated(self.definition.model):
             settings["max_tokens"] = limits.max_output_tokens
+        request = asyncio.ensure_future(
+            model.request(message.messages, settings or None, message.parameters)  # type: ignore[arg-type]
+        )
+        died = proc.exit_watch()
         try:
-            response = await model.request(message.messages, settings or None, message.parameters)  # type: ignore[arg-type]
-        except Exception as exc:  # the process raises it again, and fails as in process
+            await asyncio.wait((request, died), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            proc.unwatch(died)
+            if not request.done():
+                request.cancel()
+        if not request.done() or request.cancelled():
+            raise ChannelClosed("the execution process died while its model request was answered")
+        if (exc := request.exception()) is not None:
+            if not isinstance(exc, Exception):
+                raise exc
+            # The process raises it again, and its run fails as it would in process.
             return ModelReply(tenant_id=self.ctx.tenant_id, error=ErrorData.of(exc))
+        response = request.result()
         usage.requests += 1
         usage.incr(response.usage)
         if self.on_usage is not None:
@@ -342,8 +361,11 @@ class _HostRun:
         except Exception as exc:
             return MemoryReply(tenant_id=tenant_id, error=ErrorData.of(exc))
 
-    def _measure(self, proc: ExecutionProcess, cpu_before: float | None) -> None:
+    def _measure(self, proc: ExecutionProcess, cpu_before: float | None, last_seen: float | None) -> None:
+        """The run's CPU seconds and peak memory (a dead process's CPU time as last seen)."""
         cpu_after = proc.cpu_seconds()
+        if cpu_after is None:
+            cpu_after = last_seen
         if cpu_before is not None and cpu_after is not None:
             self.cpu_seconds = max(0.0, cpu_after - cpu_before)
         self.peak_memory_bytes = proc.peak_memory_bytes()
@@ -358,11 +380,14 @@ class _HostRun:
         if isinstance(err, ProtocolError):
             proc.kill("protocol_error")
             return self._failed("worker_crashed", f"the execution process misbehaved: {err}")
+        died = proc.exit_watch()
         try:
-            status: int | None = await asyncio.wait_for(asyncio.wrap_future(proc.exit), _EXIT_WAIT_S)
+            await asyncio.wait_for(asyncio.shield(died), _EXIT_WAIT_S)
         except TimeoutError:
             proc.kill("unresponsive")
-            status = None
+        finally:
+            proc.unwatch(died)
+        status = proc.exit.result() if proc.exit.done() else None
         if pool.cgroup is not None and pool.cgroup.oom_kills() > ooms_before:
             limit = self.ctx.limits.exec_memory_bytes
             return self._failed(
@@ -427,13 +452,15 @@ class _CpuWatch:
     """Polls a process's CPU seconds during a run (a timer callback on the loop, no task)
     and kills it past ``limit_s`` (``killed_for="cpu_limit"``)."""
 
-    __slots__ = ("_before", "_handle", "_interval", "_limit", "_proc")
+    __slots__ = ("_before", "_handle", "_interval", "_limit", "_proc", "last")
 
     def __init__(
         self, proc: ExecutionProcess, before: float | None, limit_s: float, interval_s: float
     ) -> None:
         self._proc = proc
         self._before = before
+        #: The process's CPU seconds at the last poll (``None`` before the first).
+        self.last: float | None = None
         self._limit = limit_s
         self._interval = interval_s
         self._handle: asyncio.TimerHandle | None = None
@@ -446,6 +473,7 @@ class _CpuWatch:
         now = self._proc.cpu_seconds()
         if now is None or self._before is None:
             return
+        self.last = now
         if now - self._before > self._limit:
             self._proc.kill("cpu_limit")
             self._handle = None

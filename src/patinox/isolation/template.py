@@ -280,7 +280,7 @@ class Template:
             elif isinstance(message, Exited):
                 with self._lock:
                     exit_future = self._exits.pop(message.pid, None)
-                if exit_future is not None:
+                if exit_future is not None and not exit_future.done():
                     exit_future.set_result(message.status)
 
     def _spawned(self, message: Spawned) -> None:
@@ -289,7 +289,7 @@ class Template:
             if message.pid is not None:
                 # Registered before anyone can hear of the pid: its Exited comes after this.
                 self._exits[message.pid] = concurrent.futures.Future()
-        if future is None:
+        if future is None or future.done():
             return
         if message.pid is None:
             future.set_exception(TemplateUnavailable(f"the template could not fork: {message.error}"))
@@ -305,9 +305,11 @@ class Template:
             exits, self._exits = self._exits, {}
         self._ready.set()
         for future in spawns.values():
-            future.set_exception(TemplateUnavailable(error))
+            if not future.done():
+                future.set_exception(TemplateUnavailable(error))
         for exit_future in exits.values():
-            exit_future.set_result(-signal.SIGKILL)
+            if not exit_future.done():
+                exit_future.set_result(-signal.SIGKILL)
 
 
 # --- the template's side ------------------------------------------------------------------
