@@ -8,7 +8,7 @@ import json
 import socket
 import struct
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from patinox.isolation.channel import ChannelClosed, decode_process_message
@@ -57,10 +57,8 @@ class RawProcess:
     def close(self) -> None:
         self.sock.close()
         self._template.kill(self.pid)
-        try:
+        with suppress(concurrent.futures.TimeoutError):
             self.exit.result(GUARD_S)
-        except concurrent.futures.TimeoutError:
-            pass
 
 
 @contextmanager

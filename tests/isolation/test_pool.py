@@ -31,7 +31,8 @@ HELLO = RunRequest(input="hello there", output_tokens=3)
 SLOW_MODEL = "simulated:ttft_ms=0,tpot_ms=250"
 TOOL_THEN_SLOW = RunRequest(input='/call memory_put {"key": "step", "value": "one"}', output_tokens=40)
 TWO_TOOLS_THEN_SLOW = RunRequest(
-    input='/call memory_put {"key": "step", "value": "one"}\n/call memory_put {"key": "step", "value": "two"}',
+    input='/call memory_put {"key": "step", "value": "one"}\n'
+    '/call memory_put {"key": "step", "value": "two"}',
     output_tokens=40,
 )
 
@@ -241,7 +242,7 @@ def test_suspending_a_tenant_stops_its_processes_and_resuming_starts_them_on_dem
 
 
 def test_new_limits_replace_the_processes_with_ones_bound_by_them(runtime: Runtime) -> None:
-    ctx, agent_id = process_tenant(runtime, max_open_files=200)
+    ctx, _ = process_tenant(runtime, max_open_files=200)
     pool = pool_of(runtime, ctx.tenant_id)
     wait_until(lambda: len(pool.processes()) == 2, "the pool warmed up")
     before = {p.pid for p in pool.processes()}
