@@ -33,17 +33,28 @@ from patinox.isolation import NamespaceExecutor
 from patinox.limits import RUNS_PER_DAY, RateLimitState
 from patinox.runtime import Runtime
 from patinox.storage import TenantStore
-from patinox.tenancy import LimitOverrides, StorageModel, TenantContext
+from patinox.tenancy import IsolationLevel, LimitOverrides, StorageModel, TenantContext
 from tests.conftest import Deployment
 
 HELLO = RunRequest(input="hello there", output_tokens=3)
 
 
 def tenant(
-    runtime: Runtime, model: str = "pool", *, agent_model: str = "simulated:instant", **limits: Any
+    runtime: Runtime,
+    model: str = "pool",
+    *,
+    agent_model: str = "simulated:instant",
+    level: IsolationLevel = IsolationLevel.NAMESPACE,
+    **limits: Any,
 ) -> tuple[TenantContext, str]:
-    """A tenant of storage ``model`` with ``limits``, its key's context and an agent's id."""
-    spec = TenantSpec(name="alpha", storage_model=StorageModel(model), limits=LimitOverrides(**limits))
+    """A tenant of storage ``model`` at isolation ``level`` with ``limits``, its key's
+    context and an agent's id."""
+    spec = TenantSpec(
+        name="alpha",
+        storage_model=StorageModel(model),
+        isolation_level=level,
+        limits=LimitOverrides(**limits),
+    )
     t = runtime.tenants.create(spec, actor="test")
     ctx = runtime.keys.authenticate(
         runtime.keys.create(tenant_id=t.id, name="k", scopes=None, actor="test").secret
@@ -67,6 +78,12 @@ def runs_today(runtime: Runtime, tenant_id: str) -> int:
     return 0 if row is None else int(row[0])
 
 
+@pytest.fixture(params=[IsolationLevel.NAMESPACE, IsolationLevel.PROCESS], ids=lambda level: level.value)
+def level(request: pytest.FixtureRequest) -> IsolationLevel:
+    """The isolation level the test's tenant runs at: every run path behaves the same at each."""
+    return IsolationLevel(request.param)
+
+
 @pytest.fixture
 def releases(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, int, bool]]]:
     """Every :meth:`Settlement.release` call: (run id, tokens used, in a joined transaction)."""
@@ -86,9 +103,9 @@ def releases(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, int, b
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_the_agent_run_rate_holds_for_runs_started_through_the_python_api(
-    runtime: Runtime, mode: str
+    runtime: Runtime, mode: str, level: IsolationLevel
 ) -> None:
-    ctx, agent_id = tenant(runtime, agent_runs_per_minute=2)
+    ctx, agent_id = tenant(runtime, agent_runs_per_minute=2, level=level)
     other = str(runtime.agents.create(ctx, AgentSpec(name="b", model="simulated:instant"))["id"])
     req = RunRequest(input="hello there", output_tokens=3, mode=mode)  # type: ignore[arg-type]
     for _ in range(2):
@@ -102,9 +119,9 @@ def test_the_agent_run_rate_holds_for_runs_started_through_the_python_api(
     asyncio.run(runtime.runs.start(ctx, other, req))
 
 
-def test_the_agent_run_rate_state_is_reported_refused_or_not(runtime: Runtime) -> None:
+def test_the_agent_run_rate_state_is_reported_refused_or_not(runtime: Runtime, level: IsolationLevel) -> None:
     """What the HTTP route turns into its ``RateLimit`` headers, from the admission itself."""
-    ctx, agent_id = tenant(runtime, agent_runs_per_minute=1)
+    ctx, agent_id = tenant(runtime, agent_runs_per_minute=1, level=level)
     states: list[RateLimitState] = []
     asyncio.run(runtime.runs.start(ctx, agent_id, HELLO, rate_states=states))
     with pytest.raises(RateLimited):
@@ -112,8 +129,10 @@ def test_the_agent_run_rate_state_is_reported_refused_or_not(runtime: Runtime) -
     assert [(s.policy, s.limit, s.remaining) for s in states] == [("agent", 1, 0), ("agent", 1, 0)]
 
 
-def test_a_fenced_tenant_is_refused_and_its_claimed_runs_wait(runtime: Runtime) -> None:
-    ctx, agent_id = tenant(runtime)
+def test_a_fenced_tenant_is_refused_and_its_claimed_runs_wait(
+    runtime: Runtime, level: IsolationLevel
+) -> None:
+    ctx, agent_id = tenant(runtime, level=level)
     queued = asyncio.run(
         runtime.runs.start(ctx, agent_id, RunRequest(input="hello there", output_tokens=3, mode="async"))
     )
@@ -129,11 +148,13 @@ def test_a_fenced_tenant_is_refused_and_its_claimed_runs_wait(runtime: Runtime) 
     assert runtime.backend.tenant_store(ctx).get_run(queued["id"])["status"] == "queued"
 
 
-def test_a_run_of_a_moving_tenant_is_refused_outside_http_too(runtime: Runtime) -> None:
+def test_a_run_of_a_moving_tenant_is_refused_outside_http_too(
+    runtime: Runtime, level: IsolationLevel
+) -> None:
     """A context built from the row of a tenant being moved holds its writes; before, only
     the HTTP middleware read that, so ``RunService.start`` (CLI, embedders) wrote runs into
     the copy being moved away from."""
-    ctx, agent_id = tenant(runtime)
+    ctx, agent_id = tenant(runtime, level=level)
     row = {**runtime.backend.get_tenant(ctx.tenant_id), "moving_to": "silo"}
     moving = TenantContext.for_tenant(row, principal=ctx.principal, scopes=ctx.scopes)
     with pytest.raises(TenantMoving) as refused:
@@ -144,10 +165,10 @@ def test_a_run_of_a_moving_tenant_is_refused_outside_http_too(runtime: Runtime) 
     asyncio.run(runtime.runs.start(ctx, agent_id, HELLO))  # the same tenant, not moving: runs
 
 
-def test_a_claimed_run_is_not_admitted_twice(runtime: Runtime) -> None:
+def test_a_claimed_run_is_not_admitted_twice(runtime: Runtime, level: IsolationLevel) -> None:
     """Queued runs were admitted when queued: their worker counts no agent rate, no run of
     the day and no tokens again."""
-    ctx, agent_id = tenant(runtime, agent_runs_per_minute=1)
+    ctx, agent_id = tenant(runtime, agent_runs_per_minute=1, level=level)
     queued = asyncio.run(
         runtime.runs.start(ctx, agent_id, RunRequest(input="hello there", output_tokens=3, mode="async"))
     )
@@ -160,8 +181,10 @@ def test_a_claimed_run_is_not_admitted_twice(runtime: Runtime) -> None:
     assert runtime.budget.spent_today(ctx.tenant_id) == (used, 0) and nothing_held(runtime, ctx.tenant_id)
 
 
-def test_a_claim_of_a_revoked_key_fails_its_run_and_frees_its_ticket(runtime: Runtime) -> None:
-    ctx, agent_id = tenant(runtime)
+def test_a_claim_of_a_revoked_key_fails_its_run_and_frees_its_ticket(
+    runtime: Runtime, level: IsolationLevel
+) -> None:
+    ctx, agent_id = tenant(runtime, level=level)
     queued = asyncio.run(
         runtime.runs.start(ctx, agent_id, RunRequest(input="hello there", output_tokens=3, mode="async"))
     )
@@ -183,9 +206,9 @@ def test_a_claim_of_a_revoked_key_fails_its_run_and_frees_its_ticket(runtime: Ru
     ids=["runs_per_day", "exceeds_budget", "tokens_per_day"],
 )
 def test_quota_refusals_leave_nothing_counted(
-    runtime: Runtime, limits: dict[str, int], req: RunRequest, refusal: type[Exception]
+    runtime: Runtime, limits: dict[str, int], req: RunRequest, refusal: type[Exception], level: IsolationLevel
 ) -> None:
-    ctx, agent_id = tenant(runtime, **limits)
+    ctx, agent_id = tenant(runtime, **limits, level=level)
     if refusal is not ExceedsBudget:
         asyncio.run(runtime.runs.start(ctx, agent_id, req))  # spends the day's quota
     spent = runtime.budget.spent_today(ctx.tenant_id)
@@ -198,8 +221,10 @@ def test_quota_refusals_leave_nothing_counted(
     assert nothing_held(runtime, ctx.tenant_id)
 
 
-def test_the_slot_refuses_a_run_past_the_concurrency_cap(runtime: Runtime) -> None:
-    ctx, agent_id = tenant(runtime, agent_model="simulated:ttft_ms=300,tpot_ms=0", max_concurrent_runs=1)
+def test_the_slot_refuses_a_run_past_the_concurrency_cap(runtime: Runtime, level: IsolationLevel) -> None:
+    ctx, agent_id = tenant(
+        runtime, agent_model="simulated:ttft_ms=300,tpot_ms=0", max_concurrent_runs=1, level=level
+    )
 
     async def scenario() -> None:
         first = asyncio.create_task(runtime.runs.start(ctx, agent_id, HELLO))
@@ -217,12 +242,12 @@ def test_the_slot_refuses_a_run_past_the_concurrency_cap(runtime: Runtime) -> No
 # --- settlement ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("deployment", ["sqlite-pool", "sqlite-silo"], indirect=True)
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "sqlite-silo", "pg-pool"], indirect=True)
 def test_settlement_joins_the_control_plane_transaction_only_in_the_pool(
-    runtime: Runtime, deployment: Deployment, releases: list[tuple[str, int, bool]]
+    runtime: Runtime, deployment: Deployment, releases: list[tuple[str, int, bool]], level: IsolationLevel
 ) -> None:
     pool = deployment.storage_model == "pool"
-    ctx, agent_id = tenant(runtime, deployment.storage_model)
+    ctx, agent_id = tenant(runtime, deployment.storage_model, level=level)
     run = asyncio.run(runtime.runs.start(ctx, agent_id, HELLO))
     used = run["input_tokens"] + run["output_tokens"]
     # Pool: the run's records and its ticket in one transaction, everything at once. Silo:
@@ -236,9 +261,12 @@ def test_settlement_joins_the_control_plane_transaction_only_in_the_pool(
 
 
 def test_a_pool_settlement_whose_transaction_fails_writes_one_after_the_other(
-    runtime: Runtime, releases: list[tuple[str, int, bool]], monkeypatch: pytest.MonkeyPatch
+    runtime: Runtime,
+    releases: list[tuple[str, int, bool]],
+    monkeypatch: pytest.MonkeyPatch,
+    level: IsolationLevel,
 ) -> None:
-    ctx, agent_id = tenant(runtime)
+    ctx, agent_id = tenant(runtime, level=level)
     real_apply = TenantStore.apply
     joined: list[bool] = []
 
@@ -289,11 +317,13 @@ def test_a_failed_run_releases_its_ticket_once(
     assert runtime.budget.spent_today(ctx.tenant_id) == (7, 0) and nothing_held(runtime, ctx.tenant_id)
 
 
-@pytest.mark.parametrize("deployment", ["sqlite-pool", "sqlite-silo"], indirect=True)
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "sqlite-silo", "pg-pool"], indirect=True)
 def test_a_run_cancelled_while_it_runs_releases_its_ticket_once(
-    runtime: Runtime, deployment: Deployment, releases: list[tuple[str, int, bool]]
+    runtime: Runtime, deployment: Deployment, releases: list[tuple[str, int, bool]], level: IsolationLevel
 ) -> None:
-    ctx, agent_id = tenant(runtime, deployment.storage_model, agent_model="simulated:ttft_ms=5000,tpot_ms=0")
+    ctx, agent_id = tenant(
+        runtime, deployment.storage_model, agent_model="simulated:ttft_ms=5000,tpot_ms=0", level=level
+    )
 
     async def scenario() -> RunFailed:
         run = asyncio.create_task(runtime.runs.start(ctx, agent_id, HELLO))
