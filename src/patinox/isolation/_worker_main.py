@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import os
 import resource
 import signal
@@ -45,6 +46,7 @@ from pydantic_ai.models import Model, ModelRequestParameters
 from pydantic_ai.settings import ModelSettings
 from pydantic_ai.usage import RunUsage
 
+from patinox._process import SERVER_GC_THRESHOLDS
 from patinox.agents import AgentDefinition, RunLimits, run_agent
 from patinox.errors import PatinoxError, RunFailed
 from patinox.isolation.channel import (
@@ -353,6 +355,9 @@ def serve(fd: int, *, parent_pid: int) -> NoReturn:
         except OSError as err:
             unbound.refuse(f"confinement failed: {err}")
         connection = _Connection(channel, tenant_id=bind.tenant_id)
+        # As a server process: the template's heap is frozen, so collections scan only
+        # what runs allocate, and rarely (see patinox._process).
+        gc.set_threshold(*SERVER_GC_THRESHOLDS)
         connection.send(Ready(pid=os.getpid(), uid=os.getuid(), gid=os.getgid()))
         loop = asyncio.new_event_loop()
         while True:

@@ -184,9 +184,49 @@ class PoolSettings:
 # --- one process --------------------------------------------------------------------------------
 
 
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+class _ProcFiles:
+    """A process's ``/proc`` files the host reads during each run, opened once (a read
+    through a kept descriptor costs about a microsecond, an ``open`` tens): its CPU time
+    (``schedstat``), its peak resident set (``status``) and the file that resets that
+    peak (``clear_refs``). Descriptors of a process that exited fail to read (``ESRCH``),
+    even if its pid is reused."""
+
+    __slots__ = ("clear_refs", "schedstat", "status")
+
+    def __init__(self, pid: int) -> None:
+        self.schedstat = os.open(f"/proc/{pid}/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+        self.status = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.clear_refs: int | None = os.open(f"/proc/{pid}/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            self.clear_refs = None
+
+    def cpu_seconds(self) -> float:
+        return int(os.pread(self.schedstat, 256, 0).split()[0]) / 1e9
+
+    def peak_resident_bytes(self) -> int | None:
+        for line in os.pread(self.status, 8192, 0).splitlines():
+            if line.startswith(b"VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return None
+
+    def reset_peak(self) -> None:
+        if self.clear_refs is not None:
+            os.write(self.clear_refs, b"5")
+
+    def close(self) -> None:
+        """Close the descriptors once (a second call does nothing: their numbers may
+        already belong to other files)."""
+        fds, self.schedstat, self.status, self.clear_refs = (
+            (self.schedstat, self.status, self.clear_refs),
+            -1,
+            -1,
+            None,
+        )
+        for fd in fds:
+            if fd is not None and fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 class ExecutionProcess:
@@ -203,6 +243,7 @@ class ExecutionProcess:
 
     __slots__ = (
         "_cgroup",
+        "_proc_files",
         "_template",
         "_watchers",
         "channel",
@@ -244,6 +285,10 @@ class ExecutionProcess:
         self.killed_for: str | None = None
         self.runs = 0
         self._watchers: set[asyncio.Future[None]] = set()
+        self._proc_files: _ProcFiles | None = None
+        if cgroup is None:
+            with contextlib.suppress(OSError):
+                self._proc_files = _ProcFiles(pid)
         exit.add_done_callback(self._exited)
 
     def _exited(self, _: concurrent.futures.Future[int]) -> None:
@@ -283,7 +328,7 @@ class ExecutionProcess:
         try:
             if self._cgroup is not None:
                 return self._cgroup.cpu_seconds()
-            return int(_read(f"/proc/{self.pid}/schedstat").split()[0]) / 1e9
+            return None if self._proc_files is None else self._proc_files.cpu_seconds()
         except (OSError, ValueError, IndexError):
             return None
 
@@ -293,21 +338,17 @@ class ExecutionProcess:
         try:
             if self._cgroup is not None:
                 return self._cgroup.memory_peak_bytes()
-            for line in _read(f"/proc/{self.pid}/status").splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+            return None if self._proc_files is None else self._proc_files.peak_resident_bytes()
         except (OSError, ValueError, IndexError):
             return None
-        return None
 
     def reset_peak(self) -> None:
         """Start measuring its peak memory afresh (best effort)."""
         try:
             if self._cgroup is not None:
                 self._cgroup.reset_peak()
-                return
-            with open(f"/proc/{self.pid}/clear_refs", "w", encoding="utf-8") as f:
-                f.write("5")
+            elif self._proc_files is not None:
+                self._proc_files.reset_peak()
         except OSError:
             pass
 
@@ -315,6 +356,8 @@ class ExecutionProcess:
         """Close the host's end of its channel and remove its cgroup (once it exited)."""
         with contextlib.suppress(OSError):
             self.channel.close()
+        if self._proc_files is not None:
+            self._proc_files.close()
         if self._cgroup is not None:
             with contextlib.suppress(OSError):
                 self._cgroup.remove()

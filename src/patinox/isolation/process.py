@@ -325,20 +325,21 @@ class _HostRun:
             model.request(message.messages, settings or None, message.parameters)  # type: ignore[arg-type]
         )
         died = proc.exit_watch()
+        died.add_done_callback(lambda _: request.cancel())
         try:
-            await asyncio.wait((request, died), return_when=asyncio.FIRST_COMPLETED)
+            response = await request
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if proc.exit.done() and not (current is not None and current.cancelling()):
+                raise ChannelClosed(
+                    "the execution process died while its model request was answered"
+                ) from None
+            raise
+        except Exception as exc:  # the process raises it again, and fails as it would in process
+            return ModelReply(tenant_id=self.ctx.tenant_id, error=ErrorData.of(exc))
         finally:
             proc.unwatch(died)
-            if not request.done():
-                request.cancel()
-        if not request.done() or request.cancelled():
-            raise ChannelClosed("the execution process died while its model request was answered")
-        if (exc := request.exception()) is not None:
-            if not isinstance(exc, Exception):
-                raise exc
-            # The process raises it again, and its run fails as it would in process.
-            return ModelReply(tenant_id=self.ctx.tenant_id, error=ErrorData.of(exc))
-        response = request.result()
+            died.cancel()
         usage.requests += 1
         usage.incr(response.usage)
         if self.on_usage is not None:
