@@ -7,8 +7,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from patinox.runtime import Runtime
 from patinox.storage import open_backend
 from patinox.storage.crypto import key_provider_from_url
+from patinox.tenancy import IsolationLevel
 from tests.conftest import Deployment, auth, count_tenant_rows, raw_db_bytes
 
 
@@ -137,14 +139,34 @@ def test_update_plan_and_limits(client: TestClient, make_tenant: Any, operator_k
     assert client.get("/v1/me", headers=a.h).json()["plan"] == "pro"
 
 
-def test_unavailable_isolation_level_is_refused(client: TestClient, operator_key: str) -> None:
+def test_unavailable_isolation_level_is_refused(
+    client: TestClient, operator_key: str, runtime: Runtime
+) -> None:
+    missing = [level for level in IsolationLevel if level not in runtime.executors.levels]
+    assert missing, "every isolation level is available here: nothing to refuse"
     r = client.post(
         "/admin/tenants",
-        json={"name": "iso", "isolation_level": "process"},
+        json={"name": "iso", "isolation_level": missing[-1].value},
         headers=auth(operator_key),
     )
     assert r.status_code == 422 and r.json()["error"]["code"] == "isolation_unavailable"
     assert client.get("/admin/tenants", headers=auth(operator_key)).json() == []
+
+
+def test_a_process_level_tenant_is_created_and_runs(client: TestClient, operator_key: str) -> None:
+    r = client.post(
+        "/admin/tenants", json={"name": "iso", "isolation_level": "process"}, headers=auth(operator_key)
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["isolation_level"] == "process"
+    key = client.post(f"/admin/tenants/{r.json()['id']}/keys", json={"name": "k"}, headers=auth(operator_key))
+    h = auth(key.json()["key"])
+    agent = client.post("/v1/agents", json={"name": "a", "model": "simulated:instant"}, headers=h).json()
+    run = client.post(
+        f"/v1/agents/{agent['id']}/runs", json={"input": "hello", "output_tokens": 3}, headers=h
+    )
+    assert run.status_code == 200, run.text
+    assert run.json()["status"] == "succeeded" and run.json()["output_tokens"] == 3
 
 
 def test_audit_records_every_tenant_action(client: TestClient, make_tenant: Any, operator_key: str) -> None:

@@ -45,4 +45,5 @@ def test_usage_records_gain_cpu_and_memory_columns_everywhere(
     backend.migrate()
     assert new <= _usage_columns(backend, a.id, model)
     [record] = backend.acting_on(a.id).list_usage()
-    assert record["run_id"] == run["id"] and record["cpu_seconds"] is None and record["peak_memory_bytes"] is None
+    assert record["run_id"] == run["id"]
+    assert record["cpu_seconds"] is None and record["peak_memory_bytes"] is None

@@ -117,10 +117,12 @@ class ProcessExecutor:
             self._supervisor.on_tenant_event(tenant_id, event)
 
     def close(self) -> None:
-        """Stop the supervisor (every pool, its template): nothing outlives this."""
+        """Stop the supervisor (every pool, its template): nothing outlives this. A later
+        run (made with a function) starts a new one."""
         with self._lock:
-            supervisor, self._supervisor = self._supervisor, None
-            self._make = None
+            supervisor = self._supervisor
+            if self._make is not None:  # made here: made again when needed
+                self._supervisor = None
         if supervisor is not None:
             supervisor.close()
 
@@ -195,7 +197,12 @@ class _HostRun:
         _check_output_tokens(self.output_tokens, self.limits)
         validate_tool_names(self.definition.tools)
         model = resolve_model(self.definition.model)
-        pool = self.supervisor.pool(self.ctx.tenant_id, self.ctx.limits)
+        try:
+            pool = self.supervisor.pool(self.ctx.tenant_id, self.ctx.limits)
+        except (OSError, PoolStopped) as err:
+            raise self._failed(
+                "worker_crashed", f"the tenant's execution pool could not start: {err}"
+            ) from err
         if pool.tenant_id != self.ctx.tenant_id:
             raise TenantContextAlreadySet(
                 "an execution pool of another tenant was offered for this run",
