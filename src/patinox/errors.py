@@ -28,6 +28,8 @@
     │   │                                tenant has its fair share of it        (503 overloaded)
     │   ├── RunFailed                    the agent run failed                   (502 run_failed)
     │   ├── DecryptionFailed             ciphertext failed authentication       (500 decryption_failed)
+    │   ├── IsolationFailed              a cgroup, mount or OS limit could not
+    │   │                                be applied or read (original chained)  (500 isolation_failed)
     │   ├── TenantKeysDestroyed          the tenant was crypto-shredded         (410 tenant_keys_destroyed)
     │   └── StorageError                 the database failed (original chained) (503 storage_error)
     │       └── LimitStoreUnavailable    the rate-limit store (Redis) failed    (503 limit_store_unavailable)
@@ -52,6 +54,7 @@ __all__ = [
     "ExceedsBudget",
     "InvalidRequest",
     "InvalidTransition",
+    "IsolationFailed",
     "IsolationUnavailable",
     "LimitStoreUnavailable",
     "MissingDependency",
@@ -165,10 +168,19 @@ class UnknownTool(ConfigurationError):
 
 
 class IsolationUnavailable(ConfigurationError):
-    """An isolation level this deployment cannot enforce; refused rather than ignored."""
+    """An isolation level this deployment cannot enforce; refused rather than ignored.
+
+    Fields, when known: ``isolation_level``, ``tenant_id``; for CPU cores (``dedicated``)
+    ``requested_cores`` and ``free_cores`` (how many could still be given to one tenant);
+    for a missing host mechanism ``mechanism`` (e.g. ``"cgroup cpuset controller"``)."""
 
     code = "isolation_unavailable"
     http_status = 422
+
+    isolation_level: str | None = None
+    requested_cores: int | None = None
+    free_cores: int | None = None
+    mechanism: str | None = None
 
 
 class ExceedsBudget(ConfigurationError):
@@ -345,6 +357,22 @@ class TenantKeysDestroyed(OperationFailed):
 
     code = "tenant_keys_destroyed"
     http_status = 410
+
+
+class IsolationFailed(OperationFailed):
+    """The operating system refused or failed an isolation step: a cgroup file could not be
+    created, written or read, a working directory could not be mounted, a process could not
+    be moved or killed. Fail closed: a limit that cannot be applied raises this, it is never
+    skipped. The ``OSError`` is chained as ``__cause__``. Fields: ``path`` (the file or
+    directory), ``operation`` (``mkdir``, ``write``, ``read``, ``rmdir``, ``mount``, ``kill``...),
+    ``errno_name`` (``EACCES``, ``EBUSY``...; ``None`` when not an OS error)."""
+
+    code = "isolation_failed"
+    http_status = 500
+
+    path: str | None = None
+    operation: str | None = None
+    errno_name: str | None = None
 
 
 class StorageError(OperationFailed):
