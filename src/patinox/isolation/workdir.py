@@ -129,6 +129,10 @@ class Workdirs:
     """The tenants' directories under ``root`` (e.g. ``<data_dir>/exec``, mode 0711: each
     tenant can reach its own directory by name and list none).
 
+    A tenant's uid reaches its directory by path only if every directory above ``root`` is
+    searchable by others; where they are not (a 0700 data directory), an execution process
+    enters it before dropping root (``chdir``) or gets it bound into its sandbox.
+
     Raises:
         IsolationFailed: ``root`` could not be made.
     """
