@@ -443,3 +443,32 @@ print(json.dumps(seen))
     done = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"allocated": False, "opened_100": False}
+
+
+def test_mountinfo_parsing_knows_co_mounted_controllers_and_escapes() -> None:
+    """Layouts of other hosts than this one: Debian's co-mounted ``cpu,cpuacct``, a pure
+    v2 host, a mount point with a space (escaped as ``\\040``), mounts outside the root."""
+    from patinox.isolation.cgroups import _cgroup_mounts
+
+    mountinfo = "\n".join(
+        [
+            "30 23 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755",
+            "33 30 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct",
+            "34 30 0:30 / /sys/fs/cgroup/name\\040d rw - cgroup cgroup rw,name=systemd",
+            "35 30 0:31 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory",
+            "36 30 0:31 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory",
+            "37 23 0:32 / /elsewhere/pids rw - cgroup cgroup rw,pids",
+            "38 30 0:33 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw,nsdelegate",
+        ]
+    )
+    found = list(_cgroup_mounts(mountinfo, Path("/sys/fs/cgroup")))
+    assert found == [
+        ("v1", Path("/sys/fs/cgroup/cpu,cpuacct"), frozenset({"cpu", "cpuacct"})),
+        ("v1", Path("/sys/fs/cgroup/name d"), frozenset()),
+        ("v1", Path("/sys/fs/cgroup/memory"), frozenset({"memory"})),
+        ("v2", Path("/sys/fs/cgroup/unified"), frozenset()),
+    ]
+    pure_v2 = "40 23 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot"
+    assert list(_cgroup_mounts(pure_v2, Path("/sys/fs/cgroup"))) == [
+        ("v2", Path("/sys/fs/cgroup"), frozenset())
+    ]

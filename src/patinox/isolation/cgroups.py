@@ -138,6 +138,7 @@ class Hierarchy:
             root's ``cgroup.controllers`` (plus ``cpuacct``: v2's ``cpu.stat`` always counts).
         writable: whether this process could create (and remove) a group in it.
         error: why not, when not writable (the ``OSError`` text).
+        fix: what to do about it, when the cause says more than "not root".
     """
 
     version: CgroupVersion
@@ -145,6 +146,7 @@ class Hierarchy:
     controllers: frozenset[str]
     writable: bool
     error: str | None = None
+    fix: str | None = None
 
 
 def _unescape(field: str) -> str:
@@ -193,13 +195,36 @@ def _v2_controllers(mount: Path) -> frozenset[str]:
     return frozenset(available & set(CONTROLLERS)) | {"cpuacct"}
 
 
+def _v2_busy_root(mount: Path) -> str | None:
+    """Why the controllers of a v2 mount cannot be handed down, if they cannot: a cgroup
+    namespace root (a container's) that holds processes ("no internal processes")."""
+    try:
+        if not (mount / "cgroup.type").exists():
+            return None  # the real root is exempt
+        busy = (mount / "cgroup.procs").read_text().split()
+        enabled = (mount / "cgroup.subtree_control").read_text().split()
+    except OSError as err:
+        return f"{err.strerror or err} ({mount})"
+    if busy and not enabled:
+        return (
+            f"processes {', '.join(busy[:5])} sit in {mount}, and cgroup v2 gives no controller "
+            "to the children of a group with processes"
+        )
+    return None
+
+
 def _hierarchies(root: Path, mountinfo: str) -> list[Hierarchy]:
     found: list[Hierarchy] = []
     for version, mount, v1_controllers in _cgroup_mounts(mountinfo, root):
         controllers = _v2_controllers(mount) if version == "v2" else v1_controllers
         if not controllers:
             continue  # name=systemd, devices, freezer...: nothing Patinox uses
-        error = _probe(mount)
+        error, fix = _probe(mount), None
+        if error is None and version == "v2" and (busy := _v2_busy_root(mount)) is not None:
+            error, fix = (
+                busy,
+                "start Patinox in a leaf group of the namespace (e.g. <root>/init) or under systemd",
+            )
         found.append(
             Hierarchy(
                 version=version,
@@ -207,6 +232,7 @@ def _hierarchies(root: Path, mountinfo: str) -> list[Hierarchy]:
                 controllers=controllers,
                 writable=error is None,
                 error=error,
+                fix=fix,
             )
         )
     # A controller is bound to one hierarchy; cpuacct may be both a v1 mount and v2's
@@ -240,7 +266,8 @@ def _controller_line(
         )
     where = f"cgroup {hierarchy.version} at {hierarchy.mount}"
     if not hierarchy.writable:
-        return controller, f"{where}, not writable: {hierarchy.error}", _root_fix(running_as_root)
+        fix = hierarchy.fix or _root_fix(running_as_root)
+        return controller, f"{where}, not writable: {hierarchy.error}", fix
     return controller, f"{where}, writable", None
 
 
@@ -292,7 +319,7 @@ class CgroupSupport:
         """``patinox doctor`` lines: cgroup version, each controller, root, tmpfs."""
         if self.version is None:
             version = Check(
-                name="cgroups",
+                name="cgroup version",
                 ok=False,
                 detail=f"no cgroup hierarchy mounted under {self.root}",
                 fix="mount cgroup2 at /sys/fs/cgroup (or the v1 controllers); rlimits only meanwhile",
@@ -472,8 +499,18 @@ class _Tree:
         wanted = sorted(controllers - {"cpuacct"})
         enabled = set(_read(path / "cgroup.subtree_control").split())
         for controller in wanted:
-            if controller not in enabled:
+            if controller in enabled:
+                continue
+            try:
                 _write(path / "cgroup.subtree_control", f"+{controller}")
+            except IsolationFailed as err:
+                if err.errno_name != "EBUSY":
+                    raise
+                raise IsolationFailed(
+                    f"cannot enable {controller} below {path}: it holds processes, and cgroup v2 "
+                    "allows processes only in leaf groups (move them into a child group)",
+                    **err.fields,
+                ) from err.__cause__
 
     def _fill_cpuset(self, path: Path) -> None:
         """v1: a new cpuset group is empty and takes no process until filled: copy its parent's."""
