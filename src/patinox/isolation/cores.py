@@ -9,10 +9,11 @@ one tenant while shared work keeps the other.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
-from patinox.errors import ConfigurationError, IsolationUnavailable
+from patinox.errors import ConfigurationError, IsolationFailed, IsolationUnavailable
 from patinox.isolation.checks import Check
 
 __all__ = ["CoreAllocator"]
@@ -69,7 +70,7 @@ class CoreAllocator:
                     requested_cores=count,
                     free_cores=available,
                 )
-            held = [c for c in self._reserved.get(tenant_id, ()) if c in free][:count]
+            held = sorted((c for c in self._reserved.get(tenant_id, ()) if c in free), reverse=True)[:count]
             others = [c for c in reversed(free) if c not in held]
             cores = tuple(sorted(held + others[: count - len(held)]))
             self._reserved[tenant_id] = cores
@@ -94,6 +95,29 @@ class CoreAllocator:
         """How many cores one more dedicated tenant could still get."""
         with self._lock:
             return max(0, len(self._free()) - self.keep_shared)
+
+    def confine_this_process(self) -> tuple[int, ...]:
+        """Keep every thread of this process (Patinox's own work) on :meth:`shared` cores;
+        threads started later inherit it. Call it again after each reservation or release.
+        Returns the cores it set.
+
+        Raises:
+            IsolationFailed: the kernel refused the affinity (cores outside this process's cpuset).
+        """
+        cores = self.shared()
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cores)
+            except ProcessLookupError:
+                continue  # that thread ended meanwhile
+            except OSError as err:
+                raise IsolationFailed(
+                    f"cannot keep thread {tid} on CPUs {cores}: {err.strerror}",
+                    path=f"/proc/self/task/{tid}",
+                    operation="sched_setaffinity",
+                    errno_name=errno.errorcode.get(err.errno or 0),
+                ) from err
+        return cores
 
     def checks(self) -> list[Check]:
         """The ``patinox doctor`` line: cores this host can dedicate."""
