@@ -212,3 +212,16 @@ async def test_the_runner_keeps_the_event_loop_free(tmp_path: Path) -> None:
         ticker.cancel()
     assert result.stdout == "done\n"
     assert ticks > 5
+
+
+def test_closing_its_output_does_not_end_the_wait(tmp_path: Path) -> None:
+    code = "import os, time\nos.close(1)\nos.close(2)\ntime.sleep(0.3)\nopen('done', 'w').write('yes')"
+    result = run_code(code, timeout_s=GUARD_S, output_bytes=1000, cwd=tmp_path)
+    assert (result.exit_status, result.timed_out) == (0, False)
+    assert (tmp_path / "done").read_text() == "yes"
+
+
+def test_closing_its_output_and_looping_still_times_out(tmp_path: Path) -> None:
+    code = "import os\nos.close(1)\nos.close(2)\nwhile True: pass"
+    result = run_code(code, timeout_s=1.0, output_bytes=1000, cwd=tmp_path)
+    assert (result.exit_status, result.timed_out) == (-9, True)

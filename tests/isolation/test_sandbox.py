@@ -384,3 +384,23 @@ def test_this_host_can_run_the_container_level() -> None:
     ]
     missing = [f"{c.name}: {c.detail} (fix: {c.fix})" for c in found if not c.ok]
     assert not missing, missing
+
+
+def test_a_descriptor_the_launcher_passes_reaches_the_command(spec: SandboxSpec, bwrap: str) -> None:
+    """How an execution process gets its channel: the host passes the socket's descriptor."""
+    host_end, sandbox_end = socket.socketpair()
+    with host_end, sandbox_end:
+        fd = sandbox_end.fileno()
+        code = (
+            "import socket, sys\n"
+            "s = socket.socket(fileno=int(sys.argv[1]))\n"
+            "s.sendall(s.recv(100).upper())\n"
+        )
+        argv = sandbox_argv(spec, [python_layout().executable, "-c", code, str(fd)], bwrap=bwrap)
+        with subprocess.Popen(argv, pass_fds=[fd], stderr=subprocess.PIPE) as process:
+            sandbox_end.close()
+            host_end.settimeout(GUARD_S)
+            host_end.sendall(b"bind t_1")
+            assert host_end.recv(100) == b"BIND T_1"
+            _, stderr = process.communicate(timeout=GUARD_S)
+            assert process.returncode == 0, stderr

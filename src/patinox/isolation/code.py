@@ -96,8 +96,8 @@ def _disk_full(cwd: Path, stderr: str) -> bool:
 
 
 def _pump(process: subprocess.Popen[bytes], output: _Output, deadline: float, cancel: int | None) -> bool:
-    """Read both pipes until they close; ``True`` when the deadline or ``cancel`` came before
-    the process exited (it timed out).
+    """Read both pipes until they close and the process has exited; ``True`` when the
+    deadline or ``cancel`` came before the process exited (it timed out).
 
     The process's exit is watched through a pidfd: once it has exited, its group is killed
     and the pipes get :data:`_EXIT_GRACE_S` more (something it started outside its group may
@@ -114,7 +114,7 @@ def _pump(process: subprocess.Popen[bytes], output: _Output, deadline: float, ca
         if cancel is not None:
             selector.register(cancel, selectors.EVENT_READ)
         try:
-            while open_fds:
+            while open_fds or not exited:  # a program may close its output and go on
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return not exited
