@@ -11,6 +11,7 @@
     │   ├── UnknownModel                 model id not known or not configured   (422 unknown_model)
     │   ├── UnknownTool                  tool name not known or not allowed     (422 unknown_tool)
     │   ├── IsolationUnavailable         isolation level not built/enforceable  (422 isolation_unavailable)
+    │   ├── IsolationRequired            a tool needs a higher isolation level  (422 isolation_required)
     │   ├── ExceedsBudget                a run larger than its whole budget     (422 exceeds_budget)
     │   └── MissingDependency            an optional extra is not installed
     ├── OperationFailed                  runtime failures, structured, picklable across processes
@@ -55,6 +56,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidTransition",
     "IsolationFailed",
+    "IsolationRequired",
     "IsolationUnavailable",
     "LimitStoreUnavailable",
     "MissingDependency",
@@ -181,6 +183,23 @@ class IsolationUnavailable(ConfigurationError):
     requested_cores: int | None = None
     free_cores: int | None = None
     mechanism: str | None = None
+
+
+class IsolationRequired(ConfigurationError):
+    """An agent's tools need a higher isolation level than the tenant's: defining (or
+    updating) such an agent, or lowering the tenant's level below what its agents need, is
+    refused. The ``python`` tool runs model-written code, so it needs ``container`` or above.
+    Fields: ``tool`` (the first tool that needs more), ``required`` (the lowest level that
+    allows it), ``isolation_level`` (the tenant's, or the one asked for) and, when lowering a
+    level, ``agents`` (the names of the agents in the way)."""
+
+    code = "isolation_required"
+    http_status = 422
+
+    tool: str | None = None
+    required: str | None = None
+    isolation_level: str | None = None
+    agents: list[str] | None = None
 
 
 class ExceedsBudget(ConfigurationError):
