@@ -11,6 +11,7 @@
     │   ├── UnknownModel                 model id not known or not configured   (422 unknown_model)
     │   ├── UnknownTool                  tool name not known or not allowed     (422 unknown_tool)
     │   ├── IsolationUnavailable         isolation level not built/enforceable  (422 isolation_unavailable)
+    │   ├── IsolationRequired            a tool needs a higher isolation level  (422 isolation_required)
     │   ├── ExceedsBudget                a run larger than its whole budget     (422 exceeds_budget)
     │   └── MissingDependency            an optional extra is not installed
     ├── OperationFailed                  runtime failures, structured, picklable across processes
@@ -28,6 +29,8 @@
     │   │                                tenant has its fair share of it        (503 overloaded)
     │   ├── RunFailed                    the agent run failed                   (502 run_failed)
     │   ├── DecryptionFailed             ciphertext failed authentication       (500 decryption_failed)
+    │   ├── IsolationFailed              a cgroup, mount or OS limit could not
+    │   │                                be applied or read (original chained)  (500 isolation_failed)
     │   ├── TenantKeysDestroyed          the tenant was crypto-shredded         (410 tenant_keys_destroyed)
     │   └── StorageError                 the database failed (original chained) (503 storage_error)
     │       └── LimitStoreUnavailable    the rate-limit store (Redis) failed    (503 limit_store_unavailable)
@@ -52,6 +55,8 @@ __all__ = [
     "ExceedsBudget",
     "InvalidRequest",
     "InvalidTransition",
+    "IsolationFailed",
+    "IsolationRequired",
     "IsolationUnavailable",
     "LimitStoreUnavailable",
     "MissingDependency",
@@ -165,10 +170,36 @@ class UnknownTool(ConfigurationError):
 
 
 class IsolationUnavailable(ConfigurationError):
-    """An isolation level this deployment cannot enforce; refused rather than ignored."""
+    """An isolation level this deployment cannot enforce; refused rather than ignored.
+
+    Fields, when known: ``isolation_level``, ``tenant_id``; for CPU cores (``dedicated``)
+    ``requested_cores`` and ``free_cores`` (how many could still be given to one tenant);
+    for a missing host mechanism ``mechanism`` (e.g. ``"cgroup cpuset controller"``)."""
 
     code = "isolation_unavailable"
     http_status = 422
+
+    isolation_level: str | None = None
+    requested_cores: int | None = None
+    free_cores: int | None = None
+    mechanism: str | None = None
+
+
+class IsolationRequired(ConfigurationError):
+    """An agent's tools need a higher isolation level than the tenant's: defining (or
+    updating) such an agent, or lowering the tenant's level below what its agents need, is
+    refused. The ``python`` tool runs model-written code, so it needs ``container`` or above.
+    Fields: ``tool`` (the first tool that needs more), ``required`` (the lowest level that
+    allows it), ``isolation_level`` (the tenant's, or the one asked for) and, when lowering a
+    level, ``agents`` (the names of the agents in the way)."""
+
+    code = "isolation_required"
+    http_status = 422
+
+    tool: str | None = None
+    required: str | None = None
+    isolation_level: str | None = None
+    agents: list[str] | None = None
 
 
 class ExceedsBudget(ConfigurationError):
@@ -355,6 +386,22 @@ class TenantKeysDestroyed(OperationFailed):
 
     code = "tenant_keys_destroyed"
     http_status = 410
+
+
+class IsolationFailed(OperationFailed):
+    """The operating system refused or failed an isolation step: a cgroup file could not be
+    created, written or read, a working directory could not be mounted, a process could not
+    be moved or killed. Fail closed: a limit that cannot be applied raises this, it is never
+    skipped. The ``OSError`` is chained as ``__cause__``. Fields: ``path`` (the file or
+    directory), ``operation`` (``mkdir``, ``write``, ``read``, ``rmdir``, ``mount``, ``kill``...),
+    ``errno_name`` (``EACCES``, ``EBUSY``...; ``None`` when not an OS error)."""
+
+    code = "isolation_failed"
+    http_status = 500
+
+    path: str | None = None
+    operation: str | None = None
+    errno_name: str | None = None
 
 
 class StorageError(OperationFailed):

@@ -137,7 +137,8 @@ async def test_current_time_is_utc_iso8601() -> None:
 
 def test_builtin_tool_names() -> None:
     assert (
-        frozenset({"memory_get", "memory_put", "memory_list", "calculator", "current_time"}) == BUILTIN_TOOLS
+        frozenset({"memory_get", "memory_put", "memory_list", "calculator", "current_time", "python"})
+        == BUILTIN_TOOLS
     )
 
 

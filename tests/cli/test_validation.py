@@ -79,6 +79,13 @@ def test_bad_agent_name(acme: str) -> None:
     assert len(_error_lines(result.output)) == 1
 
 
+def test_python_tool_below_container_names_the_level_needed(acme: str) -> None:
+    result = cli("agents", "create", "acme", "coder", "--tool", "python")
+    assert_error(result, "error: tool 'python' needs isolation level 'container'", "'namespace'")
+    assert len(_error_lines(result.output)) == 1
+    assert "coder" not in cli("agents", "list", "acme").stdout
+
+
 def test_update_with_nothing_names_the_flags(acme: str) -> None:
     assert_error(cli("tenants", "update", "acme"), "error: nothing to update: give --plan and/or --limit")
 

@@ -14,7 +14,8 @@ exception chained and these fields:
     ``timeout`` (``limits.timeout_s`` passed), ``tool_call_limit`` (the model asked for more
     than ``limits.max_tool_calls`` tool calls), ``request_limit`` (more model requests than
     :func:`request_limit_for` allows), ``usage_limit`` (another pydantic-ai usage limit),
-    ``tool_error`` (a tool raised; field ``tool`` names it), ``provider_error`` (the model
+    ``tool_error`` (a tool raised; field ``tool`` names it), ``disk_limit`` (a ``python``
+    call left the tenant's writable directory full; field ``tool``), ``provider_error`` (the model
     provider's API failed), ``model_error`` (the model misbehaved: unknown tool, invalid
     arguments past the retry budget, malformed output), ``internal_error`` (anything else).
 ``model``, ``simulated``
@@ -54,7 +55,14 @@ from pydantic_ai.usage import RunUsage, UsageLimits
 
 from patinox.agents.models import resolve_model
 from patinox.agents.simulated import is_simulated
-from patinox.agents.tools import MemoryStore, ToolDeps, ToolExecutionError, builtin_tools
+from patinox.agents.tools import (
+    CodeRunner,
+    MemoryStore,
+    ToolDeps,
+    ToolExecutionError,
+    ToolLimitReached,
+    builtin_tools,
+)
 from patinox.errors import InvalidRequest, PatinoxError, RunFailed
 
 __all__ = [
@@ -179,6 +187,7 @@ async def run_agent(
     memory: MemoryStore,
     usage: RunUsage | None = None,
     on_usage: Callable[[RunUsage], None] | None = None,
+    code: CodeRunner | None = None,
     model: Model | None = None,
 ) -> RunOutcome:
     """Run ``definition`` on ``prompt`` once.
@@ -204,6 +213,8 @@ async def run_agent(
             run goes on once it returns, so a caller that records usage there has recorded
             every model response but the one in hand. An exception it raises ends the run
             (``RunFailed``, ``reason="internal_error"``).
+        code: the runner of the ``python`` tool (the tenant's sandbox, at ``container``
+            level and above); ``None``: a ``python`` call ends the run (``tool_error``).
         model: the model to send the requests to instead of ``definition.model`` resolved
             here (an execution process's stand-in, which asks the host to run the real
             one); ``definition.model`` still names the run's model in its outcome.
@@ -246,7 +257,7 @@ async def run_agent(
         async with deadline:
             result = await agent.run(
                 prompt,
-                deps=ToolDeps(memory=memory),
+                deps=ToolDeps(memory=memory, code=code),
                 model_settings=settings,
                 usage_limits=usage_limits,
                 usage=usage,
@@ -365,6 +376,8 @@ def _run_failed(
             f"tool {tool_exc.tool_name!r} failed: {detail}",
             {"tool": tool_exc.tool_name},
         )
+        if isinstance(original, ToolLimitReached):
+            reason, message = original.reason, f"tool {tool_exc.tool_name!r}: {original}"
         cause = original
     else:
         reason, message, extra = _classify(exc, limits)

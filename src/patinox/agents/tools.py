@@ -12,6 +12,12 @@ Built-in tools (names as the model sees them):
 - ``memory_list(prefix="")`` -> up to :data:`MEMORY_LIST_LIMIT` keys starting with ``prefix``.
 - ``calculator(expression)`` -> the value of an arithmetic expression (see :func:`calculator`).
 - ``current_time()`` -> the current UTC time, ISO 8601 (``2025-01-31T12:00:00.000+00:00``).
+- ``python(code)`` -> ``{"stdout", "stderr", "exit_status", "timed_out", "truncated"}``: runs
+  model-written Python in a fresh child process through the run's :class:`CodeRunner`
+  (inside the tenant's sandbox, with its per-call time limit and output cap). Only for
+  tenants at ``container`` isolation or above (:data:`TOOL_ISOLATION`,
+  :func:`check_tool_isolation`): a ``process``-level execution process shares the host's
+  network and file system, no place for code nobody reviewed.
 
 Memory tools talk to the :class:`MemoryStore` in the run's :class:`ToolDeps`. That store is
 already bound to one tenant, so no tool ever takes or passes a tenant id. Store methods are
@@ -21,10 +27,15 @@ behind that lands after the cancellation, which a call abandoned in a worker thr
 The calculator and the clock are computed inline too.
 
 Failures:
-    A refused calculator expression, and a ``memory_get`` / ``memory_list`` result too
-    large for the run's remaining token budget, are reported to the model as a failed tool
-    result (:class:`pydantic_ai.exceptions.ToolFailed`): the run goes on and the model can
-    adapt.
+    A refused calculator expression, and a ``memory_get`` / ``memory_list`` / ``python``
+    result too large for the run's remaining token budget, are reported to the model as a
+    failed tool result (:class:`pydantic_ai.exceptions.ToolFailed`): the run goes on and the
+    model can adapt. A ``python`` call that fails, times out or prints too much is a result
+    too (its exit status, ``timed_out``, ``truncated``).
+    A ``python`` call that leaves the tenant's directory full raises
+    :class:`ToolLimitReached` (``reason="disk_limit"``), which ends the run with
+    ``RunFailed(reason="disk_limit")``; a run with no code runner (``python`` reached below
+    the ``container`` level) ends with ``tool_error``.
     Any other exception from a tool (a store error, a bug) is wrapped in
     :class:`ToolExecutionError`, which ends the run; the runner turns it into
     ``RunFailed(reason="tool_error")``.
@@ -48,19 +59,27 @@ from pydantic_ai import RunContext, Tool
 from pydantic_ai.exceptions import ModelRetry, ToolFailed
 
 from patinox.agents.simulated import count_simulated_tokens
-from patinox.errors import InvalidRequest, UnknownTool
+from patinox.errors import InvalidRequest, IsolationRequired, UnknownTool
+from patinox.tenancy import IsolationLevel
 
 __all__ = [
     "BUILTIN_TOOLS",
     "MAX_EXPRESSION_CHARS",
     "MAX_INT_BITS",
     "MEMORY_LIST_LIMIT",
+    "TOOL_ISOLATION",
     "CalculatorError",
+    "CodeResult",
+    "CodeRunner",
     "MemoryStore",
     "ToolDeps",
     "ToolExecutionError",
+    "ToolLimitReached",
     "builtin_tools",
     "calculator",
+    "check_tool_isolation",
+    "isolation_allows",
+    "required_isolation",
     "validate_tool_names",
 ]
 
@@ -101,14 +120,49 @@ class MemoryStore(Protocol):
 
 
 @dataclass(frozen=True, kw_only=True)
+class CodeResult:
+    """What one run of model-written code gave (:func:`patinox.isolation.code.run_code`).
+
+    Attributes:
+        stdout: what it printed on stdout (UTF-8, undecodable bytes replaced).
+        stderr: what it printed on stderr.
+        exit_status: its exit status; ``-N`` when killed by signal N (``-9`` on a timeout).
+        timed_out: it ran past its time limit and was killed.
+        truncated: output past the cap (stdout and stderr together) was dropped.
+        disk_full: the tenant's writable directory was full after the call (or the code
+            failed with ``ENOSPC``).
+    """
+
+    stdout: str
+    stderr: str
+    exit_status: int
+    timed_out: bool
+    truncated: bool
+    disk_full: bool
+
+
+class CodeRunner(Protocol):
+    """Runs ``python`` tool calls of one tenant: each call in a fresh child process inside
+    the tenant's sandbox, bound to its limits (``code_timeout_s``, ``code_output_bytes``)
+    and its writable directory (:class:`patinox.isolation.code.CodeRunner`)."""
+
+    async def run(self, code: str) -> CodeResult:
+        """Run ``code`` once; a cancelled call kills what it started."""
+        ...
+
+
+@dataclass(frozen=True, kw_only=True)
 class ToolDeps:
     """What tools of one run can reach (pydantic-ai ``deps``).
 
     Attributes:
         memory: the tenant-bound memory store of the run.
+        code: the runner of the ``python`` tool; ``None`` below the ``container`` level,
+            where a call of it ends the run (``tool_error``).
     """
 
     memory: MemoryStore
+    code: CodeRunner | None = None
 
 
 class ToolExecutionError(Exception):
@@ -121,6 +175,19 @@ class ToolExecutionError(Exception):
     def __init__(self, tool_name: str) -> None:
         super().__init__(f"tool {tool_name!r} failed")
         self.tool_name = tool_name
+
+
+class ToolLimitReached(Exception):
+    """A tool hit one of the tenant's resource limits, which ends the run with
+    ``RunFailed(reason=reason)`` (the runner reads ``reason``).
+
+    Attributes:
+        reason: the :class:`~patinox.errors.RunFailed` reason (``disk_limit``).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class CalculatorError(ValueError):
@@ -343,12 +410,47 @@ async def current_time() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+@_tool_boundary("python")
+async def python_tool(ctx: RunContext[ToolDeps], code: str) -> dict[str, str | int | bool]:
+    """Run Python code in a fresh sandboxed process and return what it printed.
+    Each call starts a new interpreter: nothing is kept in memory between calls, but files
+    written in the working directory stay. No network. Print the values you need.
+
+    Args:
+        code: the program, e.g. "print(6*7)".
+
+    Returns:
+        {"stdout", "stderr", "exit_status", "timed_out", "truncated"}: the output (cut at the
+        tenant's output cap when "truncated"), the exit status (0 on success), and whether
+        the program was stopped at the tenant's time limit.
+    """
+    runner = ctx.deps.code
+    if runner is None:
+        raise IsolationRequired(
+            "the python tool runs only at container isolation or above; this run has no code sandbox",
+            tool="python",
+            required=IsolationLevel.CONTAINER.value,
+        )
+    result = await runner.run(code)
+    if result.disk_full:
+        raise ToolLimitReached("disk_limit", "the tenant's writable directory is full")
+    _fits_budget(ctx, "python", (result.stdout, result.stderr))
+    return {
+        "stdout": result.stdout,
+        "stderr": result.stderr,
+        "exit_status": result.exit_status,
+        "timed_out": result.timed_out,
+        "truncated": result.truncated,
+    }
+
+
 _TOOLS: Final[Mapping[str, Tool[ToolDeps]]] = {
     "memory_get": Tool(memory_get, takes_ctx=True, name="memory_get"),
     "memory_put": Tool(memory_put, takes_ctx=True, name="memory_put"),
     "memory_list": Tool(memory_list, takes_ctx=True, name="memory_list"),
     "calculator": Tool(calculator_tool, takes_ctx=False, name="calculator"),
     "current_time": Tool(current_time, takes_ctx=False, name="current_time"),
+    "python": Tool(python_tool, takes_ctx=True, name="python"),
 }
 
 BUILTIN_TOOLS: Final[frozenset[str]] = frozenset(_TOOLS)
@@ -380,6 +482,49 @@ def validate_tool_names(names: Iterable[str]) -> tuple[str, ...]:
             raise UnknownTool(f"tool {name!r} listed twice", tool=name, known=sorted(BUILTIN_TOOLS))
         seen.append(name)
     return tuple(seen)
+
+
+TOOL_ISOLATION: Final[Mapping[str, IsolationLevel]] = {"python": IsolationLevel.CONTAINER}
+"""The lowest isolation level each tool needs; a tool not listed runs at every level."""
+
+_LEVEL_ORDER: Final = (
+    IsolationLevel.NAMESPACE,
+    IsolationLevel.PROCESS,
+    IsolationLevel.CONTAINER,
+    IsolationLevel.DEDICATED,
+)
+
+
+def isolation_allows(level: IsolationLevel, required: IsolationLevel) -> bool:
+    """Whether ``level`` isolates at least as much as ``required``
+    (namespace < process < container < dedicated)."""
+    return _LEVEL_ORDER.index(level) >= _LEVEL_ORDER.index(required)
+
+
+def required_isolation(names: Iterable[str]) -> IsolationLevel:
+    """The lowest isolation level at which every tool in ``names`` may run (``namespace``
+    when none needs more)."""
+    needed = [TOOL_ISOLATION[name] for name in names if name in TOOL_ISOLATION]
+    return max(needed, key=_LEVEL_ORDER.index, default=IsolationLevel.NAMESPACE)
+
+
+def check_tool_isolation(names: Iterable[str], level: IsolationLevel) -> None:
+    """Refuse tools that need more isolation than ``level``.
+
+    Raises:
+        IsolationRequired: a tool needs a higher level (fields ``tool``, ``required``,
+            ``isolation_level``); the message names both levels.
+    """
+    for name in names:
+        required = TOOL_ISOLATION.get(name)
+        if required is not None and not isolation_allows(level, required):
+            raise IsolationRequired(
+                f"tool {name!r} needs isolation level {required.value!r} or above "
+                f"(it runs model-written code); this tenant's level is {level.value!r}",
+                tool=name,
+                required=required.value,
+                isolation_level=level.value,
+            )
 
 
 def builtin_tools(names: Iterable[str]) -> list[Tool[ToolDeps]]:

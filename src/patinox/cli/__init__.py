@@ -11,9 +11,10 @@ from an error is never read as Rich markup.
 One module per command group: :mod:`~patinox.cli.serve` (``init``, ``serve``, ``demo``),
 :mod:`~patinox.cli.worker` (``worker``, the queue worker), :mod:`~patinox.cli.agents`
 (``agents``, ``run``), :mod:`~patinox.cli.tenants` and :mod:`~patinox.cli.transfer`
-(``tenants``), :mod:`~patinox.cli.keys`, :mod:`~patinox.cli.replay` and
-:mod:`~patinox.cli.conformance`; output and errors in :mod:`patinox.cli._output`, the
-deployment a command acts on in :mod:`patinox.cli._deployment`.
+(``tenants``), :mod:`~patinox.cli.keys`, :mod:`~patinox.cli.replay`,
+:mod:`~patinox.cli.conformance` and :mod:`~patinox.cli.doctor` (what this host can
+enforce); output and errors in :mod:`patinox.cli._output`, the deployment a command acts on
+in :mod:`patinox.cli._deployment`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Annotated
 import typer
 
 from patinox import __version__
-from patinox.cli import agents, conformance, keys, replay, serve, tenants, worker
+from patinox.cli import agents, conformance, doctor, keys, replay, serve, tenants, worker
 from patinox.cli._output import Command, Group, error_message, print_errors, say
 from patinox.errors import PatinoxError
 
@@ -64,6 +65,7 @@ app.command(cls=Command)(worker.worker)
 app.command(cls=Command)(conformance.conformance)
 app.command("replay", cls=Command)(replay.replay_cmd)
 app.command(cls=Command)(serve.demo)
+app.command(cls=Command)(doctor.doctor)
 
 
 def main() -> None:

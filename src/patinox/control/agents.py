@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from patinox.agents import validate_model_id, validate_tool_names
+from patinox.agents import check_tool_isolation, validate_model_id, validate_tool_names
 from patinox.errors import InvalidRequest
 from patinox.storage import AgentRecord, AnyRow, SqlBackend
 from patinox.tenancy import TenantContext
@@ -48,7 +48,9 @@ class AgentService:
         self._backend = backend
 
     def create(self, ctx: TenantContext, spec: AgentSpec) -> AgentRecord:
-        """Create an agent. Raises UnknownModel, UnknownTool, InvalidRequest, AlreadyExists."""
+        """Create an agent. Raises UnknownModel, UnknownTool, IsolationRequired (a tool,
+        ``python``, needs a higher isolation level than the tenant's), InvalidRequest,
+        AlreadyExists."""
         self._validate(ctx, spec.model, spec.tools, spec.max_output_tokens)
         store = self._backend.tenant_store(ctx)
         row = store.create_agent(spec.model_dump())
@@ -62,7 +64,8 @@ class AgentService:
         return row
 
     def update(self, ctx: TenantContext, agent_id: str, patch: AgentPatch) -> AgentRecord:
-        """Update an agent. Raises NotFound, UnknownModel, UnknownTool, InvalidRequest."""
+        """Update an agent. Raises NotFound, UnknownModel, UnknownTool, IsolationRequired,
+        InvalidRequest."""
         store = self._backend.tenant_store(ctx)
         values = patch.model_dump(exclude_unset=True)
         if not values:
@@ -94,6 +97,7 @@ class AgentService:
     def _validate(ctx: TenantContext, model: str, tools: list[str], max_out: int | None) -> None:
         validate_model_id(model)
         validate_tool_names(tools)
+        check_tool_isolation(tools, ctx.isolation_level)
         if max_out is not None and max_out > ctx.limits.max_output_tokens_per_run:
             raise InvalidRequest(
                 f"max_output_tokens {max_out} is above the plan's {ctx.limits.max_output_tokens_per_run}",

@@ -65,9 +65,7 @@ class TenantContext(BaseModel):
         return self.model_dump(mode="json")
 
     @classmethod
-    def for_tenant(
-        cls, tenant: Mapping[str, Any], *, principal: str, scopes: Iterable[str]
-    ) -> TenantContext:
+    def for_tenant(cls, tenant: Mapping[str, Any], *, principal: str, scopes: Iterable[str]) -> TenantContext:
         """The one way to build a context from a stored tenant row.
 
         Args:

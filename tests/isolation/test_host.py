@@ -1,0 +1,72 @@
+"""Which isolation levels a host offers follows from what was probed, never from hope."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from patinox.isolation.cgroups import CgroupSupport
+from patinox.isolation.checks import Check
+from patinox.isolation.host import HostSupport, detect_host
+from patinox.tenancy import IsolationLevel
+
+_SANDBOX_OK = tuple(
+    Check(name=n, ok=True, detail="works")
+    for n in (
+        "bubblewrap",
+        "bubblewrap sandbox starts",
+        "PID namespace",
+        "network namespace",
+        "Python in a tenant sandbox",
+    )
+)
+
+
+def _host(
+    *,
+    sandbox: tuple[Check, ...] = _SANDBOX_OK,
+    free_cores: int = 1,
+    controllers: frozenset[str] = frozenset(),
+) -> HostSupport:
+    cgroups = CgroupSupport(
+        version="v1" if controllers else None,
+        root=Path("/sys/fs/cgroup"),
+        controllers=controllers,
+        problems=(),
+    )
+    return HostSupport(cgroups=cgroups, sandbox=sandbox, cores=(), free_cores=free_cores)
+
+
+def test_every_level_when_the_sandbox_works_and_a_core_is_free() -> None:
+    assert _host().levels() == frozenset(IsolationLevel)
+
+
+def test_no_container_when_any_sandbox_line_fails() -> None:
+    for failing in range(len(_SANDBOX_OK)):
+        lines = tuple(
+            Check(name=c.name, ok=i != failing, detail="x", fix=None if i != failing else "fix it")
+            for i, c in enumerate(_SANDBOX_OK)
+        )
+        levels = _host(sandbox=lines).levels()
+        assert IsolationLevel.CONTAINER not in levels, lines[failing].name
+        assert IsolationLevel.DEDICATED not in levels
+        assert IsolationLevel.PROCESS in levels
+
+
+def test_no_dedicated_without_a_free_core() -> None:
+    levels = _host(free_cores=0).levels()
+    assert IsolationLevel.CONTAINER in levels
+    assert IsolationLevel.DEDICATED not in levels
+
+
+def test_mechanism_names_rlimits_when_no_controller_is_writable() -> None:
+    assert _host().mechanism() == "rlimits only (no writable cgroup controller)"
+    assert (
+        _host(controllers=frozenset({"memory", "pids"})).mechanism() == "cgroup v1 (memory, pids) and rlimits"
+    )
+
+
+def test_this_host_is_probed_for_real() -> None:
+    host = detect_host()
+    names = [c.name for c in host.checks()]
+    assert "cgroup version" in names and "bubblewrap" in names
+    assert IsolationLevel.NAMESPACE in host.levels()
