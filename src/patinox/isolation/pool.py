@@ -34,6 +34,7 @@ import os
 import resource
 import shutil
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -689,6 +690,16 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
 
 # --- the supervisor ---------------------------------------------------------------------------------
 
+
+def _say_mechanisms(mechanisms: str) -> None:
+    """Say at start-up what confines execution processes: in the process's log when it
+    configured one (``patinox serve``, ``patinox worker``), else on stderr (never stdout,
+    where ``patinox run`` prints its result)."""
+    if structlog.is_configured():
+        log.info("process isolation", mechanisms=mechanisms)
+    else:
+        print(f"patinox: process isolation: {mechanisms}", file=sys.stderr)
+
 #: ``(isolation level, effective limits)`` of a live tenant, or ``None`` when it is gone.
 TenantInfo = Callable[[str], tuple[IsolationLevel, ResourceLimits] | None]
 
@@ -739,7 +750,7 @@ class PoolSupervisor:
         self._maintenance: threading.Thread | None = None
         #: Milliseconds from fork request to ``Ready`` of the last processes started.
         self.ready_ms: deque[float] = deque(maxlen=1000)
-        log.info("process isolation", mechanisms=self.mechanisms())
+        _say_mechanisms(self.mechanisms())
 
     def mechanisms(self) -> str:
         """What confines execution processes on this host, in one line."""
