@@ -21,6 +21,8 @@ from fastapi.testclient import TestClient
 
 from patinox.api import create_app
 from patinox.isolation import Template
+from patinox.isolation.cgroups import CgroupManager, detect_cgroups
+from patinox.isolation.workdir import Workdirs
 from patinox.runtime import Runtime, Settings
 from patinox.storage import SqlBackend, open_backend
 from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
@@ -227,17 +229,36 @@ def exec_template() -> Iterator[Template]:
 
 @pytest.fixture(scope="session")
 def exec_root() -> Iterator[Path]:
-    """The parent of tenants' working directories for the run: under /tmp, mode 0711, so
-    an execution process's uid can reach its own directory (pytest's tmp_path is 0700)."""
+    """The parent of tenants' working directories for the run (each a tmpfs as root),
+    unmounted and removed at its end."""
     root = Path(tempfile.mkdtemp(prefix="patinox-test-exec-", dir="/tmp"))
     root.chmod(0o711)
     yield root
+    workdirs = Workdirs(root)
+    for tenant_dir in root.iterdir():
+        if tenant_dir.is_dir():
+            workdirs.remove(tenant_dir.name)
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def exec_cgroup_prefix() -> Iterator[str]:
+    """The cgroup under which the run's tenant cgroups are made, removed at its end."""
+    prefix = f"patinox-test-{os.getpid()}"
+    yield prefix
+    support = detect_cgroups()
+    if support.controllers:
+        CgroupManager(support, prefix=prefix).remove_all()
 
 
 @pytest.fixture
 def runtime(
-    deployment: Deployment, backend: SqlBackend, kek_url: str, exec_template: Template, exec_root: Path
+    deployment: Deployment,
+    backend: SqlBackend,
+    kek_url: str,
+    exec_template: Template,
+    exec_root: Path,
+    exec_cgroup_prefix: str,
 ) -> Iterator[Runtime]:
     settings = Settings(
         database_url=deployment.db_url,
@@ -245,6 +266,7 @@ def runtime(
         kek_url=kek_url,
         max_body_bytes=64 * 1024,
         exec_root=exec_root,
+        exec_cgroup_prefix=exec_cgroup_prefix,
     )
     rt = Runtime.build(settings, backend=backend, template=exec_template)
     yield rt

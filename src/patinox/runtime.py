@@ -68,6 +68,8 @@ class Settings:
             (``<exec_root>/<tenant_id>``; see :class:`~patinox.isolation.PoolSettings`).
         exec_idle_s: a tenant's execution processes stop after this long without a run,
             seconds (started again by the next run).
+        exec_cgroup_prefix: the cgroup (relative to each hierarchy's root) under which the
+            tenants' cgroups are made.
     """
 
     database_url: str
@@ -79,6 +81,7 @@ class Settings:
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     exec_root: Path = field(default_factory=_default_exec_root)
     exec_idle_s: float = 300.0
+    exec_cgroup_prefix: str = "patinox"
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> Settings:
@@ -90,8 +93,9 @@ class Settings:
         the KEK is ``data_dir/kek.json`` unless ``PATINOX_KEK_URL`` says otherwise;
         ``PATINOX_EMBEDDED_WORKERS`` caps how many queued runs the server executes itself
         at once (0: none); ``PATINOX_FAIR_SHARE=off`` turns the fair-share admission off (for
-        benchmarks and emergencies); ``PATINOX_EXEC_ROOT`` and ``PATINOX_EXEC_IDLE_S`` set
-        :attr:`exec_root` and :attr:`exec_idle_s`.
+        benchmarks and emergencies); ``PATINOX_EXEC_ROOT``, ``PATINOX_EXEC_IDLE_S`` and
+        ``PATINOX_CGROUP_PREFIX`` set :attr:`exec_root`, :attr:`exec_idle_s` and
+        :attr:`exec_cgroup_prefix`.
         """
         return cls(
             database_url=os.environ.get("PATINOX_DATABASE_URL")
@@ -102,6 +106,7 @@ class Settings:
             embedded_workers=int(os.environ.get("PATINOX_EMBEDDED_WORKERS") or 256),
             admission=AdmissionSettings(enabled=_fair_share_enabled(os.environ.get("PATINOX_FAIR_SHARE"))),
             exec_idle_s=float(os.environ.get("PATINOX_EXEC_IDLE_S") or 300.0),
+            exec_cgroup_prefix=os.environ.get("PATINOX_CGROUP_PREFIX") or "patinox",
         )
 
 
@@ -235,9 +240,8 @@ class Runtime:
         self.runs.set_wakeup(w.wakeup)
         if self.process_executor is not None:
             # A process that executes runs supervises execution pools: from now on a
-            # ``process`` tenant created here gets its pool at once (the template starts
-            # with the first pool).
-            _ = self.process_executor.supervisor
+            # ``process`` tenant created here gets its pool at once.
+            self.process_executor.hosts_pools = True
         return w
 
     def close(self) -> None:
@@ -264,11 +268,16 @@ def _executors(
         return IsolationLevel(row["isolation_level"]), effective_limits(row["plan"], row["limit_overrides"])
 
     def supervisor() -> PoolSupervisor:
-        return PoolSupervisor(
-            settings=PoolSettings(exec_root=settings.exec_root, idle_s=settings.exec_idle_s),
+        return PoolSupervisor.on_this_host(
+            PoolSettings(exec_root=settings.exec_root, idle_s=settings.exec_idle_s),
             template=template,
             tenant_info=tenant_info,
+            cgroup_prefix=settings.exec_cgroup_prefix,
         )
 
-    process = ProcessExecutor(supervisor)
+    def tenant_level(tenant_id: str) -> IsolationLevel | None:
+        info = tenant_info(tenant_id)
+        return None if info is None else info[0]
+
+    process = ProcessExecutor(supervisor, tenant_level=tenant_level)
     return process, ExecutorMap({IsolationLevel.NAMESPACE: namespace, IsolationLevel.PROCESS: process})

@@ -59,8 +59,10 @@ def warm_processes(pool: TenantPool, count: int) -> list[ExecutionProcess]:
 
 
 @pytest.fixture
-def supervisor(exec_template: Template, exec_root: Path) -> Iterator[PoolSupervisor]:
-    sup = PoolSupervisor(settings=PoolSettings(exec_root=exec_root), template=exec_template)
+def supervisor(exec_template: Template, exec_root: Path, exec_cgroup_prefix: str) -> Iterator[PoolSupervisor]:
+    sup = PoolSupervisor.on_this_host(
+        PoolSettings(exec_root=exec_root), template=exec_template, cgroup_prefix=exec_cgroup_prefix
+    )
     yield sup
     sup.close()
 
@@ -106,7 +108,7 @@ def test_no_secret_of_the_host_reaches_an_execution_process(exec_root: Path) -> 
             "OPENAI_API_KEY": "sk-secret",
         }
     )
-    sup = PoolSupervisor(settings=PoolSettings(exec_root=exec_root), template=template)
+    sup = PoolSupervisor(settings=PoolSettings(exec_root=exec_root), template=template)  # no cgroups
     try:
         proc = warm_processes(sup.pool("tn_patinoxtestsecrets0000000", get_plan("free").limits), 1)[0]
         for pid in (template.pid, proc.pid):
@@ -196,7 +198,7 @@ import json, sys, time
 from pathlib import Path
 from patinox.isolation import PoolSettings, PoolSupervisor
 from patinox.tenancy import get_plan
-sup = PoolSupervisor(settings=PoolSettings(exec_root=Path(sys.argv[1])))
+sup = PoolSupervisor.on_this_host(PoolSettings(exec_root=Path(sys.argv[1])), cgroup_prefix=sys.argv[2])
 pool = sup.pool("tn_patinoxtestorphans0000000", get_plan("free").limits)
 deadline = time.monotonic() + 60
 while len(pool.processes()) < 2 and time.monotonic() < deadline:
@@ -213,8 +215,10 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_nothing_outlives_a_host_killed_with_kill_9(exec_root: Path) -> None:
-    host = subprocess.Popen([sys.executable, "-c", _HOST, str(exec_root)], stdout=subprocess.PIPE, text=True)
+def test_nothing_outlives_a_host_killed_with_kill_9(exec_root: Path, exec_cgroup_prefix: str) -> None:
+    host = subprocess.Popen(
+        [sys.executable, "-c", _HOST, str(exec_root), exec_cgroup_prefix], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert host.stdout is not None
         line = ""

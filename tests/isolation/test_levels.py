@@ -29,7 +29,7 @@ def tenant_at(
     runtime: Runtime, level: IsolationLevel, deployment: Deployment, *, model: str, **limits: Any
 ) -> tuple[TenantContext, str]:
     assert runtime.process_executor is not None
-    _ = runtime.process_executor.supervisor  # as in a process that executes runs
+    runtime.process_executor.hosts_pools = True  # as in a process that executes runs
     spec = TenantSpec(
         name=f"t-{level.value}",
         isolation_level=level,

@@ -46,7 +46,8 @@ def process_tenant(
     storage_model: str = "pool",
     **limits: Any,
 ) -> tuple[TenantContext, str]:
-    supervisor_of(runtime)  # as in a process that executes runs: pools start at creation
+    assert runtime.process_executor is not None
+    runtime.process_executor.hosts_pools = True  # as in a process that executes runs
     spec = TenantSpec(
         name=name,
         isolation_level=level,
@@ -212,9 +213,20 @@ def test_a_run_past_its_cpu_seconds_is_killed_with_cpu_limit(runtime: Runtime) -
 
 
 def test_an_idle_pool_scales_to_zero_and_starts_again_on_the_next_run(
-    deployment: Deployment, backend: SqlBackend, kek_url: str, exec_template: Template, exec_root: Path
+    deployment: Deployment,
+    backend: SqlBackend,
+    kek_url: str,
+    exec_template: Template,
+    exec_root: Path,
+    exec_cgroup_prefix: str,
 ) -> None:
-    settings = Settings(database_url=deployment.db_url, kek_url=kek_url, exec_root=exec_root, exec_idle_s=0.3)
+    settings = Settings(
+        database_url=deployment.db_url,
+        kek_url=kek_url,
+        exec_root=exec_root,
+        exec_idle_s=0.3,
+        exec_cgroup_prefix=exec_cgroup_prefix,
+    )
     rt = Runtime.build(settings, backend=backend, template=exec_template)
     try:
         ctx, agent_id = process_tenant(rt)

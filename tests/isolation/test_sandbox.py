@@ -392,9 +392,7 @@ def test_a_descriptor_the_launcher_passes_reaches_the_command(spec: SandboxSpec,
     with host_end, sandbox_end:
         fd = sandbox_end.fileno()
         code = (
-            "import socket, sys\n"
-            "s = socket.socket(fileno=int(sys.argv[1]))\n"
-            "s.sendall(s.recv(100).upper())\n"
+            "import socket, sys\ns = socket.socket(fileno=int(sys.argv[1]))\ns.sendall(s.recv(100).upper())\n"
         )
         argv = sandbox_argv(spec, [python_layout().executable, "-c", code, str(fd)], bwrap=bwrap)
         with subprocess.Popen(argv, pass_fds=[fd], stderr=subprocess.PIPE) as process:

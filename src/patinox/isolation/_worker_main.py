@@ -9,10 +9,10 @@ Its life:
 
 1. **Bind** (the host's first message, :class:`~patinox.isolation.channel.Bind`): join
    its cgroup (write its own pid into the cgroup files: it is still root right after the
-   fork), apply its rlimits, drop privileges when root (``setgroups([])``, ``setresgid``,
-   ``setresuid`` to the tenant's execution identity, then ``PR_SET_NO_NEW_PRIVS``; it
-   checks afterwards that it cannot become uid 0 again and holds no capability), work in
-   the tenant's directory, die with the template (``PR_SET_PDEATHSIG``, set again after
+   fork), apply its rlimits, enter the tenant's directory, drop privileges when root
+   (``setgroups([])``, ``setresgid``, ``setresuid`` to the tenant's execution identity,
+   then ``PR_SET_NO_NEW_PRIVS``; it checks afterwards that it cannot become uid 0 again
+   and holds no capability), die with the template (``PR_SET_PDEATHSIG``, set again after
    the change of identity, which clears it). Then :class:`Ready`.
 2. **Runs**, one at a time (:class:`Run`): :func:`patinox.agents.run_agent` with a stand-in
    model (:class:`ChannelModel`: each model request goes to the host, which runs the real
@@ -125,6 +125,10 @@ def confine(bind: Bind, *, parent_pid: int) -> None:
             procs.write(pid)
     for which, soft, hard in bind.rlimits:
         resource.setrlimit(which, (soft, hard))
+    if bind.workdir is not None:
+        # Entered while still root: the directories above it need not be searchable by
+        # the tenant's uid (a 0700 data directory); the directory itself is its own.
+        os.chdir(bind.workdir)
     dropped = os.geteuid() == 0 and bind.uid is not None and bind.gid is not None
     if dropped:
         assert bind.uid is not None and bind.gid is not None
@@ -132,8 +136,6 @@ def confine(bind: Bind, *, parent_pid: int) -> None:
         os.setresgid(bind.gid, bind.gid, bind.gid)
         os.setresuid(bind.uid, bind.uid, bind.uid)
     prctl(PR_SET_NO_NEW_PRIVS, 1)
-    if bind.workdir is not None:
-        os.chdir(bind.workdir)
     die_with_parent(parent_pid)  # the change of identity cleared it
     if dropped:
         try:

@@ -18,11 +18,10 @@ Nothing here binds to an event loop: processes are forked and bound by worker th
 exits are reported by the template's thread, and :meth:`TenantPool.acquire` waits on the
 loop it is called from. One supervisor can serve one event loop after another.
 
-The cgroup, working directory and identity seams (:class:`CgroupManagerLike`,
-:class:`WorkdirsLike`, :class:`IdentitiesLike`) are ``patinox.isolation.cgroups`` and
-``patinox.isolation.workdir`` once present; without them a pool confines its processes
-with rlimits, a plain directory under ``exec_root``, and uids from
-:data:`EXEC_UID_BASE` up.
+Per tenant the supervisor makes a cgroup (:mod:`patinox.isolation.cgroups`, where the
+host's controllers are writable; its limits otherwise fall to rlimits), a writable
+directory (:mod:`patinox.isolation.workdir`: a size-capped tmpfs as root) and, as root, an
+execution uid/gid of its own; each process gets a child cgroup of its tenant's.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import concurrent.futures
 import contextlib
 import os
 import resource
-import shutil
 import socket
 import sys
 import threading
@@ -41,10 +39,18 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Protocol
 
 import structlog
 
+from patinox.errors import PatinoxError
+from patinox.isolation.cgroups import (
+    CgroupManager,
+    CgroupSupport,
+    ProcessCgroup,
+    TenantCgroup,
+    detect_cgroups,
+    rlimits_for,
+)
 from patinox.isolation.channel import (
     Bind,
     BlockingChannel,
@@ -54,28 +60,20 @@ from patinox.isolation.channel import (
     decode_process_message,
 )
 from patinox.isolation.template import Template, TemplateUnavailable
+from patinox.isolation.workdir import ExecIdentities, Workdirs
 from patinox.tenancy import IsolationLevel, ResourceLimits
 
 __all__ = [
-    "EXEC_UID_BASE",
-    "CgroupManagerLike",
     "ExecutionProcess",
-    "IdentitiesLike",
     "PoolSettings",
     "PoolStopped",
     "PoolSupervisor",
-    "ProcessCgroupLike",
     "SpawnFailed",
-    "TenantCgroupLike",
     "TenantPool",
-    "WorkdirsLike",
     "basic_rlimits",
 ]
 
 log = structlog.get_logger("patinox.isolation")
-
-EXEC_UID_BASE: Final = 100_000
-"""First uid (and gid) of execution identities when none are given: ``EXEC_UID_BASE + n``."""
 
 
 class PoolStopped(Exception):
@@ -86,74 +84,10 @@ class SpawnFailed(Exception):
     """An execution process could not be started or bound (the message says why)."""
 
 
-# --- seams: patinox.isolation.cgroups and workdir --------------------------------------------
-
-
-class ProcessCgroupLike(Protocol):
-    """One execution process's cgroup (``patinox.isolation.cgroups.ProcessCgroup``)."""
-
-    def procs_files(self) -> tuple[Path, ...]: ...
-    def cpu_seconds(self) -> float: ...
-    def memory_peak_bytes(self) -> int: ...
-    def reset_peak(self) -> None: ...
-    def kill(self) -> None: ...
-    def remove(self) -> None: ...
-
-
-class TenantCgroupLike(Protocol):
-    """A tenant's cgroup (``patinox.isolation.cgroups.TenantCgroup``)."""
-
-    def update(self, limits: ResourceLimits, *, cpus: tuple[int, ...] | None = None) -> None: ...
-    def child(self, name: str) -> ProcessCgroupLike: ...
-    def oom_kills(self) -> int: ...
-
-
-class CgroupManagerLike(Protocol):
-    """The host's tenant cgroups (``patinox.isolation.cgroups.CgroupManager``)."""
-
-    def tenant(
-        self, tenant_id: str, limits: ResourceLimits, *, cpus: tuple[int, ...] | None = None
-    ) -> TenantCgroupLike: ...
-    def remove_tenant(self, tenant_id: str) -> None: ...
-
-
-class WorkdirLike(Protocol):
-    @property
-    def path(self) -> Path: ...
-
-
-class WorkdirsLike(Protocol):
-    """The tenants' writable directories (``patinox.isolation.workdir.Workdirs``)."""
-
-    def ensure(self, tenant_id: str, *, uid: int, gid: int, size_bytes: int) -> WorkdirLike: ...
-    def remove(self, tenant_id: str) -> None: ...
-    def full(self, tenant_id: str) -> bool: ...
-
-
-class IdentitiesLike(Protocol):
-    """Execution uid/gid per tenant (``patinox.isolation.workdir.ExecIdentities``)."""
-
-    def for_tenant(self, tenant_id: str) -> tuple[int, int]: ...
-
-
-class _SequentialIdentities:
-    """``EXEC_UID_BASE + n`` for the n-th tenant seen by this process (stable while it
-    lives, never shared by two tenants)."""
-
-    def __init__(self, base: int = EXEC_UID_BASE) -> None:
-        self._base = base
-        self._ids: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def for_tenant(self, tenant_id: str) -> tuple[int, int]:
-        with self._lock:
-            n = self._ids.setdefault(tenant_id, self._base + len(self._ids))
-        return n, n
-
-
 def basic_rlimits(limits: ResourceLimits) -> list[tuple[int, int, int]]:
-    """The rlimits every execution process applies to itself without cgroups:
-    ``RLIMIT_NOFILE`` = ``max_open_files``, no core files."""
+    """The rlimits of an execution process when no cgroup support was detected (tests,
+    embedders): ``RLIMIT_NOFILE`` = ``max_open_files``, no core files. A supervisor made by
+    :meth:`PoolSupervisor.on_this_host` uses :func:`~patinox.isolation.cgroups.rlimits_for`."""
     return [
         (resource.RLIMIT_NOFILE, limits.max_open_files, limits.max_open_files),
         (resource.RLIMIT_CORE, 0, 0),
@@ -165,9 +99,8 @@ class PoolSettings:
     """How the pools of one host process behave.
 
     Attributes:
-        exec_root: where tenants' working directories are made when no
-            :class:`WorkdirsLike` is given (``<exec_root>/<tenant_id>``, mode 0700, owned by
-            the tenant's execution uid; ``exec_root`` itself mode 0711).
+        exec_root: where tenants' working directories are made (``<exec_root>/<tenant_id>``,
+            mode 0700, owned by the tenant's execution uid; ``exec_root`` itself mode 0711).
         idle_s: a pool with no run for this long stops its processes, seconds.
         spawn_timeout_s: longest wait for a new process to be forked and bound, seconds.
         cpu_poll_s: how often a run's CPU time is checked against
@@ -230,6 +163,15 @@ class _ProcFiles:
                     os.close(fd)
 
 
+def _works(read: Callable[[], object]) -> bool:
+    """Whether a cgroup reading works here (its controller is enforced and readable)."""
+    try:
+        read()
+    except (PatinoxError, OSError):
+        return False
+    return True
+
+
 class ExecutionProcess:
     """The host's handle on one warm execution process, bound to one tenant.
 
@@ -238,15 +180,19 @@ class ExecutionProcess:
         pid, uid, gid: the process and the identity it runs as.
         channel: its channel (:class:`~patinox.isolation.channel.HostChannel`).
         exit: its exit status once the template reaped it (``Popen.returncode`` style).
+        cgroup: its own cgroup, below its tenant's, when cgroups are in use.
         ready_ms: milliseconds from the fork request to its ``Ready``.
-        killed_for: why the host killed it (``cpu_limit``, ``timeout``, ``cancelled``...).
+        killed_for: why the host killed it (``cpu_limit``, ``timeout``, ``abandoned``...).
+        runs: runs it finished and was given back after.
     """
 
     __slots__ = (
-        "_cgroup",
+        "_cg_cpu",
+        "_cg_memory",
         "_proc_files",
         "_template",
         "_watchers",
+        "cgroup",
         "channel",
         "exit",
         "generation",
@@ -269,7 +215,7 @@ class ExecutionProcess:
         channel: HostChannel,
         exit: concurrent.futures.Future[int],
         template: Template,
-        cgroup: ProcessCgroupLike | None,
+        cgroup: ProcessCgroup | None,
         generation: int,
         ready_ms: float,
     ) -> None:
@@ -280,16 +226,19 @@ class ExecutionProcess:
         self.channel = channel
         self.exit = exit
         self._template = template
-        self._cgroup = cgroup
+        self.cgroup = cgroup
         self.generation = generation
         self.ready_ms = ready_ms
         self.killed_for: str | None = None
         self.runs = 0
         self._watchers: set[asyncio.Future[None]] = set()
         self._proc_files: _ProcFiles | None = None
-        if cgroup is None:
-            with contextlib.suppress(OSError):
-                self._proc_files = _ProcFiles(pid)
+        with contextlib.suppress(OSError):
+            self._proc_files = _ProcFiles(pid)
+        # The cgroup's accounting where the host has it (it counts every thread and child
+        # of the process), else the process's own from /proc.
+        self._cg_cpu = cgroup is not None and _works(cgroup.cpu_seconds)
+        self._cg_memory = cgroup is not None and _works(cgroup.memory_peak_bytes)
         exit.add_done_callback(self._exited)
 
     def _exited(self, _: concurrent.futures.Future[int]) -> None:
@@ -315,53 +264,71 @@ class ExecutionProcess:
         return not self.exit.done()
 
     def kill(self, reason: str | None = None) -> None:
-        """SIGKILL it (and everything in its cgroup); ``reason`` is kept as :attr:`killed_for`."""
+        """SIGKILL it (by the template, which kills only a child it has not reaped: never
+        another process that got its pid); ``reason`` is kept as :attr:`killed_for`.
+        Anything left in its cgroup is killed when the cgroup is removed."""
         if self.killed_for is None:
             self.killed_for = reason
-        if self._cgroup is not None:
-            with contextlib.suppress(OSError):
-                self._cgroup.kill()
         self._template.kill(self.pid)
 
     def cpu_seconds(self) -> float | None:
         """CPU time it used so far, seconds (its cgroup's, else its own from
         ``/proc/<pid>/schedstat``); ``None`` once it is gone."""
         try:
-            if self._cgroup is not None:
-                return self._cgroup.cpu_seconds()
+            if self._cg_cpu:
+                assert self.cgroup is not None
+                return self.cgroup.cpu_seconds()
             return None if self._proc_files is None else self._proc_files.cpu_seconds()
-        except (OSError, ValueError, IndexError):
+        except (PatinoxError, OSError, ValueError, IndexError):
             return None
 
     def peak_memory_bytes(self) -> int | None:
         """Its peak memory since :meth:`reset_peak`, bytes (its cgroup's, else its peak
         resident set from ``/proc/<pid>/status``); ``None`` when unknown."""
         try:
-            if self._cgroup is not None:
-                return self._cgroup.memory_peak_bytes()
+            if self._cg_memory:
+                assert self.cgroup is not None
+                return self.cgroup.memory_peak_bytes()
             return None if self._proc_files is None else self._proc_files.peak_resident_bytes()
-        except (OSError, ValueError, IndexError):
+        except (PatinoxError, OSError, ValueError, IndexError):
             return None
 
     def reset_peak(self) -> None:
         """Start measuring its peak memory afresh (best effort)."""
         try:
-            if self._cgroup is not None:
-                self._cgroup.reset_peak()
+            if self._cg_memory:
+                assert self.cgroup is not None
+                self.cgroup.reset_peak()
             elif self._proc_files is not None:
                 self._proc_files.reset_peak()
-        except OSError:
+        except (PatinoxError, OSError):
             pass
 
+    def oom_killed(self) -> bool:
+        """Whether the OOM killer killed a process of its cgroup (read before the cgroup
+        is removed); ``False`` without cgroup memory accounting."""
+        if not self._cg_memory:
+            return False
+        assert self.cgroup is not None
+        try:
+            return self.cgroup.oom_kills() > 0
+        except (PatinoxError, OSError):
+            return False
+
     def close(self) -> None:
-        """Close the host's end of its channel and remove its cgroup (once it exited)."""
+        """Close the host's end of its channel and its ``/proc`` files (idempotent)."""
         with contextlib.suppress(OSError):
             self.channel.close()
         if self._proc_files is not None:
             self._proc_files.close()
-        if self._cgroup is not None:
-            with contextlib.suppress(OSError):
-                self._cgroup.remove()
+
+    def remove_cgroup(self) -> None:
+        """Remove its cgroup (killing anything left in it). Blocking: a worker thread's job."""
+        if self.cgroup is not None:
+            try:
+                self.cgroup.remove()
+            except (PatinoxError, OSError) as err:
+                log.warning("an execution process's cgroup was not removed", pid=self.pid, error=str(err))
 
 
 # --- one tenant's pool ----------------------------------------------------------------------------
@@ -392,7 +359,7 @@ class TenantPool:
         workdir: Path | None,
         uid: int | None,
         gid: int | None,
-        cgroup: TenantCgroupLike | None = None,
+        cgroup: TenantCgroup | None = None,
         on_ready: Callable[[float], None] | None = None,
     ) -> None:
         self.tenant_id = tenant_id
@@ -496,9 +463,9 @@ class TenantPool:
                 self._idle.append(proc)
         if not keep:
             if proc.alive:
-                proc.kill(proc.killed_for or "discarded")  # closed when it has exited
+                proc.kill(proc.killed_for or "discarded")  # discarded when it has exited
             else:
-                proc.close()
+                self._discard(proc)
         self._wake()
 
     def warm_up(self) -> None:
@@ -509,6 +476,13 @@ class TenantPool:
             self._warm = True
             self._last_active = time.monotonic()
         self._refill()
+
+    def wait_stopped(self, timeout_s: float) -> None:
+        """Wait (blocking, at most ``timeout_s`` per process) until every process of the
+        pool has exited; after :meth:`stop`."""
+        for proc in self.processes():
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                proc.exit.result(timeout_s)
 
     def idle_for(self, now: float | None = None) -> float | None:
         """Seconds since its last run began or ended, while warm with no run; else ``None``."""
@@ -614,7 +588,10 @@ class TenantPool:
             self._template.wait_ready()
         except TemplateUnavailable as err:
             raise SpawnFailed(str(err)) from err
-        cgroup = self.cgroup.child(name) if self.cgroup is not None else None
+        try:
+            cgroup = self.cgroup.child(name) if self.cgroup is not None else None
+        except PatinoxError as err:
+            raise SpawnFailed(f"the execution process's cgroup could not be made: {err.message}") from err
         host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         started = time.perf_counter()
         try:
@@ -625,7 +602,8 @@ class TenantPool:
         except TemplateUnavailable as err:
             host.close()
             if cgroup is not None:
-                cgroup.remove()
+                with contextlib.suppress(PatinoxError, OSError):
+                    cgroup.remove()
             raise SpawnFailed(str(err)) from err
         try:
             host.settimeout(self._settings.spawn_timeout_s)
@@ -650,7 +628,7 @@ class TenantPool:
             self._template.kill(pid)
             host.close()
             if cgroup is not None:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(PatinoxError, OSError, concurrent.futures.TimeoutError):
                     exit_status.result(5)
                     cgroup.remove()
             raise err if isinstance(err, SpawnFailed) else SpawnFailed(str(err)) from err
@@ -670,6 +648,16 @@ class TenantPool:
             ready_ms=ready_ms,
         )
 
+    def _discard(self, proc: ExecutionProcess) -> None:
+        """Let go of a process that exited: its channel and files now, its cgroup in a
+        worker thread (removing one waits until it is empty)."""
+        proc.close()
+        if proc.cgroup is not None:
+            try:
+                self._spawner.submit(proc.remove_cgroup)
+            except RuntimeError:  # the supervisor is shutting down
+                proc.remove_cgroup()
+
     def _exited(self, proc: ExecutionProcess) -> None:
         """``proc`` ended (the template's thread): forget it, replace it while warm."""
         with self._lock:
@@ -678,7 +666,7 @@ class TenantPool:
                 self._idle.remove(proc)
             held = proc in self._busy  # its run reads the end of file, then releases it
         if not held:
-            proc.close()
+            self._discard(proc)
         self._refill()
         self._wake()
 
@@ -700,8 +688,12 @@ def _say_mechanisms(mechanisms: str) -> None:
     else:
         print(f"patinox: process isolation: {mechanisms}", file=sys.stderr)
 
+
 #: ``(isolation level, effective limits)`` of a live tenant, or ``None`` when it is gone.
 TenantInfo = Callable[[str], tuple[IsolationLevel, ResourceLimits] | None]
+
+#: What stops a pool from starting (a cgroup, a mount, an identity).
+_START_ERRORS = (PatinoxError, OSError, PoolStopped)
 
 
 class PoolSupervisor:
@@ -712,13 +704,14 @@ class PoolSupervisor:
         template: the template to fork from (shared, not closed by :meth:`close`);
             default: one of its own, started at the first pool.
         cgroups: the host's tenant cgroups; ``None``: none (rlimits only).
-        workdirs: the tenants' writable directories; ``None``: plain directories under
-            ``settings.exec_root``.
-        identities: execution uid/gid per tenant, used when running as root; ``None``:
-            ``EXEC_UID_BASE + n``.
+        workdirs: the tenants' writable directories (default: under
+            ``settings.exec_root``).
+        identities: execution uid/gid per tenant, used when running as root (default:
+            :class:`~patinox.isolation.workdir.ExecIdentities` from 100000).
         rlimits: the rlimits of a tenant's processes from its limits (default
             :func:`basic_rlimits`).
         tenant_info: a tenant's isolation level and limits, for tenant events.
+        support: what the host's cgroups enforce, for :meth:`mechanisms`.
     """
 
     def __init__(
@@ -726,25 +719,28 @@ class PoolSupervisor:
         *,
         settings: PoolSettings,
         template: Template | None = None,
-        cgroups: CgroupManagerLike | None = None,
-        workdirs: WorkdirsLike | None = None,
-        identities: IdentitiesLike | None = None,
+        cgroups: CgroupManager | None = None,
+        workdirs: Workdirs | None = None,
+        identities: ExecIdentities | None = None,
         rlimits: Callable[[ResourceLimits], list[tuple[int, int, int]]] | None = None,
         tenant_info: TenantInfo | None = None,
+        support: CgroupSupport | None = None,
     ) -> None:
         self.settings = settings
         self._owns_template = template is None
         self.template = template or Template()
-        self._cgroups = cgroups
-        self._workdirs = workdirs
-        self._identities = identities or _SequentialIdentities()
+        self.cgroups = cgroups
+        self.workdirs = workdirs or Workdirs(settings.exec_root)
+        self._identities = identities or ExecIdentities()
         self._rlimits = rlimits or basic_rlimits
         self._tenant_info = tenant_info
+        self._support = support
         self._root = os.geteuid() == 0
         self._spawner = concurrent.futures.ThreadPoolExecutor(
             max_workers=4, thread_name_prefix="patinox-spawn"
         )
         self._pools: dict[str, TenantPool] = {}
+        self._grouped: set[str] = set()  # tenants whose cgroup this supervisor made
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._maintenance: threading.Thread | None = None
@@ -752,14 +748,50 @@ class PoolSupervisor:
         self.ready_ms: deque[float] = deque(maxlen=1000)
         _say_mechanisms(self.mechanisms())
 
+    @classmethod
+    def on_this_host(
+        cls,
+        settings: PoolSettings,
+        *,
+        template: Template | None = None,
+        tenant_info: TenantInfo | None = None,
+        cgroup_prefix: str = "patinox",
+    ) -> PoolSupervisor:
+        """A supervisor with what this host can enforce: tenant cgroups under
+        ``cgroup_prefix`` where controllers are writable (root), the rest by rlimits
+        (:func:`~patinox.isolation.cgroups.rlimits_for`); working directories under
+        ``settings.exec_root`` (a size-capped tmpfs each, as root); execution identities
+        recorded in ``<exec_root>/.identities.json`` so a restart or a second executing
+        process never gives one uid to two tenants.
+        """
+        support = detect_cgroups()
+        cgroups = CgroupManager(support, prefix=cgroup_prefix) if support.controllers else None
+        workdirs = Workdirs(settings.exec_root)
+        return cls(
+            settings=settings,
+            template=template,
+            cgroups=cgroups,
+            workdirs=workdirs,
+            identities=ExecIdentities(registry=settings.exec_root / ".identities.json"),
+            rlimits=lambda limits: rlimits_for(limits, support),
+            tenant_info=tenant_info,
+            support=support,
+        )
+
     def mechanisms(self) -> str:
         """What confines execution processes on this host, in one line."""
         who = (
             "per-tenant uids, no capabilities, no_new_privs"
             if self._root
-            else "the host's own uid (not root: no uid change, no tmpfs)"
+            else "the host's own uid (not root: no uid change, no size-capped directory)"
         )
-        limits = "cgroups" if self._cgroups is not None else "rlimits only (no cgroups)"
+        if self.cgroups is None:
+            limits = "rlimits only (no writable cgroup controller)"
+        else:
+            support = self._support
+            names = ", ".join(sorted(support.controllers)) if support is not None else "cgroups"
+            version = f"cgroup {support.version}" if support is not None else "cgroups"
+            limits = f"{version} ({names}) and rlimits"
         return f"execution processes run as {who}; limits by {limits}"
 
     def pool(self, tenant_id: str, limits: ResourceLimits) -> TenantPool:
@@ -767,7 +799,8 @@ class PoolSupervisor:
 
         Raises:
             PoolStopped: the supervisor was closed.
-            OSError: its cgroup or directory could not be made.
+            IsolationFailed, IsolationUnavailable: its cgroup, directory or identity could
+                not be made.
         """
         with self._lock:
             if self._closed.is_set():
@@ -789,7 +822,10 @@ class PoolSupervisor:
 
     def _new_pool(self, tenant_id: str, limits: ResourceLimits) -> TenantPool:
         uid, gid = self._identities.for_tenant(tenant_id) if self._root else (None, None)
-        cgroup = self._cgroups.tenant(tenant_id, limits) if self._cgroups is not None else None
+        cgroup = None
+        if self.cgroups is not None:
+            cgroup = self.cgroups.tenant(tenant_id, limits)
+            self._grouped.add(tenant_id)
         workdir = self._workdir(tenant_id, limits, uid, gid)
         return TenantPool(
             tenant_id,
@@ -806,26 +842,19 @@ class PoolSupervisor:
         )
 
     def _workdir(self, tenant_id: str, limits: ResourceLimits, uid: int | None, gid: int | None) -> Path:
-        if self._workdirs is not None:
-            return self._workdirs.ensure(
-                tenant_id,
-                uid=os.getuid() if uid is None else uid,
-                gid=os.getgid() if gid is None else gid,
-                size_bytes=limits.disk_bytes,
-            ).path
-        root = self.settings.exec_root
-        root.mkdir(mode=0o711, parents=True, exist_ok=True)
-        if root.stat().st_uid != os.geteuid():
-            raise PermissionError(f"{root} belongs to another user: it cannot hold tenants' directories")
-        path = root / tenant_id
-        path.mkdir(mode=0o700, exist_ok=True)
-        if uid is not None and gid is not None:
-            os.chown(path, uid, gid)
-        return path
+        return self.workdirs.ensure(
+            tenant_id,
+            uid=os.getuid() if uid is None else uid,
+            gid=os.getgid() if gid is None else gid,
+            size_bytes=limits.disk_bytes,
+        ).path
 
     def workdir_full(self, tenant_id: str) -> bool:
         """Whether the tenant's writable directory has no space left (``disk_limit``)."""
-        return self._workdirs is not None and self._workdirs.full(tenant_id)
+        try:
+            return self.workdirs.full(tenant_id)
+        except (PatinoxError, OSError):
+            return False
 
     def stop_pool(self, tenant_id: str) -> None:
         """Stop the tenant's pool (its processes killed); a later run starts a new one."""
@@ -835,14 +864,20 @@ class PoolSupervisor:
             pool.stop()
 
     def remove_tenant(self, tenant_id: str) -> None:
-        """Stop the pool and remove the tenant's cgroup and directory (a deleted tenant)."""
-        self.stop_pool(tenant_id)
-        if self._cgroups is not None:
-            self._cgroups.remove_tenant(tenant_id)
-        if self._workdirs is not None:
-            self._workdirs.remove(tenant_id)
-        else:
-            shutil.rmtree(self.settings.exec_root / tenant_id, ignore_errors=True)
+        """Stop the pool and remove the tenant's cgroup and directory (a deleted tenant).
+
+        Raises:
+            IsolationFailed: the cgroup or the directory could not be removed.
+        """
+        with self._lock:
+            pool = self._pools.pop(tenant_id, None)
+            self._grouped.discard(tenant_id)
+        if pool is not None:
+            pool.stop()
+            pool.wait_stopped(self.settings.spawn_timeout_s)
+        if self.cgroups is not None:
+            self.cgroups.remove_tenant(tenant_id)
+        self.workdirs.remove(tenant_id)
 
     def on_tenant_event(self, tenant_id: str, event: str) -> None:
         """Tenant-manager listener (any thread): start a pool when a ``process`` tenant is
@@ -857,7 +892,7 @@ class PoolSupervisor:
             if info is not None and info[0] is IsolationLevel.PROCESS:
                 try:
                     self.pool(tenant_id, info[1])
-                except (OSError, PoolStopped) as err:
+                except _START_ERRORS as err:
                     log.warning("execution pool not started", tenant_id=tenant_id, error=str(err))
         elif event == "updated":
             self._updated(tenant_id)
@@ -894,17 +929,23 @@ class PoolSupervisor:
                         log.info("execution pool scaled to zero", tenant_id=tenant_id, processes=stopped)
 
     def close(self) -> None:
-        """Stop every pool and the template (when it is this supervisor's own). Idempotent."""
+        """Stop every pool and the template (when it is this supervisor's own), and remove
+        the cgroups it made (the tenants' directories stay: their files outlive this
+        process). Idempotent."""
         with self._lock:
             self._closed.set()
             pools, self._pools = list(self._pools.values()), {}
+            grouped, self._grouped = set(self._grouped), set()
         for pool in pools:
             pool.stop()
         if self._owns_template:
             self.template.close()
-        else:
-            for pool in pools:
-                for proc in pool.processes():
-                    with contextlib.suppress(concurrent.futures.TimeoutError):
-                        proc.exit.result(10)
-        self._spawner.shutdown(wait=False, cancel_futures=True)
+        for pool in pools:
+            pool.wait_stopped(self.settings.spawn_timeout_s)
+        self._spawner.shutdown(wait=True, cancel_futures=True)
+        if self.cgroups is not None:
+            for tenant_id in grouped:
+                try:
+                    self.cgroups.remove_tenant(tenant_id)
+                except (PatinoxError, OSError) as err:
+                    log.warning("a tenant's cgroup was not removed", tenant_id=tenant_id, error=str(err))

@@ -58,7 +58,7 @@ from patinox.isolation.channel import (
     Run,
 )
 from patinox.isolation.pool import ExecutionProcess, PoolStopped, PoolSupervisor, SpawnFailed, TenantPool
-from patinox.tenancy import TenantContext, current_tenant_or_none
+from patinox.tenancy import IsolationLevel, TenantContext, current_tenant_or_none
 
 __all__ = ["ProcessExecutor"]
 
@@ -88,12 +88,21 @@ class ProcessExecutor:
             process that never runs a ``process``-level tenant never starts one).
     """
 
-    def __init__(self, supervisor: PoolSupervisor | Callable[[], PoolSupervisor]) -> None:
+    def __init__(
+        self,
+        supervisor: PoolSupervisor | Callable[[], PoolSupervisor],
+        *,
+        tenant_level: Callable[[str], IsolationLevel | None] | None = None,
+    ) -> None:
         self._supervisor: PoolSupervisor | None = (
             supervisor if isinstance(supervisor, PoolSupervisor) else None
         )
         self._make = None if isinstance(supervisor, PoolSupervisor) else supervisor
+        self._tenant_level = tenant_level
         self._lock = threading.Lock()
+        #: Whether this process executes runs (a server with a worker, ``patinox worker``):
+        #: then a ``process`` tenant created here gets its pool at once.
+        self.hosts_pools = False
 
     @property
     def supervisor(self) -> PoolSupervisor:
@@ -111,10 +120,19 @@ class ProcessExecutor:
         return self._supervisor is not None
 
     def on_tenant_event(self, tenant_id: str, event: str) -> None:
-        """Tenant-manager listener: forwarded to the supervisor when one runs (a process
-        that executes no ``process``-level run starts no pool at tenant creation)."""
-        if self._supervisor is not None:
-            self._supervisor.on_tenant_event(tenant_id, event)
+        """Tenant-manager listener: forwarded to the supervisor. One is made for a
+        ``process`` tenant created in a process that executes runs (:attr:`hosts_pools`);
+        otherwise nothing starts here until a run needs it."""
+        if self._supervisor is None:
+            wanted = (
+                event == "created"
+                and self.hosts_pools
+                and self._tenant_level is not None
+                and self._tenant_level(tenant_id) is IsolationLevel.PROCESS
+            )
+            if not wanted:
+                return
+        self.supervisor.on_tenant_event(tenant_id, event)
 
     def close(self) -> None:
         """Stop the supervisor (every pool, its template): nothing outlives this. A later
@@ -199,6 +217,10 @@ class _HostRun:
         model = resolve_model(self.definition.model)
         try:
             pool = self.supervisor.pool(self.ctx.tenant_id, self.ctx.limits)
+        except PatinoxError as err:  # its cgroup, directory or identity: the OS refused
+            raise self._failed(
+                err.code, f"the tenant's execution pool could not start: {err.message}"
+            ) from err
         except (OSError, PoolStopped) as err:
             raise self._failed(
                 "worker_crashed", f"the tenant's execution pool could not start: {err}"
@@ -248,7 +270,6 @@ class _HostRun:
         loop = asyncio.get_running_loop()
         cpu_before = proc.cpu_seconds()
         proc.reset_peak()
-        ooms_before = pool.cgroup.oom_kills() if pool.cgroup is not None else 0
         watch = _CpuWatch(
             proc, cpu_before, self.ctx.limits.cpu_seconds_per_run, self.supervisor.settings.cpu_poll_s
         )
@@ -259,7 +280,7 @@ class _HostRun:
         except (ChannelClosed, ProtocolError) as err:
             watch.cancel()
             self._measure(proc, cpu_before, watch.last)
-            raise await self._died(proc, pool, ooms_before, err) from err
+            raise await self._died(proc, err) from err
         finally:
             watch.cancel()
         self._measure(proc, cpu_before, watch.last)
@@ -378,9 +399,7 @@ class _HostRun:
             self.cpu_seconds = max(0.0, cpu_after - cpu_before)
         self.peak_memory_bytes = proc.peak_memory_bytes()
 
-    async def _died(
-        self, proc: ExecutionProcess, pool: TenantPool, ooms_before: int, err: Exception
-    ) -> RunFailed:
+    async def _died(self, proc: ExecutionProcess, err: Exception) -> RunFailed:
         """Why ``proc`` stopped answering, as the run's failure (it is killed if it lives)."""
         if proc.killed_for == "cpu_limit":
             limit = self.ctx.limits.cpu_seconds_per_run
@@ -396,7 +415,7 @@ class _HostRun:
         finally:
             proc.unwatch(died)
         status = proc.exit.result() if proc.exit.done() else None
-        if pool.cgroup is not None and pool.cgroup.oom_kills() > ooms_before:
+        if proc.oom_killed():
             limit = self.ctx.limits.exec_memory_bytes
             return self._failed(
                 "memory_limit",
