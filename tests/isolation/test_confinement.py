@@ -67,7 +67,9 @@ def supervisor(exec_template: Template, exec_root: Path, exec_cgroup_prefix: str
     sup.close()
 
 
-def test_an_execution_process_runs_as_its_tenants_uid_without_privileges(supervisor: PoolSupervisor) -> None:
+def test_an_execution_process_runs_as_its_tenants_uid_without_privileges(
+    supervisor: PoolSupervisor, exec_cgroup_prefix: str
+) -> None:
     limits = get_plan("free").limits
     one = supervisor.pool("tn_patinoxtestconfinea000000", limits)
     other = supervisor.pool("tn_patinoxtestconfineb000000", limits)
@@ -94,6 +96,11 @@ def test_an_execution_process_runs_as_its_tenants_uid_without_privileges(supervi
     # Limits of the plan as rlimits.
     limits_text = Path(f"/proc/{proc.pid}/limits").read_text()
     assert f"Max open files            {limits.max_open_files}" in " ".join(limits_text.split("\n"))
+    # In a cgroup of its own, below its tenant's.
+    assert proc.cgroup is not None, "this host gives no writable cgroup controller: run as root (CI does)"
+    groups = {line.split(":")[2] for line in Path(f"/proc/{proc.pid}/cgroup").read_text().splitlines()}
+    assert f"/{exec_cgroup_prefix}/{one.tenant_id}/{proc.cgroup.name}" in groups
+    assert proc.pid in proc.cgroup.pids()
     # Another tenant: another identity.
     assert other.uid not in (None, uid)
 
@@ -134,6 +141,8 @@ for what, attempt in (
     ("database", lambda: open(sys.argv[3], "rb").read()),
     ("deployment_dir", lambda: os.listdir(sys.argv[4])),
     ("become_root", lambda: os.setuid(0)),
+    ("leave_its_cgroup", lambda: open(sys.argv[5], "w").write(str(os.getpid()))),
+    ("raise_its_memory_limit", lambda: open(sys.argv[6], "w").write("-1")),
 ):
     try:
         attempt()
@@ -144,19 +153,28 @@ print(json.dumps({"uid": os.getuid(), "tried": tried}))
 """
 
 
-def test_an_execution_identity_cannot_read_the_kek_the_database_or_the_deployment_dir(
+def test_an_execution_identity_cannot_read_the_kek_the_database_the_deployment_dir_or_write_cgroups(
     supervisor: PoolSupervisor, tmp_path: Path
 ) -> None:
     """The credentials an execution process confines itself to (its own :func:`confine`,
-    run in a fresh interpreter as root, then the reads an attacker would try)."""
+    run in a fresh interpreter as root, then what an attacker would try)."""
     data_dir = tmp_path / "patinox-test-deployment"
     Runtime.initialise(data_dir).backend.close()  # mode 0700, a KEK file 0600, the database
     kek, db = data_dir / "kek.json", data_dir / "patinox.db"
     assert kek.stat().st_mode & 0o777 == 0o600 and data_dir.stat().st_mode & 0o777 == 0o700
     pool = supervisor.pool("tn_patinoxtestkek00000000000", get_plan("free").limits)
+    assert pool.cgroup is not None, "this host gives no writable cgroup controller: run as root (CI does)"
+    tenant_procs = pool.cgroup.procs_files()[0]  # the tenant's own group, above the process's
+    memory_limit = next(
+        f.parent / name
+        for f in pool.cgroup.procs_files()
+        for name in ("memory.limit_in_bytes", "memory.max")
+        if (f.parent / name).exists()
+    )
     bind = {"tenant_id": pool.tenant_id, "uid": pool.uid, "gid": pool.gid, "workdir": str(pool.workdir)}
+    files = [str(kek), str(db), str(data_dir), str(tenant_procs), str(memory_limit)]
     out = subprocess.run(
-        [sys.executable, "-c", _TRY_AS, json.dumps(bind), str(kek), str(db), str(data_dir)],
+        [sys.executable, "-c", _TRY_AS, json.dumps(bind), *files],
         capture_output=True,
         text=True,
         timeout=GUARD_S,
@@ -169,6 +187,8 @@ def test_an_execution_identity_cannot_read_the_kek_the_database_or_the_deploymen
         "database": "denied",
         "deployment_dir": "denied",
         "become_root": "denied",
+        "leave_its_cgroup": "denied",
+        "raise_its_memory_limit": "denied",
     }
 
 

@@ -18,6 +18,7 @@ import pytest
 from patinox.control import AgentSpec, RunRequest, TenantSpec, TenantUpdate
 from patinox.errors import RunFailed
 from patinox.isolation import PoolSupervisor, Template, TenantPool
+from patinox.isolation.cgroups import detect_cgroups
 from patinox.isolation.pool import ExecutionProcess
 from patinox.runtime import Runtime, Settings
 from patinox.storage import SqlBackend
@@ -268,3 +269,23 @@ def test_new_limits_replace_the_processes_with_ones_bound_by_them(runtime: Runti
     )
     [proc] = pool.processes()
     assert "Max open files            300" in Path(f"/proc/{proc.pid}/limits").read_text()
+
+
+def test_a_process_past_its_tenants_memory_is_killed_with_memory_limit(runtime: Runtime) -> None:
+    """The tenant's cgroup holds its processes to ``exec_memory_bytes``: a run that reads a
+    large value from memory needs more, the OOM killer kills its process, and the run fails
+    with ``memory_limit`` (told apart from a crash by the cgroup's OOM count); the next run
+    gets a fresh process."""
+    if not detect_cgroups().enforces("memory"):
+        pytest.fail("this host enforces no cgroup memory limit: run as root with cgroups (CI does)")
+    ctx, _ = process_tenant(runtime, exec_memory_bytes=16 * 2**20, memory_bytes=2**30, execution_processes=1)
+    reader = str(
+        runtime.agents.create(ctx, AgentSpec(name="r", model="simulated:instant", tools=["memory_get"]))["id"]
+    )
+    runtime.backend.tenant_store(ctx).memory_put("big", "x" * (24 * 2**20))  # one word: one token
+    with pytest.raises(RunFailed) as failed:
+        asyncio.run(runtime.runs.start(ctx, reader, RunRequest(input='/call memory_get {"key": "big"}')))
+    assert failed.value.fields["reason"] == "memory_limit", failed.value.message
+    recorded = runtime.backend.tenant_store(ctx).get_run(failed.value.fields["run_id"])
+    assert recorded["error"]["reason"] == "memory_limit" and nothing_held(runtime, ctx.tenant_id)
+    assert asyncio.run(runtime.runs.start(ctx, reader, HELLO))["status"] == "succeeded"

@@ -55,6 +55,7 @@ from patinox.isolation.channel import (
     ModelReply,
     ModelRequest,
     ProtocolError,
+    Refused,
     Run,
 )
 from patinox.isolation.pool import ExecutionProcess, PoolStopped, PoolSupervisor, SpawnFailed, TenantPool
@@ -323,6 +324,8 @@ class _HostRun:
                 await channel.send(self._memory_call(message))
             elif isinstance(message, Done | Failed):
                 return message
+            elif isinstance(message, Refused):
+                raise ProtocolError(f"the execution process refused to go on: {message.reason}")
             else:
                 raise ProtocolError(f"unexpected {message.type} from an execution process during a run")
 
