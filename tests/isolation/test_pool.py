@@ -136,21 +136,17 @@ def test_kill_9_of_a_process_mid_run_fails_that_run_alone_settles_it_and_the_poo
     ctx, agent_id = process_tenant(runtime, agent_model=SLOW_MODEL, storage_model=deployment.storage_model)
     store = runtime.backend.tenant_store(ctx)
     other = str(
-        runtime.agents.create(ctx, AgentSpec(name="b", model="simulated:ttft_ms=1500,tpot_ms=0"))["id"]
+        runtime.agents.create(ctx, AgentSpec(name="b", model="simulated:ttft_ms=3000,tpot_ms=0"))["id"]
     )
 
     async def scenario() -> tuple[RunFailed, dict[str, Any], int]:
-        victim = asyncio.create_task(runtime.runs.start(ctx, agent_id, TWO_TOOLS_THEN_SLOW))
-        bystander = asyncio.create_task(runtime.runs.start(ctx, other, HELLO))
         pools = supervisor_of(runtime).pools
-        await await_until(
-            lambda: store.memory_get("step") == "two" and len(busy(pools()[ctx.tenant_id])) == 2, "both run"
-        )
-        pool = pool_of(runtime, ctx.tenant_id)
-        # The victim's process is the one whose run wrote memory: the bystander's model
-        # waits 1.5 s before its only response. Kill the one that has used CPU for a tool.
-        procs = busy(pool)
-        victim_proc = max(procs, key=lambda p: p.cpu_seconds() or 0.0)
+        bystander = asyncio.create_task(runtime.runs.start(ctx, other, HELLO))
+        await await_until(lambda: len(busy(pools()[ctx.tenant_id])) == 1, "the bystander runs")
+        [bystander_proc] = busy(pool_of(runtime, ctx.tenant_id))
+        victim = asyncio.create_task(runtime.runs.start(ctx, agent_id, TWO_TOOLS_THEN_SLOW))
+        await await_until(lambda: store.memory_get("step") == "two", "the victim's second tool ran")
+        [victim_proc] = [p for p in busy(pool_of(runtime, ctx.tenant_id)) if p is not bystander_proc]
         os.kill(victim_proc.pid, signal.SIGKILL)
         with pytest.raises(RunFailed) as failed:
             await victim
