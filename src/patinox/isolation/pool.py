@@ -194,6 +194,7 @@ class ExecutionProcess:
         "_watchers",
         "cgroup",
         "channel",
+        "cpu_mark",
         "exit",
         "generation",
         "gid",
@@ -239,6 +240,8 @@ class ExecutionProcess:
         # of the process), else the process's own from /proc.
         self._cg_cpu = cgroup is not None and _works(cgroup.cpu_seconds)
         self._cg_memory = cgroup is not None and _works(cgroup.memory_peak_bytes)
+        #: Its CPU seconds when its last run ended (``None`` before its first).
+        self.cpu_mark: float | None = None
         exit.add_done_callback(self._exited)
 
     def _exited(self, _: concurrent.futures.Future[int]) -> None:

@@ -269,7 +269,8 @@ class _HostRun:
             RunFailed: the run failed (in the process, or the process died).
         """
         loop = asyncio.get_running_loop()
-        cpu_before = proc.cpu_seconds()
+        # Its CPU time when its last run ended (it waits idle between runs), else now.
+        cpu_before = proc.cpu_mark if proc.cpu_mark is not None else proc.cpu_seconds()
         proc.reset_peak()
         watch = _CpuWatch(
             proc, cpu_before, self.ctx.limits.cpu_seconds_per_run, self.supervisor.settings.cpu_poll_s
@@ -396,6 +397,7 @@ class _HostRun:
     def _measure(self, proc: ExecutionProcess, cpu_before: float | None, last_seen: float | None) -> None:
         """The run's CPU seconds and peak memory (a dead process's CPU time as last seen)."""
         cpu_after = proc.cpu_seconds()
+        proc.cpu_mark = cpu_after
         if cpu_after is None:
             cpu_after = last_seen
         if cpu_before is not None and cpu_after is not None:
