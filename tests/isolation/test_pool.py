@@ -15,14 +15,15 @@ from typing import Any
 
 import pytest
 
+from patinox.agents import AgentDefinition, RunLimits, RunOutcome
 from patinox.control import AgentSpec, RunRequest, TenantSpec, TenantUpdate
 from patinox.errors import RunFailed
-from patinox.isolation import PoolSupervisor, Template, TenantPool
+from patinox.isolation import PoolSettings, PoolSupervisor, ProcessExecutor, Template, TenantPool
 from patinox.isolation.cgroups import detect_cgroups
 from patinox.isolation.pool import ExecutionProcess
 from patinox.runtime import Runtime, Settings
 from patinox.storage import SqlBackend
-from patinox.tenancy import IsolationLevel, LimitOverrides, StorageModel, TenantContext
+from patinox.tenancy import IsolationLevel, LimitOverrides, StorageModel, TenantContext, get_plan
 from tests.conftest import Deployment
 
 GUARD_S = 60.0  # against hangs only
@@ -285,3 +286,60 @@ def test_a_process_past_its_tenants_memory_is_killed_with_memory_limit(runtime: 
     recorded = runtime.backend.tenant_store(ctx).get_run(failed.value.fields["run_id"])
     assert recorded["error"]["reason"] == "memory_limit" and nothing_held(runtime, ctx.tenant_id)
     assert asyncio.run(runtime.runs.start(ctx, reader, HELLO))["status"] == "succeeded"
+
+
+class _Memory:
+    """A tenant's memory kept in a dict (the store is not what this test is about)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    def memory_get(self, key: str) -> str | None:
+        return self.values.get(key)
+
+    def memory_put(self, key: str, value: str) -> None:
+        self.values[key] = value
+
+    def memory_list(self, prefix: str = "", limit: int = 100) -> list[str]:
+        return sorted(k for k in self.values if k.startswith(prefix))[:limit]
+
+
+def test_a_template_killed_with_kill_9_is_started_again_and_the_pools_recover(
+    exec_root: Path, exec_cgroup_prefix: str
+) -> None:
+    template = Template()
+    sup = PoolSupervisor.on_this_host(
+        PoolSettings(exec_root=exec_root), template=template, cgroup_prefix=exec_cgroup_prefix
+    )
+    executor = ProcessExecutor(sup)
+    ctx = TenantContext(
+        tenant_id="tn_patinoxtesttemplate00000",
+        principal="k",
+        scopes=frozenset(),
+        plan="free",
+        isolation_level=IsolationLevel.PROCESS,
+        limits=get_plan("free").limits,
+    )
+    definition = AgentDefinition(name="a", instructions="be brief", model="simulated:instant")
+    limits = RunLimits(max_output_tokens=16, max_tool_calls=4, timeout_s=GUARD_S)
+
+    def run() -> RunOutcome:
+        return asyncio.run(
+            executor.execute(ctx, definition, "hello", output_tokens=3, limits=limits, memory=_Memory())
+        )
+
+    try:
+        assert run().output_tokens == 3
+        pool = sup.pools()[ctx.tenant_id]
+        before, dead = template.pid, pool.processes()
+        assert before is not None
+        os.kill(before, signal.SIGKILL)
+        for proc in dead:  # its processes die with it
+            assert proc.exit.result(GUARD_S) == -signal.SIGKILL
+        assert run().output_tokens == 3  # on a new template
+        assert template.pid not in (None, before)
+        assert {p.pid for p in pool.processes()}.isdisjoint(p.pid for p in dead)
+    finally:
+        sup.close()
+        template.close()
+        sup.workdirs.remove(ctx.tenant_id)

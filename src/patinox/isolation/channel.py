@@ -74,7 +74,7 @@ MAX_FRAME_BYTES: Final = 64 * 2**20
 values fit; a peer sending more is a protocol error)."""
 
 _HEADER: Final = struct.Struct(">I")
-_READ_CHUNK: Final = 256 * 1024
+_READ_CHUNK: Final = 64 * 1024  # below malloc's mmap threshold: no mmap per read
 
 
 class ChannelClosed(Exception):

@@ -118,12 +118,23 @@ class Template:
         self.start_s: float | None = None
 
     def start(self) -> None:
-        """Start the template (if it is not running or starting); returns at once."""
+        """Start the template if it is not running or starting (again, after it died);
+        returns at once (after its dead predecessor's thread ended).
+
+        Raises:
+            TemplateUnavailable: it was closed.
+        """
         with self._lock:
             if self._closed:
                 raise TemplateUnavailable("the template was closed")
-            if self._thread is not None and self._thread.is_alive():
+            previous = self._thread
+            if previous is not None and previous.is_alive() and self._error is None:
                 return
+        if previous is not None and previous is not threading.current_thread():
+            previous.join(10)  # a dead template's thread, finishing
+        with self._lock:
+            if self._thread is not previous or self._closed:
+                return  # another caller started it meanwhile, or it was closed
             self._ready.clear()
             self._error = None
             self._thread = threading.Thread(target=self._run, name="patinox-template", daemon=True)
