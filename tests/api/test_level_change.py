@@ -18,7 +18,7 @@ from tests.conftest import TenantHandle, auth
 
 pytestmark = pytest.mark.only_deployments("sqlite-pool", "pg-pool")
 
-SLOW = "simulated:ttft_ms=1200,tpot_ms=0"
+SLOW = "simulated:ttft_ms=3000,tpot_ms=0"  # outlasts the checks made while the change waits
 ENDLESS = "simulated:ttft_ms=600000,tpot_ms=0"  # ten minutes: never done within a test
 
 

@@ -77,7 +77,7 @@ def test_only_runs_at_the_old_level_are_cancelled(runtime: Runtime) -> None:
     key = runtime.keys.create(tenant_id=t.id, name="k", scopes=None, actor="test")
     ctx = runtime.keys.authenticate(key.secret)
     assert isinstance(ctx, TenantContext)
-    agent = runtime.agents.create(ctx, AgentSpec(name="slow", model="simulated:ttft_ms=1500,tpot_ms=0"))
+    agent = runtime.agents.create(ctx, AgentSpec(name="slow", model="simulated:ttft_ms=3000,tpot_ms=0"))
 
     async def go() -> None:
         old = asyncio.ensure_future(
