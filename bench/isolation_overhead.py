@@ -94,6 +94,7 @@ class Side:
     times_s: list[float] = field(default_factory=list)
     ctx: TenantContext | None = None
     agent_id: str = ""
+    tenant_id: str = ""
 
 
 class _NoMemory:
@@ -195,8 +196,8 @@ async def _measure(rt: Runtime, args: argparse.Namespace) -> dict[str, Any]:
     levels = [lvl for lvl in LEVELS if why[lvl.value] is None]
     sides = [Side("bare")]
     for level in levels:
-        _, ctx, agent_id = await tenant_at(rt, f"warm-{level.value}", level)
-        sides.append(Side(level.value, ctx=ctx, agent_id=agent_id))
+        tid, ctx, agent_id = await tenant_at(rt, f"warm-{level.value}", level)
+        sides.append(Side(level.value, ctx=ctx, agent_id=agent_id, tenant_id=tid))
     work = workload(args.block * (args.rounds + 1))
     definition = AgentDefinition(name="a", instructions="", model=MODEL, tools=())
     limits = RunLimits(max_output_tokens=100_000, max_tool_calls=0, timeout_s=60)
@@ -223,6 +224,8 @@ async def _measure(rt: Runtime, args: argparse.Namespace) -> dict[str, Any]:
                 side.times_s.append(await one(side, prompt, out))
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
+    for side in sides[1:]:  # a dedicated tenant holds a core that a cold one may need
+        await asyncio.to_thread(rt.tenants.delete, side.tenant_id, actor="bench")
     cold = await _cold_starts(rt, levels, work, args.cold)
     by = {side.name: stats(side.times_s) for side in sides}
     report = _levels(by, cold, why)
