@@ -36,6 +36,9 @@ lint: $(STAMP_DEV)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+## bench: every bench/*.py but the helpers (_*.py, baseline_app.py), among them
+## isolation_overhead.py (each isolation level's cost beside the bare agent:
+## bench/results/isolation_overhead.json)
 bench: $(STAMP_DEV)
 	@mkdir -p bench/results
 	@for b in bench/*.py; do case $$b in */_*|*/baseline_app.py) continue;; esac; \

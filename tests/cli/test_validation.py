@@ -87,7 +87,10 @@ def test_python_tool_below_container_names_the_level_needed(acme: str) -> None:
 
 
 def test_update_with_nothing_names_the_flags(acme: str) -> None:
-    assert_error(cli("tenants", "update", "acme"), "error: nothing to update: give --plan and/or --limit")
+    assert_error(
+        cli("tenants", "update", "acme"),
+        "error: nothing to update: give --plan, --limit and/or --isolation-level",
+    )
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ Refusals are answered here, before routing, as JSON ``{"error": {...}}``.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -17,19 +18,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from patinox.api._logging import record_failure
 from patinox.control import OperatorPrincipal
+from patinox.control.admission import changing_level, moving_error
 from patinox.errors import (
     AuthenticationFailed,
     InvalidRequest,
     PatinoxError,
     PermissionDenied,
     RateLimited,
-    TenantMoving,
 )
 from patinox.limits import RateLimitState, ratelimit_headers
 from patinox.runtime import Runtime
 from patinox.tenancy import TenantContext, clear_inherited_tenant, tenant_scope
 
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: The route that starts a run (``POST /v1/agents/{id}/runs``).
+_RUN_PATH = re.compile(r"/v1/agents/[^/]+/runs")
 #: Key in the ASGI scope's ``state`` of the request's rate-limit states
 #: (``list[RateLimitState]``): the tenant's and the key's, to which a route appends its own.
 RATE_STATES = "patinox.rate_states"
@@ -120,12 +123,14 @@ class TenancyMiddleware:
                 self.rt.rate.hit("tenant", limits.requests_per_minute, tenant_id=tid),
                 self.rt.rate.hit(f"key:{principal.principal}", limits.per_key_rpm, tenant_id=tid),
             ]
-            if principal.writes_held and scope["method"] not in _READ_METHODS:
-                raise TenantMoving(
-                    "this tenant is moving to another storage model; writes resume shortly",
-                    tenant_id=principal.tenant_id,
-                    retry_after_s=2,
-                )
+            # A storage move holds every write; a change of isolation level only runs
+            # (admission refuses a synchronous one and queues an asynchronous one).
+            if (
+                principal.writes_held
+                and scope["method"] not in _READ_METHODS
+                and not (_RUN_PATH.fullmatch(path) and changing_level(self.rt.backend, tid))
+            ):
+                raise moving_error(self.rt.backend, tid)
         except PatinoxError as err:
             record_failure(scope, err)
             await _send_json(send, *error_response_parts(err))

@@ -124,13 +124,35 @@ def tenants_update(
     tenant_id: str,
     plan: Annotated[str | None, typer.Option(help=f"new plan: {' | '.join(PLANS)}")] = None,
     limit: Annotated[list[str] | None, typer.Option(help=f"{LIMIT_HELP}; replaces all overrides")] = None,
+    isolation_level: Annotated[
+        str | None,
+        typer.Option(
+            help="move the tenant to this isolation level live (namespace | process | container | "
+            "dedicated, as this host offers): new runs wait, runs in flight drain, then the new "
+            "level takes over"
+        ),
+    ] = None,
+    drain_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="with --isolation-level: seconds to wait for runs in flight before cancelling "
+            "them (default and most: the plan's run timeout)"
+        ),
+    ] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
-    """Change a tenant's plan or limit overrides."""
-    if plan is None and limit is None:
-        fail("nothing to update: give --plan and/or --limit")
+    """Change a tenant's plan, limit overrides or isolation level."""
+    if plan is None and limit is None and isolation_level is None:
+        fail("nothing to update: give --plan, --limit and/or --isolation-level")
+    if drain_timeout is not None and isolation_level is None:
+        fail("--drain-timeout goes with --isolation-level")
     change = TenantUpdate.model_validate(
-        {"plan": plan, "limits": _limits(limit) if limit is not None else None}
+        {
+            "plan": plan,
+            "limits": _limits(limit) if limit is not None else None,
+            "isolation_level": isolation_level,
+            "drain_timeout_s": drain_timeout,
+        }
     )
     rt = open_runtime(data_dir)
     show(rt.tenants.update(resolve_tenant(rt, tenant_id), change, actor=ACTOR))

@@ -7,7 +7,8 @@ before any model call, and leave nothing counted. In order:
    rate-limit store: ``rate_limited``, 429);
 2. the tenant's state: a tenant suspended or being deleted is refused
    (``tenant_suspended``), also one this process fenced while its keys still worked, and
-   a tenant moving between storage models (``tenant_moving``, 503);
+   a tenant moving between storage models (``tenant_moving``, 503), or changing
+   isolation level (the same, for a run to execute now; an asynchronous run is queued);
 3. the process's fair share of its own capacity
    (:class:`~patinox.limits.FairShareAdmission`; a synchronous run waits its turn, at
    most ``max_wait_s``, else ``overloaded``, 503);
@@ -48,7 +49,7 @@ from sqlalchemy import Connection
 
 from patinox.agents import RunLimits, count_simulated_tokens
 from patinox.control.settlement import Ticket
-from patinox.errors import RateLimited, TenantMoving, TenantSuspended
+from patinox.errors import NotFound, RateLimited, TenantMoving, TenantSuspended
 from patinox.limits import (
     RUNS_PER_DAY,
     Claim,
@@ -59,7 +60,7 @@ from patinox.limits import (
     TokenBudget,
 )
 from patinox.storage import AgentRecord, SqlBackend, TenantRecord
-from patinox.tenancy import TenantContext, get_plan
+from patinox.tenancy import IsolationLevel, TenantContext, get_plan
 
 #: Seconds a synchronous run's concurrency hold outlives the run's timeout (settlement).
 _HOLD_GRACE_S = 60.0
@@ -105,6 +106,30 @@ def run_limits(ctx: TenantContext, agent: AgentRecord) -> RunLimits:
     return RunLimits(max_output_tokens=max_out, max_tool_calls=max_tools, timeout_s=lim.run_timeout_s)
 
 
+#: ``moving_to`` values of a tenant changing isolation level (the others are storage models).
+_LEVEL_VALUES = frozenset(level.value for level in IsolationLevel)
+
+
+def changing_level(backend: SqlBackend, tenant_id: str) -> bool:
+    """Whether the tenant's hold (``moving_to``) is a change of isolation level
+    (:meth:`~patinox.control.tenants.TenantManager.change_level`), not a storage move:
+    then its asynchronous runs are still queued, and only runs executing now wait."""
+    try:
+        moving = backend.get_tenant(tenant_id)["moving_to"]
+    except NotFound:
+        return False
+    return moving in _LEVEL_VALUES
+
+
+def moving_error(backend: SqlBackend, tenant_id: str) -> TenantMoving:
+    """The ``tenant_moving`` refusal (503, ``Retry-After``) of a tenant on hold."""
+    if changing_level(backend, tenant_id):
+        what = "changing isolation level; runs start again shortly (asynchronous runs are queued meanwhile)"
+    else:
+        what = "moving to another storage model; writes resume shortly"
+    return TenantMoving(f"this tenant is {what}", tenant_id=tenant_id, retry_after_s=2)
+
+
 def _suspended(tenant_id: str) -> TenantSuspended:
     return TenantSuspended("this tenant is suspended", tenant_id=tenant_id)
 
@@ -144,13 +169,20 @@ class RunAdmission:
         self.fenced: set[str] = set()
 
     def check(
-        self, ctx: TenantContext, agent_id: str, rate_states: list[RateLimitState] | None = None
+        self,
+        ctx: TenantContext,
+        agent_id: str,
+        rate_states: list[RateLimitState] | None = None,
+        *,
+        queued: bool = False,
     ) -> None:
         """Steps 1 and 2: the agent's run rate, then the tenant's state in this process.
 
         Args:
             rate_states: where to add the agent's rate state, refused or not (the HTTP
                 route's ``RateLimit`` headers).
+            queued: the run is asynchronous: while its tenant changes isolation level it
+                is queued (and waits there until the change is done) instead of refused.
 
         Raises:
             RateLimited: the agent's ``per_agent_rpm`` is spent (fields as
@@ -158,7 +190,7 @@ class RunAdmission:
             LimitStoreUnavailable: the rate-limit store failed.
             TenantSuspended: the tenant is fenced in this process.
             TenantMoving: the context holds the tenant's writes (it is moving between
-                storage models, or its row could not say it is not).
+                storage models or isolation levels, or its row could not say it is not).
         """
         tid = ctx.tenant_id
         try:
@@ -171,12 +203,10 @@ class RunAdmission:
             rate_states.append(state)
         if tid in self.fenced:
             raise _suspended(tid)
-        if ctx.writes_held:  # refused at the HTTP boundary already; here for every other caller
-            raise TenantMoving(
-                "this tenant is moving to another storage model; runs resume shortly",
-                tenant_id=tid,
-                retry_after_s=2,
-            )
+        # Refused at the HTTP boundary already (but for a run while the level changes);
+        # here for every other caller.
+        if ctx.writes_held and not (queued and changing_level(self._backend, tid)):
+            raise moving_error(self._backend, tid)
 
     async def take_turn(self, ctx: TenantContext) -> bool:
         """Step 3 for a run executed here at once: wait for the tenant's turn in this

@@ -87,8 +87,22 @@ class _RunTask(asyncio.Task[RunRecord]):
     cancels, and the agent loop cancels several a run: the default repr cost a run about
     as much as one of its SQLite writes."""
 
+    #: The isolation level the run executes at (its context's when it started).
+    level: str = ""
+    #: Why the run was stopped, when it was cancelled for a reason of its own (its
+    #: tenant's isolation level changed): ``(reason, message)``.
+    stop_reason: tuple[str, str] | None = None
+
     def __repr__(self) -> str:
         return f"<RunTask {self.get_name()!r} {'done' if self.done() else 'pending'}>"
+
+
+#: The reason of a run cancelled because its tenant moved to another isolation level.
+_LEVEL_CHANGE = (
+    "isolation_level_change",
+    "the run was cancelled: its tenant moved to another isolation level and the run did not "
+    "finish within the drain time",
+)
 
 
 class RunExecutor(Protocol):
@@ -221,7 +235,7 @@ class RunService:
                 (no day admits it); nothing was run, stored or counted.
             RunFailed: a synchronous run failed (the run is recorded with its error).
         """
-        self._admit.check(ctx, agent_id, rate_states)
+        self._admit.check(ctx, agent_id, rate_states, queued=req.mode == "async")
         store = self._backend.tenant_store(ctx)
         agent = store.get_agent(agent_id)
         limits = run_limits(ctx, agent)
@@ -308,6 +322,9 @@ class RunService:
                 raise
             if (current := asyncio.current_task()) and current.cancelling():
                 raise
+            if isinstance(task, _RunTask) and task.stop_reason is not None:
+                reason, message = task.stop_reason
+                raise RunFailed(message, reason=reason, run_id=run_id) from None
             raise RunFailed(
                 "the run was stopped because its tenant was suspended or deleted",
                 reason="tenant_stopped",
@@ -388,7 +405,8 @@ class RunService:
         loop = asyncio.get_running_loop()
         self._loop = loop
         tenant_id = ctx.tenant_id
-        task: asyncio.Task[RunRecord] = _RunTask(job, loop=loop, name=f"run of {tenant_id}")
+        task = _RunTask(job, loop=loop, name=f"run of {tenant_id}")
+        task.level = ctx.isolation_level.value
         tasks = self._tasks.setdefault(tenant_id, set())
         tasks.add(task)
 
@@ -414,18 +432,42 @@ class RunService:
         await asyncio.gather(*tasks, return_exceptions=True)
         return len(tasks)
 
+    async def stop_stale(self, tenant_id: str, level: str) -> int:
+        """Cancel the tenant's runs in flight here that execute at another isolation level
+        than ``level`` (its new one), each failed with reason ``isolation_level_change``,
+        and wait until each is settled. Returns how many."""
+        tasks = [t for t in self._tasks.get(tenant_id, ()) if isinstance(t, _RunTask) and t.level != level]
+        for t in tasks:
+            t.stop_reason = _LEVEL_CHANGE
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return len(tasks)
+
+    def _stale(self, tenant_id: str, level: str) -> bool:
+        return any(isinstance(t, _RunTask) and t.level != level for t in self._tasks.get(tenant_id, ()))
+
     async def watch_tenants(self, interval_s: float = 1.0) -> None:
         """Stop, in this process, the runs of tenants another process suspended or began
-        deleting; lift the fence of resumed and deleted ones. Runs until cancelled."""
+        deleting, and those still executing at a level their tenant has left (see
+        :meth:`stop_stale`); lift the fence of resumed and deleted ones. Runs until
+        cancelled."""
         while True:
             await asyncio.sleep(interval_s)
             for tenant_id in list(self._tasks) + list(self._admit.fenced):
                 try:
-                    state = self._backend.get_tenant(tenant_id, include_deleted=True)["state"]
+                    row = self._backend.get_tenant(tenant_id, include_deleted=True)
+                    state, level = row["state"], row["isolation_level"]
                 except NotFound:
-                    state = "deleted"
+                    state, level = "deleted", ""
                 if state == "active":
                     self._admit.fenced.discard(tenant_id)
+                    if self._stale(tenant_id, level):
+                        # Another process changed its level: stop the runs at the old one,
+                        # then the old level's executor here lets the tenant go.
+                        await self.stop_stale(tenant_id, level)
+                        listener = getattr(self._executor, "on_tenant_event", None)
+                        if listener is not None:
+                            await asyncio.to_thread(listener, tenant_id, TenantEvent.UPDATED)
                 elif tenant_id in self._tasks:
                     await self.stop_tenant(tenant_id)
                 elif state == "deleted":
@@ -444,23 +486,41 @@ class RunService:
             # cost the tenant watch a read every second for the rest of the process's life.
             self._admit.fenced.discard(tenant_id)
             return
+        if event == TenantEvent.UPDATED:
+            # A change of isolation level: runs still at the old level stop here, before
+            # the old level's executor lets the tenant go (its listener comes after this).
+            if tenant_id in self._tasks:
+                level = self._backend.get_tenant(tenant_id)["isolation_level"]
+                if self._stale(tenant_id, level):
+                    self._on_loop(self.stop_stale(tenant_id, level))
+            return
         if event not in (TenantEvent.SUSPENDED, TenantEvent.DELETING):
             return
         self._admit.fenced.add(tenant_id)
+        if self._on_loop(self.stop_tenant(tenant_id)):
+            return  # on the loop itself: scheduled, not waited for
+        if event == TenantEvent.DELETING:
+            deadline = time.monotonic() + 30
+            while self.queue.held(tenant_id) and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    def _on_loop(self, stop: Coroutine[Any, Any, int]) -> bool:
+        """Run ``stop`` on this process's run loop: waited for (at most 30 s) from another
+        thread, scheduled from the loop itself (then returns True), dropped when no loop
+        runs runs here."""
         loop = self._loop
         try:
             on_loop = loop is not None and asyncio.get_running_loop() is loop
         except RuntimeError:
             on_loop = False
-        if loop is not None and loop.is_running():
-            if on_loop:
-                loop.create_task(self.stop_tenant(tenant_id))
-                return
-            asyncio.run_coroutine_threadsafe(self.stop_tenant(tenant_id), loop).result(timeout=30)
-        if event == TenantEvent.DELETING:
-            deadline = time.monotonic() + 30
-            while self.queue.held(tenant_id) and time.monotonic() < deadline:
-                time.sleep(0.05)
+        if loop is None or not loop.is_running():
+            stop.close()
+            return False
+        if on_loop:
+            loop.create_task(stop)
+            return True
+        asyncio.run_coroutine_threadsafe(stop, loop).result(timeout=30)
+        return False
 
     def reap_expired(self, now: datetime | None = None) -> int:
         """Requeue runs of dead workers and settle the synchronous runs whose process died
@@ -537,6 +597,10 @@ class RunService:
                 values, usage = cancelled_values(
                     (time.perf_counter() - started) * 1000, definition.model, so_far
                 )
+                task = asyncio.current_task()
+                if isinstance(task, _RunTask) and task.stop_reason is not None:
+                    reason, message = task.stop_reason
+                    values["error"] = {"code": "run_failed", "reason": reason, "message": message}
                 settle(ticket, ctx, store, run, values, usage, used=used, outcome="error")
                 raise
             values = {

@@ -16,14 +16,24 @@ is never handed out again. A crash between the steps leaves ``deleting``; callin
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from patinox.errors import InvalidRequest, InvalidTransition, IsolationUnavailable
+from patinox.agents import required_isolation
+from patinox.agents.tools import isolation_allows
+from patinox.errors import (
+    InvalidRequest,
+    InvalidTransition,
+    IsolationRequired,
+    IsolationUnavailable,
+    PatinoxError,
+)
 from patinox.storage import Changes, SqlBackend, TenantRecord, utcnow
 from patinox.tenancy import (
     IsolationLevel,
@@ -63,12 +73,28 @@ class TenantSpec(BaseModel):
 
 
 class TenantUpdate(BaseModel):
-    """A change of plan and/or limit overrides; omitted fields stay as they are."""
+    """A change of plan, limit overrides and/or isolation level; omitted fields stay as
+    they are. A change of isolation level is made live (:meth:`TenantManager.change_level`):
+    the call returns once the tenant runs at the new level."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     plan: str | None = None
     limits: LimitOverrides | None = None
+    isolation_level: IsolationLevel | None = Field(
+        default=None,
+        description="move the tenant to this isolation level live: new runs wait (queued ones "
+        "stay queued, synchronous ones answer 503 tenant_moving), runs in flight drain, then "
+        "the new level's executor takes the tenant",
+    )
+    drain_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=30 * 86_400,
+        description="with isolation_level: the longest wait for runs in flight, seconds, after "
+        "which they are cancelled (reason isolation_level_change); default and most: the "
+        "plan's run timeout",
+    )
 
 
 class Tenant(BaseModel):
@@ -108,6 +134,46 @@ class TenantEvent(StrEnum):
     RESUMED = "resumed"
     DELETING = "deleting"  #: before any data is removed; listeners stop the tenant's work
     DELETED = "deleted"
+
+
+#: Isolation levels from the least to the most isolated.
+_LEVELS = (
+    IsolationLevel.NAMESPACE,
+    IsolationLevel.PROCESS,
+    IsolationLevel.CONTAINER,
+    IsolationLevel.DEDICATED,
+)
+#: Tenant states whose isolation level may change.
+_LIVE = (TenantState.ACTIVE.value, TenantState.SUSPENDED.value)
+#: Run statuses of a run that may still be executing somewhere.
+_UNFINISHED = ("queued", "running")
+#: Longest wait, seconds, for runs cancelled at the end of a drain to be settled
+#: (other processes notice the new level within a second, see ``RunService.watch_tenants``).
+_SETTLE_WAIT_S = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LevelChange:
+    """What :meth:`TenantManager.change_level` did.
+
+    Attributes:
+        tenant_id: the tenant.
+        old_level: its isolation level before.
+        new_level: its isolation level now.
+        runs_drained: runs in flight when the change began that finished by themselves.
+        runs_cancelled: runs still in flight when the drain timed out, cancelled (each
+            failed with reason ``isolation_level_change``).
+        drain_s: how long the drain took, seconds.
+        resumed: True when this call finished a change interrupted by a crash.
+    """
+
+    tenant_id: str
+    old_level: IsolationLevel
+    new_level: IsolationLevel
+    runs_drained: int = 0
+    runs_cancelled: int = 0
+    drain_s: float = 0.0
+    resumed: bool = False
 
 
 #: Called as ``listener(tenant_id, event)``; used to stop runs and drop per-tenant state
@@ -158,12 +224,7 @@ class TenantManager:
             StorageError: the schema/database could not be created.
         """
         get_plan(spec.plan)
-        if spec.isolation_level not in self._supported:
-            raise IsolationUnavailable(
-                f"isolation level {spec.isolation_level.value!r} is not available in this "
-                f"deployment; available: {', '.join(sorted(lvl.value for lvl in self._supported))}",
-                isolation_level=spec.isolation_level.value,
-            )
+        self._require_supported(spec.isolation_level)
         self._backend.placements.require(spec.storage_model)
         tenant_id = new_id("tn")
         # Storage first, then the registration: a failure leaves no tenant without storage,
@@ -211,10 +272,13 @@ class TenantManager:
         return [Tenant.from_row(r) for r in self._backend.list_tenants(include_deleted=include_deleted)]
 
     def update(self, tenant_id: str, change: TenantUpdate, *, actor: str) -> Tenant:
-        """Change the plan and/or limit overrides (overrides replace the previous set).
+        """Change the plan and/or limit overrides (overrides replace the previous set),
+        and/or the isolation level (:meth:`change_level`, after the plan and limits, every
+        part checked before anything changes).
 
         Raises:
-            TenantNotFound, InvalidRequest, InvalidTransition (tenant being deleted).
+            TenantNotFound, InvalidRequest, InvalidTransition (tenant being deleted, or
+            moving); IsolationUnavailable, IsolationRequired: as :meth:`change_level`.
         """
         current = self._backend.get_tenant(tenant_id)
         self._require(current, {TenantState.ACTIVE, TenantState.SUSPENDED}, "update")
@@ -224,12 +288,198 @@ class TenantManager:
             values["plan"] = change.plan
         if change.limits is not None:
             values["limit_overrides"] = change.limits.model_dump(exclude_none=True)
-        if not values:
-            raise InvalidRequest("nothing to update: give plan and/or limits")
-        row = self._backend.update_tenant(tenant_id, values, expect_state=current["state"])
-        self._audit(tenant_id, actor, "tenant.update", {k: v for k, v in values.items()})
-        self._changed(tenant_id, TenantEvent.UPDATED)
-        return Tenant.from_row(row)
+        level = change.isolation_level
+        if change.drain_timeout_s is not None and level is None:
+            raise InvalidRequest("drain_timeout_s goes with isolation_level", field="drain_timeout_s")
+        if not values and level is None:
+            raise InvalidRequest("nothing to update: give plan, limits and/or isolation_level")
+        if level is not None:
+            self._check_level(current, level)
+        if values:
+            row = self._backend.update_tenant(tenant_id, values, expect_state=current["state"])
+            self._audit(tenant_id, actor, "tenant.update", {k: v for k, v in values.items()})
+            self._changed(tenant_id, TenantEvent.UPDATED)
+        if level is not None:
+            self.change_level(tenant_id, level, actor=actor, drain_timeout_s=change.drain_timeout_s)
+        return self.get(tenant_id) if level is not None or not values else Tenant.from_row(row)
+
+    def _check_level(self, row: TenantRecord, level: IsolationLevel) -> None:
+        """Refuse a change of ``row``'s tenant to ``level`` that cannot be made.
+
+        Raises:
+            InvalidTransition: the tenant is being deleted, or moving (storage model or
+                another level change).
+            IsolationUnavailable: ``level`` is not enforceable here.
+            IsolationRequired: an agent of the tenant has a tool needing more than
+                ``level`` (field ``agents``: their names).
+        """
+        self._require(row, {TenantState.ACTIVE, TenantState.SUSPENDED}, "change the isolation level of")
+        moving = row["moving_to"]
+        if moving is not None and moving != level.value:
+            raise InvalidTransition(
+                f"the tenant is moving (to {moving}); wait for that to finish first",
+                tenant_id=row["id"],
+                moving_to=moving,
+                action="change_isolation_level",
+            )
+        self._require_supported(level)
+        needing: dict[str, tuple[IsolationLevel, str]] = {}
+        for agent in self._backend.acting_on(row["id"]).list_agents():
+            required = required_isolation(agent["tools"])
+            if not isolation_allows(level, required):
+                tool = next(t for t in agent["tools"] if required_isolation([t]) is required)
+                needing[agent["name"]] = (required, tool)
+        if needing:
+            required, tool = max(needing.values(), key=lambda need: _LEVELS.index(need[0]))
+            names = sorted(needing)
+            raise IsolationRequired(
+                f"agent(s) {', '.join(names)} use tools that need isolation level "
+                f"{required.value!r} or above (tool {tool!r}); change their tools before "
+                f"lowering the tenant to {level.value!r}",
+                tool=tool,
+                required=required.value,
+                isolation_level=level.value,
+                agents=names,
+            )
+
+    def _require_supported(self, level: IsolationLevel) -> None:
+        if level not in self._supported:
+            raise IsolationUnavailable(
+                f"isolation level {level.value!r} is not available in this "
+                f"deployment; available: {', '.join(sorted(lvl.value for lvl in self._supported))}",
+                isolation_level=level.value,
+            )
+
+    def change_level(
+        self,
+        tenant_id: str,
+        level: IsolationLevel,
+        *,
+        actor: str,
+        drain_timeout_s: float | None = None,
+        grace_s: float = 0.2,
+        poll_s: float = 0.05,
+    ) -> LevelChange:
+        """Move the tenant to isolation level ``level`` while it keeps its queue.
+
+        Steps: mark the tenant ``moving_to=<level>`` (compare-and-set; the same hold as a
+        storage move: the API answers its writes, synchronous runs included, with 503
+        ``tenant_moving`` and ``Retry-After``, and the run queue hands out none of its
+        queued runs, which stay queued); wait ``grace_s`` for runs admitted just before;
+        drain: wait for its runs in flight (running ones, and queued ones a worker has
+        claimed) up to ``drain_timeout_s`` (default and most: the plan's run timeout);
+        switch ``isolation_level`` (compare-and-set) and tell the listeners
+        (:attr:`TenantEvent.UPDATED`): the run service cancels the runs still executing at
+        the old level (failed, reason ``isolation_level_change``; other processes do it
+        within a second, ``RunService.watch_tenants``) and the old level's executor
+        releases the tenant (a ``process`` pool is stopped); the new level's executor takes
+        it at its next run; wait (at most 30 s) until those runs are settled; lift the hold
+        (queued runs are handed out again, now at the new level); record
+        ``tenant.isolation_level`` in the tenant's audit (``old_level``, ``new_level``,
+        ``runs_drained``, ``runs_cancelled``, ``drain_s``).
+
+        A failure before the switch lifts the hold and records a failed
+        ``tenant.isolation_level``; the tenant stays at its old level. After a crash of the
+        process mid-change, call again with the same ``level``: it finishes the change.
+
+        Called off the event loop that executes this process's runs (the HTTP route runs
+        in a worker thread; the command line has no runs of its own).
+
+        Raises:
+            TenantNotFound; InvalidTransition: the tenant is being deleted, or moving to
+            something else; IsolationUnavailable; IsolationRequired (see :meth:`update`).
+        """
+        started = time.monotonic()
+        level = IsolationLevel(level)
+        row = self._backend.get_tenant(tenant_id)
+        old = IsolationLevel(row["isolation_level"])
+        moving = row["moving_to"]
+        if old is level and moving is None:
+            return LevelChange(tenant_id=tenant_id, old_level=old, new_level=level)
+        self._check_level(row, level)
+        resumed = moving is not None
+        if not resumed:
+            claim = {"state": _LIVE, "isolation_level": old.value, "moving_to": None}
+            if not self._backend.compare_and_set_tenant(tenant_id, claim, {"moving_to": level.value}):
+                raise InvalidTransition(
+                    "the tenant changed while the level change started; try again", tenant_id=tenant_id
+                )
+        limits = effective_limits(row["plan"], row["limit_overrides"])
+        timeout_s = min(drain_timeout_s or limits.run_timeout_s, limits.run_timeout_s)
+        try:
+            time.sleep(grace_s)
+            at_start = self._in_flight(tenant_id)
+            left = self._wait_for_runs(tenant_id, time.monotonic() + timeout_s, poll_s)
+            if old is not level:
+                switch = {"state": _LIVE, "isolation_level": old.value, "moving_to": level.value}
+                to = {"isolation_level": level.value}
+                if not self._backend.compare_and_set_tenant(tenant_id, switch, to):
+                    raise InvalidTransition(
+                        "the tenant changed during the level change (deleted?)", tenant_id=tenant_id
+                    )
+        except BaseException as err:
+            self._lift(tenant_id, level)
+            outcome = err.code if isinstance(err, PatinoxError) else type(err).__name__
+            self._backend.acting_on(tenant_id).append_audit(
+                actor=actor,
+                action="tenant.isolation_level",
+                target=tenant_id,
+                outcome="failed",
+                detail={"old_level": old.value, "new_level": level.value, "error": outcome},
+            )
+            raise
+        drain_s = time.monotonic() - started
+        try:
+            # The run service cancels the runs still at the old level; the old executor
+            # lets the tenant go.
+            self._changed(tenant_id, TenantEvent.UPDATED)
+            self._wait_for_runs(tenant_id, time.monotonic() + _SETTLE_WAIT_S, poll_s)
+        finally:
+            self._lift(tenant_id, level)
+        change = LevelChange(
+            tenant_id=tenant_id,
+            old_level=old,
+            new_level=level,
+            runs_drained=max(0, len(at_start) - len(left)),
+            runs_cancelled=len(left),
+            drain_s=round(drain_s, 3),
+            resumed=resumed,
+        )
+        self._audit(
+            tenant_id,
+            actor,
+            "tenant.isolation_level",
+            {
+                "old_level": old.value,
+                "new_level": level.value,
+                "runs_drained": change.runs_drained,
+                "runs_cancelled": change.runs_cancelled,
+                "drain_s": change.drain_s,
+                "drain_timeout_s": timeout_s,
+                "resumed": resumed,
+            },
+        )
+        return change
+
+    def _lift(self, tenant_id: str, level: IsolationLevel) -> None:
+        """End a level change's hold (queued runs are handed out again)."""
+        self._backend.compare_and_set_tenant(tenant_id, {"moving_to": level.value}, {"moving_to": None})
+
+    def _in_flight(self, tenant_id: str) -> set[str]:
+        """Ids of the tenant's runs that may be executing in some process: running ones
+        and queued ones a worker claimed (an unclaimed one waits in the queue, which hands
+        out no run of a tenant on hold)."""
+        pending = self._backend.acting_on(tenant_id).bulk().run_ids(_UNFINISHED)
+        if pending:
+            pending -= self._backend.unclaimed_runs(tenant_id)
+        return pending
+
+    def _wait_for_runs(self, tenant_id: str, deadline: float, poll_s: float) -> set[str]:
+        """Wait until no run of the tenant is in flight or ``deadline`` (monotonic)
+        passes; return the runs still in flight."""
+        while (left := self._in_flight(tenant_id)) and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        return left
 
     def suspend(self, tenant_id: str, *, actor: str, reason: str = "") -> Tenant:
         """Refuse every call of the tenant from now on; its data is kept.
