@@ -36,12 +36,13 @@ lint: $(STAMP_DEV)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-## bench: every bench/*.py but the helpers (_*.py, baseline_app.py), among them
+## bench: every bench/*.py but the helpers (_*.py, baseline_app.py) and run_path_cpu.py
+## (it compares two source trees: run it by hand with --other), among them
 ## isolation_overhead.py (each isolation level's cost beside the bare agent:
 ## bench/results/isolation_overhead.json)
 bench: $(STAMP_DEV)
 	@mkdir -p bench/results
-	@for b in bench/*.py; do case $$b in */_*|*/baseline_app.py) continue;; esac; \
+	@for b in bench/*.py; do case $$b in */_*|*/baseline_app.py|*/run_path_cpu.py) continue;; esac; \
 	  echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
