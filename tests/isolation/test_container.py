@@ -47,7 +47,9 @@ def sandboxed_tenant(
         ),
         actor="test",
     )
-    ctx = runtime.keys.authenticate(runtime.keys.create(tenant_id=t.id, name="k", scopes=None, actor="test").secret)
+    ctx = runtime.keys.authenticate(
+        runtime.keys.create(tenant_id=t.id, name="k", scopes=None, actor="test").secret
+    )
     assert isinstance(ctx, TenantContext) and ctx.isolation_level is level
     agent = runtime.agents.create(ctx, AgentSpec(name="a", model="simulated:instant", tools=list(tools)))
     return ctx, str(agent["id"])
@@ -72,7 +74,8 @@ def code_result(row: dict[str, Any]) -> dict[str, Any]:
     """The python tool's result in a run's output."""
     out = str(row["output"])
     start = out.index("python = ") + len("python = ")
-    return dict(json.loads(out[start : out.index("\n", start) if "\n" in out[start:] else len(out)]))
+    value, _ = json.JSONDecoder().raw_decode(out[start:])
+    return dict(value)
 
 
 def test_python_runs_inside_the_tenants_sandbox(runtime: Runtime, deployment: Deployment) -> None:
