@@ -27,6 +27,7 @@ from patinox.isolation import (
     Template,
     process_isolation_available,
 )
+from patinox.isolation.cgroups import parse_cpus
 from patinox.isolation.cores import CoreAllocator
 from patinox.isolation.host import detect_host
 from patinox.isolation.levels import LevelExecutor
@@ -265,7 +266,7 @@ def _executors(
     available, _ = process_isolation_available()
     if not available:
         return None, ExecutorMap({IsolationLevel.NAMESPACE: namespace})
-    cores = CoreAllocator()
+    cores = CoreAllocator(_host_cpus())
     host_levels = _host_levels()
 
     def tenant_info(tenant_id: str) -> tuple[IsolationLevel, ResourceLimits] | None:
@@ -297,6 +298,15 @@ def _executors(
         if level in host_levels:
             levels[level] = process
     return process, ExecutorMap(levels)
+
+
+def _host_cpus() -> tuple[int, ...]:
+    """The CPUs tenants' cores come from: the host's online CPUs (not this process's
+    affinity, which a runtime with dedicated tenants narrows), else this process's."""
+    try:
+        return parse_cpus(Path("/sys/devices/system/cpu/online").read_text())
+    except (OSError, ValueError):
+        return tuple(sorted(os.sched_getaffinity(0)))
 
 
 @functools.cache

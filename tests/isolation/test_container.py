@@ -95,3 +95,57 @@ def test_python_runs_inside_the_tenants_sandbox(runtime: Runtime, deployment: De
     assert seen["sys"] is False and "f.txt" in seen["files"]
     # bwrap's init, the template, the execution process, the code's child: nothing else.
     assert max(seen["pids"]) < 50 and 1 in seen["pids"], seen["pids"]
+
+
+PROBE = r"""
+import json, os, socket
+def err(f):
+    try:
+        f()
+        return "ok"
+    except OSError as e:
+        return type(e).__name__[:12]
+def connect(port):
+    with socket.socket() as s:
+        s.settimeout(2)
+        s.connect(("127.0.0.1", port))
+def read(path):
+    if os.path.isdir(path):
+        os.listdir(path)
+    with open(path, "rb") as f:
+        f.read()
+def write(path):
+    with open(path, "w") as f:
+        f.write("max")
+pids = [p for p in os.listdir("/proc") if p.isdigit()]
+names = {open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")[0].decode().rsplit("/", 1)[-1] for p in pids}
+print(json.dumps([err(lambda: connect(5432)), err(lambda: connect(6379)), err(lambda: read(DB)),
+    err(lambda: read(KEK)), err(lambda: read(OTHER)),
+    err(lambda: write("/sys/fs/cgroup/pids/pids.max")), len(pids), sorted(names)]))
+"""
+
+
+def test_from_inside_the_host_services_files_and_processes_are_out_of_reach(
+    runtime: Runtime, deployment: Deployment
+) -> None:
+    other, _ = sandboxed_tenant(runtime, deployment, name="c-other")
+    ctx, agent = sandboxed_tenant(runtime, deployment, name="c-probe")
+    assert runtime.process_executor is not None
+    supervisor = runtime.process_executor.supervisor
+    # The other tenant's directory exists on the host, with a file in it.
+    other_dir = supervisor.workdirs.ensure(
+        other.tenant_id, uid=0, gid=0, size_bytes=other.limits.disk_bytes
+    ).path
+    db = deployment.db_url.removeprefix("sqlite:///")
+    kek = runtime.settings.kek_url.removeprefix("file://")
+    assert os.path.exists(db) and os.path.exists(kek) and other_dir.is_dir()
+    code = PROBE.replace("DB", repr(db)).replace("KEK", repr(kek)).replace("OTHER", repr(str(other_dir)))
+    row = run(runtime, ctx, agent, python_call(code))
+    assert row["status"] == "succeeded", row
+    result = code_result(row)
+    assert result["exit_status"] == 0, result
+    seen = json.loads(result["stdout"])
+    assert "ok" not in seen[:6], seen  # no connection, no read, no write
+    # Only the sandbox's processes: bwrap's init, the template, execution processes, this code.
+    assert set(seen[7]) <= {"bwrap", "python", "python3"}, seen
+    assert seen[6] <= 2 + ctx.limits.execution_processes + 1, seen

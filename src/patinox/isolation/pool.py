@@ -1062,6 +1062,7 @@ class PoolSupervisor:
             pool.stop()
         for template in templates:
             template.close()
+        self.cores.unconfine()
         if self._owns_template:
             self.template.close()
         for pool in pools:
