@@ -1,9 +1,10 @@
-"""A run at the ``process``, ``container`` or ``dedicated`` level ends exactly as the same run at the ``namespace`` level:
-the same reply, tokens, tool calls, stored memory, error and settlement, on SQLite and on
-PostgreSQL. Only where it ran differs: the process level also records the CPU seconds and
-peak memory of its execution process.
+"""A run at the ``process``, ``container`` or ``dedicated`` level ends exactly as the same
+run at the ``namespace`` level: the same reply, tokens, tool calls, stored memory, error and
+settlement, on SQLite and on PostgreSQL. Only where it ran differs: the execution levels
+also record the CPU seconds and peak memory of their execution process.
 
-Each test runs one scenario at both levels, in two tenants of one deployment, and compares.
+Each test runs one scenario at every level, in one tenant per level of one deployment, and
+compares.
 """
 
 from __future__ import annotations
