@@ -9,6 +9,7 @@ queue worker never loads FastAPI.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ from patinox.isolation import (
     Template,
     process_isolation_available,
 )
+from patinox.isolation.cgroups import parse_cpus
+from patinox.isolation.cores import CoreAllocator
+from patinox.isolation.host import detect_host
+from patinox.isolation.levels import LevelExecutor
 from patinox.limits import (
     AdmissionSettings,
     FairRunQueue,
@@ -195,7 +200,7 @@ class Runtime:
         rate = WindowRateLimiter(settings.rate_limit_storage)
         admission = FairShareAdmission(settings.admission) if settings.admission.enabled else None
         process, executors = _executors(settings, backend, template)
-        tenants = TenantManager(backend, supported_isolation=executors.levels)
+        tenants = TenantManager(backend, supported_isolation=executors.levels, isolation=executors)
         runs = RunService(backend, executors, queue=queue, budget=budget, admission=admission, rate=rate)
         tenants.subscribe(runs.on_tenant_event)
         tenants.subscribe(runs.on_limits_changed)
@@ -253,12 +258,16 @@ class Runtime:
 def _executors(
     settings: Settings, backend: SqlBackend, template: Template | None
 ) -> tuple[ProcessExecutor | None, ExecutorMap]:
-    """The ``process`` executor (``None`` where this host cannot run it) and the map of
-    every level's executor."""
+    """The execution-process executor (``None`` where this host cannot run it) and the map
+    of every level's executor: ``process`` where execution processes work, ``container``
+    and ``dedicated`` where :func:`~patinox.isolation.host.detect_host` says the sandbox
+    works (and a core can be dedicated), all three served by one executor."""
     namespace = NamespaceExecutor()
     available, _ = process_isolation_available()
     if not available:
         return None, ExecutorMap({IsolationLevel.NAMESPACE: namespace})
+    cores = CoreAllocator(_host_cpus())
+    host_levels = _host_levels()
 
     def tenant_info(tenant_id: str) -> tuple[IsolationLevel, ResourceLimits] | None:
         try:
@@ -273,11 +282,34 @@ def _executors(
             template=template,
             tenant_info=tenant_info,
             cgroup_prefix=settings.exec_cgroup_prefix,
+            cores=cores,
         )
 
     def tenant_level(tenant_id: str) -> IsolationLevel | None:
         info = tenant_info(tenant_id)
         return None if info is None else info[0]
 
-    process = ProcessExecutor(supervisor, tenant_level=tenant_level)
-    return process, ExecutorMap({IsolationLevel.NAMESPACE: namespace, IsolationLevel.PROCESS: process})
+    process = ProcessExecutor(supervisor, tenant_level=tenant_level, cores=cores)
+    levels: dict[IsolationLevel, LevelExecutor] = {
+        IsolationLevel.NAMESPACE: namespace,
+        IsolationLevel.PROCESS: process,
+    }
+    for level in (IsolationLevel.CONTAINER, IsolationLevel.DEDICATED):
+        if level in host_levels:
+            levels[level] = process
+    return process, ExecutorMap(levels)
+
+
+def _host_cpus() -> tuple[int, ...]:
+    """The CPUs tenants' cores come from: the host's online CPUs (not this process's
+    affinity, which a runtime with dedicated tenants narrows), else this process's."""
+    try:
+        return parse_cpus(Path("/sys/devices/system/cpu/online").read_text())
+    except (OSError, ValueError):
+        return tuple(sorted(os.sched_getaffinity(0)))
+
+
+@functools.cache
+def _host_levels() -> frozenset[IsolationLevel]:
+    """The levels this host enforces (probed once per process: it starts sandboxes)."""
+    return detect_host().levels()

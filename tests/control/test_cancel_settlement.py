@@ -23,7 +23,11 @@ MODEL = "simulated:ttft_ms=0,tpot_ms=250"
 PROMPT = '/call memory_put {"key": "step", "value": "one"}'
 
 
-@pytest.mark.parametrize("level", [IsolationLevel.NAMESPACE, IsolationLevel.PROCESS], ids=str)
+@pytest.mark.parametrize(
+    "level",
+    [IsolationLevel.NAMESPACE, IsolationLevel.PROCESS, IsolationLevel.CONTAINER, IsolationLevel.DEDICATED],
+    ids=str,
+)
 @pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool", "pg-silo"], indirect=True)
 def test_a_run_stopped_after_a_tool_call_is_charged_what_it_used(
     runtime: Runtime, deployment: Deployment, level: IsolationLevel

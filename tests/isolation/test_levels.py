@@ -1,9 +1,10 @@
-"""A run at the ``process`` level ends exactly as the same run at the ``namespace`` level:
-the same reply, tokens, tool calls, stored memory, error and settlement, on SQLite and on
-PostgreSQL. Only where it ran differs: the process level also records the CPU seconds and
-peak memory of its execution process.
+"""A run at the ``process``, ``container`` or ``dedicated`` level ends exactly as the same
+run at the ``namespace`` level: the same reply, tokens, tool calls, stored memory, error and
+settlement, on SQLite and on PostgreSQL. Only where it ran differs: the execution levels
+also record the CPU seconds and peak memory of their execution process.
 
-Each test runs one scenario at both levels, in two tenants of one deployment, and compares.
+Each test runs one scenario at every level, in one tenant per level of one deployment, and
+compares.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from patinox.runtime import Runtime
 from patinox.tenancy import IsolationLevel, LimitOverrides, StorageModel, TenantContext
 from tests.conftest import Deployment
 
-LEVELS = (IsolationLevel.NAMESPACE, IsolationLevel.PROCESS)
+LEVELS = (
+    IsolationLevel.NAMESPACE,
+    IsolationLevel.PROCESS,
+    IsolationLevel.CONTAINER,
+    IsolationLevel.DEDICATED,
+)
 TOOLS = ["memory_put", "memory_get", "memory_list", "calculator", "current_time"]
 
 pytestmark = pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
@@ -93,7 +99,7 @@ def test_a_run_with_tools_and_memory(runtime: Runtime, deployment: Deployment) -
         ]
     )
     seen = at_both_levels(runtime, deployment, RunRequest(input=prompt, output_tokens=30))
-    assert seen[IsolationLevel.PROCESS] == seen[IsolationLevel.NAMESPACE]
+    assert all(seen[level] == seen[IsolationLevel.NAMESPACE] for level in LEVELS), seen
     result = seen[IsolationLevel.PROCESS]
     assert result["raised"] is None and result["run"]["status"] == "succeeded"
     assert (
@@ -114,8 +120,8 @@ def test_what_each_level_records_of_its_execution(runtime: Runtime, deployment: 
         recorded[level] = usage
     assert recorded[IsolationLevel.NAMESPACE]["cpu_seconds"] is None
     assert recorded[IsolationLevel.NAMESPACE]["peak_memory_bytes"] is None
-    assert recorded[IsolationLevel.PROCESS]["cpu_seconds"] > 0
-    assert recorded[IsolationLevel.PROCESS]["peak_memory_bytes"] > 0
+    for level in LEVELS[1:]:
+        assert recorded[level]["cpu_seconds"] > 0 and recorded[level]["peak_memory_bytes"] > 0, level
 
 
 @pytest.mark.parametrize(
@@ -138,7 +144,7 @@ def test_tool_refusals_and_run_limits(
     seen = at_both_levels(
         runtime, deployment, RunRequest(input=prompt, output_tokens=20), max_tool_calls_per_run=2
     )
-    assert seen[IsolationLevel.PROCESS] == seen[IsolationLevel.NAMESPACE]
+    assert all(seen[level] == seen[IsolationLevel.NAMESPACE] for level in LEVELS), seen
     result = seen[IsolationLevel.PROCESS]
     if reason is None:
         assert result["run"]["status"] == "succeeded" and "calculator failed" in result["run"]["output"]
@@ -152,7 +158,7 @@ def test_a_store_refusal_fails_the_run_as_a_tool_error(runtime: Runtime, deploym
     channel back as the same error."""
     prompt = '/call memory_put {"key": "big", "value": "' + "x" * 2000 + '"}'
     seen = at_both_levels(runtime, deployment, RunRequest(input=prompt, output_tokens=5), memory_bytes=200)
-    assert seen[IsolationLevel.PROCESS] == seen[IsolationLevel.NAMESPACE]
+    assert all(seen[level] == seen[IsolationLevel.NAMESPACE] for level in LEVELS), seen
     result = seen[IsolationLevel.PROCESS]
     assert result["raised"]["reason"] == "tool_error" and "memory_put" in result["raised"]["message"]
     assert result["memory"] == {}
@@ -164,7 +170,7 @@ def test_a_request_past_the_plan_is_refused_before_anything_runs(
     seen = at_both_levels(
         runtime, deployment, RunRequest(input="hi", output_tokens=5), max_output_tokens_per_run=4
     )
-    assert seen[IsolationLevel.PROCESS] == seen[IsolationLevel.NAMESPACE]
+    assert all(seen[level] == seen[IsolationLevel.NAMESPACE] for level in LEVELS), seen
     assert seen[IsolationLevel.PROCESS]["raised"]["type"] == InvalidRequest.__name__
     assert seen[IsolationLevel.PROCESS]["run"] is None
 
@@ -183,7 +189,7 @@ def test_a_queued_run_executed_by_a_worker(runtime: Runtime, deployment: Deploym
         done = asyncio.run(runtime.runs.execute_claim(claim))
         assert done is not None
         seen[level] = outcome_of_record(runtime, ctx, done)
-    assert seen[IsolationLevel.PROCESS] == seen[IsolationLevel.NAMESPACE]
+    assert all(seen[level] == seen[IsolationLevel.NAMESPACE] for level in LEVELS), seen
     assert seen[IsolationLevel.PROCESS]["run"]["status"] == "succeeded"
 
 

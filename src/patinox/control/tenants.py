@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -181,6 +181,14 @@ class LevelChange:
 TenantListener = Callable[[str, TenantEvent], None]
 
 
+class IsolationReservations(Protocol):
+    """What a tenant's isolation level reserves on this host (dedicated cores)."""
+
+    def prepare(self, tenant_id: str, level: IsolationLevel, limits: ResourceLimits) -> None: ...
+
+    def release(self, tenant_id: str) -> None: ...
+
+
 class TenantManager:
     """Lifecycle of tenants over a storage backend.
 
@@ -188,6 +196,10 @@ class TenantManager:
         backend: the control-plane store.
         supported_isolation: levels this deployment can enforce; others are refused with
             :class:`IsolationUnavailable` rather than silently run at a weaker level.
+        isolation: reserves what a new tenant's level needs before its row is written and
+            gives it back if creation fails (``prepare(tenant_id, level, limits)`` may raise
+            :class:`IsolationUnavailable`, e.g. no free dedicated core; ``release(tenant_id)``);
+            :class:`~patinox.isolation.ExecutorMap` is one.
     """
 
     def __init__(
@@ -195,9 +207,11 @@ class TenantManager:
         backend: SqlBackend,
         *,
         supported_isolation: frozenset[IsolationLevel] = frozenset({IsolationLevel.NAMESPACE}),
+        isolation: IsolationReservations | None = None,
     ) -> None:
         self._backend = backend
         self._supported = supported_isolation
+        self._isolation = isolation
         self._listeners: list[TenantListener] = []
 
     def subscribe(self, listener: TenantListener) -> None:
@@ -227,14 +241,22 @@ class TenantManager:
         self._require_supported(spec.isolation_level)
         self._backend.placements.require(spec.storage_model)
         tenant_id = new_id("tn")
+        if self._isolation is not None:
+            limits = effective_limits(spec.plan, spec.limits.model_dump(exclude_none=True))
+            self._isolation.prepare(tenant_id, spec.isolation_level, limits)
         # Storage first, then the registration: a failure leaves no tenant without storage,
         # and a taken name removes the storage again.
-        self._backend.placements.provision(tenant_id, spec.storage_model)
-        now = utcnow()
         try:
-            row = self._register(tenant_id, spec, now)
+            self._backend.placements.provision(tenant_id, spec.storage_model)
+            now = utcnow()
+            try:
+                row = self._register(tenant_id, spec, now)
+            except BaseException:
+                self._backend.placements.destroy(tenant_id, spec.storage_model)
+                raise
         except BaseException:
-            self._backend.placements.destroy(tenant_id, spec.storage_model)
+            if self._isolation is not None:
+                self._isolation.release(tenant_id)
             raise
         self._audit(
             row["id"],

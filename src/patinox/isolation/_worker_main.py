@@ -38,6 +38,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
 
 from pydantic_ai.exceptions import AgentRunError, ModelAPIError, ModelHTTPError, UnexpectedModelBehavior
@@ -66,6 +67,7 @@ from patinox.isolation.channel import (
     Run,
     decode_host_message,
 )
+from patinox.isolation.code import CodeRunner
 from patinox.tenancy import tenant_scope
 
 __all__ = ["ChannelMemory", "ChannelModel", "confine", "exception_of", "serve"]
@@ -302,7 +304,9 @@ def _failed(err: PatinoxError, usage: RunUsage, started: float) -> Failed:
     )
 
 
-def _run(connection: _Connection, loop: asyncio.AbstractEventLoop, run: Run) -> Done | Failed:
+def _run(
+    connection: _Connection, loop: asyncio.AbstractEventLoop, run: Run, code: CodeRunner | None = None
+) -> Done | Failed:
     usage = RunUsage()
     started = time.perf_counter()
     model = ChannelModel(connection, model_name=run.model_name, system=run.model_system, usage=usage)
@@ -326,6 +330,7 @@ def _run(connection: _Connection, loop: asyncio.AbstractEventLoop, run: Run) -> 
                     memory=ChannelMemory(connection),
                     usage=usage,
                     model=model,
+                    code=code,
                 )
             )
     except PatinoxError as err:
@@ -362,11 +367,17 @@ def serve(fd: int, *, parent_pid: int) -> NoReturn:
         gc.set_threshold(*SERVER_GC_THRESHOLDS)
         connection.send(Ready(pid=os.getpid(), uid=os.getuid(), gid=os.getgid()))
         loop = asyncio.new_event_loop()
+        code = None
+        if bind.code_timeout_s is not None and bind.code_output_bytes is not None:
+            # In the tenant's sandbox: each python call a fresh child, in the tenant's directory.
+            code = CodeRunner(
+                timeout_s=bind.code_timeout_s, output_bytes=bind.code_output_bytes, cwd=Path(os.getcwd())
+            )
         while True:
             message = connection.receive()
             if not isinstance(message, Run):
                 connection.refuse(f"expected a run, got {message.type}")
-            connection.send(_run(connection, loop, message))
+            connection.send(_run(connection, loop, message, code))
     except BaseException as err:  # a bug: say so on stderr, then exit
         try:
             print(f"patinox execution process {os.getpid()}: {type(err).__name__}: {err}", file=sys.stderr)

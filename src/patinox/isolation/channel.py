@@ -153,6 +153,8 @@ class Bind(_Message):
             privileges.
         cgroup_procs: cgroup files (``cgroup.procs``/``tasks``) it writes its own pid into
             while still root, to join its cgroup.
+        code_timeout_s, code_output_bytes: the ``python`` tool's bounds per call (seconds,
+            bytes); ``None``: no ``python`` tool (below the ``container`` level).
     """
 
     type: Literal["bind"] = "bind"
@@ -162,6 +164,8 @@ class Bind(_Message):
     workdir: str | None = None
     rlimits: list[tuple[int, int, int]] = Field(default_factory=list)
     cgroup_procs: list[str] = Field(default_factory=list)
+    code_timeout_s: float | None = Field(default=None, gt=0)
+    code_output_bytes: int | None = Field(default=None, ge=1)
 
 
 class Run(_Message):

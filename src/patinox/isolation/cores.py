@@ -33,6 +33,8 @@ class CoreAllocator:
 
     def __init__(self, cpus: tuple[int, ...] | None = None, *, keep_shared: int = 1) -> None:
         chosen = tuple(sorted(set(os.sched_getaffinity(0) if cpus is None else cpus)))
+        #: Whether :meth:`confine_this_process` narrowed this process (see :meth:`unconfine`).
+        self.confined = False
         if not chosen or keep_shared < 0:
             raise ConfigurationError(f"core allocator needs cpus (got {chosen}) and keep_shared >= 0")
         self.cpus = chosen
@@ -117,7 +119,20 @@ class CoreAllocator:
                     operation="sched_setaffinity",
                     errno_name=errno.errorcode.get(err.errno or 0),
                 ) from err
+        self.confined = True
         return cores
+
+    def unconfine(self) -> None:
+        """Put every thread of this process back on all :attr:`cpus` (after
+        :meth:`confine_this_process`; nothing otherwise). Best effort."""
+        if not self.confined:
+            return
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), self.cpus)
+            except OSError:
+                continue
+        self.confined = False
 
     def checks(self) -> list[Check]:
         """The ``patinox doctor`` line: cores this host can dedicate."""

@@ -18,7 +18,7 @@ from pydantic_ai.usage import RunUsage
 
 from patinox.agents import AgentDefinition, MemoryStore, RunLimits, RunOutcome
 from patinox.errors import IsolationUnavailable
-from patinox.tenancy import IsolationLevel, TenantContext
+from patinox.tenancy import IsolationLevel, ResourceLimits, TenantContext
 
 __all__ = ["ExecutorMap", "LevelExecutor", "process_isolation_available"]
 
@@ -107,23 +107,57 @@ class ExecutorMap:
             on_usage=on_usage,
         )
 
-    def on_tenant_event(self, tenant_id: str, event: str) -> None:
-        """Tenant-manager listener: passed on to every executor that listens."""
+    def _distinct(self) -> list[LevelExecutor]:
+        """Each executor once (one may serve several levels)."""
+        seen: dict[int, LevelExecutor] = {}
         for executor in self._executors.values():
+            seen.setdefault(id(executor), executor)
+        return list(seen.values())
+
+    def prepare(self, tenant_id: str, level: IsolationLevel, limits: ResourceLimits) -> None:
+        """Reserve what a tenant needs at ``level`` before its row is written (a
+        ``dedicated`` tenant's cores): the tenant manager calls it on creation, so a refusal
+        leaves nothing half-created. Undo with :meth:`release`.
+
+        Raises:
+            IsolationUnavailable: no executor for ``level`` here, or its resources are not
+                free (e.g. fewer free cores than ``limits.dedicated_cores``; the error says
+                how many are free).
+        """
+        executor = self._executors.get(level)
+        if executor is None:
+            raise IsolationUnavailable(
+                f"isolation level {level.value!r} is not available in this process",
+                isolation_level=level.value,
+            )
+        prepare = getattr(executor, "prepare", None)
+        if prepare is not None:
+            prepare(tenant_id, level, limits)
+
+    def release(self, tenant_id: str) -> None:
+        """Give back what :meth:`prepare` reserved for a tenant that was not created."""
+        for executor in self._distinct():
+            release = getattr(executor, "release", None)
+            if release is not None:
+                release(tenant_id)
+
+    def on_tenant_event(self, tenant_id: str, event: str) -> None:
+        """Tenant-manager listener: passed on to every executor that listens (once each)."""
+        for executor in self._distinct():
             listener = getattr(executor, "on_tenant_event", None)
             if listener is not None:
                 listener(tenant_id, event)
 
     def close(self) -> None:
         """Close every executor holding resources (their processes stop)."""
-        for executor in self._executors.values():
+        for executor in self._distinct():
             close = getattr(executor, "close", None)
             if close is not None:
                 close()
 
     async def aclose(self) -> None:
         """:meth:`close`, for :meth:`~patinox.control.runs.RunService.shutdown`."""
-        for executor in self._executors.values():
+        for executor in self._distinct():
             aclose = getattr(executor, "aclose", None)
             if aclose is not None:
                 await aclose()

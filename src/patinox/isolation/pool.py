@@ -42,7 +42,7 @@ from pathlib import Path
 
 import structlog
 
-from patinox.errors import PatinoxError
+from patinox.errors import IsolationUnavailable, PatinoxError
 from patinox.isolation.cgroups import (
     CgroupManager,
     CgroupSupport,
@@ -59,6 +59,9 @@ from patinox.isolation.channel import (
     Ready,
     decode_process_message,
 )
+from patinox.isolation.container import SandboxTemplate, peer_pid, place
+from patinox.isolation.cores import CoreAllocator
+from patinox.isolation.sandbox import SANDBOX_WORKDIR, SandboxSpec
 from patinox.isolation.template import Template, TemplateUnavailable
 from patinox.isolation.workdir import ExecIdentities, Workdirs
 from patinox.tenancy import IsolationLevel, ResourceLimits
@@ -74,6 +77,11 @@ __all__ = [
 ]
 
 log = structlog.get_logger("patinox.isolation")
+
+#: The levels whose execution processes run in pools of this module.
+EXECUTION_LEVELS = frozenset({IsolationLevel.PROCESS, IsolationLevel.CONTAINER, IsolationLevel.DEDICATED})
+#: The levels whose pools fork from a template of their own in the tenant's sandbox.
+SANDBOXED_LEVELS = frozenset({IsolationLevel.CONTAINER, IsolationLevel.DEDICATED})
 
 
 class PoolStopped(Exception):
@@ -198,6 +206,7 @@ class ExecutionProcess:
         "exit",
         "generation",
         "gid",
+        "host_pid",
         "killed_for",
         "pid",
         "ready_ms",
@@ -219,9 +228,13 @@ class ExecutionProcess:
         cgroup: ProcessCgroup | None,
         generation: int,
         ready_ms: float,
+        host_pid: int | None = None,
     ) -> None:
         self.tenant_id = tenant_id
         self.pid = pid
+        #: Its pid in the host's PID namespace (differs from ``pid``, the template's view,
+        #: inside a sandbox).
+        self.host_pid = pid if host_pid is None else host_pid
         self.uid = uid
         self.gid = gid
         self.channel = channel
@@ -235,7 +248,7 @@ class ExecutionProcess:
         self._watchers: set[asyncio.Future[None]] = set()
         self._proc_files: _ProcFiles | None = None
         with contextlib.suppress(OSError):
-            self._proc_files = _ProcFiles(pid)
+            self._proc_files = _ProcFiles(self.host_pid)
         # The cgroup's accounting where the host has it (it counts every thread and child
         # of the process), else the process's own from /proc.
         self._cg_cpu = cgroup is not None and _works(cgroup.cpu_seconds)
@@ -364,8 +377,13 @@ class TenantPool:
         gid: int | None,
         cgroup: TenantCgroup | None = None,
         on_ready: Callable[[float], None] | None = None,
+        level: IsolationLevel = IsolationLevel.PROCESS,
     ) -> None:
         self.tenant_id = tenant_id
+        #: The isolation level it serves; above ``process`` its template (its own) runs in
+        #: the tenant's sandbox, and its processes get the ``python`` tool.
+        self.level = level
+        self.sandboxed = level in SANDBOXED_LEVELS
         self.limits = limits
         self.cgroup = cgroup
         self.workdir = workdir
@@ -387,6 +405,11 @@ class TenantPool:
         self._warm = False
         self._stopped = False
         self._last_active = time.monotonic()
+
+    @property
+    def template(self) -> Template:
+        """The template its processes are forked from (its own in a sandbox above ``process``)."""
+        return self._template
 
     @property
     def size(self) -> int:
@@ -596,6 +619,8 @@ class TenantPool:
         except PatinoxError as err:
             raise SpawnFailed(f"the execution process's cgroup could not be made: {err.message}") from err
         host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if self.sandboxed:  # its Ready then carries its host pid
+            host.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         started = time.perf_counter()
         try:
             try:
@@ -611,23 +636,17 @@ class TenantPool:
         try:
             host.settimeout(self._settings.spawn_timeout_s)
             channel = BlockingChannel(host)
-            channel.send(
-                Bind(
-                    tenant_id=self.tenant_id,
-                    uid=self.uid,
-                    gid=self.gid,
-                    workdir=None if self.workdir is None else str(self.workdir),
-                    rlimits=rlimits,
-                    cgroup_procs=[] if cgroup is None else [str(p) for p in cgroup.procs_files()],
-                )
-            )
+            channel.send(self._bind(rlimits, cgroup))
+            host_pid = peer_pid(host) if self.sandboxed else pid
             ready = decode_process_message(channel.receive_body())
             if not isinstance(ready, Ready):
                 raise SpawnFailed(
                     f"the execution process did not start: {getattr(ready, 'reason', ready.type)}"
                 )
+            if self.sandboxed and os.geteuid() == 0:
+                place(host_pid, cgroup)
             host.settimeout(None)
-        except (OSError, ProtocolError, SpawnFailed) as err:
+        except (OSError, ProtocolError, SpawnFailed, PatinoxError) as err:
             self._template.kill(pid)
             host.close()
             if cgroup is not None:
@@ -649,6 +668,27 @@ class TenantPool:
             cgroup=cgroup,
             generation=generation,
             ready_ms=ready_ms,
+            host_pid=host_pid,
+        )
+
+    def _bind(self, rlimits: list[tuple[int, int, int]], cgroup: ProcessCgroup | None) -> Bind:
+        """The new process's binding: in a sandbox it is already the tenant's uid in
+        ``/work`` and the host places it in its cgroup; it gets the ``python`` tool."""
+        if self.sandboxed:
+            return Bind(
+                tenant_id=self.tenant_id,
+                workdir=SANDBOX_WORKDIR,
+                rlimits=rlimits,
+                code_timeout_s=self.limits.code_timeout_s,
+                code_output_bytes=self.limits.code_output_bytes,
+            )
+        return Bind(
+            tenant_id=self.tenant_id,
+            uid=self.uid,
+            gid=self.gid,
+            workdir=None if self.workdir is None else str(self.workdir),
+            rlimits=rlimits,
+            cgroup_procs=[] if cgroup is None else [str(p) for p in cgroup.procs_files()],
         )
 
     def _discard(self, proc: ExecutionProcess) -> None:
@@ -715,6 +755,9 @@ class PoolSupervisor:
             :func:`basic_rlimits`).
         tenant_info: a tenant's isolation level and limits, for tenant events.
         support: what the host's cgroups enforce, for :meth:`mechanisms`.
+        cores: the cores of ``dedicated`` tenants (a tenant's reservation is made by
+            :meth:`~patinox.isolation.process.ProcessExecutor.prepare` when it is created,
+            and again here at its pool's start); default: one over this process's CPUs.
     """
 
     def __init__(
@@ -728,8 +771,11 @@ class PoolSupervisor:
         rlimits: Callable[[ResourceLimits], list[tuple[int, int, int]]] | None = None,
         tenant_info: TenantInfo | None = None,
         support: CgroupSupport | None = None,
+        cores: CoreAllocator | None = None,
     ) -> None:
         self.settings = settings
+        self.cores = cores or CoreAllocator()
+        self._templates: dict[str, SandboxTemplate] = {}
         self._owns_template = template is None
         self.template = template or Template()
         self.cgroups = cgroups
@@ -759,6 +805,7 @@ class PoolSupervisor:
         template: Template | None = None,
         tenant_info: TenantInfo | None = None,
         cgroup_prefix: str = "patinox",
+        cores: CoreAllocator | None = None,
     ) -> PoolSupervisor:
         """A supervisor with what this host can enforce: tenant cgroups under
         ``cgroup_prefix`` where controllers are writable (root), the rest by rlimits
@@ -779,6 +826,7 @@ class PoolSupervisor:
             rlimits=lambda limits: rlimits_for(limits, support),
             tenant_info=tenant_info,
             support=support,
+            cores=cores,
         )
 
     def mechanisms(self) -> str:
@@ -797,24 +845,35 @@ class PoolSupervisor:
             limits = f"{version} ({names}) and rlimits"
         return f"execution processes run as {who}; limits by {limits}"
 
-    def pool(self, tenant_id: str, limits: ResourceLimits) -> TenantPool:
-        """The tenant's pool, started (and warming up) if it was not.
+    def pool(
+        self, tenant_id: str, limits: ResourceLimits, *, level: IsolationLevel = IsolationLevel.PROCESS
+    ) -> TenantPool:
+        """The tenant's pool at ``level``, started (and warming up) if it was not; a pool
+        at another level is stopped first (the tenant moved).
 
         Raises:
             PoolStopped: the supervisor was closed.
-            IsolationFailed, IsolationUnavailable: its cgroup, directory or identity could
-                not be made.
+            IsolationFailed, IsolationUnavailable: its cgroup, directory, identity, sandbox
+                or dedicated cores could not be had.
         """
         with self._lock:
             if self._closed.is_set():
                 raise PoolStopped("the execution supervisor was closed")
             pool = self._pools.get(tenant_id)
+            if pool is not None and not pool.stopped and pool.level is level:
+                return pool
+        if pool is not None and pool.level is not level:
+            self.stop_pool(tenant_id)
+        with self._lock:
+            pool = self._pools.get(tenant_id)
             if pool is not None and not pool.stopped:
                 return pool
-            pool = self._new_pool(tenant_id, limits)
+            pool = self._new_pool(tenant_id, limits, level)
             self._pools[tenant_id] = pool
             self._start_maintenance()
-        self.template.start()
+        if level is IsolationLevel.DEDICATED:
+            self.apply_cores()
+        pool.template.start()
         pool.warm_up()
         return pool
 
@@ -823,17 +882,67 @@ class PoolSupervisor:
         with self._lock:
             return dict(self._pools)
 
-    def _new_pool(self, tenant_id: str, limits: ResourceLimits) -> TenantPool:
+    def _cpus(self, tenant_id: str, level: IsolationLevel, limits: ResourceLimits) -> tuple[int, ...] | None:
+        """The tenant's cpuset: its own cores when ``dedicated``, else the shared ones
+        (``None``: no cpuset controller, or nothing dedicated: all the parent's cores)."""
+        if level is IsolationLevel.DEDICATED:
+            cores = self.cores.reserve(tenant_id, limits.dedicated_cores)
+            if self.cgroups is None or not self.cgroups.support.enforces("cpuset"):
+                raise IsolationUnavailable(
+                    "dedicated cores need a writable cpuset cgroup controller on this host",
+                    isolation_level=level.value,
+                    tenant_id=tenant_id,
+                )
+            return cores
+        if self.cgroups is None or not self.cgroups.support.enforces("cpuset"):
+            return None
+        shared = self.cores.shared()
+        return None if shared == self.cores.cpus else shared
+
+    def apply_cores(self) -> None:
+        """Follow the dedicated reservations: every other tenant's cgroup and this process
+        (and the shared template) on the shared cores. Best effort: logged when refused."""
+        try:
+            shared = self.cores.confine_this_process()
+            if self.template.pid is not None:
+                os.sched_setaffinity(self.template.pid, shared)
+        except (PatinoxError, OSError) as err:
+            log.warning("shared cores not applied to this process", error=str(err))
+        for tenant_id, pool in self.pools().items():
+            if pool.cgroup is None or pool.level is IsolationLevel.DEDICATED:
+                continue
+            try:
+                pool.cgroup.update(pool.limits, cpus=self._cpus(tenant_id, pool.level, pool.limits))
+            except (PatinoxError, OSError) as err:
+                log.warning("shared cores not applied", tenant_id=tenant_id, error=str(err))
+
+    def _new_pool(self, tenant_id: str, limits: ResourceLimits, level: IsolationLevel) -> TenantPool:
         uid, gid = self._identities.for_tenant(tenant_id) if self._root else (None, None)
+        cpus = self._cpus(tenant_id, level, limits)
         cgroup = None
         if self.cgroups is not None:
-            cgroup = self.cgroups.tenant(tenant_id, limits)
+            cgroup = self.cgroups.tenant(tenant_id, limits, cpus=cpus)
             self._grouped.add(tenant_id)
         workdir = self._workdir(tenant_id, limits, uid, gid)
+        template = self.template
+        if level in SANDBOXED_LEVELS:
+            spec = SandboxSpec(
+                workdir=workdir,
+                uid=os.getuid() if uid is None else uid,
+                gid=os.getgid() if gid is None else gid,
+            )
+            procs = cgroup.child("template").procs_files() if cgroup is not None else ()
+            sandboxed = SandboxTemplate(spec, cgroup_procs=procs)
+            old = self._templates.pop(tenant_id, None)  # the caller holds the lock
+            self._templates[tenant_id] = sandboxed
+            if old is not None:
+                self._spawner.submit(old.close)
+            template = sandboxed
         return TenantPool(
             tenant_id,
             limits,
-            template=self.template,
+            level=level,
+            template=template,
             spawner=self._spawner,
             settings=self.settings,
             rlimits=self._rlimits(limits),
@@ -863,8 +972,11 @@ class PoolSupervisor:
         """Stop the tenant's pool (its processes killed); a later run starts a new one."""
         with self._lock:
             pool = self._pools.pop(tenant_id, None)
+            template = self._templates.pop(tenant_id, None)
         if pool is not None:
             pool.stop()
+        if template is not None:
+            template.close()
 
     def remove_tenant(self, tenant_id: str) -> None:
         """Stop the pool and remove the tenant's cgroup and directory (a deleted tenant).
@@ -874,13 +986,19 @@ class PoolSupervisor:
         """
         with self._lock:
             pool = self._pools.pop(tenant_id, None)
+            template = self._templates.pop(tenant_id, None)
             self._grouped.discard(tenant_id)
         if pool is not None:
             pool.stop()
             pool.wait_stopped(self.settings.spawn_timeout_s)
+        if template is not None:
+            template.close()
         if self.cgroups is not None:
             self.cgroups.remove_tenant(tenant_id)
         self.workdirs.remove(tenant_id)
+        if self.cores.reserved(tenant_id):
+            self.cores.release(tenant_id)
+            self.apply_cores()
 
     def on_tenant_event(self, tenant_id: str, event: str) -> None:
         """Tenant-manager listener (any thread): start a pool when a ``process`` tenant is
@@ -892,9 +1010,9 @@ class PoolSupervisor:
             self.remove_tenant(tenant_id)
         elif event == "created":
             info = self._tenant_info(tenant_id) if self._tenant_info is not None else None
-            if info is not None and info[0] is IsolationLevel.PROCESS:
+            if info is not None and info[0] in EXECUTION_LEVELS:
                 try:
-                    self.pool(tenant_id, info[1])
+                    self.pool(tenant_id, info[1], level=info[0])
                 except _START_ERRORS as err:
                     log.warning("execution pool not started", tenant_id=tenant_id, error=str(err))
         elif event == "updated":
@@ -906,12 +1024,12 @@ class PoolSupervisor:
         if pool is None or self._tenant_info is None:
             return
         info = self._tenant_info(tenant_id)
-        if info is None or info[0] is not IsolationLevel.PROCESS:
+        if info is None or info[0] is not pool.level:
             self.stop_pool(tenant_id)
             return
         limits = info[1]
         if pool.cgroup is not None:
-            pool.cgroup.update(limits)
+            pool.cgroup.update(limits, cpus=self._cpus(tenant_id, pool.level, limits))
         self._workdir(tenant_id, limits, pool.uid, pool.gid)
         pool.update(limits, self._rlimits(limits))
 
@@ -938,9 +1056,13 @@ class PoolSupervisor:
         with self._lock:
             self._closed.set()
             pools, self._pools = list(self._pools.values()), {}
+            templates, self._templates = list(self._templates.values()), {}
             grouped, self._grouped = set(self._grouped), set()
         for pool in pools:
             pool.stop()
+        for template in templates:
+            template.close()
+        self.cores.unconfine()
         if self._owns_template:
             self.template.close()
         for pool in pools:

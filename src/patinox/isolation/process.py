@@ -44,7 +44,13 @@ from patinox.agents import (
 )
 from patinox.agents.runner import request_limit_for
 from patinox.agents.simulated import is_simulated
-from patinox.errors import InvalidRequest, PatinoxError, RunFailed, TenantContextAlreadySet
+from patinox.errors import (
+    InvalidRequest,
+    IsolationUnavailable,
+    PatinoxError,
+    RunFailed,
+    TenantContextAlreadySet,
+)
 from patinox.isolation.channel import (
     ChannelClosed,
     Done,
@@ -58,8 +64,16 @@ from patinox.isolation.channel import (
     Refused,
     Run,
 )
-from patinox.isolation.pool import ExecutionProcess, PoolStopped, PoolSupervisor, SpawnFailed, TenantPool
-from patinox.tenancy import IsolationLevel, TenantContext, current_tenant_or_none
+from patinox.isolation.cores import CoreAllocator
+from patinox.isolation.pool import (
+    EXECUTION_LEVELS,
+    ExecutionProcess,
+    PoolStopped,
+    PoolSupervisor,
+    SpawnFailed,
+    TenantPool,
+)
+from patinox.tenancy import IsolationLevel, ResourceLimits, TenantContext, current_tenant_or_none
 
 __all__ = ["ProcessExecutor"]
 
@@ -75,6 +89,7 @@ _REASONS: Final = frozenset(
         "provider_error",
         "model_error",
         "internal_error",
+        "disk_limit",
     }
 )
 #: Seconds to wait for a dead process's exit status, to name it in the run's error.
@@ -82,11 +97,17 @@ _EXIT_WAIT_S: Final = 2.0
 
 
 class ProcessExecutor:
-    """Runs each agent in one of its tenant's warm execution processes (``process`` level).
+    """Runs each agent in one of its tenant's warm execution processes: the executor of the
+    ``process``, ``container`` and ``dedicated`` levels (the pool of a tenant at the two
+    latter forks from a template of its own, in the tenant's sandbox, and a ``dedicated``
+    tenant's cgroup holds cores of its own).
 
     Args:
         supervisor: the host's pool supervisor, or a function making it at first use (a
-            process that never runs a ``process``-level tenant never starts one).
+            process that never runs such a tenant never starts one).
+        tenant_level: a tenant's isolation level (``None``: gone), for tenant events.
+        cores: the cores ``dedicated`` tenants reserve (:meth:`prepare`); the supervisor's
+            should be the same allocator.
     """
 
     def __init__(
@@ -94,7 +115,9 @@ class ProcessExecutor:
         supervisor: PoolSupervisor | Callable[[], PoolSupervisor],
         *,
         tenant_level: Callable[[str], IsolationLevel | None] | None = None,
+        cores: CoreAllocator | None = None,
     ) -> None:
+        self.cores = cores
         self._supervisor: PoolSupervisor | None = (
             supervisor if isinstance(supervisor, PoolSupervisor) else None
         )
@@ -120,16 +143,43 @@ class ProcessExecutor:
         """Whether the supervisor exists (a ``process``-level run or pool was needed)."""
         return self._supervisor is not None
 
+    def prepare(self, tenant_id: str, level: IsolationLevel, limits: ResourceLimits) -> None:
+        """Reserve what a tenant at ``level`` needs before it exists (or moves there): a
+        ``dedicated`` tenant's ``limits.dedicated_cores`` cores. Idempotent.
+
+        Raises:
+            IsolationUnavailable: not enough cores are free (the error says how many are).
+        """
+        if level is not IsolationLevel.DEDICATED:
+            return
+        if self.cores is None:
+            raise IsolationUnavailable(
+                "no cores can be dedicated in this process", isolation_level=level.value, tenant_id=tenant_id
+            )
+        self.cores.reserve(tenant_id, limits.dedicated_cores)
+        if self._supervisor is not None:
+            self._supervisor.apply_cores()
+
+    def release(self, tenant_id: str) -> None:
+        """Give back what :meth:`prepare` reserved (the tenant was not created, or is gone)."""
+        if self.cores is not None and self.cores.reserved(tenant_id):
+            self.cores.release(tenant_id)
+            if self._supervisor is not None:
+                self._supervisor.apply_cores()
+
     def on_tenant_event(self, tenant_id: str, event: str) -> None:
         """Tenant-manager listener: forwarded to the supervisor. One is made for a
-        ``process`` tenant created in a process that executes runs (:attr:`hosts_pools`);
-        otherwise nothing starts here until a run needs it."""
+        ``process``, ``container`` or ``dedicated`` tenant created in a process that
+        executes runs (:attr:`hosts_pools`); otherwise nothing starts here until a run
+        needs it. A deleted tenant's dedicated cores are released."""
         if self._supervisor is None:
+            if event == "deleted":
+                self.release(tenant_id)
             wanted = (
                 event == "created"
                 and self.hosts_pools
                 and self._tenant_level is not None
-                and self._tenant_level(tenant_id) is IsolationLevel.PROCESS
+                and self._tenant_level(tenant_id) in EXECUTION_LEVELS
             )
             if not wanted:
                 return
@@ -217,7 +267,7 @@ class _HostRun:
         validate_tool_names(self.definition.tools)
         model = resolve_model(self.definition.model)
         try:
-            pool = self.supervisor.pool(self.ctx.tenant_id, self.ctx.limits)
+            pool = self.supervisor.pool(self.ctx.tenant_id, self.ctx.limits, level=self.ctx.isolation_level)
         except PatinoxError as err:  # its cgroup, directory or identity: the OS refused
             raise self._failed(
                 err.code, f"the tenant's execution pool could not start: {err.message}"
@@ -286,6 +336,14 @@ class _HostRun:
         finally:
             watch.cancel()
         self._measure(proc, cpu_before, watch.last)
+        if pool.sandboxed and proc.oom_killed():
+            # A python tool's child was OOM-killed; the process lives on but is not reused.
+            limit = self.ctx.limits.exec_memory_bytes
+            raise self._failed(
+                "memory_limit",
+                f"the tenant's execution processes ran out of memory ({limit} bytes)",
+                limit=limit,
+            )
         if isinstance(result, Done):
             self.usage.tool_calls = max(self.usage.tool_calls, result.tool_calls)
             return self._outcome(result), True

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from patinox.isolation.channel import (
@@ -227,6 +227,23 @@ class Template:
 
     # -- the thread ---------------------------------------------------------------------
 
+    def _command(self, fd: int) -> list[str]:
+        """The template's command line, its control socket being ``fd`` (a subclass wraps
+        it, e.g. in a sandbox: :class:`patinox.isolation.container.SandboxTemplate`)."""
+        return [
+            self._python,
+            "-m",
+            "patinox.isolation.template",
+            "--fd",
+            str(fd),
+            "--parent",
+            str(os.getpid()),
+        ]
+
+    def _preexec(self) -> Callable[[], None] | None:
+        """What the template's process runs before it executes its command (none here)."""
+        return None
+
     def _run(self) -> None:
         """Start the template, then read its messages until it ends (this thread is its
         ``PR_SET_PDEATHSIG`` parent)."""
@@ -234,15 +251,7 @@ class Template:
         host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen(
-                [
-                    self._python,
-                    "-m",
-                    "patinox.isolation.template",
-                    "--fd",
-                    str(child.fileno()),
-                    "--parent",
-                    str(os.getpid()),
-                ],
+                self._command(child.fileno()),
                 env=self._env,
                 cwd="/",
                 stdin=subprocess.DEVNULL,
@@ -250,8 +259,9 @@ class Template:
                 pass_fds=(child.fileno(),),
                 close_fds=True,
                 start_new_session=True,
+                preexec_fn=self._preexec(),
             )
-        except OSError as err:
+        except (OSError, subprocess.SubprocessError) as err:
             host.close()
             child.close()
             self._fail(f"the template could not be started: {err}")

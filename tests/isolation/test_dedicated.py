@@ -1,0 +1,77 @@
+"""The ``dedicated`` level: a tenant's cgroup holds cores no other tenant's work uses, this
+process keeps off them, a tenant that cannot get its cores is refused before anything of it
+is made, and deleting it gives them back."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from patinox.control import TenantSpec
+from patinox.errors import IsolationUnavailable
+from patinox.isolation.cgroups import parse_cpus
+from patinox.runtime import Runtime
+from patinox.tenancy import IsolationLevel, StorageModel
+from tests.conftest import Deployment
+from tests.isolation.test_container import code_result, python_call, run, sandboxed_tenant
+
+pytestmark = pytest.mark.parametrize("deployment", ["sqlite-pool"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def _as_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the dedicated level's tests need root: real cpuset cgroups (CI runs them as root)")
+
+
+def cpuset_of(runtime: Runtime, tenant_id: str) -> tuple[int, ...]:
+    prefix = runtime.settings.exec_cgroup_prefix
+    return parse_cpus(Path(f"/sys/fs/cgroup/cpuset/{prefix}/{tenant_id}/cpuset.cpus").read_text())
+
+
+def test_a_dedicated_tenant_gets_cores_no_other_work_uses(runtime: Runtime, deployment: Deployment) -> None:
+    all_cpus = tuple(sorted(os.sched_getaffinity(0)))
+    if len(all_cpus) < 2:
+        pytest.skip("a host with one core can dedicate none")
+    shared_ctx, shared_agent = sandboxed_tenant(
+        runtime, deployment, name="shared", level=IsolationLevel.CONTAINER
+    )
+    assert run(runtime, shared_ctx, shared_agent, python_call("print(1)"))["status"] == "succeeded"
+    ctx, agent = sandboxed_tenant(runtime, deployment, name="own-cores", level=IsolationLevel.DEDICATED)
+    row = run(runtime, ctx, agent, python_call("import os; print(sorted(os.sched_getaffinity(0)))"))
+    assert row["status"] == "succeeded", row
+    assert runtime.process_executor is not None and runtime.process_executor.cores is not None
+    cores = runtime.process_executor.cores.reserved(ctx.tenant_id)
+    assert len(cores) == ctx.limits.dedicated_cores
+    # Its cgroup holds its cores only; the other tenant's and this process keep off them.
+    assert cpuset_of(runtime, ctx.tenant_id) == cores
+    assert not set(cpuset_of(runtime, shared_ctx.tenant_id)) & set(cores)
+    assert not set(os.sched_getaffinity(0)) & set(cores)
+    # The code inside runs on them.
+    assert code_result(row)["stdout"].strip() == str(list(cores))
+
+
+def test_a_second_dedicated_tenant_is_refused_while_no_core_is_free_and_nothing_of_it_is_made(
+    runtime: Runtime, deployment: Deployment
+) -> None:
+    if len(os.sched_getaffinity(0)) != 2:
+        pytest.skip("written for a 2-core host: one core can be dedicated")
+    first, _ = sandboxed_tenant(runtime, deployment, name="first", level=IsolationLevel.DEDICATED)
+    before = {t.id for t in runtime.tenants.list(include_deleted=True)}
+    spec = TenantSpec(
+        name="second",
+        isolation_level=IsolationLevel.DEDICATED,
+        storage_model=StorageModel(deployment.storage_model),
+    )
+    with pytest.raises(IsolationUnavailable) as refused:
+        runtime.tenants.create(spec, actor="test")
+    assert refused.value.fields["free_cores"] == 0 and "0 of this host's 2 are free" in refused.value.message
+    assert {t.id for t in runtime.tenants.list(include_deleted=True)} == before
+    # Deleting the first gives its core back: the second can be created then.
+    runtime.tenants.delete(first.tenant_id, actor="test")
+    assert runtime.process_executor is not None and runtime.process_executor.cores is not None
+    assert runtime.process_executor.cores.reserved(first.tenant_id) == ()
+    second = runtime.tenants.create(spec, actor="test")
+    assert runtime.process_executor.cores.reserved(second.id) != ()
