@@ -75,3 +75,34 @@ def test_a_second_dedicated_tenant_is_refused_while_no_core_is_free_and_nothing_
     assert runtime.process_executor.cores.reserved(first.tenant_id) == ()
     second = runtime.tenants.create(spec, actor="test")
     assert runtime.process_executor.cores.reserved(second.id) != ()
+
+
+def test_a_live_change_to_dedicated_reserves_cores_first_and_a_change_away_gives_them_back(
+    runtime: Runtime, deployment: Deployment
+) -> None:
+    if len(os.sched_getaffinity(0)) != 2:
+        pytest.skip("written for a 2-core host: one core can be dedicated")
+    spec = TenantSpec(
+        name="first",
+        isolation_level=IsolationLevel.DEDICATED,
+        storage_model=StorageModel(deployment.storage_model),
+    )
+    first = runtime.tenants.create(spec, actor="test")
+    other = runtime.tenants.create(
+        TenantSpec(name="other", storage_model=StorageModel(deployment.storage_model)), actor="test"
+    )
+    executor = runtime.process_executor
+    assert executor is not None and executor.cores is not None
+    # No core is free: the change is refused before any hold, and nothing of it stays.
+    with pytest.raises(IsolationUnavailable):
+        runtime.tenants.change_level(other.id, IsolationLevel.DEDICATED, actor="test", grace_s=0)
+    row = runtime.backend.get_tenant(other.id)
+    assert (row["isolation_level"], row["moving_to"]) == ("namespace", None)
+    assert executor.cores.reserved(other.id) == ()
+    # Moving the first tenant off dedicated gives its core back ...
+    runtime.tenants.change_level(first.id, IsolationLevel.CONTAINER, actor="test", grace_s=0)
+    assert executor.cores.reserved(first.id) == ()
+    # ... so the other can now move there, and holds it.
+    runtime.tenants.change_level(other.id, IsolationLevel.DEDICATED, actor="test", grace_s=0)
+    assert runtime.backend.get_tenant(other.id)["isolation_level"] == "dedicated"
+    assert len(executor.cores.reserved(other.id)) == 1

@@ -419,14 +419,19 @@ class TenantManager:
         if old is level and moving is None:
             return LevelChange(tenant_id=tenant_id, old_level=old, new_level=level)
         self._check_level(row, level)
+        limits = effective_limits(row["plan"], row["limit_overrides"])
+        # What the new level needs (a dedicated tenant's cores) is reserved before the
+        # hold, so a refusal changes nothing.
+        if self._isolation is not None and level is not old:
+            self._isolation.prepare(tenant_id, level, limits)
         resumed = moving is not None
         if not resumed:
             claim = {"state": _LIVE, "isolation_level": old.value, "moving_to": None}
             if not self._backend.compare_and_set_tenant(tenant_id, claim, {"moving_to": level.value}):
+                self._give_back(tenant_id, level)
                 raise InvalidTransition(
                     "the tenant changed while the level change started; try again", tenant_id=tenant_id
                 )
-        limits = effective_limits(row["plan"], row["limit_overrides"])
         timeout_s = min(drain_timeout_s or limits.run_timeout_s, limits.run_timeout_s)
         try:
             time.sleep(grace_s)
@@ -441,6 +446,7 @@ class TenantManager:
                     )
         except BaseException as err:
             self._lift(tenant_id, level)
+            self._give_back(tenant_id, level)
             outcome = err.code if isinstance(err, PatinoxError) else type(err).__name__
             self._backend.acting_on(tenant_id).append_audit(
                 actor=actor,
@@ -458,6 +464,8 @@ class TenantManager:
             self._wait_for_runs(tenant_id, time.monotonic() + _SETTLE_WAIT_S, poll_s)
         finally:
             self._lift(tenant_id, level)
+        if old is IsolationLevel.DEDICATED and level is not old:
+            self._give_back(tenant_id, old)  # its cores go back to shared work
         change = LevelChange(
             tenant_id=tenant_id,
             old_level=old,
@@ -482,6 +490,12 @@ class TenantManager:
             },
         )
         return change
+
+    def _give_back(self, tenant_id: str, level: IsolationLevel) -> None:
+        """Release what :meth:`IsolationReservations.prepare` reserved for ``level``
+        (only ``dedicated`` reserves anything)."""
+        if self._isolation is not None and level is IsolationLevel.DEDICATED:
+            self._isolation.release(tenant_id)
 
     def _lift(self, tenant_id: str, level: IsolationLevel) -> None:
         """End a level change's hold (queued runs are handed out again)."""
