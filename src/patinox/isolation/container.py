@@ -75,6 +75,14 @@ class SandboxTemplate(Template):
         # Built now: raises IsolationUnavailable / ConfigurationError before any thread starts.
         self._argv_for = sandbox_argv(spec, ["{python}"], bwrap=bwrap)
 
+    def rebind(self, spec: SandboxSpec, *, cgroup_procs: Sequence[Path] = ()) -> None:
+        """A pre-warmed template now bound to a tenant: a restart (after it died) starts
+        it with the tenant's ``spec`` and in its cgroup. The running sandbox is moved by
+        the caller (its directory adopted, its processes moved to the tenant's cgroup)."""
+        sandbox_argv(spec, ["{python}"], bwrap=self._bwrap)  # refused now, not at a restart
+        self.spec = spec
+        self._cgroup_procs = tuple(str(p) for p in cgroup_procs)
+
     def _command(self, fd: int) -> list[str]:
         # Inside, the template's parent is bwrap's init (pid 1 of the sandbox's namespace).
         command = [self._python, "-m", "patinox.isolation.template", "--fd", str(fd), "--parent", "1"]

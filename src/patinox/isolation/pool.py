@@ -31,13 +31,14 @@ import concurrent.futures
 import contextlib
 import os
 import resource
+import secrets
 import socket
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
@@ -64,7 +65,7 @@ from patinox.isolation.cores import CoreAllocator
 from patinox.isolation.sandbox import SANDBOX_WORKDIR, SandboxSpec
 from patinox.isolation.template import Template, TemplateUnavailable
 from patinox.isolation.workdir import ExecIdentities, Workdirs
-from patinox.tenancy import IsolationLevel, ResourceLimits
+from patinox.tenancy import PLANS, IsolationLevel, ResourceLimits
 
 __all__ = [
     "ExecutionProcess",
@@ -114,6 +115,11 @@ class PoolSettings:
         cpu_poll_s: how often a run's CPU time is checked against
             ``cpu_seconds_per_run``, seconds.
         maintenance_s: how often idle pools are looked for, seconds.
+        spare_templates: pre-warmed sandboxed templates kept ready, not yet bound to any
+            tenant, on a host that offers ``container`` (as root): a ``container`` or
+            ``dedicated`` tenant's first pool takes one instead of starting its template
+            cold (seconds: bubblewrap and an interpreter importing the agent stack). 0
+            turns them off.
     """
 
     exec_root: Path
@@ -121,6 +127,7 @@ class PoolSettings:
     spawn_timeout_s: float = 60.0
     cpu_poll_s: float = 0.25
     maintenance_s: float = 1.0
+    spare_templates: int = 1
 
 
 # --- one process --------------------------------------------------------------------------------
@@ -738,6 +745,30 @@ TenantInfo = Callable[[str], tuple[IsolationLevel, ResourceLimits] | None]
 #: What stops a pool from starting (a cgroup, a mount, an identity).
 _START_ERRORS = (PatinoxError, OSError, PoolStopped)
 
+#: A spare's cgroup limits until it is bound (then the tenant's apply): the largest plan's.
+_SPARE_LIMITS = PLANS["enterprise"].limits
+#: A spare's directory size until it is bound (then resized to the tenant's ``disk_bytes``).
+_SPARE_DISK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Spare:
+    """A pre-warmed sandboxed template bound to no tenant yet (:class:`PoolSupervisor`).
+
+    Attributes:
+        name: its placeholder id (``spare-<hex>``): its directory ``<exec_root>/<name>``,
+            its cgroup ``<prefix>/<name>`` and its uid's holder until it is bound.
+        uid, gid: the identity its sandbox runs as, given to the tenant that takes it.
+        template: the template, started in its sandbox.
+        cgroup: its cgroup (``template`` child holds the sandbox), when cgroups are in use.
+    """
+
+    name: str
+    uid: int
+    gid: int
+    template: SandboxTemplate
+    cgroup: TenantCgroup | None
+
 
 class PoolSupervisor:
     """The execution pools of this host process (see the module docstring). Thread-safe.
@@ -758,6 +789,21 @@ class PoolSupervisor:
         cores: the cores of ``dedicated`` tenants (a tenant's reservation is made by
             :meth:`~patinox.isolation.process.ProcessExecutor.prepare` when it is created,
             and again here at its pool's start); default: one over this process's CPUs.
+        sandboxes: this host offers the ``container`` level: keep
+            ``settings.spare_templates`` pre-warmed sandboxed templates (as root), started
+            in the background now and refilled after one is taken.
+
+    Spares. A ``container``/``dedicated`` tenant's template is bubblewrap plus an
+    interpreter importing the agent stack: seconds to start. A spare is one started ahead
+    as a placeholder (``spare-<hex>``: its own uid, a small tmpfs bound at ``/work``, its
+    own cgroup). A new tenant's first sandboxed pool (no uid, no directory yet) takes one
+    and binds it (:meth:`_bind_spare`): the uid passes to the tenant
+    (:meth:`~patinox.isolation.workdir.ExecIdentities.adopt`), the tmpfs becomes the
+    tenant's directory (:meth:`~patinox.isolation.workdir.Workdirs.adopt`: resized to
+    ``disk_bytes``, owned by the uid), every process of the spare's cgroup moves into the
+    tenant's ``template`` group; from then on it is the tenant's template as if started
+    for it. The memory the template touched before binding stays charged to the parent
+    group (cgroup v2 does not move charges); what it allocates after is the tenant's.
     """
 
     def __init__(
@@ -772,6 +818,7 @@ class PoolSupervisor:
         tenant_info: TenantInfo | None = None,
         support: CgroupSupport | None = None,
         cores: CoreAllocator | None = None,
+        sandboxes: bool = False,
     ) -> None:
         self.settings = settings
         self.cores = cores or CoreAllocator()
@@ -795,7 +842,13 @@ class PoolSupervisor:
         self._maintenance: threading.Thread | None = None
         #: Milliseconds from fork request to ``Ready`` of the last processes started.
         self.ready_ms: deque[float] = deque(maxlen=1000)
+        # Pre-warmed sandboxed templates (container hosts, as root): see _take_spare.
+        self._spare_target = settings.spare_templates if sandboxes and self._root else 0
+        self._spares: deque[Spare] = deque()
+        self._spares_starting = 0
         _say_mechanisms(self.mechanisms())
+        if self._spare_target > 0:
+            self._spawner.submit(self._refill_spares)
 
     @classmethod
     def on_this_host(
@@ -817,8 +870,12 @@ class PoolSupervisor:
         support = detect_cgroups()
         cgroups = CgroupManager(support, prefix=cgroup_prefix) if support.controllers else None
         workdirs = Workdirs(settings.exec_root)
+        from patinox.isolation.host import detect_host
+
+        sandboxes = settings.spare_templates > 0 and os.geteuid() == 0 and detect_host(cores).container_ok()
         return cls(
             settings=settings,
+            sandboxes=sandboxes,
             template=template,
             cgroups=cgroups,
             workdirs=workdirs,
@@ -917,6 +974,15 @@ class PoolSupervisor:
                 log.warning("shared cores not applied", tenant_id=tenant_id, error=str(err))
 
     def _new_pool(self, tenant_id: str, limits: ResourceLimits, level: IsolationLevel) -> TenantPool:
+        spare = self._take_spare(tenant_id) if level in SANDBOXED_LEVELS else None
+        if spare is not None:
+            try:
+                return self._bind_spare(spare, tenant_id, limits, level)
+            except _START_ERRORS as err:
+                log.warning(
+                    "a spare template was not bound; starting one", tenant_id=tenant_id, error=str(err)
+                )
+                self._spawner.submit(self._drop_spare, spare)
         uid, gid = self._identities.for_tenant(tenant_id) if self._root else (None, None)
         cpus = self._cpus(tenant_id, level, limits)
         cgroup = None
@@ -938,6 +1004,137 @@ class PoolSupervisor:
             if old is not None:
                 self._spawner.submit(old.close)
             template = sandboxed
+        return TenantPool(
+            tenant_id,
+            limits,
+            level=level,
+            template=template,
+            spawner=self._spawner,
+            settings=self.settings,
+            rlimits=self._rlimits(limits),
+            workdir=workdir,
+            uid=uid,
+            gid=gid,
+            cgroup=cgroup,
+            on_ready=self.ready_ms.append,
+        )
+
+    # -- spares ------------------------------------------------------------------------------
+
+    def spares(self) -> list[Spare]:
+        """The spare templates now (oldest first), started or starting."""
+        with self._lock:
+            return list(self._spares)
+
+    def _refill_spares(self) -> None:
+        """Start spares until ``spare_templates`` exist (a spawner thread's job)."""
+        while True:
+            with self._lock:
+                if self._closed.is_set() or len(self._spares) + self._spares_starting >= self._spare_target:
+                    return
+                self._spares_starting += 1
+            try:
+                spare = self._new_spare()
+            except _START_ERRORS as err:
+                log.warning("a spare template was not started", error=str(err))
+                with self._lock:
+                    self._spares_starting -= 1
+                return
+            with self._lock:
+                self._spares_starting -= 1
+                kept = not self._closed.is_set()
+                if kept:
+                    self._spares.append(spare)
+            if not kept:
+                self._drop_spare(spare)
+
+    def _new_spare(self) -> Spare:
+        name = f"spare-{secrets.token_hex(6)}"
+        uid, gid = self._identities.for_tenant(name)
+        cgroup = None
+        try:
+            procs: tuple[Path, ...] = ()
+            if self.cgroups is not None:
+                cpus = self._cpus(name, IsolationLevel.CONTAINER, _SPARE_LIMITS)
+                cgroup = self.cgroups.tenant(name, _SPARE_LIMITS, cpus=cpus)
+                procs = cgroup.child("template").procs_files()
+            workdir = self.workdirs.ensure(name, uid=uid, gid=gid, size_bytes=_SPARE_DISK_BYTES).path
+            template = SandboxTemplate(SandboxSpec(workdir=workdir, uid=uid, gid=gid), cgroup_procs=procs)
+            template.start()
+        except BaseException:
+            self._remove_spare(name)
+            raise
+        return Spare(name, uid, gid, template, cgroup)
+
+    def _drop_spare(self, spare: Spare) -> None:
+        """Close an unbound spare and remove its cgroup, directory and uid (best effort)."""
+        spare.template.close()
+        self._remove_spare(spare.name)
+
+    def _remove_spare(self, name: str) -> None:
+        with contextlib.suppress(PatinoxError, OSError):
+            if self.cgroups is not None:
+                self.cgroups.remove_tenant(name)
+        with contextlib.suppress(PatinoxError, OSError):
+            self.workdirs.remove(name)
+        with contextlib.suppress(PatinoxError, OSError):
+            self._identities.release(name)
+
+    def _take_spare(self, tenant_id: str) -> Spare | None:
+        """A live spare for a new tenant (the caller holds the lock), and a refill started;
+        ``None`` when there is none or the tenant already has a uid or a directory (its
+        files are owned by that uid: it gets a template started for it)."""
+        if not self._spares or not self._root:
+            return None
+        if self._identities.known(tenant_id) is not None or self.workdirs.path(tenant_id).exists():
+            return None
+        spare = None
+        for candidate in list(self._spares):  # oldest first; one still being launched waits
+            if candidate.template.failed:
+                self._spares.remove(candidate)
+                self._spawner.submit(self._drop_spare, candidate)
+            elif spare is None and candidate.template.launched:
+                self._spares.remove(candidate)
+                spare = candidate
+        if spare is None:
+            return None
+        if not self._closed.is_set():
+            self._spawner.submit(self._refill_spares)
+        return spare
+
+    def _bind_spare(
+        self, spare: Spare, tenant_id: str, limits: ResourceLimits, level: IsolationLevel
+    ) -> TenantPool:
+        """Bind ``spare`` to the tenant (class docstring) and make its pool."""
+        cpus = self._cpus(tenant_id, level, limits)
+        cgroup = None
+        if self.cgroups is not None:
+            cgroup = self.cgroups.tenant(tenant_id, limits, cpus=cpus)
+            self._grouped.add(tenant_id)
+        workdir = self.workdirs.adopt(
+            tenant_id, spare.name, uid=spare.uid, gid=spare.gid, size_bytes=limits.disk_bytes
+        ).path
+        uid, gid = self._identities.adopt(tenant_id, spare.name)
+        procs: tuple[Path, ...] = ()
+        if self.cgroups is not None and cgroup is not None and spare.cgroup is not None:
+            target = cgroup.child("template")
+            procs = target.procs_files()
+            source = spare.cgroup.child("template")
+            for _ in range(10):  # the spare's template forks nothing unasked: this settles
+                pids = source.pids()
+                if not pids:
+                    break
+                for pid in pids:
+                    with contextlib.suppress(PatinoxError):  # it exited meanwhile
+                        target.attach(pid)
+            self.cgroups.remove_tenant(spare.name)
+        template = spare.template
+        template.rebind(replace(template.spec, workdir=workdir), cgroup_procs=procs)
+        old = self._templates.pop(tenant_id, None)  # the caller holds the lock
+        self._templates[tenant_id] = template
+        if old is not None:
+            self._spawner.submit(old.close)
+        log.info("spare template bound", tenant_id=tenant_id, spare=spare.name, uid=uid)
         return TenantPool(
             tenant_id,
             limits,
@@ -1058,10 +1255,13 @@ class PoolSupervisor:
             pools, self._pools = list(self._pools.values()), {}
             templates, self._templates = list(self._templates.values()), {}
             grouped, self._grouped = set(self._grouped), set()
+            spares, self._spares = list(self._spares), deque()
         for pool in pools:
             pool.stop()
         for template in templates:
             template.close()
+        for spare in spares:
+            self._drop_spare(spare)
         self.cores.unconfine()
         if self._owns_template:
             self.template.close()

@@ -145,6 +145,16 @@ class Template:
         """Whether the template is up and answering."""
         return self._ready.is_set() and self._error is None and not self._closed
 
+    @property
+    def launched(self) -> bool:
+        """Whether its process was started (it may still be warming up)."""
+        return self._proc is not None
+
+    @property
+    def failed(self) -> bool:
+        """Whether it could not start, or is gone (a :meth:`start` tries again)."""
+        return self._error is not None or self._closed
+
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Start the template if needed and wait until it forks on request.
 

@@ -25,8 +25,10 @@ import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
@@ -35,10 +37,12 @@ from patinox.errors import ConfigurationError, IsolationFailed, IsolationUnavail
 __all__ = ["ExecIdentities", "Workdir", "Workdirs", "probe_tmpfs"]
 
 log = structlog.get_logger("patinox.isolation")
+T = TypeVar("T")
 
 _MS_NOSUID = 0x2
 _MS_NODEV = 0x4
 _MS_REMOUNT = 0x20
+_MS_BIND = 0x1000
 _MNT_DETACH = 0x2
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
@@ -189,6 +193,31 @@ class Workdirs:
         self._own(path, uid, gid)
         return Workdir(path, uid, gid, _pages(size_bytes))
 
+    def adopt(self, tenant_id: str, spare: str, *, uid: int, gid: int, size_bytes: int) -> Workdir:
+        """Make the mounted directory of ``spare`` (a pre-warmed sandbox's, see
+        :class:`~patinox.isolation.pool.PoolSupervisor`) the tenant's: the same tmpfs is
+        bound at ``<root>/<tenant_id>`` (a sandbox that bound it at ``/work`` keeps seeing
+        it), ``spare``'s path is unmounted and removed, then the directory is resized to
+        ``size_bytes`` and owned by ``uid:gid`` (:meth:`ensure`).
+
+        Raises:
+            IsolationFailed: the tenant already has a directory, ``spare`` has no mounted
+                one, or a mount, resize or chown failed.
+        """
+        source, path = self.path(spare), self.path(tenant_id)
+        if not _is_mount(source):
+            raise IsolationFailed(f"{source} is not a mounted tmpfs", path=str(source), operation="adopt")
+        try:
+            path.mkdir(mode=0o700)
+        except OSError as err:  # FileExistsError too: a tenant's files are never replaced
+            raise _os_error("create", path, err) from err
+        if _libc.mount(os.fsencode(source), os.fsencode(path), None, _MS_BIND, None) != 0:
+            code = ctypes.get_errno()
+            path.rmdir()
+            raise _os_error("bind a spare directory at", path, OSError(code, os.strerror(code)))
+        self.remove(spare)
+        return self.ensure(tenant_id, uid=uid, gid=gid, size_bytes=size_bytes)
+
     def _plain(self, path: Path, uid: int, gid: int, err: OSError) -> Workdir:
         log.warning(
             "tenant directory is not size-capped: mounting a tmpfs was refused",
@@ -317,6 +346,72 @@ class ExecIdentities:
                 uid = self._from_registry(tenant_id) if self.registry else self._next(tenant_id, self._given)
                 self._given[tenant_id] = uid
             return uid, uid
+
+    def known(self, tenant_id: str) -> int | None:
+        """The uid ``tenant_id`` was given (in this process or, with a registry, any), or
+        ``None`` when it has none yet."""
+        with self._lock:
+            uid = self._given.get(tenant_id)
+            if uid is not None or self.registry is None:
+                return uid
+            return self._update_registry(lambda given: given.get(tenant_id))
+
+    def adopt(self, tenant_id: str, holder: str) -> tuple[int, int]:
+        """Give ``tenant_id`` the uid (and gid) of ``holder`` (a pre-warmed sandbox started
+        as that uid before any tenant was known), which gives it up: still one uid per
+        tenant. Returns ``(uid, gid)``.
+
+        Raises:
+            IsolationFailed: ``holder`` has no uid, or ``tenant_id`` already has one (its
+                files are owned by it); or the registry could not be written.
+        """
+
+        def move(given: dict[str, int]) -> int:
+            if tenant_id in given or holder not in given:
+                raise IsolationFailed(
+                    f"uid of {holder!r} not adoptable by {tenant_id!r}",
+                    tenant_id=tenant_id,
+                    operation="adopt uid",
+                )
+            given[tenant_id] = given.pop(holder)
+            return given[tenant_id]
+
+        with self._lock:
+            if self.registry is None:
+                uid = move(self._given)
+            else:
+                uid = self._update_registry(move, write=True)
+                self._given.pop(holder, None)
+                self._given[tenant_id] = uid
+            return uid, uid
+
+    def release(self, holder: str) -> None:
+        """Forget ``holder``'s uid (a pre-warmed sandbox closed unbound): it may be given
+        again. Never call it for a tenant whose files may still exist."""
+        with self._lock:
+            self._given.pop(holder, None)
+            if self.registry is not None:
+                self._update_registry(lambda given: given.pop(holder, None), write=True)
+
+    def _update_registry(self, change: Callable[[dict[str, int]], T], *, write: bool = False) -> T:
+        """``change`` applied to the registry's record under its lock (written back when
+        ``write``); the caller holds ``self._lock``."""
+        assert self.registry is not None
+        lock_path = self.registry.with_name(self.registry.name + ".lock")
+        try:
+            with open(lock_path, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                given: dict[str, int] = {}
+                if self.registry.exists():
+                    given = {str(k): int(v) for k, v in json.loads(self.registry.read_text()).items()}
+                result = change(given)
+                if write:
+                    tmp = self.registry.with_name(self.registry.name + ".tmp")
+                    tmp.write_text(json.dumps(given, sort_keys=True))
+                    os.replace(tmp, self.registry)
+                return result
+        except OSError as err:
+            raise _os_error("record execution ids in", self.registry, err) from err
 
     def _next(self, tenant_id: str, given: dict[str, int]) -> int:
         taken = set(given.values())
