@@ -118,6 +118,7 @@ def test_a_tenant_that_already_has_an_identity_gets_a_template_of_its_own(
     supervisor = runtime.process_executor.supervisor
     spare = ready_spare(supervisor)
     ctx, agent = sandboxed_tenant(runtime, deployment, name="s-moved")
+    assert run(runtime, ctx, agent, "hello")["status"] == "succeeded"
     supervisor.stop_pool(ctx.tenant_id)
     # Taken by the first pool; a restarted pool (same uid, same files) keeps the tenant's.
     pool = supervisor.pool(ctx.tenant_id, ctx.limits, level=ctx.isolation_level)

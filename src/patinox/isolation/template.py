@@ -203,7 +203,10 @@ class Template:
         except TemplateUnavailable:
             raise
         with self._lock:
-            exit_future = self._exits[pid]
+            exit_future = self._exits.get(pid)
+        if exit_future is None:  # it exited already, or the template died (and it with it)
+            exit_future = concurrent.futures.Future()
+            exit_future.set_result(-signal.SIGKILL)
         return pid, exit_future
 
     def kill(self, pid: int) -> None:
