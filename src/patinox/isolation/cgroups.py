@@ -651,9 +651,9 @@ class _Tree:
         for group in self.dirs(rel):
             try:
                 text = (group / "cgroup.procs").read_text()
-            except FileNotFoundError:
-                continue
             except OSError as err:
+                if isinstance(err, FileNotFoundError) or err.errno == errno.ENODEV:
+                    continue  # the group was removed meanwhile (ENODEV: while being read)
                 raise IsolationFailed.from_os_error("read", group / "cgroup.procs", err) from err
             pids.update(int(p) for p in text.split())
         return pids
