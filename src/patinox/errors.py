@@ -43,6 +43,7 @@ Every error carries a stable ``code`` (the JSON ``error.code`` of the HTTP API) 
 
 from __future__ import annotations
 
+import errno
 from typing import Any, ClassVar
 
 __all__ = [
@@ -402,6 +403,18 @@ class IsolationFailed(OperationFailed):
     path: str | None = None
     operation: str | None = None
     errno_name: str | None = None
+
+    @classmethod
+    def from_os_error(cls, operation: str, path: object, err: OSError) -> IsolationFailed:
+        """The error for ``err`` raised while doing ``operation`` on ``path`` (raise it
+        ``from err``): ``cannot <operation> <path>: <strerror>``."""
+        name = errno.errorcode.get(err.errno) if err.errno is not None else None
+        return cls(
+            f"cannot {operation} {path}: {err.strerror or err}",
+            path=str(path),
+            operation=operation,
+            errno_name=name,
+        )
 
 
 class StorageError(OperationFailed):

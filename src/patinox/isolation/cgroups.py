@@ -64,21 +64,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
-def _failed(operation: str, path: Path, err: OSError) -> IsolationFailed:
-    name = errno.errorcode.get(err.errno) if err.errno is not None else None
-    return IsolationFailed(
-        f"cannot {operation} {path}: {err.strerror or err}",
-        path=str(path),
-        operation=operation,
-        errno_name=name,
-    )
-
-
 def _read(path: Path) -> str:
     try:
         return path.read_text()
     except OSError as err:
-        raise _failed("read", path, err) from err
+        raise IsolationFailed.from_os_error("read", path, err) from err
 
 
 def _write(path: Path, value: str) -> None:
@@ -90,7 +80,7 @@ def _write(path: Path, value: str) -> None:
         finally:
             os.close(fd)
     except OSError as err:
-        raise _failed(f"write {value.strip()!r} to", path, err) from err
+        raise IsolationFailed.from_os_error(f"write {value.strip()!r} to", path, err) from err
 
 
 def _keyed(text: str, key: str) -> int | None:
@@ -490,7 +480,7 @@ class _Tree:
         except FileExistsError:
             pass
         except OSError as err:
-            raise _failed("create the cgroup", path, err) from err
+            raise IsolationFailed.from_os_error("create the cgroup", path, err) from err
 
     def _enable(self, path: Path, controllers: frozenset[str]) -> None:
         """v2: the controllers on in ``path``'s children (``cgroup.subtree_control``).
@@ -588,7 +578,7 @@ class _Tree:
         except FileNotFoundError:
             return []
         except OSError as err:
-            raise _failed("list", group, err) from err
+            raise IsolationFailed.from_os_error("list", group, err) from err
 
     # accounting ----------------------------------------------------------------------
 
@@ -620,7 +610,7 @@ class _Tree:
             try:
                 return int(os.pread(fd, 64, 0))
             except OSError as err:
-                raise _failed("read", group / "memory.peak", err) from err
+                raise IsolationFailed.from_os_error("read", group / "memory.peak", err) from err
         if (group / "memory.peak").exists() and rel not in self.peak_samples:
             return int(_read(group / "memory.peak"))
         # No resettable peak: the largest memory.current seen by these calls since the reset.
@@ -661,10 +651,10 @@ class _Tree:
         for group in self.dirs(rel):
             try:
                 text = (group / "cgroup.procs").read_text()
-            except FileNotFoundError:
-                continue
             except OSError as err:
-                raise _failed("read", group / "cgroup.procs", err) from err
+                if isinstance(err, FileNotFoundError) or err.errno == errno.ENODEV:
+                    continue  # the group was removed meanwhile (ENODEV: while being read)
+                raise IsolationFailed.from_os_error("read", group / "cgroup.procs", err) from err
             pids.update(int(p) for p in text.split())
         return pids
 
@@ -684,7 +674,7 @@ class _Tree:
                 except ProcessLookupError:
                     pass
                 except OSError as err:
-                    raise _failed(f"kill pid {pid} in", self.dirs(rel)[0], err) from err
+                    raise IsolationFailed.from_os_error(f"kill pid {pid} in", self.dirs(rel)[0], err) from err
             if time.monotonic() > deadline:
                 raise IsolationFailed(
                     f"processes {sorted(pids)} still in cgroup {rel} after SIGKILL",
@@ -717,7 +707,7 @@ class _Tree:
                 except OSError as err:
                     # EBUSY: a killed process has not finished exiting yet.
                     if err.errno != errno.EBUSY or time.monotonic() > deadline:
-                        raise _failed("remove the cgroup", group, err) from err
+                        raise IsolationFailed.from_os_error("remove the cgroup", group, err) from err
                     time.sleep(0.005)
 
 

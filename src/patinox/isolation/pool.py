@@ -596,7 +596,11 @@ class TenantPool:
         except BaseException as err:
             with self._lock:
                 self._starting -= 1
-            log.warning("execution process failed to start", tenant_id=self.tenant_id, error=str(err))
+                stopped = self._stopped
+            # A pool stopped meanwhile (tenant suspended, deleted or moved) closed what the
+            # start was waiting on: expected, not a fault.
+            say = log.debug if stopped else log.warning
+            say("execution process failed to start", tenant_id=self.tenant_id, error=str(err))
             self._wake()
             raise
         with self._lock:

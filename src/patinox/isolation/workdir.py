@@ -50,16 +50,6 @@ _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _os_error(operation: str, path: Path, err: OSError) -> IsolationFailed:
-    name = errno.errorcode.get(err.errno) if err.errno is not None else None
-    return IsolationFailed(
-        f"cannot {operation} {path}: {err.strerror or err}",
-        path=str(path),
-        operation=operation,
-        errno_name=name,
-    )
-
-
 def _mount(target: Path, flags: int, options: str) -> None:
     """mount(2) of a tmpfs at ``target``. Raises OSError."""
     if _libc.mount(b"tmpfs", os.fsencode(target), b"tmpfs", flags, options.encode()) != 0:
@@ -148,7 +138,7 @@ class Workdirs:
             if root.stat().st_uid == os.geteuid():
                 root.chmod(0o711)
         except OSError as err:
-            raise _os_error("create", root, err) from err
+            raise IsolationFailed.from_os_error("create", root, err) from err
 
     def path(self, tenant_id: str) -> Path:
         """``<root>/<tenant_id>``.
@@ -174,14 +164,14 @@ class Workdirs:
         try:
             path.mkdir(mode=0o700, exist_ok=True)
         except OSError as err:
-            raise _os_error("create", path, err) from err
+            raise IsolationFailed.from_os_error("create", path, err) from err
         options = f"size={size_bytes},nr_inodes={_inodes(size_bytes)}"
         if not _is_mount(path):
             try:
                 _mount(path, _MS_NOSUID | _MS_NODEV, f"{options},mode=0700,uid={uid},gid={gid}")
             except OSError as err:
                 if err.errno not in (errno.EPERM, errno.EACCES):
-                    raise _os_error("mount a tmpfs at", path, err) from err
+                    raise IsolationFailed.from_os_error("mount a tmpfs at", path, err) from err
                 return self._plain(path, uid, gid, err)
         else:
             stat = os.statvfs(path)
@@ -189,7 +179,7 @@ class Workdirs:
                 try:
                     _mount(path, _MS_REMOUNT | _MS_NOSUID | _MS_NODEV, options)
                 except OSError as err:
-                    raise _os_error(f"resize to {size_bytes} bytes", path, err) from err
+                    raise IsolationFailed.from_os_error(f"resize to {size_bytes} bytes", path, err) from err
         self._own(path, uid, gid)
         return Workdir(path, uid, gid, _pages(size_bytes))
 
@@ -240,7 +230,7 @@ class Workdirs:
                 os.lchown(path, uid, gid)
             path.chmod(0o700)
         except OSError as err:
-            raise _os_error(f"give to {uid}:{gid}", path, err) from err
+            raise IsolationFailed.from_os_error(f"give to {uid}:{gid}", path, err) from err
 
     def remove(self, tenant_id: str) -> None:
         """Unmount the tenant's directory (lazily when a process still holds it open) and
@@ -262,7 +252,7 @@ class Workdirs:
         except FileNotFoundError:
             return
         except OSError as err:
-            raise _os_error("remove", path, err) from err
+            raise IsolationFailed.from_os_error("remove", path, err) from err
 
     def used_bytes(self, tenant_id: str) -> int:
         """Bytes the tenant's files take (whole pages on a tmpfs); 0 when it has none."""
@@ -279,7 +269,7 @@ class Workdirs:
         except FileNotFoundError:
             return 0
         except OSError as err:
-            raise _os_error("measure", path, err) from err
+            raise IsolationFailed.from_os_error("measure", path, err) from err
 
     def full(self, tenant_id: str) -> bool:
         """Whether the tenant's directory has no room left: no free block or no free inode
@@ -290,7 +280,7 @@ class Workdirs:
         except FileNotFoundError:
             return False
         except OSError as err:
-            raise _os_error("measure", path, err) from err
+            raise IsolationFailed.from_os_error("measure", path, err) from err
         return stat.f_bavail == 0 or stat.f_favail == 0
 
 
@@ -442,4 +432,4 @@ class ExecIdentities:
                 os.replace(tmp, self.registry)
                 return uid
         except OSError as err:
-            raise _os_error("record execution ids in", self.registry, err) from err
+            raise IsolationFailed.from_os_error("record execution ids in", self.registry, err) from err
