@@ -200,11 +200,13 @@ class Workdirs:
         try:
             path.mkdir(mode=0o700)
         except OSError as err:  # FileExistsError too: a tenant's files are never replaced
-            raise _os_error("create", path, err) from err
+            raise IsolationFailed.from_os_error("create", path, err) from err
         if _libc.mount(os.fsencode(source), os.fsencode(path), None, _MS_BIND, None) != 0:
             code = ctypes.get_errno()
             path.rmdir()
-            raise _os_error("bind a spare directory at", path, OSError(code, os.strerror(code)))
+            raise IsolationFailed.from_os_error(
+                "bind a spare directory at", path, OSError(code, os.strerror(code))
+            )
         self.remove(spare)
         return self.ensure(tenant_id, uid=uid, gid=gid, size_bytes=size_bytes)
 
@@ -401,7 +403,7 @@ class ExecIdentities:
                     os.replace(tmp, self.registry)
                 return result
         except OSError as err:
-            raise _os_error("record execution ids in", self.registry, err) from err
+            raise IsolationFailed.from_os_error("record execution ids in", self.registry, err) from err
 
     def _next(self, tenant_id: str, given: dict[str, int]) -> int:
         taken = set(given.values())
