@@ -75,6 +75,9 @@ class Settings:
             seconds (started again by the next run).
         exec_cgroup_prefix: the cgroup (relative to each hierarchy's root) under which the
             tenants' cgroups are made.
+        exec_spares: pre-warmed sandboxed templates kept ready for the next ``container`` or
+            ``dedicated`` tenant (as root, on a host that offers ``container``; 0: none, and
+            such a tenant's first run starts its sandbox cold, about 2 s here).
     """
 
     database_url: str
@@ -87,6 +90,7 @@ class Settings:
     exec_root: Path = field(default_factory=_default_exec_root)
     exec_idle_s: float = 300.0
     exec_cgroup_prefix: str = "patinox"
+    exec_spares: int = 1
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> Settings:
@@ -98,9 +102,12 @@ class Settings:
         the KEK is ``data_dir/kek.json`` unless ``PATINOX_KEK_URL`` says otherwise;
         ``PATINOX_EMBEDDED_WORKERS`` caps how many queued runs the server executes itself
         at once (0: none); ``PATINOX_FAIR_SHARE=off`` turns the fair-share admission off (for
-        benchmarks and emergencies); ``PATINOX_EXEC_ROOT``, ``PATINOX_EXEC_IDLE_S`` and
-        ``PATINOX_CGROUP_PREFIX`` set :attr:`exec_root`, :attr:`exec_idle_s` and
-        :attr:`exec_cgroup_prefix`.
+        benchmarks and emergencies); ``PATINOX_EXEC_ROOT``, ``PATINOX_EXEC_IDLE_S``,
+        ``PATINOX_CGROUP_PREFIX`` and ``PATINOX_EXEC_SPARES`` set :attr:`exec_root`,
+        :attr:`exec_idle_s`, :attr:`exec_cgroup_prefix` and :attr:`exec_spares`.
+
+        Raises:
+            ConfigurationError: a variable that is not a number where one is needed.
         """
         return cls(
             database_url=os.environ.get("PATINOX_DATABASE_URL")
@@ -112,7 +119,22 @@ class Settings:
             admission=AdmissionSettings(enabled=_fair_share_enabled(os.environ.get("PATINOX_FAIR_SHARE"))),
             exec_idle_s=float(os.environ.get("PATINOX_EXEC_IDLE_S") or 300.0),
             exec_cgroup_prefix=os.environ.get("PATINOX_CGROUP_PREFIX") or "patinox",
+            exec_spares=_count_env("PATINOX_EXEC_SPARES", 1),
         )
+
+
+def _count_env(name: str, default: int) -> int:
+    """The whole number >= 0 in environment variable ``name`` (``default`` when unset).
+
+    Raises:
+        ConfigurationError: it is set to anything else.
+    """
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise ConfigurationError(f"{name} must be a whole number >= 0, not {raw!r}")
+    return int(raw)
 
 
 def _fair_share_enabled(value: str | None) -> bool:
@@ -278,7 +300,11 @@ def _executors(
 
     def supervisor() -> PoolSupervisor:
         return PoolSupervisor.on_this_host(
-            PoolSettings(exec_root=settings.exec_root, idle_s=settings.exec_idle_s),
+            PoolSettings(
+                exec_root=settings.exec_root,
+                idle_s=settings.exec_idle_s,
+                spare_templates=settings.exec_spares,
+            ),
             template=template,
             tenant_info=tenant_info,
             cgroup_prefix=settings.exec_cgroup_prefix,

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from patinox.errors import ConfigurationError
 from patinox.isolation.cgroups import CgroupSupport
 from patinox.isolation.checks import Check
 from patinox.isolation.host import HostSupport, detect_host
+from patinox.runtime import Settings
 from patinox.tenancy import IsolationLevel
 
 _SANDBOX_OK = tuple(
@@ -70,3 +74,15 @@ def test_this_host_is_probed_for_real() -> None:
     names = [c.name for c in host.checks()]
     assert "cgroup version" in names and "bubblewrap" in names
     assert IsolationLevel.NAMESPACE in host.levels()
+
+
+def test_the_deployment_setting_names_how_many_spares_and_refuses_a_non_number(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATINOX_EXEC_SPARES", "0")
+    assert Settings.for_data_dir(tmp_path).exec_spares == 0
+    monkeypatch.setenv("PATINOX_EXEC_SPARES", "two")
+    with pytest.raises(ConfigurationError, match="PATINOX_EXEC_SPARES"):
+        Settings.for_data_dir(tmp_path)
+    monkeypatch.delenv("PATINOX_EXEC_SPARES")
+    assert Settings.for_data_dir(tmp_path).exec_spares == 1
