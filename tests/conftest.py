@@ -29,6 +29,7 @@ from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
 from patinox.storage.engine import database_name, normalise_url, with_database
 from patinox.storage.postgres import PostgresDeployment, bootstrap
 from patinox.storage.postgres import drop as pg_drop
+from patinox.tenancy import IsolationLevel
 from tests._services import EmbeddedServers, Service, ServiceUnavailable, resolve_postgres, resolve_redis
 
 _real_connect = socket.socket.connect
@@ -252,6 +253,13 @@ def exec_cgroup_prefix() -> Iterator[str]:
 
 
 @pytest.fixture
+def offered_levels() -> frozenset[IsolationLevel] | None:
+    """The isolation levels the test's deployment offers (``Settings.isolation_levels``):
+    every one this host enforces; a test parametrises it to offer fewer."""
+    return None
+
+
+@pytest.fixture
 def runtime(
     deployment: Deployment,
     backend: SqlBackend,
@@ -259,6 +267,7 @@ def runtime(
     exec_template: Template,
     exec_root: Path,
     exec_cgroup_prefix: str,
+    offered_levels: frozenset[IsolationLevel] | None,
 ) -> Iterator[Runtime]:
     settings = Settings(
         database_url=deployment.db_url,
@@ -267,6 +276,7 @@ def runtime(
         max_body_bytes=64 * 1024,
         exec_root=exec_root,
         exec_cgroup_prefix=exec_cgroup_prefix,
+        isolation_levels=offered_levels,
     )
     rt = Runtime.build(settings, backend=backend, template=exec_template)
     yield rt

@@ -75,6 +75,9 @@ class Settings:
             seconds (started again by the next run).
         exec_cgroup_prefix: the cgroup (relative to each hierarchy's root) under which the
             tenants' cgroups are made.
+        isolation_levels: the levels this deployment offers, among those this host can
+            enforce (``namespace`` always); ``None``: every level the host can enforce. A
+            tenant asking for another is refused (``422 isolation_unavailable``).
         exec_spares: pre-warmed sandboxed templates kept ready for the next ``container`` or
             ``dedicated`` tenant (as root, on a host that offers ``container``; 0: none, and
             such a tenant's first run starts its sandbox cold, about 2 s here).
@@ -91,6 +94,7 @@ class Settings:
     exec_idle_s: float = 300.0
     exec_cgroup_prefix: str = "patinox"
     exec_spares: int = 1
+    isolation_levels: frozenset[IsolationLevel] | None = None
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> Settings:
@@ -104,7 +108,9 @@ class Settings:
         at once (0: none); ``PATINOX_FAIR_SHARE=off`` turns the fair-share admission off (for
         benchmarks and emergencies); ``PATINOX_EXEC_ROOT``, ``PATINOX_EXEC_IDLE_S``,
         ``PATINOX_CGROUP_PREFIX`` and ``PATINOX_EXEC_SPARES`` set :attr:`exec_root`,
-        :attr:`exec_idle_s`, :attr:`exec_cgroup_prefix` and :attr:`exec_spares`.
+        :attr:`exec_idle_s`, :attr:`exec_cgroup_prefix` and :attr:`exec_spares`;
+        ``PATINOX_ISOLATION_LEVELS`` (comma-separated, e.g. ``namespace,process``) limits
+        :attr:`isolation_levels`.
 
         Raises:
             ConfigurationError: a variable that is not a number where one is needed.
@@ -120,7 +126,27 @@ class Settings:
             exec_idle_s=float(os.environ.get("PATINOX_EXEC_IDLE_S") or 300.0),
             exec_cgroup_prefix=os.environ.get("PATINOX_CGROUP_PREFIX") or "patinox",
             exec_spares=_count_env("PATINOX_EXEC_SPARES", 1),
+            isolation_levels=_levels_env(os.environ.get("PATINOX_ISOLATION_LEVELS")),
         )
+
+
+def _levels_env(value: str | None) -> frozenset[IsolationLevel] | None:
+    """``PATINOX_ISOLATION_LEVELS``: unset or empty for every level the host can enforce,
+    else a comma-separated list of level names (``namespace`` is always offered).
+
+    Raises:
+        ConfigurationError: a name that is not an isolation level.
+    """
+    names = [n.strip().lower() for n in (value or "").split(",") if n.strip()]
+    if not names:
+        return None
+    known = {level.value: level for level in IsolationLevel}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigurationError(
+            f"PATINOX_ISOLATION_LEVELS names unknown levels {unknown}; known: {', '.join(known)}"
+        )
+    return frozenset(known[n] for n in names) | {IsolationLevel.NAMESPACE}
 
 
 def _count_env(name: str, default: int) -> int:
@@ -285,8 +311,9 @@ def _executors(
     and ``dedicated`` where :func:`~patinox.isolation.host.detect_host` says the sandbox
     works (and a core can be dedicated), all three served by one executor."""
     namespace = NamespaceExecutor()
+    offered = settings.isolation_levels
     available, _ = process_isolation_available()
-    if not available:
+    if not available or (offered is not None and offered <= {IsolationLevel.NAMESPACE}):
         return None, ExecutorMap({IsolationLevel.NAMESPACE: namespace})
     cores = CoreAllocator(_host_cpus())
     host_levels = _host_levels()
@@ -323,6 +350,8 @@ def _executors(
     for level in (IsolationLevel.CONTAINER, IsolationLevel.DEDICATED):
         if level in host_levels:
             levels[level] = process
+    if offered is not None:
+        levels = {level: executor for level, executor in levels.items() if level in offered}
     return process, ExecutorMap(levels)
 
 

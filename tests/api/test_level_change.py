@@ -165,12 +165,16 @@ def test_namespace_to_process_and_back_with_runs_in_flight_and_queued(
     assert not runtime.queue.held(a.id)
 
 
+@pytest.mark.parametrize("offered_levels", [frozenset({IsolationLevel.NAMESPACE, IsolationLevel.PROCESS})])
 def test_a_level_this_host_cannot_enforce_is_refused(
-    client: TestClient, make_tenant: Any, operator_key: str, runtime: Runtime
+    client: TestClient,
+    make_tenant: Any,
+    operator_key: str,
+    runtime: Runtime,
+    offered_levels: frozenset[IsolationLevel],
 ) -> None:
     missing = [lvl for lvl in IsolationLevel if lvl not in runtime.executors.levels]
-    if not missing:
-        pytest.skip("this host offers every isolation level")
+    assert missing == [IsolationLevel.CONTAINER, IsolationLevel.DEDICATED]
     a = make_tenant("alpha")
     r = client.patch(
         f"/admin/tenants/{a.id}", json={"isolation_level": missing[-1].value}, headers=auth(operator_key)

@@ -86,3 +86,19 @@ def test_the_deployment_setting_names_how_many_spares_and_refuses_a_non_number(
         Settings.for_data_dir(tmp_path)
     monkeypatch.delenv("PATINOX_EXEC_SPARES")
     assert Settings.for_data_dir(tmp_path).exec_spares == 1
+
+
+def test_the_deployment_may_offer_fewer_levels_and_names_a_wrong_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATINOX_ISOLATION_LEVELS", "process, container")
+    assert Settings.for_data_dir(tmp_path).isolation_levels == {
+        IsolationLevel.NAMESPACE,
+        IsolationLevel.PROCESS,
+        IsolationLevel.CONTAINER,
+    }
+    monkeypatch.setenv("PATINOX_ISOLATION_LEVELS", "process,vm")
+    with pytest.raises(ConfigurationError, match="'vm'"):
+        Settings.for_data_dir(tmp_path)
+    monkeypatch.setenv("PATINOX_ISOLATION_LEVELS", "")
+    assert Settings.for_data_dir(tmp_path).isolation_levels is None
