@@ -42,7 +42,7 @@ def count(t: TenantHandle, status: str) -> int:
 
 def require_process(runtime: Runtime) -> None:
     if IsolationLevel.PROCESS not in runtime.executors.levels:
-        pytest.skip("this host cannot run the process isolation level")
+        pytest.fail("this host cannot run the process isolation level (Linux with fork is needed; CI has it)")
 
 
 def pools(runtime: Runtime) -> set[str]:

@@ -107,7 +107,7 @@ def server(data_dir: Path) -> Iterator[Server]:
 @pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
 def test_namespace_to_process_and_back_from_the_command_line(data_dir: Path, server: Server) -> None:
     if not process_isolation_available()[0]:
-        pytest.skip("this host cannot run the process isolation level")
+        pytest.fail("this host cannot run the process isolation level (Linux with fork is needed; CI has it)")
     assert cli("tenants", "create", "acme", "--plan", "pro").exit_code == 0
     assert cli("agents", "create", "acme", "quick", "--model", "simulated:instant").exit_code == 0
     assert cli("agents", "create", "acme", "endless", "--model", ENDLESS).exit_code == 0

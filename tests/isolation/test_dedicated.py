@@ -12,6 +12,7 @@ import pytest
 from patinox.control import TenantSpec
 from patinox.errors import IsolationUnavailable
 from patinox.isolation.cgroups import parse_cpus
+from patinox.isolation.cores import CoreAllocator
 from patinox.runtime import Runtime
 from patinox.tenancy import IsolationLevel, StorageModel
 from tests.conftest import Deployment
@@ -26,15 +27,39 @@ def _as_root() -> None:
         pytest.fail("the dedicated level's tests need root: real cpuset cgroups (CI runs them as root)")
 
 
+def _cores(runtime: Runtime) -> CoreAllocator:
+    executor = runtime.process_executor
+    assert executor is not None and executor.cores is not None
+    return executor.cores
+
+
+def _need_two_cores(runtime: Runtime) -> None:
+    if len(_cores(runtime).cpus) < 2:
+        pytest.fail("the dedicated level needs a host with 2 cores or more (one stays shared; CI has 2)")
+
+
+def _take_every_free_core(runtime: Runtime, deployment: Deployment) -> None:
+    """Dedicated tenants until no core is free (none more on a 2-core host)."""
+    n = 0
+    while _cores(runtime).free_count() > 0:
+        n += 1
+        runtime.tenants.create(
+            TenantSpec(
+                name=f"filler-{n}",
+                isolation_level=IsolationLevel.DEDICATED,
+                storage_model=StorageModel(deployment.storage_model),
+            ),
+            actor="test",
+        )
+
+
 def cpuset_of(runtime: Runtime, tenant_id: str) -> tuple[int, ...]:
     prefix = runtime.settings.exec_cgroup_prefix
     return parse_cpus(Path(f"/sys/fs/cgroup/cpuset/{prefix}/{tenant_id}/cpuset.cpus").read_text())
 
 
 def test_a_dedicated_tenant_gets_cores_no_other_work_uses(runtime: Runtime, deployment: Deployment) -> None:
-    all_cpus = tuple(sorted(os.sched_getaffinity(0)))
-    if len(all_cpus) < 2:
-        pytest.skip("a host with one core can dedicate none")
+    _need_two_cores(runtime)
     shared_ctx, shared_agent = sandboxed_tenant(
         runtime, deployment, name="shared", level=IsolationLevel.CONTAINER
     )
@@ -56,9 +81,9 @@ def test_a_dedicated_tenant_gets_cores_no_other_work_uses(runtime: Runtime, depl
 def test_a_second_dedicated_tenant_is_refused_while_no_core_is_free_and_nothing_of_it_is_made(
     runtime: Runtime, deployment: Deployment
 ) -> None:
-    if len(os.sched_getaffinity(0)) != 2:
-        pytest.skip("written for a 2-core host: one core can be dedicated")
+    _need_two_cores(runtime)
     first, _ = sandboxed_tenant(runtime, deployment, name="first", level=IsolationLevel.DEDICATED)
+    _take_every_free_core(runtime, deployment)
     before = {t.id for t in runtime.tenants.list(include_deleted=True)}
     spec = TenantSpec(
         name="second",
@@ -67,7 +92,9 @@ def test_a_second_dedicated_tenant_is_refused_while_no_core_is_free_and_nothing_
     )
     with pytest.raises(IsolationUnavailable) as refused:
         runtime.tenants.create(spec, actor="test")
-    assert refused.value.fields["free_cores"] == 0 and "0 of this host's 2 are free" in refused.value.message
+    host_cores = len(_cores(runtime).cpus)
+    assert refused.value.fields["free_cores"] == 0
+    assert f"0 of this host's {host_cores} are free" in refused.value.message
     assert {t.id for t in runtime.tenants.list(include_deleted=True)} == before
     # Deleting the first gives its core back: the second can be created then.
     runtime.tenants.delete(first.tenant_id, actor="test")
@@ -80,14 +107,14 @@ def test_a_second_dedicated_tenant_is_refused_while_no_core_is_free_and_nothing_
 def test_a_live_change_to_dedicated_reserves_cores_first_and_a_change_away_gives_them_back(
     runtime: Runtime, deployment: Deployment
 ) -> None:
-    if len(os.sched_getaffinity(0)) != 2:
-        pytest.skip("written for a 2-core host: one core can be dedicated")
+    _need_two_cores(runtime)
     spec = TenantSpec(
         name="first",
         isolation_level=IsolationLevel.DEDICATED,
         storage_model=StorageModel(deployment.storage_model),
     )
     first = runtime.tenants.create(spec, actor="test")
+    _take_every_free_core(runtime, deployment)
     other = runtime.tenants.create(
         TenantSpec(name="other", storage_model=StorageModel(deployment.storage_model)), actor="test"
     )

@@ -988,11 +988,7 @@ class PoolSupervisor:
                 )
                 self._spawner.submit(self._drop_spare, spare)
         uid, gid = self._identities.for_tenant(tenant_id) if self._root else (None, None)
-        cpus = self._cpus(tenant_id, level, limits)
-        cgroup = None
-        if self.cgroups is not None:
-            cgroup = self.cgroups.tenant(tenant_id, limits, cpus=cpus)
-            self._grouped.add(tenant_id)
+        cgroup = self._tenant_cgroup(tenant_id, limits, level)
         workdir = self._workdir(tenant_id, limits, uid, gid)
         template = self.template
         if level in SANDBOXED_LEVELS:
@@ -1008,20 +1004,7 @@ class PoolSupervisor:
             if old is not None:
                 self._spawner.submit(old.close)
             template = sandboxed
-        return TenantPool(
-            tenant_id,
-            limits,
-            level=level,
-            template=template,
-            spawner=self._spawner,
-            settings=self.settings,
-            rlimits=self._rlimits(limits),
-            workdir=workdir,
-            uid=uid,
-            gid=gid,
-            cgroup=cgroup,
-            on_ready=self.ready_ms.append,
-        )
+        return self._make_pool(tenant_id, limits, level, template, workdir, uid, gid, cgroup)
 
     # -- spares ------------------------------------------------------------------------------
 
@@ -1106,15 +1089,48 @@ class PoolSupervisor:
             self._spawner.submit(self._refill_spares)
         return spare
 
+    def _tenant_cgroup(
+        self, tenant_id: str, limits: ResourceLimits, level: IsolationLevel
+    ) -> TenantCgroup | None:
+        """The tenant's cgroup with its limits and cores (``None`` without cgroups)."""
+        if self.cgroups is None:
+            return None
+        cgroup = self.cgroups.tenant(tenant_id, limits, cpus=self._cpus(tenant_id, level, limits))
+        self._grouped.add(tenant_id)
+        return cgroup
+
+    def _make_pool(
+        self,
+        tenant_id: str,
+        limits: ResourceLimits,
+        level: IsolationLevel,
+        template: Template,
+        workdir: Path,
+        uid: int | None,
+        gid: int | None,
+        cgroup: TenantCgroup | None,
+    ) -> TenantPool:
+        """A pool of the tenant's execution processes from the parts made for it."""
+        return TenantPool(
+            tenant_id,
+            limits,
+            level=level,
+            template=template,
+            spawner=self._spawner,
+            settings=self.settings,
+            rlimits=self._rlimits(limits),
+            workdir=workdir,
+            uid=uid,
+            gid=gid,
+            cgroup=cgroup,
+            on_ready=self.ready_ms.append,
+        )
+
     def _bind_spare(
         self, spare: Spare, tenant_id: str, limits: ResourceLimits, level: IsolationLevel
     ) -> TenantPool:
         """Bind ``spare`` to the tenant (class docstring) and make its pool."""
-        cpus = self._cpus(tenant_id, level, limits)
-        cgroup = None
-        if self.cgroups is not None:
-            cgroup = self.cgroups.tenant(tenant_id, limits, cpus=cpus)
-            self._grouped.add(tenant_id)
+        cgroup = self._tenant_cgroup(tenant_id, limits, level)
         workdir = self.workdirs.adopt(
             tenant_id, spare.name, uid=spare.uid, gid=spare.gid, size_bytes=limits.disk_bytes
         ).path
@@ -1139,20 +1155,7 @@ class PoolSupervisor:
         if old is not None:
             self._spawner.submit(old.close)
         log.info("spare template bound", tenant_id=tenant_id, spare=spare.name, uid=uid)
-        return TenantPool(
-            tenant_id,
-            limits,
-            level=level,
-            template=template,
-            spawner=self._spawner,
-            settings=self.settings,
-            rlimits=self._rlimits(limits),
-            workdir=workdir,
-            uid=uid,
-            gid=gid,
-            cgroup=cgroup,
-            on_ready=self.ready_ms.append,
-        )
+        return self._make_pool(tenant_id, limits, level, template, workdir, uid, gid, cgroup)
 
     def _workdir(self, tenant_id: str, limits: ResourceLimits, uid: int | None, gid: int | None) -> Path:
         return self.workdirs.ensure(
