@@ -198,3 +198,53 @@ def test_kill_9_of_random_execution_processes_loses_no_run(
     # And the pool still serves.
     after = asyncio.run(_start(runtime, ctx, slow, python_call("print('after')")))
     assert after["status"] == "succeeded", after
+
+
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` died and its parent has not reaped it yet."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_a_process_killed_while_idle_gives_its_run_to_another(
+    runtime: Runtime, deployment: Deployment
+) -> None:
+    """An idle process SIGKILLed before the host heard of its end (its template, which
+    reaps it, is stopped) is offered to the next run: the run goes to a new process and
+    succeeds, since nothing of it had happened in the dead one."""
+    ctx, agent = sandboxed_tenant(
+        runtime,
+        deployment,
+        name="idle",
+        level=IsolationLevel.PROCESS,
+        tools=("memory_put",),
+        execution_processes=1,
+    )
+    assert _start_sync(runtime, ctx, agent)["status"] == "succeeded"
+    assert runtime.process_executor is not None
+    pool = runtime.process_executor.supervisor.pools()[ctx.tenant_id]
+    (dead,) = pool.processes()
+    template_pid = pool.template.pid
+    assert template_pid is not None
+
+    async def scenario() -> dict[str, Any]:
+        os.kill(template_pid, signal.SIGSTOP)
+        try:
+            os.kill(dead.host_pid, signal.SIGKILL)
+            while not _zombie(dead.host_pid):
+                await asyncio.sleep(0.01)
+            assert dead.alive  # as far as the host knows
+            run = asyncio.ensure_future(_start(runtime, ctx, agent, "after the kill"))
+            await asyncio.sleep(0.5)
+        finally:
+            os.kill(template_pid, signal.SIGCONT)
+        async with asyncio.timeout(GUARD_S):
+            return await run
+
+    row = asyncio.run(scenario())
+    assert row["status"] == "succeeded", row
+    assert dead not in pool.processes()
+
+
+def _start_sync(runtime: Runtime, ctx: TenantContext, agent: str) -> dict[str, Any]:
+    return asyncio.run(_start(runtime, ctx, agent, "warm"))

@@ -94,6 +94,13 @@ _REASONS: Final = frozenset(
 )
 #: Seconds to wait for a dead process's exit status, to name it in the run's error.
 _EXIT_WAIT_S: Final = 2.0
+#: Processes a run is offered before it fails ``worker_crashed`` when each died before it
+#: said a word of the run (an idle process killed from outside, not yet reaped).
+_OFFERS: Final = 3
+
+
+class _NotTaken(Exception):
+    """The process died before it answered the run: nothing of the run happened in it."""
 
 
 class ProcessExecutor:
@@ -261,39 +268,34 @@ class _HostRun:
         self.cpu_seconds: float | None = None
         self.peak_memory_bytes: int | None = None
         self.tool_calls = 0
+        #: Whether the process running it sent anything of it yet.
+        self.heard = False
 
     async def run(self) -> RunOutcome:
         _check_output_tokens(self.output_tokens, self.limits)
         validate_tool_names(self.definition.tools)
         model = resolve_model(self.definition.model)
-        try:
-            pool = self.supervisor.pool(self.ctx.tenant_id, self.ctx.limits, level=self.ctx.isolation_level)
-        except PatinoxError as err:  # its cgroup, directory or identity: the OS refused
-            raise self._failed(
-                err.code, f"the tenant's execution pool could not start: {err.message}"
-            ) from err
-        except (OSError, PoolStopped) as err:
-            raise self._failed(
-                "worker_crashed", f"the tenant's execution pool could not start: {err}"
-            ) from err
-        if pool.tenant_id != self.ctx.tenant_id:
-            raise TenantContextAlreadySet(
-                "an execution pool of another tenant was offered for this run",
-                active_tenant_id=pool.tenant_id,
-            )
+        pool = self._pool()
         proc: ExecutionProcess | None = None
         reuse = False
         deadline = asyncio.timeout(self.limits.timeout_s)
         try:
             async with deadline:
-                proc = await pool.acquire()
-                if proc.tenant_id != self.ctx.tenant_id:
-                    raise TenantContextAlreadySet(
-                        "an execution process bound to another tenant was offered for this run",
-                        active_tenant_id=proc.tenant_id,
-                    )
-                outcome, reuse = await self._in(proc, pool, model)
-            return outcome
+                for offer in range(_OFFERS):
+                    proc = await pool.acquire()
+                    if proc.tenant_id != self.ctx.tenant_id:
+                        raise TenantContextAlreadySet(
+                            "an execution process bound to another tenant was offered for this run",
+                            active_tenant_id=proc.tenant_id,
+                        )
+                    try:
+                        outcome, reuse = await self._in(proc, pool, model, last=offer + 1 == _OFFERS)
+                    except _NotTaken:
+                        pool.release(proc, reuse=False)
+                        proc = None
+                        continue
+                    return outcome
+                raise AssertionError("unreachable")  # the last offer returns or raises RunFailed
         except TimeoutError:
             if not deadline.expired():
                 raise
@@ -312,11 +314,38 @@ class _HostRun:
             if proc is not None:
                 pool.release(proc, reuse=reuse)
 
-    async def _in(self, proc: ExecutionProcess, pool: TenantPool, model: Model) -> tuple[RunOutcome, bool]:
+    def _pool(self) -> TenantPool:
+        """The tenant's pool (started if it was not).
+
+        Raises:
+            RunFailed: the OS refused its cgroup, directory or identity, or it stopped.
+            TenantContextAlreadySet: the supervisor offered another tenant's pool.
+        """
+        try:
+            pool = self.supervisor.pool(self.ctx.tenant_id, self.ctx.limits, level=self.ctx.isolation_level)
+        except PatinoxError as err:  # its cgroup, directory or identity: the OS refused
+            raise self._failed(
+                err.code, f"the tenant's execution pool could not start: {err.message}"
+            ) from err
+        except (OSError, PoolStopped) as err:
+            raise self._failed(
+                "worker_crashed", f"the tenant's execution pool could not start: {err}"
+            ) from err
+        if pool.tenant_id != self.ctx.tenant_id:
+            raise TenantContextAlreadySet(
+                "an execution pool of another tenant was offered for this run",
+                active_tenant_id=pool.tenant_id,
+            )
+        return pool
+
+    async def _in(
+        self, proc: ExecutionProcess, pool: TenantPool, model: Model, *, last: bool
+    ) -> tuple[RunOutcome, bool]:
         """The run in ``proc``: its outcome, and whether ``proc`` may serve another run.
 
         Raises:
             RunFailed: the run failed (in the process, or the process died).
+            _NotTaken: unless ``last``, ``proc`` died before it answered the run.
         """
         loop = asyncio.get_running_loop()
         # Its CPU time when its last run ended (it waits idle between runs), else now.
@@ -326,11 +355,22 @@ class _HostRun:
             proc, cpu_before, self.ctx.limits.cpu_seconds_per_run, self.supervisor.settings.cpu_poll_s
         )
         watch.arm(loop)
+        self.heard = False
         try:
             await proc.channel.send(self._run_message(model))
             result = await self._serve(proc, model)
         except (ChannelClosed, ProtocolError) as err:
             watch.cancel()
+            if (
+                not last
+                and isinstance(err, ChannelClosed)
+                and not self.heard
+                and proc.killed_for is None
+                and not proc.oom_killed()
+            ):
+                # It died before it said a word of the run (killed while idle, not yet
+                # reaped): no model request, memory call or tool happened; offer another.
+                raise _NotTaken(str(err)) from err
             self._measure(proc, cpu_before, watch.last)
             raise await self._died(proc, err) from err
         finally:
@@ -369,7 +409,8 @@ class _HostRun:
         )
 
     async def _serve(self, proc: ExecutionProcess, model: Model) -> Done | Failed:
-        """Answer the process's requests until it reports the run's end.
+        """Answer the process's requests until it reports the run's end (:attr:`heard`
+        once it sent anything).
 
         Raises:
             ChannelClosed, ProtocolError: the process died or misbehaved.
@@ -377,6 +418,7 @@ class _HostRun:
         channel = proc.channel
         while True:
             message = await channel.receive()
+            self.heard = True
             if isinstance(message, ModelRequest):
                 await channel.send(await self._model_request(message, model, proc))
             elif isinstance(message, MemoryCall):
