@@ -5,9 +5,13 @@
     PatinoxError                         root of everything Patinox raises
     ├── ConfigurationError               misuse by the caller; fix the call, do not retry
     │   ├── InvalidRequest               a spec or body failed validation       (422 invalid_request)
+    │   │   └── IdempotencyKeyReused     an Idempotency-Key sent with another
+    │   │                                request than its first                 (422 idempotency_key_reused)
+    │   ├── InvalidIdempotencyKey        an empty or over-long Idempotency-Key  (400 invalid_idempotency_key)
     │   ├── TenantContextMissing         tenant-scoped code ran with no tenant  (500, fail closed)
     │   ├── TenantContextAlreadySet      a tenant scope was entered twice
     │   ├── InvalidTransition            lifecycle transition not allowed       (409 invalid_transition)
+    │   │   └── RunFinished              cancel of a run that already finished  (409 run_finished)
     │   ├── UnknownModel                 model id not known or not configured   (422 unknown_model)
     │   ├── UnknownTool                  tool name not known or not allowed     (422 unknown_tool)
     │   ├── IsolationUnavailable         isolation level not built/enforceable  (422 isolation_unavailable)
@@ -22,6 +26,8 @@
     │   ├── NotFound                     missing OR another tenant's object     (404 not_found)
     │   │   └── TenantNotFound
     │   ├── AlreadyExists                unique name taken within the tenant   (409 already_exists)
+    │   ├── IdempotencyInProgress        the first request with this
+    │   │                                Idempotency-Key has not finished       (409 idempotency_in_progress)
     │   ├── RateLimited                  request rate over the limit            (429 rate_limited)
     │   ├── ConcurrencyLimited           too many runs in flight                (429 concurrency_limited)
     │   ├── QuotaExceeded                period budget spent                    (429 quota_exceeded)
@@ -54,6 +60,9 @@ __all__ = [
     "ControlSignal",
     "DecryptionFailed",
     "ExceedsBudget",
+    "IdempotencyInProgress",
+    "IdempotencyKeyReused",
+    "InvalidIdempotencyKey",
     "InvalidRequest",
     "InvalidTransition",
     "IsolationFailed",
@@ -69,6 +78,7 @@ __all__ = [
     "QuotaExceeded",
     "RateLimited",
     "RunFailed",
+    "RunFinished",
     "StorageError",
     "TenantContextAlreadySet",
     "TenantContextMissing",
@@ -154,6 +164,28 @@ class InvalidTransition(ConfigurationError):
 
     code = "invalid_transition"
     http_status = 409
+
+
+class RunFinished(InvalidTransition):
+    """A cancel of a run that already finished (succeeded or failed). Field: ``status``."""
+
+    code = "run_finished"
+    http_status = 409
+
+
+class IdempotencyKeyReused(InvalidRequest):
+    """An ``Idempotency-Key`` sent again with another request (method, route or body)
+    than the one it was first sent with, within its 24 hours."""
+
+    code = "idempotency_key_reused"
+    http_status = 422
+
+
+class InvalidIdempotencyKey(ConfigurationError):
+    """An ``Idempotency-Key`` header that is empty or longer than 255 characters."""
+
+    code = "invalid_idempotency_key"
+    http_status = 400
 
 
 class UnknownModel(ConfigurationError):
@@ -279,6 +311,14 @@ class AlreadyExists(OperationFailed):
     """A unique name is already taken (within the tenant for tenant objects)."""
 
     code = "already_exists"
+    http_status = 409
+
+
+class IdempotencyInProgress(OperationFailed):
+    """The first request with this ``Idempotency-Key`` has not finished yet; retry later.
+    Field: ``retry_after_s``."""
+
+    code = "idempotency_in_progress"
     http_status = 409
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from patinox.api._idempotency import REQUEST_BODY, is_replay
 from patinox.api._logging import record_failure
 from patinox.control import OperatorPrincipal
 from patinox.control.admission import changing_level, moving_error
@@ -119,10 +120,16 @@ class TenancyMiddleware:
             if not isinstance(principal, TenantContext):
                 raise PermissionDenied("tenant routes need a tenant key; operator keys act through /admin")
             limits, tid = principal.limits, principal.tenant_id
-            states = [
-                self.rt.rate.hit("tenant", limits.requests_per_minute, tenant_id=tid),
-                self.rt.rate.hit(f"key:{principal.principal}", limits.per_key_rpm, tenant_id=tid),
-            ]
+            # An Idempotency-Key retry answered from the tenant's records counts against no rate.
+            replay = is_replay(scope, lambda: self.rt.backend.tenant_store(principal))
+            states = (
+                []
+                if replay
+                else [
+                    self.rt.rate.hit("tenant", limits.requests_per_minute, tenant_id=tid),
+                    self.rt.rate.hit(f"key:{principal.principal}", limits.per_key_rpm, tenant_id=tid),
+                ]
+            )
             # A storage move holds every write; a change of isolation level only runs
             # (admission refuses a synchronous one and queues an asynchronous one).
             if (
@@ -167,6 +174,7 @@ class TenancyMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        scope.setdefault("state", {})[REQUEST_BODY] = body  # an Idempotency-Key's fingerprint
         if _spells_nul(body):
             # PostgreSQL text cannot hold one (SQLite can): refused here, every deployment
             # answers alike, whichever field it is in.

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
+import structlog
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_ai.usage import RunUsage
 
@@ -45,10 +46,11 @@ from patinox.control.settlement import (
     Ticket,
     cancelled_values,
     failed_values,
+    finish_audit,
     usage_record,
 )
 from patinox.control.tenants import TenantEvent
-from patinox.errors import InvalidRequest, NotFound, PatinoxError, RunFailed
+from patinox.errors import InvalidRequest, NotFound, PatinoxError, RunFailed, RunFinished
 from patinox.limits import (
     Claim,
     FairRunQueue,
@@ -70,6 +72,8 @@ from patinox.storage import (
 )
 from patinox.tenancy import TenantContext, effective_limits, get_plan, new_id
 
+log = structlog.get_logger("patinox.runs")
+
 __all__ = [
     "TOOL_CALL_TOKENS",
     "ClosableExecutor",
@@ -89,6 +93,8 @@ class _RunTask(asyncio.Task[RunRecord]):
 
     #: The isolation level the run executes at (its context's when it started).
     level: str = ""
+    #: The run's id (:meth:`RunService.cancel` finds a run's task by it).
+    run_id: str = ""
     #: Why the run was stopped, when it was cancelled for a reason of its own (its
     #: tenant's isolation level changed): ``(reason, message)``.
     stop_reason: tuple[str, str] | None = None
@@ -103,6 +109,10 @@ _LEVEL_CHANGE = (
     "the run was cancelled: its tenant moved to another isolation level and the run did not "
     "finish within the drain time",
 )
+#: The reason of a run its tenant cancelled (``POST /v1/runs/{id}/cancel``).
+_CANCELLED_BY_REQUEST = ("cancelled", "the run was cancelled at its tenant's request")
+#: Seconds :meth:`RunService.cancel` waits for another process to settle a run it cancels.
+_REMOTE_CANCEL_WAIT_S = 5.0
 
 
 class RunExecutor(Protocol):
@@ -407,6 +417,7 @@ class RunService:
         tenant_id = ctx.tenant_id
         task = _RunTask(job, loop=loop, name=f"run of {tenant_id}")
         task.level = ctx.isolation_level.value
+        task.run_id = run["id"]
         tasks = self._tasks.setdefault(tenant_id, set())
         tasks.add(task)
 
@@ -432,6 +443,100 @@ class RunService:
         await asyncio.gather(*tasks, return_exceptions=True)
         return len(tasks)
 
+    async def cancel(self, ctx: TenantContext, run_id: str) -> tuple[RunRecord, bool]:
+        """Cancel one of the tenant's runs, queued or running, wherever it runs; audited
+        (``run.cancel``).
+
+        A queued run is taken out of the queue and recorded failed with reason
+        ``cancelled``, its token reservation given back (it used nothing). A run running
+        in this process is stopped here and settled like any cancelled run (charged what
+        its completed model responses used). A run held by another process is marked on
+        its queue entry; that process notices within about a second
+        (:meth:`watch_tenants`) and stops it the same way. This waits up to 5 s for that.
+
+        Returns:
+            ``(run, settled)``: the run as it is now, and whether it is settled (False: the
+            process running it has not stopped it yet; its status turns ``failed`` then).
+
+        Raises:
+            NotFound: no such run of this tenant (another tenant's run alike).
+            RunFinished: the run had already finished.
+        """
+        store = self._backend.tenant_store(ctx)
+        run = store.get_run(run_id)
+        if run["status"] not in ("queued", "running"):
+            raise RunFinished(f"run {run_id!r} already finished ({run['status']})", status=run["status"])
+        audit: dict[str, Any] = {"actor": ctx.principal, "action": "run.cancel", "target": run_id}
+        if run["status"] == "queued" and self._cancel_queued(ctx, store, run):
+            store.append_audit(**audit, outcome="ok", detail={"was": "queued"})
+            return store.get_run(run_id), True
+        task = self._task_of(ctx.tenant_id, run_id)
+        if task is not None:
+            task.stop_reason = _CANCELLED_BY_REQUEST
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        elif not self.queue.request_cancel(ctx.tenant_id, run_id):
+            run = store.get_run(run_id)  # it left the queue meanwhile: finished, or claimed
+            if run["status"] in ("queued", "running"):
+                return await self.cancel(ctx, run_id)
+            raise RunFinished(f"run {run_id!r} already finished ({run['status']})", status=run["status"])
+        else:
+            deadline = time.monotonic() + _REMOTE_CANCEL_WAIT_S
+            while store.get_run(run_id)["status"] == "running" and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        run = store.get_run(run_id)
+        settled = run["status"] not in ("queued", "running")
+        store.append_audit(**audit, outcome="ok", detail={"was": "running", "settled": settled})
+        return run, settled
+
+    def _cancel_queued(self, ctx: TenantContext, store: TenantStore, run: RunRecord) -> bool:
+        """Take ``run`` out of the queue unclaimed and record it cancelled, its reservation
+        given back; in one transaction where the tenant's rows share the control plane's
+        database. Returns False when a worker claimed it first (it runs: cancel it there)."""
+        values, _ = cancelled_values(0.0, run["model"])
+        reason, message = _CANCELLED_BY_REQUEST
+        values["error"] = {"code": "run_failed", "reason": reason, "message": message}
+        write = store.prepare_settlement(
+            run["id"], values, usage=None, audit=finish_audit(ctx, run, "error", values)
+        )
+        joined = self._settlement.joins(store)
+        with self._backend.control_tx() as conn:
+            entry = self.queue.cancel_queued(ctx.tenant_id, run["id"], conn=conn)
+            if entry is None:
+                return False
+            self._budget.settle_tokens(ctx.tenant_id, entry.quota_period, entry.reserved_tokens, 0, conn=conn)
+            if joined:
+                store.apply(write, conn=conn)
+        if not joined:
+            store.apply(write)
+        return True
+
+    def _task_of(self, tenant_id: str, run_id: str) -> _RunTask | None:
+        for t in self._tasks.get(tenant_id, ()):
+            if isinstance(t, _RunTask) and t.run_id == run_id and not t.done():
+                return t
+        return None
+
+    async def _cancel_requested(self) -> None:
+        """Cancel the runs in flight here whose tenant asked another process to cancel
+        them (:meth:`FairRunQueue.request_cancel`), and wait until each is settled."""
+        mine = [
+            (tenant_id, t.run_id)
+            for tenant_id, tasks in self._tasks.items()
+            for t in tasks
+            if isinstance(t, _RunTask)
+        ]
+        if not mine:
+            return
+        wanted = await asyncio.to_thread(self.queue.cancel_requested, mine)
+        stopping = [
+            t for tenant_id, run_id in mine if run_id in wanted and (t := self._task_of(tenant_id, run_id))
+        ]
+        for t in stopping:
+            t.stop_reason = _CANCELLED_BY_REQUEST
+            t.cancel()
+        await asyncio.gather(*stopping, return_exceptions=True)
+
     async def stop_stale(self, tenant_id: str, level: str) -> int:
         """Cancel the tenant's runs in flight here that execute at another isolation level
         than ``level`` (its new one), each failed with reason ``isolation_level_change``,
@@ -453,6 +558,10 @@ class RunService:
         cancelled."""
         while True:
             await asyncio.sleep(interval_s)
+            try:
+                await self._cancel_requested()
+            except PatinoxError as err:
+                log.warning("reading cancel requests failed", error=err.code)
             for tenant_id in list(self._tasks) + list(self._admit.fenced):
                 try:
                     row = self._backend.get_tenant(tenant_id, include_deleted=True)

@@ -628,6 +628,59 @@ class FairRunQueue:
                 self._notify(conn)
         return len(back), holds
 
+    # -- cancel -----------------------------------------------------------------------
+
+    def cancel_queued(self, tenant_id: str, run_id: str, *, conn: Connection | None = None) -> Claim | None:
+        """Take a run that waits unclaimed out of the queue (its tenant cancelled it), in
+        ``conn`` when given. No worker can claim it after this.
+
+        Returns:
+            The removed entry as a claim (``holder`` empty) with the tokens reserved for the
+            run and their period, which the caller settles; ``None`` when the run does not
+            wait (a worker claimed it, it is a synchronous hold, or it left the queue).
+        """
+        waiting = and_(_Q.c.tenant_id == tenant_id, _Q.c.run_id == run_id, _Q.c.claimed_by.is_(None))
+        with self._backend.control_tx(conn) as conn:
+            row = conn.execute(
+                delete(_Q).where(waiting).returning(_Q.c.finish_tag, _Q.c.reserved_tokens, _Q.c.quota_period)
+            ).first()
+        if row is None:
+            return None
+        return Claim(
+            tenant_id=tenant_id,
+            run_id=run_id,
+            finish_tag=float(row[0]),
+            holder="",
+            reserved_tokens=int(row[1]),
+            quota_period=str(row[2]),
+        )
+
+    def request_cancel(self, tenant_id: str, run_id: str) -> bool:
+        """Ask whichever process holds the run (a worker's claim or a synchronous hold) to
+        cancel it: marks its entry, which that process polls (:meth:`cancel_requested`).
+
+        Returns:
+            Whether the run is held (False: it is not in the queue, or waits unclaimed).
+        """
+        held = and_(_Q.c.tenant_id == tenant_id, _Q.c.run_id == run_id, _Q.c.claimed_by.is_not(None))
+        with self._backend.transaction() as conn:
+            marked = conn.execute(update(_Q).where(held).values(cancel_requested_at=utcnow())).rowcount
+        return bool(marked)
+
+    def cancel_requested(self, runs: Collection[tuple[str, str]]) -> set[str]:
+        """Of ``runs`` (``(tenant_id, run_id)`` pairs: a process's runs in flight), the ids
+        of those whose cancel was requested (:meth:`request_cancel`). One read by primary key."""
+        if not runs:
+            return set()
+        tenants = sorted({t for t, _ in runs})
+        ids = sorted({r for _, r in runs})
+        q = select(_Q.c.tenant_id, _Q.c.run_id).where(
+            _Q.c.tenant_id.in_(tenants), _Q.c.run_id.in_(ids), _Q.c.cancel_requested_at.is_not(None)
+        )
+        wanted = set(runs)
+        with self._backend.transaction() as conn:
+            return {str(r) for t, r in conn.execute(q) if (t, r) in wanted}
+
     # -- views ------------------------------------------------------------------------
 
     def depth(self, tenant_id: str | None = None) -> int:

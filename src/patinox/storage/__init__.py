@@ -23,6 +23,8 @@ Modules whose names start with ``_`` are this package's own: nothing outside
 from patinox.storage import _schema as schema
 from patinox.storage._control_store import SqlBackend, open_backend
 from patinox.storage._fast import execute_write
+from patinox.storage._idempotency import KEY_TTL as IDEMPOTENCY_KEY_TTL
+from patinox.storage._idempotency import Begun, IdempotencyRecords
 from patinox.storage._placement import Placements
 from patinox.storage._schema import utcnow
 from patinox.storage._sealer import SealedColumn, sealed_columns
@@ -46,13 +48,16 @@ from patinox.storage.records import (
 )
 
 __all__ = [
+    "IDEMPOTENCY_KEY_TTL",
     "AgentRecord",
     "AnyRow",
     "ApiKeyRecord",
     "AttemptRecord",
     "AuditEntry",
     "AuditRecord",
+    "Begun",
     "Changes",
+    "IdempotencyRecords",
     "KeyTenantRecord",
     "Placements",
     "PreparedWrite",

@@ -50,6 +50,7 @@ _WALK_KEY = {
     "memory": "key",
     "usage_records": "id",
     "audit_log": "seq",
+    "idempotency_keys": "key",
 }
 #: The placement's own numbering of rows, never carried from one placement to another.
 _PLACEMENT_COLUMNS = ("seq",)

@@ -273,6 +273,11 @@ run_queue = Table(
         "used_output_tokens", BigInteger().with_variant(Integer, "sqlite"), nullable=False, server_default="0"
     ),
     Column("used_tool_calls", Integer, nullable=False, server_default="0"),
+    # Set when the run's tenant asked to cancel it while it ran (POST /v1/runs/{id}/cancel
+    # answered by another process than the one running it): the process holding the run
+    # polls for it (RunService.watch_tenants) and cancels the run there.
+    # (A server default, even NULL, keeps it out of the columns a hold's row is written with.)
+    Column("cancel_requested_at", UTCDateTime(), nullable=True, server_default=text("NULL")),
     Index("ix_run_queue_pick", "claimed_by", "priority", "finish_tag"),
 )
 
@@ -304,6 +309,29 @@ queue_clock = Table(
     Column("virtual_time", Float, nullable=False),
 )
 
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    # One row per Idempotency-Key header a tenant sent on a POST that creates something
+    # (draft-ietf-httpapi-idempotency-key-header): the request's fingerprint and, once the
+    # first request finished, its response. Lives beside the tenant's other rows, in its
+    # placement; the key is unique per tenant (the primary key), which is what makes N
+    # concurrent requests with one key create exactly one resource.
+    Column("tenant_id", String(40), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    # SHA-256 (hex) of the method, the route and the request body.
+    Column("fingerprint", String(64), nullable=False),
+    # in_progress | done
+    Column("state", String(20), nullable=False),
+    Column("response_status", Integer, nullable=True),
+    # The first response's JSON body, sealed like runs.output (AAD: idempotency_keys.response).
+    Column("response", LargeBinary, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    # After this the key may be used again for another request (24 h after created_at).
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Index("ix_idempotency_keys_tenant_id_expires_at", "tenant_id", "expires_at"),
+)
+
 #: Tables holding tenant-owned rows, all keyed by ``tenant_id`` (used for checks; deletion
 #: reads the live catalog instead).
 TENANT_TABLES = (
@@ -312,6 +340,7 @@ TENANT_TABLES = (
     memory,
     usage_records,
     run_attempts,
+    idempotency_keys,
     audit_log,
     api_keys,
     tenant_keys,

@@ -46,6 +46,7 @@ SEALED_COLUMNS: tuple[SealedColumn, ...] = (
     SealedColumn("memory", "key", "value", "memory.value"),
     SealedColumn("runs", "id", "input", "runs.input"),
     SealedColumn("runs", "id", "output", "runs.output"),
+    SealedColumn("idempotency_keys", "key", "response", "idempotency_keys.response"),
 )
 
 

@@ -36,6 +36,7 @@ from patinox.storage import _bulk
 from patinox.storage import _schema as s
 from patinox.storage._cache import MISS, TenantCache, copy_row
 from patinox.storage._fast import execute_write
+from patinox.storage._idempotency import IdempotencyRecords
 from patinox.storage._placement import Placement
 from patinox.storage._schema import utcnow
 from patinox.storage._sealer import Sealer
@@ -673,3 +674,7 @@ class TenantStore:
         opened or as stored), bulk inserts (sealed here or kept), delete-all, counts and
         fingerprints. See :class:`~patinox.storage._bulk.BulkRows`."""
         return _bulk.BulkRows(self._placement, self._tx, self._sealer, tenant_id=self.tenant_id)
+
+    def idempotency(self) -> IdempotencyRecords:
+        """This tenant's ``Idempotency-Key`` records (see :class:`IdempotencyRecords`)."""
+        return IdempotencyRecords(self._tx, self._sealer, postgres=self._placement.postgres)

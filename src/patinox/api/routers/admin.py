@@ -6,11 +6,12 @@ import asyncio
 import os
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from patinox.api import schemas as o
 from patinox.api._deps import RT, Operator
+from patinox.api._idempotency import Created, idempotent
 from patinox.control import Tenant, TenantSpec, TenantUpdate
 from patinox.limits import fair_loop
 from patinox.tenancy import PLANS, Plan
@@ -90,10 +91,16 @@ def delete_tenant(tenant_id: str, op: Operator, rt: RT) -> dict[str, Any]:
     return {"id": tenant_id, "state": "deleted", "rows_purged": counts}
 
 
-@router.post("/tenants/{tenant_id}/keys", status_code=201)
-def create_key(tenant_id: str, body: KeyCreate, op: Operator, rt: RT) -> o.IssuedKeyOut:
-    issued = rt.keys.create(tenant_id=tenant_id, name=body.name, scopes=body.scopes, actor=op.key_id)
-    return o.IssuedKeyOut(**issued.record, key=issued.secret)
+@router.post("/tenants/{tenant_id}/keys", status_code=201, response_model=o.IssuedKeyOut)
+async def create_key(tenant_id: str, body: KeyCreate, op: Operator, rt: RT, request: Request) -> Response:
+    """Issue a key of the tenant (201; its secret is shown once). With an
+    ``Idempotency-Key``, kept among the tenant's keys (sealed), a retry answers the same key."""
+
+    async def create() -> Created:
+        issued = rt.keys.create(tenant_id=tenant_id, name=body.name, scopes=body.scopes, actor=op.key_id)
+        return 201, o.IssuedKeyOut(**issued.record, key=issued.secret), {}
+
+    return await idempotent(request.scope, rt.backend.acting_on(tenant_id), create)
 
 
 @router.get("/tenants/{tenant_id}/keys")

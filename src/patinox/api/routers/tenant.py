@@ -14,6 +14,7 @@ from fastapi import APIRouter, Query, Request, Response
 from patinox.agents import is_simulated
 from patinox.api import schemas as o
 from patinox.api._deps import RT, AgentWriter, Reader, RunWriter, Store
+from patinox.api._idempotency import Created, idempotent
 from patinox.api._middleware import RATE_STATES
 from patinox.control import AgentPatch, AgentSpec, RunRequest
 from patinox.errors import InvalidRequest, NotFound
@@ -22,6 +23,15 @@ from patinox.runtime import Runtime
 from patinox.storage import AgentRecord, AttemptRecord, RunRecord, TenantStore, utcnow
 
 router = APIRouter(prefix="/v1", tags=["tenant"])
+
+_IDEM = (
+    "; with an ``Idempotency-Key``: 400 ``invalid_idempotency_key``, 409 ``idempotency_in_progress``,"
+    " 422 ``idempotency_key_reused``"
+)
+#: The answers ``Idempotency-Key`` adds to a create route.
+_IDEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    409: {"model": o.ErrorOut, "description": f"``already_exists``{_IDEM}"},
+}
 
 
 def _agent_out(row: AgentRecord) -> o.AgentOut:
@@ -64,25 +74,35 @@ def _outcome(row: RunRecord) -> str | None:
 #: first, instead of through this router (FastAPI matches an included router's path once
 #: to select it and again to pick its route: two passes over the routes on every request).
 RUN_PATH = "/v1/agents/{agent_id}/runs"
-RUN_RESPONSES: dict[int | str, dict[str, Any]] = {202: {"model": o.RunOut}, 502: {"model": o.ErrorOut}}
+RUN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": o.RunOut, "description": "the finished run (``sync``)"},
+    202: {"model": o.RunOut, "description": "the queued run (``async``), with ``Location``"},
+    409: {"model": o.ErrorOut, "description": f"``idempotency_in_progress`` or the codes above{_IDEM}"},
+    502: {"model": o.ErrorOut},
+}
 
 
-async def create_run(
-    agent_id: str, req: RunRequest, ctx: RunWriter, request: Request, response: Response
-) -> o.RunOut:
+async def create_run(agent_id: str, req: RunRequest, ctx: RunWriter, request: Request) -> Response:
     """Run the agent: ``sync`` answers 200 with the finished run; ``async`` answers 202 at once
-    with ``Location`` to poll. A failed sync run answers 502 ``run_failed`` with its ``run_id``."""
+    with ``Location`` to poll. A failed sync run answers 502 ``run_failed`` with its ``run_id``.
+
+    With an ``Idempotency-Key`` header, a retry with the same key and body answers the first
+    response (``Idempotent-Replayed: true``) and starts no run (see the API section of the
+    README)."""
     # The runtime straight from the app, not through the RT dependency: every run comes this
     # way, and each dependency FastAPI solves costs about 10 us a request on this machine.
     rt: Runtime = request.app.state.runtime
     # The run's admission adds the agent's rate-limit policy to the tenant's and the key's
     # in the response's RateLimit headers, on success and on its own 429 alike.
     states: list[RateLimitState] = request.scope["state"][RATE_STATES]
-    row = await rt.runs.start(ctx, agent_id, req, rate_states=states)
-    if req.mode == "async":
-        response.status_code = 202
-        response.headers["Location"] = f"/v1/runs/{row['id']}"
-    return _run_out(row)
+
+    async def start() -> Created:
+        row = await rt.runs.start(ctx, agent_id, req, rate_states=states)
+        if req.mode == "async":
+            return 202, _run_out(row), {"Location": f"/v1/runs/{row['id']}"}
+        return 200, _run_out(row), {}
+
+    return await idempotent(request.scope, rt.backend.tenant_store(ctx), start)
 
 
 @router.get("/me")
@@ -97,9 +117,14 @@ def me(ctx: Reader) -> o.MeOut:
     )
 
 
-@router.post("/agents", status_code=201)
-def create_agent(spec: AgentSpec, ctx: AgentWriter, rt: RT) -> o.AgentOut:
-    return _agent_out(rt.agents.create(ctx, spec))
+@router.post("/agents", status_code=201, response_model=o.AgentOut, responses=_IDEM_RESPONSES)
+async def create_agent(spec: AgentSpec, ctx: AgentWriter, rt: RT, request: Request) -> Response:
+    """Create an agent (201). Takes an ``Idempotency-Key`` like every create."""
+
+    async def create() -> Created:
+        return 201, _agent_out(rt.agents.create(ctx, spec)), {}
+
+    return await idempotent(request.scope, rt.backend.tenant_store(ctx), create)
 
 
 @router.get("/agents")
@@ -150,6 +175,29 @@ def list_runs(
 def _truncated(store: TenantStore, runs: list[RunRecord], agent_id: str | None) -> bool:
     """True when a page shorter than its limit was cut by the byte budget (older runs exist)."""
     return bool(store.list_runs(agent_id=agent_id, limit=1, before=runs[-1]["id"]))
+
+
+@router.post(
+    "/runs/{run_id}/cancel",
+    response_model=o.RunOut,
+    responses={
+        202: {"model": o.RunOut, "description": "cancel requested; the process running the run stops it"},
+        409: {"model": o.ErrorOut, "description": "``run_finished``: the run had already finished"},
+    },
+)
+async def cancel_run(run_id: str, ctx: RunWriter, rt: RT, response: Response) -> o.RunOut:
+    """Cancel a queued or running run, wherever it runs (200 with the cancelled run).
+
+    A queued run leaves the queue, its reservation given back; a running run is stopped and
+    charged what it used. When another process runs it and has not stopped it within a
+    few seconds, 202 with the run as it is (its status turns ``failed``, reason
+    ``cancelled``, within about a second more). A finished run answers 409 ``run_finished``;
+    another tenant's run answers 404 like a missing one."""
+    row, settled = await rt.runs.cancel(ctx, run_id)
+    if not settled:
+        response.status_code = 202
+    store = rt.backend.tenant_store(ctx)
+    return _run_out(row, store.list_attempts([run_id])[run_id])
 
 
 @router.get("/runs/{run_id}")

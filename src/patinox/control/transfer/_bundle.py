@@ -59,6 +59,7 @@ _KIND_TABLES: dict[str, Table] = {
     "memory": s.memory,
     "usage": s.usage_records,
     "audit": s.audit_log,
+    "idempotency_key": s.idempotency_keys,
 }
 
 

@@ -88,6 +88,8 @@ def _export_rows(store: TenantStore, kind: str, exported: _Exported) -> Iterator
                 if row["agent_id"] not in exported.agents:
                     continue  # its agent was created after the agents were read: not in this bundle
                 exported.last_run = max(exported.last_run, row["id"])
+            if kind == "idempotency_key" and row["state"] != "done":
+                continue  # its request had not finished: nothing to replay, and no one to finish it
             if kind == "attempt":
                 agent_id = row.pop("run_agent_id")
                 if agent_id not in exported.agents or row["run_id"] > exported.last_run:
