@@ -99,7 +99,8 @@ class IdempotencyRecords:
         mine = _T.c.tenant_id == self.tenant_id
         with self._tx() as conn:
             conn.execute(delete(_T).where(mine, _T.c.expires_at <= now))
-            if conn.execute(insert.values(row)).rowcount == 1:
+            # RETURNING, not rowcount: psycopg reports no count for a conflict-skipping insert.
+            if conn.execute(insert.values(row).returning(_T.c.key)).first() is not None:
                 return Begun("new")
             held = conn.execute(
                 select(_T.c.fingerprint, _T.c.state, _T.c.response_status, _T.c.response).where(
