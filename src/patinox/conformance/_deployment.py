@@ -149,6 +149,7 @@ PROBES: tuple[tuple[str, str, str, dict[str, Any] | None], ...] = (
     ("agent", "POST", "/v1/agents/{id}/runs", {"input": "probe", "output_tokens": 4}),
     ("agent", "GET", "/v1/runs?agent_id={id}", None),
     ("run", "GET", "/v1/runs/{id}", None),
+    ("run", "POST", "/v1/runs/{id}/cancel", None),
     ("memory", "GET", "/v1/memory/{id}", None),
     ("memory", "DELETE", "/v1/memory/{id}", None),
 )
@@ -283,12 +284,22 @@ class Target:
         check(r.status_code == 201, f"POST /v1/agents for {tenant.name}: {r.status_code} {r.text[:300]}")
         return str(r.json()["id"])
 
-    def run(self, tenant: TenantHandle, agent_id: str, text: str, output_tokens: int = 48) -> dict[str, Any]:
-        """A sync run; returns the finished run (expects 200 ``succeeded``)."""
+    def run(
+        self,
+        tenant: TenantHandle,
+        agent_id: str,
+        text: str,
+        output_tokens: int = 48,
+        *,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """A sync run, with an ``Idempotency-Key`` when given; returns the finished run
+        (expects 200 ``succeeded``)."""
+        headers = tenant.h if idempotency_key is None else {**tenant.h, "Idempotency-Key": idempotency_key}
         r = self.client.post(
             f"/v1/agents/{agent_id}/runs",
             json={"input": text, "output_tokens": output_tokens},
-            headers=tenant.h,
+            headers=headers,
         )
         check(r.status_code == 200, f"run for {tenant.name}: {r.status_code} {r.text[:300]}")
         row: dict[str, Any] = r.json()

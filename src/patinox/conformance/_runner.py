@@ -119,6 +119,7 @@ CHECKS: tuple[Check, ...] = (
     Check("delete-shreds-and-purges", _deletion.delete_shreds_and_purges),
     Check("delete-with-runs-in-flight", _deletion.delete_with_runs_in_flight),
     Check("same-cache-key-material", _tenant_routes.same_cache_key_material),
+    Check("idempotency-keys-per-tenant", _tenant_routes.idempotency_keys_per_tenant),
     Check("first-dek-race", _encryption.first_dek_race),
     Check("thread-pool-context", _context.thread_pool_context),
     Check("worker-process-context", _context.worker_process_context),

@@ -53,7 +53,8 @@ def seed(t: Target, tenant: TenantHandle) -> dict[str, str]:
 
     Returns:
         The markers and ids by role: ``key``, ``value``, ``agent_name``, ``instructions``,
-        ``prompt``, ``agent_id`` and ``run_id``.
+        ``prompt``, ``idempotency_key`` (the run was sent with it: its response is kept,
+        sealed), ``agent_id`` and ``run_id``.
 
     Raises:
         ConformanceFailure: the run's ``memory_get`` did not return the tenant's value.
@@ -65,10 +66,16 @@ def seed(t: Target, tenant: TenantHandle) -> dict[str, str]:
         "agent_name": m.atom(),
         "instructions": m.atom(),
         "prompt": m.atom(),
+        "idempotency_key": m.atom(),
     }
     t.put_memory(tenant, s["key"], s["value"])
     s["agent_id"] = t.new_agent(tenant, s["agent_name"], s["instructions"])
-    run = t.run(tenant, s["agent_id"], f"{s['prompt']} question\n{memory_get_call(s['key'])}")
+    run = t.run(
+        tenant,
+        s["agent_id"],
+        f"{s['prompt']} question\n{memory_get_call(s['key'])}",
+        idempotency_key=s["idempotency_key"],
+    )
     check(s["value"] in str(run["output"]), f"the run's memory_get did not return the tenant's value: {run}")
     s["run_id"] = str(run["id"])
     return s

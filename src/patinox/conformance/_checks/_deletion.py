@@ -21,8 +21,10 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
     sa, sb = seed(t, a), seed(t, b)
     sealed_value = _raw.read_cell(t, a.id, "memory", "value", "key", sa["key"])
     sealed_input = _raw.read_cell(t, a.id, "runs", "input", "id", sa["run_id"])
+    idem = sa["idempotency_key"]
+    sealed_response = _raw.read_cell(t, a.id, "idempotency_keys", "response", "key", idem)
     before = _raw.count_tenant_rows(t, a.id)
-    for table in ("agents", "memory", "runs", "tenant_keys"):
+    for table in ("agents", "memory", "runs", "tenant_keys", "idempotency_keys"):
         n = sum(v for k, v in before.items() if k.endswith(("." + table, ":" + table)))
         check(
             n > 0, f"before deletion no {table} row of the tenant was found: the row count cannot be trusted"
@@ -40,6 +42,7 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
         for table, record, sealed in (
             ("memory.value", sa["key"], sealed_value),
             ("runs.input", sa["run_id"], sealed_input),
+            ("idempotency_keys.response", idem, sealed_response),
         ):
             check(
                 sealed is not None and decrypts(fresh, a.id, table, record, sealed) is None,
@@ -53,7 +56,11 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
     # Nothing of it anywhere: SQLite file bytes (secure delete, WAL truncated); on
     # PostgreSQL every live row of every table, including ones without a tenant_id column.
     raw = _raw.stored_bytes(t)
-    stale = [k for k in ("agent_name", "instructions", "key", "agent_id", "run_id") if sa[k].encode() in raw]
+    stale = [
+        k
+        for k in ("agent_name", "instructions", "key", "agent_id", "run_id", "idempotency_key")
+        if sa[k].encode() in raw
+    ]
     check(not stale, f"the deleted tenant's {stale} are still in the stored data")
     r: Answer = t.client.get("/v1/me", headers=a.h)
     check(r.status_code == 401, f"the deleted tenant's key answered {r.status_code}, not 401")

@@ -14,7 +14,8 @@ from patinox.errors import PatinoxError
 
 def no_plaintext_at_rest(t: Target, _: SuiteEnv) -> None:
     """Raw storage holds no plaintext of an encrypted payload (memory values, run inputs,
-    run outputs), while it does hold the unencrypted columns of the same rows."""
+    run outputs, the responses kept for an ``Idempotency-Key``, which repeat the run's
+    input), while it does hold the unencrypted columns of the same rows."""
     tenants = [t.new_tenant(label) for label in ("plain-a", "plain-b")]
     seeds = [seed(t, x) for x in tenants]
     raw = _raw.stored_bytes(t)
@@ -24,8 +25,13 @@ def no_plaintext_at_rest(t: Target, _: SuiteEnv) -> None:
             sealed is not None and _raw.scan_form(t, sealed) in raw,
             "the stored ciphertext of a memory value is not in raw storage: the scan missed the rows",
         )
+        kept = _raw.read_cell(t, x.id, "idempotency_keys", "response", "key", s["idempotency_key"])
+        check(
+            kept is not None and _raw.scan_form(t, kept) in raw,
+            "the stored ciphertext of a kept Idempotency-Key response is not in raw storage",
+        )
         # Positive control: names and keys are stored in clear, so the scan saw these rows.
-        for visible in ("agent_name", "key"):
+        for visible in ("agent_name", "key", "idempotency_key"):
             check(
                 s[visible].encode() in raw,
                 f"raw scan did not reach the rows holding the {visible} {s[visible]}",

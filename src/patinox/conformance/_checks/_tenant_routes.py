@@ -105,3 +105,38 @@ def same_cache_key_material(t: Target, _: SuiteEnv) -> None:
     check(
         r.json()["instructions"] == "answer from memory", f"the other tenant's agent changed: {r.text[:300]}"
     )
+
+
+def idempotency_keys_per_tenant(t: Target, _: SuiteEnv) -> None:
+    """An ``Idempotency-Key`` belongs to the tenant that sent it: two tenants sending the
+    same key each get a run of their own, and each retry answers its own tenant's first
+    response (never the other's), with nothing run again."""
+    a, b = t.new_tenant("idem-a"), t.new_tenant("idem-b")
+    key = t.markers.atom()
+    first: dict[str, dict[str, Any]] = {}
+    for x in (a, b):
+        agent = t.new_agent(x, t.markers.atom(), "answer briefly")
+        first[x.id] = {
+            "agent": agent,
+            "run": t.run(x, agent, f"{t.markers.atom()} question", idempotency_key=key),
+        }
+    check(
+        first[a.id]["run"]["id"] != first[b.id]["run"]["id"],
+        "two tenants' requests with the same Idempotency-Key got the same run",
+    )
+    for x in (a, b):
+        mine = first[x.id]
+        r: Answer = t.client.post(
+            f"/v1/agents/{mine['agent']}/runs",
+            json={"input": mine["run"]["input"], "output_tokens": 48},
+            headers={**x.h, "Idempotency-Key": key},
+        )
+        check(
+            r.status_code == 200 and r.json()["id"] == mine["run"]["id"],
+            f"{x.name}'s retry answered {r.status_code} {r.text[:200]}, not its own first run",
+        )
+        listed = t.client.get("/v1/runs", headers=x.h).json()
+        check(
+            [run["id"] for run in listed] == [mine["run"]["id"]],
+            f"{x.name} has {len(listed)} runs after a retry with its Idempotency-Key, expected 1",
+        )
