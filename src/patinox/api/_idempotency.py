@@ -103,14 +103,17 @@ def is_replay(scope: Scope, store: Callable[[], TenantStore]) -> bool:
     return store().idempotency().peek(key, _fingerprint(scope))
 
 
-async def idempotent(scope: Scope, store: TenantStore, create: Callable[[], Awaitable[Created]]) -> Response:
+async def idempotent(
+    scope: Scope, store: Callable[[], TenantStore], create: Callable[[], Awaitable[Created]]
+) -> Response:
     """Answer a create request once per ``Idempotency-Key`` (see the module docstring):
     ``create()`` runs only for a request that takes its key (or has none).
 
     Args:
         scope: the request's ASGI scope (its headers, method, path, and the body the
             middleware read).
-        store: the tenant's store, holding its keys.
+        store: gives the tenant's store, holding its keys (called only for a request
+            with the header: a run without one pays for nothing here).
         create: makes the resource; returns ``(status, body, headers)``.
 
     Raises:
@@ -123,7 +126,7 @@ async def idempotent(scope: Scope, store: TenantStore, create: Callable[[], Awai
     if key is None:
         return _response(*await create())
     fingerprint = _fingerprint(scope)
-    records = store.idempotency()
+    records = store().idempotency()
     begun = records.begin(key, fingerprint)
     if begun.outcome == "mismatch":
         raise IdempotencyKeyReused(

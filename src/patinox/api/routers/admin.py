@@ -100,7 +100,7 @@ async def create_key(tenant_id: str, body: KeyCreate, op: Operator, rt: RT, requ
         issued = rt.keys.create(tenant_id=tenant_id, name=body.name, scopes=body.scopes, actor=op.key_id)
         return 201, o.IssuedKeyOut(**issued.record, key=issued.secret), {}
 
-    return await idempotent(request.scope, rt.backend.acting_on(tenant_id), create)
+    return await idempotent(request.scope, lambda: rt.backend.acting_on(tenant_id), create)
 
 
 @router.get("/tenants/{tenant_id}/keys")

@@ -102,7 +102,7 @@ async def create_run(agent_id: str, req: RunRequest, ctx: RunWriter, request: Re
             return 202, _run_out(row), {"Location": f"/v1/runs/{row['id']}"}
         return 200, _run_out(row), {}
 
-    return await idempotent(request.scope, rt.backend.tenant_store(ctx), start)
+    return await idempotent(request.scope, lambda: rt.backend.tenant_store(ctx), start)
 
 
 @router.get("/me")
@@ -124,7 +124,7 @@ async def create_agent(spec: AgentSpec, ctx: AgentWriter, rt: RT, request: Reque
     async def create() -> Created:
         return 201, _agent_out(rt.agents.create(ctx, spec)), {}
 
-    return await idempotent(request.scope, rt.backend.tenant_store(ctx), create)
+    return await idempotent(request.scope, lambda: rt.backend.tenant_store(ctx), create)
 
 
 @router.get("/agents")
