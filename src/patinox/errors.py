@@ -32,6 +32,9 @@
     │   ├── IsolationFailed              a cgroup, mount or OS limit could not
     │   │                                be applied or read (original chained)  (500 isolation_failed)
     │   ├── TenantKeysDestroyed          the tenant was crypto-shredded         (410 tenant_keys_destroyed)
+    │   ├── EgressRefused                an outbound URL the tenant's policy or
+    │   │                                the address guard refuses             (403 egress_refused)
+    │   ├── OutboundFailed               an allowed outbound request failed     (502 outbound_failed)
     │   └── StorageError                 the database failed (original chained) (503 storage_error)
     │       └── LimitStoreUnavailable    the rate-limit store (Redis) failed    (503 limit_store_unavailable)
     └── ControlSignal                    not failures; used for flow control inside the runtime
@@ -53,6 +56,7 @@ __all__ = [
     "ConfigurationError",
     "ControlSignal",
     "DecryptionFailed",
+    "EgressRefused",
     "ExceedsBudget",
     "InvalidRequest",
     "InvalidTransition",
@@ -63,6 +67,7 @@ __all__ = [
     "MissingDependency",
     "NotFound",
     "OperationFailed",
+    "OutboundFailed",
     "Overloaded",
     "PatinoxError",
     "PermissionDenied",
@@ -415,6 +420,31 @@ class IsolationFailed(OperationFailed):
             operation=operation,
             errno_name=name,
         )
+
+
+class EgressRefused(OperationFailed):
+    """An outbound request (webhook, ``http_fetch``) to a URL the tenant may not reach: a
+    scheme, host or address its policy or the deployment's address guard refuses
+    (:mod:`patinox.network.outbound`). Fields: ``url`` (without user-info or query),
+    ``reason`` (``invalid_url``, ``scheme``, ``userinfo``, ``host_not_allowed``,
+    ``unresolvable``, ``address_not_allowed``), ``host``, ``address``."""
+
+    code = "egress_refused"
+    http_status = 403
+
+    url: str | None = None
+    reason: str | None = None
+
+
+class OutboundFailed(OperationFailed):
+    """An allowed outbound request failed. Fields: ``url``, ``reason`` (``connect``,
+    ``tls``, ``timeout``, ``too_large``, ``too_many_redirects``, ``protocol``)."""
+
+    code = "outbound_failed"
+    http_status = 502
+
+    url: str | None = None
+    reason: str | None = None
 
 
 class StorageError(OperationFailed):
