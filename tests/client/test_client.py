@@ -27,7 +27,9 @@ from patinox.client import (
     Me,
     MemoryItem,
     Run,
+    Setting,
     Tenant,
+    TenantConfig,
     TenantUsage,
     UsageRecord,
     UsageSummary,
@@ -71,6 +73,9 @@ def test_every_tenant_resource_round_trips(operator: Client, base_url: str) -> N
     with client:
         me = client.me()
         assert isinstance(me, Me) and me.tenant_id == tenant.id and me.plan == "pro"
+        config = client.config()
+        assert config.limits["max_concurrent_runs"].source == "plan"
+        assert config == operator.admin.tenants.config(tenant.id)
         agent = client.agents.create("helper", model="simulated:instant", instructions="Be brief.")
         assert isinstance(agent, Agent) and agent.simulated and agent.instructions == "Be brief."
         assert [a.id for a in client.agents.list()] == [agent.id]
@@ -212,6 +217,8 @@ def test_client_models_follow_the_servers_schema(runtime: Runtime) -> None:
         UsageRecord: "UsageRecordOut",
         UsageSummary: "UsageSummaryOut",
         TenantUsage: "TenantUsageOut",
+        TenantConfig: "TenantConfig",
+        Setting: "Setting",
         Me: "MeOut",
     }
     for model, name in pairs.items():

@@ -3,7 +3,7 @@
 
 - ``client.agents``, ``client.runs`` (``create`` runs and waits; ``submit`` queues,
   ``wait`` polls; ``list`` pages through every run), ``client.memory``, ``client.me()``,
-  ``client.usage()``, ``client.audit()`` — as a tenant key;
+  ``client.config()``, ``client.usage()``, ``client.audit()`` — as a tenant key;
 - ``client.admin.tenants``, ``client.admin.keys``, ``client.admin.usage()``,
   ``client.admin.audit()`` — as the operator key.
 
@@ -31,7 +31,9 @@ from patinox.client.models import (
     Me,
     MemoryItem,
     Run,
+    Setting,
     Tenant,
+    TenantConfig,
     TenantUsage,
     UsageRecord,
     UsageSummary,
@@ -49,7 +51,9 @@ __all__ = [
     "Me",
     "MemoryItem",
     "Run",
+    "Setting",
     "Tenant",
+    "TenantConfig",
     "TenantUsage",
     "UsageRecord",
     "UsageSummary",

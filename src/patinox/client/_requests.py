@@ -23,6 +23,7 @@ from patinox.client.models import (
     MemoryItem,
     Run,
     Tenant,
+    TenantConfig,
     TenantUsage,
     UsageSummary,
 )
@@ -195,6 +196,14 @@ def _strings(response: httpx.Response) -> list[str]:
 
 def list_memory(prefix: str, limit: int) -> Call[list[str]]:
     return Call("GET", "/v1/memory", _strings, params={"prefix": prefix, "limit": limit})
+
+
+def config() -> Call[TenantConfig]:
+    return Call("GET", "/v1/config", _one(TenantConfig))
+
+
+def tenant_config(tenant_id: str) -> Call[TenantConfig]:
+    return Call("GET", f"/admin/tenants/{_seg(tenant_id)}/config", _one(TenantConfig))
 
 
 def usage(since: str | None) -> Call[TenantUsage]:

@@ -20,6 +20,7 @@ from patinox.client.models import (
     MemoryItem,
     Run,
     Tenant,
+    TenantConfig,
     TenantUsage,
     UsageSummary,
 )
@@ -84,6 +85,10 @@ class AsyncClient:
     async def me(self) -> Me:
         """The calling key: its tenant, scopes, plan, isolation level and limits."""
         return await self.send(rq.me())
+
+    async def config(self) -> TenantConfig:
+        """The tenant's settings, each with its effective value and layer."""
+        return await self.send(rq.config())
 
     async def usage(self, since: str | None = None) -> TenantUsage:
         """The tenant's tokens today, reserved and budgeted, and its usage records since
@@ -258,6 +263,10 @@ class Tenants:
 
     async def get(self, tenant_id: str) -> Tenant:
         return await self._c.send(rq.get_tenant(tenant_id))
+
+    async def config(self, tenant_id: str) -> TenantConfig:
+        """The tenant's settings with their layers."""
+        return await self._c.send(rq.tenant_config(tenant_id))
 
     async def update(self, tenant_id: str, **changes: Any) -> Tenant:
         """Change ``plan``, ``limits``, ``isolation_level`` (with ``drain_timeout_s``)."""

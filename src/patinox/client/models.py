@@ -18,7 +18,9 @@ __all__ = [
     "Me",
     "MemoryItem",
     "Run",
+    "Setting",
     "Tenant",
+    "TenantConfig",
     "TenantUsage",
     "UsageRecord",
     "UsageSummary",
@@ -181,3 +183,21 @@ class Me(_Model):
     plan: str
     isolation_level: str
     limits: dict[str, Any]
+
+
+class Setting(_Model):
+    """A setting's effective value and its layer: ``default`` < ``plan`` < ``tenant``."""
+
+    value: Any
+    source: str
+    description: str | None = None
+
+
+class TenantConfig(_Model):
+    """A tenant's settings with their layers (``GET /v1/config``)."""
+
+    tenant_id: str
+    plan: str
+    isolation_level: Setting
+    storage_model: Setting
+    limits: dict[str, Setting]

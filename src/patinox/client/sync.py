@@ -18,6 +18,7 @@ from patinox.client.models import (
     MemoryItem,
     Run,
     Tenant,
+    TenantConfig,
     TenantUsage,
     UsageSummary,
 )
@@ -82,6 +83,10 @@ class Client:
     def me(self) -> Me:
         """The calling key: its tenant, scopes, plan, isolation level and limits."""
         return self.send(rq.me())
+
+    def config(self) -> TenantConfig:
+        """The tenant's settings, each with its effective value and layer."""
+        return self.send(rq.config())
 
     def usage(self, since: str | None = None) -> TenantUsage:
         """The tenant's tokens today, reserved and budgeted, and its usage records since
@@ -255,6 +260,10 @@ class Tenants:
 
     def get(self, tenant_id: str) -> Tenant:
         return self._c.send(rq.get_tenant(tenant_id))
+
+    def config(self, tenant_id: str) -> TenantConfig:
+        """The tenant's settings with their layers."""
+        return self._c.send(rq.tenant_config(tenant_id))
 
     def update(self, tenant_id: str, **changes: Any) -> Tenant:
         """Change ``plan``, ``limits``, ``isolation_level`` (with ``drain_timeout_s``)."""
