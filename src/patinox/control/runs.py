@@ -443,7 +443,7 @@ class RunService:
         await asyncio.gather(*tasks, return_exceptions=True)
         return len(tasks)
 
-    async def cancel(self, ctx: TenantContext, run_id: str) -> tuple[RunRecord, bool]:
+    async def cancel(self, ctx: TenantContext, run_id: str, *, _again: bool = True) -> tuple[RunRecord, bool]:
         """Cancel one of the tenant's runs, queued or running, wherever it runs; audited
         (``run.cancel``).
 
@@ -478,7 +478,9 @@ class RunService:
         elif not self.queue.request_cancel(ctx.tenant_id, run_id):
             run = store.get_run(run_id)  # it left the queue meanwhile: finished, or claimed
             if run["status"] in ("queued", "running"):
-                return await self.cancel(ctx, run_id)
+                if _again:  # claimed between the two reads: once more, as a running run
+                    return await self.cancel(ctx, run_id, _again=False)
+                return run, False  # no queue entry holds it: no process to stop it in
             raise RunFinished(f"run {run_id!r} already finished ({run['status']})", status=run["status"])
         else:
             deadline = time.monotonic() + _REMOTE_CANCEL_WAIT_S
