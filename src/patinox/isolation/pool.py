@@ -45,6 +45,7 @@ import structlog
 
 from patinox.errors import IsolationUnavailable, PatinoxError
 from patinox.isolation.cgroups import (
+    CgroupCounters,
     CgroupManager,
     CgroupSupport,
     ProcessCgroup,
@@ -204,6 +205,7 @@ class ExecutionProcess:
     __slots__ = (
         "_cg_cpu",
         "_cg_memory",
+        "_counters",
         "_proc_files",
         "_template",
         "_watchers",
@@ -257,9 +259,14 @@ class ExecutionProcess:
         with contextlib.suppress(OSError):
             self._proc_files = _ProcFiles(self.host_pid)
         # The cgroup's accounting where the host has it (it counts every thread and child
-        # of the process), else the process's own from /proc.
-        self._cg_cpu = cgroup is not None and _works(cgroup.cpu_seconds)
-        self._cg_memory = cgroup is not None and _works(cgroup.memory_peak_bytes)
+        # of the process), else the process's own from /proc; its files opened once, here
+        # (off the run's path), and read through the kept descriptors at each run.
+        counters = None if cgroup is None else cgroup.counters()
+        self._counters: CgroupCounters | ProcessCgroup | None = counters
+        self._cg_cpu = counters is not None and _works(counters.cpu_seconds)
+        self._cg_memory = counters is not None and _works(counters.memory_peak_bytes)
+        if counters is not None and self._cg_memory:
+            _works(counters.oom_kills)  # opened now too: read after every sandboxed run
         #: Its CPU seconds when its last run ended (``None`` before its first).
         self.cpu_mark: float | None = None
         exit.add_done_callback(self._exited)
@@ -299,8 +306,8 @@ class ExecutionProcess:
         ``/proc/<pid>/schedstat``); ``None`` once it is gone."""
         try:
             if self._cg_cpu:
-                assert self.cgroup is not None
-                return self.cgroup.cpu_seconds()
+                assert self._counters is not None
+                return self._counters.cpu_seconds()
             return None if self._proc_files is None else self._proc_files.cpu_seconds()
         except (PatinoxError, OSError, ValueError, IndexError):
             return None
@@ -310,8 +317,8 @@ class ExecutionProcess:
         resident set from ``/proc/<pid>/status``); ``None`` when unknown."""
         try:
             if self._cg_memory:
-                assert self.cgroup is not None
-                return self.cgroup.memory_peak_bytes()
+                assert self._counters is not None
+                return self._counters.memory_peak_bytes()
             return None if self._proc_files is None else self._proc_files.peak_resident_bytes()
         except (PatinoxError, OSError, ValueError, IndexError):
             return None
@@ -320,8 +327,8 @@ class ExecutionProcess:
         """Start measuring its peak memory afresh (best effort)."""
         try:
             if self._cg_memory:
-                assert self.cgroup is not None
-                self.cgroup.reset_peak()
+                assert self._counters is not None
+                self._counters.reset_peak()
             elif self._proc_files is not None:
                 self._proc_files.reset_peak()
         except (PatinoxError, OSError):
@@ -332,18 +339,22 @@ class ExecutionProcess:
         is removed); ``False`` without cgroup memory accounting."""
         if not self._cg_memory:
             return False
-        assert self.cgroup is not None
+        assert self._counters is not None
         try:
-            return self.cgroup.oom_kills() > 0
+            return self._counters.oom_kills() > 0
         except (PatinoxError, OSError):
             return False
 
     def close(self) -> None:
-        """Close the host's end of its channel and its ``/proc`` files (idempotent)."""
+        """Close the host's end of its channel, its ``/proc`` files and its cgroup's kept
+        accounting files (idempotent; later readings open its cgroup's files by path)."""
         with contextlib.suppress(OSError):
             self.channel.close()
         if self._proc_files is not None:
             self._proc_files.close()
+        if isinstance(self._counters, CgroupCounters):
+            self._counters.close()
+            self._counters = self.cgroup
 
     def remove_cgroup(self) -> None:
         """Remove its cgroup (killing anything left in it). Blocking: a worker thread's job."""
