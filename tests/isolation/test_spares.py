@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from patinox.isolation.pool import PoolSupervisor, Spare
+from patinox.isolation.spares import Spare
+from patinox.isolation.supervisor import PoolSupervisor
 from patinox.runtime import Runtime
 from tests.conftest import Deployment
 from tests.isolation.test_container import code_result, python_call, run, sandboxed_tenant

@@ -1,8 +1,8 @@
 """The ``process`` executor: the host side of a run in one of the tenant's execution processes.
 
 :class:`ProcessExecutor` borrows a warm process from the tenant's pool
-(:mod:`patinox.isolation.pool`), sends it the run, and serves what the process asks for
-while the agent loop runs there:
+(:mod:`patinox.isolation.pool`, owned by :mod:`patinox.isolation.supervisor`), sends it
+the run, and serves what the process asks for while the agent loop runs there:
 
 - a **model request**: the host resolves the real model (:func:`patinox.agents.resolve_model`:
   simulated, or a provider whose key only the host holds), makes the request, adds the
@@ -65,14 +65,9 @@ from patinox.isolation.channel import (
     Run,
 )
 from patinox.isolation.cores import CoreAllocator
-from patinox.isolation.pool import (
-    EXECUTION_LEVELS,
-    ExecutionProcess,
-    PoolStopped,
-    PoolSupervisor,
-    SpawnFailed,
-    TenantPool,
-)
+from patinox.isolation.execution import ExecutionProcess
+from patinox.isolation.pool import EXECUTION_LEVELS, PoolStopped, SpawnFailed, TenantPool
+from patinox.isolation.supervisor import PoolSupervisor
 from patinox.tenancy import IsolationLevel, ResourceLimits, TenantContext, current_tenant_or_none
 
 __all__ = ["ProcessExecutor"]
