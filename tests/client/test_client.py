@@ -64,7 +64,7 @@ def operator(runtime: Runtime, base_url: str) -> Iterator[Client]:
 
 def _tenant(operator: Client, base_url: str, name: str, **limits: Any) -> tuple[Tenant, Client]:
     tenant = operator.admin.tenants.create(name, plan="pro", limits=limits or None)
-    key = operator.admin.keys.create(tenant.id, "app")
+    key = operator.admin.keys.create("app", tenant_id=tenant.id)
     return tenant, Client(base_url, key.key)
 
 
@@ -125,12 +125,12 @@ def test_operator_resources(operator: Client, base_url: str) -> None:
     assert operator.admin.tenants.update(tenant.id, plan="free").plan == "free"
     keys = operator.admin.keys.list(tenant.id)
     assert all(isinstance(k, Key) and not isinstance(k, IssuedKey) for k in keys)
-    extra = operator.admin.keys.create(tenant.id, "reader", scopes=["read"])
+    extra = operator.admin.keys.create("reader", tenant_id=tenant.id, scopes=["read"])
     with Client(base_url, extra.key) as reader:
         assert reader.me().scopes == ["read"]
         with pytest.raises(PermissionDenied):
             reader.agents.create("nope")
-    revoked = operator.admin.keys.revoke(tenant.id, extra.id)
+    revoked = operator.admin.keys.revoke(extra.id, tenant_id=tenant.id)
     assert revoked.revoked_at is not None
     with Client(base_url, extra.key) as gone, pytest.raises(AuthenticationFailed):
         gone.me()
@@ -178,7 +178,7 @@ def test_server_errors_arrive_as_the_packages_exceptions(operator: Client, base_
 
 def test_the_async_client(operator: Client, base_url: str) -> None:
     tenant, _ = _tenant(operator, base_url, "initech")
-    secret = operator.admin.keys.create(tenant.id, "async").key
+    secret = operator.admin.keys.create("async", tenant_id=tenant.id).key
 
     async def scenario() -> list[Run]:
         async with AsyncClient(base_url, secret, max_connections=4) as client:
@@ -248,3 +248,27 @@ def test_error_codes_map_to_the_exception_tree() -> None:
     assert (again.code, again.http_status, again.fields) == ("brand_new_code", 418, {"x": 1})
     # A known code with another status than this package's is not forced into the class.
     assert isinstance(error_for("not_found", "odd", {}, 400), ServerError)
+
+
+def test_keys_a_tenant_manages_itself_and_rotation(operator: Client, base_url: str) -> None:
+    tenant, plain = _tenant(operator, base_url, "hooli")
+    manager = operator.admin.keys.create("manager", tenant_id=tenant.id, scopes=["keys:write", "read"])
+    with plain, Client(base_url, manager.key) as client:
+        with pytest.raises(PermissionDenied):
+            plain.keys.list()
+        reader = client.keys.create("reader", scopes=["read"])
+        assert {k.id for k in client.keys.list()} >= {reader.id, manager.id}
+        with pytest.raises(PermissionDenied):
+            client.keys.create("writer", scopes=["agents:write"])
+        rotated = client.keys.rotate(reader.id, overlap_s=0)
+        with Client(base_url, reader.key) as old, pytest.raises(AuthenticationFailed):
+            old.me()
+        with Client(base_url, rotated.key) as new:
+            assert new.me().scopes == ["read"]
+        assert client.keys.revoke(rotated.id).revoked_at is not None
+        # The operator's view of the same keys, with last use recorded.
+        listed = {k.id: k for k in operator.admin.keys.list(tenant.id)}
+        assert listed[manager.id].last_used_at is not None
+        assert listed[reader.id].expires_at is not None
+        with pytest.raises(TypeError):
+            operator.admin.keys.list()

@@ -24,7 +24,7 @@ from patinox.api._deps import BEARER_SCHEME, BEARER_SCHEME_NAME
 from patinox.api._health import Readiness
 from patinox.api._logging import RequestLogMiddleware, record_failure
 from patinox.api._middleware import RATE_STATES, TenancyMiddleware, error_response_parts
-from patinox.api.routers import admin, config, tenant
+from patinox.api.routers import admin, config, keys, tenant
 from patinox.errors import PatinoxError
 from patinox.runtime import Runtime, Settings
 
@@ -100,7 +100,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         tags=["tenant"],
         responses={**_ERRORS, **tenant.RUN_RESPONSES},
     )
-    for router in (tenant.router, admin.router, config.router):
+    for router in (tenant.router, admin.router, config.router, keys.router):
         app.include_router(router, responses=_ERRORS)
     _declare_bearer_auth(app)
 

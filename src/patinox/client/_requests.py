@@ -8,6 +8,7 @@ import contextlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
@@ -256,17 +257,31 @@ def delete_tenant(tenant_id: str) -> Call[dict[str, Any]]:
     return Call("DELETE", f"/admin/tenants/{_seg(tenant_id)}", _object)
 
 
-def create_key(tenant_id: str, name: str, scopes: list[str] | None) -> Call[IssuedKey]:
-    body = _given(name=name, scopes=scopes)
-    return Call("POST", f"/admin/tenants/{_seg(tenant_id)}/keys", _one(IssuedKey), json=body)
+def _keys(tenant_id: str | None) -> str:
+    """Where a tenant's keys are: the operator's route, or the tenant's own (``None``)."""
+    return "/v1/keys" if tenant_id is None else f"/admin/tenants/{_seg(tenant_id)}/keys"
 
 
-def list_keys(tenant_id: str) -> Call[list[Key]]:
-    return Call("GET", f"/admin/tenants/{_seg(tenant_id)}/keys", _many(Key))
+def create_key(
+    tenant_id: str | None, name: str, scopes: list[str] | None, expires_at: datetime | None
+) -> Call[IssuedKey]:
+    body = _given(name=name, scopes=scopes, expires_at=None if expires_at is None else expires_at.isoformat())
+    return Call("POST", _keys(tenant_id), _one(IssuedKey), json=body)
 
 
-def revoke_key(tenant_id: str, key_id: str) -> Call[Key]:
-    return Call("DELETE", f"/admin/tenants/{_seg(tenant_id)}/keys/{_seg(key_id)}", _one(Key))
+def list_keys(tenant_id: str | None) -> Call[list[Key]]:
+    return Call("GET", _keys(tenant_id), _many(Key))
+
+
+def rotate_key(
+    tenant_id: str | None, key_id: str, overlap_s: float, expires_at: datetime | None
+) -> Call[IssuedKey]:
+    body = _given(overlap_s=overlap_s, expires_at=None if expires_at is None else expires_at.isoformat())
+    return Call("POST", f"{_keys(tenant_id)}/{_seg(key_id)}/rotate", _one(IssuedKey), json=body)
+
+
+def revoke_key(tenant_id: str | None, key_id: str) -> Call[Key]:
+    return Call("DELETE", f"{_keys(tenant_id)}/{_seg(key_id)}", _one(Key))
 
 
 def usage_summary(tenant_id: str | None, since: str | None) -> Call[list[UsageSummary]]:

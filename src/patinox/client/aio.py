@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -69,6 +70,7 @@ class AsyncClient:
         self.agents = Agents(self)
         self.runs = Runs(self)
         self.memory = Memory(self)
+        self.keys = Keys(self, operator=False)
         self.admin = Admin(self)
 
     async def send(self, call: rq.Call[T]) -> T:
@@ -226,7 +228,7 @@ class Admin:
     def __init__(self, client: AsyncClient) -> None:
         self._c = client
         self.tenants = Tenants(client)
-        self.keys = Keys(client)
+        self.keys = Keys(client, operator=True)
 
     async def usage(self, tenant_id: str | None = None, since: str | None = None) -> list[UsageSummary]:
         return await self._c.send(rq.usage_summary(tenant_id, since))
@@ -284,16 +286,44 @@ class Tenants:
 
 
 class Keys:
-    """Tenants' API keys (``client.admin.keys``)."""
+    """API keys: a tenant's own (``client.keys``, a key with ``keys:write``: never with a
+    scope it lacks itself) or any tenant's (``client.admin.keys``, operator key)."""
 
-    def __init__(self, client: AsyncClient) -> None:
+    def __init__(self, client: AsyncClient, *, operator: bool) -> None:
         self._c = client
+        self._operator = operator
 
-    async def create(self, tenant_id: str, name: str, *, scopes: list[str] | None = None) -> IssuedKey:
-        return await self._c.send(rq.create_key(tenant_id, name, scopes))
+    def _tenant(self, tenant_id: str | None) -> str | None:
+        if self._operator and tenant_id is None:
+            raise TypeError("client.admin.keys needs the tenant_id")
+        return tenant_id if self._operator else None
 
-    async def list(self, tenant_id: str) -> list[Key]:
-        return await self._c.send(rq.list_keys(tenant_id))
+    async def create(
+        self,
+        name: str,
+        *,
+        tenant_id: str | None = None,
+        scopes: list[str] | None = None,
+        expires_at: datetime | None = None,
+    ) -> IssuedKey:
+        """A new key (its secret in ``.key``, shown this once)."""
+        return await self._c.send(rq.create_key(self._tenant(tenant_id), name, scopes, expires_at))
 
-    async def revoke(self, tenant_id: str, key_id: str) -> Key:
-        return await self._c.send(rq.revoke_key(tenant_id, key_id))
+    async def list(self, tenant_id: str | None = None) -> list[Key]:
+        """The keys, revoked and expired ones included; no secrets."""
+        return await self._c.send(rq.list_keys(self._tenant(tenant_id)))
+
+    async def rotate(
+        self,
+        key_id: str,
+        *,
+        tenant_id: str | None = None,
+        overlap_s: float = 3600.0,
+        expires_at: datetime | None = None,
+    ) -> IssuedKey:
+        """A new key with the old one's name and scopes; the old one works on for
+        ``overlap_s`` seconds."""
+        return await self._c.send(rq.rotate_key(self._tenant(tenant_id), key_id, overlap_s, expires_at))
+
+    async def revoke(self, key_id: str, *, tenant_id: str | None = None) -> Key:
+        return await self._c.send(rq.revoke_key(self._tenant(tenant_id), key_id))

@@ -57,6 +57,8 @@ class Key(_Model):
     scopes: list[str]
     created_at: datetime
     revoked_at: datetime | None = None
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
 
 
 class IssuedKey(Key):

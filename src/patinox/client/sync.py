@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping
+from datetime import datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -67,6 +68,7 @@ class Client:
         self.agents = Agents(self)
         self.runs = Runs(self)
         self.memory = Memory(self)
+        self.keys = Keys(self, operator=False)
         self.admin = Admin(self)
 
     def send(self, call: rq.Call[T]) -> T:
@@ -223,7 +225,7 @@ class Admin:
     def __init__(self, client: Client) -> None:
         self._c = client
         self.tenants = Tenants(client)
-        self.keys = Keys(client)
+        self.keys = Keys(client, operator=True)
 
     def usage(self, tenant_id: str | None = None, since: str | None = None) -> list[UsageSummary]:
         return self._c.send(rq.usage_summary(tenant_id, since))
@@ -281,16 +283,44 @@ class Tenants:
 
 
 class Keys:
-    """Tenants' API keys (``client.admin.keys``)."""
+    """API keys: a tenant's own (``client.keys``, a key with ``keys:write``: never with a
+    scope it lacks itself) or any tenant's (``client.admin.keys``, operator key)."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, *, operator: bool) -> None:
         self._c = client
+        self._operator = operator
 
-    def create(self, tenant_id: str, name: str, *, scopes: list[str] | None = None) -> IssuedKey:
-        return self._c.send(rq.create_key(tenant_id, name, scopes))
+    def _tenant(self, tenant_id: str | None) -> str | None:
+        if self._operator and tenant_id is None:
+            raise TypeError("client.admin.keys needs the tenant_id")
+        return tenant_id if self._operator else None
 
-    def list(self, tenant_id: str) -> list[Key]:
-        return self._c.send(rq.list_keys(tenant_id))
+    def create(
+        self,
+        name: str,
+        *,
+        tenant_id: str | None = None,
+        scopes: list[str] | None = None,
+        expires_at: datetime | None = None,
+    ) -> IssuedKey:
+        """A new key (its secret in ``.key``, shown this once)."""
+        return self._c.send(rq.create_key(self._tenant(tenant_id), name, scopes, expires_at))
 
-    def revoke(self, tenant_id: str, key_id: str) -> Key:
-        return self._c.send(rq.revoke_key(tenant_id, key_id))
+    def list(self, tenant_id: str | None = None) -> list[Key]:
+        """The keys, revoked and expired ones included; no secrets."""
+        return self._c.send(rq.list_keys(self._tenant(tenant_id)))
+
+    def rotate(
+        self,
+        key_id: str,
+        *,
+        tenant_id: str | None = None,
+        overlap_s: float = 3600.0,
+        expires_at: datetime | None = None,
+    ) -> IssuedKey:
+        """A new key with the old one's name and scopes; the old one works on for
+        ``overlap_s`` seconds."""
+        return self._c.send(rq.rotate_key(self._tenant(tenant_id), key_id, overlap_s, expires_at))
+
+    def revoke(self, key_id: str, *, tenant_id: str | None = None) -> Key:
+        return self._c.send(rq.revoke_key(self._tenant(tenant_id), key_id))

@@ -7,8 +7,8 @@ a bridge schema, a silo database or file) and with forced row-level security on
 PostgreSQL. ``run_queue.cancel_requested_at`` is set when a tenant cancels a run another
 process is running; that process polls for it and cancels the run there.
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0010
+Revises: 0009
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from alembic import op
 
 from patinox.storage._schema import UTCDateTime
 
-revision: str = "0009"
-down_revision: str | None = "0008"
+revision: str = "0010"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
