@@ -5,6 +5,7 @@
     PatinoxError                         root of everything Patinox raises
     ├── ConfigurationError               misuse by the caller; fix the call, do not retry
     │   ├── InvalidRequest               a spec or body failed validation       (422 invalid_request)
+    │   │   └── UnsupportedParameter     a parameter the runtime cannot honour  (400 unsupported_parameter)
     │   ├── TenantContextMissing         tenant-scoped code ran with no tenant  (500, fail closed)
     │   ├── TenantContextAlreadySet      a tenant scope was entered twice
     │   ├── InvalidTransition            lifecycle transition not allowed       (409 invalid_transition)
@@ -78,6 +79,7 @@ __all__ = [
     "TenantSuspended",
     "UnknownModel",
     "UnknownTool",
+    "UnsupportedParameter",
 ]
 
 
@@ -133,6 +135,14 @@ class InvalidRequest(ConfigurationError):
 
     code = "invalid_request"
     http_status = 422
+
+
+class UnsupportedParameter(InvalidRequest):
+    """A request parameter the runtime cannot honour (``n`` > 1, client tools, a response
+    format it cannot enforce...): refused, never ignored. Field ``field`` names it."""
+
+    code = "unsupported_parameter"
+    http_status = 400
 
 
 class TenantContextMissing(ConfigurationError):
