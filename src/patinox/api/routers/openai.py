@@ -1,0 +1,179 @@
+"""The OpenAI-compatible routes: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+``model`` names one of the calling tenant's agents (its name or id); a foreign or missing
+one answers 404 like every other missing object. A completion is a run of that agent,
+through :meth:`~patinox.control.RunService.start` like ``POST /v1/agents/{id}/runs``: the
+same admission (rate limits, quotas, concurrency, fair share), audit, usage record and
+settlement. Errors answer in OpenAI's shape (:mod:`patinox.api._openai`).
+
+Streaming (``stream: true``) and earlier turns of a conversation run at the ``namespace``
+isolation level, where the run executes in this process; a tenant at another level gets
+``400 unsupported_parameter`` naming its level (``param`` ``stream`` or ``messages``) and
+may send a conversation of one user message, not streamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from patinox.agents import Conversation, RunEvent
+from patinox.api._deps import Reader, RunWriter, Store
+from patinox.api._logging import record_failure
+from patinox.api._middleware import RATE_STATES
+from patinox.api._openai import ChatCompletionRequest, ChunkWriter, completion_body, usage_body
+from patinox.control import RunRequest
+from patinox.errors import InvalidRequest, NotFound, PatinoxError, UnsupportedParameter
+from patinox.runtime import Runtime
+from patinox.storage import AgentRecord, RunRecord, TenantStore
+from patinox.tenancy import IsolationLevel, TenantContext
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+#: Agent ids start with this (an id is looked up first, then a name).
+_AGENT_ID_PREFIX = "ag_"
+
+
+def find_agent(store: TenantStore, model: str) -> AgentRecord:
+    """The tenant's agent named ``model`` or with id ``model``.
+
+    Raises:
+        NotFound: no such agent for this tenant (a foreign one alike), field ``model``.
+    """
+    if model.startswith(_AGENT_ID_PREFIX):
+        try:
+            return store.get_agent(model)
+        except NotFound:
+            pass
+    for agent in store.list_agents():
+        if agent["name"] == model:
+            return agent
+    raise NotFound(
+        f"the model {model!r} does not exist (no agent of this tenant has that name or id)", field="model"
+    )
+
+
+def _model_object(agent: AgentRecord) -> dict[str, Any]:
+    return {
+        "id": agent["name"],
+        "object": "model",
+        "created": int(agent["created_at"].timestamp()),
+        "owned_by": "tenant",
+    }
+
+
+@router.get("/models")
+def list_models(_: Reader, store: Store) -> dict[str, Any]:
+    """The tenant's agents as OpenAI model objects (``id`` is the agent's name)."""
+    return {"object": "list", "data": [_model_object(a) for a in store.list_agents()]}
+
+
+@router.get("/models/{model}")
+def get_model(model: str, _: Reader, store: Store) -> dict[str, Any]:
+    """One agent as an OpenAI model object. 404 for a missing or foreign name or id."""
+    return _model_object(find_agent(store, model))
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, ctx: RunWriter, request: Request
+) -> JSONResponse | StreamingResponse:
+    """A chat completion by one of the tenant's agents (see the module docstring).
+
+    ``max_completion_tokens`` (or ``max_tokens``) is the run's ``output_tokens``; client
+    ``system`` (and ``developer``) messages follow the agent's own instructions.
+    Errors: 400 ``unsupported_parameter``, 401, 403, 404, 422 ``invalid_request``, 429
+    (``Retry-After``; a spent quota also ``x-should-retry: false``), 502 ``run_failed``,
+    503. An error after a stream began arrives as an error event.
+    """
+    rt: Runtime = request.app.state.runtime
+    body.refuse_unsupported()
+    prompt, history = body.conversation()
+    _check_level(ctx, stream=body.stream, history=bool(history))
+    agent = find_agent(rt.backend.tenant_store(ctx), body.model)
+    try:
+        req = RunRequest(input=prompt, output_tokens=body.output_tokens())
+    except ValidationError as err:
+        raise InvalidRequest(f"messages: {err.errors()[0]['msg']}", field="messages") from None
+    states = request.scope["state"][RATE_STATES]
+    if not body.stream:
+        conversation = Conversation(history=history) if history else None
+        row = await rt.runs.start(ctx, agent["id"], req, rate_states=states, conversation=conversation)
+        usage = usage_body(row["input_tokens"], row["output_tokens"])
+        created = int(row["created_at"].timestamp())
+        return JSONResponse(
+            completion_body(
+                run_id=row["id"], model=body.model, created=created, output=row["output"] or "", usage=usage
+            )
+        )
+    events: asyncio.Queue[RunEvent | None] = asyncio.Queue()
+    conversation = Conversation(history=history, on_event=events.put_nowait)
+    run = asyncio.ensure_future(
+        rt.runs.start(ctx, agent["id"], req, rate_states=states, conversation=conversation)
+    )
+    run.add_done_callback(lambda _: events.put_nowait(None))
+    try:
+        first = await events.get()  # the run started: it was admitted and recorded
+    except asyncio.CancelledError:
+        run.cancel()
+        raise
+    if first is None:
+        run.result()  # a refusal (429, 404...) answers as on the native route
+        raise AssertionError("a run ended without starting")  # pragma: no cover
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    writer = ChunkWriter(
+        completion_id=f"chatcmpl-{first.run_id}", model=body.model, include_usage=include_usage
+    )
+    return StreamingResponse(
+        _stream(request, run, events, writer),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _check_level(ctx: TenantContext, *, stream: bool, history: bool) -> None:
+    """Streams and conversations run at the ``namespace`` level only (the run's events and
+    history do not cross into an execution process yet)."""
+    if ctx.isolation_level is IsolationLevel.NAMESPACE or not (stream or history):
+        return
+    param, what = (
+        ("stream", "streaming") if stream else ("messages", "a conversation of more than one message")
+    )
+    raise UnsupportedParameter(
+        f"{what} is not available at this tenant's isolation level "
+        f"{ctx.isolation_level.value!r} (only at 'namespace')",
+        field=param,
+        isolation_level=ctx.isolation_level.value,
+    )
+
+
+async def _stream(
+    request: Request,
+    run: asyncio.Future[RunRecord],
+    events: asyncio.Queue[RunEvent | None],
+    writer: ChunkWriter,
+) -> AsyncIterator[bytes]:
+    """The completion's chunks as the run produces them; a client that goes away cancels
+    the run (settled as cancelled, charged what it used)."""
+    try:
+        yield writer.role()
+        while (event := await events.get()) is not None:
+            if event.kind == "text":
+                yield writer.content(event.text)
+        try:
+            row = run.result()
+        except PatinoxError as err:
+            record_failure(request.scope, err)
+            yield ChunkWriter.error(err.http_status, err.to_dict())
+            return
+        yield writer.finish("stop")
+        yield writer.usage(usage_body(row["input_tokens"], row["output_tokens"]))
+        yield ChunkWriter.done()
+    finally:
+        if not run.done():
+            run.cancel()
