@@ -7,97 +7,19 @@ OpenAI's shape, usage identical streamed or not, and one tenant never reaching a
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
-import uvicorn
-from starlette.types import Receive, Scope, Send
 
-from patinox.api import create_app
 from patinox.runtime import Runtime
+from tests.api._server import Server
 from tests.conftest import auth
 
 pytestmark = pytest.mark.only_deployments("sqlite-pool", "pg-pool")
-
-
-class Server:
-    """A uvicorn server of the app in a thread, counting requests by path."""
-
-    def __init__(self, runtime: Runtime) -> None:
-        app = create_app(runtime=runtime)
-        self.requests: collections.Counter[str] = collections.Counter()
-        self.clients: list[openai.OpenAI] = []
-
-        async def counting(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] == "http":
-                self.requests[scope["path"]] += 1
-            await app(scope, receive, send)
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        config = uvicorn.Config(counting, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-        self.srv = uvicorn.Server(config)
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.srv.serve()), daemon=True)
-        self.thread.start()
-        while not self.srv.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{port}"
-        self.http = httpx.Client(base_url=self.url, timeout=60)
-        self.operator = runtime.keys.create(tenant_id=None, name="op", scopes=None, actor="test").secret
-
-    def tenant(self, name: str, **spec: Any) -> Tenant:
-        r = self.http.post("/admin/tenants", json={"name": name, **spec}, headers=auth(self.operator))
-        assert r.status_code == 201, r.text
-        tid = r.json()["id"]
-        r = self.http.post(f"/admin/tenants/{tid}/keys", json={"name": "k"}, headers=auth(self.operator))
-        assert r.status_code == 201, r.text
-        return Tenant(self, tid, r.json()["key"])
-
-    def close(self) -> None:
-        for client in self.clients:
-            client.close()
-        self.http.close()
-        self.srv.should_exit = True
-        self.thread.join(timeout=30)
-
-
-class Tenant:
-    def __init__(self, server: Server, tenant_id: str, key: str) -> None:
-        self.server, self.id, self.key, self.h = server, tenant_id, key, auth(key)
-
-    def agent(self, name: str, **spec: Any) -> str:
-        body = {"name": name, "model": "simulated:instant", **spec}
-        r = self.server.http.post("/v1/agents", json=body, headers=self.h)
-        assert r.status_code == 201, r.text
-        return str(r.json()["id"])
-
-    def client(self, **kw: Any) -> openai.OpenAI:
-        client = openai.OpenAI(
-            base_url=self.server.url + "/v1", api_key=self.key, _strict_response_validation=True, **kw
-        )
-        self.server.clients.append(client)
-        return client
-
-    def async_client(self, **kw: Any) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(
-            base_url=self.server.url + "/v1", api_key=self.key, _strict_response_validation=True, **kw
-        )
-
-    def get(self, path: str) -> Any:
-        r = self.server.http.get(path, headers=self.h)
-        assert r.status_code == 200, r.text
-        return r.json()
 
 
 @pytest.fixture
@@ -410,3 +332,16 @@ def test_streaming_at_process_level_is_refused_naming_the_level(server: Server) 
     # A single user message, not streamed, runs there as on the native route.
     done = client.chat.completions.create(model="helper", messages=_user("hi"), max_tokens=3)
     assert done.usage is not None and done.usage.completion_tokens == 3
+
+
+def test_the_token_reservation_counts_every_message(server: Server) -> None:
+    t = server.tenant("alpha", limits={"tokens_per_day": 100})
+    t.agent("helper")
+    client = t.client()
+    earlier: list[Any] = [{"role": "user", "content": "word " * 120}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.chat.completions.create(model="helper", messages=[*earlier, *_user("hi")], max_tokens=5)
+    assert isinstance(info.value.body, dict) and info.value.body["code"] == "exceeds_budget"
+    assert t.get("/v1/runs") == []
+    # The last message alone fits the budget.
+    assert client.chat.completions.create(model="helper", messages=_user("hi"), max_tokens=5).choices

@@ -109,6 +109,43 @@ async def _send_translated(send: Send, start: Message, body: bytes) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+class OpenAIError(BaseModel):
+    message: str
+    type: str = Field(
+        description="`invalid_request_error`, `authentication_error`, `permission_error`, "
+        "`rate_limit_error`, `insufficient_quota` or `server_error`"
+    )
+    param: str | None = Field(description="the request parameter at fault, when one is")
+    code: str | None = Field(description="Patinox's stable error code (see the native routes)")
+
+
+class OpenAIErrorOut(BaseModel):
+    """An error of the OpenAI-compatible routes."""
+
+    error: OpenAIError
+
+
+#: Error responses of the OpenAI-compatible routes, as the OpenAPI document lists them.
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": OpenAIErrorOut, "description": description}
+    for status, description in (
+        (400, "`unsupported_parameter` (naming `param`) or `malformed_json`"),
+        (401, "`unauthenticated`"),
+        (403, "`forbidden` or `tenant_suspended`"),
+        (404, "`not_found`: no agent of this tenant has that name or id"),
+        (413, "`payload_too_large`"),
+        (422, "`invalid_request`, `unknown_model` or `exceeds_budget`"),
+        (
+            429,
+            "`rate_limited` or `concurrency_limited` (with `Retry-After`), `quota_exceeded` "
+            "(with `Retry-After` and `x-should-retry: false`)",
+        ),
+        (502, "`run_failed`"),
+        (503, "`storage_error`, `limit_store_unavailable`, `tenant_moving` or `overloaded`"),
+    )
+}
+
+
 # --- request ---------------------------------------------------------------------------
 
 

@@ -150,7 +150,11 @@ class RunRequest(BaseModel):
     output_tokens: int | None = Field(
         default=None, ge=1, strict=True, description="output tokens to ask the model for (simulated: exact)"
     )
-    mode: Literal["sync", "async"] = "sync"
+    mode: Literal["sync", "async", "stream"] = Field(
+        default="sync",
+        description="`sync`: answer the finished run; `async`: queue it and answer at once; "
+        "`stream`: a synchronous run answered as server-sent events (namespace level)",
+    )
 
 
 #: Seconds a synchronous run's concurrency hold outlives the run's timeout (settlement).

@@ -14,7 +14,6 @@ may send a conversation of one user message, not streamed.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,16 +21,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from patinox.agents import Conversation, RunEvent
+from patinox.agents import Conversation
 from patinox.api._deps import Reader, RunWriter, Store
 from patinox.api._logging import record_failure
 from patinox.api._middleware import RATE_STATES
 from patinox.api._openai import ChatCompletionRequest, ChunkWriter, completion_body, usage_body
+from patinox.api._streams import SSE_HEADERS, StreamedRun, check_stream_level, start_streamed
 from patinox.control import RunRequest
-from patinox.errors import InvalidRequest, NotFound, PatinoxError, UnsupportedParameter
+from patinox.errors import InvalidRequest, NotFound, PatinoxError
 from patinox.runtime import Runtime
-from patinox.storage import AgentRecord, RunRecord, TenantStore
-from patinox.tenancy import IsolationLevel, TenantContext
+from patinox.storage import AgentRecord, TenantStore
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -94,7 +93,10 @@ async def chat_completions(
     rt: Runtime = request.app.state.runtime
     body.refuse_unsupported()
     prompt, history = body.conversation()
-    _check_level(ctx, stream=body.stream, history=bool(history))
+    if body.stream:
+        check_stream_level(ctx, param="stream")
+    elif history:
+        check_stream_level(ctx, param="messages", what="a conversation of more than one message")
     agent = find_agent(rt.backend.tenant_store(ctx), body.model)
     try:
         req = RunRequest(input=prompt, output_tokens=body.output_tokens())
@@ -111,62 +113,26 @@ async def chat_completions(
                 run_id=row["id"], model=body.model, created=created, output=row["output"] or "", usage=usage
             )
         )
-    events: asyncio.Queue[RunEvent | None] = asyncio.Queue()
-    conversation = Conversation(history=history, on_event=events.put_nowait)
-    run = asyncio.ensure_future(
-        rt.runs.start(ctx, agent["id"], req, rate_states=states, conversation=conversation)
-    )
-    run.add_done_callback(lambda _: events.put_nowait(None))
-    try:
-        first = await events.get()  # the run started: it was admitted and recorded
-    except asyncio.CancelledError:
-        run.cancel()
-        raise
-    if first is None:
-        run.result()  # a refusal (429, 404...) answers as on the native route
-        raise AssertionError("a run ended without starting")  # pragma: no cover
+    streamed = await start_streamed(rt, ctx, agent["id"], req, rate_states=states, history=history)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     writer = ChunkWriter(
-        completion_id=f"chatcmpl-{first.run_id}", model=body.model, include_usage=include_usage
+        completion_id=f"chatcmpl-{streamed.run_id}", model=body.model, include_usage=include_usage
     )
     return StreamingResponse(
-        _stream(request, run, events, writer),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        _stream(request, streamed, writer), media_type="text/event-stream", headers=SSE_HEADERS
     )
 
 
-def _check_level(ctx: TenantContext, *, stream: bool, history: bool) -> None:
-    """Streams and conversations run at the ``namespace`` level only (the run's events and
-    history do not cross into an execution process yet)."""
-    if ctx.isolation_level is IsolationLevel.NAMESPACE or not (stream or history):
-        return
-    param, what = (
-        ("stream", "streaming") if stream else ("messages", "a conversation of more than one message")
-    )
-    raise UnsupportedParameter(
-        f"{what} is not available at this tenant's isolation level "
-        f"{ctx.isolation_level.value!r} (only at 'namespace')",
-        field=param,
-        isolation_level=ctx.isolation_level.value,
-    )
-
-
-async def _stream(
-    request: Request,
-    run: asyncio.Future[RunRecord],
-    events: asyncio.Queue[RunEvent | None],
-    writer: ChunkWriter,
-) -> AsyncIterator[bytes]:
+async def _stream(request: Request, streamed: StreamedRun, writer: ChunkWriter) -> AsyncIterator[bytes]:
     """The completion's chunks as the run produces them; a client that goes away cancels
     the run (settled as cancelled, charged what it used)."""
     try:
         yield writer.role()
-        while (event := await events.get()) is not None:
+        async for event in streamed.each():
             if event.kind == "text":
                 yield writer.content(event.text)
         try:
-            row = run.result()
+            row = streamed.run.result()
         except PatinoxError as err:
             record_failure(request.scope, err)
             yield ChunkWriter.error(err.http_status, err.to_dict())
@@ -175,5 +141,4 @@ async def _stream(
         yield writer.usage(usage_body(row["input_tokens"], row["output_tokens"]))
         yield ChunkWriter.done()
     finally:
-        if not run.done():
-            run.cancel()
+        streamed.cancel()

@@ -15,6 +15,7 @@ from patinox.agents import is_simulated
 from patinox.api import schemas as o
 from patinox.api._deps import RT, AgentWriter, Reader, RunWriter, Store
 from patinox.api._middleware import RATE_STATES
+from patinox.api._streams import check_stream_level, native_stream, start_streamed
 from patinox.control import AgentPatch, AgentSpec, RunRequest
 from patinox.errors import InvalidRequest, NotFound
 from patinox.limits import RateLimitState, day_start
@@ -64,20 +65,36 @@ def _outcome(row: RunRecord) -> str | None:
 #: first, instead of through this router (FastAPI matches an included router's path once
 #: to select it and again to pick its route: two passes over the routes on every request).
 RUN_PATH = "/v1/agents/{agent_id}/runs"
-RUN_RESPONSES: dict[int | str, dict[str, Any]] = {202: {"model": o.RunOut}, 502: {"model": o.ErrorOut}}
+RUN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"text/event-stream": {}},
+        "description": "the finished run; with `mode: stream`, server-sent events `run.started`, "
+        "`text.delta`, `tool.call`, `tool.result`, then `run.completed` (the run) or `error`",
+    },
+    202: {"model": o.RunOut},
+    502: {"model": o.ErrorOut},
+}
 
 
 async def create_run(
     agent_id: str, req: RunRequest, ctx: RunWriter, request: Request, response: Response
-) -> o.RunOut:
+) -> o.RunOut | Response:
     """Run the agent: ``sync`` answers 200 with the finished run; ``async`` answers 202 at once
-    with ``Location`` to poll. A failed sync run answers 502 ``run_failed`` with its ``run_id``."""
+    with ``Location`` to poll; ``stream`` answers server-sent events as the run goes, the
+    run record last (:func:`patinox.api._streams.native_stream`). A failed sync run answers
+    502 ``run_failed`` with its ``run_id``."""
     # The runtime straight from the app, not through the RT dependency: every run comes this
     # way, and each dependency FastAPI solves costs about 10 us a request on this machine.
     rt: Runtime = request.app.state.runtime
     # The run's admission adds the agent's rate-limit policy to the tenant's and the key's
     # in the response's RateLimit headers, on success and on its own 429 alike.
     states: list[RateLimitState] = request.scope["state"][RATE_STATES]
+    if req.mode == "stream":
+        check_stream_level(ctx)
+        sync = req.model_copy(update={"mode": "sync"})
+        return native_stream(
+            request, await start_streamed(rt, ctx, agent_id, sync, rate_states=states), _run_out
+        )
     row = await rt.runs.start(ctx, agent_id, req, rate_states=states)
     if req.mode == "async":
         response.status_code = 202
