@@ -345,3 +345,21 @@ def test_the_token_reservation_counts_every_message(server: Server) -> None:
     assert t.get("/v1/runs") == []
     # The last message alone fits the budget.
     assert client.chat.completions.create(model="helper", messages=_user("hi"), max_tokens=5).choices
+
+
+def test_a_name_follows_renames_and_deletions(server: Server) -> None:
+    t = server.tenant("alpha")
+    first = t.agent("helper", instructions="one")
+    client = t.client()
+    assert client.chat.completions.create(model="helper", messages=_user("hi")).usage.prompt_tokens == 2  # type: ignore[union-attr]
+    r = server.http.patch(f"/v1/agents/{first}", json={"name": "renamed"}, headers=t.h)
+    assert r.status_code == 200, r.text
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="helper", messages=_user("hi"))
+    t.agent("helper", instructions="two words")
+    done = client.chat.completions.create(model="helper", messages=_user("hi"))
+    assert done.usage is not None and done.usage.prompt_tokens == 3  # the new agent's instructions
+    assert client.chat.completions.create(model="renamed", messages=_user("hi")).choices
+    assert server.http.delete(f"/v1/agents/{first}", headers=t.h).status_code == 204
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="renamed", messages=_user("hi"))
