@@ -97,6 +97,7 @@ async def start_streamed(
         rt.runs.start(ctx, agent_id, req, rate_states=rate_states, conversation=conversation)
     )
     run.add_done_callback(lambda _: events.put_nowait(None))
+    run.add_done_callback(_retrieved)
     try:
         first = await events.get()
     except asyncio.CancelledError:
@@ -106,6 +107,13 @@ async def start_streamed(
         run.result()  # the refusal, raised here
         raise RuntimeError("a streamed run ended without starting")
     return StreamedRun(first.run_id, run, events)
+
+
+def _retrieved(run: asyncio.Future[RunRecord]) -> None:
+    """Mark the run's error as seen: a stream whose client went away never reads it (the
+    run recorded it)."""
+    if not run.cancelled():
+        run.exception()
 
 
 def _sse(event: str, data: Any) -> bytes:
