@@ -281,17 +281,26 @@ class _PacedStream(CompletedStreamedResponse):
         super().__init__(response, model_request_parameters=model_request_parameters, replay_events=True)
         self._latency = latency
         self._delivered = 0
+        self._seen: tuple[int, RequestUsage, ModelResponse] | None = None
 
     @property
     def usage(self) -> RequestUsage:
-        full = self.response.usage
-        return dataclasses.replace(full, output_tokens=min(self._delivered, full.output_tokens))
+        return self._partial()[0]
 
     def get(self) -> ModelResponse:
-        response = super().get()
-        if self._delivered < response.usage.output_tokens:  # stopped early
-            response = dataclasses.replace(response, usage=self.usage)
-        return response
+        return self._partial()[1]
+
+    def _partial(self) -> tuple[RequestUsage, ModelResponse]:
+        """The usage and response as delivered so far (pydantic-ai reads them after every
+        event: built once per delivered count)."""
+        if self._seen is None or self._seen[0] != self._delivered:
+            response = super().get()
+            full = response.usage
+            if self._delivered < full.output_tokens:  # stopped early, or not done yet
+                full = dataclasses.replace(full, output_tokens=self._delivered)
+                response = dataclasses.replace(response, usage=full)
+            self._seen = (self._delivered, full, response)
+        return self._seen[1], self._seen[2]
 
     async def _get_event_iterator(self) -> AsyncIterator[ModelResponseStreamEvent]:
         ttft, tpot = self._latency.ttft_s, self._latency.tpot_s

@@ -65,10 +65,18 @@ class StreamedRun:
     run: asyncio.Future[RunRecord]
     events: asyncio.Queue[RunEvent | None]
 
-    async def each(self) -> AsyncIterator[RunEvent]:
-        """The run's events until it ends."""
+    async def batches(self) -> AsyncIterator[list[RunEvent]]:
+        """The run's events until it ends, each batch every event queued by the time the
+        previous one was sent (one write to the client for events produced together)."""
         while (event := await self.events.get()) is not None:
-            yield event
+            batch = [event]
+            while not self.events.empty():
+                nxt = self.events.get_nowait()
+                if nxt is None:
+                    self.events.put_nowait(None)  # the end, after this batch
+                    break
+                batch.append(nxt)
+            yield batch
 
     def cancel(self) -> None:
         """Stop the run if it still runs (its client went away)."""
@@ -158,9 +166,9 @@ def native_stream(
     async def body() -> AsyncIterator[bytes]:
         try:
             yield _sse("run.started", {"run_id": streamed.run_id})
-            async for event in streamed.each():
-                if (chunk := _native_event(event)) is not None:
-                    yield chunk
+            async for batch in streamed.batches():
+                if data := b"".join(chunk for event in batch if (chunk := _native_event(event)) is not None):
+                    yield data
             try:
                 row = streamed.run.result()
             except PatinoxError as err:

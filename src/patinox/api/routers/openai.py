@@ -143,17 +143,16 @@ async def _stream(request: Request, streamed: StreamedRun, writer: ChunkWriter) 
     the run (settled as cancelled, charged what it used)."""
     try:
         yield writer.role()
-        async for event in streamed.each():
-            if event.kind == "text":
-                yield writer.content(event.text)
+        async for batch in streamed.batches():
+            if data := b"".join(writer.content(event.text) for event in batch if event.kind == "text"):
+                yield data
         try:
             row = streamed.run.result()
         except PatinoxError as err:
             record_failure(request.scope, err)
             yield ChunkWriter.error(err.http_status, err.to_dict())
             return
-        yield writer.finish("stop")
-        yield writer.usage(usage_body(row["input_tokens"], row["output_tokens"]))
-        yield ChunkWriter.done()
+        usage = usage_body(row["input_tokens"], row["output_tokens"])
+        yield writer.finish("stop") + writer.usage(usage) + ChunkWriter.done()
     finally:
         streamed.cancel()
