@@ -18,7 +18,9 @@ The same Patinox server is also measured through its OpenAI-compatible route
 message, ``max_tokens`` = the same output tokens): ``patinox-openai`` answers the
 completion whole, ``patinox-openai-stream`` streams it (``stream: true``); for the stream
 the time to first token (``ttft_p50_ms``/``ttft_p99_ms``: request sent to the first
-content delta received) is reported too. Their rounds alternate with the others'.
+content delta received) is reported too, beside ``baseline-stream``, the baseline app's
+own streamed route (the same run and writes, the same chunk format). Their rounds
+alternate with the others'.
 
 Agents (both **simulated**: an offline stand-in for an LLM, not a real model):
 ``instant`` (``simulated:instant``, answers at once) and ``model20ms``
@@ -72,7 +74,7 @@ from baseline_app import AGENTS, INSTRUCTIONS, WRITES_PER_RUN  # noqa: E402
 CLIENTS = (1, 8, 32)
 #: The Patinox server measured through its OpenAI-compatible route, plain and streamed.
 OPENAI_SERVERS = ("patinox-openai", "patinox-openai-stream")
-SERVERS = ("patinox", "baseline", *OPENAI_SERVERS)
+SERVERS = ("patinox", "baseline", *OPENAI_SERVERS, "baseline-stream")
 PROMPT = "Summarise the quarterly report for the operations team in one short paragraph."
 OUTPUT_TOKENS = 16
 WARMUP_S = 1.0
@@ -369,12 +371,21 @@ def _targets(cells: list[Cell], ratios: list[dict[str, Any]]) -> list[dict[str, 
     rps = by[("patinox", "model20ms", 8)].runs_per_s
     openai = [r["runs_per_s_vs_native"] for r in _openai_ratios(cells) if r["server"] == "patinox-openai"]
     worst_openai = min((x for x in openai if x is not None), default=0.0)
+    ttft_gap = max(
+        by[("patinox-openai-stream", agent, 1)].ttft_p50_ms - by[("baseline-stream", agent, 1)].ttft_p50_ms
+        for agent in AGENTS
+    )
     return [
         {"target": "patinox/baseline runs/s >= 0.85 in every cell", "measured": worst, "met": worst >= 0.85},
         {
             "target": "OpenAI route / native route runs/s >= 0.95 in every cell",
             "measured": worst_openai,
             "met": worst_openai >= 0.95,
+        },
+        {
+            "target": "streamed time to first token p50, 1 client, within 2 ms of the baseline's (ms above)",
+            "measured": round(ttft_gap, 2),
+            "met": ttft_gap <= 2,
         },
         {"target": "patinox p50, 1 client, instant <= 12 ms", "measured": p50, "met": p50 <= 12},
         {"target": "patinox runs/s, 8 clients, model20ms >= 150", "measured": rps, "met": rps >= 150},
@@ -464,6 +475,14 @@ def main() -> None:
                 ),
                 "patinox-openai-stream": dataclasses.replace(
                     native, name="patinox-openai-stream", run_paths=chat, protocol="openai-stream"
+                ),
+                "baseline-stream": Target(
+                    "baseline-stream",
+                    b_url,
+                    {},
+                    {a: f"/agents/{a}/stream" for a in AGENTS},
+                    pid=b_proc.pid,
+                    protocol="openai-stream",
                 ),
             }
             cells: list[Cell] = []
