@@ -23,5 +23,7 @@ def test_error_tree_has_one_root() -> None:
 
     for name in errors.__all__:
         cls = getattr(errors, name)
+        if not isinstance(cls, type):  # the functions that find a class by its code
+            continue
         assert issubclass(cls, errors.PatinoxError), name
         assert cls.code and cls.http_status

@@ -33,6 +33,11 @@
     │   ├── IsolationFailed              a cgroup, mount or OS limit could not
     │   │                                be applied or read (original chained)  (500 isolation_failed)
     │   ├── TenantKeysDestroyed          the tenant was crypto-shredded         (410 tenant_keys_destroyed)
+    │   ├── EgressRefused                an outbound URL the tenant's policy or
+    │   │                                the address guard refuses             (403 egress_refused)
+    │   ├── OutboundFailed               an allowed outbound request failed     (502 outbound_failed)
+    │   ├── ServerError                  a server's error with a code this package
+    │   │                                does not know (the client)             (its code and status)
     │   └── StorageError                 the database failed (original chained) (503 storage_error)
     │       └── LimitStoreUnavailable    the rate-limit store (Redis) failed    (503 limit_store_unavailable)
     └── ControlSignal                    not failures; used for flow control inside the runtime
@@ -40,6 +45,8 @@
 Every error carries a stable ``code`` (the JSON ``error.code`` of the HTTP API) and an
 ``http_status``; runtime failures carry their structured fields as attributes and in
 ``fields`` and survive :mod:`pickle` so worker processes can send them back.
+:func:`error_for` makes the exception for a code and status the API answered (the
+client's errors), :func:`class_for_code` finds a class by its code.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ __all__ = [
     "ConfigurationError",
     "ControlSignal",
     "DecryptionFailed",
+    "EgressRefused",
     "ExceedsBudget",
     "InvalidRequest",
     "InvalidTransition",
@@ -64,12 +72,14 @@ __all__ = [
     "MissingDependency",
     "NotFound",
     "OperationFailed",
+    "OutboundFailed",
     "Overloaded",
     "PatinoxError",
     "PermissionDenied",
     "QuotaExceeded",
     "RateLimited",
     "RunFailed",
+    "ServerError",
     "StorageError",
     "TenantContextAlreadySet",
     "TenantContextMissing",
@@ -80,6 +90,8 @@ __all__ = [
     "UnknownModel",
     "UnknownTool",
     "UnsupportedParameter",
+    "class_for_code",
+    "error_for",
 ]
 
 
@@ -427,6 +439,31 @@ class IsolationFailed(OperationFailed):
         )
 
 
+class EgressRefused(OperationFailed):
+    """An outbound request (webhook, ``http_fetch``) to a URL the tenant may not reach: a
+    scheme, host or address its policy or the deployment's address guard refuses
+    (:mod:`patinox.network.outbound`). Fields: ``url`` (without user-info or query),
+    ``reason`` (``invalid_url``, ``scheme``, ``userinfo``, ``host_not_allowed``,
+    ``unresolvable``, ``address_not_allowed``), ``host``, ``address``."""
+
+    code = "egress_refused"
+    http_status = 403
+
+    url: str | None = None
+    reason: str | None = None
+
+
+class OutboundFailed(OperationFailed):
+    """An allowed outbound request failed. Fields: ``url``, ``reason`` (``connect``,
+    ``tls``, ``timeout``, ``too_large``, ``too_many_redirects``, ``protocol``)."""
+
+    code = "outbound_failed"
+    http_status = 502
+
+    url: str | None = None
+    reason: str | None = None
+
+
 class StorageError(OperationFailed):
     """The database failed; the driver's exception is chained as ``__cause__``."""
 
@@ -448,3 +485,43 @@ class LimitStoreUnavailable(StorageError):
 
 class ControlSignal(PatinoxError):
     """Flow control inside the runtime; never reaches a caller."""
+
+
+class ServerError(OperationFailed):
+    """An error a server answered with a ``code`` this package does not know (a newer
+    server): :attr:`code` and :attr:`http_status` are the server's."""
+
+    def __init__(self, message: str, *, code: str, http_status: int, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        vars(self)["code"] = code
+        vars(self)["http_status"] = http_status
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_server_error, (self.message, vars(self)["code"], vars(self)["http_status"], self.fields))
+
+
+def _server_error(message: str, code: str, http_status: int, fields: dict[str, Any]) -> ServerError:
+    return ServerError(message, code=code, http_status=http_status, **fields)
+
+
+def class_for_code(code: str) -> type[PatinoxError] | None:
+    """The class of this tree whose ``code`` is ``code`` (the most general one when several
+    share it: ``not_found`` is :class:`NotFound`), ``None`` when none has it."""
+    pending: list[type[PatinoxError]] = [PatinoxError]
+    while pending:
+        cls = pending.pop(0)  # breadth first: the most general class of a code wins
+        if cls.code == code and cls is not ServerError:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return None
+
+
+def error_for(code: str, message: str, fields: dict[str, Any], http_status: int) -> PatinoxError:
+    """The exception for an error the HTTP API answered (``{"error": {"code", "message",
+    "details"}}`` and its status): the class of this tree with that ``code`` (``not_found``
+    is :class:`NotFound`), with ``details`` as its fields; :class:`ServerError` for a code
+    this package does not know, or one whose status differs from the server's."""
+    cls = class_for_code(code)
+    if cls is None or cls.http_status != http_status:
+        return ServerError(message, code=code, http_status=http_status, **fields)
+    return _rebuild(cls, message, fields)

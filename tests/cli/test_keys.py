@@ -41,3 +41,21 @@ def test_revoke_with_the_wrong_tenant_is_not_found(acme: str) -> None:
 
 def test_revoke_an_unknown_key(acme: str) -> None:
     assert_error(cli("keys", "revoke", "ak_nosuchkey"), "error: ", "ak_nosuchkey", "not found")
+
+
+def test_keys_rotate_and_expiry_from_the_cli(data_dir: Path) -> None:
+    assert cli("tenants", "create", "acme").exit_code == 0
+    made = cli("keys", "create", "acme", "--name", "ci", "--scope", "read", "--expires-in-s", "3600")
+    assert made.exit_code == 0, made.output
+    key = first_json(made.output)
+    assert key["expires_at"] is not None and key["scopes"] == ["read"]
+    rotated = cli("keys", "rotate", key["id"], "--overlap-s", "0")
+    assert rotated.exit_code == 0, rotated.output
+    new = first_json(rotated.output)
+    assert new["name"] == "ci" and new["id"] != key["id"] and "New key" in rotated.output
+    listing = cli("keys", "list", "acme").output
+    assert key["prefix"] in listing and new["prefix"] in listing
+    bad = cli("keys", "rotate", "key_nope")
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    negative = cli("keys", "create", "acme", "--expires-in-s", "0")
+    assert negative.exit_code != 0 and "Traceback" not in negative.output

@@ -157,3 +157,20 @@ def test_move_to_the_model_a_tenant_is_on_says_nothing_moved(data_dir: Path) -> 
     assert r.exit_code == 0, r.output
     assert "already on pool: nothing moved" in r.output and "rows copied" not in r.output
     assert cli("run", "acme", "helper", "still here", "--output-tokens", "2").exit_code == 0
+
+
+def test_tenants_config_shows_each_setting_and_its_layer(data_dir: Path) -> None:
+    assert cli("tenants", "create", "acme", "--plan", "pro").exit_code == 0
+    assert cli("tenants", "update", "acme", "--limit", "tokens_per_day=4242").exit_code == 0
+    r = cli("tenants", "config", "acme", "--json")
+    assert r.exit_code == 0, r.output
+    config = first_json(r.output)
+    assert config["limits"]["tokens_per_day"]["value"] == 4242
+    assert config["limits"]["tokens_per_day"]["source"] == "tenant"
+    assert config["limits"]["max_agents"]["source"] == "plan"
+    table = cli("tenants", "config", "acme")
+    assert table.exit_code == 0, table.output
+    row = next(line for line in table.output.splitlines() if "tokens_per_day" in line)
+    assert "4242" in row and "tenant" in row
+    missing = cli("tenants", "config", "nobody")
+    assert missing.exit_code == 1 and "Traceback" not in missing.output

@@ -448,7 +448,7 @@ print(json.dumps(seen))
 def test_mountinfo_parsing_knows_co_mounted_controllers_and_escapes() -> None:
     """Layouts of other hosts than this one: Debian's co-mounted ``cpu,cpuacct``, a pure
     v2 host, a mount point with a space (escaped as ``\\040``), mounts outside the root."""
-    from patinox.isolation.cgroups import _cgroup_mounts
+    from patinox.isolation.cgroup_support import _cgroup_mounts
 
     mountinfo = "\n".join(
         [

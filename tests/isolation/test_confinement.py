@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from patinox.isolation import PoolSettings, PoolSupervisor, Template
-from patinox.isolation.pool import ExecutionProcess, TenantPool
+from patinox.isolation.execution import ExecutionProcess
+from patinox.isolation.pool import TenantPool
 from patinox.runtime import Runtime
 from patinox.tenancy import get_plan
 

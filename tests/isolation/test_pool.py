@@ -20,7 +20,7 @@ from patinox.control import AgentSpec, RunRequest, TenantSpec, TenantUpdate
 from patinox.errors import RunFailed
 from patinox.isolation import PoolSettings, PoolSupervisor, ProcessExecutor, Template, TenantPool
 from patinox.isolation.cgroups import detect_cgroups
-from patinox.isolation.pool import ExecutionProcess
+from patinox.isolation.execution import ExecutionProcess
 from patinox.runtime import Runtime, Settings
 from patinox.storage import SqlBackend
 from patinox.tenancy import IsolationLevel, LimitOverrides, StorageModel, TenantContext, get_plan

@@ -11,11 +11,12 @@ from typing import Any
 
 
 @contextmanager
-def serve(app: Any, *, before_stop: Callable[[], None] | None = None) -> Iterator[str]:
+def serve(app: Any, *, before_stop: Callable[[], None] | None = None, lifespan: str = "off") -> Iterator[str]:
     """Yield the base URL of ``app`` served over a real socket; stop the server after.
 
     ``before_stop`` runs first on the way out (e.g. to release requests the app holds, so
-    the server can shut down).
+    the server can shut down). ``lifespan="on"`` runs the app's start-up and shut-down
+    (Patinox's app starts its embedded queue worker there).
     """
     import uvicorn
 
@@ -26,7 +27,7 @@ def serve(app: Any, *, before_stop: Callable[[], None] | None = None) -> Iterato
     config = uvicorn.Config(
         app,
         log_level="warning",
-        lifespan="off",
+        lifespan=lifespan,  # type: ignore[arg-type]
         ws="none",
         http="h11",
         loop="asyncio",

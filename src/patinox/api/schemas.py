@@ -75,6 +75,10 @@ class KeyOut(_Out):
     scopes: list[str]
     created_at: datetime
     revoked_at: datetime | None = None
+    expires_at: datetime | None = Field(default=None, description="when it stops working; null: never")
+    last_used_at: datetime | None = Field(
+        default=None, description="its last use, to the minute (recorded once a minute at most); null: never"
+    )
 
 
 class IssuedKeyOut(KeyOut):

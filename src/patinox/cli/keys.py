@@ -1,14 +1,15 @@
-"""``patinox keys``: create, list and revoke API keys; rotate the deployment's KEK."""
+"""``patinox keys``: create, list, rotate and revoke API keys; rotate the deployment's KEK."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from patinox.cli._deployment import ACTOR, DEFAULT_DATA_DIR, DataDir, open_runtime, resolve_tenant
-from patinox.cli._output import Command, Group, cells, console, fail, progress_bar, say, show
+from patinox.cli._output import Command, Group, cells, console, fail, progress_bar, say, show, utc
 from patinox.errors import NotFound
 
 if TYPE_CHECKING:
@@ -30,9 +31,15 @@ def keys_create(
     tenant_id: Annotated[str | None, typer.Argument(help="tenant id or name (omit with --operator)")] = None,
     name: Annotated[str, typer.Option(help="a label for the key")] = "default",
     scope: Annotated[
-        list[str] | None, typer.Option(help="agents:write | runs:write | read (repeatable)")
+        list[str] | None,
+        typer.Option(
+            help="agents:write | runs:write | read | keys:write | secrets:write | config:write (repeatable)"
+        ),
     ] = None,
     operator: Annotated[bool, typer.Option("--operator", help="an operator (admin) key")] = False,
+    expires_in_s: Annotated[
+        float | None, typer.Option("--expires-in-s", min=1, help="it stops working after this many seconds")
+    ] = None,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """Create an API key; the secret is printed once."""
@@ -42,7 +49,8 @@ def keys_create(
         fail("give a TENANT_ID, or --operator for an operator key")
     rt = open_runtime(data_dir)
     tid = resolve_tenant(rt, tenant_id) if tenant_id is not None else None
-    issued = rt.keys.create(tenant_id=tid, name=name, scopes=scope, actor=ACTOR)
+    expires_at = None if expires_in_s is None else datetime.now(UTC) + timedelta(seconds=expires_in_s)
+    issued = rt.keys.create(tenant_id=tid, name=name, scopes=scope, actor=ACTOR, expires_at=expires_at)
     show(_key_out(issued.record))
     say("Key (shown once, store it now):")
     say(issued.secret)
@@ -57,11 +65,20 @@ def keys_list(
 ) -> None:
     """List a tenant's keys (operator keys when no tenant is given)."""
     rt = open_runtime(data_dir)
-    table = Table("prefix", "name", "scopes", "revoked")
+    table = Table("prefix", "name", "scopes", "revoked", "expires", "last used")
     table.add_column("id", no_wrap=True, min_width=30)
-    for k in rt.backend.list_api_keys(resolve_tenant(rt, tenant_id) if tenant_id else None):
+    for k in rt.keys.keys_of(resolve_tenant(rt, tenant_id) if tenant_id else None):
+        expires, used = k.get("expires_at"), k.get("last_used_at")
         table.add_row(
-            *cells(k["prefix"], k["name"], ",".join(k["scopes"]), "yes" if k["revoked_at"] else "", k["id"])
+            *cells(
+                k["prefix"],
+                k["name"],
+                ",".join(k["scopes"]),
+                "yes" if k["revoked_at"] else "",
+                utc(expires) if expires else "",
+                utc(used) if used else "",
+                k["id"],
+            )
         )
     console.print(table)
 
@@ -99,10 +116,10 @@ def _key_tenant(rt: Runtime, key_id: str) -> str | None:
     Raises:
         NotFound: no live tenant and no operator has that key.
     """
-    if any(k["id"] == key_id for k in rt.backend.list_api_keys(None)):
+    if any(k["id"] == key_id for k in rt.keys.keys_of(None)):
         return None
     for t in rt.tenants.list():
-        if any(k["id"] == key_id for k in rt.backend.list_api_keys(t.id)):
+        if any(k["id"] == key_id for k in rt.keys.keys_of(t.id)):
             return str(t.id)
     raise NotFound(f"api key {key_id!r} not found", key_id=key_id)
 
@@ -119,3 +136,24 @@ def keys_revoke(
     rt = open_runtime(data_dir)
     tenant_id = resolve_tenant(rt, tenant) if tenant else _key_tenant(rt, key_id)
     show(_key_out(rt.keys.revoke(key_id, tenant_id=tenant_id, actor=ACTOR)))
+
+
+@app.command("rotate", cls=Command)
+def keys_rotate(
+    key_id: str,
+    overlap_s: Annotated[
+        float, typer.Option("--overlap-s", min=0, max=30 * 86_400, help="seconds the old key keeps working")
+    ] = 3600.0,
+    tenant: Annotated[
+        str | None, typer.Option(help="the key's tenant id or name (default: found from the key id)")
+    ] = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Replace a key with a new one of the same name and scopes; the old one works on for
+    --overlap-s seconds. The new secret is printed once."""
+    rt = open_runtime(data_dir)
+    tenant_id = resolve_tenant(rt, tenant) if tenant else _key_tenant(rt, key_id)
+    issued = rt.keys.rotate(key_id, tenant_id=tenant_id, actor=ACTOR, overlap_s=overlap_s)
+    show(_key_out(issued.record))
+    say("New key (shown once, store it now):")
+    say(issued.secret)

@@ -1,4 +1,4 @@
-"""``patinox tenants``: create, list, show, update, suspend, resume and delete tenants;
+"""``patinox tenants``: create, list, show, config, update, suspend, resume and delete tenants;
 export, import, move and rotate-key come from :mod:`patinox.cli.transfer`."""
 
 from __future__ import annotations
@@ -117,6 +117,32 @@ def tenants_show(tenant_id: str, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     """Show one tenant with its effective limits."""
     rt = open_runtime(data_dir)
     show(rt.tenants.get(resolve_tenant(rt, tenant_id)))
+
+
+@app.command("config", cls=Command)
+def tenants_config(
+    tenant_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Show each of a tenant's settings, its effective value and the layer it comes from
+    (default < plan < tenant)."""
+    rt = open_runtime(data_dir)
+    config = rt.tenants.config(resolve_tenant(rt, tenant_id))
+    if as_json:
+        show(config)
+        return
+    table = Table(
+        "setting", "value", "from", "unit / meaning", title=f"{config.tenant_id} (plan {config.plan})"
+    )
+    settings = {
+        "isolation_level": config.isolation_level,
+        "storage_model": config.storage_model,
+        **config.limits,
+    }
+    for name, setting in settings.items():
+        table.add_row(*cells(name, setting.value, setting.source, setting.description or ""))
+    console.print(table)
 
 
 @app.command("update", cls=Command)

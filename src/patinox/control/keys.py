@@ -8,6 +8,10 @@ because keys carry 256 bits of entropy (no dictionary to attack); password hashi
 (argon2/bcrypt) would only add latency to every request.
 
 The tenant of a request comes from its key, never from a header, path or body.
+
+A key may expire (``expires_at``); rotation issues a new key with the old one's name and
+scopes and lets the old one live on for an overlap. The time a key was last used is
+recorded at most once a minute per key and process, by a write that empties no cache.
 """
 
 from __future__ import annotations
@@ -17,10 +21,18 @@ import hashlib
 import hmac
 import os
 import secrets
+import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from patinox.errors import AuthenticationFailed, InvalidRequest, TenantSuspended
+from patinox.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    TenantSuspended,
+)
 from patinox.storage import ApiKeyRecord, SqlBackend, utcnow
 from patinox.tenancy import (
     TenantContext,
@@ -28,8 +40,18 @@ from patinox.tenancy import (
     new_id,
 )
 
-#: Scopes a tenant key may hold.
-TENANT_SCOPES = frozenset({"agents:write", "runs:write", "read"})
+#: Scopes a tenant key may hold: ``keys:write`` manages the tenant's own keys (never with
+#: more scopes than the key doing it); ``secrets:write`` and ``config:write`` are for the
+#: tenant's secrets and configuration.
+TENANT_SCOPES = frozenset(
+    {"agents:write", "runs:write", "read", "keys:write", "secrets:write", "config:write"}
+)
+#: Scopes a tenant key gets when none are asked for.
+DEFAULT_TENANT_SCOPES = frozenset({"agents:write", "runs:write", "read"})
+#: Seconds between two records of one key's last use (per process).
+LAST_USED_EVERY_S = 60.0
+#: Longest overlap a rotation may give the old key, seconds (30 days).
+MAX_OVERLAP_S = 30 * 86_400
 #: The operator scope; only operator keys (no tenant) hold it.
 ADMIN_SCOPE = "admin"
 
@@ -59,28 +81,54 @@ class ApiKeys:
 
     def __init__(self, backend: SqlBackend) -> None:
         self._backend = backend
+        self._last_touch: dict[str, float] = {}  # key id -> monotonic time of its last record
 
-    def create(self, *, tenant_id: str | None, name: str, scopes: list[str] | None, actor: str) -> IssuedKey:
+    def create(
+        self,
+        *,
+        tenant_id: str | None,
+        name: str,
+        scopes: list[str] | None,
+        actor: str,
+        expires_at: datetime | None = None,
+        within: frozenset[str] | None = None,
+    ) -> IssuedKey:
         """Issue a key for ``tenant_id`` (or an operator key when ``None``).
 
         Args:
-            scopes: tenant keys: a subset of :data:`TENANT_SCOPES` (default: all of them);
-                operator keys: ``["admin"]`` (the default).
+            scopes: tenant keys: a subset of :data:`TENANT_SCOPES` (default:
+                :data:`DEFAULT_TENANT_SCOPES`); operator keys: ``["admin"]`` (the default).
+            expires_at: when it stops working (UTC, in the future); ``None``: never.
+            within: the scopes of the tenant key creating it (``None``: the operator); the
+                new key may hold no scope outside them.
 
         Raises:
-            InvalidRequest: empty name or scopes not allowed for this kind of key.
+            InvalidRequest: empty name, scopes not allowed for this kind of key, or an
+                expiry not in the future.
+            PermissionDenied: a scope the creating key does not hold itself.
             TenantNotFound: the tenant does not exist (or is deleted).
         """
         if not name or len(name) > 100:
             raise InvalidRequest("key name must be 1-100 characters", field="name")
         allowed = TENANT_SCOPES if tenant_id is not None else frozenset({ADMIN_SCOPE})
-        chosen = sorted(set(scopes)) if scopes is not None else sorted(allowed)
+        default = DEFAULT_TENANT_SCOPES if tenant_id is not None else allowed
+        if within is not None:
+            default = default & within
+        chosen = sorted(set(scopes)) if scopes is not None else sorted(default)
         bad = [sc for sc in chosen if sc not in allowed]
         if bad or not chosen:
             raise InvalidRequest(
                 f"scopes {bad or chosen} not allowed here; allowed: {sorted(allowed)}",
                 field="scopes",
             )
+        beyond = sorted(set(chosen) - within) if within is not None else []
+        if beyond:
+            raise PermissionDenied(
+                f"a key cannot create a key with scopes it does not hold: {beyond}", scopes=beyond
+            )
+        now = utcnow()
+        if expires_at is not None and expires_at <= now:
+            raise InvalidRequest("expires_at must be in the future", field="expires_at")
         if tenant_id is not None:
             tenant = self._backend.get_tenant(tenant_id)
             if tenant["state"] not in (TenantState.ACTIVE.value, TenantState.SUSPENDED.value):
@@ -93,19 +141,88 @@ class ApiKeys:
             "name": name,
             "prefix": prefix,
             "scopes": chosen,
-            "created_at": utcnow(),
+            "created_at": now,
             "revoked_at": None,
+            "expires_at": expires_at,
+            "last_used_at": None,
         }
         self._backend.insert_api_key({**public, "secret_hash": _digest(secret)})
-        self._audit(tenant_id, actor, "key.create", public["id"], {"name": name, "scopes": chosen})
+        detail: dict[str, Any] = {"name": name, "scopes": chosen}
+        if expires_at is not None:
+            detail["expires_at"] = expires_at.isoformat()
+        self._audit(tenant_id, actor, "key.create", public["id"], detail)
         return IssuedKey(record=public, secret=secret)
 
-    def revoke(self, key_id: str, *, tenant_id: str | None, actor: str) -> ApiKeyRecord:
+    def rotate(
+        self,
+        key_id: str,
+        *,
+        tenant_id: str | None,
+        actor: str,
+        overlap_s: float = 3600.0,
+        expires_at: datetime | None = None,
+        within: frozenset[str] | None = None,
+    ) -> IssuedKey:
+        """Replace a live key: a new key with its name and scopes (and ``expires_at``), and
+        the old one working ``overlap_s`` seconds more (0: it stops now; never later than
+        it would have).
+
+        Raises:
+            NotFound: not a live key of ``tenant_id``.
+            InvalidRequest: ``overlap_s`` outside 0-30 days, or a past ``expires_at``.
+            PermissionDenied: the rotating key holds fewer scopes than the rotated one.
+        """
+        if not 0 <= overlap_s <= MAX_OVERLAP_S:
+            raise InvalidRequest(f"overlap_s must be 0-{MAX_OVERLAP_S} seconds", field="overlap_s")
+        old = next((k for k in self.keys_of(tenant_id) if k["id"] == key_id), None)
+        if old is None or old["revoked_at"] is not None:
+            raise NotFound(f"api key {key_id!r} not found", key_id=key_id)
+        issued = self.create(
+            tenant_id=tenant_id,
+            name=old["name"],
+            scopes=old["scopes"],
+            actor=actor,
+            expires_at=expires_at,
+            within=within,
+        )
+        ends = utcnow() + timedelta(seconds=overlap_s)
+        self._backend.expire_api_key(key_id, tenant_id, ends)
+        self._audit(
+            tenant_id,
+            actor,
+            "key.rotate",
+            key_id,
+            {"new_key_id": issued.record["id"], "old_key_expires_at": ends.isoformat()},
+        )
+        return issued
+
+    def keys_of(self, tenant_id: str | None) -> list[ApiKeyRecord]:
+        """The keys of ``tenant_id`` (operator keys when ``None``), oldest first, without
+        secrets or hashes, revoked and expired ones included."""
+        return self._backend.list_api_keys(tenant_id)
+
+    def revoke(
+        self, key_id: str, *, tenant_id: str | None, actor: str, within: frozenset[str] | None = None
+    ) -> ApiKeyRecord:
         """Revoke a key of ``tenant_id`` (operator key when ``None``).
+
+        Args:
+            within: the scopes of the tenant key revoking it (``None``: the operator); a
+                key holding a scope outside them is not its to revoke.
 
         Raises:
             NotFound: no such key for that tenant.
+            PermissionDenied: the key holds a scope the revoking key does not.
         """
+        if within is not None:
+            target = next((k for k in self.keys_of(tenant_id) if k["id"] == key_id), None)
+            if target is None:
+                raise NotFound(f"api key {key_id!r} not found", key_id=key_id)
+            beyond = sorted(set(target["scopes"]) - within)
+            if beyond:
+                raise PermissionDenied(
+                    f"a key cannot revoke a key with scopes it does not hold: {beyond}", scopes=beyond
+                )
         row = self._backend.revoke_api_key(key_id, tenant_id)
         self._audit(tenant_id, actor, "key.revoke", key_id, {})
         return row
@@ -140,17 +257,30 @@ class ApiKeys:
         seen = cache.epoch()
         hit = cache.get(slot, None)
         if hit is not None:
-            secret_hash, principal = hit
+            secret_hash, principal, expires_at = hit
             if not hmac.compare_digest(_digest(token), secret_hash):
                 raise AuthenticationFailed("invalid API key")
-            return principal  # type: ignore[no-any-return]
-        resolved = self._resolve(token, parts[1])
-        owner = resolved.tenant_id if isinstance(resolved, TenantContext) else None
-        cache.put(owner, slot, (_digest(token), resolved), seen)
-        return resolved
+        else:
+            principal, expires_at = self._resolve(token, parts[1])
+            owner = principal.tenant_id if isinstance(principal, TenantContext) else None
+            cache.put(owner, slot, (_digest(token), principal, expires_at), seen)
+        if expires_at is not None and utcnow() >= expires_at:
+            raise AuthenticationFailed("invalid API key")
+        self._touch(principal.principal if isinstance(principal, TenantContext) else principal.key_id)
+        return principal  # type: ignore[no-any-return]
 
-    def _resolve(self, token: str, prefix: str) -> TenantContext | OperatorPrincipal:
-        """``authenticate`` from the key and tenant rows (read through the cache)."""
+    def _touch(self, key_id: str) -> None:
+        """Record the key's use, at most once every :data:`LAST_USED_EVERY_S` seconds."""
+        now = time.monotonic()
+        last = self._last_touch.get(key_id)
+        if last is not None and now - last < LAST_USED_EVERY_S:
+            return
+        self._last_touch[key_id] = now
+        self._backend.touch_api_key(key_id, utcnow())
+
+    def _resolve(self, token: str, prefix: str) -> tuple[TenantContext | OperatorPrincipal, datetime | None]:
+        """``authenticate`` from the key and tenant rows (read through the cache): the
+        principal and the key's expiry."""
         found = self._backend.find_api_key(prefix)
         if found is None:
             # Spend the same work as a real comparison.
@@ -159,10 +289,11 @@ class ApiKeys:
         key, tenant = found
         if not hmac.compare_digest(_digest(token), key["secret_hash"]) or key["revoked_at"] is not None:
             raise AuthenticationFailed("invalid API key")
+        expires_at = key.get("expires_at")
         if tenant is None:
-            return OperatorPrincipal(key_id=key["id"], scopes=frozenset(key["scopes"]))
+            return OperatorPrincipal(key_id=key["id"], scopes=frozenset(key["scopes"])), expires_at
         if tenant["state"] == TenantState.SUSPENDED.value:
             raise TenantSuspended("this tenant is suspended", tenant_id=tenant["id"])
         if tenant["state"] != TenantState.ACTIVE.value:
             raise AuthenticationFailed("invalid API key")
-        return TenantContext.for_tenant(tenant, principal=key["id"], scopes=key["scopes"])
+        return TenantContext.for_tenant(tenant, principal=key["id"], scopes=key["scopes"]), expires_at

@@ -45,6 +45,7 @@ from patinox.tenancy import (
     get_plan,
     new_id,
 )
+from patinox.tenancy.config import TenantConfig, layered_config
 
 #: Matched whole (``fullmatch``): with ``match`` and ``$``, "acme\n" passed as a second "acme".
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -288,6 +289,22 @@ class TenantManager:
     def get(self, tenant_id: str) -> Tenant:
         """The tenant. Raises :class:`TenantNotFound` (also once deleted)."""
         return Tenant.from_row(self._backend.get_tenant(tenant_id))
+
+    def config(self, tenant_id: str) -> TenantConfig:
+        """The tenant's effective settings, each with the layer it comes from (deployment
+        default, plan, tenant override: :func:`patinox.tenancy.config.layered_config`).
+
+        Raises:
+            TenantNotFound: no such tenant (also once deleted).
+        """
+        t = self.get(tenant_id)
+        return layered_config(
+            t.id,
+            t.plan,
+            t.limit_overrides,
+            isolation_level=t.isolation_level.value,
+            storage_model=t.storage_model.value,
+        )
 
     def list(self, *, include_deleted: bool = False) -> list[Tenant]:
         """Tenants, oldest first."""

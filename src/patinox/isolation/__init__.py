@@ -15,15 +15,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from patinox.isolation.levels import ExecutorMap, process_isolation_available
     from patinox.isolation.namespace import NamespaceExecutor
-    from patinox.isolation.pool import PoolSettings, PoolSupervisor, TenantPool
+    from patinox.isolation.pool import PoolSettings, TenantPool
     from patinox.isolation.process import ProcessExecutor
+    from patinox.isolation.supervisor import PoolSupervisor
     from patinox.isolation.template import Template
 
 _SOURCES = {
     "ExecutorMap": "patinox.isolation.levels",
     "NamespaceExecutor": "patinox.isolation.namespace",
     "PoolSettings": "patinox.isolation.pool",
-    "PoolSupervisor": "patinox.isolation.pool",
+    "PoolSupervisor": "patinox.isolation.supervisor",
     "ProcessExecutor": "patinox.isolation.process",
     "Template": "patinox.isolation.template",
     "TenantPool": "patinox.isolation.pool",

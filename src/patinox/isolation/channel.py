@@ -125,18 +125,12 @@ class ErrorData(_Message):
     def to_error(self) -> errors.PatinoxError:
         """A ``patinox`` error again, as the class of the tree with this ``code`` (the root
         when none has it)."""
-        kind = _ERRORS_BY_CODE.get(self.code, errors.PatinoxError)
+        kind = errors.class_for_code(self.code) or errors.PatinoxError
         return kind(self.message, **self.fields)
 
 
 def _plain(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if isinstance(v, str | int | float | bool | None)}
-
-
-_ERRORS_BY_CODE: Final[dict[str, type[errors.PatinoxError]]] = {}
-for _name in errors.__all__:
-    _cls = getattr(errors, _name)
-    _ERRORS_BY_CODE.setdefault(_cls.code, _cls)
 
 
 # --- host → execution process ----------------------------------------------------------

@@ -1,8 +1,8 @@
 """The ``process`` executor: the host side of a run in one of the tenant's execution processes.
 
 :class:`ProcessExecutor` borrows a warm process from the tenant's pool
-(:mod:`patinox.isolation.pool`), sends it the run, and serves what the process asks for
-while the agent loop runs there:
+(:mod:`patinox.isolation.pool`, owned by :mod:`patinox.isolation.supervisor`), sends it
+the run, and serves what the process asks for while the agent loop runs there:
 
 - a **model request**: the host resolves the real model (:func:`patinox.agents.resolve_model`:
   simulated, or a provider whose key only the host holds), makes the request, adds the
@@ -65,14 +65,9 @@ from patinox.isolation.channel import (
     Run,
 )
 from patinox.isolation.cores import CoreAllocator
-from patinox.isolation.pool import (
-    EXECUTION_LEVELS,
-    ExecutionProcess,
-    PoolStopped,
-    PoolSupervisor,
-    SpawnFailed,
-    TenantPool,
-)
+from patinox.isolation.execution import ExecutionProcess
+from patinox.isolation.pool import EXECUTION_LEVELS, PoolStopped, SpawnFailed, TenantPool
+from patinox.isolation.supervisor import PoolSupervisor
 from patinox.tenancy import IsolationLevel, ResourceLimits, TenantContext, current_tenant_or_none
 
 __all__ = ["ProcessExecutor"]
@@ -453,16 +448,17 @@ class _HostRun:
             settings["max_tokens"] = self.output_tokens
         elif not is_simulated(self.definition.model):
             settings["max_tokens"] = limits.max_output_tokens
-        request = asyncio.ensure_future(
-            model.request(message.messages, settings or None, message.parameters)  # type: ignore[arg-type]
-        )
-        died = proc.exit_watch()
-        died.add_done_callback(lambda _: request.cancel())
+        # Made in this task (no task of its own: that costs two turns of the loop per
+        # request); the process's death cancels it here, as asyncio.timeout does.
+        watch = _DeathWatch(proc)
         try:
-            response = await request
+            response = await model.request(
+                message.messages,
+                settings or None,  # type: ignore[arg-type]
+                message.parameters,
+            )
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if proc.exit.done() and not (current is not None and current.cancelling()):
+            if watch.cancelled_by_death():
                 raise ChannelClosed(
                     "the execution process died while its model request was answered"
                 ) from None
@@ -470,8 +466,7 @@ class _HostRun:
         except Exception as exc:  # the process raises it again, and fails as it would in process
             return ModelReply(tenant_id=self.ctx.tenant_id, error=ErrorData.of(exc))
         finally:
-            proc.unwatch(died)
-            died.cancel()
+            watch.close()
         usage.requests += 1
         usage.incr(response.usage)
         if self.on_usage is not None:
@@ -578,6 +573,45 @@ class _HostRun:
             cpu_seconds=self.cpu_seconds,
             peak_memory_bytes=self.peak_memory_bytes,
         )
+
+
+class _DeathWatch:
+    """Cancels the current task when ``proc`` exits, until :meth:`close` (the host's model
+    request for the process: a response nobody waits for is not worth waiting for)."""
+
+    __slots__ = ("_died", "_fired", "_proc", "_task")
+
+    def __init__(self, proc: ExecutionProcess) -> None:
+        task = asyncio.current_task()
+        assert task is not None, "a model request is served inside a task"
+        self._proc = proc
+        self._task: asyncio.Task[Any] | None = task
+        self._fired = False
+        self._died = proc.exit_watch()
+        self._died.add_done_callback(self._on_death)
+
+    def _on_death(self, _: asyncio.Future[None]) -> None:
+        # A loop callback: the task is suspended, in the request or (after close) elsewhere.
+        if self._task is not None:
+            self._fired = True
+            self._task.cancel()
+
+    def cancelled_by_death(self) -> bool:
+        """Whether the ``CancelledError`` being handled came from the process's death alone
+        (then it is taken back); ``False`` when someone else cancelled the task too."""
+        if not self._fired or self._task is None:
+            return False
+        self._fired = False
+        return self._task.uncancel() == 0
+
+    def close(self) -> None:
+        """Stop watching (a death reported later cancels nothing). A cancellation the
+        request swallowed is taken back."""
+        if self._fired and self._task is not None:
+            self._task.uncancel()
+        self._task = None
+        self._proc.unwatch(self._died)
+        self._died.cancel()
 
 
 class _CpuWatch:

@@ -185,7 +185,7 @@ class Workdirs:
 
     def adopt(self, tenant_id: str, spare: str, *, uid: int, gid: int, size_bytes: int) -> Workdir:
         """Make the mounted directory of ``spare`` (a pre-warmed sandbox's, see
-        :class:`~patinox.isolation.pool.PoolSupervisor`) the tenant's: the same tmpfs is
+        :class:`~patinox.isolation.supervisor.PoolSupervisor`) the tenant's: the same tmpfs is
         bound at ``<root>/<tenant_id>`` (a sandbox that bound it at ``/work`` keeps seeing
         it), ``spare``'s path is unmounted and removed, then the directory is resized to
         ``size_bytes`` and owned by ``uid:gid`` (:meth:`ensure`).

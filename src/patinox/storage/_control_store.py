@@ -395,6 +395,37 @@ class SqlBackend:
             r.pop("secret_hash")
         return cast(list[ApiKeyRecord], rows)
 
+    def expire_api_key(self, key_id: str, tenant_id: str | None, expires_at: datetime) -> ApiKeyRecord:
+        """Make a live key of ``tenant_id`` (operator key when ``None``) expire at
+        ``expires_at`` (UTC), or earlier if it already would.
+
+        Raises:
+            NotFound: not a live key of that tenant.
+        """
+        k = s.api_keys
+        cond = k.c.tenant_id.is_(None) if tenant_id is None else k.c.tenant_id == tenant_id
+        with self.transaction() as conn:
+            row = (
+                conn.execute(select(k).where(k.c.id == key_id, cond, k.c.revoked_at.is_(None)))
+                .mappings()
+                .first()
+            )
+            if row is None:
+                raise NotFound(f"api key {key_id!r} not found", key_id=key_id)
+            if row["expires_at"] is None or row["expires_at"] > expires_at:
+                conn.execute(update(k).where(k.c.id == key_id).values(expires_at=expires_at))
+            out = dict(conn.execute(select(k).where(k.c.id == key_id)).mappings().one())
+        self.cache.changed(tenant_id)
+        out.pop("secret_hash")
+        return cast(ApiKeyRecord, out)
+
+    def touch_api_key(self, key_id: str, at: datetime) -> None:
+        """Record that ``key_id`` was used at ``at`` (UTC). Empties no cache: the time of
+        last use is read by listings, never by authentication."""
+        k = s.api_keys
+        with self.transaction() as conn:
+            conn.execute(update(k).where(k.c.id == key_id).values(last_used_at=at))
+
     def revoke_api_key(self, key_id: str, tenant_id: str | None) -> ApiKeyRecord:
         """Mark a key revoked. Raises :class:`NotFound` if it is not that tenant's key."""
         cond = s.api_keys.c.tenant_id.is_(None) if tenant_id is None else s.api_keys.c.tenant_id == tenant_id

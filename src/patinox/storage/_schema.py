@@ -118,6 +118,10 @@ api_keys = Table(
     Column("scopes", JSON, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("revoked_at", UTCDateTime(), nullable=True),
+    # NULL: the key does not expire. Rotation sets the old key's to the end of the overlap.
+    Column("expires_at", UTCDateTime(), nullable=True),
+    # Written at most once a minute per key and process, without emptying any cache.
+    Column("last_used_at", UTCDateTime(), nullable=True),
 )
 
 agents = Table(

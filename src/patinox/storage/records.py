@@ -60,6 +60,8 @@ class ApiKeyRecord(TypedDict):
     scopes: list[str]
     created_at: datetime
     revoked_at: datetime | None
+    expires_at: datetime | None  #: ``None``: it does not expire
+    last_used_at: datetime | None  #: to the minute; ``None``: never used
 
 
 class StoredApiKeyRecord(ApiKeyRecord):

@@ -1,4 +1,5 @@
-"""Operator routes under ``/admin``: tenants, their keys, plans, usage and audit."""
+"""Operator routes under ``/admin``: tenants, plans, capacity, usage and audit (tenants' keys:
+:mod:`patinox.api.routers.keys`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from patinox.api import schemas as o
 from patinox.api._deps import RT, Operator
@@ -16,14 +17,6 @@ from patinox.limits import fair_loop
 from patinox.tenancy import PLANS, Plan
 
 router = APIRouter(prefix="/admin", tags=["admin"])
-
-
-class KeyCreate(BaseModel):
-    """A tenant API key to create."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=100)
-    scopes: list[str] | None = Field(default=None, description="default: agents:write, runs:write, read")
 
 
 @router.get("/plans")
@@ -88,23 +81,6 @@ def resume_tenant(tenant_id: str, op: Operator, rt: RT) -> Tenant:
 def delete_tenant(tenant_id: str, op: Operator, rt: RT) -> dict[str, Any]:
     counts = rt.tenants.delete(tenant_id, actor=op.key_id)
     return {"id": tenant_id, "state": "deleted", "rows_purged": counts}
-
-
-@router.post("/tenants/{tenant_id}/keys", status_code=201)
-def create_key(tenant_id: str, body: KeyCreate, op: Operator, rt: RT) -> o.IssuedKeyOut:
-    issued = rt.keys.create(tenant_id=tenant_id, name=body.name, scopes=body.scopes, actor=op.key_id)
-    return o.IssuedKeyOut(**issued.record, key=issued.secret)
-
-
-@router.get("/tenants/{tenant_id}/keys")
-def list_keys(tenant_id: str, _: Operator, rt: RT) -> list[o.KeyOut]:
-    rt.tenants.get(tenant_id)
-    return [o.KeyOut(**k) for k in rt.backend.list_api_keys(tenant_id)]
-
-
-@router.delete("/tenants/{tenant_id}/keys/{key_id}")
-def revoke_key(tenant_id: str, key_id: str, op: Operator, rt: RT) -> o.KeyOut:
-    return o.KeyOut(**rt.keys.revoke(key_id, tenant_id=tenant_id, actor=op.key_id))
 
 
 @router.get("/usage")

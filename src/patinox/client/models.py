@@ -1,0 +1,205 @@
+"""What the client returns: typed views of the HTTP API's JSON (field names and meanings as
+in the server's OpenAPI schema at ``/openapi.json``; a test holds them to it). Fields the
+server adds later are kept (``extra="allow"``) and reachable as attributes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "Agent",
+    "Attempt",
+    "AuditEntry",
+    "IssuedKey",
+    "Key",
+    "Me",
+    "MemoryItem",
+    "Run",
+    "Setting",
+    "Tenant",
+    "TenantConfig",
+    "TenantUsage",
+    "UsageRecord",
+    "UsageSummary",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class Tenant(_Model):
+    """A tenant (operator routes)."""
+
+    id: str
+    name: str
+    plan: str
+    state: str = Field(description="active | suspended | deleted")
+    isolation_level: str
+    storage_model: str
+    limit_overrides: dict[str, Any]
+    limits: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None = None
+
+
+class Key(_Model):
+    """An API key, without its secret."""
+
+    id: str
+    tenant_id: str | None
+    name: str
+    prefix: str
+    scopes: list[str]
+    created_at: datetime
+    revoked_at: datetime | None = None
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+
+class IssuedKey(Key):
+    """A key just created: ``key`` is the secret, shown this once."""
+
+    key: str
+
+
+class Agent(_Model):
+    id: str
+    name: str
+    instructions: str
+    model: str
+    simulated: bool
+    tools: list[str]
+    max_output_tokens: int | None
+    max_tool_calls: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class Attempt(_Model):
+    """One execution of a run."""
+
+    attempt: int
+    holder: str | None = None
+    started_at: datetime
+    ended_at: datetime | None = None
+    outcome: str | None = None
+    input_tokens: int
+    output_tokens: int
+    tool_calls: int
+
+
+class Run(_Model):
+    """A run: ``status`` is ``queued``, ``running``, ``succeeded`` or ``failed``; tokens in
+    tokens, ``duration_ms`` in milliseconds."""
+
+    id: str
+    agent_id: str
+    mode: str
+    status: str
+    input: str
+    output: str | None = None
+    model: str
+    simulated: bool
+    requested_output_tokens: int | None = None
+    input_tokens: int
+    output_tokens: int
+    tool_calls: int
+    error: dict[str, Any] | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_ms: float | None = None
+    attempts: int = 0
+    attempt_history: list[Attempt] = Field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run ended (succeeded or failed)."""
+        return self.status not in ("queued", "running")
+
+
+class MemoryItem(_Model):
+    key: str
+    value: str
+
+
+class AuditEntry(_Model):
+    seq: int
+    id: str
+    tenant_id: str | None
+    at: datetime
+    actor: str
+    action: str
+    target: str | None
+    outcome: str
+    detail: dict[str, Any]
+
+
+class UsageRecord(_Model):
+    id: str
+    run_id: str
+    attempt: int | None = None
+    at: datetime
+    model: str
+    simulated: bool
+    input_tokens: int
+    output_tokens: int
+    tool_calls: int
+    duration_ms: float
+
+
+class UsageSummary(_Model):
+    """One tenant's usage of one model (operator route)."""
+
+    tenant_id: str
+    model: str
+    simulated: bool
+    runs: int
+    input_tokens: int
+    output_tokens: int
+    tool_calls: int
+
+
+class TenantUsage(_Model):
+    """The calling tenant's usage: tokens today (UTC), held by runs in flight, its daily
+    budget, runs in flight, and its usage records."""
+
+    tokens_today: int
+    tokens_reserved: int
+    tokens_per_day: int
+    runs_in_flight: int
+    records: list[UsageRecord]
+
+
+class Me(_Model):
+    """The calling key's tenant, scopes, plan, isolation level and effective limits."""
+
+    tenant_id: str
+    key_id: str
+    scopes: list[str]
+    plan: str
+    isolation_level: str
+    limits: dict[str, Any]
+
+
+class Setting(_Model):
+    """A setting's effective value and its layer: ``default`` < ``plan`` < ``tenant``."""
+
+    value: Any
+    source: str
+    description: str | None = None
+
+
+class TenantConfig(_Model):
+    """A tenant's settings with their layers (``GET /v1/config``)."""
+
+    tenant_id: str
+    plan: str
+    isolation_level: Setting
+    storage_model: Setting
+    limits: dict[str, Setting]
