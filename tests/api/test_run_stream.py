@@ -6,6 +6,7 @@ route's error event, on the same machinery."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -107,3 +108,26 @@ def test_streaming_outside_the_namespace_level_is_refused_naming_the_level(serve
     err = r.json()["error"]
     assert err["code"] == "unsupported_parameter" and err["details"]["isolation_level"] == "process"
     assert t.get("/v1/runs") == []
+
+
+def test_a_client_leaving_a_native_stream_cancels_its_run(server: Server) -> None:
+    t = server.tenant("alpha", limits={"max_output_tokens_per_run": 4000})
+    agent = t.agent("slow", model="simulated:ttft_ms=0,tpot_ms=20")
+    body = {"input": "hi", "output_tokens": 4000, "mode": "stream"}
+    with server.http.stream("POST", f"/v1/agents/{agent}/runs", json=body, headers=t.h) as r:
+        assert r.status_code == 200
+        deltas = 0
+        for line in r.iter_lines():
+            deltas += line == "event: text.delta"
+            if deltas == 3:
+                break
+    run: dict[str, Any] = {}
+    for _ in range(600):
+        run = t.get("/v1/runs")[0]
+        if run["status"] != "running":
+            break
+        time.sleep(0.05)
+    assert run["status"] == "failed" and run["error"]["reason"] == "cancelled"
+    assert 3 <= run["output_tokens"] < 4000
+    usage = t.get("/v1/usage")
+    assert usage["tokens_reserved"] == 0 and usage["runs_in_flight"] == 0
