@@ -14,6 +14,7 @@ may send a conversation of one user message, not streamed.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,38 +39,22 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 _AGENT_ID_PREFIX = "ag_"
 
 
-#: ``(tenant id, agent name) -> agent id`` of names resolved before: a hit is checked
-#: against the agent itself (served from the store's cache), so a renamed or deleted agent
-#: falls back to the listing; bounded, cleared when full.
-_NAMES: dict[tuple[str, str], str] = {}
-_NAMES_MAX = 10_000
-
-
 def find_agent(store: TenantStore, model: str) -> AgentRecord:
-    """The tenant's agent named ``model`` or with id ``model``.
+    """The tenant's agent with id ``model`` or named ``model`` (both lookups go through the
+    tenant store's cache).
 
     Raises:
         NotFound: no such agent for this tenant (a foreign one alike), field ``model``.
     """
-    known = _NAMES.get((store.tenant_id, model))
-    for agent_id in (model, known) if model.startswith(_AGENT_ID_PREFIX) else (known,):
-        if agent_id is None:
-            continue
-        try:
-            agent = store.get_agent(agent_id)
-        except NotFound:
-            continue
-        if agent_id == model or agent["name"] == model:
-            return agent
-    for agent in store.list_agents():
-        if agent["name"] == model:
-            if len(_NAMES) >= _NAMES_MAX:
-                _NAMES.clear()
-            _NAMES[(store.tenant_id, model)] = agent["id"]
-            return agent
-    raise NotFound(
-        f"the model {model!r} does not exist (no agent of this tenant has that name or id)", field="model"
-    )
+    if model.startswith(_AGENT_ID_PREFIX):
+        with contextlib.suppress(NotFound):
+            return store.get_agent(model)
+    try:
+        return store.agent_named(model)
+    except NotFound:
+        raise NotFound(
+            f"the model {model!r} does not exist (no agent of this tenant has that name or id)", field="model"
+        ) from None
 
 
 def _model_object(agent: AgentRecord) -> dict[str, Any]:
