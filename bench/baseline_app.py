@@ -23,25 +23,33 @@ same work per run, so its throughput is the ceiling for that stack on this machi
 
 Run: ``python bench/baseline_app.py --port 8001 --db /tmp/baseline.db`` (``bench/throughput.py``
 starts it). Routes: ``GET /healthz``; ``POST /agents/{name}/runs`` with
-``{"input": str, "output_tokens": int | null}``, ``name`` one of :data:`AGENTS`.
+``{"input": str, "output_tokens": int | null}``, ``name`` one of :data:`AGENTS`;
+``POST /agents/{name}/stream`` with a chat-completions body (``messages``: the last one's
+``content`` is the input; ``max_tokens``): the same run and writes, its text streamed as
+``chat.completion.chunk`` server-sent events as the model produces them (pydantic-ai's
+streamed agent loop, as Patinox's streamed completions), ``data: [DONE]`` last.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sqlite3
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, HTTPException
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from patinox._process import server_gc
-from patinox.agents import AgentDefinition, RunLimits, run_agent
+from patinox.agents import AgentDefinition, Conversation, RunEvent, RunLimits, RunOutcome, run_agent
 from patinox.storage import _checkpoint
 
 #: Agent name -> simulated model id (the same two agents bench/throughput.py creates in Patinox).
@@ -137,6 +145,36 @@ def _open(db_path: str) -> sqlite3.Connection:
     return conn
 
 
+def _chunk(name: str, delta: dict[str, str], reason: str | None = None) -> bytes:
+    """One ``chat.completion.chunk`` event."""
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+    body = {"id": "chatcmpl-baseline", "object": "chat.completion.chunk", "created": int(time.time())}
+    data = json.dumps({**body, "model": name, "choices": [choice]}, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+async def _chunks(
+    name: str, task: asyncio.Future[RunOut], events: asyncio.Queue[RunEvent | None]
+) -> AsyncIterator[bytes]:
+    """The streamed run's events as chunks, each write every event queued by then."""
+    try:
+        yield _chunk(name, {"role": "assistant", "content": ""})
+        while (event := await events.get()) is not None:
+            batch = [event]
+            while not events.empty():
+                more = events.get_nowait()
+                if more is None:
+                    events.put_nowait(None)
+                    break
+                batch.append(more)
+            if data := b"".join(_chunk(name, {"content": e.text}) for e in batch if e.kind == "text"):
+                yield data
+        await task
+        yield _chunk(name, {}, "stop") + b"data: [DONE]\n\n"
+    finally:
+        task.cancel()
+
+
 def create_app(db_path: str) -> FastAPI:
     """The baseline app writing to the SQLite file ``db_path``."""
     app = FastAPI(title="patinox throughput baseline (no tenancy)")
@@ -154,6 +192,21 @@ def create_app(db_path: str) -> FastAPI:
         model = AGENTS.get(name)
         if model is None:
             raise HTTPException(404, "no such agent")
+        return await run(name, model, body)
+
+    @app.post("/agents/{name}/stream")
+    async def stream_run(name: str, body: dict[str, Any]) -> StreamingResponse:
+        model = AGENTS.get(name)
+        if model is None:
+            raise HTTPException(404, "no such agent")
+        req = RunBody(input=body["messages"][-1]["content"], output_tokens=body.get("max_tokens"))
+        events: asyncio.Queue[RunEvent | None] = asyncio.Queue()
+        task = asyncio.ensure_future(run(name, model, req, Conversation(on_event=events.put_nowait)))
+        task.add_done_callback(lambda _: events.put_nowait(None))
+        return StreamingResponse(_chunks(name, task, events), media_type="text/event-stream")
+
+    async def run(name: str, model: str, body: RunBody, conversation: Conversation | None = None) -> RunOut:
+        """One run with Patinox's writes in its two transactions; ``conversation`` streams it."""
         run_id, created = uuid.uuid4().hex, datetime.now(UTC)
         # Transaction 1: slot, counters and the run, as Patinox's admission transaction.
         with conn:
@@ -177,12 +230,13 @@ def create_app(db_path: str) -> FastAPI:
                     created.isoformat(),
                 ),
             )
-        outcome = await run_agent(
+        outcome: RunOutcome = await run_agent(
             AgentDefinition(name=name, instructions=INSTRUCTIONS, model=model),
             body.input,
             output_tokens=body.output_tokens,
             limits=LIMITS,
             memory=memory,
+            conversation=conversation,
         )
         finished = datetime.now(UTC)
         # Transaction 2: result, usage, audit, token settlement and slot release, as

@@ -5,8 +5,9 @@
     PatinoxError                         root of everything Patinox raises
     ├── ConfigurationError               misuse by the caller; fix the call, do not retry
     │   ├── InvalidRequest               a spec or body failed validation       (422 invalid_request)
-    │   │   └── IdempotencyKeyReused     an Idempotency-Key sent with another
-    │   │                                request than its first                 (422 idempotency_key_reused)
+    │   │   ├── IdempotencyKeyReused     an Idempotency-Key sent with another
+    │   │   │                            request than its first                 (422 idempotency_key_reused)
+    │   │   └── UnsupportedParameter     a parameter the runtime cannot honour  (400 unsupported_parameter)
     │   ├── InvalidIdempotencyKey        an empty or over-long Idempotency-Key  (400 invalid_idempotency_key)
     │   ├── TenantContextMissing         tenant-scoped code ran with no tenant  (500, fail closed)
     │   ├── TenantContextAlreadySet      a tenant scope was entered twice
@@ -98,6 +99,7 @@ __all__ = [
     "TenantSuspended",
     "UnknownModel",
     "UnknownTool",
+    "UnsupportedParameter",
     "class_for_code",
     "error_for",
 ]
@@ -155,6 +157,14 @@ class InvalidRequest(ConfigurationError):
 
     code = "invalid_request"
     http_status = 422
+
+
+class UnsupportedParameter(InvalidRequest):
+    """A request parameter the runtime cannot honour (``n`` > 1, client tools, a response
+    format it cannot enforce...): refused, never ignored. Field ``field`` names it."""
+
+    code = "unsupported_parameter"
+    http_status = 400
 
 
 class TenantContextMissing(ConfigurationError):

@@ -10,6 +10,8 @@ from patinox.agents import (
     DEFAULT_OUTPUT_TOKENS,
     SIMULATED_MARKER,
     AgentDefinition,
+    Conversation,
+    RunEvent,
     RunLimits,
     SimulatedLatency,
     count_simulated_tokens,
@@ -218,3 +220,74 @@ async def test_latency_adds_up_over_tool_call_responses() -> None:
     # two responses: a tool call of 2 tokens, then the reply of 10 tokens
     bound = 2 * 0.015 + 0.002 * (2 + 10)
     assert elapsed >= bound - 0.001
+
+
+# --- streaming -------------------------------------------------------------------------------
+
+
+async def test_a_streamed_run_delivers_each_word_at_the_stated_pace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream waits ttft, then tpot before each word (delays recorded, not timed), and
+    its deltas and usage are those of the same run not streamed."""
+    plain = await run_agent(agent(), "hello there", output_tokens=5, limits=LIMITS, memory=DictMemory())
+    waits: list[float] = []
+    real_sleep = simulated_module.asyncio.sleep
+
+    async def sleep(delay: float) -> None:
+        waits.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(simulated_module.asyncio, "sleep", sleep)
+    events: list[RunEvent] = []
+    streamed = await run_agent(
+        agent(model="simulated:ttft_ms=30,tpot_ms=4"),
+        "hello there",
+        output_tokens=5,
+        limits=LIMITS,
+        memory=DictMemory(),
+        conversation=Conversation(on_event=events.append),
+    )
+    assert waits == [0.030] + [0.004] * 5
+    texts = [e.text for e in events if e.kind == "text"]
+    assert len(texts) == 5 and "".join(texts) == streamed.output == plain.output
+    assert (streamed.input_tokens, streamed.output_tokens) == (plain.input_tokens, plain.output_tokens)
+
+
+async def test_a_streamed_tool_call_arrives_whole_after_its_tokens_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    waits: list[float] = []
+    real_sleep = simulated_module.asyncio.sleep
+
+    async def sleep(delay: float) -> None:
+        waits.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(simulated_module.asyncio, "sleep", sleep)
+    events: list[RunEvent] = []
+    await run_agent(
+        agent(model="simulated:ttft_ms=10,tpot_ms=1", tools=("calculator",)),
+        '/call calculator {"expression": "1+1"}',
+        output_tokens=3,
+        limits=LIMITS,
+        memory=DictMemory(),
+        conversation=Conversation(on_event=events.append),
+    )
+    # the tool call (2 tokens) whole after ttft + 2 tpot, then the reply word by word
+    assert waits == [0.010, 0.002, 0.010, 0.001, 0.001, 0.001]
+    assert [e.kind for e in events] == ["tool_call", "tool_result", "text", "text", "text"]
+    assert events[1].result == "2" and events[1].tool_call_id == events[0].tool_call_id
+
+
+async def test_history_reaches_the_model_after_the_instructions() -> None:
+    outcome = await run_agent(
+        agent(instructions="Be brief."),
+        "and now",
+        output_tokens=2,
+        limits=LIMITS,
+        memory=DictMemory(),
+        conversation=Conversation(
+            history=(("system", "speak french"), ("user", "hi"), ("assistant", "salut"))
+        ),
+    )
+    # instructions 2 + system 2 + user 1 + assistant 1 + prompt 2 words
+    assert outcome.input_tokens == 8

@@ -36,9 +36,11 @@ def test_error_responses(client: TestClient) -> None:
                 assert ref.endswith("/ReadinessOut"), status
             assert not op.get("security")
             continue
+        # The OpenAI-compatible routes answer errors in OpenAI's shape.
+        shape = "/OpenAIErrorOut" if path.startswith(("/v1/chat/", "/v1/models")) else "/ErrorOut"
         for status in ("400", "401", "403", "404", "422", "429", "503"):
             ref = op["responses"][status]["content"]["application/json"]["schema"]["$ref"]
-            assert ref.endswith("/ErrorOut"), (method, path, status)
+            assert ref.endswith(shape), (method, path, status)
 
 
 def test_the_middleware_still_does_the_auth(client: TestClient, operator_key: str) -> None:

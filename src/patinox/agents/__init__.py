@@ -6,7 +6,7 @@ reply (it starts with ``[simulated]``).
 """
 
 from patinox.agents.models import is_simulated, resolve_model, validate_model_id
-from patinox.agents.runner import AgentDefinition, RunLimits, RunOutcome, run_agent
+from patinox.agents.runner import AgentDefinition, Conversation, RunEvent, RunLimits, RunOutcome, run_agent
 from patinox.agents.simulated import (
     DEFAULT_OUTPUT_TOKENS,
     SIMULATED_MARKER,
@@ -37,7 +37,9 @@ __all__ = [
     "CalculatorError",
     "CodeResult",
     "CodeRunner",
+    "Conversation",
     "MemoryStore",
+    "RunEvent",
     "RunLimits",
     "RunOutcome",
     "SimulatedLatency",

@@ -37,9 +37,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from pydantic_ai import Agent, RunContext
 from pydantic_ai.capabilities import AbstractCapability
@@ -48,6 +48,20 @@ from pydantic_ai.exceptions import (
     AgentRunError,
     ModelAPIError,
     UsageLimitExceeded,
+)
+from pydantic_ai.messages import (
+    AgentStreamEvent,
+    FunctionToolCallEvent,
+    FunctionToolResultEvent,
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    PartDeltaEvent,
+    PartStartEvent,
+    SystemPromptPart,
+    TextPart,
+    TextPartDelta,
+    UserPromptPart,
 )
 from pydantic_ai.models import Model
 from pydantic_ai.settings import ModelSettings
@@ -68,6 +82,8 @@ from patinox.errors import InvalidRequest, PatinoxError, RunFailed
 __all__ = [
     "MIN_REQUEST_LIMIT",
     "AgentDefinition",
+    "Conversation",
+    "RunEvent",
     "RunLimits",
     "RunOutcome",
     "request_limit_for",
@@ -173,6 +189,108 @@ class _AfterEachStep(AbstractCapability[ToolDeps]):
         return result
 
 
+@dataclass(frozen=True, kw_only=True)
+class RunEvent:
+    """One thing a streamed run did, as it happened.
+
+    Attributes:
+        kind: ``started`` (the run was admitted and recorded as ``run_id``; sent by the
+            run service before the agent loop begins),
+            ``text`` (a piece of a model's text reply, in ``text``), ``tool_call`` (the
+            model asked for ``tool_name`` with ``args``, a JSON object as text, under
+            ``tool_call_id``) or ``tool_result`` (the tool answered ``result``, text, with
+            ``outcome`` ``success``, ``failed`` or ``denied``; ``retry`` when the model was
+            asked to try again).
+    """
+
+    kind: Literal["started", "text", "tool_call", "tool_result"]
+    text: str = ""
+    tool_name: str = ""
+    tool_call_id: str = ""
+    args: str = ""
+    result: str = ""
+    outcome: str = ""
+    run_id: str = ""
+
+
+#: A role of a conversation turn: the roles of the chat-completions protocol Patinox keeps.
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Conversation:
+    """What a run gets beyond its prompt: earlier turns, and where its events go.
+
+    Attributes:
+        history: earlier turns, oldest first, as ``(role, text)``: ``system`` turns follow
+            the agent's own instructions (they never replace them), ``user`` and
+            ``assistant`` turns are passed to the model as message history.
+        on_event: called on the event loop with each :class:`RunEvent` as it happens (the
+            run streams its model responses); ``None``: the run does not stream.
+    """
+
+    history: tuple[tuple[Role, str], ...] = ()
+    on_event: Callable[[RunEvent], None] | None = None
+
+    def text(self) -> str:
+        """Every turn's text, joined by newlines (what a token estimate counts)."""
+        return "\n".join(text for _, text in self.history)
+
+    def messages(self) -> list[ModelMessage]:
+        """The history as pydantic-ai messages."""
+        out: list[ModelMessage] = []
+        for role, text in self.history:
+            if role == "assistant":
+                out.append(ModelResponse(parts=[TextPart(text)]))
+            elif role == "system":
+                out.append(ModelRequest(parts=[SystemPromptPart(text)]))
+            else:
+                out.append(ModelRequest(parts=[UserPromptPart(text)]))
+        return out
+
+
+def _event_forwarder(
+    on_event: Callable[[RunEvent], None],
+) -> Callable[[RunContext[ToolDeps], AsyncIterable[AgentStreamEvent]], Any]:
+    """A pydantic-ai ``event_stream_handler`` that hands each text delta, tool call and
+    tool result to ``on_event`` as a :class:`RunEvent`."""
+
+    async def forward(_: RunContext[ToolDeps], events: AsyncIterable[AgentStreamEvent]) -> None:
+        async for event in events:
+            if isinstance(event, PartStartEvent) and isinstance(event.part, TextPart):
+                if event.part.content:
+                    on_event(RunEvent(kind="text", text=event.part.content))
+            elif isinstance(event, PartDeltaEvent) and isinstance(event.delta, TextPartDelta):
+                if event.delta.content_delta:
+                    on_event(RunEvent(kind="text", text=event.delta.content_delta))
+            elif isinstance(event, FunctionToolCallEvent):
+                part = event.part
+                on_event(
+                    RunEvent(
+                        kind="tool_call",
+                        tool_name=part.tool_name,
+                        tool_call_id=part.tool_call_id,
+                        args=part.args_as_json_str(),
+                    )
+                )
+            elif isinstance(event, FunctionToolResultEvent):
+                result = event.part
+                outcome = (
+                    getattr(result, "outcome", "success") if result.part_kind == "tool-return" else "retry"
+                )
+                on_event(
+                    RunEvent(
+                        kind="tool_result",
+                        tool_name=result.tool_name or "",
+                        tool_call_id=result.tool_call_id,
+                        result=result.model_response_str() if result.part_kind == "tool-return" else "",
+                        outcome=str(outcome),
+                    )
+                )
+
+    return forward
+
+
 def request_limit_for(limits: RunLimits) -> int:
     """Most model requests a run under ``limits`` may make: ``max(50, max_tool_calls + 1)``."""
     return max(MIN_REQUEST_LIMIT, limits.max_tool_calls + 1)
@@ -189,6 +307,7 @@ async def run_agent(
     on_usage: Callable[[RunUsage], None] | None = None,
     code: CodeRunner | None = None,
     model: Model | None = None,
+    conversation: Conversation | None = None,
 ) -> RunOutcome:
     """Run ``definition`` on ``prompt`` once.
 
@@ -218,6 +337,8 @@ async def run_agent(
         model: the model to send the requests to instead of ``definition.model`` resolved
             here (an execution process's stand-in, which asks the host to run the real
             one); ``definition.model`` still names the run's model in its outcome.
+        conversation: earlier turns passed as message history, and the callback of a
+            streamed run (see :class:`Conversation`); ``None``: the prompt alone, not streamed.
 
     Returns:
         The reply with its usage and duration.
@@ -253,6 +374,12 @@ async def run_agent(
         total_tokens_limit=limits.max_total_tokens,
     )
     deadline = asyncio.timeout(limits.timeout_s)
+    extra: dict[str, Any] = {}
+    if conversation is not None:
+        if conversation.history:
+            extra["message_history"] = conversation.messages()
+        if conversation.on_event is not None:
+            extra["event_stream_handler"] = _event_forwarder(conversation.on_event)
     try:
         async with deadline:
             result = await agent.run(
@@ -262,6 +389,7 @@ async def run_agent(
                 usage_limits=usage_limits,
                 usage=usage,
                 infer_name=False,
+                **extra,
             )
     except Exception as exc:
         timed_out = deadline.expired() and isinstance(exc, TimeoutError)

@@ -47,16 +47,24 @@ Latency:
 
     ``ttft_s`` is the time to first token and ``tpot_s`` the time per output token, both in
     seconds. Input tokens do not add latency.
+
+Streaming:
+    A streamed request (pydantic-ai's ``request_stream``, used by runs that stream their
+    events) answers the same response with the same usage, delivered at the same pace: the
+    first word after ``ttft_s + tpot_s``, then one word every ``tpot_s``; a tool call arrives
+    whole once its ``ttft_s + tpot_s * n`` has passed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -66,6 +74,7 @@ from pydantic_ai.messages import (
     ModelRequest,
     ModelResponse,
     ModelResponsePart,
+    ModelResponseStreamEvent,
     RetryFeedbackPart,
     SystemPromptPart,
     TextContent,
@@ -74,7 +83,10 @@ from pydantic_ai.messages import (
     ToolReturnPart,
     UserPromptPart,
 )
+from pydantic_ai.models import CompletedStreamedResponse, ModelRequestParameters, StreamedResponse
 from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.settings import ModelSettings
+from pydantic_ai.tools import RunContext
 from pydantic_ai.usage import RequestUsage
 
 from patinox.errors import UnknownModel
@@ -85,6 +97,7 @@ __all__ = [
     "SIMULATED_MARKER",
     "SimulatedLLM",
     "SimulatedLatency",
+    "SimulatedModel",
     "count_simulated_tokens",
     "is_simulated",
     "parse_simulated_model_id",
@@ -210,7 +223,7 @@ def parse_simulated_model_id(model_id: str) -> SimulatedLatency:
     )
 
 
-def simulated_model(model_id: str = SIMULATED_FAMILY) -> FunctionModel:
+def simulated_model(model_id: str = SIMULATED_FAMILY) -> SimulatedModel:
     """A pydantic-ai model for a simulated model id; its ``model_name`` is ``model_id``.
 
     Cheap (a few microseconds): built per run, so a rebinding of :data:`DEFAULT_LATENCY`
@@ -219,7 +232,96 @@ def simulated_model(model_id: str = SIMULATED_FAMILY) -> FunctionModel:
     Raises:
         UnknownModel: bad model id (see :func:`parse_simulated_model_id`).
     """
-    return FunctionModel(SimulatedLLM(parse_simulated_model_id(model_id)), model_name=model_id)
+    return SimulatedModel(parse_simulated_model_id(model_id), model_name=model_id)
+
+
+class SimulatedModel(FunctionModel):
+    """The simulated model: a :class:`FunctionModel` of :class:`SimulatedLLM` that also streams.
+
+    A plain request waits ``latency.delay_s(n)`` and answers at once (unchanged). A
+    streamed request computes the same response without waiting, then delivers it at
+    the stated pace (module docstring, "Streaming"), with the same exact usage.
+
+    Args:
+        latency: how long each model response takes.
+        model_name: the model id.
+    """
+
+    def __init__(self, latency: SimulatedLatency, *, model_name: str) -> None:
+        super().__init__(SimulatedLLM(latency), model_name=model_name)
+        self.latency = latency
+        self._unpaced = FunctionModel(SimulatedLLM(INSTANT_LATENCY), model_name=model_name)
+
+    @asynccontextmanager
+    async def request_stream(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+        run_context: RunContext[Any] | None = None,
+    ) -> AsyncIterator[StreamedResponse]:
+        response = await self._unpaced.request(messages, model_settings, model_request_parameters)
+        response.model_name = self.model_name
+        yield _PacedStream(response, model_request_parameters=model_request_parameters, latency=self.latency)
+
+
+class _PacedStream(CompletedStreamedResponse):
+    """A computed response delivered word by word at the simulated pace; its ``get()`` is
+    the response, and its ``usage`` the response's once delivered whole, so a streamed run
+    records what a plain one does. A stream stopped early (its run cancelled) used the
+    output tokens it delivered so far."""
+
+    def __init__(
+        self,
+        response: ModelResponse,
+        *,
+        model_request_parameters: ModelRequestParameters,
+        latency: SimulatedLatency,
+    ) -> None:
+        super().__init__(response, model_request_parameters=model_request_parameters, replay_events=True)
+        self._latency = latency
+        self._delivered = 0
+        self._seen: tuple[int, RequestUsage, ModelResponse] | None = None
+
+    @property
+    def usage(self) -> RequestUsage:
+        return self._partial()[0]
+
+    def get(self) -> ModelResponse:
+        return self._partial()[1]
+
+    def _partial(self) -> tuple[RequestUsage, ModelResponse]:
+        """The usage and response as delivered so far (pydantic-ai reads them after every
+        event: built once per delivered count)."""
+        if self._seen is None or self._seen[0] != self._delivered:
+            response = super().get()
+            full = response.usage
+            if self._delivered < full.output_tokens:  # stopped early, or not done yet
+                full = dataclasses.replace(full, output_tokens=self._delivered)
+                response = dataclasses.replace(response, usage=full)
+            self._seen = (self._delivered, full, response)
+        return self._seen[1], self._seen[2]
+
+    async def _get_event_iterator(self) -> AsyncIterator[ModelResponseStreamEvent]:
+        ttft, tpot = self._latency.ttft_s, self._latency.tpot_s
+        if ttft > 0:
+            await asyncio.sleep(ttft)
+        for index, part in enumerate(self.response.parts):
+            if isinstance(part, TextPart):
+                for n, word in enumerate(part.content.split(" ")):
+                    if tpot > 0:
+                        await asyncio.sleep(tpot)
+                    chunk = word if n == 0 else " " + word
+                    self._delivered += 1 if word else 0
+                    for event in self._parts_manager.handle_text_delta(vendor_part_id=index, content=chunk):
+                        yield event
+                continue
+            tokens = _response_part_tokens(part)
+            if tpot * tokens > 0:
+                await asyncio.sleep(tpot * tokens)
+            self._delivered += tokens
+            yield self._parts_manager.handle_part(vendor_part_id=index, part=part)
+        self._delivered = self.response.usage.output_tokens
 
 
 def count_simulated_tokens(text: str) -> int:

@@ -24,7 +24,8 @@ from patinox.api._deps import BEARER_SCHEME, BEARER_SCHEME_NAME
 from patinox.api._health import Readiness
 from patinox.api._logging import RequestLogMiddleware, record_failure
 from patinox.api._middleware import RATE_STATES, TenancyMiddleware, error_response_parts
-from patinox.api.routers import admin, config, keys, tenant
+from patinox.api._openai import OPENAI_ERRORS, OpenAIErrorShape
+from patinox.api.routers import admin, config, keys, openai, tenant
 from patinox.errors import PatinoxError
 from patinox.runtime import Runtime, Settings
 
@@ -88,6 +89,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     )
     app.state.runtime = rt
     app.add_middleware(TenancyMiddleware, runtime=rt)
+    # Around the tenancy layer, so its refusals on the OpenAI-compatible routes take
+    # OpenAI's error shape too.
+    app.add_middleware(OpenAIErrorShape)
     # Added last, so outermost: it sees every request, refusals of the tenancy layer included.
     app.add_middleware(RequestLogMiddleware)
     _install_error_handlers(app)
@@ -98,10 +102,12 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         tenant.create_run,
         methods=["POST"],
         tags=["tenant"],
+        response_model=o.RunOut,
         responses={**_ERRORS, **tenant.RUN_RESPONSES},
     )
     for router in (tenant.router, admin.router, config.router, keys.router):
         app.include_router(router, responses=_ERRORS)
+    app.include_router(openai.router, responses=OPENAI_ERRORS)
     _declare_bearer_auth(app)
 
     @app.get("/healthz", tags=["public"])

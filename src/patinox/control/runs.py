@@ -34,10 +34,13 @@ from pydantic_ai.usage import RunUsage
 
 from patinox.agents import (
     AgentDefinition,
+    Conversation,
     MemoryStore,
+    RunEvent,
     RunLimits,
     RunOutcome,
     is_simulated,
+    run_agent,
 )
 from patinox.control.admission import TOOL_CALL_TOKENS, RunAdmission, run_limits, worst_case_tokens
 from patinox.control.settlement import (
@@ -70,7 +73,7 @@ from patinox.storage import (
     UsageRecord,
     utcnow,
 )
-from patinox.tenancy import TenantContext, effective_limits, get_plan, new_id
+from patinox.tenancy import IsolationLevel, TenantContext, effective_limits, get_plan, new_id
 
 log = structlog.get_logger("patinox.runs")
 
@@ -157,7 +160,11 @@ class RunRequest(BaseModel):
     output_tokens: int | None = Field(
         default=None, ge=1, strict=True, description="output tokens to ask the model for (simulated: exact)"
     )
-    mode: Literal["sync", "async"] = "sync"
+    mode: Literal["sync", "async", "stream"] = Field(
+        default="sync",
+        description="`sync`: answer the finished run; `async`: queue it and answer at once; "
+        "`stream`: a synchronous run answered as server-sent events (namespace level)",
+    )
 
 
 #: Seconds a synchronous run's concurrency hold outlives the run's timeout (settlement).
@@ -225,6 +232,7 @@ class RunService:
         req: RunRequest,
         *,
         rate_states: list[RateLimitState] | None = None,
+        conversation: Conversation | None = None,
     ) -> RunRecord:
         """Admit a run; for ``sync`` wait for and return the finished run, for ``async``
         queue it and return the queued run at once.
@@ -232,12 +240,17 @@ class RunService:
         Args:
             rate_states: where to add the agent's rate-limit state (the HTTP route's
                 ``RateLimit`` headers), refused or not.
+            conversation: earlier turns and a stream callback (a synchronous run at the
+                ``namespace`` level only, which runs in this process); its turns count in
+                the run's token reservation. ``None``: the input alone.
 
         Raises:
             RateLimited: the agent's run rate (``per_agent_rpm``) is spent.
             TenantSuspended: the tenant is suspended (fenced in this process).
             NotFound: no such agent for this tenant.
-            InvalidRequest: output_tokens above the agent's or plan's cap.
+            InvalidRequest: output_tokens above the agent's or plan's cap; a conversation
+                for an asynchronous run or a tenant at another level than ``namespace``
+                (field ``isolation_level``).
             ConcurrencyLimited, QuotaExceeded: admission refused; nothing was run or stored.
             Overloaded: a synchronous run's turn in this process's fair share did not come
                 in time; nothing was run or stored.
@@ -245,6 +258,15 @@ class RunService:
                 (no day admits it); nothing was run, stored or counted.
             RunFailed: a synchronous run failed (the run is recorded with its error).
         """
+        if conversation is not None and (
+            req.mode != "sync" or ctx.isolation_level is not IsolationLevel.NAMESPACE
+        ):
+            raise InvalidRequest(
+                "conversations and streamed runs execute at the 'namespace' isolation level only; "
+                f"this tenant runs at {ctx.isolation_level.value!r}",
+                field="conversation",
+                isolation_level=ctx.isolation_level.value,
+            )
         self._admit.check(ctx, agent_id, rate_states, queued=req.mode == "async")
         store = self._backend.tenant_store(ctx)
         agent = store.get_agent(agent_id)
@@ -255,7 +277,8 @@ class RunService:
                 f"{limits.max_output_tokens}",
                 field="output_tokens",
             )
-        worst_case = worst_case_tokens(agent, req.input, req.output_tokens, limits)
+        prompt = req.input if conversation is None else f"{conversation.text()}\n{req.input}"
+        worst_case = worst_case_tokens(agent, prompt, req.output_tokens, limits)
         limits = dataclasses.replace(limits, max_total_tokens=worst_case)
         if req.mode == "async":
             return self._enqueue(ctx, store, agent, req, worst_case)
@@ -263,7 +286,7 @@ class RunService:
         # went away: when its run was told to stop, a moment before its settlement ends).
         turn = await self._admit.take_turn(ctx)
         try:
-            return await self._run_now(ctx, store, agent, req, limits)
+            return await self._run_now(ctx, store, agent, req, limits, conversation)
         finally:
             if turn:
                 self._admit.end_turn(ctx.tenant_id)
@@ -310,7 +333,13 @@ class RunService:
         return run
 
     async def _run_now(
-        self, ctx: TenantContext, store: TenantStore, agent: AgentRecord, req: RunRequest, limits: RunLimits
+        self,
+        ctx: TenantContext,
+        store: TenantStore,
+        agent: AgentRecord,
+        req: RunRequest,
+        limits: RunLimits,
+        conversation: Conversation | None = None,
     ) -> RunRecord:
         """Admit a synchronous run (quotas, tokens, slot) with its row, run it here and
         return it settled."""
@@ -322,7 +351,9 @@ class RunService:
         )
         # From admission to here nothing awaited, so a tenant fenced by stop_tenant() after
         # this point finds this run among its tasks.
-        job = self._execute(ctx, store, agent, run, req.input, req.output_tokens, limits, ticket)
+        job = self._execute(
+            ctx, store, agent, run, req.input, req.output_tokens, limits, ticket, conversation
+        )
         task = self._track(job, ctx, store, run, ticket)
         try:
             return await asyncio.shield(task)
@@ -663,13 +694,16 @@ class RunService:
         output_tokens: int | None,
         limits: RunLimits,
         ticket: Ticket,
+        conversation: Conversation | None = None,
     ) -> RunRecord:
         """Run, then settle (:meth:`Settlement.settle`); the ticket is released whatever
         happens.
 
         A queued run's attempt (``ticket.attempt``) records its usage as it goes (see
         :class:`~patinox.control.settlement.Attempt`) and ends with the run; its usage
-        record is that attempt's.
+        record is that attempt's. A run with a ``conversation`` (``namespace`` level, checked
+        at :meth:`start`) is the agent's own run here, in the tenant's scope the request
+        entered, as the ``namespace`` executor runs it.
         """
         definition = AgentDefinition(
             name=agent["name"],
@@ -683,16 +717,29 @@ class RunService:
         so_far = RunUsage()  # the run's usage as it goes: what a cancelled run is charged
         try:
             try:
-                outcome = await self._executor.execute(
-                    ctx,
-                    definition,
-                    prompt,
-                    output_tokens=output_tokens,
-                    limits=limits,
-                    memory=store,
-                    usage=so_far,
-                    on_usage=None if attempt is None else attempt.record,
-                )
+                if conversation is None:
+                    outcome = await self._executor.execute(
+                        ctx,
+                        definition,
+                        prompt,
+                        output_tokens=output_tokens,
+                        limits=limits,
+                        memory=store,
+                        usage=so_far,
+                        on_usage=None if attempt is None else attempt.record,
+                    )
+                else:
+                    if conversation.on_event is not None:
+                        conversation.on_event(RunEvent(kind="started", run_id=run["id"]))
+                    outcome = await run_agent(
+                        definition,
+                        prompt,
+                        output_tokens=output_tokens,
+                        limits=limits,
+                        memory=store,
+                        usage=so_far,
+                        conversation=conversation,
+                    )
             except PatinoxError as err:
                 failed = err if isinstance(err, RunFailed) else RunFailed(err.message, reason=err.code)
                 values, usage = self._failure(failed, started)

@@ -232,6 +232,26 @@ class TenantStore:
             self._cache.put(self.tenant_id, key, cached, seen)
         return copy_row(cached)
 
+    def agent_named(self, name: str) -> AgentRecord:
+        """The agent called ``name`` (a copy; names are unique within a tenant), served from
+        the cache when nothing changed since it was read.
+
+        Raises:
+            NotFound: no agent of this tenant has that name (another tenant's alike).
+        """
+        key = ("agent_named", self.tenant_id, name)
+        seen = self._cache.epoch()
+        cached: AgentRecord = self._cache.get(key)
+        if cached is MISS:
+            q = select(s.agents).where(*self._where(s.agents), s.agents.c.name == name)
+            with self._tx() as conn:
+                row = conn.execute(q).mappings().first()
+            if row is None:
+                raise NotFound(f"agent named {name!r} not found")
+            cached = cast(AgentRecord, dict(row))
+            self._cache.put(self.tenant_id, key, cached, seen)
+        return copy_row(cached)
+
     def list_agents(self) -> list[AgentRecord]:
         """This tenant's agents by name."""
         with self._tx() as conn:

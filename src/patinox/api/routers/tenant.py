@@ -16,6 +16,7 @@ from patinox.api import schemas as o
 from patinox.api._deps import RT, AgentWriter, Reader, RunWriter, Store
 from patinox.api._idempotency import Created, idempotent
 from patinox.api._middleware import RATE_STATES
+from patinox.api._streams import check_stream_level, native_stream, start_streamed
 from patinox.control import AgentPatch, AgentSpec, RunRequest
 from patinox.errors import InvalidRequest, NotFound
 from patinox.limits import RateLimitState, day_start
@@ -75,7 +76,11 @@ def _outcome(row: RunRecord) -> str | None:
 #: to select it and again to pick its route: two passes over the routes on every request).
 RUN_PATH = "/v1/agents/{agent_id}/runs"
 RUN_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"model": o.RunOut, "description": "the finished run (``sync``)"},
+    200: {
+        "content": {"text/event-stream": {}},
+        "description": "the finished run; with `mode: stream`, server-sent events `run.started`, "
+        "`text.delta`, `tool.call`, `tool.result`, then `run.completed` (the run) or `error`",
+    },
     202: {"model": o.RunOut, "description": "the queued run (``async``), with ``Location``"},
     409: {"model": o.ErrorOut, "description": f"``idempotency_in_progress`` or the codes above{_IDEM}"},
     502: {"model": o.ErrorOut},
@@ -84,17 +89,25 @@ RUN_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 async def create_run(agent_id: str, req: RunRequest, ctx: RunWriter, request: Request) -> Response:
     """Run the agent: ``sync`` answers 200 with the finished run; ``async`` answers 202 at once
-    with ``Location`` to poll. A failed sync run answers 502 ``run_failed`` with its ``run_id``.
+    with ``Location`` to poll; ``stream`` answers server-sent events as the run goes, the
+    run record last (:func:`patinox.api._streams.native_stream`). A failed sync run answers
+    502 ``run_failed`` with its ``run_id``.
 
-    With an ``Idempotency-Key`` header, a retry with the same key and body answers the first
-    response (``Idempotent-Replayed: true``) and starts no run (see the API section of the
-    README)."""
+    With an ``Idempotency-Key`` header (``sync`` and ``async``), a retry with the same key and
+    body answers the first response (``Idempotent-Replayed: true``) and starts no run (see
+    the API section of the README)."""
     # The runtime straight from the app, not through the RT dependency: every run comes this
     # way, and each dependency FastAPI solves costs about 10 us a request on this machine.
     rt: Runtime = request.app.state.runtime
     # The run's admission adds the agent's rate-limit policy to the tenant's and the key's
     # in the response's RateLimit headers, on success and on its own 429 alike.
     states: list[RateLimitState] = request.scope["state"][RATE_STATES]
+    if req.mode == "stream":
+        check_stream_level(ctx)
+        sync = req.model_copy(update={"mode": "sync"})
+        return native_stream(
+            request, await start_streamed(rt, ctx, agent_id, sync, rate_states=states), _run_out
+        )
 
     async def start() -> Created:
         row = await rt.runs.start(ctx, agent_id, req, rate_states=states)
