@@ -108,7 +108,9 @@ class TenancyMiddleware:
             if not (tenant_route or admin_route):
                 await self.app(scope, receive, send)
                 return
-            principal = self.rt.keys.authenticate(_bearer(scope))
+            # The key's lookup and the request-rate hits are storage calls: made where the
+            # runtime makes them (storage threads on PostgreSQL), as one call.
+            principal, states = await self.rt.storage.system(self._authenticate, scope, path, tenant_route)
             # Read by the operator routes and the request log (tenant id, key id).
             scope.setdefault("state", {})["principal"] = principal
             if admin_route:
@@ -118,19 +120,6 @@ class TenancyMiddleware:
                 return
             if not isinstance(principal, TenantContext):
                 raise PermissionDenied("tenant routes need a tenant key; operator keys act through /admin")
-            limits, tid = principal.limits, principal.tenant_id
-            states = [
-                self.rt.rate.hit("tenant", limits.requests_per_minute, tenant_id=tid),
-                self.rt.rate.hit(f"key:{principal.principal}", limits.per_key_rpm, tenant_id=tid),
-            ]
-            # A storage move holds every write; a change of isolation level only runs
-            # (admission refuses a synchronous one and queues an asynchronous one).
-            if (
-                principal.writes_held
-                and scope["method"] not in _READ_METHODS
-                and not (_RUN_PATH.fullmatch(path) and changing_level(self.rt.backend, tid))
-            ):
-                raise moving_error(self.rt.backend, tid)
         except PatinoxError as err:
             record_failure(scope, err)
             await _send_json(send, *error_response_parts(err))
@@ -140,6 +129,35 @@ class TenancyMiddleware:
         scope.setdefault("state", {})[RATE_STATES] = states
         with tenant_scope(principal):
             await self.app(scope, receive, _with_rate_headers(send, states))
+
+    def _authenticate(
+        self, scope: Scope, path: str, tenant_route: bool
+    ) -> tuple[TenantContext | OperatorPrincipal, list[RateLimitState]]:
+        """The request's principal and, for a tenant key on a tenant route, its tenant's and
+        key's request-rate states (hit now) after the tenant's write hold is checked.
+
+        Raises:
+            AuthenticationFailed: no key, or not a known live one.
+            RateLimited: the tenant's or the key's request rate is spent.
+            TenantMoving: a write to a tenant whose writes are held.
+        """
+        principal = self.rt.keys.authenticate(_bearer(scope))
+        if not tenant_route or not isinstance(principal, TenantContext):
+            return principal, []
+        limits, tid = principal.limits, principal.tenant_id
+        states = [
+            self.rt.rate.hit("tenant", limits.requests_per_minute, tenant_id=tid),
+            self.rt.rate.hit(f"key:{principal.principal}", limits.per_key_rpm, tenant_id=tid),
+        ]
+        # A storage move holds every write; a change of isolation level only runs
+        # (admission refuses a synchronous one and queues an asynchronous one).
+        if (
+            principal.writes_held
+            and scope["method"] not in _READ_METHODS
+            and not (_RUN_PATH.fullmatch(path) and changing_level(self.rt.backend, tid))
+        ):
+            raise moving_error(self.rt.backend, tid)
+        return principal, states
 
     async def _limit_body(self, scope: Scope, receive: Receive) -> Receive:
         """Refuse bodies over the limit (413) or holding a NUL character (422
