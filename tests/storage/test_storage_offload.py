@@ -218,3 +218,25 @@ def _waiting_on_a_lock(admin: Any) -> bool:
                 )
             ).scalar()
         )
+
+
+@pytest.mark.parametrize("deployment", ["pg-pool", "pg-bridge"], indirect=True)
+def test_requests_authenticate_in_the_storage_threads_and_keep_their_tenant(
+    runtime: Runtime, make_tenant: Any
+) -> None:
+    executor = runtime.storage
+    assert isinstance(executor, FairStorageExecutor)
+    a, b = make_tenant("alpha"), make_tenant("beta")
+    agent = a.agent()
+    before = executor.completed
+    r = a.run(agent)
+    assert r.status_code == 200, r.text
+    # The key and the rate limits (one system call), the agent's lookup, the admission,
+    # the settlement: all in the threads.
+    assert executor.completed - before >= 4
+    assert r.headers["RateLimit-Policy"]
+    # The other tenant's key sees nothing of it (the same answer as a missing run).
+    assert a.client.get(f"/v1/runs/{r.json()['id']}", headers=b.h).status_code == 404
+    assert a.client.get(f"/v1/runs/{r.json()['id']}", headers=a.h).json()["status"] == "succeeded"
+    bad = a.client.get("/v1/agents", headers={"Authorization": "Bearer ptx_000000000000_nope"})
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "unauthenticated"
