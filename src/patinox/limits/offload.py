@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import contextvars
 import heapq
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,10 @@ T = TypeVar("T")
 
 #: The flow of calls made before a tenant is known (authentication); never a tenant id.
 SYSTEM_FLOW = "flow:system"
+
+#: The interpreter's thread switch interval while storage threads run, seconds (see
+#: :class:`FairStorageExecutor`; :func:`sys.setswitchinterval`).
+SWITCH_INTERVAL_S = 0.0005
 
 #: Most storage threads a process may run (each holds a database connection while busy).
 MAX_THREADS = 64
@@ -157,6 +162,12 @@ class FairStorageExecutor:
         if not 1 <= threads <= MAX_THREADS:
             raise ConfigurationError(f"storage threads must be 1 to {MAX_THREADS}, not {threads}")
         self.threads = threads
+        # A storage thread whose round trip returned waits for the interpreter lock until
+        # the loop's thread yields it, up to the switch interval (5 ms by default) at each
+        # of a call's round trips while the loop computes: shorter, so a call is not
+        # stretched by the loop's work (the loop yields only when a thread asks).
+        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._state = _State()
         self._cond = threading.Condition(threading.Lock())
         self._workers = [
