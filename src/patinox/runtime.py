@@ -35,10 +35,14 @@ from patinox.limits import (
     AdmissionSettings,
     FairRunQueue,
     FairShareAdmission,
+    InlineStorage,
+    StorageCalls,
     TokenBudget,
     WindowRateLimiter,
+    storage_calls,
     worker_id,
 )
+from patinox.limits.offload import MAX_THREADS as MAX_STORAGE_THREADS
 from patinox.storage import SqlBackend, open_backend
 from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
 from patinox.tenancy import IsolationLevel, ResourceLimits, effective_limits
@@ -81,6 +85,13 @@ class Settings:
         exec_spares: pre-warmed sandboxed templates kept ready for the next ``container`` or
             ``dedicated`` tenant (as root, on a host that offers ``container``; 0: none, and
             such a tenant's first run starts its sandbox cold, about 2 s here).
+        storage_threads: threads that make this process's run-path and authentication
+            storage calls off the event loop, shared fairly by tenant, where the database
+            is PostgreSQL (:class:`~patinox.limits.FairStorageExecutor`); 0 makes them on
+            the loop. SQLite always makes them on the loop. 0 to 64.
+
+    Raises:
+        ConfigurationError: ``storage_threads`` out of range.
     """
 
     database_url: str
@@ -95,6 +106,14 @@ class Settings:
     exec_cgroup_prefix: str = "patinox"
     exec_spares: int = 1
     isolation_levels: frozenset[IsolationLevel] | None = None
+    storage_threads: int = 3
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.storage_threads <= MAX_STORAGE_THREADS:
+            raise ConfigurationError(
+                f"storage_threads (PATINOX_STORAGE_THREADS) must be 0 to {MAX_STORAGE_THREADS}, "
+                f"not {self.storage_threads}"
+            )
 
     @classmethod
     def for_data_dir(cls, data_dir: Path) -> Settings:
@@ -110,7 +129,7 @@ class Settings:
         ``PATINOX_CGROUP_PREFIX`` and ``PATINOX_EXEC_SPARES`` set :attr:`exec_root`,
         :attr:`exec_idle_s`, :attr:`exec_cgroup_prefix` and :attr:`exec_spares`;
         ``PATINOX_ISOLATION_LEVELS`` (comma-separated, e.g. ``namespace,process``) limits
-        :attr:`isolation_levels`.
+        :attr:`isolation_levels`; ``PATINOX_STORAGE_THREADS`` sets :attr:`storage_threads`.
 
         Raises:
             ConfigurationError: a variable that is not a number where one is needed.
@@ -127,6 +146,7 @@ class Settings:
             exec_cgroup_prefix=os.environ.get("PATINOX_CGROUP_PREFIX") or "patinox",
             exec_spares=_count_env("PATINOX_EXEC_SPARES", 1),
             isolation_levels=_levels_env(os.environ.get("PATINOX_ISOLATION_LEVELS")),
+            storage_threads=_count_env("PATINOX_STORAGE_THREADS", 3),
         )
 
 
@@ -193,6 +213,9 @@ class Runtime:
     budget: TokenBudget
     executors: ExecutorMap
     process_executor: ProcessExecutor | None = None
+    #: Where the run path and authentication make their storage calls (see
+    #: :attr:`Settings.storage_threads`).
+    storage: StorageCalls = field(default_factory=InlineStorage)
     extra: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -249,7 +272,10 @@ class Runtime:
         admission = FairShareAdmission(settings.admission) if settings.admission.enabled else None
         process, executors = _executors(settings, backend, template)
         tenants = TenantManager(backend, supported_isolation=executors.levels, isolation=executors)
-        runs = RunService(backend, executors, queue=queue, budget=budget, admission=admission, rate=rate)
+        calls = storage_calls(backend.engine.url.drivername, settings.storage_threads)
+        runs = RunService(
+            backend, executors, queue=queue, budget=budget, admission=admission, rate=rate, calls=calls
+        )
         tenants.subscribe(runs.on_tenant_event)
         tenants.subscribe(runs.on_limits_changed)
         # After the run service's: a suspended or deleted tenant's runs stop first, then its
@@ -270,6 +296,7 @@ class Runtime:
             budget=budget,
             executors=executors,
             process_executor=process,
+            storage=calls,
         )
 
     def worker(self, *, concurrency: int = 256, holder: str | None = None) -> RunWorker:
@@ -299,8 +326,10 @@ class Runtime:
 
     def close(self) -> None:
         """Stop what this runtime started beside storage: every tenant execution pool and
-        the template (:meth:`RunService.shutdown` does it too). Idempotent."""
+        the template (:meth:`RunService.shutdown` does it too), and the storage threads.
+        Idempotent."""
         self.executors.close()
+        self.storage.close()
 
 
 def _executors(

@@ -77,6 +77,9 @@ class TenancyMiddleware:
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
         self.rt = runtime
+        #: Key id -> the tenant it authenticated as (only which turn its next
+        #: authentication waits for: every request is authenticated anew).
+        self._key_tenants: dict[str, str] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -109,7 +112,24 @@ class TenancyMiddleware:
             if not (tenant_route or admin_route):
                 await self.app(scope, receive, send)
                 return
-            principal = self.rt.keys.authenticate(_bearer(scope))
+            # The key's lookup and the request-rate hits are storage calls: made where the
+            # runtime makes them (storage threads on PostgreSQL), as one call, in the turn of
+            # the tenant the key belonged to when last seen here (else the system's), so a
+            # busy tenant's requests do not hold up another tenant's authentication.
+            key_id = _key_id(scope)
+            flow = self._key_tenants.get(key_id) if key_id else None
+            if flow is None:
+                principal, states = await self.rt.storage.system(
+                    self._authenticate, scope, path, tenant_route
+                )
+            else:
+                principal, states = await self.rt.storage.call(
+                    flow, self._authenticate, scope, path, tenant_route
+                )
+            if key_id and isinstance(principal, TenantContext) and flow != principal.tenant_id:
+                if len(self._key_tenants) >= _KEY_FLOWS_MAX:
+                    self._key_tenants.clear()
+                self._key_tenants[key_id] = principal.tenant_id
             # Read by the operator routes and the request log (tenant id, key id).
             scope.setdefault("state", {})["principal"] = principal
             if admin_route:
@@ -119,25 +139,6 @@ class TenancyMiddleware:
                 return
             if not isinstance(principal, TenantContext):
                 raise PermissionDenied("tenant routes need a tenant key; operator keys act through /admin")
-            limits, tid = principal.limits, principal.tenant_id
-            # An Idempotency-Key retry answered from the tenant's records counts against no rate.
-            replay = is_replay(scope, lambda: self.rt.backend.tenant_store(principal))
-            states = (
-                []
-                if replay
-                else [
-                    self.rt.rate.hit("tenant", limits.requests_per_minute, tenant_id=tid),
-                    self.rt.rate.hit(f"key:{principal.principal}", limits.per_key_rpm, tenant_id=tid),
-                ]
-            )
-            # A storage move holds every write; a change of isolation level only runs
-            # (admission refuses a synchronous one and queues an asynchronous one).
-            if (
-                principal.writes_held
-                and scope["method"] not in _READ_METHODS
-                and not (_RUN_PATH.fullmatch(path) and changing_level(self.rt.backend, tid))
-            ):
-                raise moving_error(self.rt.backend, tid)
         except PatinoxError as err:
             record_failure(scope, err)
             await _send_json(send, *error_response_parts(err))
@@ -147,6 +148,41 @@ class TenancyMiddleware:
         scope.setdefault("state", {})[RATE_STATES] = states
         with tenant_scope(principal):
             await self.app(scope, receive, _with_rate_headers(send, states))
+
+    def _authenticate(
+        self, scope: Scope, path: str, tenant_route: bool
+    ) -> tuple[TenantContext | OperatorPrincipal, list[RateLimitState]]:
+        """The request's principal and, for a tenant key on a tenant route, its tenant's and
+        key's request-rate states (hit now) after the tenant's write hold is checked.
+
+        Raises:
+            AuthenticationFailed: no key, or not a known live one.
+            RateLimited: the tenant's or the key's request rate is spent.
+            TenantMoving: a write to a tenant whose writes are held.
+        """
+        principal = self.rt.keys.authenticate(_bearer(scope))
+        if not tenant_route or not isinstance(principal, TenantContext):
+            return principal, []
+        limits, tid = principal.limits, principal.tenant_id
+        # An Idempotency-Key retry answered from the tenant's records counts against no rate.
+        replay = is_replay(scope, lambda: self.rt.backend.tenant_store(principal))
+        states = (
+            []
+            if replay
+            else [
+                self.rt.rate.hit("tenant", limits.requests_per_minute, tenant_id=tid),
+                self.rt.rate.hit(f"key:{principal.principal}", limits.per_key_rpm, tenant_id=tid),
+            ]
+        )
+        # A storage move holds every write; a change of isolation level only runs
+        # (admission refuses a synchronous one and queues an asynchronous one).
+        if (
+            principal.writes_held
+            and scope["method"] not in _READ_METHODS
+            and not (_RUN_PATH.fullmatch(path) and changing_level(self.rt.backend, tid))
+        ):
+            raise moving_error(self.rt.backend, tid)
+        return principal, states
 
     async def _limit_body(self, scope: Scope, receive: Receive) -> Receive:
         """Refuse bodies over the limit (413) or holding a NUL character (422
@@ -220,6 +256,22 @@ def _with_rate_headers(send: Send, states: list[RateLimitState]) -> Send:
         await send(message)
 
     return sending
+
+
+#: Most key ids whose tenant is remembered for the order of authentications (then forgotten).
+_KEY_FLOWS_MAX = 65_536
+
+
+def _key_id(scope: Scope) -> str | None:
+    """The id part of the request's API key (``ptx_<id>_<secret>``), unverified; ``None``
+    when it has none."""
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            parts: list[bytes] = value.split(b"_", 2)
+            if len(parts) == 3 and len(parts[1]) == 12:
+                return parts[1].decode("latin-1")
+            return None
+    return None
 
 
 def _bearer(scope: Scope) -> str:

@@ -58,8 +58,10 @@ from patinox.limits import (
     Claim,
     FairRunQueue,
     FairShareAdmission,
+    InlineStorage,
     RateLimiter,
     RateLimitState,
+    StorageCalls,
     TokenBudget,
     WindowRateLimiter,
     worker_id,
@@ -189,6 +191,8 @@ class RunService:
             run at once.
         rate: the deployment's rate-limit store, for each agent's run rate (default: one
             in this process's memory).
+        calls: where the run path's storage calls are made (:attr:`calls`; default: on the
+            event loop, :class:`~patinox.limits.InlineStorage`).
     """
 
     def __init__(
@@ -201,8 +205,16 @@ class RunService:
         holder: str | None = None,
         admission: FairShareAdmission | None = None,
         rate: RateLimiter | None = None,
+        calls: StorageCalls | None = None,
     ) -> None:
         self._backend = backend
+        #: Where the run path's storage calls are made: the lookup of a run's agent (with
+        #: the agent's rate), its admission, a claimed run's reading, its settlement. Each
+        #: is one call, so moving them off the event loop
+        #: (:class:`~patinox.limits.FairStorageExecutor`) is this one object. Admission and
+        #: settlement go through ``finish``: once asked, they run to their end however the
+        #: run's task is cancelled meanwhile, and a run admitted so is settled (once).
+        self.calls: StorageCalls = calls or InlineStorage()
         self._executor = executor
         self.queue = queue
         self._budget = budget
@@ -267,9 +279,7 @@ class RunService:
                 field="conversation",
                 isolation_level=ctx.isolation_level.value,
             )
-        self._admit.check(ctx, agent_id, rate_states, queued=req.mode == "async")
-        store = self._backend.tenant_store(ctx)
-        agent = store.get_agent(agent_id)
+        store, agent = await self.calls.call(ctx.tenant_id, self._look_up, ctx, agent_id, req, rate_states)
         limits = run_limits(ctx, agent)
         if req.output_tokens is not None and req.output_tokens > limits.max_output_tokens:
             raise InvalidRequest(
@@ -281,7 +291,10 @@ class RunService:
         worst_case = worst_case_tokens(agent, prompt, req.output_tokens, limits)
         limits = dataclasses.replace(limits, max_total_tokens=worst_case)
         if req.mode == "async":
-            return self._enqueue(ctx, store, agent, req, worst_case)
+            queued = await self.calls.finish(ctx.tenant_id, self._enqueue, ctx, store, agent, req, worst_case)
+            if self._wakeup is not None:
+                self._wakeup.set()
+            return queued
         # The fair share first: the turn is freed when the run is answered (a caller that
         # went away: when its run was told to stop, a moment before its settlement ends).
         turn = await self._admit.take_turn(ctx)
@@ -290,6 +303,14 @@ class RunService:
         finally:
             if turn:
                 self._admit.end_turn(ctx.tenant_id)
+
+    def _look_up(
+        self, ctx: TenantContext, agent_id: str, req: RunRequest, rate_states: list[RateLimitState] | None
+    ) -> tuple[TenantStore, AgentRecord]:
+        """Steps 1 and 2 of admission, then the run's agent (one storage call)."""
+        self._admit.check(ctx, agent_id, rate_states, queued=req.mode == "async")
+        store = self._backend.tenant_store(ctx)
+        return store, store.get_agent(agent_id)
 
     @staticmethod
     def _new_run(
@@ -328,8 +349,6 @@ class RunService:
             lambda conn: admit.reserve(ctx, run["id"], worst_case, conn),
             lambda ticket, conn: admit.enqueue(ctx, ticket, conn),
         )
-        if self._wakeup is not None:
-            self._wakeup.set()
         return run
 
     async def _run_now(
@@ -346,9 +365,23 @@ class RunService:
         run, insert_run = self._new_run(ctx, store, agent, req, new_id("run"))
         run_id: str = run["id"]
         tokens, timeout_s = limits.max_total_tokens or 0, limits.timeout_s
-        ticket = self._settlement.open(
-            store, insert_run, lambda conn: self._admit.hold(ctx, run_id, tokens, timeout_s, conn)
-        )
+        opened: list[Ticket] = []
+
+        def admit() -> Ticket:
+            ticket = self._settlement.open(
+                store, insert_run, lambda conn: self._admit.hold(ctx, run_id, tokens, timeout_s, conn)
+            )
+            opened.append(ticket)
+            return ticket
+
+        try:
+            ticket = await self.calls.finish(ctx.tenant_id, admit)
+        except asyncio.CancelledError:
+            if opened:  # admitted, then the caller went away: the run never starts
+                await self.calls.finish(
+                    ctx.tenant_id, self._settlement.settle_unstarted, opened[0], store, ctx, run
+                )
+            raise
         # From admission to here nothing awaited, so a tenant fenced by stop_tenant() after
         # this point finds this run among its tasks.
         job = self._execute(
@@ -380,6 +413,27 @@ class RunService:
         active (the run is put back in the queue, unstarted, with its reservation).
         """
         ticket = self._admit.claimed(claim)
+        started = await self.calls.finish(claim.tenant_id, self._claimed, claim, ticket)
+        if not isinstance(started, tuple):
+            return started
+        ctx, store, agent, run, limits = started
+        job = self._execute(
+            ctx, store, agent, run, run["input"], run["requested_output_tokens"], limits, ticket
+        )
+        task = self._track(job, ctx, store, run, ticket)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                task.cancel()
+                raise
+            return None
+
+    def _claimed(
+        self, claim: Claim, ticket: Ticket
+    ) -> RunRecord | tuple[TenantContext, TenantStore, AgentRecord, RunRecord, RunLimits] | None:
+        """A claimed run's reading and its attempt's start (one storage call): what to
+        execute, or what :meth:`execute_claim` returns when there is nothing to execute."""
         try:
             tenant = self._backend.get_tenant(claim.tenant_id)
             store = self._backend.acting_on(claim.tenant_id)
@@ -419,17 +473,7 @@ class RunService:
             queue=self.queue,
             budget=self._budget,
         )
-        job = self._execute(
-            ctx, store, agent, run, run["input"], run["requested_output_tokens"], limits, ticket
-        )
-        task = self._track(job, ctx, store, run, ticket)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if not task.cancelled():
-                task.cancel()
-                raise
-            return None
+        return ctx, store, agent, run, limits
 
     def _track(
         self,
@@ -711,8 +755,24 @@ class RunService:
             model=agent["model"],
             tools=tuple(agent["tools"]),
         )
-        settle = self._settlement.settle
+        settlement, calls, tid = self._settlement, self.calls, ctx.tenant_id
         attempt = ticket.attempt
+
+        async def settle(
+            ticket: Ticket,
+            ctx: TenantContext,
+            store: TenantStore,
+            run: RunRecord,
+            values: RunRecord,
+            usage: UsageRecord | None,
+            *,
+            used: int,
+            outcome: str,
+        ) -> None:
+            await calls.finish(
+                tid, settlement.settle, ticket, ctx, store, run, values, usage, used=used, outcome=outcome
+            )
+
         started = time.perf_counter()
         so_far = RunUsage()  # the run's usage as it goes: what a cancelled run is charged
         try:
@@ -744,7 +804,7 @@ class RunService:
                 failed = err if isinstance(err, RunFailed) else RunFailed(err.message, reason=err.code)
                 values, usage = self._failure(failed, started)
                 used = (usage or {}).get("input_tokens", 0) + (usage or {}).get("output_tokens", 0)
-                settle(ticket, ctx, store, run, values, usage, used=used, outcome="error")
+                await settle(ticket, ctx, store, run, values, usage, used=used, outcome="error")
                 if run["mode"] == "sync":
                     raise RunFailed(failed.message, **{**failed.fields, "run_id": run["id"]}) from err
                 return {**run, **values}
@@ -759,7 +819,7 @@ class RunService:
                 if isinstance(task, _RunTask) and task.stop_reason is not None:
                     reason, message = task.stop_reason
                     values["error"] = {"code": "run_failed", "reason": reason, "message": message}
-                settle(ticket, ctx, store, run, values, usage, used=used, outcome="error")
+                await settle(ticket, ctx, store, run, values, usage, used=used, outcome="error")
                 raise
             values = {
                 "status": "succeeded",
@@ -781,11 +841,11 @@ class RunService:
                 peak_memory_bytes=outcome.peak_memory_bytes,
             )
             used = outcome.input_tokens + outcome.output_tokens
-            settle(ticket, ctx, store, run, values, usage, used=used, outcome="ok")
+            await settle(ticket, ctx, store, run, values, usage, used=used, outcome="ok")
             return {**run, **values}
         finally:
             if not ticket.called:  # ended before its settlement: it used nothing known
-                self._settlement.release(ticket, 0)
+                await calls.finish(tid, settlement.release, ticket, 0)
 
     @staticmethod
     def _failure(err: RunFailed, started: float) -> tuple[RunRecord, UsageRecord | None]:

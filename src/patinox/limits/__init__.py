@@ -3,6 +3,7 @@ fair share of each process's capacity."""
 
 from patinox.limits._listener import NOTIFY_CHANNEL, QueueListener
 from patinox.limits.admission import AdmissionSettings, FairShareAdmission
+from patinox.limits.offload import FairStorageExecutor, InlineStorage, StorageCalls, storage_calls
 from patinox.limits.queue import DEFAULT_LEASE_S, Claim, FairRunQueue, worker_id
 from patinox.limits.quota import RUNS_PER_DAY, TOKENS_PER_DAY, Reservation, TokenBudget, day_start
 from patinox.limits.rate import RateLimiter, RateLimitState, WindowRateLimiter, ratelimit_headers
@@ -16,13 +17,17 @@ __all__ = [
     "Claim",
     "FairRunQueue",
     "FairShareAdmission",
+    "FairStorageExecutor",
+    "InlineStorage",
     "QueueListener",
     "RateLimitState",
     "RateLimiter",
     "Reservation",
+    "StorageCalls",
     "TokenBudget",
     "WindowRateLimiter",
     "day_start",
     "ratelimit_headers",
+    "storage_calls",
     "worker_id",
 ]
