@@ -36,11 +36,13 @@ from patinox.client import (
 )
 from patinox.errors import (
     AuthenticationFailed,
+    IdempotencyKeyReused,
     InvalidRequest,
     NotFound,
     PermissionDenied,
     QuotaExceeded,
     RateLimited,
+    RunFinished,
     ServerError,
     TenantSuspended,
     error_for,
@@ -97,9 +99,9 @@ def test_every_tenant_resource_round_trips(operator: Client, base_url: str) -> N
         assert [r.id for r in client.runs.list(agent_id=agent.id, page_size=10)] == [r.id for r in listed]
 
         assert isinstance(client.memory.put("notes.1", "one"), MemoryItem)
-        client.memory.put("notes.2 with space?&#", "two")
-        assert client.memory.get("notes.2 with space?&#") == "two"
-        assert client.memory.list("notes.") == ["notes.1", "notes.2 with space?&#"]
+        client.memory.put("notes.2 with/slash, space?&#", "two")
+        assert client.memory.get("notes.2 with/slash, space?&#") == "two"
+        assert client.memory.list("notes.") == ["notes.1", "notes.2 with/slash, space?&#"]
         client.memory.delete("notes.1")
         with pytest.raises(NotFound):
             client.memory.get("notes.1")
@@ -272,3 +274,20 @@ def test_keys_a_tenant_manages_itself_and_rotation(operator: Client, base_url: s
         assert listed[reader.id].expires_at is not None
         with pytest.raises(TypeError):
             operator.admin.keys.list()
+
+
+def test_cancel_and_idempotent_creates(operator: Client, base_url: str) -> None:
+    _, client = _tenant(operator, base_url, "umbrella")
+    with client:
+        slow = client.agents.create("slow", model="simulated:ttft_ms=60000", idempotency_key="agent-1")
+        again = client.agents.create("slow", model="simulated:ttft_ms=60000", idempotency_key="agent-1")
+        assert again.id == slow.id  # the first answer, nothing created twice
+        with pytest.raises(IdempotencyKeyReused):
+            client.agents.create("other", idempotency_key="agent-1")
+        queued = client.runs.submit(slow.id, "wait", output_tokens=2, idempotency_key="run-1")
+        assert client.runs.submit(slow.id, "wait", output_tokens=2, idempotency_key="run-1").id == queued.id
+        cancelled = client.runs.cancel(queued.id)
+        assert cancelled.status == "failed" and (cancelled.error or {}).get("reason") == "cancelled"
+        with pytest.raises(RunFinished):
+            client.runs.cancel(queued.id)
+        assert len(list(client.runs.list())) == 1

@@ -43,6 +43,13 @@ class Call(Generic[T]):
     read: Callable[[httpx.Response], T]
     json: Any = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def _idem(key: str | None) -> dict[str, str]:
+    """The ``Idempotency-Key`` header: a retry with the same key and body gets the first
+    answer back and creates nothing (keys are per tenant and kept 24 h)."""
+    return {} if key is None else {"Idempotency-Key": key}
 
 
 def raise_for(response: httpx.Response) -> None:
@@ -131,6 +138,7 @@ def create_agent(
     tools: list[str] | None,
     max_output_tokens: int | None,
     max_tool_calls: int | None,
+    idempotency_key: str | None = None,
 ) -> Call[Agent]:
     body = _given(
         name=name,
@@ -140,7 +148,7 @@ def create_agent(
         max_output_tokens=max_output_tokens,
         max_tool_calls=max_tool_calls,
     )
-    return Call("POST", "/v1/agents", _one(Agent), json=body)
+    return Call("POST", "/v1/agents", _one(Agent), json=body, headers=_idem(idempotency_key))
 
 
 def list_agents() -> Call[list[Agent]]:
@@ -159,9 +167,17 @@ def delete_agent(agent_id: str) -> Call[None]:
     return Call("DELETE", f"/v1/agents/{_seg(agent_id)}", _nothing)
 
 
-def start_run(agent_id: str, prompt: str, *, output_tokens: int | None, mode: str) -> Call[Run]:
+def start_run(
+    agent_id: str, prompt: str, *, output_tokens: int | None, mode: str, idempotency_key: str | None = None
+) -> Call[Run]:
     body = _given(input=prompt, output_tokens=output_tokens, mode=mode)
-    return Call("POST", f"/v1/agents/{_seg(agent_id)}/runs", _one(Run), json=body)
+    return Call(
+        "POST", f"/v1/agents/{_seg(agent_id)}/runs", _one(Run), json=body, headers=_idem(idempotency_key)
+    )
+
+
+def cancel_run(run_id: str) -> Call[Run]:
+    return Call("POST", f"/v1/runs/{_seg(run_id)}/cancel", _one(Run))
 
 
 def get_run(run_id: str) -> Call[Run]:

@@ -80,7 +80,9 @@ class AsyncClient:
             PatinoxError: the server's error, as the package's exception.
             httpx.TransportError: the server could not be reached.
         """
-        response = await self._http.request(call.method, call.path, json=call.json, params=call.params)
+        response = await self._http.request(
+            call.method, call.path, json=call.json, params=call.params, headers=call.headers
+        )
         rq.raise_for(response)
         return call.read(response)
 
@@ -126,6 +128,7 @@ class Agents:
         tools: list[str] | None = None,
         max_output_tokens: int | None = None,
         max_tool_calls: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Agent:
         return await self._c.send(
             rq.create_agent(
@@ -135,6 +138,7 @@ class Agents:
                 tools=tools,
                 max_output_tokens=max_output_tokens,
                 max_tool_calls=max_tool_calls,
+                idempotency_key=idempotency_key,
             )
         )
 
@@ -157,17 +161,49 @@ class Runs:
     def __init__(self, client: AsyncClient) -> None:
         self._c = client
 
-    async def create(self, agent_id: str, prompt: str, *, output_tokens: int | None = None) -> Run:
+    async def create(
+        self,
+        agent_id: str,
+        prompt: str,
+        *,
+        output_tokens: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Run:
         """Run the agent and wait for its end (a synchronous run).
 
         Raises:
             RunFailed: the run failed (its ``run_id`` among the fields).
         """
-        return await self._c.send(rq.start_run(agent_id, prompt, output_tokens=output_tokens, mode="sync"))
+        return await self._c.send(
+            rq.start_run(
+                agent_id, prompt, output_tokens=output_tokens, mode="sync", idempotency_key=idempotency_key
+            )
+        )
 
-    async def submit(self, agent_id: str, prompt: str, *, output_tokens: int | None = None) -> Run:
-        """Queue a run (an asynchronous run) and return it at once, ``queued``."""
-        return await self._c.send(rq.start_run(agent_id, prompt, output_tokens=output_tokens, mode="async"))
+    async def submit(
+        self,
+        agent_id: str,
+        prompt: str,
+        *,
+        output_tokens: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Run:
+        """Queue a run (an asynchronous run) and return it at once, ``queued``. With an
+        ``idempotency_key``, a retry of the same request returns the first run."""
+        return await self._c.send(
+            rq.start_run(
+                agent_id, prompt, output_tokens=output_tokens, mode="async", idempotency_key=idempotency_key
+            )
+        )
+
+    async def cancel(self, run_id: str) -> Run:
+        """Cancel a queued or running run, wherever it runs; returns it (``failed`` with
+        reason ``cancelled`` once stopped, charged what it used).
+
+        Raises:
+            RunFinished: the run had already ended (409 ``run_finished``).
+        """
+        return await self._c.send(rq.cancel_run(run_id))
 
     async def wait(self, run_id: str, *, timeout_s: float | None = None, poll_s: float = 0.25) -> Run:
         """Poll the run until it ends; returns it (``succeeded`` or ``failed``).

@@ -226,7 +226,7 @@ def list_memory(
     return store.memory_list(prefix, limit)
 
 
-@router.get("/memory/{key}")
+@router.get("/memory/{key:path}")
 def get_memory(key: str, _: Reader, store: Store) -> o.MemoryItemOut:
     value = store.memory_get(key)
     if value is None:
@@ -234,7 +234,7 @@ def get_memory(key: str, _: Reader, store: Store) -> o.MemoryItemOut:
     return o.MemoryItemOut(key=key, value=value)
 
 
-@router.put("/memory/{key}")
+@router.put("/memory/{key:path}")
 def put_memory(key: str, body: o.MemoryPut, ctx: AgentWriter, store: Store) -> o.MemoryItemOut:
     if not 1 <= len(key) <= 200:
         raise InvalidRequest("memory keys are 1-200 characters", field="key")
@@ -243,7 +243,7 @@ def put_memory(key: str, body: o.MemoryPut, ctx: AgentWriter, store: Store) -> o
     return o.MemoryItemOut(key=key, value=body.value)
 
 
-@router.delete("/memory/{key}", status_code=204)
+@router.delete("/memory/{key:path}", status_code=204)
 def delete_memory(key: str, ctx: AgentWriter, store: Store) -> Response:
     store.memory_delete(key)
     store.append_audit(actor=ctx.principal, action="memory.delete", target=key, outcome="ok")
