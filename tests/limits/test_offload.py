@@ -186,7 +186,7 @@ async def test_finish_runs_to_its_end_and_raises_the_cancellation_after(
 
 
 async def test_close_runs_what_was_asked_then_refuses_new_calls() -> None:
-    ex = FairStorageExecutor(2)
+    ex = FairStorageExecutor(2, name="closing-storage")  # not another executor's threads
     gate = _Gate()
     ran: list[int] = []
     held = asyncio.ensure_future(ex.call("t", gate))
@@ -200,7 +200,7 @@ async def test_close_runs_what_was_asked_then_refuses_new_calls() -> None:
     await closing
     await asyncio.gather(held, *queued)
     assert ran == [0, 1, 2]
-    assert not any(t.name.startswith("patinox-storage") for t in threading.enumerate())
+    assert not any(t.name.startswith("closing-storage") for t in threading.enumerate())
     with pytest.raises(RuntimeError, match="closed"):
         await ex.call("t", int)
     ex.close()  # idempotent

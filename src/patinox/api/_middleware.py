@@ -161,6 +161,8 @@ class TenancyMiddleware:
             TenantMoving: a write to a tenant whose writes are held.
         """
         principal = self.rt.keys.authenticate(_bearer(scope))
+        # Known before the rate hits, so a failure of the limit store is logged with it.
+        scope.setdefault("state", {})["principal"] = principal
         if not tenant_route or not isinstance(principal, TenantContext):
             return principal, []
         limits, tid = principal.limits, principal.tenant_id

@@ -506,6 +506,10 @@ class RunService:
                 t.exception()  # retrieved: a failed run is recorded, not re-raised here
 
         task.add_done_callback(done)
+        if tenant_id in self._admit.fenced:
+            # Stopped while its admission ran (in a storage thread, on PostgreSQL): the
+            # stop found no task to cancel, so it never starts; settled as cancelled.
+            task.cancel()
         return task
 
     async def stop_tenant(self, tenant_id: str) -> int:
