@@ -88,6 +88,17 @@ def at_both_levels(
     return seen
 
 
+def assert_same_at_every_level(seen: dict[IsolationLevel, dict[str, Any]]) -> None:
+    """Each level's outcome equals the namespace level's; a failure names what differs."""
+    base = seen[IsolationLevel.NAMESPACE]
+    differ = {
+        level.value: {k: (base[k], seen[level][k]) for k in base if seen[level][k] != base[k]}
+        for level in LEVELS
+        if seen[level] != base
+    }
+    assert not differ, f"differs from namespace as (namespace, level): {differ}"
+
+
 def test_a_run_with_tools_and_memory(runtime: Runtime, deployment: Deployment) -> None:
     prompt = "\n".join(
         [
@@ -99,7 +110,7 @@ def test_a_run_with_tools_and_memory(runtime: Runtime, deployment: Deployment) -
         ]
     )
     seen = at_both_levels(runtime, deployment, RunRequest(input=prompt, output_tokens=30))
-    assert all(seen[level] == seen[IsolationLevel.NAMESPACE] for level in LEVELS), seen
+    assert_same_at_every_level(seen)
     result = seen[IsolationLevel.PROCESS]
     assert result["raised"] is None and result["run"]["status"] == "succeeded"
     assert (
@@ -144,7 +155,7 @@ def test_tool_refusals_and_run_limits(
     seen = at_both_levels(
         runtime, deployment, RunRequest(input=prompt, output_tokens=20), max_tool_calls_per_run=2
     )
-    assert all(seen[level] == seen[IsolationLevel.NAMESPACE] for level in LEVELS), seen
+    assert_same_at_every_level(seen)
     result = seen[IsolationLevel.PROCESS]
     if reason is None:
         assert result["run"]["status"] == "succeeded" and "calculator failed" in result["run"]["output"]
@@ -158,7 +169,7 @@ def test_a_store_refusal_fails_the_run_as_a_tool_error(runtime: Runtime, deploym
     channel back as the same error."""
     prompt = '/call memory_put {"key": "big", "value": "' + "x" * 2000 + '"}'
     seen = at_both_levels(runtime, deployment, RunRequest(input=prompt, output_tokens=5), memory_bytes=200)
-    assert all(seen[level] == seen[IsolationLevel.NAMESPACE] for level in LEVELS), seen
+    assert_same_at_every_level(seen)
     result = seen[IsolationLevel.PROCESS]
     assert result["raised"]["reason"] == "tool_error" and "memory_put" in result["raised"]["message"]
     assert result["memory"] == {}
@@ -170,7 +181,7 @@ def test_a_request_past_the_plan_is_refused_before_anything_runs(
     seen = at_both_levels(
         runtime, deployment, RunRequest(input="hi", output_tokens=5), max_output_tokens_per_run=4
     )
-    assert all(seen[level] == seen[IsolationLevel.NAMESPACE] for level in LEVELS), seen
+    assert_same_at_every_level(seen)
     assert seen[IsolationLevel.PROCESS]["raised"]["type"] == InvalidRequest.__name__
     assert seen[IsolationLevel.PROCESS]["run"] is None
 
@@ -189,7 +200,7 @@ def test_a_queued_run_executed_by_a_worker(runtime: Runtime, deployment: Deploym
         done = asyncio.run(runtime.runs.execute_claim(claim))
         assert done is not None
         seen[level] = outcome_of_record(runtime, ctx, done)
-    assert all(seen[level] == seen[IsolationLevel.NAMESPACE] for level in LEVELS), seen
+    assert_same_at_every_level(seen)
     assert seen[IsolationLevel.PROCESS]["run"]["status"] == "succeeded"
 
 
