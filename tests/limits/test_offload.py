@@ -99,6 +99,28 @@ async def test_a_tenant_with_nothing_else_waiting_goes_before_six_busy_tenants(
     assert order.index("light-2") > 1
 
 
+async def test_the_wait_window_is_the_mean_wait_of_the_calls_a_thread_took(
+    one_thread: FairStorageExecutor,
+) -> None:
+    assert one_thread.wait_window() is None  # nothing taken yet
+    gate = _Gate()
+    held = asyncio.ensure_future(one_thread.call("a", gate))
+    await _until(gate.entered.is_set)
+    one_thread.wait_window()  # the gate's own (short) wait
+    waiting = [asyncio.ensure_future(one_thread.call("b", int)) for _ in range(3)]
+    await _until(lambda: one_thread.waiting == 3)
+    slept = 0.0
+    while slept < 0.05:  # they wait while the thread is held
+        await asyncio.sleep(0.01)
+        slept += 0.01
+    gate.open.set()
+    await asyncio.gather(held, *waiting)
+    mean = one_thread.wait_window()
+    assert mean is not None and mean >= 0.05
+    assert one_thread.wait_window() is None  # a new window
+    assert await InlineStorage().call("a", int) == 0 and InlineStorage().wait_window() is None
+
+
 async def test_two_busy_tenants_alternate_and_the_system_flow_has_its_own_share(
     one_thread: FairStorageExecutor,
 ) -> None:

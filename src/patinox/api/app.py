@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         # deployment runs `patinox worker` processes only), beside any other workers.
         background = [asyncio.create_task(rt.runs.watch_tenants())]
         if rt.runs.admission is not None:  # learns this process's capacity as it serves
-            background.append(asyncio.create_task(rt.runs.admission.watch()))
+            background.append(asyncio.create_task(rt.runs.admission.watch(rt.runs.calls.wait_window)))
         if rt.settings.embedded_workers > 0:
             readiness.worker = rt.worker(concurrency=rt.settings.embedded_workers)
             background.append(asyncio.create_task(readiness.worker.run()))

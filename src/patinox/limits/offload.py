@@ -44,6 +44,7 @@ import contextvars
 import heapq
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, Protocol, TypeVar
@@ -85,6 +86,8 @@ class StorageCalls(Protocol):
 
     async def system(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T: ...
 
+    def wait_window(self) -> float | None: ...
+
     def close(self) -> None: ...
 
 
@@ -104,6 +107,10 @@ class InlineStorage:
         """``fn(*args, **kwargs)``, now."""
         return fn(*args, **kwargs)
 
+    def wait_window(self) -> float | None:
+        """``None``: no call ever waits here."""
+        return None
+
     def close(self) -> None:
         """Nothing to stop."""
 
@@ -115,6 +122,8 @@ class _Call:
     context: contextvars.Context
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    #: When it was asked for (``time.monotonic()``), for the queue's wait.
+    asked: float = 0.0
     #: The awaiting task gave up before a thread took the call: it never runs.
     withdrawn: bool = False
     #: A thread took it (set under the executor's lock).
@@ -136,6 +145,8 @@ class _State:
     running: int = 0
     completed: int = 0
     closed: bool = False
+    waited_s: float = 0.0  # seconds calls taken since the last wait_window() waited, summed
+    taken: int = 0  # calls taken since the last wait_window()
 
 
 class FairStorageExecutor:
@@ -187,7 +198,7 @@ class FairStorageExecutor:
 
     def _submit(self, flow: str, fn: Callable[[], Any]) -> _Call:
         loop = asyncio.get_running_loop()
-        item = _Call(flow, fn, contextvars.copy_context(), loop, loop.create_future())
+        item = _Call(flow, fn, contextvars.copy_context(), loop, loop.create_future(), time.monotonic())
         with self._cond:
             st = self._state
             if st.closed:
@@ -284,6 +295,18 @@ class FairStorageExecutor:
         with self._cond:
             return self._state.completed
 
+    def wait_window(self) -> float | None:
+        """The mean time the calls taken by a thread since the last call of this method
+        waited for one, seconds (``None``: none was taken); starts the next window. The
+        fair-share admission's second signal (:meth:`FairShareAdmission.watch
+        <patinox.limits.FairShareAdmission.watch>`): a call waits only while every thread
+        is busy, so fewer runs in flight shorten it."""
+        with self._cond:
+            st = self._state
+            waited, taken = st.waited_s, st.taken
+            st.waited_s, st.taken = 0.0, 0
+        return waited / taken if taken else None
+
     @property
     def flows(self) -> int:
         """Flows (tenants, the system) with calls waiting."""
@@ -305,6 +328,8 @@ class FairStorageExecutor:
                 if item.withdrawn:
                     continue
                 st.virtual = max(st.virtual, start)
+                st.waited_s += time.monotonic() - item.asked
+                st.taken += 1
                 item.started = True
                 st.running += 1
                 return item
