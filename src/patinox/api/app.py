@@ -35,7 +35,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, description in (
         (400, "`malformed_json`: the request body is not valid JSON"),
         (401, "`unauthenticated`: no, malformed, wrong or revoked API key"),
-        (403, "`forbidden` (the key lacks the scope or kind) or `tenant_suspended`"),
+        (403, "`forbidden` (the key lacks the scope or kind), `tenant_suspended` or `model_not_allowed`"),
         (404, "`not_found`: missing, or another tenant's object"),
         (409, "`already_exists` or `invalid_transition`"),
         (413, "`payload_too_large`: the request body is over the limit"),

@@ -43,6 +43,7 @@ from patinox.agents import (
     run_agent,
 )
 from patinox.control.admission import TOOL_CALL_TOKENS, RunAdmission, run_limits, worst_case_tokens
+from patinox.control.secrets import SecretService
 from patinox.control.settlement import (
     Attempt,
     Settlement,
@@ -75,7 +76,14 @@ from patinox.storage import (
     UsageRecord,
     utcnow,
 )
-from patinox.tenancy import IsolationLevel, TenantContext, effective_limits, get_plan, new_id
+from patinox.tenancy import (
+    IsolationLevel,
+    TenantContext,
+    check_model_allowed,
+    effective_limits,
+    get_plan,
+    new_id,
+)
 
 log = structlog.get_logger("patinox.runs")
 
@@ -208,6 +216,7 @@ class RunService:
         calls: StorageCalls | None = None,
     ) -> None:
         self._backend = backend
+        self._secrets = SecretService(backend)
         #: Where the run path's storage calls are made: the lookup of a run's agent (with
         #: the agent's rate), its admission, a claimed run's reading, its settlement. Each
         #: is one call, so moving them off the event loop
@@ -280,6 +289,8 @@ class RunService:
                 isolation_level=ctx.isolation_level.value,
             )
         store, agent = await self.calls.call(ctx.tenant_id, self._look_up, ctx, agent_id, req, rate_states)
+        # The allow-list may have changed since the agent was defined: refused before admission.
+        check_model_allowed(agent["model"], ctx.limits, tenant_id=ctx.tenant_id)
         limits = run_limits(ctx, agent)
         if req.output_tokens is not None and req.output_tokens > limits.max_output_tokens:
             raise InvalidRequest(
@@ -781,6 +792,15 @@ class RunService:
         so_far = RunUsage()  # the run's usage as it goes: what a cancelled run is charged
         try:
             try:
+                # A queued run checks the allow-list again (it may have changed while it
+                # waited), then takes the tenant's own provider key, if any (BYOK), here on
+                # the host: the model is resolved here or on the host end of the channel.
+                check_model_allowed(definition.model, ctx.limits, tenant_id=tid)
+                key = await calls.call(
+                    tid, self._secrets.provider_key, store, definition.model, actor=run["principal"]
+                )
+                if key is not None:
+                    definition = dataclasses.replace(definition, provider_key=key)
                 if conversation is None:
                     outcome = await self._executor.execute(
                         ctx,
