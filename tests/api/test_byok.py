@@ -6,6 +6,7 @@ response, error body, audit record, log line or run output, also when the provid
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from patinox.agents import models
+from patinox.runtime import Runtime
+from patinox.tenancy import get_plan
 from tests.agents.fake_provider import FakeProvider, fake_provider
 from tests.conftest import auth
 
@@ -102,7 +105,7 @@ def test_a_tenants_runs_carry_its_own_key_and_others_the_shared_one(
 
 @pytest.mark.only_deployments("sqlite-pool")
 def test_at_the_process_level_the_host_makes_the_call_with_the_tenants_key(
-    client: TestClient, operator_key: str, provider: FakeProvider
+    client: TestClient, operator_key: str, provider: FakeProvider, runtime: Runtime
 ) -> None:
     r = client.post(
         "/admin/tenants",
@@ -118,3 +121,34 @@ def test_at_the_process_level_the_host_makes_the_call_with_the_tenants_key(
     assert run.json()["output"] == "fake provider reply"
     assert provider.authorizations == [f"Bearer {TENANT_KEY}"]
     assert TENANT_KEY not in run.text
+    # The execution process that ran it never held the key: not in its memory.
+    assert runtime.process_executor is not None
+    tenant_id = r.json()["id"]
+    pool = runtime.process_executor.supervisor.pool(tenant_id, get_plan("pro").limits)
+    pids = [p.pid for p in pool.processes()]
+    assert pids
+    for pid in pids:
+        assert _memory_holds(pid, b"patinox.isolation"), pid  # its memory is read
+        assert _memory_holds(pid, TENANT_KEY.encode()) is False, pid
+    assert _memory_holds(os.getpid(), TENANT_KEY.encode())  # the scan finds what is there
+
+
+def _memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether any readable mapping of process ``pid`` holds ``needle`` (read as root through
+    ``/proc/<pid>/mem``)."""
+    found = False
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            span, perms = line.split()[:2]
+            if not perms.startswith("r") or "[vvar" in line or "[vsyscall" in line:
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(start)
+                chunk = mem.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                continue
+            if chunk and needle in chunk:
+                found = True
+                break
+    return found
