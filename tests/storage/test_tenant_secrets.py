@@ -4,6 +4,9 @@ unreadable after crypto-shredding, purged with the tenant."""
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -121,3 +124,25 @@ def test_crypto_shredding_makes_secrets_unreadable_and_deletion_purges_them(
         store.secrets().value("token", actor="run", purpose="x")
     runtime.tenants.delete(store.tenant_id, actor="test")
     assert stored() == 0
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
+def test_concurrent_first_writes_of_one_name_make_one_secret_and_rotations(
+    runtime: Runtime, deployment: Deployment
+) -> None:
+    store = store_of(runtime, deployment, "alpha")
+    n = 8
+    start = threading.Barrier(n)
+
+    def put(i: int) -> bool:
+        secrets = store.secrets()
+        start.wait()  # every writer reaches the first write together
+        return secrets.put("token", f"value-{i}", actor="k")[1]
+
+    with ThreadPoolExecutor(n) as pool:
+        rotated = sorted(pool.map(put, range(n)))
+    assert rotated == [False] + [True] * (n - 1)
+    (info,) = store.secrets().list()
+    assert info.version == n
+    actions = [r["action"] for r in store.list_audit() if r["target"] == "token"]
+    assert sorted(actions) == ["secret.rotate"] * (n - 1) + ["secret.set"]

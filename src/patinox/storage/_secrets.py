@@ -114,12 +114,16 @@ class TenantSecrets:
         if "\x00" in value:
             raise InvalidRequest("a secret's value cannot hold NUL characters", field="value")
         sealed = self._sealer.seal(_AAD, name, value)
-        for _ in range(2):  # two first writers at once: the later one rotates
+        for _ in range(3):  # first writers at once: one inserts, the others rotate
             now = utcnow()
             try:
                 with self._tx() as conn:
+                    # One statement bumps the version, so concurrent rotations never lose one.
                     old = conn.execute(
-                        select(_T.c.version, _T.c.created_at).where(*self._mine(name)).with_for_update()
+                        update(_T)
+                        .where(*self._mine(name))
+                        .values(value=sealed, version=_T.c.version + 1, updated_at=now)
+                        .returning(_T.c.version, _T.c.created_at)
                     ).first()
                     if old is None:
                         version, created = 1, now
@@ -134,12 +138,7 @@ class TenantSecrets:
                             )
                         )
                     else:
-                        version, created = int(old.version) + 1, old.created_at
-                        conn.execute(
-                            update(_T)
-                            .where(*self._mine(name))
-                            .values(value=sealed, version=version, updated_at=now)
-                        )
+                        version, created = int(old.version), old.created_at
                     action = "secret.set" if old is None else "secret.rotate"
                     self._audit(conn, actor, action, name, {"version": version})
                 return SecretInfo(
