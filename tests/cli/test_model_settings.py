@@ -24,3 +24,10 @@ def test_model_settings_are_set_as_text(data_dir: Path) -> None:
     assert limits["default_model"] == "simulated:instant"
     refused = cli("agents", "create", "acme", "bot", "--model", "simulated")
     assert_error(refused, "not allowed")
+
+
+def test_the_config_table_shows_the_allow_list_as_patterns(data_dir: Path) -> None:
+    assert cli("tenants", "create", "acme", "--limit", "allowed_models=simulated* openai:*").exit_code == 0
+    shown = cli("tenants", "config", "acme", width=300)
+    assert shown.exit_code == 0, shown.output
+    assert "simulated* openai:*" in shown.stdout and "('" not in shown.stdout

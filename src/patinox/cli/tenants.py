@@ -149,7 +149,9 @@ def tenants_config(
         **config.limits,
     }
     for name, setting in settings.items():
-        table.add_row(*cells(name, setting.value, setting.source, setting.description or ""))
+        value = setting.value
+        shown = " ".join(value) if isinstance(value, tuple | list) else value  # allowed_models
+        table.add_row(*cells(name, shown, setting.source, setting.description or ""))
     console.print(table)
 
 
