@@ -146,3 +146,16 @@ def test_concurrent_first_writes_of_one_name_make_one_secret_and_rotations(
     assert info.version == n
     actions = [r["action"] for r in store.list_audit() if r["target"] == "token"]
     assert sorted(actions) == ["secret.rotate"] * (n - 1) + ["secret.set"]
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-silo"], indirect=True)
+def test_a_dek_rotation_reseals_secrets_under_the_new_key(runtime: Runtime, deployment: Deployment) -> None:
+    store = store_of(runtime, deployment, "alpha")
+    store.secrets().put("token", CANARY, actor="k")
+    (before,) = [r["value"] for page in store.bulk().pages("secrets") for r in page]
+    runtime.backend.keyring.rotate_dek(store.tenant_id)
+    assert store.reencrypt() == 1
+    (after,) = [r["value"] for page in store.bulk().pages("secrets") for r in page]
+    sealer = runtime.backend.acting_on(store.tenant_id)._sealer
+    assert sealer.version(after) == sealer.version(before) + 1
+    assert store.secrets().value("token", actor="k", purpose="check") == CANARY
