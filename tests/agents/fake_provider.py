@@ -1,7 +1,9 @@
 """A local fake of OpenAI's HTTP API for BYOK tests: a real HTTP server on a loopback
 port that records the ``Authorization`` header of every request and answers the
 Responses API (``POST /v1/responses``, what pydantic-ai's ``openai:`` models call) and
-chat completions (``POST /v1/chat/completions``), or ``500`` while ``failing`` is set."""
+chat completions (``POST /v1/chat/completions``), or ``500`` while ``failing`` is set, or
+``401`` quoting the key it was sent (as a real provider's "incorrect API key" answer does)
+while ``rejecting`` is set."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ class FakeProvider:
     def __init__(self) -> None:
         self.authorizations: list[str] = []
         self.failing = False
+        self.rejecting = False
         self.url = ""
         self._lock = threading.Lock()
 
@@ -77,6 +80,12 @@ def fake_provider() -> Iterator[FakeProvider]:
             state.seen(self.headers.get("Authorization", ""))
             length = int(self.headers.get("Content-Length", "0"))
             body = json.loads(self.rfile.read(length) or b"{}")
+            if state.rejecting:
+                quoted = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                message = f"Incorrect API key provided: {quoted}"
+                payload = json.dumps({"error": {"message": message, "type": "invalid_request_error"}})
+                self._send(401, payload.encode())
+                return
             if state.failing:
                 payload = json.dumps({"error": {"message": "upstream exploded", "type": "server_error"}})
                 self._send(500, payload.encode())

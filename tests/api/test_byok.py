@@ -87,6 +87,11 @@ def test_a_tenants_runs_carry_its_own_key_and_others_the_shared_one(
     failed = call("POST", f"/v1/agents/{agent_a}/runs", ha, json={"input": "again"})
     assert failed.status_code == 502 and failed.json()["error"]["code"] == "run_failed", failed.text
     assert provider.authorizations[-1] == f"Bearer {TENANT_KEY}"
+    # The provider refuses the key and quotes it back: that text goes nowhere either.
+    provider.failing, provider.rejecting = False, True
+    rejected = call("POST", f"/v1/agents/{agent_a}/runs", ha, json={"input": "once more"})
+    assert rejected.status_code == 502 and rejected.json()["error"]["code"] == "run_failed", rejected.text
+    provider.rejecting = False
     call("GET", "/v1/runs", ha)
     # Deleted, the tenant's key is no longer used: the shared one is.
     provider.failing = False
@@ -96,7 +101,7 @@ def test_a_tenants_runs_carry_its_own_key_and_others_the_shared_one(
 
     audit = call("GET", "/v1/audit", ha, params={"limit": 500}).json()
     uses = [e for e in audit if e["action"] == "secret.use"]
-    assert len(uses) == 2 and all(e["target"] == "provider:openai" for e in uses)
+    assert len(uses) == 3 and all(e["target"] == "provider:openai" for e in uses)
     assert all(e["detail"]["purpose"] == "model:openai:gpt-4o" for e in uses)
     out = capsys.readouterr()
     everything = "\n".join([*seen, caplog.text, out.out, out.err])
