@@ -22,6 +22,7 @@
     ├── OperationFailed                  runtime failures, structured, picklable across processes
     │   ├── AuthenticationFailed         no, malformed, wrong or revoked key    (401 unauthenticated)
     │   ├── PermissionDenied             key lacks the scope for the route      (403 forbidden)
+    │   │   └── ModelNotAllowed          a model outside the tenant's allow-list (403 model_not_allowed)
     │   ├── TenantSuspended              tenant is suspended                    (403 tenant_suspended)
     │   ├── TenantMoving                 writes held during a storage move      (503 tenant_moving)
     │   ├── NotFound                     missing OR another tenant's object     (404 not_found)
@@ -79,6 +80,7 @@ __all__ = [
     "IsolationUnavailable",
     "LimitStoreUnavailable",
     "MissingDependency",
+    "ModelNotAllowed",
     "NotFound",
     "OperationFailed",
     "OutboundFailed",
@@ -300,6 +302,15 @@ class PermissionDenied(OperationFailed):
     """The key is valid but lacks the scope the route needs."""
 
     code = "forbidden"
+    http_status = 403
+
+
+class ModelNotAllowed(PermissionDenied):
+    """The model is outside the tenant's allow-list (its plan's, or its own override):
+    refused when an agent names it and again when a run reaches it (the list may have
+    changed since the agent was defined). Fields: ``model`` and ``allowed_models``."""
+
+    code = "model_not_allowed"
     http_status = 403
 
 

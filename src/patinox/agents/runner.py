@@ -38,7 +38,7 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
 from pydantic_ai import Agent, RunContext
@@ -103,12 +103,17 @@ class AgentDefinition:
         instructions: the system instructions sent with every model request.
         model: a model id (see :mod:`patinox.agents.models`).
         tools: built-in tool names the agent may call (see :mod:`patinox.agents.tools`).
+        provider_key: the tenant's own key for the model's provider (BYOK), read on the
+            host for this run; ``None``: the deployment's shared key. Used where the model
+            is resolved (always the host), never sent to an execution process, never shown
+            in a repr.
     """
 
     name: str
     instructions: str
     model: str
     tools: tuple[str, ...] = ()
+    provider_key: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -351,7 +356,7 @@ async def run_agent(
     """
     _check_output_tokens(output_tokens, limits)
     if model is None:
-        model = resolve_model(definition.model)
+        model = resolve_model(definition.model, api_key=definition.provider_key)
     simulated = is_simulated(definition.model)
     started = time.perf_counter()
     usage = RunUsage() if usage is None else usage

@@ -50,10 +50,15 @@ def _limit_value(name: str, kind: type, text: str) -> int | float:
     return number
 
 
-def _limits(pairs: list[str]) -> dict[str, int | float]:
+#: Settings given as text rather than a number: ``allowed_models`` takes patterns separated
+#: by spaces (``--limit "allowed_models=simulated* openai:*"``), ``default_model`` a model id.
+_TEXT_SETTINGS = ("allowed_models", "default_model")
+
+
+def _limits(pairs: list[str]) -> dict[str, object]:
     """``--limit NAME=VALUE`` pairs as a LimitOverrides dict (spaces around parts ignored)."""
     kinds = _limit_kinds()
-    out: dict[str, int | float] = {}
+    out: dict[str, object] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         name, value = name.strip(), value.strip()
@@ -61,6 +66,9 @@ def _limits(pairs: list[str]) -> dict[str, int | float]:
             fail(f"--limit takes NAME=VALUE, got {pair!r}")
         if name not in kinds:
             fail(f"--limit {name}: unknown limit; valid names: {LIMIT_NAMES}")
+        if name in _TEXT_SETTINGS:
+            out[name] = value.split() if name == "allowed_models" else value
+            continue
         out[name] = _limit_value(name, kinds[name], value)
     return out
 
@@ -141,7 +149,9 @@ def tenants_config(
         **config.limits,
     }
     for name, setting in settings.items():
-        table.add_row(*cells(name, setting.value, setting.source, setting.description or ""))
+        value = setting.value
+        shown = " ".join(value) if isinstance(value, tuple | list) else value  # allowed_models
+        table.add_row(*cells(name, shown, setting.source, setting.description or ""))
     console.print(table)
 
 

@@ -23,6 +23,7 @@ from patinox.client.models import (
     Me,
     MemoryItem,
     Run,
+    Secret,
     Tenant,
     TenantConfig,
     TenantUsage,
@@ -205,6 +206,18 @@ def put_memory(key: str, value: str) -> Call[MemoryItem]:
 
 def delete_memory(key: str) -> Call[None]:
     return Call("DELETE", f"/v1/memory/{_seg(key)}", _nothing)
+
+
+def put_secret(name: str, value: str) -> Call[Secret]:
+    return Call("PUT", f"/v1/secrets/{_seg(name)}", _one(Secret), json={"value": value})
+
+
+def list_secrets() -> Call[list[Secret]]:
+    return Call("GET", "/v1/secrets", _many(Secret))
+
+
+def delete_secret(name: str) -> Call[None]:
+    return Call("DELETE", f"/v1/secrets/{_seg(name)}", _nothing)
 
 
 def _strings(response: httpx.Response) -> list[str]:

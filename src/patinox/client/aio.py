@@ -20,6 +20,7 @@ from patinox.client.models import (
     Me,
     MemoryItem,
     Run,
+    Secret,
     Tenant,
     TenantConfig,
     TenantUsage,
@@ -70,6 +71,7 @@ class AsyncClient:
         self.agents = Agents(self)
         self.runs = Runs(self)
         self.memory = Memory(self)
+        self.secrets = Secrets(self)
         self.keys = Keys(self, operator=False)
         self.admin = Admin(self)
 
@@ -256,6 +258,27 @@ class Memory:
     async def list(self, prefix: str = "", *, limit: int = 100) -> list[str]:
         """Keys starting with ``prefix``, ``limit`` at most."""
         return await self._c.send(rq.list_memory(prefix, limit))
+
+
+class Secrets:
+    """The tenant's secrets (``client.secrets``; the key needs the scope ``secrets:write``):
+    write-only, a value is never answered back."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def put(self, name: str, value: str) -> Secret:
+        """Set ``name`` to ``value`` or rotate it (``version`` one more); the secret
+        ``provider:<family>`` is the tenant's own provider key (BYOK)."""
+        return await self._c.send(rq.put_secret(name, value))
+
+    async def list(self) -> list[Secret]:
+        """The tenant's secrets: names, versions and dates."""
+        return await self._c.send(rq.list_secrets())
+
+    async def delete(self, name: str) -> None:
+        """Delete ``name``. Raises: NotFound: no such secret."""
+        await self._c.send(rq.delete_secret(name))
 
 
 class Admin:

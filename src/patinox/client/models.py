@@ -18,6 +18,7 @@ __all__ = [
     "Me",
     "MemoryItem",
     "Run",
+    "Secret",
     "Setting",
     "Tenant",
     "TenantConfig",
@@ -126,6 +127,15 @@ class Run(_Model):
 class MemoryItem(_Model):
     key: str
     value: str
+
+
+class Secret(_Model):
+    """A tenant's secret as the API describes it: never its value."""
+
+    name: str
+    version: int
+    created_at: datetime
+    updated_at: datetime
 
 
 class AuditEntry(_Model):

@@ -18,6 +18,7 @@ from patinox.client.models import (
     Me,
     MemoryItem,
     Run,
+    Secret,
     Tenant,
     TenantConfig,
     TenantUsage,
@@ -68,6 +69,7 @@ class Client:
         self.agents = Agents(self)
         self.runs = Runs(self)
         self.memory = Memory(self)
+        self.secrets = Secrets(self)
         self.keys = Keys(self, operator=False)
         self.admin = Admin(self)
 
@@ -253,6 +255,27 @@ class Memory:
     def list(self, prefix: str = "", *, limit: int = 100) -> list[str]:
         """Keys starting with ``prefix``, ``limit`` at most."""
         return self._c.send(rq.list_memory(prefix, limit))
+
+
+class Secrets:
+    """The tenant's secrets (``client.secrets``; the key needs the scope ``secrets:write``):
+    write-only, a value is never answered back."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def put(self, name: str, value: str) -> Secret:
+        """Set ``name`` to ``value`` or rotate it (``version`` one more); the secret
+        ``provider:<family>`` is the tenant's own provider key (BYOK)."""
+        return self._c.send(rq.put_secret(name, value))
+
+    def list(self) -> list[Secret]:
+        """The tenant's secrets: names, versions and dates."""
+        return self._c.send(rq.list_secrets())
+
+    def delete(self, name: str) -> None:
+        """Delete ``name``. Raises: NotFound: no such secret."""
+        self._c.send(rq.delete_secret(name))
 
 
 class Admin:

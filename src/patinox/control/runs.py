@@ -49,6 +49,7 @@ from patinox.control.inflight import (
     RunTask,
     stop_reason_of_current_task,
 )
+from patinox.control.secrets import SecretService, provider_key_name
 from patinox.control.settlement import (
     Attempt,
     Settlement,
@@ -81,7 +82,14 @@ from patinox.storage import (
     UsageRecord,
     utcnow,
 )
-from patinox.tenancy import IsolationLevel, TenantContext, effective_limits, get_plan, new_id
+from patinox.tenancy import (
+    IsolationLevel,
+    TenantContext,
+    check_model_allowed,
+    effective_limits,
+    get_plan,
+    new_id,
+)
 
 log = structlog.get_logger("patinox.runs")
 
@@ -187,6 +195,7 @@ class RunService:
         calls: StorageCalls | None = None,
     ) -> None:
         self._backend = backend
+        self._secrets = SecretService(backend)
         #: Where the run path's storage calls are made: the lookup of a run's agent (with
         #: the agent's rate), its admission, a claimed run's reading, its settlement. Each
         #: is one call, so moving them off the event loop
@@ -259,6 +268,8 @@ class RunService:
                 isolation_level=ctx.isolation_level.value,
             )
         store, agent = await self.calls.call(ctx.tenant_id, self._look_up, ctx, agent_id, req, rate_states)
+        # The allow-list may have changed since the agent was defined: refused before admission.
+        check_model_allowed(agent["model"], ctx.limits, tenant_id=ctx.tenant_id)
         limits = run_limits(ctx, agent)
         if req.output_tokens is not None and req.output_tokens > limits.max_output_tokens:
             raise InvalidRequest(
@@ -710,6 +721,16 @@ class RunService:
         so_far = RunUsage()  # the run's usage as it goes: what a cancelled run is charged
         try:
             try:
+                # A queued run checks the allow-list again (it may have changed while it
+                # waited), then takes the tenant's own provider key, if any (BYOK), here on
+                # the host: the model is resolved here or on the host end of the channel.
+                check_model_allowed(definition.model, ctx.limits, tenant_id=tid)
+                if provider_key_name(definition.model) is not None:  # no storage call otherwise
+                    key = await calls.call(
+                        tid, self._secrets.provider_key, store, definition.model, actor=run["principal"]
+                    )
+                    if key is not None:
+                        definition = dataclasses.replace(definition, provider_key=key)
                 if conversation is None:
                     outcome = await self._executor.execute(
                         ctx,

@@ -269,7 +269,7 @@ class _HostRun:
     async def run(self) -> RunOutcome:
         _check_output_tokens(self.output_tokens, self.limits)
         validate_tool_names(self.definition.tools)
-        model = resolve_model(self.definition.model)
+        model = resolve_model(self.definition.model, api_key=self.definition.provider_key)
         pool = self._pool()
         proc: ExecutionProcess | None = None
         reuse = False

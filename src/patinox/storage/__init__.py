@@ -29,6 +29,13 @@ from patinox.storage._idempotency import Begun, IdempotencyRecords
 from patinox.storage._placement import Placements
 from patinox.storage._schema import utcnow
 from patinox.storage._sealer import SealedColumn, sealed_columns
+from patinox.storage._secrets import (
+    MAX_SECRET_BYTES,
+    PROVIDER_KEY_PREFIX,
+    SecretInfo,
+    TenantSecrets,
+    check_secret_name,
+)
 from patinox.storage._statements import PreparedWrite
 from patinox.storage._tenant_store import TenantStore
 from patinox.storage.engine import make_engine, migrate, translate_errors
@@ -51,6 +58,8 @@ from patinox.storage.records import (
 __all__ = [
     "IDEMPOTENCY_IN_PROGRESS_LEASE",
     "IDEMPOTENCY_KEY_TTL",
+    "MAX_SECRET_BYTES",
+    "PROVIDER_KEY_PREFIX",
     "AgentRecord",
     "AnyRow",
     "ApiKeyRecord",
@@ -65,12 +74,15 @@ __all__ = [
     "PreparedWrite",
     "RunRecord",
     "SealedColumn",
+    "SecretInfo",
     "SqlBackend",
     "StoredApiKeyRecord",
     "TenantRecord",
+    "TenantSecrets",
     "TenantStore",
     "UsageRecord",
     "UsageTotals",
+    "check_secret_name",
     "execute_write",
     "make_engine",
     "migrate",

@@ -336,6 +336,21 @@ idempotency_keys = Table(
     Index("ix_idempotency_keys_tenant_id_expires_at", "tenant_id", "expires_at"),
 )
 
+secrets = Table(
+    "secrets",
+    metadata,
+    # A tenant's named secrets (a provider key for BYOK, a token a tool sends): the value
+    # sealed like runs.output (AAD: secrets.value and the name), never returned by the API.
+    # Lives beside the tenant's other rows, in its placement.
+    Column("tenant_id", String(40), primary_key=True),
+    Column("name", String(100), primary_key=True),
+    Column("value", LargeBinary, nullable=False),
+    # 1 when first set, +1 on each rotation.
+    Column("version", Integer, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
 #: Tables holding tenant-owned rows, all keyed by ``tenant_id`` (used for checks; deletion
 #: reads the live catalog instead).
 TENANT_TABLES = (
@@ -351,4 +366,5 @@ TENANT_TABLES = (
     run_queue,
     queue_tenants,
     quota_ledger,
+    secrets,
 )

@@ -47,6 +47,7 @@ SEALED_COLUMNS: tuple[SealedColumn, ...] = (
     SealedColumn("runs", "id", "input", "runs.input"),
     SealedColumn("runs", "id", "output", "runs.output"),
     SealedColumn("idempotency_keys", "key", "response", "idempotency_keys.response"),
+    SealedColumn("secrets", "name", "value", "secrets.value"),
 )
 
 

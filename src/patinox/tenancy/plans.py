@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from patinox.errors import InvalidRequest
+from patinox.errors import InvalidRequest, ModelNotAllowed
 
 
 class IsolationLevel(StrEnum):
@@ -46,6 +47,44 @@ class TenantState(StrEnum):
     SUSPENDED = "suspended"
     DELETING = "deleting"
     DELETED = "deleted"
+
+
+#: A pattern of model ids: letters, digits and ``. _ - : / = ,``, and ``*`` for any run of
+#: characters (``openai:*``, ``simulated*``, ``*``).
+ModelPattern = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9*][A-Za-z0-9._:/=,*-]*$")
+]
+#: A model id (see :mod:`patinox.agents.models` for the families).
+ModelId = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/=,-]*$")
+]
+
+
+def model_allowed(model_id: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """Whether ``model_id`` matches one of ``patterns``, where ``*`` matches any run of
+    characters (``openai:*`` matches ``openai:gpt-4o``; ``simulated*`` matches ``simulated``
+    and ``simulated:instant``) and everything else matches itself, case included."""
+    return any(_pattern(p).fullmatch(model_id) for p in patterns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pattern(pattern: str) -> re.Pattern[str]:
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
+
+
+def check_model_allowed(model_id: str, limits: ResourceLimits, *, tenant_id: str | None = None) -> None:
+    """Refuse ``model_id`` when it is outside ``limits.allowed_models``.
+
+    Raises:
+        ModelNotAllowed: 403 ``model_not_allowed``; fields ``model``, ``allowed_models``.
+    """
+    if not model_allowed(model_id, limits.allowed_models):
+        raise ModelNotAllowed(
+            f"model {model_id!r} is not allowed for this tenant; allowed: {', '.join(limits.allowed_models)}",
+            model=model_id,
+            allowed_models=list(limits.allowed_models),
+            tenant_id=tenant_id,
+        )
 
 
 class ResourceLimits(BaseModel):
@@ -105,6 +144,15 @@ class ResourceLimits(BaseModel):
     code_output_bytes: int = Field(
         default=64 * 2**10, ge=1024, description="stdout + stderr kept from one python tool call, bytes"
     )
+    # Model selection: which model ids the tenant's agents and runs may use (patterns, see
+    # model_allowed) and the model of an agent defined without one.
+    allowed_models: tuple[ModelPattern, ...] = Field(
+        default=("*",),
+        min_length=1,
+        max_length=64,
+        description="model ids the tenant may use: patterns where * matches any characters",
+    )
+    default_model: ModelId = Field(default="simulated", description="model of an agent defined without one")
 
     @property
     def per_key_rpm(self) -> int:
@@ -152,6 +200,18 @@ class LimitOverrides(BaseModel):
     dedicated_cores: int | None = Field(default=None, ge=1, le=4_096)
     code_timeout_s: float | None = Field(default=None, gt=0, le=86_400)
     code_output_bytes: int | None = Field(default=None, ge=1024, le=2**30)
+    allowed_models: tuple[ModelPattern, ...] | None = Field(default=None, min_length=1, max_length=64)
+    default_model: ModelId | None = None
+
+    @model_validator(mode="after")
+    def _default_model_is_allowed(self) -> LimitOverrides:
+        if (
+            self.default_model is not None
+            and self.allowed_models is not None
+            and not model_allowed(self.default_model, self.allowed_models)
+        ):
+            raise ValueError("default_model must be one of allowed_models")
+        return self
 
     def apply_to(self, limits: ResourceLimits) -> ResourceLimits:
         """The plan's limits with every set override applied."""
@@ -214,6 +274,13 @@ PLANS: dict[str, Plan] = {
             execution_processes=2,
             code_timeout_s=10,
             code_output_bytes=64 * 2**10,
+            # The simulated models and the providers' small models.
+            allowed_models=(
+                "simulated*",
+                "openai:gpt-4o-mini*",
+                "openai:gpt-4.1-mini*",
+                "anthropic:claude-3-5-haiku*",
+            ),
         ),
     ),
     "pro": Plan(
