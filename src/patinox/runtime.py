@@ -43,6 +43,7 @@ from patinox.limits import (
     worker_id,
 )
 from patinox.limits.offload import MAX_THREADS as MAX_STORAGE_THREADS
+from patinox.network import EgressSettings
 from patinox.storage import SqlBackend, open_backend
 from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
 from patinox.tenancy import IsolationLevel, ResourceLimits, effective_limits
@@ -89,6 +90,9 @@ class Settings:
             storage calls off the event loop, shared fairly by tenant, where the database
             is PostgreSQL (:class:`~patinox.limits.FairStorageExecutor`); 0 makes them on
             the loop. SQLite always makes them on the loop. 0 to 64.
+        egress: the operator's egress settings for the ``http_fetch`` tool
+            (``PATINOX_EGRESS_*``, :class:`~patinox.network.EgressSettings`): ranges allowed
+            or denied beyond each tenant's ``egress_hosts``, schemes, size and time caps.
 
     Raises:
         ConfigurationError: ``storage_threads`` out of range.
@@ -107,6 +111,7 @@ class Settings:
     exec_spares: int = 1
     isolation_levels: frozenset[IsolationLevel] | None = None
     storage_threads: int = 3
+    egress: EgressSettings = field(default_factory=EgressSettings)
 
     def __post_init__(self) -> None:
         if not 0 <= self.storage_threads <= MAX_STORAGE_THREADS:
@@ -129,7 +134,8 @@ class Settings:
         ``PATINOX_CGROUP_PREFIX`` and ``PATINOX_EXEC_SPARES`` set :attr:`exec_root`,
         :attr:`exec_idle_s`, :attr:`exec_cgroup_prefix` and :attr:`exec_spares`;
         ``PATINOX_ISOLATION_LEVELS`` (comma-separated, e.g. ``namespace,process``) limits
-        :attr:`isolation_levels`; ``PATINOX_STORAGE_THREADS`` sets :attr:`storage_threads`.
+        :attr:`isolation_levels`; ``PATINOX_STORAGE_THREADS`` sets :attr:`storage_threads`;
+        ``PATINOX_EGRESS_*`` set :attr:`egress` (:meth:`EgressSettings.from_env`).
 
         Raises:
             ConfigurationError: a variable that is not a number where one is needed.
@@ -147,6 +153,7 @@ class Settings:
             exec_spares=_count_env("PATINOX_EXEC_SPARES", 1),
             isolation_levels=_levels_env(os.environ.get("PATINOX_ISOLATION_LEVELS")),
             storage_threads=_count_env("PATINOX_STORAGE_THREADS", 3),
+            egress=EgressSettings.from_env(),
         )
 
 
@@ -339,7 +346,7 @@ def _executors(
     of every level's executor: ``process`` where execution processes work, ``container``
     and ``dedicated`` where :func:`~patinox.isolation.host.detect_host` says the sandbox
     works (and a core can be dedicated), all three served by one executor."""
-    namespace = NamespaceExecutor()
+    namespace = NamespaceExecutor(egress=settings.egress)
     offered = settings.isolation_levels
     available, _ = process_isolation_available()
     if not available or (offered is not None and offered <= {IsolationLevel.NAMESPACE}):
@@ -371,7 +378,7 @@ def _executors(
         info = tenant_info(tenant_id)
         return None if info is None else info[0]
 
-    process = ProcessExecutor(supervisor, tenant_level=tenant_level, cores=cores)
+    process = ProcessExecutor(supervisor, tenant_level=tenant_level, cores=cores, egress=settings.egress)
     levels: dict[IsolationLevel, LevelExecutor] = {
         IsolationLevel.NAMESPACE: namespace,
         IsolationLevel.PROCESS: process,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from patinox.agents import check_tool_isolation, validate_model_id, validate_tool_names
+from patinox.agents import check_tool_isolation, check_tools_allowed, validate_model_id, validate_tool_names
 from patinox.errors import InvalidRequest
 from patinox.storage import AgentRecord, AnyRow, SqlBackend
 from patinox.tenancy import TenantContext
@@ -48,9 +48,9 @@ class AgentService:
         self._backend = backend
 
     def create(self, ctx: TenantContext, spec: AgentSpec) -> AgentRecord:
-        """Create an agent. Raises UnknownModel, UnknownTool, IsolationRequired (a tool,
-        ``python``, needs a higher isolation level than the tenant's), InvalidRequest,
-        AlreadyExists."""
+        """Create an agent. Raises UnknownModel, UnknownTool, ToolNotAllowed (a tool left out
+        of the tenant's ``allowed_tools``), IsolationRequired (a tool, ``python``, needs a
+        higher isolation level than the tenant's), InvalidRequest, AlreadyExists."""
         self._validate(ctx, spec.model, spec.tools, spec.max_output_tokens)
         store = self._backend.tenant_store(ctx)
         row = store.create_agent(spec.model_dump())
@@ -97,6 +97,7 @@ class AgentService:
     def _validate(ctx: TenantContext, model: str, tools: list[str], max_out: int | None) -> None:
         validate_model_id(model)
         validate_tool_names(tools)
+        check_tools_allowed(tools, ctx.limits.allowed_tools)
         check_tool_isolation(tools, ctx.isolation_level)
         if max_out is not None and max_out > ctx.limits.max_output_tokens_per_run:
             raise InvalidRequest(

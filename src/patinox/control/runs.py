@@ -39,6 +39,7 @@ from patinox.agents import (
     RunEvent,
     RunLimits,
     RunOutcome,
+    check_tools_allowed,
     is_simulated,
     run_agent,
 )
@@ -268,6 +269,8 @@ class RunService:
                 in time; nothing was run or stored.
             ExceedsBudget: the run's worst case is more than the whole daily token budget
                 (no day admits it); nothing was run, stored or counted.
+            ToolNotAllowed: the agent names a tool the tenant's ``allowed_tools`` no longer
+                lists; nothing was run or stored.
             RunFailed: a synchronous run failed (the run is recorded with its error).
         """
         if conversation is not None and (
@@ -280,6 +283,7 @@ class RunService:
                 isolation_level=ctx.isolation_level.value,
             )
         store, agent = await self.calls.call(ctx.tenant_id, self._look_up, ctx, agent_id, req, rate_states)
+        check_tools_allowed(agent["tools"], ctx.limits.allowed_tools)  # the list may have changed
         limits = run_limits(ctx, agent)
         if req.output_tokens is not None and req.output_tokens > limits.max_output_tokens:
             raise InvalidRequest(
@@ -781,6 +785,8 @@ class RunService:
         so_far = RunUsage()  # the run's usage as it goes: what a cancelled run is charged
         try:
             try:
+                # Again here: a queued run's tenant may have lost the tool since it was queued.
+                check_tools_allowed(definition.tools, ctx.limits.allowed_tools)
                 if conversation is None:
                     outcome = await self._executor.execute(
                         ctx,
