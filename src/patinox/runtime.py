@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from patinox.control import AgentService, ApiKeys, RunService, TenantEvent, TenantManager
+from patinox.control.endpoints import DEFAULT_HOST_QUARANTINE_S, TenantEndpoints
 from patinox.control.worker import RunWorker
 from patinox.errors import ConfigurationError, NotFound
 from patinox.isolation import (
@@ -93,6 +94,16 @@ class Settings:
         egress: the operator's egress settings for the ``http_fetch`` tool
             (``PATINOX_EGRESS_*``, :class:`~patinox.network.EgressSettings`): ranges allowed
             or denied beyond each tenant's ``egress_hosts``, schemes, size and time caps.
+        base_domain: the deployment's base domain (``PATINOX_BASE_DOMAIN``): each tenant is
+            reached at ``<slug>.<base_domain>`` and its custom domains, a tenant key only
+            there and on the base host; ``None`` (default): no tenant host names, every host
+            answers every tenant (:mod:`patinox.control.endpoints`).
+        base_hosts: other names the base host answers on (``PATINOX_BASE_HOSTS``,
+            comma-separated, e.g. ``localhost,127.0.0.1``): every tenant's key and the
+            ``/admin`` routes are accepted there.
+        host_quarantine_s: how long a slug or domain a tenant gave up (or held when deleted)
+            is held back from other tenants, seconds (``PATINOX_HOST_QUARANTINE_DAYS``,
+            default 30 days).
 
     Raises:
         ConfigurationError: ``storage_threads`` out of range.
@@ -112,6 +123,9 @@ class Settings:
     isolation_levels: frozenset[IsolationLevel] | None = None
     storage_threads: int = 3
     egress: EgressSettings = field(default_factory=EgressSettings)
+    base_domain: str | None = None
+    base_hosts: tuple[str, ...] = ()
+    host_quarantine_s: float = DEFAULT_HOST_QUARANTINE_S
 
     def __post_init__(self) -> None:
         if not 0 <= self.storage_threads <= MAX_STORAGE_THREADS:
@@ -154,6 +168,11 @@ class Settings:
             isolation_levels=_levels_env(os.environ.get("PATINOX_ISOLATION_LEVELS")),
             storage_threads=_count_env("PATINOX_STORAGE_THREADS", 3),
             egress=EgressSettings.from_env(),
+            base_domain=os.environ.get("PATINOX_BASE_DOMAIN") or None,
+            base_hosts=tuple(
+                h.strip() for h in (os.environ.get("PATINOX_BASE_HOSTS") or "").split(",") if h.strip()
+            ),
+            host_quarantine_s=_days_env("PATINOX_HOST_QUARANTINE_DAYS", DEFAULT_HOST_QUARANTINE_S),
         )
 
 
@@ -190,6 +209,25 @@ def _count_env(name: str, default: int) -> int:
     return int(raw)
 
 
+def _days_env(name: str, default_s: float) -> float:
+    """The number of days >= 0 in environment variable ``name``, as seconds (``default_s``
+    when unset).
+
+    Raises:
+        ConfigurationError: it is set to anything else.
+    """
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return default_s
+    try:
+        days = float(raw)
+    except ValueError:
+        days = -1.0
+    if not days >= 0 or days == float("inf"):
+        raise ConfigurationError(f"{name} must be a number of days >= 0, not {raw!r}")
+    return days * 86_400
+
+
 def _fair_share_enabled(value: str | None) -> bool:
     """``PATINOX_FAIR_SHARE``: unset, ``on``, ``1``, ``true`` or ``yes`` keep the fair-share
     admission on; ``off``, ``0``, ``false`` or ``no`` turn it off.
@@ -220,6 +258,8 @@ class Runtime:
     budget: TokenBudget
     executors: ExecutorMap
     process_executor: ProcessExecutor | None = None
+    #: Tenants' host names (:mod:`patinox.control.endpoints`); ``None``: endpoints off.
+    endpoints: TenantEndpoints | None = None
     #: Where the run path and authentication make their storage calls (see
     #: :attr:`Settings.storage_threads`).
     storage: StorageCalls = field(default_factory=InlineStorage)
@@ -291,6 +331,13 @@ class Runtime:
         # No decrypted key of a suspended or deleted tenant stays in memory.
         forget_on = (TenantEvent.SUSPENDED, TenantEvent.DELETED)
         tenants.subscribe(lambda tid, event: backend.keyring.forget(tid) if event in forget_on else None)
+        endpoints = TenantEndpoints(
+            backend,
+            base_domain=settings.base_domain,
+            base_hosts=settings.base_hosts,
+            quarantine_s=settings.host_quarantine_s,
+        )
+        tenants.subscribe(endpoints.on_tenant_event)  # a new tenant gets its slug
         return cls(
             settings=settings,
             backend=backend,
@@ -303,6 +350,7 @@ class Runtime:
             budget=budget,
             executors=executors,
             process_executor=process,
+            endpoints=endpoints,
             storage=calls,
         )
 

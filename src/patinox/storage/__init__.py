@@ -23,6 +23,7 @@ Modules whose names start with ``_`` are this package's own: nothing outside
 from patinox.storage import _schema as schema
 from patinox.storage._control_store import SqlBackend, open_backend
 from patinox.storage._fast import execute_write
+from patinox.storage._hosts import HostClaim, TenantHosts
 from patinox.storage._idempotency import KEY_TTL as IDEMPOTENCY_KEY_TTL
 from patinox.storage._idempotency import Begun, IdempotencyRecords
 from patinox.storage._placement import Placements
@@ -57,6 +58,7 @@ __all__ = [
     "AuditRecord",
     "Begun",
     "Changes",
+    "HostClaim",
     "IdempotencyRecords",
     "KeyTenantRecord",
     "Placements",
@@ -65,6 +67,7 @@ __all__ = [
     "SealedColumn",
     "SqlBackend",
     "StoredApiKeyRecord",
+    "TenantHosts",
     "TenantRecord",
     "TenantStore",
     "UsageRecord",
