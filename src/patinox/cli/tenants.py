@@ -13,18 +13,21 @@ from rich.table import Table
 from patinox.cli import transfer
 from patinox.cli._deployment import ACTOR, DEFAULT_DATA_DIR, DataDir, open_runtime, resolve_tenant
 from patinox.cli._output import Command, Group, cells, console, fail, say, show, utc
-from patinox.control import TenantSpec, TenantUpdate
+from patinox.control import EndpointUpdate, TenantSpec, TenantUpdate
 from patinox.tenancy import PLANS, LimitOverrides
 
 app = typer.Typer(cls=Group, no_args_is_help=True, help="Create and manage tenants.")
 
 
 def _limit_kinds() -> dict[str, type]:
-    """Limit name -> ``int`` or ``float``, from :class:`~patinox.tenancy.LimitOverrides`."""
-    return {
-        name: float if float in typing.get_args(field.annotation) else int
-        for name, field in LimitOverrides.model_fields.items()
-    }
+    """Limit name -> ``int``, ``float`` or ``tuple`` (a list setting: ``allowed_tools``,
+    ``egress_hosts``), from :class:`~patinox.tenancy.LimitOverrides`."""
+    kinds: dict[str, type] = {}
+    for name, field in LimitOverrides.model_fields.items():
+        args = typing.get_args(field.annotation)
+        lists = any(typing.get_origin(a) is tuple for a in args)
+        kinds[name] = tuple if lists else float if float in args else int
+    return kinds
 
 
 LIMIT_NAMES = ", ".join(LimitOverrides.model_fields)
@@ -50,10 +53,11 @@ def _limit_value(name: str, kind: type, text: str) -> int | float:
     return number
 
 
-def _limits(pairs: list[str]) -> dict[str, int | float]:
-    """``--limit NAME=VALUE`` pairs as a LimitOverrides dict (spaces around parts ignored)."""
+def _limits(pairs: list[str]) -> dict[str, int | float | list[str]]:
+    """``--limit NAME=VALUE`` pairs as a LimitOverrides dict (spaces around parts ignored;
+    a list setting takes comma-separated names, ``NAME=`` for an empty list)."""
     kinds = _limit_kinds()
-    out: dict[str, int | float] = {}
+    out: dict[str, int | float | list[str]] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         name, value = name.strip(), value.strip()
@@ -61,6 +65,9 @@ def _limits(pairs: list[str]) -> dict[str, int | float]:
             fail(f"--limit takes NAME=VALUE, got {pair!r}")
         if name not in kinds:
             fail(f"--limit {name}: unknown limit; valid names: {LIMIT_NAMES}")
+        if kinds[name] is tuple:
+            out[name] = [v.strip() for v in value.split(",") if v.strip()]
+            continue
         out[name] = _limit_value(name, kinds[name], value)
     return out
 
@@ -117,6 +124,28 @@ def tenants_show(tenant_id: str, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     """Show one tenant with its effective limits."""
     rt = open_runtime(data_dir)
     show(rt.tenants.get(resolve_tenant(rt, tenant_id)))
+
+
+@app.command("endpoint", cls=Command)
+def tenants_endpoint(
+    tenant_id: str,
+    slug: Annotated[str | None, typer.Option(help="set the tenant's slug (its <slug>.<base domain>)")] = None,
+    domain: Annotated[
+        list[str] | None, typer.Option(help="set the tenant's custom domains (repeatable; the whole list)")
+    ] = None,
+    no_domains: Annotated[bool, typer.Option("--no-domains", help="remove every custom domain")] = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Show a tenant's endpoint (slug, custom domains, host names), or set its slug and
+    custom domains; a name given up is held back from other tenants for the quarantine."""
+    rt = open_runtime(data_dir)
+    tid = resolve_tenant(rt, tenant_id)
+    assert rt.endpoints is not None
+    if slug is None and domain is None and not no_domains:
+        show(rt.endpoints.get(tid))
+        return
+    domains = [] if no_domains else domain
+    show(rt.endpoints.update(tid, EndpointUpdate(slug=slug, domains=domains), actor=ACTOR))
 
 
 @app.command("config", cls=Command)
