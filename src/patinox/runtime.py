@@ -30,6 +30,7 @@ from patinox.isolation import (
 )
 from patinox.isolation.cgroups import parse_cpus
 from patinox.isolation.cores import CoreAllocator
+from patinox.isolation.egress import GuardedFetcher
 from patinox.isolation.host import detect_host
 from patinox.isolation.levels import LevelExecutor
 from patinox.limits import (
@@ -321,7 +322,14 @@ class Runtime:
         tenants = TenantManager(backend, supported_isolation=executors.levels, isolation=executors)
         calls = storage_calls(backend.engine.url.drivername, settings.storage_threads)
         runs = RunService(
-            backend, executors, queue=queue, budget=budget, admission=admission, rate=rate, calls=calls
+            backend,
+            executors,
+            queue=queue,
+            budget=budget,
+            admission=admission,
+            rate=rate,
+            calls=calls,
+            fetcher=lambda ctx: GuardedFetcher(ctx, settings.egress),
         )
         tenants.subscribe(runs.on_tenant_event)
         tenants.subscribe(runs.on_limits_changed)

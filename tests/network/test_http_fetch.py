@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from patinox.agents import Conversation
 from patinox.control import AgentSpec, RunRequest, TenantSpec
 from patinox.errors import ConfigurationError
 from patinox.isolation import Template
@@ -223,3 +224,31 @@ def test_operator_settings_from_the_environment() -> None:
     for bad in ({"PATINOX_EGRESS_ALLOWED_RANGES": "not-a-range"}, {"PATINOX_EGRESS_SCHEMES": "ftp"}):
         with pytest.raises(ConfigurationError):
             EgressSettings.from_env(bad)
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool"], indirect=True)
+def test_a_run_with_a_conversation_fetches_under_the_same_policy(
+    egress_runtime: Runtime, deployment: Deployment, allowed_server: _Server, loopback_server: _Server
+) -> None:
+    """The runs the run service executes itself (conversations, streamed runs: the
+    OpenAI-compatible route) get the same egress as the executors give theirs."""
+    ctx = _tenant(egress_runtime, IsolationLevel.NAMESPACE, deployment, ["127.0.0.2", "127.0.0.1"])
+    agent = egress_runtime.agents.create(
+        ctx, AgentSpec(name="chat", model="simulated:instant", tools=["http_fetch"])
+    )
+    urls = [
+        f"http://127.0.0.2:{allowed_server.server_port}/ping",
+        f"http://127.0.0.1:{loopback_server.server_port}/loopback",
+    ]
+    prompt = "\n".join(f"/call http_fetch {json.dumps({'url': url})}" for url in urls)
+    run = asyncio.run(
+        egress_runtime.runs.start(
+            ctx,
+            str(agent["id"]),
+            RunRequest(input=prompt, output_tokens=400),
+            conversation=Conversation(history=(("user", "earlier turn"),)),
+        )
+    )
+    allowed, refused = _calls(run["output"])
+    assert "pong from the allowed host" in allowed and refused.startswith(" failed: host "), run["output"]
+    assert allowed_server.seen == ["/ping"] and loopback_server.seen == []

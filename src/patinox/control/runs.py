@@ -35,6 +35,7 @@ from pydantic_ai.usage import RunUsage
 from patinox.agents import (
     AgentDefinition,
     Conversation,
+    HttpFetcher,
     MemoryStore,
     RunEvent,
     RunLimits,
@@ -194,6 +195,9 @@ class RunService:
             in this process's memory).
         calls: where the run path's storage calls are made (:attr:`calls`; default: on the
             event loop, :class:`~patinox.limits.InlineStorage`).
+        fetcher: the ``http_fetch`` tool's requests for a tenant, for the runs with a
+            conversation this service runs itself (the executors have their own); ``None``:
+            no egress in those runs.
     """
 
     def __init__(
@@ -207,8 +211,10 @@ class RunService:
         admission: FairShareAdmission | None = None,
         rate: RateLimiter | None = None,
         calls: StorageCalls | None = None,
+        fetcher: Callable[[TenantContext], HttpFetcher] | None = None,
     ) -> None:
         self._backend = backend
+        self._fetcher = fetcher
         #: Where the run path's storage calls are made: the lookup of a run's agent (with
         #: the agent's rate), its admission, a claimed run's reading, its settlement. Each
         #: is one call, so moving them off the event loop
@@ -809,6 +815,7 @@ class RunService:
                         memory=store,
                         usage=so_far,
                         conversation=conversation,
+                        fetch=None if self._fetcher is None else self._fetcher(ctx),
                     )
             except PatinoxError as err:
                 failed = err if isinstance(err, RunFailed) else RunFailed(err.message, reason=err.code)
