@@ -20,12 +20,14 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from patinox.agents import BUILTIN_TOOLS, known_tools
+from patinox.agents import BUILTIN_TOOLS, check_tools_allowed, known_tools
 from patinox.agents.tools import TOOL_ENTRY_POINT_GROUP, refresh_tool_plugins, tool_plugins
 from patinox.control import AgentSpec, RunRequest, TenantSpec, TenantUpdate
 from patinox.errors import ToolNotAllowed
 from patinox.runtime import Runtime
-from patinox.tenancy import LimitOverrides, TenantContext
+from patinox.tenancy import PLANS, LimitOverrides, Plan, TenantContext
+from patinox.tenancy.config import layered_config
+from patinox.tenancy.plans import _effective_limits
 from tests.conftest import auth
 
 _MODULE = '''
@@ -178,3 +180,31 @@ def test_a_queued_run_fails_when_its_tool_was_taken_away_meanwhile(
     assert done is not None and done["status"] == "failed", done
     error = done["error"]
     assert error is not None and error["reason"] == ToolNotAllowed.code, error
+
+
+def test_a_plans_list_applies_unless_the_tenant_overrides_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    free = PLANS["free"]
+    narrow = Plan(
+        name="narrow",
+        weight=1,
+        limits=free.limits.model_copy(update={"allowed_tools": ("calculator",)}),
+    )
+    monkeypatch.setitem(PLANS, "narrow", narrow)
+    _effective_limits.cache_clear()
+    try:
+        planned = layered_config("tn_x", "narrow", {}, isolation_level="namespace", storage_model="pool")
+        assert planned.limits["allowed_tools"].value == ("calculator",)
+        assert planned.limits["allowed_tools"].source == "plan"
+        own = layered_config(
+            "tn_x",
+            "narrow",
+            {"allowed_tools": ["calculator", "shout"]},
+            isolation_level="namespace",
+            storage_model="pool",
+        )
+        assert own.limits["allowed_tools"].value == ("calculator", "shout")
+        assert own.limits["allowed_tools"].source == "tenant"
+        with pytest.raises(ToolNotAllowed):
+            check_tools_allowed(["shout"], planned.limits["allowed_tools"].value)
+    finally:
+        _effective_limits.cache_clear()
