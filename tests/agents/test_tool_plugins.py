@@ -49,12 +49,22 @@ async def whisper(text: str) -> str:
     return text.lower()
 
 
+def explode(text: str) -> str:
+    """Fail.
+
+    Args:
+        text: ignored.
+    """
+    raise RuntimeError("plugin bug")
+
+
 not_a_tool = 42
 '''
 
 _ENTRY_POINTS = f"""[{TOOL_ENTRY_POINT_GROUP}]
 shout = acme_patinox_tools:shout
 whisper = acme_patinox_tools:whisper
+explode = acme_patinox_tools:explode
 calculator = acme_patinox_tools:shout
 not_a_tool = acme_patinox_tools:not_a_tool
 missing = acme_patinox_tools:no_such_name
@@ -84,8 +94,8 @@ def test_plugins_are_discovered_through_entry_points(acme_plugin: Path) -> None:
     plugins = tool_plugins()
     # A built-in's name is never taken over; an object that is not a function and an entry
     # point that does not load are left out.
-    assert sorted(plugins) == ["shout", "whisper"]
-    assert known_tools() == BUILTIN_TOOLS | {"shout", "whisper"}
+    assert sorted(plugins) == ["explode", "shout", "whisper"]
+    assert known_tools() == BUILTIN_TOOLS | {"explode", "shout", "whisper"}
 
 
 def test_without_the_package_the_plugin_is_unknown(client: TestClient, make_tenant: Any) -> None:
@@ -107,6 +117,14 @@ def test_a_plugin_tool_runs_like_a_builtin(acme_plugin: Path, make_tenant: Any) 
     assert r.status_code == 200, r.text
     out = r.json()["output"]
     assert "shout = HELLO! whisper = quiet calculator = 42" in out, out
+
+
+def test_a_plugin_that_raises_fails_its_run_as_a_tool_error(acme_plugin: Path, make_tenant: Any) -> None:
+    t = make_tenant("plugin-bug")
+    r = t.run(t.agent(tools=["explode"]), '/call explode {"text": "x"}')
+    assert r.status_code == 502, r.text
+    error = r.json()["error"]
+    assert error["code"] == "run_failed" and error["details"]["reason"] == "tool_error", error
 
 
 def test_an_agent_naming_a_tool_off_the_list_is_refused_when_defined(

@@ -673,11 +673,11 @@ def tool_plugins() -> Mapping[str, Tool[ToolDeps]]:
     points of :data:`TOOL_ENTRY_POINT_GROUP` (:mod:`importlib.metadata`).
 
     Each entry point's object is a :class:`pydantic_ai.Tool` (its name must be the entry
-    point's) or a function (async or not; its docstring and annotations describe it to the
-    model), made a tool of that name. A tool's unexpected exception ends the run
-    (``tool_error``), as a built-in's does. A name a built-in tool has, an entry point that
-    does not load, or an object that is neither is left out and logged, so one broken package
-    cannot take every run down.
+    point's) or a function (its docstring and annotations describe it to the model), made a
+    tool of that name; pydantic-ai runs a plain (not async) function in a worker thread. A
+    tool's unexpected exception ends the run (``tool_error``), as a built-in's does. A name
+    a built-in tool has, an entry point that does not load, or an object that is neither is
+    left out and logged, so one broken package cannot take every run down.
     """
     global _plugins
     with _plugins_lock:
@@ -718,21 +718,27 @@ def _discover() -> dict[str, Tool[ToolDeps]]:
                 log.warning("tool plugin %r left out: its Tool is named %r", name, obj.name)
                 continue
             found[name] = obj
+        elif inspect.iscoroutinefunction(obj):
+            found[name] = Tool(_tool_boundary(name)(obj), takes_ctx=False, name=name)
         elif callable(obj):
-            found[name] = Tool(_tool_boundary(name)(_as_async(obj)), takes_ctx=False, name=name)
+            found[name] = Tool(_sync_boundary(name, obj), takes_ctx=False, name=name)
         else:
             log.warning("tool plugin %r left out: %r is neither a Tool nor a function", name, obj)
     return found
 
 
-def _as_async(function: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    """``function`` as a coroutine function with its signature and docstring (the tool's
-    schema and description come from them)."""
-    if inspect.iscoroutinefunction(function):
-        return function
+def _sync_boundary(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """A plugin's plain function with the boundary of :func:`_tool_boundary`, still a plain
+    function: pydantic-ai runs it in a worker thread, so a slow plugin does not hold up the
+    event loop (and the other tenants' runs on it)."""
 
     @functools.wraps(function)
-    async def call(*args: Any, **kwargs: Any) -> Any:
-        return function(*args, **kwargs)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except (ModelRetry, ToolFailed):
+            raise
+        except Exception as exc:
+            raise ToolExecutionError(name) from exc
 
     return call
