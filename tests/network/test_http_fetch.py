@@ -1,4 +1,5 @@
-"""The ``http_fetch`` tool end to end, at the ``namespace`` and ``process`` levels: a run
+"""The ``http_fetch`` tool end to end, at the ``namespace``, ``process`` and ``container``
+levels (the sandbox has no network: its fetches are made by the host): a run
 reaches a host on its tenant's egress allow-list through the outbound-request guard on the
 host, and every refused target (loopback, a private range, the cloud metadata address, a
 name resolving to loopback, a redirect to any of them, a host off the list) is a failed tool
@@ -31,7 +32,7 @@ from patinox.storage import SqlBackend
 from patinox.tenancy import IsolationLevel, LimitOverrides, StorageModel, TenantContext
 from tests.conftest import Deployment
 
-LEVELS = (IsolationLevel.NAMESPACE, IsolationLevel.PROCESS)
+LEVELS = (IsolationLevel.NAMESPACE, IsolationLevel.PROCESS, IsolationLevel.CONTAINER)
 
 
 class _Handler(BaseHTTPRequestHandler):
