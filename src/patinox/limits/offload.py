@@ -13,9 +13,14 @@ each one's result. Calls waiting for a thread are taken in start-time fair queue
 order by tenant: a call of tenant ``f`` arriving at virtual time ``v`` gets the start tag
 ``S = max(v, F_f)``, where ``F_f`` is the finish tag (``S + 1``) of ``f``'s previous
 waiting call, and ``v`` is the start tag of the call most recently given a thread; the
-call with the smallest start tag goes next (the earliest asked among equals). A tenant
-with fifty calls waiting therefore delays another tenant's one call by at most about one
-call of each tenant with calls waiting (and the calls already running), not by fifty.
+call with the smallest start tag goes next. A tenant with fifty calls waiting therefore
+delays another tenant's one call by at most about one call of each tenant with calls
+waiting (and the calls already running), not by fifty. Among equal start tags, the call of
+a *sparse* flow (one with nothing else waiting: a light tenant's run makes its calls one
+after the other) goes first, then the earliest asked (the sparse-flow rule of FQ-CoDel,
+RFC 8290, section 4.1): a tenant that never has two calls waiting waits only for a thread
+to come free, however many busy tenants share the threads; a busy tenant's calls, which
+always have company, never take that place.
 Calls made before a tenant is known (authentication) form the *system* flow, with a share
 of its own.
 
@@ -26,7 +31,9 @@ Both are :class:`StorageCalls`: the run path (:class:`~patinox.control.runs.RunS
 and the HTTP authentication step make their storage calls through one of them.
 
 Sources: P. Goyal, H. M. Vin and H. Cheng, "Start-time fair queueing: a scheduling
-algorithm for integrated services packet switching networks", IEEE/ACM ToN 5(5), 1997.
+algorithm for integrated services packet switching networks", IEEE/ACM ToN 5(5), 1997;
+T. Hoeiland-Joergensen et al., "The Flow Queue CoDel Packet Scheduler and Active Queue
+Management Algorithm", RFC 8290, 2018.
 """
 
 from __future__ import annotations
@@ -122,7 +129,7 @@ class _Flow:
 
 @dataclass(eq=False)
 class _State:
-    heap: list[tuple[float, int, _Call]] = field(default_factory=list)
+    heap: list[tuple[float, int, int, _Call]] = field(default_factory=list)
     flows: dict[str, _Flow] = field(default_factory=dict)
     virtual: float = 0.0  # start tag of the call most recently given a thread
     seq: int = 0  # arrival order, the tie-break among equal start tags
@@ -186,13 +193,14 @@ class FairStorageExecutor:
             if st.closed:
                 raise RuntimeError("the storage executor is closed")
             f = st.flows.get(flow)
+            sparse = f is None  # nothing of this flow waits: it goes first among equals
             if f is None:
                 f = st.flows[flow] = _Flow(st.virtual)
             start = max(st.virtual, f.finish_tag)
             f.finish_tag = start + 1.0
             f.waiting += 1
             st.seq += 1
-            heapq.heappush(st.heap, (start, st.seq, item))
+            heapq.heappush(st.heap, (start, 0 if sparse else 1, st.seq, item))
             self._cond.notify()
         return item
 
@@ -289,7 +297,7 @@ class FairStorageExecutor:
         st = self._state
         while True:
             while st.heap:
-                start, _, item = heapq.heappop(st.heap)
+                start, _, _, item = heapq.heappop(st.heap)
                 f = st.flows[item.flow]
                 f.waiting -= 1
                 if not f.waiting:

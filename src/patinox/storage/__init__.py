@@ -24,6 +24,7 @@ from patinox.storage import _schema as schema
 from patinox.storage._control_store import SqlBackend, open_backend
 from patinox.storage._fast import execute_write
 from patinox.storage._hosts import HostClaim, TenantHosts
+from patinox.storage._idempotency import IN_PROGRESS_LEASE as IDEMPOTENCY_IN_PROGRESS_LEASE
 from patinox.storage._idempotency import KEY_TTL as IDEMPOTENCY_KEY_TTL
 from patinox.storage._idempotency import Begun, IdempotencyRecords
 from patinox.storage._placement import Placements
@@ -49,6 +50,7 @@ from patinox.storage.records import (
 )
 
 __all__ = [
+    "IDEMPOTENCY_IN_PROGRESS_LEASE",
     "IDEMPOTENCY_KEY_TTL",
     "AgentRecord",
     "AnyRow",
