@@ -15,6 +15,7 @@
     │   │   └── RunFinished              cancel of a run that already finished  (409 run_finished)
     │   ├── UnknownModel                 model id not known or not configured   (422 unknown_model)
     │   ├── UnknownTool                  tool name not known or not allowed     (422 unknown_tool)
+    │   │   └── ToolNotAllowed           a tool the tenant's allow-list leaves out (403 tool_not_allowed)
     │   ├── IsolationUnavailable         isolation level not built/enforceable  (422 isolation_unavailable)
     │   ├── IsolationRequired            a tool needs a higher isolation level  (422 isolation_required)
     │   ├── ExceedsBudget                a run larger than its whole budget     (422 exceeds_budget)
@@ -99,6 +100,7 @@ __all__ = [
     "TenantMoving",
     "TenantNotFound",
     "TenantSuspended",
+    "ToolNotAllowed",
     "UnknownModel",
     "UnknownTool",
     "UnsupportedParameter",
@@ -224,6 +226,16 @@ class UnknownTool(ConfigurationError):
 
     code = "unknown_tool"
     http_status = 422
+
+
+class ToolNotAllowed(UnknownTool):
+    """A tool that exists but is not on the tenant's tool allow-list (its plan's, or its
+    own override ``allowed_tools``): refused when an agent naming it is defined, and again
+    when a run of such an agent starts or executes after the list changed. Fields:
+    ``tool``, ``allowed`` (the names the tenant may use)."""
+
+    code = "tool_not_allowed"
+    http_status = 403
 
 
 class IsolationUnavailable(ConfigurationError):

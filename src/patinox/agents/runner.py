@@ -71,6 +71,7 @@ from patinox.agents.models import resolve_model
 from patinox.agents.simulated import is_simulated
 from patinox.agents.tools import (
     CodeRunner,
+    HttpFetcher,
     MemoryStore,
     ToolDeps,
     ToolExecutionError,
@@ -313,6 +314,7 @@ async def run_agent(
     code: CodeRunner | None = None,
     model: Model | None = None,
     conversation: Conversation | None = None,
+    fetch: HttpFetcher | None = None,
 ) -> RunOutcome:
     """Run ``definition`` on ``prompt`` once.
 
@@ -344,6 +346,8 @@ async def run_agent(
             one); ``definition.model`` still names the run's model in its outcome.
         conversation: earlier turns passed as message history, and the callback of a
             streamed run (see :class:`Conversation`); ``None``: the prompt alone, not streamed.
+        fetch: the ``http_fetch`` tool's requests, bound to the tenant's egress policy on
+            the host; ``None``: no egress (each call is a failed tool result).
 
     Returns:
         The reply with its usage and duration.
@@ -389,7 +393,7 @@ async def run_agent(
         async with deadline:
             result = await agent.run(
                 prompt,
-                deps=ToolDeps(memory=memory, code=code),
+                deps=ToolDeps(memory=memory, code=code, fetch=fetch),
                 model_settings=settings,
                 usage_limits=usage_limits,
                 usage=usage,

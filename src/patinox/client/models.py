@@ -13,6 +13,7 @@ __all__ = [
     "Agent",
     "Attempt",
     "AuditEntry",
+    "Endpoint",
     "IssuedKey",
     "Key",
     "Me",
@@ -213,3 +214,14 @@ class TenantConfig(_Model):
     isolation_level: Setting
     storage_model: Setting
     limits: dict[str, Setting]
+
+
+class Endpoint(_Model):
+    """Where a tenant is reached (``GET /v1/endpoint``): its ``slug``, custom ``domains``,
+    every host name (``hosts``; empty when the deployment has no ``base_domain``)."""
+
+    tenant_id: str
+    slug: str | None
+    domains: list[str]
+    hosts: list[str]
+    base_domain: str | None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from patinox.agents import check_tool_isolation, validate_model_id, validate_tool_names
+from patinox.agents import check_tool_isolation, check_tools_allowed, validate_model_id, validate_tool_names
 from patinox.control.secrets import provider_key_name
 from patinox.errors import InvalidRequest
 from patinox.storage import AgentRecord, AnyRow, SqlBackend, TenantStore
@@ -53,8 +53,9 @@ class AgentService:
     def create(self, ctx: TenantContext, spec: AgentSpec) -> AgentRecord:
         """Create an agent (without a model: the tenant's ``default_model``). Raises
         UnknownModel, ModelNotAllowed (outside the tenant's ``allowed_models``), UnknownTool,
-        IsolationRequired (a tool, ``python``, needs a higher isolation level than the
-        tenant's), InvalidRequest, AlreadyExists."""
+        ToolNotAllowed (a tool left out of the tenant's ``allowed_tools``), IsolationRequired
+        (a tool, ``python``, needs a higher isolation level than the tenant's),
+        InvalidRequest, AlreadyExists."""
         if spec.model is None:
             spec = spec.model_copy(update={"model": ctx.limits.default_model})
         assert spec.model is not None
@@ -108,6 +109,7 @@ class AgentService:
         validate_model_id(model, tenant_key=key_name is not None and store.secrets().exists(key_name))
         check_model_allowed(model, ctx.limits, tenant_id=ctx.tenant_id)
         validate_tool_names(tools)
+        check_tools_allowed(tools, ctx.limits.allowed_tools)
         check_tool_isolation(tools, ctx.isolation_level)
         if max_out is not None and max_out > ctx.limits.max_output_tokens_per_run:
             raise InvalidRequest(

@@ -35,10 +35,12 @@ from pydantic_ai.usage import RunUsage
 from patinox.agents import (
     AgentDefinition,
     Conversation,
+    HttpFetcher,
     MemoryStore,
     RunEvent,
     RunLimits,
     RunOutcome,
+    check_tools_allowed,
     is_simulated,
     run_agent,
 )
@@ -180,6 +182,9 @@ class RunService:
             in this process's memory).
         calls: where the run path's storage calls are made (:attr:`calls`; default: on the
             event loop, :class:`~patinox.limits.InlineStorage`).
+        fetcher: the ``http_fetch`` tool's requests for a tenant, for the runs with a
+            conversation this service runs itself (the executors have their own); ``None``:
+            no egress in those runs.
     """
 
     def __init__(
@@ -193,9 +198,11 @@ class RunService:
         admission: FairShareAdmission | None = None,
         rate: RateLimiter | None = None,
         calls: StorageCalls | None = None,
+        fetcher: Callable[[TenantContext], HttpFetcher] | None = None,
     ) -> None:
         self._backend = backend
         self._secrets = SecretService(backend)
+        self._fetcher = fetcher
         #: Where the run path's storage calls are made: the lookup of a run's agent (with
         #: the agent's rate), its admission, a claimed run's reading, its settlement. Each
         #: is one call, so moving them off the event loop
@@ -256,6 +263,8 @@ class RunService:
                 in time; nothing was run or stored.
             ExceedsBudget: the run's worst case is more than the whole daily token budget
                 (no day admits it); nothing was run, stored or counted.
+            ToolNotAllowed: the agent names a tool the tenant's ``allowed_tools`` no longer
+                lists; nothing was run or stored.
             RunFailed: a synchronous run failed (the run is recorded with its error).
         """
         if conversation is not None and (
@@ -270,6 +279,7 @@ class RunService:
         store, agent = await self.calls.call(ctx.tenant_id, self._look_up, ctx, agent_id, req, rate_states)
         # The allow-list may have changed since the agent was defined: refused before admission.
         check_model_allowed(agent["model"], ctx.limits, tenant_id=ctx.tenant_id)
+        check_tools_allowed(agent["tools"], ctx.limits.allowed_tools)  # the list may have changed
         limits = run_limits(ctx, agent)
         if req.output_tokens is not None and req.output_tokens > limits.max_output_tokens:
             raise InvalidRequest(
@@ -731,6 +741,8 @@ class RunService:
                     )
                     if key is not None:
                         definition = dataclasses.replace(definition, provider_key=key)
+                # Again here: a queued run's tenant may have lost the tool since it was queued.
+                check_tools_allowed(definition.tools, ctx.limits.allowed_tools)
                 if conversation is None:
                     outcome = await self._executor.execute(
                         ctx,
@@ -753,6 +765,7 @@ class RunService:
                         memory=store,
                         usage=so_far,
                         conversation=conversation,
+                        fetch=None if self._fetcher is None else self._fetcher(ctx),
                     )
             except PatinoxError as err:
                 failed = err if isinstance(err, RunFailed) else RunFailed(err.message, reason=err.code)

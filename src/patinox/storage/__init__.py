@@ -23,6 +23,7 @@ Modules whose names start with ``_`` are this package's own: nothing outside
 from patinox.storage import _schema as schema
 from patinox.storage._control_store import SqlBackend, open_backend
 from patinox.storage._fast import execute_write
+from patinox.storage._hosts import HostClaim, TenantHosts
 from patinox.storage._idempotency import IN_PROGRESS_LEASE as IDEMPOTENCY_IN_PROGRESS_LEASE
 from patinox.storage._idempotency import KEY_TTL as IDEMPOTENCY_KEY_TTL
 from patinox.storage._idempotency import Begun, IdempotencyRecords
@@ -68,6 +69,7 @@ __all__ = [
     "AuditRecord",
     "Begun",
     "Changes",
+    "HostClaim",
     "IdempotencyRecords",
     "KeyTenantRecord",
     "Placements",
@@ -77,6 +79,7 @@ __all__ = [
     "SecretInfo",
     "SqlBackend",
     "StoredApiKeyRecord",
+    "TenantHosts",
     "TenantRecord",
     "TenantSecrets",
     "TenantStore",

@@ -368,3 +368,22 @@ TENANT_TABLES = (
     quota_ledger,
     secrets,
 )
+
+tenant_hosts = Table(
+    "tenant_hosts",
+    metadata,
+    # The host names a tenant is reached at: its slug (``<slug>.<base domain>``, kind
+    # ``slug``, the bare label stored) and custom domains the operator gave it (kind
+    # ``domain``, the full name), IDNA-encoded and lower case. A control-plane table: the
+    # owner column is not named ``tenant_id`` so that deleting the tenant (which purges
+    # every table with such a column) keeps the row, which holds the name back from other
+    # tenants for the quarantine (released_at, or the owner's deleted_at, plus the
+    # quarantine).
+    Column("name", String(253), primary_key=True),
+    Column("owner_id", String(40), nullable=False),
+    Column("kind", String(10), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    # Set when the operator took the name from its tenant; NULL while in use.
+    Column("released_at", UTCDateTime(), nullable=True),
+    Index("ix_tenant_hosts_owner_id", "owner_id"),
+)
