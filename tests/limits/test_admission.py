@@ -4,12 +4,16 @@ adaptive limit, bounded waits, and the limit following the event loop's lag."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
 from patinox.errors import Overloaded
 from patinox.limits import AdmissionSettings, FairShareAdmission
+from patinox.limits.admission import runqueue_wait_s
 
 
 def fixed(limit: int, **kw: float) -> FairShareAdmission:
@@ -200,6 +204,55 @@ async def test_the_limit_follows_the_event_loops_real_lag() -> None:
             await asyncio.sleep(0.01)
     watch.cancel()
     await asyncio.gather(watch, return_exceptions=True)
+
+
+def test_a_loop_sharing_its_core_with_another_process_still_counts_as_busy() -> None:
+    """On a shared host the OS runs other processes on the loop's core: the time the loop
+    waits for the CPU is not time it waited on a blocking call, so a loop hogged by its
+    runs still shrinks the limit (it did not: busy read about 0.5, under the floor)."""
+    assert runqueue_wait_s() is not None  # Linux keeps it
+    core = min(os.sched_getaffinity(0))
+    mine = os.sched_getaffinity(0)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(spinner.pid, {core})
+        os.sched_setaffinity(0, {core})  # this thread, on the spinner's core
+        before = runqueue_wait_s()
+        limit = asyncio.run(_limit_under_a_hog())
+        waited = runqueue_wait_s()
+    finally:
+        os.sched_setaffinity(0, mine)
+        spinner.kill()
+        spinner.wait()
+    assert before is not None and waited is not None and waited - before > 0.05  # it did share
+    assert limit == 2
+
+
+async def _limit_under_a_hog() -> int:
+    """The limit after the loop was hogged (20 ms of CPU at a time) until it reached its floor
+    of 2, or 60 s passed (a guard against a hang; the limit is what is asserted)."""
+    adm = FairShareAdmission(
+        AdmissionSettings(initial_limit=16, min_limit=2, max_limit=200, target_lag_s=0.005, probe_s=0.005)
+    )
+    watch = asyncio.create_task(adm.watch())
+    stop = False
+
+    async def hog() -> None:
+        while not stop:
+            until = time.thread_time() + 0.02
+            while time.thread_time() < until:
+                pass
+            await asyncio.sleep(0)
+
+    hogs = asyncio.create_task(hog())
+    guard = time.monotonic() + 60
+    while adm.limit > 2 and time.monotonic() < guard:
+        await asyncio.sleep(0.01)
+    stop = True
+    await hogs
+    watch.cancel()
+    await asyncio.gather(watch, return_exceptions=True)
+    return adm.limit
 
 
 async def test_a_slot_is_released_however_its_block_ends() -> None:

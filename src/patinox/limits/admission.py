@@ -91,7 +91,8 @@ class AdmissionSettings:
         window: probes per adjustment of ``L``.
         smoothing: weight of the newest window in the smoothed lag (1: no smoothing).
         busy_floor: ``L`` falls only in a window in which the loop's thread computed at
-            least this fraction of the time (0-1); see :meth:`FairShareAdmission.adjust`.
+            least this fraction of the time it was not kept waiting for a CPU by other
+            processes (0-1); see :meth:`FairShareAdmission.adjust`.
         increase: most ``L`` grows in one adjustment, as a fraction of ``L``.
         decrease: most ``L`` shrinks in one adjustment, as a fraction of ``L``.
         headroom: fraction of ``L`` (at least one run) by which tenants under their share
@@ -295,6 +296,7 @@ class FairShareAdmission:
         lags: list[float] = []
         backlogs: list[int] = []
         started, released, cpu = loop.time(), self._released, time.thread_time()
+        queued = runqueue_wait_s()
         popped = fair.popped if fair is not None else 0
         while True:
             due = loop.time() + s.probe_s
@@ -308,8 +310,12 @@ class FairShareAdmission:
             wall = max(now - started, 1e-3)
             rate = (self._released - released) / wall
             self._rate = rate if not self._rate else 0.7 * self._rate + 0.3 * rate
-            # This coroutine runs on the loop's thread: its CPU time is the loop's.
-            busy = (cpu_now - cpu) / wall
+            # This coroutine runs on the loop's thread: its CPU time is the loop's. Time the
+            # thread was ready but the OS ran other processes (a shared host) is neither
+            # computing nor waiting on a blocking call: it is left out of the window.
+            queued_now = runqueue_wait_s()
+            off_cpu = 0.0 if queued is None or queued_now is None else queued_now - queued
+            busy = min(1.0, (cpu_now - cpu) / max(wall - off_cpu, 1e-3))
             self.probe_lag_s = statistics.median(lags)
             waited = None if storage_wait is None else storage_wait()
             if fair is None:
@@ -323,7 +329,7 @@ class FairShareAdmission:
                 popped = fair.popped
                 backlogs.clear()
             lags.clear()
-            started, released, cpu = now, self._released, cpu_now
+            started, released, cpu, queued = now, self._released, cpu_now, queued_now
 
     def adjust(
         self,
@@ -522,3 +528,15 @@ class _Expired(Exception):
 def _expire(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_exception(_Expired())
+
+
+def runqueue_wait_s() -> float | None:
+    """Seconds the calling thread has spent ready to run but waiting for a CPU (the OS ran
+    other threads), since it started: the second field of Linux's
+    ``/proc/thread-self/schedstat`` (nanoseconds). ``None`` where the kernel does not
+    keep it."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
