@@ -32,7 +32,11 @@ class GuardedFetcher:
         self, ctx: TenantContext, settings: EgressSettings, resolver: Resolver | None = None
     ) -> None:
         self.tenant_id = ctx.tenant_id
-        self._guard = OutboundGuard(settings.policy_for(ctx.limits.egress_hosts), resolver)
+        self._egress_hosts = ctx.limits.egress_hosts
+        self._settings = settings
+        self._resolver = resolver
+        # Made at the first fetch: every run gets a fetcher, few of them fetch.
+        self._guard: OutboundGuard | None = None
 
     async def fetch(self, url: str) -> FetchedPage:
         """``GET url`` through the guard.
@@ -42,6 +46,8 @@ class GuardedFetcher:
                 not allowed (``reason``: ``host_not_allowed``, ``address_not_allowed``...).
             OutboundFailed: it was allowed but failed (connection, TLS, timeout, too large).
         """
+        if self._guard is None:
+            self._guard = OutboundGuard(self._settings.policy_for(self._egress_hosts), self._resolver)
         response = await self._guard.request("GET", url)
         return FetchedPage(
             status=response.status,

@@ -27,6 +27,7 @@ raises :class:`~patinox.errors.OutboundFailed` (502 ``outbound_failed``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import ssl
@@ -374,7 +375,11 @@ def normal_host(name: str) -> str:
     return ("*." if wild else "") + encoded.lower().rstrip(".")
 
 
+@functools.lru_cache(maxsize=16)
 def _ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """The client TLS context trusting ``ca_bundle`` (the system's CAs when ``None``), made
+    once per bundle and process: loading the system's CAs takes tens of milliseconds, and
+    a context serves any number of connections (a changed bundle file is read at restart)."""
     context = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
