@@ -30,6 +30,7 @@ from patinox.storage._schema import utcnow
 from patinox.storage._sealer import SealedColumn, sealed_columns
 from patinox.storage._statements import PreparedWrite
 from patinox.storage._tenant_store import TenantStore
+from patinox.storage._threads import MessageRecord, ThreadRecord, ThreadRecords, Turn
 from patinox.storage.engine import make_engine, migrate, translate_errors
 from patinox.storage.records import (
     AgentRecord,
@@ -59,6 +60,7 @@ __all__ = [
     "Changes",
     "IdempotencyRecords",
     "KeyTenantRecord",
+    "MessageRecord",
     "Placements",
     "PreparedWrite",
     "RunRecord",
@@ -67,6 +69,9 @@ __all__ = [
     "StoredApiKeyRecord",
     "TenantRecord",
     "TenantStore",
+    "ThreadRecord",
+    "ThreadRecords",
+    "Turn",
     "UsageRecord",
     "UsageTotals",
     "execute_write",

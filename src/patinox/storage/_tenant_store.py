@@ -57,6 +57,7 @@ from patinox.storage._statements import (
     memory_bytes,
     usage_summary_query,
 )
+from patinox.storage._threads import ThreadRecords
 from patinox.storage.engine import begin, translate_errors
 from patinox.storage.records import (
     AgentRecord,
@@ -698,3 +699,7 @@ class TenantStore:
     def idempotency(self) -> IdempotencyRecords:
         """This tenant's ``Idempotency-Key`` records (see :class:`IdempotencyRecords`)."""
         return IdempotencyRecords(self._tx, self._sealer, postgres=self._placement.postgres)
+
+    def threads(self) -> ThreadRecords:
+        """This tenant's conversation threads and their messages (see :class:`ThreadRecords`)."""
+        return ThreadRecords(self._tx, self._sealer)

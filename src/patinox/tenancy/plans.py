@@ -105,6 +105,11 @@ class ResourceLimits(BaseModel):
     code_output_bytes: int = Field(
         default=64 * 2**10, ge=1024, description="stdout + stderr kept from one python tool call, bytes"
     )
+    max_thread_messages: int = Field(
+        default=200,
+        ge=2,
+        description="messages one conversation thread keeps (each run adds two); the oldest are dropped",
+    )
 
     @property
     def per_key_rpm(self) -> int:
@@ -152,6 +157,7 @@ class LimitOverrides(BaseModel):
     dedicated_cores: int | None = Field(default=None, ge=1, le=4_096)
     code_timeout_s: float | None = Field(default=None, gt=0, le=86_400)
     code_output_bytes: int | None = Field(default=None, ge=1024, le=2**30)
+    max_thread_messages: int | None = Field(default=None, ge=2, le=10**6)
 
     def apply_to(self, limits: ResourceLimits) -> ResourceLimits:
         """The plan's limits with every set override applied."""
@@ -214,6 +220,7 @@ PLANS: dict[str, Plan] = {
             execution_processes=2,
             code_timeout_s=10,
             code_output_bytes=64 * 2**10,
+            max_thread_messages=100,
         ),
     ),
     "pro": Plan(
@@ -239,6 +246,7 @@ PLANS: dict[str, Plan] = {
             execution_processes=8,
             code_timeout_s=30,
             code_output_bytes=256 * 2**10,
+            max_thread_messages=1_000,
         ),
     ),
     "enterprise": Plan(
@@ -265,6 +273,7 @@ PLANS: dict[str, Plan] = {
             execution_processes=32,
             code_timeout_s=60,
             code_output_bytes=2**20,
+            max_thread_messages=10_000,
         ),
     ),
 }

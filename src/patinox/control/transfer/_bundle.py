@@ -60,6 +60,8 @@ _KIND_TABLES: dict[str, Table] = {
     "usage": s.usage_records,
     "audit": s.audit_log,
     "idempotency_key": s.idempotency_keys,
+    "thread": s.threads,
+    "thread_message": s.thread_messages,
 }
 
 
