@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from patinox.runtime import Runtime
 from tests.conftest import Deployment, TenantHandle, count_tenant_rows
 
 
@@ -249,3 +250,47 @@ def test_a_read_key_reads_threads_but_cannot_write_them(
     ):
         r = client.request(method, path, json=body, headers=reader)
         assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden"), (method, path)
+
+
+@pytest.mark.only_deployments("sqlite-pool")
+def test_at_the_process_level_the_history_reaches_the_model_too(
+    client: TestClient, runtime: Runtime, operator_key: str
+) -> None:
+    """Thread runs and OpenAI-style conversations of a ``process`` tenant: the earlier turns
+    travel with the run to the tenant's execution process (before, a conversation there
+    answered 400 ``unsupported_parameter``)."""
+    assert runtime.process_executor is not None
+    runtime.process_executor.hosts_pools = True  # as in a process that executes runs
+    op = {"Authorization": f"Bearer {operator_key}"}
+    r = client.post("/admin/tenants", json={"name": "proc", "isolation_level": "process"}, headers=op)
+    assert r.status_code == 201, r.text
+    tid = r.json()["id"]
+    key = client.post(f"/admin/tenants/{tid}/keys", json={"name": "k"}, headers=op).json()["key"]
+    h = {"Authorization": f"Bearer {key}"}
+    r = client.post("/v1/agents", json={"name": "helper", "model": "simulated:instant"}, headers=h)
+    agent = r.json()["id"]
+
+    def on_thread(th: str, text: str) -> Any:
+        r = client.post(
+            f"/v1/threads/{th}/runs", json={"agent_id": agent, "input": text, "output_tokens": 5}, headers=h
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["run"]
+
+    th = client.post("/v1/threads", json={}, headers=h).json()["id"]
+    on_thread(th, "alpha beta gamma")
+    second = on_thread(th, "delta")
+    alone = on_thread(client.post("/v1/threads", json={}, headers=h).json()["id"], "delta")
+    assert second["input_tokens"] == alone["input_tokens"] + 3 + 5
+
+    def completion(messages: list[dict[str, str]]) -> Any:
+        body = {"model": "helper", "messages": messages, "max_tokens": 5}
+        r = client.post("/v1/chat/completions", json=body, headers=h)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    earlier = [{"role": "user", "content": "alpha beta gamma"}, {"role": "assistant", "content": "one two"}]
+    assert (
+        completion([*earlier, {"role": "user", "content": "delta"}])
+        == completion([{"role": "user", "content": "delta"}]) + 3 + 2
+    )
