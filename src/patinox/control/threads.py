@@ -14,6 +14,11 @@ beyond the plan's ``max_thread_messages`` are dropped. A run that fails or is ca
 appends nothing: the thread reads as if it had not been tried, and a retry sends the same
 history again.
 
+The history reaches the model at every isolation level: at ``namespace`` the run executes
+here; at ``process``, ``container`` and ``dedicated`` the turns travel with the run to the
+tenant's execution process (``RunExecutor.execute``'s ``history``), whose model requests
+the host serves and counts.
+
 Two runs on one thread at once both see the history as it was when each started, and
 each appends its own pair (adjacent, in the order they finish).
 """
