@@ -159,3 +159,17 @@ def test_a_shredded_tenants_messages_cannot_be_read(runtime: Runtime, deployment
         store.threads().history(thread["id"])
     with pytest.raises(TenantKeysDestroyed):
         store.threads().append(thread["id"], turns("after"), keep=10)
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-bridge"], indirect=True)
+def test_a_dek_rotation_reseals_messages_and_metadata(runtime: Runtime, deployment: Deployment) -> None:
+    store = store_of(runtime, deployment, "alpha")
+    thread = store.threads().create({"k": "v"})
+    store.threads().append(thread["id"], turns("hello", "hi"), keep=10)
+    old = {row["id"]: row["content"] for page in store.bulk().pages("thread_messages") for row in page}
+    runtime.backend.keyring.rotate_dek(store.tenant_id)
+    assert store.reencrypt() == 3  # two messages and the thread's metadata
+    new = {row["id"]: row["content"] for page in store.bulk().pages("thread_messages") for row in page}
+    assert new.keys() == old.keys() and all(new[k] != old[k] for k in old)
+    assert [m["content"] for m in store.threads().history(thread["id"])] == ["hello", "hi"]
+    assert store.threads().get(thread["id"])["metadata"] == {"k": "v"}
