@@ -294,3 +294,11 @@ def test_at_the_process_level_the_history_reaches_the_model_too(
         completion([*earlier, {"role": "user", "content": "delta"}])
         == completion([{"role": "user", "content": "delta"}]) + 3 + 2
     )
+
+
+@pytest.mark.only_deployments("sqlite-pool")
+def test_a_thread_needs_no_body(make_tenant: Any) -> None:
+    a = make_tenant("alpha")
+    r = a.client.post("/v1/threads", headers=a.h)
+    assert r.status_code == 201, r.text
+    assert (r.json()["metadata"], r.json()["messages"]) == ({}, 0)
