@@ -302,3 +302,21 @@ def test_a_thread_needs_no_body(make_tenant: Any) -> None:
     r = a.client.post("/v1/threads", headers=a.h)
     assert r.status_code == 201, r.text
     assert (r.json()["metadata"], r.json()["messages"]) == ({}, 0)
+
+
+@pytest.mark.only_deployments("sqlite-pool")
+def test_a_tool_call_of_an_earlier_turn_is_not_made_again(make_tenant: Any) -> None:
+    """The simulated model calls the tools of the run's own prompt: a ``/call`` line in the
+    thread's history was served by its own run (before, every later run on the thread made
+    that call again)."""
+    a = make_tenant("alpha")
+    agent = a.agent(tools=["memory_put", "memory_get"])
+    th = thread(a)
+    put = run_on(a, th, agent, '/call memory_put {"key": "k", "value": "first"}').json()["run"]
+    assert put["tool_calls"] == 1
+    a.client.put("/v1/memory/k", json={"value": "changed"}, headers=a.h)
+    later = run_on(a, th, agent, "and now?").json()["run"]
+    assert later["tool_calls"] == 0
+    assert a.client.get("/v1/memory/k", headers=a.h).json()["value"] == "changed"
+    got = run_on(a, th, agent, '/call memory_get {"key": "k"}').json()["run"]
+    assert got["tool_calls"] == 1 and "changed" in got["output"]
