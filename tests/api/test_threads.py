@@ -320,3 +320,15 @@ def test_a_tool_call_of_an_earlier_turn_is_not_made_again(make_tenant: Any) -> N
     assert a.client.get("/v1/memory/k", headers=a.h).json()["value"] == "changed"
     got = run_on(a, th, agent, '/call memory_get {"key": "k"}').json()["run"]
     assert got["tool_calls"] == 1 and "changed" in got["output"]
+
+
+@pytest.mark.only_deployments("sqlite-pool", "pg-pool")
+def test_the_plans_thread_limit_holds(make_tenant: Any) -> None:
+    a = make_tenant("alpha", "free", {"max_threads": 2})
+    first, _ = thread(a), thread(a)
+    r = a.client.post("/v1/threads", json={}, headers=a.h)
+    assert (r.status_code, r.json()["error"]["code"]) == (429, "quota_exceeded")
+    assert r.json()["error"]["details"]["quota"] == "max_threads"
+    assert len(a.client.get("/v1/threads", headers=a.h).json()) == 2
+    assert a.client.delete(f"/v1/threads/{first}", headers=a.h).status_code == 204
+    thread(a)

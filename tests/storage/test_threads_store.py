@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from patinox.control import TenantSpec
-from patinox.errors import DecryptionFailed, NotFound, TenantKeysDestroyed
+from patinox.errors import DecryptionFailed, NotFound, QuotaExceeded, TenantKeysDestroyed
 from patinox.runtime import Runtime
 from patinox.storage import TenantStore, Turn
 from patinox.tenancy import StorageModel, TenantContext
@@ -173,3 +173,25 @@ def test_a_dek_rotation_reseals_messages_and_metadata(runtime: Runtime, deployme
     assert new.keys() == old.keys() and all(new[k] != old[k] for k in old)
     assert [m["content"] for m in store.threads().history(thread["id"])] == ["hello", "hi"]
     assert store.threads().get(thread["id"])["metadata"] == {"k": "v"}
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
+def test_concurrent_creators_never_pass_the_thread_limit(runtime: Runtime, deployment: Deployment) -> None:
+    store = store_of(runtime, deployment, "alpha")
+    n, limit = 8, 3
+    start = threading.Barrier(n)
+
+    def create(_: int) -> str:
+        records = store.threads()
+        start.wait()  # every creator reaches its insert together
+        try:
+            records.create({}, limit=limit)
+        except QuotaExceeded as err:
+            assert (err.fields["quota"], err.fields["limit"]) == ("max_threads", limit)
+            return "refused"
+        return "created"
+
+    with ThreadPoolExecutor(n) as pool:
+        outcomes = sorted(pool.map(create, range(n)))
+    assert outcomes == ["created"] * limit + ["refused"] * (n - limit)
+    assert store.bulk().count("threads") == limit

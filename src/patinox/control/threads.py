@@ -94,10 +94,11 @@ class ThreadService:
         """A new empty thread of ``ctx``'s tenant; audited (``thread.create``).
 
         Raises:
+            QuotaExceeded: the tenant already holds its plan's ``max_threads`` threads.
             TenantKeysDestroyed: the tenant was crypto-shredded.
         """
         store = self._backend.tenant_store(ctx)
-        thread = store.threads().create(spec.metadata)
+        thread = store.threads().create(spec.metadata, limit=ctx.limits.max_threads)
         store.append_audit(actor=ctx.principal, action="thread.create", target=thread["id"], outcome="ok")
         return thread
 

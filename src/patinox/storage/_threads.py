@@ -24,9 +24,9 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Literal, TypedDict
 
-from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, delete, func, insert, or_, select, text, update
 
-from patinox.errors import AlreadyExists, InvalidRequest, NotFound
+from patinox.errors import AlreadyExists, InvalidRequest, NotFound, QuotaExceeded
 from patinox.storage import _schema as s
 from patinox.storage._schema import utcnow
 from patinox.storage._sealer import Sealer
@@ -39,6 +39,8 @@ _META_AAD = "threads.metadata"
 _CONTENT_AAD = "thread_messages.content"
 _T = s.threads
 _M = s.thread_messages
+#: Concurrent creators of one tenant's threads take turns on PostgreSQL (an exact count).
+_LOCK_TENANT_THREADS = text("SELECT pg_advisory_xact_lock(hashtext('patinox.threads:' || :t))")
 
 #: Who wrote a message: the user's input of a run, or the agent's reply.
 Role = Literal["user", "assistant"]
@@ -94,10 +96,16 @@ class ThreadRecords:
 
     # -- threads --------------------------------------------------------------------------
 
-    def create(self, metadata: Mapping[str, str]) -> ThreadRecord:
+    def create(self, metadata: Mapping[str, str], *, limit: int | None = None) -> ThreadRecord:
         """A new, empty thread with ``metadata`` (sealed here; the caller validates its size).
 
+        Args:
+            limit: the most threads the tenant may hold (the plan's ``max_threads``);
+                ``None``: no limit.
+
         Raises:
+            QuotaExceeded: the tenant already holds ``limit`` threads (fields ``quota``
+                ``max_threads``, ``limit``, ``used``, ``requested``); nothing is written.
             TenantKeysDestroyed: the tenant was crypto-shredded.
             StorageError: the database failed.
         """
@@ -106,11 +114,28 @@ class ThreadRecords:
         meta = dict(metadata)
         sealed = self._sealer.seal(_META_AAD, thread_id, json.dumps(meta, sort_keys=True))
         with self._tx() as conn:
+            if limit is not None and conn.dialect.name == "postgresql":
+                conn.execute(_LOCK_TENANT_THREADS, {"t": self.tenant_id})
+            # Insert first (on SQLite this takes the write lock), then count; over the
+            # limit, the exception rolls the insert back.
             conn.execute(
                 insert(_T).values(
                     tenant_id=self.tenant_id, id=thread_id, metadata=sealed, created_at=now, updated_at=now
                 )
             )
+            if limit is not None:
+                held = int(
+                    conn.execute(select(func.count()).where(_T.c.tenant_id == self.tenant_id)).scalar_one()
+                )
+                if held > limit:
+                    raise QuotaExceeded(
+                        f"this tenant already holds its limit of {limit} threads; delete one to make room",
+                        tenant_id=self.tenant_id,
+                        quota="max_threads",
+                        limit=limit,
+                        used=held - 1,
+                        requested=1,
+                    )
         return {"id": thread_id, "metadata": meta, "messages": 0, "created_at": now, "updated_at": now}
 
     def get(self, thread_id: str) -> ThreadRecord:

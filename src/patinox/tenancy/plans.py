@@ -110,6 +110,9 @@ class ResourceLimits(BaseModel):
         ge=2,
         description="messages one conversation thread keeps (each run adds two); the oldest are dropped",
     )
+    max_threads: int = Field(
+        default=1_000, ge=1, description="conversation threads the tenant may hold at once"
+    )
 
     @property
     def per_key_rpm(self) -> int:
@@ -158,6 +161,7 @@ class LimitOverrides(BaseModel):
     code_timeout_s: float | None = Field(default=None, gt=0, le=86_400)
     code_output_bytes: int | None = Field(default=None, ge=1024, le=2**30)
     max_thread_messages: int | None = Field(default=None, ge=2, le=10**6)
+    max_threads: int | None = Field(default=None, ge=1, le=10**9)
 
     def apply_to(self, limits: ResourceLimits) -> ResourceLimits:
         """The plan's limits with every set override applied."""
@@ -221,6 +225,7 @@ PLANS: dict[str, Plan] = {
             code_timeout_s=10,
             code_output_bytes=64 * 2**10,
             max_thread_messages=100,
+            max_threads=1_000,
         ),
     ),
     "pro": Plan(
@@ -247,6 +252,7 @@ PLANS: dict[str, Plan] = {
             code_timeout_s=30,
             code_output_bytes=256 * 2**10,
             max_thread_messages=1_000,
+            max_threads=100_000,
         ),
     ),
     "enterprise": Plan(
@@ -274,6 +280,7 @@ PLANS: dict[str, Plan] = {
             code_timeout_s=60,
             code_output_bytes=2**20,
             max_thread_messages=10_000,
+            max_threads=10_000_000,
         ),
     ),
 }

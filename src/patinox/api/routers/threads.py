@@ -94,6 +94,7 @@ def _service(rt: Runtime) -> ThreadService:
         201: {"description": "the new thread, with ``Location: /v1/threads/{id}``"},
         409: {"model": o.ErrorOut, "description": f"``idempotency_in_progress``{_IDEM}"},
         422: {"model": o.ErrorOut, "description": f"``invalid_request``: metadata too large{_IDEM}"},
+        429: {"model": o.ErrorOut, "description": "``quota_exceeded``: the plan's ``max_threads`` are held"},
     },
 )
 async def create_thread(
