@@ -384,6 +384,7 @@ class Threads:
 
         Raises:
             InvalidRequest: the metadata is too large.
+            QuotaExceeded: the tenant already holds its plan's ``max_threads`` threads.
         """
         return await self._c.send(rq.create_thread(metadata, idempotency_key))
 
