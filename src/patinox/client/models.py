@@ -13,11 +13,13 @@ __all__ = [
     "Agent",
     "Attempt",
     "AuditEntry",
+    "Endpoint",
     "IssuedKey",
     "Key",
     "Me",
     "MemoryItem",
     "Run",
+    "Secret",
     "Setting",
     "Tenant",
     "TenantConfig",
@@ -131,6 +133,15 @@ class MemoryItem(_Model):
     value: str
 
 
+class Secret(_Model):
+    """A tenant's secret as the API describes it: never its value."""
+
+    name: str
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+
 class AuditEntry(_Model):
     seq: int
     id: str
@@ -238,3 +249,14 @@ class ThreadRun(_Model):
     thread_id: str
     run: Run
     messages: list[ThreadMessage]
+
+
+class Endpoint(_Model):
+    """Where a tenant is reached (``GET /v1/endpoint``): its ``slug``, custom ``domains``,
+    every host name (``hosts``; empty when the deployment has no ``base_domain``)."""
+
+    tenant_id: str
+    slug: str | None
+    domains: list[str]
+    hosts: list[str]
+    base_domain: str | None

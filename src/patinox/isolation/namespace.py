@@ -16,11 +16,21 @@ from pydantic_ai.usage import RunUsage
 from patinox.agents import AgentDefinition, Conversation, MemoryStore, RunLimits, RunOutcome, run_agent
 from patinox.agents.runner import Role
 from patinox.errors import TenantContextAlreadySet
+from patinox.isolation.egress import GuardedFetcher
+from patinox.network import EgressSettings
 from patinox.tenancy import TenantContext, current_tenant_or_none, tenant_scope
 
 
 class NamespaceExecutor:
-    """In-process execution within the tenant's context."""
+    """In-process execution within the tenant's context.
+
+    Args:
+        egress: the operator's egress settings for the ``http_fetch`` tool (defaults:
+            ``https`` to public addresses only, on each tenant's allow-list).
+    """
+
+    def __init__(self, egress: EgressSettings | None = None) -> None:
+        self.egress = egress or EgressSettings()
 
     def execute(
         self,
@@ -56,6 +66,7 @@ class NamespaceExecutor:
             usage=usage,
             on_usage=on_usage,
             conversation=Conversation(history=history) if history else None,
+            fetch=GuardedFetcher(ctx, self.egress),
         )
         active = current_tenant_or_none()
         if active is None:

@@ -49,6 +49,7 @@ SEALED_COLUMNS: tuple[SealedColumn, ...] = (
     SealedColumn("idempotency_keys", "key", "response", "idempotency_keys.response"),
     SealedColumn("threads", "id", "metadata", "threads.metadata"),
     SealedColumn("thread_messages", "id", "content", "thread_messages.content"),
+    SealedColumn("secrets", "name", "value", "secrets.value"),
 )
 
 

@@ -6,8 +6,8 @@
 a bridge schema, a silo database or file) and with forced row-level security on
 PostgreSQL. A thread's messages go with it (``ON DELETE CASCADE``).
 
-Revision ID: 0011
-Revises: 0010
+Revision ID: 0013
+Revises: 0012
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from alembic import op
 
 from patinox.storage._schema import UTCDateTime
 
-revision: str = "0011"
-down_revision: str | None = "0010"
+revision: str = "0013"
+down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
