@@ -332,3 +332,35 @@ def test_the_plans_thread_limit_holds(make_tenant: Any) -> None:
     assert len(a.client.get("/v1/threads", headers=a.h).json()) == 2
     assert a.client.delete(f"/v1/threads/{first}", headers=a.h).status_code == 204
     thread(a)
+
+
+@pytest.mark.only_deployments("sqlite-pool", "pg-pool")
+def test_a_thread_run_during_a_level_change_answers_like_an_agent_run(
+    make_tenant: Any, runtime: Runtime
+) -> None:
+    """While the tenant changes isolation level, ``POST /v1/threads/{id}/runs`` goes on to
+    admission as ``POST /v1/agents/{id}/runs`` does (it was refused at the HTTP boundary):
+    a synchronous run answers 503 ``tenant_moving`` from there, with the agent's rate-limit
+    state, and nothing is appended; during a storage move both are refused at the boundary."""
+    a = make_tenant("alpha")
+    agent = a.agent()
+    th = thread(a)
+    runtime.backend.update_tenant(a.id, {"moving_to": "process"})
+    by_agent = a.run(agent, "now")
+    on_thread = run_on(a, th, agent, "now")
+    for r in (by_agent, on_thread):
+        assert (r.status_code, r.json()["error"]["code"]) == (503, "tenant_moving"), r.text
+        assert "changing isolation level" in r.json()["error"]["message"]
+        assert r.headers["Retry-After"] == "2"
+        assert '"agent";q=' in r.headers["RateLimit-Policy"]  # it reached admission
+    assert messages(a, th) == []
+
+    runtime.backend.update_tenant(a.id, {"moving_to": "silo"})  # a storage move: held at the boundary
+    for r in (a.run(agent, "now"), run_on(a, th, agent, "now")):
+        assert (r.status_code, r.json()["error"]["code"]) == (503, "tenant_moving"), r.text
+        assert '"agent"' not in r.headers.get("RateLimit-Policy", "")
+
+    runtime.backend.update_tenant(a.id, {"moving_to": None})
+    r = run_on(a, th, agent, "now")
+    assert r.status_code == 200, r.text
+    assert [role for role, _ in messages(a, th)] == ["user", "assistant"]
