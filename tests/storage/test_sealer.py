@@ -25,6 +25,8 @@ def test_the_map_names_every_sealed_column_of_real_tables() -> None:
         SealedColumn("runs", "id", "input", "runs.input"),
         SealedColumn("runs", "id", "output", "runs.output"),
         SealedColumn("idempotency_keys", "key", "response", "idempotency_keys.response"),
+        SealedColumn("threads", "id", "metadata", "threads.metadata"),
+        SealedColumn("thread_messages", "id", "content", "thread_messages.content"),
         SealedColumn("secrets", "name", "value", "secrets.value"),
     }
     for c in sealed_columns():

@@ -28,7 +28,8 @@ Output:
     fixed vocabulary; the whole is truncated to the requested count.
 
 Tool calls:
-    The model calls tools only when a user prompt contains lines of the form
+    The model calls tools only when the run's user prompt (the last one sent; a
+    conversation's earlier turns had their calls in their own runs) contains lines of the form
     ``/call <tool_name> <json-object-args>``, for example
     ``/call calculator {"expression": "2*(3+4)"}``. It issues them in prompt order, ONE tool
     call per model response, so every call sees the effects of the previous one (a
@@ -354,14 +355,17 @@ class SimulatedLLM:
         Raises:
             UnexpectedModelBehavior: malformed ``/call`` line or invalid ``max_tokens``.
         """
-        calls = _planned_calls(messages)
-        done = _completed_calls(messages)
+        # Tool calls and their results are this run's: those planned in its own prompt.
+        # Earlier turns of a conversation (message history) had theirs in their own runs.
+        turn = _current_turn(messages)
+        calls = _planned_calls(turn)
+        done = _completed_calls(turn)
         part: ModelResponsePart
         if done < len(calls):
             call = calls[done]
             part = ToolCallPart(call.tool_name, call.args)
         else:
-            part = TextPart(_final_text(messages, _requested_tokens(info)))
+            part = TextPart(_final_text(turn, _requested_tokens(info)))
         output_tokens = _response_part_tokens(part)
         usage = RequestUsage(input_tokens=_input_tokens(messages, info), output_tokens=output_tokens)
         delay = self.latency.delay_s(output_tokens)
@@ -379,6 +383,16 @@ def _requested_tokens(info: AgentInfo) -> int:
             f"simulated model: max_tokens must be a positive integer, got {requested!r}"
         )
     return requested
+
+
+def _current_turn(messages: Sequence[ModelMessage]) -> Sequence[ModelMessage]:
+    """The messages from the last request holding a user prompt on: this run's prompt and
+    what followed it (tool calls and results), without the conversation's earlier turns."""
+    for i in range(len(messages) - 1, -1, -1):
+        message = messages[i]
+        if isinstance(message, ModelRequest) and any(isinstance(p, UserPromptPart) for p in message.parts):
+            return messages[i:]
+    return messages
 
 
 def _user_prompt_texts(messages: Sequence[ModelMessage]) -> Iterator[str]:

@@ -33,8 +33,10 @@ from patinox.runtime import Runtime
 from patinox.tenancy import TenantContext, clear_inherited_tenant, tenant_scope
 
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-#: The route that starts a run (``POST /v1/agents/{id}/runs``).
-_RUN_PATH = re.compile(r"/v1/agents/[^/]+/runs")
+#: The routes that start a run (``POST /v1/agents/{id}/runs``, ``POST /v1/threads/{id}/runs``):
+#: during a change of isolation level they go on to admission, which queues an asynchronous
+#: run and refuses a synchronous one (503 ``tenant_moving``) after counting the agent's rate.
+_RUN_PATH = re.compile(r"/v1/(?:agents|threads)/[^/]+/runs")
 #: Key in the ASGI scope's ``state`` of the request's rate-limit states
 #: (``list[RateLimitState]``): the tenant's and the key's, to which a route appends its own.
 RATE_STATES = "patinox.rate_states"

@@ -34,8 +34,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def check_stream_level(ctx: TenantContext, *, param: str = "mode", what: str = "streaming") -> None:
-    """Streams and conversations run at the ``namespace`` level only: a run's events and
-    history do not cross into an execution process yet.
+    """Streams run at the ``namespace`` level only: a run's events do not cross out of an
+    execution process yet (its history does, see ``RunExecutor``).
 
     Raises:
         UnsupportedParameter: the tenant runs at another level (field ``param``, and

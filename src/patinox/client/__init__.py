@@ -2,7 +2,8 @@
 :class:`AsyncClient` (asyncio), with the same resources:
 
 - ``client.agents``, ``client.runs`` (``create`` runs and waits; ``submit`` queues,
-  ``wait`` polls; ``list`` pages through every run), ``client.memory``, ``client.me()``,
+  ``wait`` polls; ``list`` pages through every run), ``client.threads`` (conversations:
+  ``create``, ``run``, ``messages``, ``list``, ``get``, ``delete``), ``client.memory``, ``client.me()``,
   ``client.config()``, ``client.usage()``, ``client.audit()`` — as a tenant key;
 - ``client.admin.tenants``, ``client.admin.keys``, ``client.admin.usage()``,
   ``client.admin.audit()`` — as the operator key.
@@ -37,6 +38,9 @@ from patinox.client.models import (
     Tenant,
     TenantConfig,
     TenantUsage,
+    Thread,
+    ThreadMessage,
+    ThreadRun,
     UsageRecord,
     UsageSummary,
 )
@@ -59,6 +63,9 @@ __all__ = [
     "Tenant",
     "TenantConfig",
     "TenantUsage",
+    "Thread",
+    "ThreadMessage",
+    "ThreadRun",
     "UsageRecord",
     "UsageSummary",
 ]

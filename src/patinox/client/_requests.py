@@ -28,6 +28,9 @@ from patinox.client.models import (
     Tenant,
     TenantConfig,
     TenantUsage,
+    Thread,
+    ThreadMessage,
+    ThreadRun,
     UsageSummary,
 )
 from patinox.errors import ServerError, error_for
@@ -345,3 +348,55 @@ def poll_delay(poll_s: float, waited_s: float, timeout_s: float | None) -> float
     if timeout_s is None or math.isinf(timeout_s):
         return poll_s
     return max(0.0, min(poll_s, timeout_s - waited_s))
+
+
+# --- conversation threads ----------------------------------------------------------------
+
+
+def create_thread(metadata: Mapping[str, str] | None, idempotency_key: str | None = None) -> Call[Thread]:
+    body = _given(metadata=None if metadata is None else dict(metadata))
+    return Call("POST", "/v1/threads", _one(Thread), json=body, headers=_idem(idempotency_key))
+
+
+def get_thread(thread_id: str) -> Call[Thread]:
+    return Call("GET", f"/v1/threads/{_seg(thread_id)}", _one(Thread))
+
+
+def delete_thread(thread_id: str) -> Call[None]:
+    return Call("DELETE", f"/v1/threads/{_seg(thread_id)}", _nothing)
+
+
+def list_threads(*, limit: int, before: str | None) -> Call[httpx.Response]:
+    """One page of threads (read with :func:`threads_page`)."""
+    return Call("GET", "/v1/threads", lambda r: r, params=_given(limit=limit, before=before))
+
+
+def threads_page(response: httpx.Response) -> tuple[list[Thread], str | None]:
+    """A page of threads and the cursor of the next (``None``: the last page)."""
+    return _many(Thread)(response), next_before(response)
+
+
+def list_messages(thread_id: str, *, limit: int, after: str | None) -> Call[httpx.Response]:
+    """One page of a thread's messages (read with :func:`messages_page`)."""
+    params = _given(limit=limit, after=after)
+    return Call("GET", f"/v1/threads/{_seg(thread_id)}/messages", lambda r: r, params=params)
+
+
+def messages_page(response: httpx.Response) -> tuple[list[ThreadMessage], str | None]:
+    """A page of messages and the ``after`` cursor of the next (``None``: the last page)."""
+    link = response.links.get("next")
+    after = httpx.URL(link["url"]).params.get("after") if link else None
+    return _many(ThreadMessage)(response), None if after is None else str(after)
+
+
+def run_on_thread(
+    thread_id: str,
+    agent_id: str,
+    prompt: str,
+    *,
+    output_tokens: int | None,
+    idempotency_key: str | None = None,
+) -> Call[ThreadRun]:
+    body = _given(agent_id=agent_id, input=prompt, output_tokens=output_tokens)
+    path = f"/v1/threads/{_seg(thread_id)}/runs"
+    return Call("POST", path, _one(ThreadRun), json=body, headers=_idem(idempotency_key))

@@ -25,6 +25,9 @@ from patinox.client.models import (
     Tenant,
     TenantConfig,
     TenantUsage,
+    Thread,
+    ThreadMessage,
+    ThreadRun,
     UsageSummary,
 )
 
@@ -75,6 +78,7 @@ class AsyncClient:
         self.secrets = Secrets(self)
         self.keys = Keys(self, operator=False)
         self.admin = Admin(self)
+        self.threads = Threads(self)
 
     async def send(self, call: rq.Call[T]) -> T:
         """Make one request (see :mod:`patinox.client._requests`) and read its answer.
@@ -403,3 +407,81 @@ class Keys:
 
     async def revoke(self, key_id: str, *, tenant_id: str | None = None) -> Key:
         return await self._c.send(rq.revoke_key(self._tenant(tenant_id), key_id))
+
+
+class Threads:
+    """The tenant's conversation threads (``client.threads``): a run on a thread is sent the
+    thread's messages as history, and a successful one appends its input and reply."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def create(
+        self, metadata: Mapping[str, str] | None = None, *, idempotency_key: str | None = None
+    ) -> Thread:
+        """A new empty thread; ``metadata``: at most 16 entries (keys 1-64, values at most
+        512 characters).
+
+        Raises:
+            InvalidRequest: the metadata is too large.
+            QuotaExceeded: the tenant already holds its plan's ``max_threads`` threads.
+        """
+        return await self._c.send(rq.create_thread(metadata, idempotency_key))
+
+    async def get(self, thread_id: str) -> Thread:
+        """The thread. Raises: NotFound: no such thread (another tenant's alike)."""
+        return await self._c.send(rq.get_thread(thread_id))
+
+    async def delete(self, thread_id: str) -> None:
+        """Delete the thread and its messages. Raises: NotFound: no such thread."""
+        await self._c.send(rq.delete_thread(thread_id))
+
+    async def list(self, *, page_size: int = 50) -> AsyncIterator[Thread]:
+        """Every thread, newest first, fetched a page at a time."""
+        before: str | None = None
+        while True:
+            page, before = rq.threads_page(
+                await self._c.send(rq.list_threads(limit=page_size, before=before))
+            )
+            for thread in page:
+                yield thread
+            if before is None:
+                return
+
+    async def messages(self, thread_id: str, *, page_size: int = 100) -> AsyncIterator[ThreadMessage]:
+        """Every message of the thread, oldest first, fetched a page at a time.
+
+        Raises:
+            NotFound: no such thread (another tenant's alike).
+        """
+        after: str | None = None
+        while True:
+            page, after = rq.messages_page(
+                await self._c.send(rq.list_messages(thread_id, limit=page_size, after=after))
+            )
+            for message in page:
+                yield message
+            if after is None:
+                return
+
+    async def run(
+        self,
+        thread_id: str,
+        agent_id: str,
+        prompt: str,
+        *,
+        output_tokens: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> ThreadRun:
+        """Run the agent on the thread and wait for its end: the thread's messages are the
+        model's history; on success the prompt and the reply are appended.
+
+        Raises:
+            NotFound: no such thread or agent.
+            RunFailed: the run failed or was cancelled (nothing was appended).
+        """
+        return await self._c.send(
+            rq.run_on_thread(
+                thread_id, agent_id, prompt, output_tokens=output_tokens, idempotency_key=idempotency_key
+            )
+        )

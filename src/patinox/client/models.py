@@ -24,6 +24,9 @@ __all__ = [
     "Tenant",
     "TenantConfig",
     "TenantUsage",
+    "Thread",
+    "ThreadMessage",
+    "ThreadRun",
     "UsageRecord",
     "UsageSummary",
 ]
@@ -214,6 +217,38 @@ class TenantConfig(_Model):
     isolation_level: Setting
     storage_model: Setting
     limits: dict[str, Setting]
+
+
+class Thread(_Model):
+    """A conversation thread: ``messages`` is how many it holds now (at most the plan's
+    ``max_thread_messages``); ``updated_at`` moves when a run adds messages."""
+
+    id: str
+    metadata: dict[str, str]
+    messages: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class ThreadMessage(_Model):
+    """One message of a thread: ``role`` is ``user`` (a run's input) or ``assistant`` (the
+    agent's reply); ``position`` counts 1, 2, ... within the thread."""
+
+    id: str
+    thread_id: str
+    position: int
+    role: str
+    content: str
+    run_id: str | None
+    created_at: datetime
+
+
+class ThreadRun(_Model):
+    """A run on a thread: the finished run and the two messages it appended."""
+
+    thread_id: str
+    run: Run
+    messages: list[ThreadMessage]
 
 
 class Endpoint(_Model):

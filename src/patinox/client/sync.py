@@ -23,6 +23,9 @@ from patinox.client.models import (
     Tenant,
     TenantConfig,
     TenantUsage,
+    Thread,
+    ThreadMessage,
+    ThreadRun,
     UsageSummary,
 )
 
@@ -73,6 +76,7 @@ class Client:
         self.secrets = Secrets(self)
         self.keys = Keys(self, operator=False)
         self.admin = Admin(self)
+        self.threads = Threads(self)
 
     def send(self, call: rq.Call[T]) -> T:
         """Make one request (see :mod:`patinox.client._requests`) and read its answer.
@@ -400,3 +404,77 @@ class Keys:
 
     def revoke(self, key_id: str, *, tenant_id: str | None = None) -> Key:
         return self._c.send(rq.revoke_key(self._tenant(tenant_id), key_id))
+
+
+class Threads:
+    """The tenant's conversation threads (``client.threads``): a run on a thread is sent the
+    thread's messages as history, and a successful one appends its input and reply."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def create(
+        self, metadata: Mapping[str, str] | None = None, *, idempotency_key: str | None = None
+    ) -> Thread:
+        """A new empty thread; ``metadata``: at most 16 entries (keys 1-64, values at most
+        512 characters).
+
+        Raises:
+            InvalidRequest: the metadata is too large.
+            QuotaExceeded: the tenant already holds its plan's ``max_threads`` threads.
+        """
+        return self._c.send(rq.create_thread(metadata, idempotency_key))
+
+    def get(self, thread_id: str) -> Thread:
+        """The thread. Raises: NotFound: no such thread (another tenant's alike)."""
+        return self._c.send(rq.get_thread(thread_id))
+
+    def delete(self, thread_id: str) -> None:
+        """Delete the thread and its messages. Raises: NotFound: no such thread."""
+        self._c.send(rq.delete_thread(thread_id))
+
+    def list(self, *, page_size: int = 50) -> Iterator[Thread]:
+        """Every thread, newest first, fetched a page at a time."""
+        before: str | None = None
+        while True:
+            page, before = rq.threads_page(self._c.send(rq.list_threads(limit=page_size, before=before)))
+            yield from page
+            if before is None:
+                return
+
+    def messages(self, thread_id: str, *, page_size: int = 100) -> Iterator[ThreadMessage]:
+        """Every message of the thread, oldest first, fetched a page at a time.
+
+        Raises:
+            NotFound: no such thread (another tenant's alike).
+        """
+        after: str | None = None
+        while True:
+            page, after = rq.messages_page(
+                self._c.send(rq.list_messages(thread_id, limit=page_size, after=after))
+            )
+            yield from page
+            if after is None:
+                return
+
+    def run(
+        self,
+        thread_id: str,
+        agent_id: str,
+        prompt: str,
+        *,
+        output_tokens: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> ThreadRun:
+        """Run the agent on the thread and wait for its end: the thread's messages are the
+        model's history; on success the prompt and the reply are appended.
+
+        Raises:
+            NotFound: no such thread or agent.
+            RunFailed: the run failed or was cancelled (nothing was appended).
+        """
+        return self._c.send(
+            rq.run_on_thread(
+                thread_id, agent_id, prompt, output_tokens=output_tokens, idempotency_key=idempotency_key
+            )
+        )

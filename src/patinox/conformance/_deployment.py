@@ -141,7 +141,8 @@ ID_RE = re.compile(r"\b[a-z]{2,4}_[0-9a-hjkmnp-tv-z]{26}\b")
 
 
 #: Requests of tenant X on another tenant's object, compared with the same request on a
-#: missing one. ``{id}`` is an agent id, a run id or a memory key, per the first field.
+#: missing one. ``{id}`` is an agent id, a run id, a memory key or a thread id, per the
+#: first field.
 PROBES: tuple[tuple[str, str, str, dict[str, Any] | None], ...] = (
     ("agent", "GET", "/v1/agents/{id}", None),
     ("agent", "PATCH", "/v1/agents/{id}", {"instructions": "probe"}),
@@ -152,6 +153,15 @@ PROBES: tuple[tuple[str, str, str, dict[str, Any] | None], ...] = (
     ("run", "POST", "/v1/runs/{id}/cancel", None),
     ("memory", "GET", "/v1/memory/{id}", None),
     ("memory", "DELETE", "/v1/memory/{id}", None),
+    ("thread", "GET", "/v1/threads/{id}", None),
+    ("thread", "GET", "/v1/threads/{id}/messages", None),
+    (
+        "thread",
+        "POST",
+        "/v1/threads/{id}/runs",
+        {"agent_id": "ag_probe", "input": "probe", "output_tokens": 4},
+    ),
+    ("thread", "DELETE", "/v1/threads/{id}", None),
 )
 
 

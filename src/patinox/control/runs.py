@@ -44,6 +44,7 @@ from patinox.agents import (
     is_simulated,
     run_agent,
 )
+from patinox.agents.runner import Role
 from patinox.control.admission import TOOL_CALL_TOKENS, RunAdmission, run_limits, worst_case_tokens
 from patinox.control.inflight import (
     CANCELLED_BY_REQUEST,
@@ -117,7 +118,8 @@ class RunExecutor(Protocol):
     ``usage`` as it goes (see :func:`patinox.agents.run_agent`), so a cancelled run's
     tokens so far can be charged, and calls ``on_usage(usage)`` after each step of the
     agent loop (each model response, before acting on it), so that a worker can record
-    them where they outlive its process.
+    them where they outlive its process. ``history`` (given only when there is one) holds
+    earlier turns of a conversation, oldest first, passed to the model as message history.
     """
 
     def execute(
@@ -131,6 +133,7 @@ class RunExecutor(Protocol):
         memory: MemoryStore,
         usage: RunUsage | None = None,
         on_usage: Callable[[RunUsage], None] | None = None,
+        history: tuple[tuple[Role, str], ...] = (),
     ) -> Awaitable[RunOutcome]: ...
 
 
@@ -247,17 +250,18 @@ class RunService:
         Args:
             rate_states: where to add the agent's rate-limit state (the HTTP route's
                 ``RateLimit`` headers), refused or not.
-            conversation: earlier turns and a stream callback (a synchronous run at the
-                ``namespace`` level only, which runs in this process); its turns count in
-                the run's token reservation. ``None``: the input alone.
+            conversation: earlier turns and a stream callback (a synchronous run; with a
+                stream callback at the ``namespace`` level only, which runs in this
+                process; its turns alone reach the execution process of the other levels);
+                its turns count in the run's token reservation. ``None``: the input alone.
 
         Raises:
             RateLimited: the agent's run rate (``per_agent_rpm``) is spent.
             TenantSuspended: the tenant is suspended (fenced in this process).
             NotFound: no such agent for this tenant.
             InvalidRequest: output_tokens above the agent's or plan's cap; a conversation
-                for an asynchronous run or a tenant at another level than ``namespace``
-                (field ``isolation_level``).
+                for an asynchronous run, or a streamed one for a tenant at another level
+                than ``namespace`` (field ``isolation_level``).
             ConcurrencyLimited, QuotaExceeded: admission refused; nothing was run or stored.
             Overloaded: a synchronous run's turn in this process's fair share did not come
                 in time; nothing was run or stored.
@@ -267,11 +271,17 @@ class RunService:
                 lists; nothing was run or stored.
             RunFailed: a synchronous run failed (the run is recorded with its error).
         """
-        if conversation is not None and (
-            req.mode != "sync" or ctx.isolation_level is not IsolationLevel.NAMESPACE
+        if conversation is not None and req.mode != "sync":
+            raise InvalidRequest(
+                "a conversation is run synchronously only", field="conversation", mode=req.mode
+            )
+        if (
+            conversation is not None
+            and conversation.on_event is not None
+            and ctx.isolation_level is not IsolationLevel.NAMESPACE
         ):
             raise InvalidRequest(
-                "conversations and streamed runs execute at the 'namespace' isolation level only; "
+                "streamed runs execute at the 'namespace' isolation level only; "
                 f"this tenant runs at {ctx.isolation_level.value!r}",
                 field="conversation",
                 isolation_level=ctx.isolation_level.value,
@@ -699,9 +709,10 @@ class RunService:
 
         A queued run's attempt (``ticket.attempt``) records its usage as it goes (see
         :class:`~patinox.control.settlement.Attempt`) and ends with the run; its usage
-        record is that attempt's. A run with a ``conversation`` (``namespace`` level, checked
-        at :meth:`start`) is the agent's own run here, in the tenant's scope the request
-        entered, as the ``namespace`` executor runs it.
+        record is that attempt's. A run with a streamed ``conversation`` (``namespace`` level,
+        checked at :meth:`start`) is the agent's own run here, in the tenant's scope the
+        request entered, as the ``namespace`` executor runs it; a conversation's turns
+        without a stream go to the executor of the tenant's level.
         """
         definition = AgentDefinition(
             name=agent["name"],
@@ -743,7 +754,10 @@ class RunService:
                         definition = dataclasses.replace(definition, provider_key=key)
                 # Again here: a queued run's tenant may have lost the tool since it was queued.
                 check_tools_allowed(definition.tools, ctx.limits.allowed_tools)
-                if conversation is None:
+                if conversation is None or conversation.on_event is None:
+                    # Earlier turns go to the executor of the tenant's level (given only
+                    # when there are some: an executor of an earlier shape runs the rest).
+                    turns = {"history": conversation.history} if conversation and conversation.history else {}
                     outcome = await self._executor.execute(
                         ctx,
                         definition,
@@ -753,6 +767,7 @@ class RunService:
                         memory=store,
                         usage=so_far,
                         on_usage=None if attempt is None else attempt.record,
+                        **turns,
                     )
                 else:
                     if conversation.on_event is not None:

@@ -48,7 +48,7 @@ from pydantic_ai.settings import ModelSettings
 from pydantic_ai.usage import RunUsage
 
 from patinox._process import SERVER_GC_THRESHOLDS
-from patinox.agents import AgentDefinition, FetchedPage, RunLimits, run_agent
+from patinox.agents import AgentDefinition, Conversation, FetchedPage, RunLimits, run_agent
 from patinox.errors import PatinoxError, RunFailed
 from patinox.isolation.channel import (
     Bind,
@@ -350,6 +350,7 @@ def _run(
                     usage=usage,
                     model=model,
                     code=code,
+                    conversation=Conversation(history=run.history) if run.history else None,
                     fetch=ChannelFetcher(connection),
                 )
             )

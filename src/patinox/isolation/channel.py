@@ -178,6 +178,8 @@ class Run(_Message):
             model answers with them).
         prompt, output_tokens: as :func:`~patinox.agents.run_agent`.
         max_output_tokens, max_tool_calls, timeout_s, max_total_tokens: the run's limits.
+        history: earlier turns of the conversation, oldest first, as ``(role, text)``
+            (a thread's messages; see :class:`~patinox.agents.Conversation`).
     """
 
     type: Literal["run"] = "run"
@@ -195,6 +197,7 @@ class Run(_Message):
     max_tool_calls: int
     timeout_s: float
     max_total_tokens: int | None = None
+    history: tuple[tuple[Literal["system", "user", "assistant"], str], ...] = ()
 
 
 class ModelReply(_Message):

@@ -17,6 +17,7 @@ from typing import Protocol
 from pydantic_ai.usage import RunUsage
 
 from patinox.agents import AgentDefinition, MemoryStore, RunLimits, RunOutcome
+from patinox.agents.runner import Role
 from patinox.errors import IsolationUnavailable
 from patinox.tenancy import IsolationLevel, ResourceLimits, TenantContext
 
@@ -37,6 +38,7 @@ class LevelExecutor(Protocol):
         memory: MemoryStore,
         usage: RunUsage | None = None,
         on_usage: Callable[[RunUsage], None] | None = None,
+        history: tuple[tuple[Role, str], ...] = (),
     ) -> Awaitable[RunOutcome]: ...
 
 
@@ -84,6 +86,7 @@ class ExecutorMap:
         memory: MemoryStore,
         usage: RunUsage | None = None,
         on_usage: Callable[[RunUsage], None] | None = None,
+        history: tuple[tuple[Role, str], ...] = (),
     ) -> Awaitable[RunOutcome]:
         """The run, by the executor of ``ctx.isolation_level`` (see ``RunExecutor``).
 
@@ -96,6 +99,9 @@ class ExecutorMap:
                 f"isolation level {ctx.isolation_level.value!r} is not available in this process",
                 isolation_level=ctx.isolation_level.value,
             )
+        # ``history`` only when there is one: an executor of an earlier shape still runs
+        # every run without.
+        more = {"history": history} if history else {}
         return executor.execute(
             ctx,
             definition,
@@ -105,6 +111,7 @@ class ExecutorMap:
             memory=memory,
             usage=usage,
             on_usage=on_usage,
+            **more,
         )
 
     def _distinct(self) -> list[LevelExecutor]:

@@ -13,7 +13,8 @@ from typing import Any
 
 from pydantic_ai.usage import RunUsage
 
-from patinox.agents import AgentDefinition, MemoryStore, RunLimits, RunOutcome, run_agent
+from patinox.agents import AgentDefinition, Conversation, MemoryStore, RunLimits, RunOutcome, run_agent
+from patinox.agents.runner import Role
 from patinox.errors import TenantContextAlreadySet
 from patinox.isolation.egress import GuardedFetcher
 from patinox.network import EgressSettings
@@ -42,13 +43,15 @@ class NamespaceExecutor:
         memory: MemoryStore,
         usage: RunUsage | None = None,
         on_usage: Callable[[RunUsage], None] | None = None,
+        history: tuple[tuple[Role, str], ...] = (),
     ) -> Awaitable[RunOutcome]:
         """The run of ``definition`` on ``prompt`` for ``ctx``'s tenant, to await.
 
         Inside that tenant's scope (a request's run) this is the agent's own run, with no
         coroutine of its own around it: a run resumes about fourteen times, and each layer
         it passes through costs each time. Outside any scope (a worker's run) the run is
-        wrapped in the tenant's scope.
+        wrapped in the tenant's scope. ``history``: earlier turns passed to the model as
+        message history (a thread's messages), oldest first.
 
         Raises:
             RunFailed: the run failed, when awaited (see :func:`patinox.agents.run_agent`).
@@ -62,6 +65,7 @@ class NamespaceExecutor:
             memory=memory,
             usage=usage,
             on_usage=on_usage,
+            conversation=Conversation(history=history) if history else None,
             fetch=GuardedFetcher(ctx, self.egress),
         )
         active = current_tenant_or_none()

@@ -46,7 +46,7 @@ from patinox.agents import (
     resolve_model,
     validate_tool_names,
 )
-from patinox.agents.runner import request_limit_for
+from patinox.agents.runner import Role, request_limit_for
 from patinox.agents.simulated import is_simulated
 from patinox.errors import (
     EgressRefused,
@@ -225,6 +225,7 @@ class ProcessExecutor:
         memory: MemoryStore,
         usage: RunUsage | None = None,
         on_usage: Callable[[RunUsage], None] | None = None,
+        history: tuple[tuple[Role, str], ...] = (),
     ) -> Awaitable[RunOutcome]:
         """The run of ``definition`` on ``prompt`` for ``ctx``'s tenant in one of its
         execution processes, to await (the same contract as
@@ -244,7 +245,18 @@ class ProcessExecutor:
                 active_tenant_id=active.tenant_id,
             )
         return (
-            _HostRun(self.supervisor, ctx, definition, prompt, output_tokens, limits, memory, usage, on_usage)
+            _HostRun(
+                self.supervisor,
+                ctx,
+                definition,
+                prompt,
+                output_tokens,
+                limits,
+                memory,
+                usage,
+                on_usage,
+                history,
+            )
             .with_fetcher(GuardedFetcher(ctx, self.egress))
             .run()
         )
@@ -264,8 +276,12 @@ class _HostRun:
         memory: MemoryStore,
         usage: RunUsage | None,
         on_usage: Callable[[RunUsage], None] | None,
+        history: tuple[tuple[Role, str], ...] = (),
     ) -> None:
         self.supervisor = supervisor
+        #: Earlier turns sent with the run (a thread's messages): the process passes them
+        #: to the model as message history; the host counts them as the model is sent them.
+        self.history = history
         self.ctx = ctx
         self.definition = definition
         self.prompt = prompt
@@ -422,6 +438,7 @@ class _HostRun:
             max_tool_calls=limits.max_tool_calls,
             timeout_s=limits.timeout_s,
             max_total_tokens=limits.max_total_tokens,
+            history=self.history,
         )
 
     async def _serve(self, proc: ExecutionProcess, model: Model) -> Done | Failed:

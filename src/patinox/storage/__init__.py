@@ -39,6 +39,7 @@ from patinox.storage._secrets import (
 )
 from patinox.storage._statements import PreparedWrite
 from patinox.storage._tenant_store import TenantStore
+from patinox.storage._threads import MessageRecord, ThreadRecord, ThreadRecords, Turn
 from patinox.storage.engine import make_engine, migrate, translate_errors
 from patinox.storage.records import (
     AgentRecord,
@@ -72,6 +73,7 @@ __all__ = [
     "HostClaim",
     "IdempotencyRecords",
     "KeyTenantRecord",
+    "MessageRecord",
     "Placements",
     "PreparedWrite",
     "RunRecord",
@@ -83,6 +85,9 @@ __all__ = [
     "TenantRecord",
     "TenantSecrets",
     "TenantStore",
+    "ThreadRecord",
+    "ThreadRecords",
+    "Turn",
     "UsageRecord",
     "UsageTotals",
     "check_secret_name",

@@ -51,6 +51,8 @@ _WALK_KEY = {
     "usage_records": "id",
     "audit_log": "seq",
     "idempotency_keys": "key",
+    "threads": "id",
+    "thread_messages": "id",
     "secrets": "name",
 }
 #: The placement's own numbering of rows, never carried from one placement to another.

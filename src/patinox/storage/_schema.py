@@ -336,6 +336,42 @@ idempotency_keys = Table(
     Index("ix_idempotency_keys_tenant_id_expires_at", "tenant_id", "expires_at"),
 )
 
+threads = Table(
+    "threads",
+    metadata,
+    # A tenant's conversation thread: the messages of its runs, passed to the model as
+    # message history on each run on the thread (see patinox.storage._threads).
+    Column("tenant_id", String(40), primary_key=True),
+    Column("id", String(40), primary_key=True),
+    # The caller's metadata (a small string map) as JSON, sealed (AAD: threads.metadata).
+    Column("metadata", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Index("ix_threads_tenant_id_created_at", "tenant_id", "created_at"),
+)
+
+thread_messages = Table(
+    "thread_messages",
+    metadata,
+    # One message of a thread: the user's input or the agent's reply of a run on it.
+    Column("tenant_id", String(40), primary_key=True),
+    Column("id", String(40), primary_key=True),
+    Column("thread_id", String(40), nullable=False),
+    # The message's place in its thread (1, 2, ...; gaps where the oldest were dropped).
+    Column("position", Integer, nullable=False),
+    # user | assistant
+    Column("role", String(20), nullable=False),
+    # Sealed like runs.input (AAD: thread_messages.content, the message id).
+    Column("content", LargeBinary, nullable=False),
+    # The run that added it.
+    Column("run_id", String(40), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    ForeignKeyConstraint(["tenant_id", "thread_id"], ["threads.tenant_id", "threads.id"], ondelete="CASCADE"),
+    Index(
+        "uq_thread_messages_tenant_id_thread_id_position", "tenant_id", "thread_id", "position", unique=True
+    ),
+)
+
 secrets = Table(
     "secrets",
     metadata,
@@ -366,6 +402,8 @@ TENANT_TABLES = (
     run_queue,
     queue_tenants,
     quota_ledger,
+    threads,
+    thread_messages,
     secrets,
 )
 

@@ -47,6 +47,8 @@ SEALED_COLUMNS: tuple[SealedColumn, ...] = (
     SealedColumn("runs", "id", "input", "runs.input"),
     SealedColumn("runs", "id", "output", "runs.output"),
     SealedColumn("idempotency_keys", "key", "response", "idempotency_keys.response"),
+    SealedColumn("threads", "id", "metadata", "threads.metadata"),
+    SealedColumn("thread_messages", "id", "content", "thread_messages.content"),
     SealedColumn("secrets", "name", "value", "secrets.value"),
 )
 

@@ -58,6 +58,7 @@ from patinox.storage._statements import (
     memory_bytes,
     usage_summary_query,
 )
+from patinox.storage._threads import ThreadRecords
 from patinox.storage.engine import begin, translate_errors
 from patinox.storage.records import (
     AgentRecord,
@@ -699,6 +700,10 @@ class TenantStore:
     def idempotency(self) -> IdempotencyRecords:
         """This tenant's ``Idempotency-Key`` records (see :class:`IdempotencyRecords`)."""
         return IdempotencyRecords(self._tx, self._sealer, postgres=self._placement.postgres)
+
+    def threads(self) -> ThreadRecords:
+        """This tenant's conversation threads and their messages (see :class:`ThreadRecords`)."""
+        return ThreadRecords(self._tx, self._sealer)
 
     def secrets(self) -> TenantSecrets:
         """This tenant's secrets, sealed under its DEK (see :class:`TenantSecrets`): set,

@@ -146,6 +146,14 @@ class ResourceLimits(BaseModel):
     code_output_bytes: int = Field(
         default=64 * 2**10, ge=1024, description="stdout + stderr kept from one python tool call, bytes"
     )
+    max_thread_messages: int = Field(
+        default=200,
+        ge=2,
+        description="messages one conversation thread keeps (each run adds two); the oldest are dropped",
+    )
+    max_threads: int = Field(
+        default=1_000, ge=1, description="conversation threads the tenant may hold at once"
+    )
     # Model selection: which model ids the tenant's agents and runs may use (patterns, see
     # model_allowed) and the model of an agent defined without one.
     allowed_models: tuple[ModelPattern, ...] = Field(
@@ -277,6 +285,8 @@ class LimitOverrides(BaseModel):
     dedicated_cores: int | None = Field(default=None, ge=1, le=4_096)
     code_timeout_s: float | None = Field(default=None, gt=0, le=86_400)
     code_output_bytes: int | None = Field(default=None, ge=1024, le=2**30)
+    max_thread_messages: int | None = Field(default=None, ge=2, le=10**6)
+    max_threads: int | None = Field(default=None, ge=1, le=10**9)
     allowed_models: tuple[ModelPattern, ...] | None = Field(default=None, min_length=1, max_length=64)
     default_model: ModelId | None = None
     allowed_tools: tuple[str, ...] | None = Field(default=None, max_length=MAX_LISTED)
@@ -363,6 +373,8 @@ PLANS: dict[str, Plan] = {
             execution_processes=2,
             code_timeout_s=10,
             code_output_bytes=64 * 2**10,
+            max_thread_messages=100,
+            max_threads=1_000,
             # The simulated models and the providers' small models.
             allowed_models=(
                 "simulated*",
@@ -395,6 +407,8 @@ PLANS: dict[str, Plan] = {
             execution_processes=8,
             code_timeout_s=30,
             code_output_bytes=256 * 2**10,
+            max_thread_messages=1_000,
+            max_threads=100_000,
         ),
     ),
     "enterprise": Plan(
@@ -421,6 +435,8 @@ PLANS: dict[str, Plan] = {
             execution_processes=32,
             code_timeout_s=60,
             code_output_bytes=2**20,
+            max_thread_messages=10_000,
+            max_threads=10_000_000,
         ),
     ),
 }

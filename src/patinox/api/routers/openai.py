@@ -6,10 +6,10 @@ through :meth:`~patinox.control.RunService.start` like ``POST /v1/agents/{id}/ru
 same admission (rate limits, quotas, concurrency, fair share), audit, usage record and
 settlement. Errors answer in OpenAI's shape (:mod:`patinox.api._openai`).
 
-Streaming (``stream: true``) and earlier turns of a conversation run at the ``namespace``
-isolation level, where the run executes in this process; a tenant at another level gets
-``400 unsupported_parameter`` naming its level (``param`` ``stream`` or ``messages``) and
-may send a conversation of one user message, not streamed.
+Streaming (``stream: true``) runs at the ``namespace`` isolation level, where the run
+executes in this process; a tenant at another level gets ``400 unsupported_parameter``
+naming its level (``param`` ``stream``). Earlier turns of a conversation reach the model
+at every level (they travel with the run to the tenant's execution process).
 """
 
 from __future__ import annotations
@@ -95,8 +95,6 @@ async def chat_completions(
     prompt, history = body.conversation()
     if body.stream:
         check_stream_level(ctx, param="stream")
-    elif history:
-        check_stream_level(ctx, param="messages", what="a conversation of more than one message")
     agent = find_agent(rt.backend.tenant_store(ctx), body.model)
     try:
         req = RunRequest(input=prompt, output_tokens=body.output_tokens())

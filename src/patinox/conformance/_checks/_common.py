@@ -54,7 +54,9 @@ def seed(t: Target, tenant: TenantHandle) -> dict[str, str]:
     Returns:
         The markers and ids by role: ``key``, ``value``, ``agent_name``, ``instructions``,
         ``prompt``, ``idempotency_key`` (the run was sent with it: its response is kept,
-        sealed), ``agent_id`` and ``run_id``.
+        sealed), ``agent_id`` and ``run_id``; ``thread_id``, ``thread_input`` (a run on that
+        conversation thread was sent it: a sealed message) and ``thread_message_id`` (its
+        message).
 
     Raises:
         ConformanceFailure: the run's ``memory_get`` did not return the tenant's value.
@@ -78,4 +80,12 @@ def seed(t: Target, tenant: TenantHandle) -> dict[str, str]:
     )
     check(s["value"] in str(run["output"]), f"the run's memory_get did not return the tenant's value: {run}")
     s["run_id"] = str(run["id"])
+    r = t.client.post("/v1/threads", json={}, headers=tenant.h)
+    check(r.status_code == 201, f"POST /v1/threads for {tenant.name}: {r.status_code} {r.text[:300]}")
+    s["thread_id"] = str(r.json()["id"])
+    s["thread_input"] = m.atom()
+    body = {"agent_id": s["agent_id"], "input": f"{s['thread_input']} question", "output_tokens": 4}
+    r = t.client.post(f"/v1/threads/{s['thread_id']}/runs", json=body, headers=tenant.h)
+    check(r.status_code == 200, f"a run on a thread for {tenant.name}: {r.status_code} {r.text[:300]}")
+    s["thread_message_id"] = str(r.json()["messages"][0]["id"])
     return s

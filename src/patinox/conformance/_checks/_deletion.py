@@ -23,8 +23,18 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
     sealed_input = _raw.read_cell(t, a.id, "runs", "input", "id", sa["run_id"])
     idem = sa["idempotency_key"]
     sealed_response = _raw.read_cell(t, a.id, "idempotency_keys", "response", "key", idem)
+    message = sa["thread_message_id"]
+    sealed_message = _raw.read_cell(t, a.id, "thread_messages", "content", "id", message)
     before = _raw.count_tenant_rows(t, a.id)
-    for table in ("agents", "memory", "runs", "tenant_keys", "idempotency_keys"):
+    for table in (
+        "agents",
+        "memory",
+        "runs",
+        "tenant_keys",
+        "idempotency_keys",
+        "threads",
+        "thread_messages",
+    ):
         n = sum(v for k, v in before.items() if k.endswith(("." + table, ":" + table)))
         check(
             n > 0, f"before deletion no {table} row of the tenant was found: the row count cannot be trusted"
@@ -43,6 +53,7 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
             ("memory.value", sa["key"], sealed_value),
             ("runs.input", sa["run_id"], sealed_input),
             ("idempotency_keys.response", idem, sealed_response),
+            ("thread_messages.content", message, sealed_message),
         ):
             check(
                 sealed is not None and decrypts(fresh, a.id, table, record, sealed) is None,
@@ -58,7 +69,7 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
     raw = _raw.stored_bytes(t)
     stale = [
         k
-        for k in ("agent_name", "instructions", "key", "agent_id", "run_id", "idempotency_key")
+        for k in ("agent_name", "instructions", "key", "agent_id", "run_id", "idempotency_key", "thread_id")
         if sa[k].encode() in raw
     ]
     check(not stale, f"the deleted tenant's {stale} are still in the stored data")
@@ -74,7 +85,7 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
     # Same name again: a new tenant that sees nothing of the old one.
     a2 = t.new_tenant("del-a", name=a.name)
     check(a2.id != a.id, "the re-created tenant got the deleted tenant's id")
-    for path in ("/v1/agents", "/v1/memory", "/v1/runs"):
+    for path in ("/v1/agents", "/v1/memory", "/v1/runs", "/v1/threads"):
         r = t.client.get(path, headers=a2.h)
         check(r.status_code == 200 and r.json() == [], f"re-created tenant: GET {path} = {r.text[:300]}")
     r = t.client.get("/v1/usage?since=2000-01-01T00:00:00Z", headers=a2.h)
@@ -83,6 +94,7 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
         (f"/v1/memory/{sa['key']}", f"/v1/memory/{t.markers.atom()}"),
         (f"/v1/agents/{sa['agent_id']}", f"/v1/agents/{new_id('ag')}"),
         (f"/v1/runs/{sa['run_id']}", f"/v1/runs/{new_id('run')}"),
+        (f"/v1/threads/{sa['thread_id']}", f"/v1/threads/{new_id('th')}"),
     ):
         old, new = t.client.get(path, headers=a2.h), t.client.get(missing, headers=a2.h)
         same = old.text.replace(path.rsplit("/", 1)[1], "X") == new.text.replace(

@@ -15,7 +15,8 @@ from patinox.errors import PatinoxError
 def no_plaintext_at_rest(t: Target, _: SuiteEnv) -> None:
     """Raw storage holds no plaintext of an encrypted payload (memory values, run inputs,
     run outputs, the responses kept for an ``Idempotency-Key``, which repeat the run's
-    input), while it does hold the unencrypted columns of the same rows."""
+    input, the messages of a conversation thread), while it does hold the unencrypted
+    columns of the same rows."""
     tenants = [t.new_tenant(label) for label in ("plain-a", "plain-b")]
     seeds = [seed(t, x) for x in tenants]
     raw = _raw.stored_bytes(t)
@@ -30,13 +31,18 @@ def no_plaintext_at_rest(t: Target, _: SuiteEnv) -> None:
             kept is not None and _raw.scan_form(t, kept) in raw,
             "the stored ciphertext of a kept Idempotency-Key response is not in raw storage",
         )
+        message = _raw.read_cell(t, x.id, "thread_messages", "content", "id", s["thread_message_id"])
+        check(
+            message is not None and _raw.scan_form(t, message) in raw,
+            "the stored ciphertext of a thread message is not in raw storage",
+        )
         # Positive control: names and keys are stored in clear, so the scan saw these rows.
-        for visible in ("agent_name", "key", "idempotency_key"):
+        for visible in ("agent_name", "key", "idempotency_key", "thread_id", "thread_message_id"):
             check(
                 s[visible].encode() in raw,
                 f"raw scan did not reach the rows holding the {visible} {s[visible]}",
             )
-        for secret in ("value", "prompt"):
+        for secret in ("value", "prompt", "thread_input"):
             check(
                 s[secret].encode() not in raw, f"plaintext of an encrypted payload ({secret}) in raw storage"
             )

@@ -20,14 +20,16 @@ from patinox.tenancy import new_id
 
 
 def foreign_ids_like_missing(t: Target, _: SuiteEnv) -> None:
-    """Every tenant route given another tenant's agent id, run id or memory key answers
+    """Every tenant route given another tenant's agent id, run id, memory key or thread id answers
     exactly like one given a missing id (status and body, modulo the id), and changes
     nothing of the owner (the same property the state machine samples, here each case)."""
     a, b = t.new_tenant("foreign-a"), t.new_tenant("foreign-b")
     sa = seed(t, a)
-    foreign = {"agent": sa["agent_id"], "run": sa["run_id"], "memory": sa["key"]}
+    foreign = {"agent": sa["agent_id"], "run": sa["run_id"], "memory": sa["key"], "thread": sa["thread_id"]}
     for kind, method, template, body in PROBES:
-        missing = {"agent": new_id("ag"), "run": new_id("run")}.get(kind) or t.markers.atom()
+        missing = {"agent": new_id("ag"), "run": new_id("run"), "thread": new_id("th")}.get(
+            kind
+        ) or t.markers.atom()
         x: Answer = t.client.request(method, template.format(id=foreign[kind]), json=body, headers=b.h)
         y: Answer = t.client.request(method, template.format(id=missing), json=body, headers=b.h)
         what = f"{method} {template} with another tenant's {kind}"
@@ -50,8 +52,16 @@ def foreign_ids_like_missing(t: Target, _: SuiteEnv) -> None:
     check(r.status_code == 200 and r.json()["input"].startswith(sa["prompt"]), f"owner's run: {r.text[:300]}")
     r = t.get_memory(a, sa["key"])
     check(r.status_code == 200 and r.json()["value"] == sa["value"], f"owner's memory: {r.text[:300]}")
+    r = t.client.get(f"/v1/threads/{sa['thread_id']}/messages", headers=a.h)
+    check(
+        r.status_code == 200
+        and [m["content"] for m in r.json()][:1] == [f"{sa['thread_input']} question"]
+        and len(r.json()) == 2,
+        f"owner's thread after the probes: {r.text[:300]}",
+    )
     r = t.client.get("/v1/runs", headers=a.h)
-    check([x["id"] for x in r.json()] == [sa["run_id"]], f"owner's runs after the probes: {r.text[:300]}")
+    owned = {x["id"] for x in r.json()}
+    check(sa["run_id"] in owned and len(owned) == 2, f"owner's runs after the probes: {r.text[:300]}")
 
 
 def same_cache_key_material(t: Target, _: SuiteEnv) -> None:

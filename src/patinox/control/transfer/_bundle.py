@@ -60,6 +60,8 @@ _KIND_TABLES: dict[str, Table] = {
     "usage": s.usage_records,
     "audit": s.audit_log,
     "idempotency_key": s.idempotency_keys,
+    "thread": s.threads,
+    "thread_message": s.thread_messages,
     # Written only by an export with include_secrets (audited); a move always carries them.
     "secret": s.secrets,
 }

@@ -74,6 +74,8 @@ class _Exported:
     #: The greatest run id written (ids grow with time: a run made after the runs were
     #: read has a greater one).
     last_run: str = ""
+    #: The threads written (a message of a thread made after they were read is left out).
+    threads: set[str] = field(default_factory=set)
 
 
 def _export_rows(store: TenantStore, kind: str, exported: _Exported) -> Iterator[AnyRow]:
@@ -90,6 +92,10 @@ def _export_rows(store: TenantStore, kind: str, exported: _Exported) -> Iterator
                 exported.last_run = max(exported.last_run, row["id"])
             if kind == "idempotency_key" and row["state"] != "done":
                 continue  # its request had not finished: nothing to replay, and no one to finish it
+            if kind == "thread":
+                exported.threads.add(row["id"])
+            if kind == "thread_message" and row["thread_id"] not in exported.threads:
+                continue  # its thread was created after the threads were read: not in this bundle
             if kind == "attempt":
                 agent_id = row.pop("run_agent_id")
                 if agent_id not in exported.agents or row["run_id"] > exported.last_run:
