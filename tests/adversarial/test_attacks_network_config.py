@@ -11,11 +11,17 @@ while its default model stays outside them.
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
 from patinox.errors import EgressRefused
 from patinox.network import OutboundGuard, OutboundPolicy
+from tests.conftest import auth
+
+ON_BOTH = pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
 
 # --- egress: IPv6 forms of internal IPv4 addresses ---------------------------------------
 
@@ -48,3 +54,72 @@ def test_egress_still_reaches_a_public_ipv4_address_through_nat64() -> None:
     guard = OutboundGuard(OutboundPolicy(allowed_hosts=None))
     target = asyncio.run(guard.check("https://[64:ff9b::5db8:d822]/"))  # 93.184.216.34
     assert str(target.address) == "64:ff9b::5db8:d822"
+
+
+# --- keys: a key cannot outlive the key that made it -------------------------------------
+
+
+def _expiring_key(
+    client: TestClient, operator_key: str, tenant_id: str, within_s: float
+) -> tuple[str, str, datetime]:
+    ends = datetime.now(UTC) + timedelta(seconds=within_s)
+    r = client.post(
+        f"/admin/tenants/{tenant_id}/keys",
+        json={"name": "contractor", "scopes": ["keys:write", "read"], "expires_at": ends.isoformat()},
+        headers=auth(operator_key),
+    )
+    assert r.status_code == 201, r.text
+    return r.json()["key"], r.json()["id"], datetime.fromisoformat(r.json()["expires_at"])
+
+
+@ON_BOTH
+def test_an_expiring_key_cannot_mint_a_key_that_outlives_it(
+    client: TestClient, operator_key: str, make_tenant: Any
+) -> None:
+    t = make_tenant("acme")
+    key, _, ends = _expiring_key(client, operator_key, t.id, 3600)
+    r = client.post("/v1/keys", json={"name": "forever", "scopes": ["read"]}, headers=auth(key))
+    assert r.status_code in (201, 403), r.text
+    if r.status_code == 201:
+        made = r.json()["expires_at"]
+        assert made is not None and datetime.fromisoformat(made) <= ends, r.text
+    later = (ends + timedelta(days=365)).isoformat()
+    r = client.post(
+        "/v1/keys", json={"name": "later", "scopes": ["read"], "expires_at": later}, headers=auth(key)
+    )
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["code"] == "forbidden", r.text
+
+
+@ON_BOTH
+def test_an_expiring_key_cannot_rotate_itself_into_a_key_without_expiry(
+    client: TestClient, operator_key: str, make_tenant: Any
+) -> None:
+    t = make_tenant("acme")
+    key, key_id, ends = _expiring_key(client, operator_key, t.id, 3600)
+    r = client.post(f"/v1/keys/{key_id}/rotate", json={"overlap_s": 0}, headers=auth(key))
+    assert r.status_code in (201, 403), r.text
+    if r.status_code == 201:
+        made = r.json()["expires_at"]
+        assert made is not None and datetime.fromisoformat(made) <= ends, r.text
+
+
+# --- models: the default model follows the allow-list ------------------------------------
+
+
+@ON_BOTH
+def test_a_narrowed_model_list_does_not_leave_an_outside_default_model_usable(
+    client: TestClient, operator_key: str, make_tenant: Any
+) -> None:
+    t = make_tenant("acme", "pro", {"allowed_models": ["simulated*"], "default_model": "simulated:instant"})
+    r = client.patch(
+        f"/admin/tenants/{t.id}",
+        json={"limits": {"allowed_models": ["simulated:ttft_ms=0,tpot_ms=0"]}},
+        headers=auth(operator_key),
+    )
+    if r.status_code == 422:  # refused: the default it keeps is outside the new list
+        return
+    assert r.status_code == 200, r.text
+    made = client.post("/v1/agents", json={"name": "d"}, headers=t.h)
+    assert made.status_code == 403, made.text
+    assert made.json()["error"]["code"] == "model_not_allowed", made.text
