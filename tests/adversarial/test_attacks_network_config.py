@@ -11,6 +11,8 @@ while its default model stays outside them.
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,6 +21,8 @@ from fastapi.testclient import TestClient
 
 from patinox.errors import EgressRefused
 from patinox.network import OutboundGuard, OutboundPolicy
+from patinox.runtime import Runtime, Settings
+from tests.api._server import Server
 from tests.conftest import auth
 
 ON_BOTH = pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
@@ -123,3 +127,81 @@ def test_a_narrowed_model_list_does_not_leave_an_outside_default_model_usable(
     made = client.post("/v1/agents", json={"name": "d"}, headers=t.h)
     assert made.status_code == 403, made.text
     assert made.json()["error"]["code"] == "model_not_allowed", made.text
+
+
+# --- tenant host names on a real server: raw requests no client library would send -----
+
+BASE = "patinox.test"
+
+
+@pytest.fixture
+def host_server(deployment: Any, backend: Any, kek_url: str, exec_root: Any) -> Iterator[Server]:
+    settings = Settings(
+        database_url=deployment.db_url,
+        owner_url=deployment.owner_url,
+        kek_url=kek_url,
+        exec_root=exec_root,
+        isolation_levels=frozenset(),
+        base_domain=BASE,
+        base_hosts=("localhost", "127.0.0.1"),
+    )
+    rt = Runtime.build(settings, backend=backend)
+    server = Server(rt)
+    yield server
+    server.close()
+    rt.close()
+
+
+def _raw(server: Server, head: str) -> tuple[int, bytes]:
+    """Send ``head`` (request line and headers, CRLF-separated) as bytes; the status and body."""
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head.encode("utf-8") + b"Connection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+    return status, data.partition(b"\r\n\r\n")[2]
+
+
+@ON_BOTH
+def test_raw_host_header_tricks_never_let_a_key_in_on_another_tenants_host(host_server: Server) -> None:
+    acme = host_server.tenant("acme")
+    host_server.tenant("globex")
+    on_globex = f"globex.{BASE}"
+    # The control: the same raw request on acme's own host name is answered.
+    status, body = _raw(
+        host_server,
+        f"GET /v1/agents HTTP/1.1\r\nHost: acme.{BASE}\r\n" + f"Authorization: Bearer {acme.key}\r\n",
+    )
+    assert status == 200, body
+    tricks = [
+        # duplicate Host headers: the acme one second, the globex one first, and the reverse
+        f"GET /v1/agents HTTP/1.1\r\nHost: {on_globex}\r\nHost: acme.{BASE}\r\n",
+        f"GET /v1/agents HTTP/1.1\r\nHost: acme.{BASE}\r\nHost: {on_globex}\r\n",
+        # the absolute-form request target names acme, the Host header globex
+        f"GET http://acme.{BASE}/v1/agents HTTP/1.1\r\nHost: {on_globex}\r\n",
+        # X-Forwarded-Host naming acme (or the base host) on globex's host name
+        f"GET /v1/agents HTTP/1.1\r\nHost: {on_globex}\r\nX-Forwarded-Host: acme.{BASE}\r\n",
+        f"GET /v1/agents HTTP/1.1\r\nHost: {on_globex}\r\nX-Forwarded-Host: localhost\r\n",
+        # case, a final dot, a port, spaces
+        f"GET /v1/agents HTTP/1.1\r\nHost: GLOBEX.{BASE.upper()}.:443\r\n",
+        f"GET /v1/agents HTTP/1.1\r\nHost:  {on_globex}  \r\n",
+        # a Cyrillic look-alike of acme's host name
+        f"GET /v1/agents HTTP/1.1\r\nHost: \u0430cme.{BASE}\r\n",
+    ]
+    for trick in tricks:
+        head = trick + f"Authorization: Bearer {acme.key}\r\n"
+        status, body = _raw(host_server, head)
+        if "Host: acme" in trick and "Host: globex" not in trick.split("Host: acme")[0]:
+            continue  # acme's own host first: not an attack
+        assert status in (400, 401, 404), (trick, status, body)
+        assert not body.startswith(b"["), (trick, body)  # never the agents list
+    # /admin on a tenant host: not there, whatever the Host header tricks
+    for trick in [
+        f"GET /admin/tenants HTTP/1.1\r\nHost: {on_globex}\r\nHost: localhost\r\n",
+        f"GET /admin/tenants HTTP/1.1\r\nHost: {on_globex}\r\nX-Forwarded-Host: localhost\r\n",
+        f"GET http://localhost/admin/tenants HTTP/1.1\r\nHost: {on_globex}\r\n",
+    ]:
+        status, body = _raw(host_server, trick + f"Authorization: Bearer {host_server.operator}\r\n")
+        assert status in (400, 404), (trick, status, body)
