@@ -11,9 +11,12 @@ while its default model stays outside them.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -205,3 +208,50 @@ def test_raw_host_header_tricks_never_let_a_key_in_on_another_tenants_host(host_
     ]:
         status, body = _raw(host_server, trick + f"Authorization: Bearer {host_server.operator}\r\n")
         assert status in (400, 404), (trick, status, body)
+
+
+# --- egress: a compressing server ----------------------------------------------------------
+
+PAGE = "the page's own words, in plain text " * 20
+
+
+class _Gzipping(BaseHTTPRequestHandler):
+    """Answers gzip-compressed whenever the request accepts gzip, as most public servers do."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        body = PAGE.encode()
+        gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
+        if gzipped:
+            body = gzip.compress(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        if gzipped:
+            self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_http_fetch_reads_the_page_not_its_compressed_bytes() -> None:
+    """The guard reads the body raw (so a small compressed body cannot expand past the size
+    cap); it must then not ask for a compressed one, or the model reads gzip bytes."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Gzipping)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        guard = OutboundGuard(
+            OutboundPolicy(
+                allowed_hosts=None,
+                allowed_ranges=OutboundPolicy.ranges(["127.0.0.1"]),
+                schemes=frozenset({"http"}),
+            )
+        )
+        got = asyncio.run(guard.request("GET", f"http://127.0.0.1:{server.server_address[1]}/"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert got.status == 200
+    assert got.body.decode("utf-8") == PAGE

@@ -327,6 +327,9 @@ class OutboundGuard:
         """One hop to the checked address: ``(status, headers, body)``."""
         url = target.url.copy_with(host=str(target.address))
         sent = httpx.Headers(headers or {})
+        # The body is read raw (a compressed one could not be capped by its expanded size),
+        # so ask for it uncompressed: httpx's default Accept-Encoding would get gzip bytes.
+        sent["accept-encoding"] = "identity"
         default = _DEFAULT_PORTS[target.url.scheme]
         sent["host"] = target.host if target.port == default else f"{target.host}:{target.port}"
         extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
