@@ -255,3 +255,44 @@ def test_http_fetch_reads_the_page_not_its_compressed_bytes() -> None:
         server.server_close()
     assert got.status == 200
     assert got.body.decode("utf-8") == PAGE
+
+
+# --- secrets: a canary value never echoes back from a bad write ---------------------------
+
+CANARY = "sk-canary-7f3a9c2e1b5d"
+
+
+@ON_BOTH
+def test_a_secret_value_never_echoes_in_the_answer_to_a_malformed_write(
+    client: TestClient,
+    operator_key: str,
+    make_tenant: Any,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    t = make_tenant("acme")
+    r = client.post(
+        f"/admin/tenants/{t.id}/keys",
+        json={"name": "s", "scopes": ["secrets:write"]},
+        headers=auth(operator_key),
+    )
+    h = auth(r.json()["key"])
+    bodies: list[Any] = [
+        {"value": CANARY, "extra": CANARY},
+        {"value": [CANARY]},
+        {"value": {"nested": CANARY}},
+        [CANARY],
+        {"value": CANARY + "é" * 40_000},  # under 64 Ki characters, over 64 KiB of UTF-8
+        {"value": CANARY + "\u0000"},
+    ]
+    answers = [client.put("/v1/secrets/canary", json=b, headers=h) for b in bodies]
+    answers.append(client.put("/v1/secrets/bad name!", json={"value": CANARY}, headers=h))
+    answers.append(client.put("/v1/secrets/canary", content=f'{{"value": "{CANARY}"', headers=h))
+    answers.append(client.put("/v1/secrets/canary", data={"value": CANARY}, headers=h))
+    answers.append(client.put("/v1/secrets/canary", json={"value": CANARY}, headers=t.h))  # no scope
+    for r in answers:
+        assert 400 <= r.status_code < 500, r.text
+        assert CANARY not in r.text, r.text
+    assert client.get("/v1/secrets", headers=h).json() == []
+    out, err = capfd.readouterr()
+    assert CANARY not in out + err + caplog.text
