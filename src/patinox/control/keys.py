@@ -92,6 +92,7 @@ class ApiKeys:
         actor: str,
         expires_at: datetime | None = None,
         within: frozenset[str] | None = None,
+        by_key: str | None = None,
     ) -> IssuedKey:
         """Issue a key for ``tenant_id`` (or an operator key when ``None``).
 
@@ -101,11 +102,15 @@ class ApiKeys:
             expires_at: when it stops working (UTC, in the future); ``None``: never.
             within: the scopes of the tenant key creating it (``None``: the operator); the
                 new key may hold no scope outside them.
+            by_key: the id of the tenant key creating it (``None``: the operator); when
+                that key expires, the new key expires no later (without ``expires_at`` it
+                gets the same expiry), so a short-lived key cannot mint a lasting one.
 
         Raises:
             InvalidRequest: empty name, scopes not allowed for this kind of key, or an
                 expiry not in the future.
-            PermissionDenied: a scope the creating key does not hold itself.
+            PermissionDenied: a scope the creating key does not hold itself, or an expiry
+                later than the creating key's.
             TenantNotFound: the tenant does not exist (or is deleted).
         """
         if not name or len(name) > 100:
@@ -129,6 +134,14 @@ class ApiKeys:
         now = utcnow()
         if expires_at is not None and expires_at <= now:
             raise InvalidRequest("expires_at must be in the future", field="expires_at")
+        if by_key is not None and tenant_id is not None:
+            ends = self._backend.get_api_key(by_key, tenant_id)["expires_at"]
+            if ends is not None and expires_at is not None and expires_at > ends:
+                raise PermissionDenied(
+                    f"a key cannot create a key that outlives it (expires_at after {ends.isoformat()})",
+                    expires_at=ends.isoformat(),
+                )
+            expires_at = expires_at if ends is None or expires_at is not None else ends
         if tenant_id is not None:
             tenant = self._backend.get_tenant(tenant_id)
             if tenant["state"] not in (TenantState.ACTIVE.value, TenantState.SUSPENDED.value):
@@ -162,6 +175,7 @@ class ApiKeys:
         overlap_s: float = 3600.0,
         expires_at: datetime | None = None,
         within: frozenset[str] | None = None,
+        by_key: str | None = None,
     ) -> IssuedKey:
         """Replace a live key: a new key with its name and scopes (and ``expires_at``), and
         the old one working ``overlap_s`` seconds more (0: it stops now; never later than
@@ -184,6 +198,7 @@ class ApiKeys:
             actor=actor,
             expires_at=expires_at,
             within=within,
+            by_key=by_key,
         )
         ends = utcnow() + timedelta(seconds=overlap_s)
         self._backend.expire_api_key(key_id, tenant_id, ends)

@@ -245,12 +245,20 @@ class OutboundGuard:
         return Target(url=parsed, host=host, port=port, address=addresses[0])
 
     def refusal(self, address: Address) -> str | None:
-        """Why ``address`` may not be reached (``None``: it may)."""
+        """Why ``address`` may not be reached (``None``: it may). An IPv6 address that
+        carries an IPv4 address a translator delivers to (IPv4-mapped, -compatible or
+        -translated, NAT64, 6to4) is judged by that IPv4 address as well."""
         plain = (
             address.ipv4_mapped
             if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped
             else address
         )
+        if isinstance(plain, ipaddress.IPv6Address):
+            if any(plain in net for net in _OBSOLETE_V6):
+                return "which is not a public address (an obsolete IPv6 form or site-local)"
+            embedded = _embedded_ipv4(plain)
+            if embedded is not None and self.refusal(embedded) is not None:
+                return f"which carries {embedded}, not a public address"
         if any(plain in net for net in self.policy.denied_ranges):
             return "a range the operator denied"
         if any(plain in net for net in self.policy.allowed_ranges):
@@ -320,6 +328,9 @@ class OutboundGuard:
         """One hop to the checked address: ``(status, headers, body)``."""
         url = target.url.copy_with(host=str(target.address))
         sent = httpx.Headers(headers or {})
+        # The body is read raw (a compressed one could not be capped by its expanded size),
+        # so ask for it uncompressed: httpx's default Accept-Encoding would get gzip bytes.
+        sent["accept-encoding"] = "identity"
         default = _DEFAULT_PORTS[target.url.scheme]
         sent["host"] = target.host if target.port == default else f"{target.host}:{target.port}"
         extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
@@ -383,6 +394,25 @@ def _ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+#: IPv6 ranges refused outright: IPv4-compatible (``::a.b.c.d``, RFC 4291),
+#: IPv4-translated (``::ffff:0:a.b.c.d``, RFC 2765) and site-local (RFC 3879) addresses.
+_OBSOLETE_V6: Final = (
+    ipaddress.IPv6Network("::/96"),
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),
+    ipaddress.IPv6Network("fec0::/10"),
+)
+#: Translation prefixes whose last 32 bits are the IPv4 address reached (NAT64, RFC 6052
+#: and RFC 8215).
+_NAT64: Final = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a NAT64 or 6to4 (RFC 3056) relay would deliver ``address`` to."""
+    if any(address in net for net in _NAT64):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address.sixtofour
 
 
 def _literal(host: str) -> Address | None:

@@ -125,6 +125,7 @@ async def create_own_key(body: KeyCreate, ctx: KeyWriter, rt: RT, request: Reque
             actor=ctx.principal,
             expires_at=body.expires_at,
             within=ctx.scopes,
+            by_key=ctx.principal,
         ),
     )
 
@@ -148,6 +149,7 @@ async def rotate_own_key(key_id: str, body: KeyRotate, ctx: KeyWriter, rt: RT, r
             overlap_s=body.overlap_s,
             expires_at=body.expires_at,
             within=ctx.scopes,
+            by_key=ctx.principal,
         ),
     )
 
