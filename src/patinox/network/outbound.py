@@ -314,7 +314,7 @@ class OutboundGuard:
                             method, content = "GET", None
         except TimeoutError:
             raise OutboundFailed(
-                f"no complete answer within {policy.timeout_s} s", url=url, reason="timeout"
+                f"no complete answer within {policy.timeout_s} s", url=_shown_text(url), reason="timeout"
             ) from None
 
     async def _send(
@@ -425,6 +425,14 @@ def _literal(host: str) -> Address | None:
 def _shown(url: httpx.URL) -> str:
     """The URL without user-info or query (neither belongs in an error or a log)."""
     return str(url.copy_with(userinfo=b"", query=None, fragment=None))
+
+
+def _shown_text(url: str) -> str:
+    """:func:`_shown` of a URL given as text (``""`` when it does not parse)."""
+    try:
+        return _shown(httpx.URL(url))
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return ""
 
 
 def _check_pattern(pattern: str) -> None:
