@@ -25,6 +25,8 @@ def test_the_map_names_every_sealed_column_of_real_tables() -> None:
         SealedColumn("runs", "id", "input", "runs.input"),
         SealedColumn("runs", "id", "output", "runs.output"),
         SealedColumn("idempotency_keys", "key", "response", "idempotency_keys.response"),
+        SealedColumn("webhook_endpoints", "id", "secret", "webhook_endpoints.secret"),
+        SealedColumn("webhook_endpoints", "id", "previous_secret", "webhook_endpoints.previous_secret"),
     }
     for c in sealed_columns():
         table = s.metadata.tables[c.table]

@@ -4,6 +4,8 @@
 - ``client.agents``, ``client.runs`` (``create`` runs and waits; ``submit`` queues,
   ``wait`` polls; ``list`` pages through every run), ``client.memory``, ``client.me()``,
   ``client.config()``, ``client.usage()``, ``client.audit()`` — as a tenant key;
+- ``client.webhooks`` — the tenant's webhook endpoints (register, rotate, ping, delivery
+  log); :func:`verify_signature` checks a delivery on the receiving side;
 - ``client.admin.tenants``, ``client.admin.keys``, ``client.admin.usage()``,
   ``client.admin.audit()`` — as the operator key.
 
@@ -21,6 +23,7 @@ Example::
         print(run.output, run.input_tokens, run.output_tokens)
 """
 
+from patinox.client._signing import verify_signature
 from patinox.client.aio import AsyncClient
 from patinox.client.models import (
     Agent,
@@ -37,6 +40,10 @@ from patinox.client.models import (
     TenantUsage,
     UsageRecord,
     UsageSummary,
+    Webhook,
+    WebhookAttempt,
+    WebhookPing,
+    WebhookWithSecret,
 )
 from patinox.client.sync import Client
 
@@ -57,4 +64,9 @@ __all__ = [
     "TenantUsage",
     "UsageRecord",
     "UsageSummary",
+    "Webhook",
+    "WebhookAttempt",
+    "WebhookPing",
+    "WebhookWithSecret",
+    "verify_signature",
 ]

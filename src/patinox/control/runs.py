@@ -45,6 +45,7 @@ from patinox.agents import (
 from patinox.control.admission import TOOL_CALL_TOKENS, RunAdmission, run_limits, worst_case_tokens
 from patinox.control.settlement import (
     Attempt,
+    RunEvents,
     Settlement,
     Ticket,
     cancelled_values,
@@ -231,6 +232,11 @@ class RunService:
         self._tasks: dict[str, set[asyncio.Task[RunRecord]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
+
+    def set_run_events(self, events: RunEvents | None) -> None:
+        """Tell ``events`` of every run this service settles (the webhook outbox; see
+        :data:`~patinox.control.settlement.RunEvents`)."""
+        self._settlement.events = events
 
     @property
     def admission(self) -> FairShareAdmission | None:
@@ -588,8 +594,10 @@ class RunService:
             self._budget.settle_tokens(ctx.tenant_id, entry.quota_period, entry.reserved_tokens, 0, conn=conn)
             if joined:
                 store.apply(write, conn=conn)
+                self._settlement.emit(store, run, values, conn)
         if not joined:
             store.apply(write)
+            self._settlement.emit(store, run, values, None)
         return True
 
     def _task_of(self, tenant_id: str, run_id: str) -> _RunTask | None:

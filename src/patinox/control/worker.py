@@ -28,6 +28,7 @@ import time
 import structlog
 
 from patinox.control.runs import RunService
+from patinox.control.webhooks import WebhookDispatcher
 from patinox.errors import PatinoxError
 from patinox.limits import DEFAULT_LEASE_S, Claim, FairRunQueue, FairShareAdmission, QueueListener
 
@@ -51,6 +52,8 @@ class RunWorker:
         reap_s: least time between two requeues of expired runs, seconds (default a
             third of ``lease_s``: a dead worker's run is back in the queue at most
             ``lease_s + reap_s + poll_s`` after its last renewal).
+        webhooks: a webhook delivery loop run beside the worker, started and stopped with
+            it (``None``: none).
     """
 
     def __init__(
@@ -64,8 +67,10 @@ class RunWorker:
         lease_s: float = DEFAULT_LEASE_S,
         reap_s: float | None = None,
         admission: FairShareAdmission | None = None,
+        webhooks: WebhookDispatcher | None = None,
     ) -> None:
         self._service = service
+        self.webhooks = webhooks
         self._queue = queue
         self.holder = holder
         self._admission = admission
@@ -99,6 +104,7 @@ class RunWorker:
         self.listener = self._queue.listen(lambda: loop.call_soon_threadsafe(self.wakeup.set))
         # Setting ``stop`` ends an idle wait too, not only at the next poll.
         stopper = asyncio.create_task(self._wake_on(stop))
+        deliveries = None if self.webhooks is None else asyncio.create_task(self.webhooks.run(stop))
         self._running = True
         try:
             self._reap()
@@ -135,6 +141,9 @@ class RunWorker:
             stopper.cancel()
             for t in list(running):
                 t.cancel()
+            if deliveries is not None:
+                deliveries.cancel()
+                running.add(deliveries)
             await asyncio.gather(renewer, stopper, *running, return_exceptions=True)
 
     async def _idle(self, skip: frozenset[str] | None) -> None:

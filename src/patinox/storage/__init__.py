@@ -30,6 +30,7 @@ from patinox.storage._schema import utcnow
 from patinox.storage._sealer import SealedColumn, sealed_columns
 from patinox.storage._statements import PreparedWrite
 from patinox.storage._tenant_store import TenantStore
+from patinox.storage._webhooks import ClaimedDelivery, WebhookEndpoints, WebhookOutbox
 from patinox.storage.engine import make_engine, migrate, translate_errors
 from patinox.storage.records import (
     AgentRecord,
@@ -57,6 +58,7 @@ __all__ = [
     "AuditRecord",
     "Begun",
     "Changes",
+    "ClaimedDelivery",
     "IdempotencyRecords",
     "KeyTenantRecord",
     "Placements",
@@ -69,6 +71,8 @@ __all__ = [
     "TenantStore",
     "UsageRecord",
     "UsageTotals",
+    "WebhookEndpoints",
+    "WebhookOutbox",
     "execute_write",
     "make_engine",
     "migrate",

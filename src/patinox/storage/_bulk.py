@@ -51,6 +51,7 @@ _WALK_KEY = {
     "usage_records": "id",
     "audit_log": "seq",
     "idempotency_keys": "key",
+    "webhook_endpoints": "id",
 }
 #: The placement's own numbering of rows, never carried from one placement to another.
 _PLACEMENT_COLUMNS = ("seq",)

@@ -47,6 +47,8 @@ SEALED_COLUMNS: tuple[SealedColumn, ...] = (
     SealedColumn("runs", "id", "input", "runs.input"),
     SealedColumn("runs", "id", "output", "runs.output"),
     SealedColumn("idempotency_keys", "key", "response", "idempotency_keys.response"),
+    SealedColumn("webhook_endpoints", "id", "secret", "webhook_endpoints.secret"),
+    SealedColumn("webhook_endpoints", "id", "previous_secret", "webhook_endpoints.previous_secret"),
 )
 
 

@@ -57,6 +57,7 @@ from patinox.storage._statements import (
     memory_bytes,
     usage_summary_query,
 )
+from patinox.storage._webhooks import WebhookEndpoints
 from patinox.storage.engine import begin, translate_errors
 from patinox.storage.records import (
     AgentRecord,
@@ -698,3 +699,7 @@ class TenantStore:
     def idempotency(self) -> IdempotencyRecords:
         """This tenant's ``Idempotency-Key`` records (see :class:`IdempotencyRecords`)."""
         return IdempotencyRecords(self._tx, self._sealer, postgres=self._placement.postgres)
+
+    def webhooks(self) -> WebhookEndpoints:
+        """This tenant's webhook endpoints (see :class:`WebhookEndpoints`)."""
+        return WebhookEndpoints(self._tx, self._sealer)

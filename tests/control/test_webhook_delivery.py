@@ -1,0 +1,342 @@
+"""Webhook deliveries end to end, on every storage deployment: a run's settlement writes
+one delivery per matching endpoint, a delivery loop sends it signed to a real local HTTPS
+receiver (its certificate from a CA made for the test, its address allowed by the
+operator), retries after a failure, disables an endpoint after consecutive failures, and
+two loops never send one delivery twice."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from patinox.api import create_app
+from patinox.client import verify_signature
+from patinox.control import WebhookSettings
+from patinox.control.webhooks import backoff_s
+from patinox.isolation import Template
+from patinox.runtime import Runtime, Settings
+from patinox.storage import SqlBackend, WebhookOutbox, utcnow
+from tests._webhooks import Receiver, https_receiver
+from tests.conftest import ALL_DEPLOYMENTS, Deployment, TenantHandle, auth
+
+EVERY_DEPLOYMENT = pytest.mark.parametrize("deployment", ALL_DEPLOYMENTS, indirect=True)
+
+WRITE_SCOPES = ["agents:write", "runs:write", "read", "webhooks:write"]
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    yield from https_receiver(tmp_path)
+
+
+@pytest.fixture
+def rt(
+    deployment: Deployment,
+    backend: SqlBackend,
+    kek_url: str,
+    exec_template: Template,
+    exec_root: Path,
+    exec_cgroup_prefix: str,
+    receiver: Receiver,
+) -> Iterator[Runtime]:
+    """A runtime whose operator allows 127.0.0.0/8 and trusts the receiver's CA; no
+    embedded worker (the tests drive the delivery loops themselves); no wait between
+    attempts; an endpoint disabled after 3 consecutive failed attempts."""
+    settings = Settings(
+        database_url=deployment.db_url,
+        owner_url=deployment.owner_url,
+        kek_url=kek_url,
+        exec_root=exec_root,
+        exec_cgroup_prefix=exec_cgroup_prefix,
+        embedded_workers=0,
+        webhooks=WebhookSettings(
+            allowed_ranges=("127.0.0.0/8",),
+            ca_bundle=receiver.ca_bundle,
+            timeout_s=5.0,
+            max_attempts=5,
+            backoff_base_s=0.0,
+            backoff_max_s=0.0,
+            disable_after=3,
+        ),
+    )
+    runtime = Runtime.build(settings, backend=backend, template=exec_template)
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture
+def client(rt: Runtime) -> Iterator[TestClient]:
+    with TestClient(create_app(runtime=rt), raise_server_exceptions=False) as c:
+        yield c
+
+
+class Tenant:
+    """A tenant with a key that may write webhooks, and one agent."""
+
+    def __init__(self, client: TestClient, rt: Runtime, name: str, storage_model: str) -> None:
+        op = rt.keys.create(tenant_id=None, name="op", scopes=None, actor="test").secret
+        handle = TenantHandle(client, op, name, storage_model=storage_model)
+        self.id = handle.id
+        r = client.post(
+            f"/admin/tenants/{self.id}/keys", json={"name": "wh", "scopes": WRITE_SCOPES}, headers=auth(op)
+        )
+        assert r.status_code == 201, r.text
+        self.h = auth(r.json()["key"])
+        self.c = client
+        handle.h = self.h
+        self.agent = handle.agent()
+
+    def endpoint(self, url: str, events: list[str] | None = None) -> dict[str, Any]:
+        body = {"url": url, "event_types": events or ["run.succeeded", "run.failed", "run.cancelled"]}
+        r = self.c.post("/v1/webhooks", json=body, headers=self.h)
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+    def run(self, **kw: Any) -> dict[str, Any]:
+        r = self.c.post(f"/v1/agents/{self.agent}/runs", json={"input": "hello there", **kw}, headers=self.h)
+        assert r.status_code in (200, 201, 202), r.text
+        return dict(r.json())
+
+    def log(self, endpoint_id: str) -> list[dict[str, Any]]:
+        r = self.c.get(f"/v1/webhooks/{endpoint_id}/deliveries", headers=self.h)
+        assert r.status_code == 200, r.text
+        return list(r.json())
+
+
+def _deliver(rt: Runtime, holder: str = "loop-a") -> int:
+    return asyncio.run(rt.webhook_dispatcher(holder=holder).deliver_due())
+
+
+def _pending(rt: Runtime, tenant_id: str, endpoint_id: str) -> list[dict[str, Any]]:
+    assert rt.webhooks is not None
+    return rt.webhooks.outbox.deliveries(tenant_id, endpoint_id)
+
+
+@EVERY_DEPLOYMENT
+def test_a_settled_run_is_delivered_signed_to_an_https_receiver(
+    client: TestClient, rt: Runtime, receiver: Receiver, deployment: Deployment
+) -> None:
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    ep = t.endpoint(receiver.url, ["run.succeeded"])
+    secret = ep["secret"]
+    run = t.run()
+    assert run["status"] == "succeeded"
+    (delivery,) = _pending(rt, t.id, ep["id"])
+    assert delivery["state"] == "pending" and delivery["run_id"] == run["id"]
+    assert delivery["event_type"] == "run.succeeded"
+
+    assert _deliver(rt) == 1
+    (got,) = receiver.received
+    # The receiver's own check (Standard Webhooks), then the client helper's.
+    msg_id, stamp = got.headers["webhook-id"], got.headers["webhook-timestamp"]
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    mac = hmac.new(key, f"{msg_id}.{stamp}.".encode() + got.body, hashlib.sha256).digest()
+    assert got.headers["webhook-signature"] == "v1," + base64.b64encode(mac).decode()
+    assert verify_signature(secret, got.headers, got.body)
+    assert not verify_signature(secret, got.headers, got.body + b" ")
+    assert not verify_signature(secret, got.headers, got.body, now=int(stamp) + 301)  # a replay, later
+    event = json.loads(got.body)
+    assert event["type"] == "run.succeeded" and event["data"]["run_id"] == run["id"]
+    assert event["data"]["output"] == run["output"] and msg_id == delivery["id"]
+
+    (entry,) = t.log(ep["id"])
+    assert entry["status_code"] == 200 and entry["error"] is None and entry["attempt"] == 1
+    assert entry["duration_ms"] >= 0 and entry["delivery_id"] == delivery["id"]
+    assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["succeeded"]
+    assert _deliver(rt) == 0 and len(receiver.received) == 1  # delivered once
+
+
+@EVERY_DEPLOYMENT
+def test_a_failed_attempt_is_retried_then_succeeds(
+    client: TestClient, rt: Runtime, receiver: Receiver, deployment: Deployment
+) -> None:
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    ep = t.endpoint(receiver.url)
+    receiver.answers = [500]
+    t.run()
+    assert _deliver(rt) == 1
+    assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["pending"]
+    assert _deliver(rt) == 1
+    assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["succeeded"]
+    log = t.log(ep["id"])
+    assert [(e["attempt"], e["status_code"]) for e in log] == [(2, 200), (1, 500)]  # newest first
+    assert log[1]["error"] == "the receiver answered 500"
+    # The same delivery, the same webhook-id, on both attempts.
+    assert len({r.headers["webhook-id"] for r in receiver.received}) == 1 and len(receiver.received) == 2
+    r = client.get(f"/v1/webhooks/{ep['id']}", headers=t.h)
+    assert r.json()["consecutive_failures"] == 0 and r.json()["state"] == "active"
+
+
+@EVERY_DEPLOYMENT
+def test_an_endpoint_is_disabled_after_consecutive_failures_and_audited(
+    client: TestClient, rt: Runtime, receiver: Receiver, deployment: Deployment
+) -> None:
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    ep = t.endpoint(receiver.url)
+    receiver.answers = [500] * 10
+    t.run()
+    for _ in range(3):
+        assert _deliver(rt) == 1
+    got = client.get(f"/v1/webhooks/{ep['id']}", headers=t.h).json()
+    assert got["state"] == "disabled" and got["consecutive_failures"] == 3 and got["disabled_at"]
+    assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["failed"]
+    audit = client.get("/v1/audit", headers=t.h, params={"limit": 500}).json()
+    disabled = [a for a in audit if a["action"] == "webhook.disable"]
+    assert len(disabled) == 1 and disabled[0]["target"] == ep["id"] and disabled[0]["actor"] == "system"
+    # A disabled endpoint gets no new deliveries, until it is enabled again.
+    t.run()
+    assert len(_pending(rt, t.id, ep["id"])) == 1 and _deliver(rt) == 0
+    r = client.post(f"/v1/webhooks/{ep['id']}/enable", headers=t.h)
+    assert r.status_code == 200 and r.json()["state"] == "active"
+    t.run()
+    assert _deliver(rt) == 1 and len(receiver.received) == 4
+
+
+@EVERY_DEPLOYMENT
+def test_rotation_signs_with_both_secrets_during_the_overlap(
+    client: TestClient, rt: Runtime, receiver: Receiver, deployment: Deployment
+) -> None:
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    ep = t.endpoint(receiver.url)
+    r = client.post(f"/v1/webhooks/{ep['id']}/rotate", json={"overlap_s": 3600}, headers=t.h)
+    assert r.status_code == 200, r.text
+    new = r.json()["secret"]
+    assert new != ep["secret"] and r.json()["previous_secret_expires_at"]
+    r = client.post(f"/v1/webhooks/{ep['id']}/ping", headers=t.h)
+    assert r.status_code == 202
+    assert _deliver(rt) == 1
+    got = receiver.received[-1]
+    assert len(got.headers["webhook-signature"].split()) == 2
+    assert verify_signature(ep["secret"], got.headers, got.body)
+    assert verify_signature(new, got.headers, got.body)
+    assert json.loads(got.body)["type"] == "webhook.ping"
+    assert got.headers["webhook-id"] == r.json()["delivery_id"]
+    # Rotated without an overlap: the previous secret no longer signs.
+    newest = client.post(f"/v1/webhooks/{ep['id']}/rotate", json={"overlap_s": 0}, headers=t.h).json()[
+        "secret"
+    ]
+    client.post(f"/v1/webhooks/{ep['id']}/ping", headers=t.h)
+    assert _deliver(rt) == 1
+    got = receiver.received[-1]
+    assert verify_signature(newest, got.headers, got.body)
+    assert not verify_signature(new, got.headers, got.body)
+    assert len(got.headers["webhook-signature"].split()) == 1
+
+
+@EVERY_DEPLOYMENT
+def test_a_cancelled_run_sends_run_cancelled_to_the_endpoints_that_asked_for_it(
+    client: TestClient, rt: Runtime, receiver: Receiver, deployment: Deployment
+) -> None:
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    wants = t.endpoint(receiver.url, ["run.cancelled"])
+    other = t.endpoint(receiver.url, ["run.succeeded"])
+    queued = t.run(mode="async")  # no worker runs it
+    r = client.post(f"/v1/runs/{queued['id']}/cancel", headers=t.h)
+    assert r.status_code == 200, r.text
+    assert [d["event_type"] for d in _pending(rt, t.id, wants["id"])] == ["run.cancelled"]
+    assert _pending(rt, t.id, other["id"]) == []
+    assert _deliver(rt) == 1
+    assert json.loads(receiver.received[0].body)["data"]["run_id"] == queued["id"]
+
+
+@EVERY_DEPLOYMENT
+def test_two_delivery_loops_send_each_delivery_once(
+    client: TestClient, rt: Runtime, receiver: Receiver, deployment: Deployment
+) -> None:
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    endpoints = [t.endpoint(receiver.url), t.endpoint(receiver.url)]
+    for _ in range(3):
+        t.run()
+    assert rt.webhooks is not None
+
+    async def both() -> list[int]:
+        a, b = rt.webhook_dispatcher(holder="loop-a"), rt.webhook_dispatcher(holder="loop-b")
+        return list(await asyncio.gather(a.deliver_due(), b.deliver_due(), a.deliver_due(), b.deliver_due()))
+
+    assert sum(asyncio.run(both())) == 6
+    ids = [r.headers["webhook-id"] for r in receiver.received]
+    assert len(ids) == 6 and len(set(ids)) == 6  # one delivery per run and endpoint, each sent once
+    for ep in endpoints:
+        assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["succeeded"] * 3
+
+
+@EVERY_DEPLOYMENT
+def test_concurrent_claims_of_one_delivery_take_it_once(
+    client: TestClient, rt: Runtime, receiver: Receiver, deployment: Deployment
+) -> None:
+    """Both claims read the due delivery before either takes it (a barrier holds the first
+    reader until the second has read too): exactly one wins."""
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    t.endpoint(receiver.url)
+    t.run()
+    barrier = threading.Barrier(2, timeout=30)
+    calls: dict[int, int] = {}
+
+    def control_tx(conn: Any = None) -> AbstractContextManager[Any]:
+        @contextmanager
+        def tx() -> Iterator[Any]:
+            with rt.backend.control_tx(conn) as c:
+                yield c
+            me = threading.get_ident()
+            calls[me] = calls.get(me, 0) + 1
+            if calls[me] == 1:  # the candidates' read committed: wait for the other reader
+                barrier.wait()
+
+        return tx()
+
+    outbox = WebhookOutbox(control_tx, rt.backend.engine)
+    results: list[int] = []
+
+    def claim(holder: str) -> None:
+        results.append(len(outbox.claim(holder, lease_s=60)))
+
+    threads = [threading.Thread(target=claim, args=(h,)) for h in ("one", "two")]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert sorted(results) == [0, 1]
+
+
+@EVERY_DEPLOYMENT
+def test_a_delivery_held_by_a_dead_loop_is_taken_again_after_its_lease(
+    client: TestClient, rt: Runtime, receiver: Receiver, deployment: Deployment
+) -> None:
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    ep = t.endpoint(receiver.url)
+    t.run()
+    assert rt.webhooks is not None
+    outbox = rt.webhooks.outbox
+    (held,) = outbox.claim("dead-loop", lease_s=60)  # claimed, then its process died
+    assert outbox.claim("live-loop", lease_s=60) == []
+    later = utcnow() + timedelta(seconds=61)
+    (again,) = outbox.claim("live-loop", lease_s=60, now=later)
+    assert again.id == held.id and again.attempt == 1
+    # The dead holder's late record is refused; the live one's stands.
+    assert not outbox.record(
+        held, at=utcnow(), status_code=200, error=None, duration_ms=1.0, state="succeeded"
+    )
+    assert outbox.record(again, at=utcnow(), status_code=200, error=None, duration_ms=1.0, state="succeeded")
+    assert len(t.log(ep["id"])) == 1
+
+
+def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
+    import random
+
+    settings = WebhookSettings(backoff_base_s=10.0, backoff_max_s=100.0)
+    rng = random.Random(7)
+    for attempt, full in ((1, 10.0), (2, 20.0), (3, 40.0), (4, 80.0), (5, 100.0), (9, 100.0)):
+        waits = {backoff_s(attempt, settings, rng) for _ in range(50)}
+        assert all(full / 2 <= w <= full for w in waits) and len(waits) > 1, attempt
