@@ -10,6 +10,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import threading
 from collections.abc import Iterator
@@ -23,9 +24,11 @@ from fastapi.testclient import TestClient
 
 from patinox.api import create_app
 from patinox.client import verify_signature
-from patinox.control import WebhookSettings
+from patinox.control import WebhookDispatcher, WebhookSettings
 from patinox.control.webhooks import backoff_s
 from patinox.isolation import Template
+from patinox.network import OutboundGuard, OutboundPolicy
+from patinox.network.outbound import Address
 from patinox.runtime import Runtime, Settings
 from patinox.storage import SqlBackend, WebhookOutbox, utcnow
 from tests._webhooks import Receiver, https_receiver
@@ -340,3 +343,54 @@ def test_backoff_doubles_with_jitter_up_to_its_cap() -> None:
     for attempt, full in ((1, 10.0), (2, 20.0), (3, 40.0), (4, 80.0), (5, 100.0), (9, 100.0)):
         waits = {backoff_s(attempt, settings, rng) for _ in range(50)}
         assert all(full / 2 <= w <= full for w in waits) and len(waits) > 1, attempt
+
+
+@EVERY_DEPLOYMENT
+def test_a_name_resolving_to_loopback_is_not_sent_without_the_operators_allowance(
+    client: TestClient, rt: Runtime, receiver: Receiver, deployment: Deployment
+) -> None:
+    """Registration cannot see where a name points; the send checks it. Under a policy
+    without the operator's 127.0.0.0/8 (the deployment default), a name that resolves to
+    127.0.0.1 is refused at the send, logged, and the receiver gets nothing."""
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    port = receiver.url.split(":")[2].split("/")[0]
+    ep = t.endpoint(f"https://receiver.test:{port}/hook")
+    t.run()
+
+    async def loopback(host: str, port: int) -> list[Address]:
+        return [ipaddress.ip_address("127.0.0.1")]
+
+    assert rt.webhooks is not None
+    guard = OutboundGuard(OutboundPolicy(ca_bundle=receiver.ca_bundle), loopback)
+    loop = WebhookDispatcher(rt.backend, rt.webhooks, holder="default-policy", guard=guard)
+    assert asyncio.run(loop.deliver_due()) == 1
+    assert receiver.received == []
+    (entry,) = t.log(ep["id"])
+    assert entry["status_code"] is None and "address_not_allowed" in entry["error"]
+    # The same name under the operator's allowance reaches the receiver.
+    allowed = OutboundGuard(rt.webhooks.settings.policy, loopback)
+    assert (
+        asyncio.run(WebhookDispatcher(rt.backend, rt.webhooks, holder="allowed", guard=allowed).deliver_due())
+        == 1
+    )
+    assert len(receiver.received) == 1
+
+
+@EVERY_DEPLOYMENT
+def test_the_delivery_log_pages_newest_first(
+    client: TestClient, rt: Runtime, receiver: Receiver, deployment: Deployment
+) -> None:
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    ep = t.endpoint(receiver.url)
+    sent = [client.post(f"/v1/webhooks/{ep['id']}/ping", headers=t.h).json()["delivery_id"] for _ in range(3)]
+    assert _deliver(rt) == 3
+    r = client.get(f"/v1/webhooks/{ep['id']}/deliveries", headers=t.h, params={"limit": 2})
+    first = r.json()
+    assert len(first) == 2 and 'rel="next"' in r.headers["Link"]
+    nxt = r.headers["Link"].split(";")[0].strip("<>")
+    second = client.get(nxt, headers=t.h).json()
+    assert len(second) == 1
+    entries = first + second
+    assert [e["id"] for e in entries] == sorted((e["id"] for e in entries), reverse=True)
+    assert {e["delivery_id"] for e in entries} == set(sent)
+    assert all(e["status_code"] == 200 and e["event_type"] == "webhook.ping" for e in entries)
