@@ -93,6 +93,7 @@ JSON lines::
     {"type": "usage", "row": {...}}          usage records,
     {"type": "audit", "row": {...}}          the tenant's audit records (oldest first),
     {"type": "idempotency_key", "row": {...}} Idempotency-Key records (response in plaintext),
+    {"type": "webhook_endpoint", "row": {...}} webhook endpoints (signing secrets in plaintext),
     {"type": "api_key", "row": {...}}        key metadata (informational, not restored)
     {"type": "end", "records": N, "counts": {type: n}, "sha256": "<hex>"}
 
@@ -102,7 +103,10 @@ strings with a UTC offset. ``attempt`` records came later than format 1 itself: 
 without them imports as before (its runs have no attempts), and a build older than them
 refuses a bundle with them (``malformed_body``, unknown record type); the same holds for
 ``idempotency_key`` records (an import keeps each key's expiry: a replay after the import
-answers as before it, until the key expires).
+answers as before it, until the key expires) and ``webhook_endpoint`` records (an import
+keeps each endpoint's secrets, state and rotation overlap, so receivers go on verifying;
+the delivery log and pending deliveries are not carried: they stay with the deployment
+that made them).
 
 Errors
 ------
@@ -119,7 +123,8 @@ passphrase *or* changed bytes: AES-GCM cannot tell them apart, by design),
 :mod:`patinox.errors`; they are defined here until that module takes them.
 
 Tables: a transfer carries the known tenant data tables (agents, runs, run_attempts,
-memory, usage_records, audit_log, idempotency_keys) and leaves the control-plane tables of the shared database
+memory, usage_records, audit_log, idempotency_keys, webhook_endpoints) and leaves the
+control-plane tables of the shared database
 where they are (:data:`CONTROL_PLANE_TABLES`). It also reads the placement's catalog for
 every other table with a ``tenant_id`` column: if one holds rows of the tenant, export
 and move refuse (:class:`~patinox.errors.OperationFailed`, ``reason="unknown_table"``)

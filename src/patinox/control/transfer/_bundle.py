@@ -60,6 +60,7 @@ _KIND_TABLES: dict[str, Table] = {
     "usage": s.usage_records,
     "audit": s.audit_log,
     "idempotency_key": s.idempotency_keys,
+    "webhook_endpoint": s.webhook_endpoints,
 }
 
 
