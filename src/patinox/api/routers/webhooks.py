@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from patinox.api import schemas as o
 from patinox.api._deps import RT, Reader, Store, WebhookWriter
 from patinox.api._idempotency import Created, idempotent
 from patinox.control.webhooks import EVENT_TYPES, MAX_OVERLAP_S, WebhookService
@@ -25,12 +26,13 @@ from patinox.errors import ConfigurationError
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"description": "`not_found`: no such endpoint of the calling tenant"}
+    404: {"model": o.ErrorOut, "description": "`not_found`: no such endpoint of the calling tenant"}
 }
 _REFUSED: dict[int | str, dict[str, Any]] = {
     422: {
+        "model": o.ErrorOut,
         "description": "`webhook_url_refused` (not https, user-info, a literal loopback, private or "
-        "link-local address the operator did not allow), or `invalid_request` (unknown event type)"
+        "link-local address the operator did not allow), or `invalid_request` (unknown event type)",
     }
 }
 
