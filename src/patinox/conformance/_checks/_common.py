@@ -54,7 +54,8 @@ def seed(t: Target, tenant: TenantHandle) -> dict[str, str]:
     Returns:
         The markers and ids by role: ``key``, ``value``, ``agent_name``, ``instructions``,
         ``prompt``, ``idempotency_key`` (the run was sent with it: its response is kept,
-        sealed), ``agent_id`` and ``run_id``.
+        sealed), ``agent_id`` and ``run_id``; ``webhook_host`` (in the URL of a webhook
+        endpoint), ``webhook_id`` and ``webhook_secret`` (its signing secret, stored sealed).
 
     Raises:
         ConformanceFailure: the run's ``memory_get`` did not return the tenant's value.
@@ -78,4 +79,12 @@ def seed(t: Target, tenant: TenantHandle) -> dict[str, str]:
     )
     check(s["value"] in str(run["output"]), f"the run's memory_get did not return the tenant's value: {run}")
     s["run_id"] = str(run["id"])
+    # A webhook endpoint (for failed runs only: the seed's run succeeded, so nothing is sent
+    # to its host, which does not exist): its secret is stored sealed.
+    s["webhook_host"] = m.atom()
+    body = {"url": f"https://{s['webhook_host']}.example.invalid/hook", "event_types": ["run.failed"]}
+    r = t.client.post("/v1/webhooks", json=body, headers=tenant.h)
+    check(r.status_code == 201, f"registering a webhook endpoint: {r.status_code} {r.text[:300]}")
+    s["webhook_id"] = str(r.json()["id"])
+    s["webhook_secret"] = str(r.json()["secret"])
     return s

@@ -23,8 +23,9 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
     sealed_input = _raw.read_cell(t, a.id, "runs", "input", "id", sa["run_id"])
     idem = sa["idempotency_key"]
     sealed_response = _raw.read_cell(t, a.id, "idempotency_keys", "response", "key", idem)
+    sealed_secret = _raw.read_cell(t, a.id, "webhook_endpoints", "secret", "id", sa["webhook_id"])
     before = _raw.count_tenant_rows(t, a.id)
-    for table in ("agents", "memory", "runs", "tenant_keys", "idempotency_keys"):
+    for table in ("agents", "memory", "runs", "tenant_keys", "idempotency_keys", "webhook_endpoints"):
         n = sum(v for k, v in before.items() if k.endswith(("." + table, ":" + table)))
         check(
             n > 0, f"before deletion no {table} row of the tenant was found: the row count cannot be trusted"
@@ -43,6 +44,7 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
             ("memory.value", sa["key"], sealed_value),
             ("runs.input", sa["run_id"], sealed_input),
             ("idempotency_keys.response", idem, sealed_response),
+            ("webhook_endpoints.secret", sa["webhook_id"], sealed_secret),
         ):
             check(
                 sealed is not None and decrypts(fresh, a.id, table, record, sealed) is None,
@@ -58,7 +60,16 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
     raw = _raw.stored_bytes(t)
     stale = [
         k
-        for k in ("agent_name", "instructions", "key", "agent_id", "run_id", "idempotency_key")
+        for k in (
+            "agent_name",
+            "instructions",
+            "key",
+            "agent_id",
+            "run_id",
+            "idempotency_key",
+            "webhook_host",
+            "webhook_id",
+        )
         if sa[k].encode() in raw
     ]
     check(not stale, f"the deleted tenant's {stale} are still in the stored data")
@@ -74,7 +85,7 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
     # Same name again: a new tenant that sees nothing of the old one.
     a2 = t.new_tenant("del-a", name=a.name)
     check(a2.id != a.id, "the re-created tenant got the deleted tenant's id")
-    for path in ("/v1/agents", "/v1/memory", "/v1/runs"):
+    for path in ("/v1/agents", "/v1/memory", "/v1/runs", "/v1/webhooks"):
         r = t.client.get(path, headers=a2.h)
         check(r.status_code == 200 and r.json() == [], f"re-created tenant: GET {path} = {r.text[:300]}")
     r = t.client.get("/v1/usage?since=2000-01-01T00:00:00Z", headers=a2.h)

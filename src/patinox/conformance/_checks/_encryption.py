@@ -15,7 +15,7 @@ from patinox.errors import PatinoxError
 def no_plaintext_at_rest(t: Target, _: SuiteEnv) -> None:
     """Raw storage holds no plaintext of an encrypted payload (memory values, run inputs,
     run outputs, the responses kept for an ``Idempotency-Key``, which repeat the run's
-    input), while it does hold the unencrypted columns of the same rows."""
+    input, webhook signing secrets), while it does hold the unencrypted columns of the same rows."""
     tenants = [t.new_tenant(label) for label in ("plain-a", "plain-b")]
     seeds = [seed(t, x) for x in tenants]
     raw = _raw.stored_bytes(t)
@@ -30,13 +30,18 @@ def no_plaintext_at_rest(t: Target, _: SuiteEnv) -> None:
             kept is not None and _raw.scan_form(t, kept) in raw,
             "the stored ciphertext of a kept Idempotency-Key response is not in raw storage",
         )
+        kept = _raw.read_cell(t, x.id, "webhook_endpoints", "secret", "id", s["webhook_id"])
+        check(
+            kept is not None and _raw.scan_form(t, kept) in raw,
+            "the stored ciphertext of a webhook signing secret is not in raw storage",
+        )
         # Positive control: names and keys are stored in clear, so the scan saw these rows.
-        for visible in ("agent_name", "key", "idempotency_key"):
+        for visible in ("agent_name", "key", "idempotency_key", "webhook_host"):
             check(
                 s[visible].encode() in raw,
                 f"raw scan did not reach the rows holding the {visible} {s[visible]}",
             )
-        for secret in ("value", "prompt"):
+        for secret in ("value", "prompt", "webhook_secret"):
             check(
                 s[secret].encode() not in raw, f"plaintext of an encrypted payload ({secret}) in raw storage"
             )
