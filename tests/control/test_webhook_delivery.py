@@ -394,3 +394,37 @@ def test_the_delivery_log_pages_newest_first(
     assert [e["id"] for e in entries] == sorted((e["id"] for e in entries), reverse=True)
     assert {e["delivery_id"] for e in entries} == set(sent)
     assert all(e["status_code"] == 200 and e["event_type"] == "webhook.ping" for e in entries)
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool", "pg-silo"], indirect=True)
+def test_a_queue_worker_runs_the_delivery_loop_beside_it(
+    client: TestClient, rt: Runtime, receiver: Receiver, deployment: Deployment
+) -> None:
+    """What ``patinox worker`` and the server's embedded worker run: a queued run is
+    executed and settled by the worker, and its event sent by the worker's own delivery
+    loop, with nothing driven by hand."""
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    ep = t.endpoint(receiver.url, ["run.succeeded"])
+    queued = t.run(mode="async")
+
+    async def work() -> None:
+        worker = rt.worker(concurrency=2, holder="worker:test")
+        assert worker.webhooks is not None
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            for _ in range(1200):  # until the receiver has it (the worker polls), at most a minute
+                if receiver.received:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(work())
+    (got,) = receiver.received
+    assert verify_signature(ep["secret"], got.headers, got.body)
+    event = json.loads(got.body)
+    assert event["type"] == "run.succeeded" and event["data"]["run_id"] == queued["id"]
+    assert event["data"]["mode"] == "async"
+    assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["succeeded"]
