@@ -428,3 +428,20 @@ def test_a_queue_worker_runs_the_delivery_loop_beside_it(
     assert event["type"] == "run.succeeded" and event["data"]["run_id"] == queued["id"]
     assert event["data"]["mode"] == "async"
     assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["succeeded"]
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
+def test_finished_deliveries_and_old_log_entries_are_purged_after_the_retention(
+    client: TestClient, rt: Runtime, receiver: Receiver, deployment: Deployment
+) -> None:
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    ep = t.endpoint(receiver.url)
+    t.run()
+    assert _deliver(rt) == 1
+    t.run()  # pending: kept whatever its age
+    assert rt.webhooks is not None
+    outbox = rt.webhooks.outbox
+    assert outbox.purge_finished(utcnow() - timedelta(days=1)) == 0  # nothing that old
+    assert outbox.purge_finished(utcnow() + timedelta(seconds=1)) == 2  # the delivery and its attempt
+    assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["pending"]
+    assert t.log(ep["id"]) == []

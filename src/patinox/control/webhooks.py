@@ -39,6 +39,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import math
 import os
 import random
 import secrets as _secrets
@@ -89,6 +90,8 @@ PING: Final = "webhook.ping"
 #: Longest overlap a rotation may give the previous secret, seconds (7 days).
 MAX_OVERLAP_S: Final = 7 * 86_400
 _SECRET_PREFIX: Final = "whsec_"
+#: Seconds between two purges of finished deliveries by one loop.
+_PURGE_EVERY_S: Final = 3600.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +113,8 @@ class WebhookSettings:
             (``PATINOX_WEBHOOK_DISABLE_AFTER``).
         poll_s: a delivery loop's wait between two looks at an empty outbox, seconds.
         batch: deliveries a loop claims, and sends concurrently, at a time.
+        retention_s: how long finished deliveries and the delivery log are kept, seconds
+            (30 days; each loop deletes older ones about once an hour).
 
     Raises:
         ConfigurationError: a value out of range.
@@ -124,12 +129,18 @@ class WebhookSettings:
     disable_after: int = 20
     poll_s: float = 1.0
     batch: int = 16
+    retention_s: float = 30 * 86_400.0
     _policy: OutboundPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_attempts <= 50 or self.disable_after < 1 or self.batch < 1:
+        if (
+            not 1 <= self.max_attempts <= 50
+            or self.disable_after < 1
+            or self.batch < 1
+            or self.retention_s <= 0
+        ):
             raise ConfigurationError(
-                "webhook max_attempts must be 1 to 50, disable_after and batch at least 1"
+                "webhook max_attempts must be 1 to 50, disable_after and batch at least 1, retention_s > 0"
             )
         if self.timeout_s <= 0 or self.backoff_base_s < 0 or self.backoff_max_s < self.backoff_base_s:
             raise ConfigurationError("webhook timeout_s must be > 0 and 0 <= backoff_base_s <= backoff_max_s")
@@ -429,7 +440,11 @@ class WebhookDispatcher:
         """Deliver until ``stop`` is set (or the task is cancelled). A storage failure is
         logged and retried after :attr:`WebhookSettings.poll_s`."""
         stop = stop or asyncio.Event()
+        purged_at = -math.inf
         while not stop.is_set():
+            if time.monotonic() - purged_at >= _PURGE_EVERY_S:
+                purged_at = time.monotonic()
+                await self._purge()
             try:
                 done = await self.deliver_due()
             except PatinoxError as err:
@@ -444,6 +459,14 @@ class WebhookDispatcher:
             finally:
                 for w in waits:
                     w.cancel()
+
+    async def _purge(self) -> None:
+        """Delete finished deliveries and log entries older than the retention."""
+        cutoff = utcnow() - timedelta(seconds=self.settings.retention_s)
+        try:
+            await asyncio.to_thread(self._outbox.purge_finished, cutoff)
+        except PatinoxError as err:
+            log.warning("purging old webhook deliveries failed; retrying later", error=err.code)
 
     async def deliver_due(self) -> int:
         """Claim up to :attr:`WebhookSettings.batch` due deliveries and send them

@@ -413,6 +413,18 @@ class WebhookOutbox:
             state="failed",
         )
 
+    def purge_finished(self, before: datetime) -> int:
+        """Delete, for every tenant, the deliveries that finished before ``before`` and the
+        log entries of attempts made before it (retention). Returns rows deleted.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        with self._control_tx() as conn:
+            gone = conn.execute(delete(_D).where(_D.c.state != "pending", _D.c.finished_at < before)).rowcount
+            gone += conn.execute(delete(_A).where(_A.c.at < before)).rowcount
+        return int(gone)
+
     # -- the tenant's reads and deletes (bound to its tenant id) ------------------------
 
     @contextmanager
