@@ -91,7 +91,7 @@ def test_the_secret_is_answered_at_creation_and_rotation_only(
     assert actions == ["webhook.create", "webhook.rotate", "webhook.delete"]
 
 
-def test_an_idempotent_registration_creates_one_endpoint(
+def test_an_idempotent_registration_and_rotation_happen_once(
     client: TestClient, operator_key: str, make_tenant: Any
 ) -> None:
     t = make_tenant("acme")
@@ -101,6 +101,14 @@ def test_an_idempotent_registration_creates_one_endpoint(
     again = client.post("/v1/webhooks", json=body, headers=h)
     assert first.status_code == again.status_code == 201 and first.json() == again.json()
     assert len(client.get("/v1/webhooks", headers=h).json()) == 1
+    # A rotation's retry answers the same new secret, rotated once.
+    path = f"/v1/webhooks/{first.json()['id']}/rotate"
+    rotated = client.post(path, json={"overlap_s": 0}, headers={**h, "Idempotency-Key": "rot-1"})
+    retried = client.post(path, json={"overlap_s": 0}, headers={**h, "Idempotency-Key": "rot-1"})
+    assert rotated.status_code == retried.status_code == 200 and rotated.json() == retried.json()
+    assert rotated.json()["secret"] != first.json()["secret"]
+    audit = client.get("/v1/audit", headers=h, params={"limit": 500}).json()
+    assert [a["action"] for a in audit].count("webhook.rotate") == 1
 
 
 def test_a_tenant_cannot_see_or_touch_another_tenants_endpoints(

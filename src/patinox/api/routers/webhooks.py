@@ -146,14 +146,20 @@ def delete_webhook(endpoint_id: str, ctx: WebhookWriter, rt: RT, store: Store) -
     return WebhookOut(**_service(rt).delete(ctx, store, endpoint_id))
 
 
-@router.post("/{endpoint_id}/rotate", responses=_NOT_FOUND)
-def rotate_webhook_secret(
-    endpoint_id: str, body: WebhookRotate, ctx: WebhookWriter, rt: RT, store: Store
-) -> WebhookSecretOut:
+@router.post("/{endpoint_id}/rotate", response_model=WebhookSecretOut, responses=_NOT_FOUND)
+async def rotate_webhook_secret(
+    endpoint_id: str, body: WebhookRotate, ctx: WebhookWriter, rt: RT, store: Store, request: Request
+) -> Response:
     """A new signing secret, answered this once; the previous one signs beside it (a second
-    signature in ``webhook-signature``) for ``overlap_s`` seconds."""
-    endpoint, secret = _service(rt).rotate(ctx, store, endpoint_id, overlap_s=body.overlap_s)
-    return WebhookSecretOut(**endpoint, secret=secret)
+    signature in ``webhook-signature``) for ``overlap_s`` seconds. Takes ``Idempotency-Key``
+    (a retry answers the same new secret)."""
+    service = _service(rt)
+
+    async def rotate() -> Created:
+        endpoint, secret = service.rotate(ctx, store, endpoint_id, overlap_s=body.overlap_s)
+        return 200, WebhookSecretOut(**endpoint, secret=secret), {}
+
+    return await idempotent(request.scope, lambda: store, rotate)
 
 
 @router.post("/{endpoint_id}/enable", responses=_NOT_FOUND)
@@ -162,11 +168,18 @@ def enable_webhook(endpoint_id: str, ctx: WebhookWriter, rt: RT, store: Store) -
     return WebhookOut(**_service(rt).enable(ctx, store, endpoint_id))
 
 
-@router.post("/{endpoint_id}/ping", status_code=202, responses=_NOT_FOUND)
-def ping_webhook(endpoint_id: str, ctx: WebhookWriter, rt: RT, store: Store) -> WebhookPingOut:
+@router.post("/{endpoint_id}/ping", status_code=202, response_model=WebhookPingOut, responses=_NOT_FOUND)
+async def ping_webhook(
+    endpoint_id: str, ctx: WebhookWriter, rt: RT, store: Store, request: Request
+) -> Response:
     """Queue a ``webhook.ping`` event to the endpoint (sent like any delivery, logged in its
-    delivery log)."""
-    return WebhookPingOut(delivery_id=_service(rt).ping(ctx, store, endpoint_id))
+    delivery log). Takes ``Idempotency-Key``."""
+    service = _service(rt)
+
+    async def ping() -> Created:
+        return 202, WebhookPingOut(delivery_id=service.ping(ctx, store, endpoint_id)), {}
+
+    return await idempotent(request.scope, lambda: store, ping)
 
 
 @router.get("/{endpoint_id}/deliveries", responses=_NOT_FOUND)
