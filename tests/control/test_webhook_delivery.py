@@ -24,15 +24,18 @@ from fastapi.testclient import TestClient
 
 from patinox.api import create_app
 from patinox.client import verify_signature
-from patinox.control import WebhookDispatcher, WebhookSettings
+from patinox.control import RunRequest, WebhookDispatcher, WebhookSettings
 from patinox.control.webhooks import backoff_s
 from patinox.isolation import Template
+from patinox.limits import FairRunQueue
 from patinox.network import OutboundGuard, OutboundPolicy
 from patinox.network.outbound import Address
 from patinox.runtime import Runtime, Settings
 from patinox.storage import SqlBackend, WebhookOutbox, utcnow
+from patinox.tenancy import TenantContext
 from tests._webhooks import Receiver, https_receiver
 from tests.conftest import ALL_DEPLOYMENTS, Deployment, TenantHandle, auth
+from tests.control.test_crash_settlement import ProcessDied
 
 EVERY_DEPLOYMENT = pytest.mark.parametrize("deployment", ALL_DEPLOYMENTS, indirect=True)
 
@@ -445,3 +448,39 @@ def test_finished_deliveries_and_old_log_entries_are_purged_after_the_retention(
     assert outbox.purge_finished(utcnow() + timedelta(seconds=1)) == 2  # the delivery and its attempt
     assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["pending"]
     assert t.log(ep["id"]) == []
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-silo"], indirect=True)
+def test_a_sync_run_whose_server_died_sends_run_failed_when_the_reaper_settles_it(
+    client: TestClient,
+    rt: Runtime,
+    receiver: Receiver,
+    deployment: Deployment,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The process running a synchronous run dies mid-run: no settlement wrote its event.
+    The reaper that records the run failed (interrupted) writes it."""
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    ep = t.endpoint(receiver.url, ["run.failed"])
+    ctx = rt.keys.authenticate(t.h["Authorization"].removeprefix("Bearer "))
+    assert isinstance(ctx, TenantContext)
+    real_release = FairRunQueue.release
+
+    def release(self: FairRunQueue, *args: Any, holder: str | None = None, **kwargs: Any) -> bool:
+        if holder is None:  # the synchronous run's own release of its hold
+            raise ProcessDied
+        return real_release(self, *args, holder=holder, **kwargs)
+
+    async def die(*args: Any, **kwargs: Any) -> Any:
+        raise ProcessDied
+
+    monkeypatch.setattr(FairRunQueue, "release", release)
+    monkeypatch.setattr(rt.runs._executor, "execute", die)
+    with pytest.raises(ProcessDied):
+        asyncio.run(rt.runs.start(ctx, t.agent, RunRequest(input="hello there", output_tokens=3)))
+    assert _pending(rt, t.id, ep["id"]) == []
+    assert rt.runs.reap_expired(now=utcnow() + timedelta(days=1)) == 1
+    (delivery,) = _pending(rt, t.id, ep["id"])
+    assert delivery["event_type"] == "run.failed"
+    assert _deliver(rt) == 1
+    assert json.loads(receiver.received[0].body)["data"]["error"]["reason"] == "interrupted"

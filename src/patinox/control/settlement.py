@@ -587,6 +587,7 @@ class Settlement:
                 }
                 with contextlib.suppress(NotFound):
                     store.update_run(hold.run_id, values)
+                    self.emit(store, {"id": hold.run_id}, values, None)
             if hold.quota_period:  # holds written before reservations were kept on them have none
                 reserved = hold.reserved_tokens
                 self._budget.settle_tokens(

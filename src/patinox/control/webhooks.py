@@ -450,6 +450,9 @@ class WebhookDispatcher:
             except PatinoxError as err:
                 log.warning("webhook delivery loop failed; retrying", error=err.code, detail=err.message)
                 done = 0
+            except Exception:  # a bug must not stop every later delivery of the process
+                log.exception("webhook delivery loop failed unexpectedly; retrying")
+                done = 0
             if done:
                 continue
             self.wakeup.clear()
