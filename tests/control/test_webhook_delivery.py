@@ -416,8 +416,8 @@ def test_a_queue_worker_runs_the_delivery_loop_beside_it(
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
         try:
-            for _ in range(1200):  # until the receiver has it (the worker polls), at most a minute
-                if receiver.received:
+            for _ in range(1200):  # until it is recorded delivered (the worker polls), at most a minute
+                if [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["succeeded"]:
                     break
                 await asyncio.sleep(0.05)
         finally:

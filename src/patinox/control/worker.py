@@ -104,7 +104,8 @@ class RunWorker:
         self.listener = self._queue.listen(lambda: loop.call_soon_threadsafe(self.wakeup.set))
         # Setting ``stop`` ends an idle wait too, not only at the next poll.
         stopper = asyncio.create_task(self._wake_on(stop))
-        deliveries = None if self.webhooks is None else asyncio.create_task(self.webhooks.run(stop))
+        webhooks_stop = asyncio.Event()
+        deliveries = None if self.webhooks is None else asyncio.create_task(self.webhooks.run(webhooks_stop))
         self._running = True
         try:
             self._reap()
@@ -141,8 +142,13 @@ class RunWorker:
             stopper.cancel()
             for t in list(running):
                 t.cancel()
-            if deliveries is not None:
-                deliveries.cancel()
+            if deliveries is not None and self.webhooks is not None:
+                # The delivery loop ends after the batch it is sending (each attempt has its
+                # time limit), so a stop records what was sent instead of sending it again.
+                webhooks_stop.set()
+                done, _ = await asyncio.wait({deliveries}, timeout=self.webhooks.settings.timeout_s + 5.0)
+                if not done:
+                    deliveries.cancel()
                 running.add(deliveries)
             await asyncio.gather(renewer, stopper, *running, return_exceptions=True)
 
