@@ -86,6 +86,8 @@ class _Handler(BaseHTTPRequestHandler):
             r.received.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
             status = r.answers.pop(0) if r.answers else 200
         self.send_response(status)
+        if 300 <= status < 400:
+            self.send_header("Location", "/elsewhere")
         self.send_header("Content-Length", "2")
         self.end_headers()
         self.wfile.write(b"ok")

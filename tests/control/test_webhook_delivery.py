@@ -484,3 +484,17 @@ def test_a_sync_run_whose_server_died_sends_run_failed_when_the_reaper_settles_i
     assert delivery["event_type"] == "run.failed"
     assert _deliver(rt) == 1
     assert json.loads(receiver.received[0].body)["data"]["error"]["reason"] == "interrupted"
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool"], indirect=True)
+def test_a_redirect_is_a_failed_attempt_never_followed(
+    client: TestClient, rt: Runtime, receiver: Receiver, deployment: Deployment
+) -> None:
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    ep = t.endpoint(receiver.url)
+    receiver.answers = [307]
+    client.post(f"/v1/webhooks/{ep['id']}/ping", headers=t.h)
+    assert _deliver(rt) == 1
+    (entry,) = t.log(ep["id"])
+    assert entry["status_code"] is None and "redirect" in entry["error"]
+    assert len(receiver.received) == 1  # the one request; no second to where it pointed

@@ -153,13 +153,15 @@ class WebhookSettings:
             timeout_s=self.timeout_s,
             ca_bundle=self.ca_bundle,
             max_response_bytes=64 * 1024,
+            max_redirects=0,
         )
         object.__setattr__(self, "_policy", policy)
 
     @property
     def policy(self) -> OutboundPolicy:
         """The outbound policy deliveries are sent under (``https`` only, any public host,
-        :attr:`allowed_ranges`, :attr:`ca_bundle`, :attr:`timeout_s`)."""
+        :attr:`allowed_ranges`, :attr:`ca_bundle`, :attr:`timeout_s`; no redirect is
+        followed: a 3xx answer is a failed attempt; a receiver's answer is read up to 64 KiB)."""
         return self._policy
 
     @property
