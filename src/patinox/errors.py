@@ -17,6 +17,7 @@
     │   │   └── RunFinished              cancel of a run that already finished  (409 run_finished)
     │   ├── UnknownModel                 model id not known or not configured   (422 unknown_model)
     │   ├── UnknownTool                  tool name not known or not allowed     (422 unknown_tool)
+    │   │   └── ToolNotAllowed           a tool the tenant's allow-list leaves out (403 tool_not_allowed)
     │   ├── IsolationUnavailable         isolation level not built/enforceable  (422 isolation_unavailable)
     │   ├── IsolationRequired            a tool needs a higher isolation level  (422 isolation_required)
     │   ├── ExceedsBudget                a run larger than its whole budget     (422 exceeds_budget)
@@ -24,6 +25,7 @@
     ├── OperationFailed                  runtime failures, structured, picklable across processes
     │   ├── AuthenticationFailed         no, malformed, wrong or revoked key    (401 unauthenticated)
     │   ├── PermissionDenied             key lacks the scope for the route      (403 forbidden)
+    │   │   └── ModelNotAllowed          a model outside the tenant's allow-list (403 model_not_allowed)
     │   ├── TenantSuspended              tenant is suspended                    (403 tenant_suspended)
     │   ├── TenantMoving                 writes held during a storage move      (503 tenant_moving)
     │   ├── NotFound                     missing OR another tenant's object     (404 not_found)
@@ -81,6 +83,7 @@ __all__ = [
     "IsolationUnavailable",
     "LimitStoreUnavailable",
     "MissingDependency",
+    "ModelNotAllowed",
     "NotFound",
     "OperationFailed",
     "OutboundFailed",
@@ -99,6 +102,7 @@ __all__ = [
     "TenantMoving",
     "TenantNotFound",
     "TenantSuspended",
+    "ToolNotAllowed",
     "UnknownModel",
     "UnknownTool",
     "UnsupportedParameter",
@@ -240,6 +244,16 @@ class UnknownTool(ConfigurationError):
     http_status = 422
 
 
+class ToolNotAllowed(UnknownTool):
+    """A tool that exists but is not on the tenant's tool allow-list (its plan's, or its
+    own override ``allowed_tools``): refused when an agent naming it is defined, and again
+    when a run of such an agent starts or executes after the list changed. Fields:
+    ``tool``, ``allowed`` (the names the tenant may use)."""
+
+    code = "tool_not_allowed"
+    http_status = 403
+
+
 class IsolationUnavailable(ConfigurationError):
     """An isolation level this deployment cannot enforce; refused rather than ignored.
 
@@ -316,6 +330,15 @@ class PermissionDenied(OperationFailed):
     """The key is valid but lacks the scope the route needs."""
 
     code = "forbidden"
+    http_status = 403
+
+
+class ModelNotAllowed(PermissionDenied):
+    """The model is outside the tenant's allow-list (its plan's, or its own override):
+    refused when an agent names it and again when a run reaches it (the list may have
+    changed since the agent was defined). Fields: ``model`` and ``allowed_models``."""
+
+    code = "model_not_allowed"
     http_status = 403
 
 

@@ -25,6 +25,7 @@ from patinox.control import (
     WebhookService,
     WebhookSettings,
 )
+from patinox.control.endpoints import DEFAULT_HOST_QUARANTINE_S, TenantEndpoints
 from patinox.control.worker import RunWorker
 from patinox.errors import ConfigurationError, NotFound
 from patinox.isolation import (
@@ -38,6 +39,7 @@ from patinox.isolation import (
 )
 from patinox.isolation.cgroups import parse_cpus
 from patinox.isolation.cores import CoreAllocator
+from patinox.isolation.egress import GuardedFetcher
 from patinox.isolation.host import detect_host
 from patinox.isolation.levels import LevelExecutor
 from patinox.limits import (
@@ -52,6 +54,7 @@ from patinox.limits import (
     worker_id,
 )
 from patinox.limits.offload import MAX_THREADS as MAX_STORAGE_THREADS
+from patinox.network import EgressSettings
 from patinox.storage import SqlBackend, open_backend
 from patinox.storage.crypto import FileKeyProvider, key_provider_from_url
 from patinox.tenancy import IsolationLevel, ResourceLimits, effective_limits
@@ -101,6 +104,19 @@ class Settings:
         webhooks: how webhooks are sent (the address ranges the operator allows, the CA
             bundle, retries, when an endpoint is disabled); see
             :class:`~patinox.control.WebhookSettings`.
+        egress: the operator's egress settings for the ``http_fetch`` tool
+            (``PATINOX_EGRESS_*``, :class:`~patinox.network.EgressSettings`): ranges allowed
+            or denied beyond each tenant's ``egress_hosts``, schemes, size and time caps.
+        base_domain: the deployment's base domain (``PATINOX_BASE_DOMAIN``): each tenant is
+            reached at ``<slug>.<base_domain>`` and its custom domains, a tenant key only
+            there and on the base host; ``None`` (default): no tenant host names, every host
+            answers every tenant (:mod:`patinox.control.endpoints`).
+        base_hosts: other names the base host answers on (``PATINOX_BASE_HOSTS``,
+            comma-separated, e.g. ``localhost,127.0.0.1``): every tenant's key and the
+            ``/admin`` routes are accepted there.
+        host_quarantine_s: how long a slug or domain a tenant gave up (or held when deleted)
+            is held back from other tenants, seconds (``PATINOX_HOST_QUARANTINE_DAYS``,
+            default 30 days).
 
     Raises:
         ConfigurationError: ``storage_threads`` out of range.
@@ -120,6 +136,10 @@ class Settings:
     isolation_levels: frozenset[IsolationLevel] | None = None
     storage_threads: int = 3
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    egress: EgressSettings = field(default_factory=EgressSettings)
+    base_domain: str | None = None
+    base_hosts: tuple[str, ...] = ()
+    host_quarantine_s: float = DEFAULT_HOST_QUARANTINE_S
 
     def __post_init__(self) -> None:
         if not 0 <= self.storage_threads <= MAX_STORAGE_THREADS:
@@ -145,7 +165,8 @@ class Settings:
         :attr:`isolation_levels`; ``PATINOX_STORAGE_THREADS`` sets :attr:`storage_threads`;
         ``PATINOX_WEBHOOK_ALLOWED_RANGES``, ``PATINOX_WEBHOOK_CA_BUNDLE`` and
         ``PATINOX_WEBHOOK_DISABLE_AFTER`` set :attr:`webhooks`
-        (:meth:`~patinox.control.WebhookSettings.from_env`).
+        (:meth:`~patinox.control.WebhookSettings.from_env`);
+        ``PATINOX_EGRESS_*`` set :attr:`egress` (:meth:`EgressSettings.from_env`).
 
         Raises:
             ConfigurationError: a variable that is not a number where one is needed.
@@ -164,6 +185,12 @@ class Settings:
             isolation_levels=_levels_env(os.environ.get("PATINOX_ISOLATION_LEVELS")),
             storage_threads=_count_env("PATINOX_STORAGE_THREADS", 3),
             webhooks=WebhookSettings.from_env(),
+            egress=EgressSettings.from_env(),
+            base_domain=os.environ.get("PATINOX_BASE_DOMAIN") or None,
+            base_hosts=tuple(
+                h.strip() for h in (os.environ.get("PATINOX_BASE_HOSTS") or "").split(",") if h.strip()
+            ),
+            host_quarantine_s=_days_env("PATINOX_HOST_QUARANTINE_DAYS", DEFAULT_HOST_QUARANTINE_S),
         )
 
 
@@ -200,6 +227,25 @@ def _count_env(name: str, default: int) -> int:
     return int(raw)
 
 
+def _days_env(name: str, default_s: float) -> float:
+    """The number of days >= 0 in environment variable ``name``, as seconds (``default_s``
+    when unset).
+
+    Raises:
+        ConfigurationError: it is set to anything else.
+    """
+    raw = (os.environ.get(name) or "").strip()
+    if not raw:
+        return default_s
+    try:
+        days = float(raw)
+    except ValueError:
+        days = -1.0
+    if not days >= 0 or days == float("inf"):
+        raise ConfigurationError(f"{name} must be a number of days >= 0, not {raw!r}")
+    return days * 86_400
+
+
 def _fair_share_enabled(value: str | None) -> bool:
     """``PATINOX_FAIR_SHARE``: unset, ``on``, ``1``, ``true`` or ``yes`` keep the fair-share
     admission on; ``off``, ``0``, ``false`` or ``no`` turn it off.
@@ -230,6 +276,8 @@ class Runtime:
     budget: TokenBudget
     executors: ExecutorMap
     process_executor: ProcessExecutor | None = None
+    #: Tenants' host names (:mod:`patinox.control.endpoints`); ``None``: endpoints off.
+    endpoints: TenantEndpoints | None = None
     #: Where the run path and authentication make their storage calls (see
     #: :attr:`Settings.storage_threads`).
     storage: StorageCalls = field(default_factory=InlineStorage)
@@ -294,7 +342,14 @@ class Runtime:
         tenants = TenantManager(backend, supported_isolation=executors.levels, isolation=executors)
         calls = storage_calls(backend.engine.url.drivername, settings.storage_threads)
         runs = RunService(
-            backend, executors, queue=queue, budget=budget, admission=admission, rate=rate, calls=calls
+            backend,
+            executors,
+            queue=queue,
+            budget=budget,
+            admission=admission,
+            rate=rate,
+            calls=calls,
+            fetcher=lambda ctx: GuardedFetcher(ctx, settings.egress),
         )
         tenants.subscribe(runs.on_tenant_event)
         tenants.subscribe(runs.on_limits_changed)
@@ -306,6 +361,13 @@ class Runtime:
         tenants.subscribe(lambda tid, event: backend.keyring.forget(tid) if event in forget_on else None)
         webhooks = WebhookService(backend, settings.webhooks)
         runs.set_run_events(webhooks.on_settled)
+        endpoints = TenantEndpoints(
+            backend,
+            base_domain=settings.base_domain,
+            base_hosts=settings.base_hosts,
+            quarantine_s=settings.host_quarantine_s,
+        )
+        tenants.subscribe(endpoints.on_tenant_event)  # a new tenant gets its slug
         return cls(
             settings=settings,
             backend=backend,
@@ -318,6 +380,7 @@ class Runtime:
             budget=budget,
             executors=executors,
             process_executor=process,
+            endpoints=endpoints,
             storage=calls,
             webhooks=webhooks,
         )
@@ -376,7 +439,7 @@ def _executors(
     of every level's executor: ``process`` where execution processes work, ``container``
     and ``dedicated`` where :func:`~patinox.isolation.host.detect_host` says the sandbox
     works (and a core can be dedicated), all three served by one executor."""
-    namespace = NamespaceExecutor()
+    namespace = NamespaceExecutor(egress=settings.egress)
     offered = settings.isolation_levels
     available, _ = process_isolation_available()
     if not available or (offered is not None and offered <= {IsolationLevel.NAMESPACE}):
@@ -408,7 +471,7 @@ def _executors(
         info = tenant_info(tenant_id)
         return None if info is None else info[0]
 
-    process = ProcessExecutor(supervisor, tenant_level=tenant_level, cores=cores)
+    process = ProcessExecutor(supervisor, tenant_level=tenant_level, cores=cores, egress=settings.egress)
     levels: dict[IsolationLevel, LevelExecutor] = {
         IsolationLevel.NAMESPACE: namespace,
         IsolationLevel.PROCESS: process,

@@ -137,7 +137,9 @@ async def test_current_time_is_utc_iso8601() -> None:
 
 def test_builtin_tool_names() -> None:
     assert (
-        frozenset({"memory_get", "memory_put", "memory_list", "calculator", "current_time", "python"})
+        frozenset(
+            {"memory_get", "memory_put", "memory_list", "calculator", "current_time", "python", "http_fetch"}
+        )
         == BUILTIN_TOOLS
     )
 

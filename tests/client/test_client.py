@@ -27,6 +27,7 @@ from patinox.client import (
     Me,
     MemoryItem,
     Run,
+    Secret,
     Setting,
     Tenant,
     TenantConfig,
@@ -38,6 +39,7 @@ from patinox.errors import (
     AuthenticationFailed,
     IdempotencyKeyReused,
     InvalidRequest,
+    ModelNotAllowed,
     NotFound,
     PermissionDenied,
     QuotaExceeded,
@@ -215,6 +217,7 @@ def test_client_models_follow_the_servers_schema(runtime: Runtime) -> None:
         Attempt: "AttemptOut",
         Run: "RunOut",
         MemoryItem: "MemoryItemOut",
+        Secret: "SecretOut",
         AuditEntry: "AuditOut",
         UsageRecord: "UsageRecordOut",
         UsageSummary: "UsageSummaryOut",
@@ -291,3 +294,26 @@ def test_cancel_and_idempotent_creates(operator: Client, base_url: str) -> None:
         with pytest.raises(RunFinished):
             client.runs.cancel(queued.id)
         assert len(list(client.runs.list())) == 1
+
+
+@pytest.mark.only_deployments("sqlite-pool")
+def test_secrets_and_a_refused_model_through_the_client(operator: Client, base_url: str) -> None:
+    tenant = operator.admin.tenants.create(
+        "vault",
+        plan="pro",
+        limits={"allowed_models": ["simulated:instant"], "default_model": "simulated:instant"},
+    )
+    key = operator.admin.keys.create(
+        "admin", tenant_id=tenant.id, scopes=["read", "agents:write", "secrets:write"]
+    )
+    with Client(base_url, key.key) as client:
+        first = client.secrets.put("provider:openai", "sk-client-canary")
+        again = client.secrets.put("provider:openai", "sk-client-canary-2")
+        assert (first.version, again.version) == (1, 2)
+        assert [s.name for s in client.secrets.list()] == ["provider:openai"]
+        assert "sk-client-canary" not in repr(client.secrets.list())
+        client.secrets.delete("provider:openai")
+        with pytest.raises(NotFound):
+            client.secrets.delete("provider:openai")
+        with pytest.raises(ModelNotAllowed):
+            client.agents.create("b", model="simulated")

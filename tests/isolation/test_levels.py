@@ -53,7 +53,9 @@ def tenant_at(
 
 
 def outcome(runtime: Runtime, ctx: TenantContext, agent_id: str, req: RunRequest) -> dict[str, Any]:
-    """Everything a run leaves that must not depend on its level."""
+    """Everything a run leaves that must not depend on its level (its tokens summed over the
+    UTC days the run may have been charged to: a run may start before midnight and end after)."""
+    days = {runtime.budget.today()}
     try:
         run = asyncio.run(runtime.runs.start(ctx, agent_id, req))
         raised = None
@@ -68,9 +70,15 @@ def outcome(runtime: Runtime, ctx: TenantContext, agent_id: str, req: RunRequest
         "run": None if run is None else {k: run.get(k) for k in fields},
         "usage": [(u["input_tokens"], u["output_tokens"], u["tool_calls"]) for u in store.list_usage()],
         "memory": {k: store.memory_get(k) for k in store.memory_list()},
-        "spent": runtime.budget.spent_today(ctx.tenant_id),
+        "spent": spent_over(runtime, ctx.tenant_id, days | {runtime.budget.today()}),
         "held": runtime.queue.held(ctx.tenant_id),
     }
+
+
+def spent_over(runtime: Runtime, tenant_id: str, days: set[str]) -> tuple[int, int]:
+    """(spent, reserved) tokens of the tenant summed over ``days``."""
+    counts = [runtime.budget.spent_in(tenant_id, day) for day in days]
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def at_both_levels(
@@ -190,6 +198,7 @@ def test_a_queued_run_executed_by_a_worker(runtime: Runtime, deployment: Deploym
     seen = {}
     for level in LEVELS:
         ctx, agent_id = tenant_at(runtime, level, deployment, model="simulated:instant")
+        days = {runtime.budget.today()}
         queued = asyncio.run(
             runtime.runs.start(
                 ctx, agent_id, RunRequest(input='/call memory_put {"key": "k", "value": "v"}', mode="async")
@@ -199,18 +208,20 @@ def test_a_queued_run_executed_by_a_worker(runtime: Runtime, deployment: Deploym
         assert claim is not None and claim.run_id == queued["id"]
         done = asyncio.run(runtime.runs.execute_claim(claim))
         assert done is not None
-        seen[level] = outcome_of_record(runtime, ctx, done)
+        seen[level] = outcome_of_record(runtime, ctx, done, days)
     assert_same_at_every_level(seen)
     assert seen[IsolationLevel.PROCESS]["run"]["status"] == "succeeded"
 
 
-def outcome_of_record(runtime: Runtime, ctx: TenantContext, run: dict[str, Any]) -> dict[str, Any]:
+def outcome_of_record(
+    runtime: Runtime, ctx: TenantContext, run: dict[str, Any], days: set[str]
+) -> dict[str, Any]:
     store = runtime.backend.tenant_store(ctx)
     fields = ("status", "output", "input_tokens", "output_tokens", "tool_calls", "error")
     return {
         "run": {k: run.get(k) for k in fields},
         "usage": [(u["input_tokens"], u["output_tokens"], u["tool_calls"]) for u in store.list_usage()],
         "memory": {k: store.memory_get(k) for k in store.memory_list()},
-        "spent": runtime.budget.spent_today(ctx.tenant_id),
+        "spent": spent_over(runtime, ctx.tenant_id, days | {runtime.budget.today()}),
         "held": runtime.queue.held(ctx.tenant_id),
     }

@@ -228,6 +228,49 @@ def test_a_lag_from_waiting_on_blocking_calls_does_not_shrink_the_limit() -> Non
     assert adm.limit < 32
 
 
+def test_storage_calls_waiting_for_a_thread_shrink_the_limit_whatever_the_loop_does() -> None:
+    """On PostgreSQL the loop idles while calls queue for the storage threads: the loop's
+    lag alone would raise the limit and move the waiting into that queue."""
+    s = AdmissionSettings(initial_limit=32, min_limit=4, target_lag_s=0.005, target_storage_wait_s=0.010)
+    adm = FairShareAdmission(s)
+    while adm.try_admit("a", 1):
+        pass  # in use: a lag under target alone would raise it
+    adm.adjust(0.0001, busy=0.1, storage_wait_s=0.050)
+    assert 32 * 0.9 - 1 <= adm.limit < 32
+    assert adm.snapshot()["storage_wait_ms"] == 50.0
+    for _ in range(100):
+        adm.adjust(0.0001, busy=0.1, storage_wait_s=0.050)
+    assert adm.limit == 4
+    for _ in range(100):  # calls flow at their target again, the loop keeps up: it rises
+        adm.adjust(0.0001, busy=0.1, storage_wait_s=0.001)
+        while adm.try_admit("a", 1):
+            pass
+    assert adm.limit > 4
+    held = adm.limit
+    for _ in range(5):  # a window in which no call was taken says nothing of the threads
+        adm.adjust(0.005, busy=0.1, storage_wait_s=None)
+    assert adm.limit == held and adm.snapshot()["storage_wait_ms"] is None
+
+
+async def test_the_watch_reads_the_storage_threads_wait_each_window() -> None:
+    windows: list[None] = []
+
+    def wait() -> float:
+        windows.append(None)
+        return 0.080
+
+    adm = FairShareAdmission(AdmissionSettings(initial_limit=32, min_limit=4, probe_s=0.002, window=2))
+    while adm.try_admit("a", 1):
+        pass
+    watch = asyncio.create_task(adm.watch(wait))
+    try:
+        while len(windows) < 5:
+            await asyncio.sleep(0.005)
+    finally:
+        watch.cancel()
+    assert adm.limit < 32 and adm.storage_wait_s == 0.080
+
+
 def _measured_lags(loop_factory: object) -> tuple[float, float]:
     """(lag the limit used, the timer probe's lag) after a heavy tenant's 600 tasks, each
     computing 50 us per step, kept the loop busy for a few windows."""

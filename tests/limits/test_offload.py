@@ -65,6 +65,62 @@ async def test_a_tenant_with_fifty_waiting_calls_delays_another_tenants_call_by_
     assert [o for o in order if o != "light"] == [f"heavy-{i}" for i in range(50)]
 
 
+async def test_a_tenant_with_nothing_else_waiting_goes_before_six_busy_tenants(
+    one_thread: FairStorageExecutor,
+) -> None:
+    order: list[str] = []
+    first, second = _Gate(), _Gate()
+    held = asyncio.ensure_future(one_thread.call("busy-0", first))
+    await _until(first.entered.is_set)
+    busy = []
+    for i in range(10):
+        for t in range(6):
+            if (t, i) == (0, 1):
+                busy.append(asyncio.ensure_future(one_thread.call("busy-0", second)))
+            else:
+                busy.append(
+                    asyncio.ensure_future(one_thread.call(f"busy-{t}", order.append, f"busy-{t}-{i}"))
+                )
+    await _until(lambda: one_thread.waiting == 60)
+    first.open.set()
+    # Each busy tenant's first call ran; busy-0's second now holds the thread, and each
+    # other busy tenant has a call waiting at the same start tag, asked earlier.
+    await _until(second.entered.is_set)
+    assert order == [f"busy-{t}-0" for t in range(6)]
+    order.clear()
+    light = [asyncio.ensure_future(one_thread.call("light", order.append, f"light-{n}")) for n in (1, 2)]
+    await _until(lambda: one_thread.waiting == 60 - 7 + 2)
+    second.open.set()
+    await asyncio.gather(held, *light, *busy)
+    # Start-time fair order alone puts it after the five equal tags asked before it; its
+    # flow is sparse (nothing else of it waited), so it goes first. Its second call had
+    # company (its own first): a turn like any other flow's.
+    assert order.index("light-1") == 0
+    assert order.index("light-2") > 1
+
+
+async def test_the_wait_window_is_the_mean_wait_of_the_calls_a_thread_took(
+    one_thread: FairStorageExecutor,
+) -> None:
+    assert one_thread.wait_window() is None  # nothing taken yet
+    gate = _Gate()
+    held = asyncio.ensure_future(one_thread.call("a", gate))
+    await _until(gate.entered.is_set)
+    one_thread.wait_window()  # the gate's own (short) wait
+    waiting = [asyncio.ensure_future(one_thread.call("b", int)) for _ in range(3)]
+    await _until(lambda: one_thread.waiting == 3)
+    slept = 0.0
+    while slept < 0.05:  # they wait while the thread is held
+        await asyncio.sleep(0.01)
+        slept += 0.01
+    gate.open.set()
+    await asyncio.gather(held, *waiting)
+    mean = one_thread.wait_window()
+    assert mean is not None and mean >= 0.05
+    assert one_thread.wait_window() is None  # a new window
+    assert await InlineStorage().call("a", int) == 0 and InlineStorage().wait_window() is None
+
+
 async def test_two_busy_tenants_alternate_and_the_system_flow_has_its_own_share(
     one_thread: FairStorageExecutor,
 ) -> None:

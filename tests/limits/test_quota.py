@@ -45,6 +45,17 @@ def test_the_day_rolls_over_at_midnight_utc(backend: SqlBackend) -> None:
     assert ei.value.reset_at == "2026-01-02T00:00:00+00:00"
     now[0] += timedelta(minutes=2)
     b.reserve("tn_a", 100, limit=100)
+    assert b.today() == "2026-01-02" and b.spent_today("tn_a") == (0, 100)
+    assert b.spent_in("tn_a", "2026-01-01") == (90, 0) and b.spent_in("tn_a", "2025-12-31") == (0, 0)
+
+
+def test_a_run_reserved_before_midnight_settles_to_its_own_day(backend: SqlBackend) -> None:
+    now = [datetime(2026, 1, 1, 23, 59, 59, tzinfo=UTC)]
+    b = TokenBudget(backend, clock=lambda: now[0])
+    reservation = b.reserve("tn_a", 50, limit=100)
+    now[0] += timedelta(seconds=2)
+    b.settle(reservation, 30)
+    assert b.spent_in("tn_a", "2026-01-01") == (30, 0) and b.spent_today("tn_a") == (0, 0)
 
 
 def test_concurrent_reservations_never_overbook(backend: SqlBackend) -> None:

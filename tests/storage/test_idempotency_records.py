@@ -12,7 +12,7 @@ import pytest
 
 from patinox.control import TenantSpec
 from patinox.runtime import Runtime
-from patinox.storage import IDEMPOTENCY_KEY_TTL, Begun, TenantStore, utcnow
+from patinox.storage import IDEMPOTENCY_IN_PROGRESS_LEASE, IDEMPOTENCY_KEY_TTL, Begun, TenantStore, utcnow
 from patinox.tenancy import StorageModel, TenantContext
 from tests.conftest import ALL_DEPLOYMENTS, Deployment
 
@@ -115,3 +115,20 @@ def test_a_key_given_back_is_free_for_a_retry(runtime: Runtime, deployment: Depl
     assert records.finish("k", FP, 201, "done")
     records.abandon("k", FP)
     assert records.begin("k", FP).outcome == "replay"
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
+def test_a_key_left_in_progress_by_a_dead_request_is_taken_over_after_its_lease(
+    runtime: Runtime, deployment: Deployment
+) -> None:
+    records = store_of(runtime, deployment, "alpha").idempotency()
+    now = utcnow()
+    assert records.begin("k", FP, now=now).outcome == "new"  # its process dies: never finished
+    within = now + IDEMPOTENCY_IN_PROGRESS_LEASE - timedelta(seconds=1)
+    assert records.begin("k", FP, now=within).outcome == "in_progress"
+    after = now + IDEMPOTENCY_IN_PROGRESS_LEASE
+    assert records.begin("k", OTHER, now=after).outcome == "mismatch"  # another request: never
+    assert records.begin("k", FP, now=after).outcome == "new"
+    assert records.begin("k", FP, now=after).outcome == "in_progress"  # one taker
+    assert records.finish("k", FP, 201, "done")
+    assert records.begin("k", FP, now=after + timedelta(hours=1)).outcome == "replay"

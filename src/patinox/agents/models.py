@@ -13,7 +13,10 @@ Grammar of a model id::
 ``<model-name>`` is the provider's own name (e.g. ``gpt-4o``, ``claude-sonnet-4-5``): letters,
 digits and ``. _ - : /``, starting with a letter or digit, at most 200 characters.
 Provider models are built by pydantic-ai (:func:`pydantic_ai.models.infer_model`), which
-reads the key from the same environment variable.
+reads the key from the same environment variable: the deployment's shared key. A tenant
+that stored its own provider key (BYOK, the secret ``provider:<family>``) has its runs'
+model built with that key instead (``resolve_model(model_id, api_key=...)``), on the host
+side only: the key is never sent to an execution process.
 """
 
 from __future__ import annotations
@@ -60,8 +63,12 @@ PROVIDERS: Final[dict[str, ProviderFamily]] = {
 _MODEL_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,199}")
 
 
-def validate_model_id(model_id: str) -> None:
+def validate_model_id(model_id: str, *, tenant_key: bool = False) -> None:
     """Check that ``model_id`` names a model this deployment can run now.
+
+    Args:
+        tenant_key: the tenant has its own key for the model's provider (BYOK), so the
+            deployment's shared key need not be configured.
 
     Raises:
         UnknownModel: unknown family or malformed id; a provider whose package is not
@@ -79,7 +86,7 @@ def validate_model_id(model_id: str) -> None:
             model=model_id,
             missing_extra=family.extra,
         )
-    if not os.environ.get(family.key_env):
+    if not tenant_key and not os.environ.get(family.key_env):
         raise UnknownModel(
             f"model {model_id!r}: no provider key configured (set {family.key_env})",
             model=model_id,
@@ -87,21 +94,28 @@ def validate_model_id(model_id: str) -> None:
         )
 
 
-def resolve_model(model_id: str) -> Model:
+def resolve_model(model_id: str, *, api_key: str | None = None) -> Model:
     """The pydantic-ai model for ``model_id``, validated first.
 
-    Simulated models are built per call (microseconds); provider models are cached per id,
-    so their HTTP clients are reused across runs.
+    Simulated models are built per call (microseconds); provider models are cached per id
+    (and per tenant key), so their HTTP clients are reused across runs.
+
+    Args:
+        api_key: the tenant's own provider key (BYOK); ``None``: the deployment's shared
+            key from the environment. Host side only.
 
     Returns:
         A :class:`pydantic_ai.models.Model`.
 
     Raises:
-        UnknownModel: as :func:`validate_model_id`, or pydantic-ai refused the id (chained).
+        UnknownModel: as :func:`validate_model_id`, or pydantic-ai refused the id (chained;
+            with a tenant key, the message names only the error's type, never the key).
     """
-    validate_model_id(model_id)
+    validate_model_id(model_id, tenant_key=api_key is not None)
     if is_simulated(model_id):
         return simulated_model(model_id)
+    if api_key is not None:
+        return _provider_model_with_key(model_id, api_key)
     return _provider_model(model_id)
 
 
@@ -134,3 +148,19 @@ def _provider_model(model_id: str) -> Model:
         return infer_model(model_id)
     except Exception as exc:  # pydantic-ai UserError, ImportError, provider client errors
         raise UnknownModel(f"model {model_id!r} could not be set up: {exc}", model=model_id) from exc
+
+
+@functools.lru_cache(maxsize=256)
+def _provider_model_with_key(model_id: str, api_key: str) -> Model:
+    from pydantic_ai.providers import Provider, infer_provider_class
+
+    def provider(name: str) -> Provider[object]:
+        return infer_provider_class(name)(api_key=api_key)  # type: ignore[call-arg]
+
+    try:
+        return infer_model(model_id, provider_factory=provider)
+    except Exception as exc:  # as _provider_model; the text of exc is left out: it might quote the key
+        raise UnknownModel(
+            f"model {model_id!r} could not be set up with the tenant's provider key: {type(exc).__name__}",
+            model=model_id,
+        ) from None

@@ -38,7 +38,7 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
 from pydantic_ai import Agent, RunContext
@@ -71,6 +71,7 @@ from patinox.agents.models import resolve_model
 from patinox.agents.simulated import is_simulated
 from patinox.agents.tools import (
     CodeRunner,
+    HttpFetcher,
     MemoryStore,
     ToolDeps,
     ToolExecutionError,
@@ -103,12 +104,17 @@ class AgentDefinition:
         instructions: the system instructions sent with every model request.
         model: a model id (see :mod:`patinox.agents.models`).
         tools: built-in tool names the agent may call (see :mod:`patinox.agents.tools`).
+        provider_key: the tenant's own key for the model's provider (BYOK), read on the
+            host for this run; ``None``: the deployment's shared key. Used where the model
+            is resolved (always the host), never sent to an execution process, never shown
+            in a repr.
     """
 
     name: str
     instructions: str
     model: str
     tools: tuple[str, ...] = ()
+    provider_key: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -308,6 +314,7 @@ async def run_agent(
     code: CodeRunner | None = None,
     model: Model | None = None,
     conversation: Conversation | None = None,
+    fetch: HttpFetcher | None = None,
 ) -> RunOutcome:
     """Run ``definition`` on ``prompt`` once.
 
@@ -339,6 +346,8 @@ async def run_agent(
             one); ``definition.model`` still names the run's model in its outcome.
         conversation: earlier turns passed as message history, and the callback of a
             streamed run (see :class:`Conversation`); ``None``: the prompt alone, not streamed.
+        fetch: the ``http_fetch`` tool's requests, bound to the tenant's egress policy on
+            the host; ``None``: no egress (each call is a failed tool result).
 
     Returns:
         The reply with its usage and duration.
@@ -351,7 +360,7 @@ async def run_agent(
     """
     _check_output_tokens(output_tokens, limits)
     if model is None:
-        model = resolve_model(definition.model)
+        model = resolve_model(definition.model, api_key=definition.provider_key)
     simulated = is_simulated(definition.model)
     started = time.perf_counter()
     usage = RunUsage() if usage is None else usage
@@ -384,7 +393,7 @@ async def run_agent(
         async with deadline:
             result = await agent.run(
                 prompt,
-                deps=ToolDeps(memory=memory, code=code),
+                deps=ToolDeps(memory=memory, code=code, fetch=fetch),
                 model_settings=settings,
                 usage_limits=usage_limits,
                 usage=usage,

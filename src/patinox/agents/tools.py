@@ -18,6 +18,21 @@ Built-in tools (names as the model sees them):
   tenants at ``container`` isolation or above (:data:`TOOL_ISOLATION`,
   :func:`check_tool_isolation`): a ``process``-level execution process shares the host's
   network and file system, no place for code nobody reviewed.
+- ``http_fetch(url)`` -> ``{"status", "content_type", "body", "url"}``: one ``GET`` made on
+  the host through the run's :class:`HttpFetcher` (the deployment's outbound-request guard,
+  :mod:`patinox.network.outbound`), only to hosts on the tenant's ``egress_hosts``
+  allow-list; an execution process asks the host over its channel, the sandbox itself has
+  no network. ``body`` is the response text (UTF-8, undecodable bytes replaced) of at most
+  the deployment's response cap. A refused URL (host not allowed, a loopback, private or
+  link-local address, a redirect to one) or a failed request is a failed tool result: the
+  model is told why and the run goes on.
+
+Tool plugins: tools beyond the built-ins come from Python packages that declare an entry
+point in the group ``patinox.tools`` (:data:`TOOL_ENTRY_POINT_GROUP`): the entry point's name
+is the tool's, its object a :class:`pydantic_ai.Tool` or a plain async or sync function
+(:func:`tool_plugins`). A tenant's agents may name only the tools on its ``allowed_tools``
+list (plan, then tenant override; ``None``: every installed tool), checked when an agent is
+defined and again when its run starts and executes (:func:`check_tools_allowed`).
 
 Memory tools talk to the :class:`MemoryStore` in the run's :class:`ToolDeps`. That store is
 already bound to one tenant, so no tool ever takes or passes a tenant id. Store methods are
@@ -48,8 +63,13 @@ from __future__ import annotations
 
 import ast
 import functools
+import importlib
+import importlib.metadata
+import inspect
+import logging
 import math
 import operator
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -59,7 +79,14 @@ from pydantic_ai import RunContext, Tool
 from pydantic_ai.exceptions import ModelRetry, ToolFailed
 
 from patinox.agents.simulated import count_simulated_tokens
-from patinox.errors import InvalidRequest, IsolationRequired, UnknownTool
+from patinox.errors import (
+    EgressRefused,
+    InvalidRequest,
+    IsolationRequired,
+    OutboundFailed,
+    ToolNotAllowed,
+    UnknownTool,
+)
 from patinox.tenancy import IsolationLevel
 
 __all__ = [
@@ -67,10 +94,13 @@ __all__ = [
     "MAX_EXPRESSION_CHARS",
     "MAX_INT_BITS",
     "MEMORY_LIST_LIMIT",
+    "TOOL_ENTRY_POINT_GROUP",
     "TOOL_ISOLATION",
     "CalculatorError",
     "CodeResult",
     "CodeRunner",
+    "FetchedPage",
+    "HttpFetcher",
     "MemoryStore",
     "ToolDeps",
     "ToolExecutionError",
@@ -78,8 +108,12 @@ __all__ = [
     "builtin_tools",
     "calculator",
     "check_tool_isolation",
+    "check_tools_allowed",
     "isolation_allows",
+    "known_tools",
+    "refresh_tool_plugins",
     "required_isolation",
+    "tool_plugins",
     "validate_tool_names",
 ]
 
@@ -152,6 +186,41 @@ class CodeRunner(Protocol):
 
 
 @dataclass(frozen=True, kw_only=True)
+class FetchedPage:
+    """What one ``http_fetch`` call got (after redirects).
+
+    Attributes:
+        status: the HTTP status of the final response.
+        content_type: its ``Content-Type`` (empty when it sent none).
+        body: its body as text (UTF-8, undecodable bytes replaced), at most the
+            deployment's response cap in bytes.
+        url: the URL that answered (without user-info or query).
+    """
+
+    status: int
+    content_type: str
+    body: str
+    url: str
+
+
+class HttpFetcher(Protocol):
+    """Makes the ``http_fetch`` tool's requests for one tenant, on the host: through the
+    outbound-request guard, under the tenant's egress allow-list
+    (:class:`patinox.isolation.egress.GuardedFetcher`, or an execution process's channel to
+    the host)."""
+
+    async def fetch(self, url: str) -> FetchedPage:
+        """``GET url``.
+
+        Raises:
+            EgressRefused: the URL, its host, an address or a redirect's target is not
+                allowed (field ``reason``).
+            OutboundFailed: it was allowed but failed (connection, TLS, time, size).
+        """
+        ...
+
+
+@dataclass(frozen=True, kw_only=True)
 class ToolDeps:
     """What tools of one run can reach (pydantic-ai ``deps``).
 
@@ -159,10 +228,13 @@ class ToolDeps:
         memory: the tenant-bound memory store of the run.
         code: the runner of the ``python`` tool; ``None`` below the ``container`` level,
             where a call of it ends the run (``tool_error``).
+        fetch: the ``http_fetch`` tool's requests, bound to the run's tenant's egress
+            policy; ``None``: no egress in this run (each call is a failed tool result).
     """
 
     memory: MemoryStore
     code: CodeRunner | None = None
+    fetch: HttpFetcher | None = None
 
 
 class ToolExecutionError(Exception):
@@ -444,6 +516,29 @@ async def python_tool(ctx: RunContext[ToolDeps], code: str) -> dict[str, str | i
     }
 
 
+@_tool_boundary("http_fetch")
+async def http_fetch(ctx: RunContext[ToolDeps], url: str) -> dict[str, str | int]:
+    """Fetch a web page or API response with GET. Only hosts on the tenant's egress
+    allow-list can be reached.
+
+    Args:
+        url: the URL, e.g. "https://api.example.com/v1/status".
+
+    Returns:
+        {"status", "content_type", "body", "url"}: the HTTP status, the content type, the
+        body as text (cut at the deployment's size cap) and the URL that answered.
+    """
+    fetcher = ctx.deps.fetch
+    if fetcher is None:
+        raise ToolFailed("this run has no egress: no request was made")
+    try:
+        page = await fetcher.fetch(url)
+    except (EgressRefused, OutboundFailed) as err:
+        raise ToolFailed(err.message) from err
+    _fits_budget(ctx, "http_fetch", (page.body,))
+    return {"status": page.status, "content_type": page.content_type, "body": page.body, "url": page.url}
+
+
 _TOOLS: Final[Mapping[str, Tool[ToolDeps]]] = {
     "memory_get": Tool(memory_get, takes_ctx=True, name="memory_get"),
     "memory_put": Tool(memory_put, takes_ctx=True, name="memory_put"),
@@ -451,6 +546,7 @@ _TOOLS: Final[Mapping[str, Tool[ToolDeps]]] = {
     "calculator": Tool(calculator_tool, takes_ctx=False, name="calculator"),
     "current_time": Tool(current_time, takes_ctx=False, name="current_time"),
     "python": Tool(python_tool, takes_ctx=True, name="python"),
+    "http_fetch": Tool(http_fetch, takes_ctx=True, name="http_fetch"),
 }
 
 BUILTIN_TOOLS: Final[frozenset[str]] = frozenset(_TOOLS)
@@ -467,21 +563,46 @@ def validate_tool_names(names: Iterable[str]) -> tuple[str, ...]:
         The names as a tuple, in the given order.
 
     Raises:
-        UnknownTool: a name is not a built-in tool, or appears twice (fields ``tool``,
-            ``known``).
+        UnknownTool: a name is neither a built-in tool nor an installed plugin's, or appears
+            twice (fields ``tool``, ``known``).
     """
+    known = known_tools()
     seen: list[str] = []
     for name in names:
-        if name not in BUILTIN_TOOLS:
+        if name not in known:
             raise UnknownTool(
-                f"unknown tool {name!r}; known tools: {', '.join(sorted(BUILTIN_TOOLS))}",
+                f"unknown tool {name!r}; known tools: {', '.join(sorted(known))}",
                 tool=name,
-                known=sorted(BUILTIN_TOOLS),
+                known=sorted(known),
             )
         if name in seen:
-            raise UnknownTool(f"tool {name!r} listed twice", tool=name, known=sorted(BUILTIN_TOOLS))
+            raise UnknownTool(f"tool {name!r} listed twice", tool=name, known=sorted(known))
         seen.append(name)
     return tuple(seen)
+
+
+def check_tools_allowed(names: Iterable[str], allowed: Iterable[str] | None) -> None:
+    """Refuse tools the tenant's allow-list leaves out.
+
+    Args:
+        names: the agent's tools.
+        allowed: the tenant's effective ``allowed_tools`` (``None``: every installed tool).
+
+    Raises:
+        ToolNotAllowed: a tool is not on the list (403 ``tool_not_allowed``; fields
+            ``tool``, ``allowed``).
+    """
+    if allowed is None:
+        return
+    permitted = set(allowed)
+    for name in names:
+        if name not in permitted:
+            raise ToolNotAllowed(
+                f"tool {name!r} is not on this tenant's tool allow-list "
+                f"({', '.join(sorted(permitted)) or 'empty'})",
+                tool=name,
+                allowed=sorted(permitted),
+            )
 
 
 TOOL_ISOLATION: Final[Mapping[str, IsolationLevel]] = {"python": IsolationLevel.CONTAINER}
@@ -533,4 +654,91 @@ def builtin_tools(names: Iterable[str]) -> list[Tool[ToolDeps]]:
     Raises:
         UnknownTool: as :func:`validate_tool_names`.
     """
-    return [_TOOLS[name] for name in validate_tool_names(names)]
+    plugins = tool_plugins()
+    return [_TOOLS.get(name) or plugins[name] for name in validate_tool_names(names)]
+
+
+# --- tool plugins ---------------------------------------------------------------------------
+
+TOOL_ENTRY_POINT_GROUP: Final = "patinox.tools"
+"""The entry-point group tool packages declare their tools in (``[project.entry-points."patinox.tools"]``
+``weather = "acme_tools:weather"``)."""
+
+_plugins_lock = threading.Lock()
+_plugins: dict[str, Tool[ToolDeps]] | None = None
+
+
+def tool_plugins() -> Mapping[str, Tool[ToolDeps]]:
+    """The installed plugins' tools by name, discovered once per process through the entry
+    points of :data:`TOOL_ENTRY_POINT_GROUP` (:mod:`importlib.metadata`).
+
+    Each entry point's object is a :class:`pydantic_ai.Tool` (its name must be the entry
+    point's) or a function (its docstring and annotations describe it to the model), made a
+    tool of that name; pydantic-ai runs a plain (not async) function in a worker thread. A
+    tool's unexpected exception ends the run (``tool_error``), as a built-in's does. A name
+    a built-in tool has, an entry point that does not load, or an object that is neither is
+    left out and logged, so one broken package cannot take every run down.
+    """
+    global _plugins
+    with _plugins_lock:
+        if _plugins is None:
+            _plugins = _discover()
+        return _plugins
+
+
+def refresh_tool_plugins() -> Mapping[str, Tool[ToolDeps]]:
+    """Discover the plugins again (after packages were installed into the running process)."""
+    global _plugins
+    importlib.invalidate_caches()
+    with _plugins_lock:
+        _plugins = _discover()
+        return _plugins
+
+
+def known_tools() -> frozenset[str]:
+    """Every tool an agent may name on this deployment: the built-ins and the plugins'."""
+    return BUILTIN_TOOLS | frozenset(tool_plugins())
+
+
+def _discover() -> dict[str, Tool[ToolDeps]]:
+    log = logging.getLogger(__name__)
+    found: dict[str, Tool[ToolDeps]] = {}
+    for entry in importlib.metadata.entry_points(group=TOOL_ENTRY_POINT_GROUP):
+        name = entry.name
+        if name in BUILTIN_TOOLS or name in found:
+            log.warning("tool plugin %r (%s) left out: the name is taken", name, entry.value)
+            continue
+        try:
+            obj = entry.load()
+        except Exception as err:
+            log.warning("tool plugin %r (%s) left out: it does not load: %r", name, entry.value, err)
+            continue
+        if isinstance(obj, Tool):
+            if obj.name != name:
+                log.warning("tool plugin %r left out: its Tool is named %r", name, obj.name)
+                continue
+            found[name] = obj
+        elif inspect.iscoroutinefunction(obj):
+            found[name] = Tool(_tool_boundary(name)(obj), takes_ctx=False, name=name)
+        elif callable(obj):
+            found[name] = Tool(_sync_boundary(name, obj), takes_ctx=False, name=name)
+        else:
+            log.warning("tool plugin %r left out: %r is neither a Tool nor a function", name, obj)
+    return found
+
+
+def _sync_boundary(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """A plugin's plain function with the boundary of :func:`_tool_boundary`, still a plain
+    function: pydantic-ai runs it in a worker thread, so a slow plugin does not hold up the
+    event loop (and the other tenants' runs on it)."""
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except (ModelRetry, ToolFailed):
+            raise
+        except Exception as exc:
+            raise ToolExecutionError(name) from exc
+
+    return call

@@ -16,6 +16,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from patinox.api._hosts import check_admin_host, check_tenant_host
 from patinox.api._idempotency import REQUEST_BODY, is_replay
 from patinox.api._logging import record_failure
 from patinox.control import OperatorPrincipal
@@ -156,11 +157,16 @@ class TenancyMiddleware:
         key's request-rate states (hit now) after the tenant's write hold is checked.
 
         Raises:
-            AuthenticationFailed: no key, or not a known live one.
+            AuthenticationFailed: no key, or not a known live one, or one used on another
+                tenant's host name (:mod:`patinox.api._hosts`).
+            NotFound: an ``/admin`` route on another host than the base host.
             RateLimited: the tenant's or the key's request rate is spent.
             TenantMoving: a write to a tenant whose writes are held.
         """
+        if not tenant_route:
+            check_admin_host(self.rt.endpoints, scope)
         principal = self.rt.keys.authenticate(_bearer(scope))
+        check_tenant_host(self.rt.endpoints, scope, principal)  # tenant endpoints: api/_hosts.py
         # Known before the rate hits, so a failure of the limit store is logged with it.
         scope.setdefault("state", {})["principal"] = principal
         if not tenant_route or not isinstance(principal, TenantContext):

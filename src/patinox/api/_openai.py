@@ -131,7 +131,7 @@ OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
     for status, description in (
         (400, "`unsupported_parameter` (naming `param`) or `malformed_json`"),
         (401, "`unauthenticated`"),
-        (403, "`forbidden` or `tenant_suspended`"),
+        (403, "`forbidden`, `tenant_suspended` or `model_not_allowed` (the agent's model is not allowed)"),
         (404, "`not_found`: no agent of this tenant has that name or id"),
         (413, "`payload_too_large`"),
         (422, "`invalid_request`, `unknown_model` or `exceeds_budget`"),

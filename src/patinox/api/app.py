@@ -25,7 +25,7 @@ from patinox.api._health import Readiness
 from patinox.api._logging import RequestLogMiddleware, record_failure
 from patinox.api._middleware import RATE_STATES, TenancyMiddleware, error_response_parts
 from patinox.api._openai import OPENAI_ERRORS, OpenAIErrorShape
-from patinox.api.routers import admin, config, keys, openai, tenant, webhooks
+from patinox.api.routers import admin, config, endpoints, keys, openai, secrets, tenant, webhooks
 from patinox.errors import PatinoxError
 from patinox.runtime import Runtime, Settings
 
@@ -35,7 +35,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for status, description in (
         (400, "`malformed_json`: the request body is not valid JSON"),
         (401, "`unauthenticated`: no, malformed, wrong or revoked API key"),
-        (403, "`forbidden` (the key lacks the scope or kind) or `tenant_suspended`"),
+        (403, "`forbidden` (the key lacks the scope or kind), `tenant_suspended` or `model_not_allowed`"),
         (404, "`not_found`: missing, or another tenant's object"),
         (409, "`already_exists` or `invalid_transition`"),
         (413, "`payload_too_large`: the request body is over the limit"),
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         # deployment runs `patinox worker` processes only), beside any other workers.
         background = [asyncio.create_task(rt.runs.watch_tenants())]
         if rt.runs.admission is not None:  # learns this process's capacity as it serves
-            background.append(asyncio.create_task(rt.runs.admission.watch()))
+            background.append(asyncio.create_task(rt.runs.admission.watch(rt.runs.calls.wait_window)))
         if rt.settings.embedded_workers > 0:
             readiness.worker = rt.worker(concurrency=rt.settings.embedded_workers)
             background.append(asyncio.create_task(readiness.worker.run()))
@@ -105,7 +105,15 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         response_model=o.RunOut,
         responses={**_ERRORS, **tenant.RUN_RESPONSES},
     )
-    for router in (tenant.router, admin.router, config.router, keys.router, webhooks.router):
+    for router in (
+        tenant.router,
+        admin.router,
+        config.router,
+        keys.router,
+        secrets.router,
+        endpoints.router,
+        webhooks.router,
+    ):
         app.include_router(router, responses=_ERRORS)
     app.include_router(openai.router, responses=OPENAI_ERRORS)
     _declare_bearer_auth(app)

@@ -25,7 +25,7 @@ from typing import Annotated
 import typer
 
 from patinox import __version__
-from patinox.cli import agents, conformance, doctor, keys, replay, serve, tenants, worker
+from patinox.cli import agents, conformance, doctor, keys, replay, secrets, serve, tenants, worker
 from patinox.cli._output import Command, Group, error_message, print_errors, say
 from patinox.errors import PatinoxError
 
@@ -40,6 +40,7 @@ app = typer.Typer(
 app.add_typer(tenants.app, name="tenants")
 app.add_typer(keys.app, name="keys")
 app.add_typer(agents.app, name="agents")
+app.add_typer(secrets.app, name="secrets")
 
 
 def _show_version(value: bool) -> None:

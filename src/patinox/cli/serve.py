@@ -141,6 +141,29 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30
     fail(f"the server did not answer {url}/healthz within {timeout_s:.0f} s")
 
 
+_DEMO_BASE_DOMAIN = "patinox.localhost"
+
+
+def _show_endpoints(url: str, operator_key: str, port: int) -> None:
+    """Print each tenant's own host names and effective configuration highlights (the
+    operator's view, asked of the running server)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {operator_key}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=10.0) as client:
+        for tenant in client.get("/admin/tenants").json():
+            endpoint = client.get(f"/admin/tenants/{tenant['id']}/endpoint").json()
+            config = client.get(f"/admin/tenants/{tenant['id']}/config").json()
+            hosts = ", ".join(f"http://{h}:{port}" for h in endpoint.get("hosts", [])) or "none"
+            limits = config.get("limits", {})
+            tools = limits.get("allowed_tools", {}).get("value")
+            say(
+                f"tenant {tenant['name']}: endpoint {hosts} (its keys only; every key on {url}); "
+                f"plan {config.get('plan')}, {limits.get('requests_per_minute', {}).get('value')} "
+                f"requests/min, tools {'all installed' if tools is None else ', '.join(tools)}"
+            )
+
+
 def demo(
     duration: Annotated[float, typer.Option(help="seconds of trace time to replay")] = 240.0,
     compression: Annotated[float, typer.Option(help="time compression factor")] = 4.0,
@@ -164,6 +187,10 @@ def demo(
         # The server's request log would bury the replay's progress: only its warnings and
         # errors show, unless PATINOX_LOG_LEVEL says otherwise.
         env = {**os.environ, "PATINOX_LOG_LEVEL": os.environ.get("PATINOX_LOG_LEVEL", "warning")}
+        # Tenant endpoints on: each tenant at <slug>.patinox.localhost (RFC 6761 names
+        # resolve to loopback), the replay on the base host 127.0.0.1.
+        env.setdefault("PATINOX_BASE_DOMAIN", _DEMO_BASE_DOMAIN)
+        env.setdefault("PATINOX_BASE_HOSTS", "127.0.0.1,localhost")
         proc = subprocess.Popen(
             [sys.executable, "-m", "patinox", "serve", "--data-dir", str(ddir), "--port", str(port)], env=env
         )
@@ -180,6 +207,7 @@ def demo(
                 model="simulated",
                 traces_dir=None,
             )
+            _show_endpoints(url, key_file.read_text().strip(), port)
         finally:
             proc.send_signal(signal.SIGINT)
             try:

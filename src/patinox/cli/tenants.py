@@ -13,18 +13,23 @@ from rich.table import Table
 from patinox.cli import transfer
 from patinox.cli._deployment import ACTOR, DEFAULT_DATA_DIR, DataDir, open_runtime, resolve_tenant
 from patinox.cli._output import Command, Group, cells, console, fail, say, show, utc
-from patinox.control import TenantSpec, TenantUpdate
+from patinox.control import EndpointUpdate, TenantSpec, TenantUpdate
 from patinox.tenancy import PLANS, LimitOverrides
 
 app = typer.Typer(cls=Group, no_args_is_help=True, help="Create and manage tenants.")
 
 
 def _limit_kinds() -> dict[str, type]:
-    """Limit name -> ``int`` or ``float``, from :class:`~patinox.tenancy.LimitOverrides`."""
-    return {
-        name: float if float in typing.get_args(field.annotation) else int
-        for name, field in LimitOverrides.model_fields.items()
-    }
+    """Limit name -> ``int``, ``float``, ``str`` (``default_model``) or ``tuple`` (a list
+    setting: ``allowed_models``, ``allowed_tools``, ``egress_hosts``), from
+    :class:`~patinox.tenancy.LimitOverrides`."""
+    kinds: dict[str, type] = {}
+    for name, field in LimitOverrides.model_fields.items():
+        args = typing.get_args(field.annotation)
+        lists = any(typing.get_origin(a) is tuple for a in args)
+        text = any(a is str or str in typing.get_args(a) for a in args)
+        kinds[name] = tuple if lists else str if text else float if float in args else int
+    return kinds
 
 
 LIMIT_NAMES = ", ".join(LimitOverrides.model_fields)
@@ -50,10 +55,13 @@ def _limit_value(name: str, kind: type, text: str) -> int | float:
     return number
 
 
-def _limits(pairs: list[str]) -> dict[str, int | float]:
-    """``--limit NAME=VALUE`` pairs as a LimitOverrides dict (spaces around parts ignored)."""
+def _limits(pairs: list[str]) -> dict[str, object]:
+    """``--limit NAME=VALUE`` pairs as a LimitOverrides dict (spaces around parts ignored;
+    a list setting takes names separated by commas or spaces, ``NAME=`` for an empty list,
+    ``allowed_models`` patterns separated by spaces only: ``--limit "allowed_models=simulated*
+    openai:*"``; ``default_model`` takes a model id)."""
     kinds = _limit_kinds()
-    out: dict[str, int | float] = {}
+    out: dict[str, object] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         name, value = name.strip(), value.strip()
@@ -61,6 +69,14 @@ def _limits(pairs: list[str]) -> dict[str, int | float]:
             fail(f"--limit takes NAME=VALUE, got {pair!r}")
         if name not in kinds:
             fail(f"--limit {name}: unknown limit; valid names: {LIMIT_NAMES}")
+        if kinds[name] is tuple:
+            # Model patterns may hold commas (simulated:ttft_ms=1,tpot_ms=1): spaces only.
+            parts = value.split() if name == "allowed_models" else value.replace(",", " ").split()
+            out[name] = [v for v in parts if v]
+            continue
+        if kinds[name] is str:
+            out[name] = value
+            continue
         out[name] = _limit_value(name, kinds[name], value)
     return out
 
@@ -119,6 +135,28 @@ def tenants_show(tenant_id: str, data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     show(rt.tenants.get(resolve_tenant(rt, tenant_id)))
 
 
+@app.command("endpoint", cls=Command)
+def tenants_endpoint(
+    tenant_id: str,
+    slug: Annotated[str | None, typer.Option(help="set the tenant's slug (its <slug>.<base domain>)")] = None,
+    domain: Annotated[
+        list[str] | None, typer.Option(help="set the tenant's custom domains (repeatable; the whole list)")
+    ] = None,
+    no_domains: Annotated[bool, typer.Option("--no-domains", help="remove every custom domain")] = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Show a tenant's endpoint (slug, custom domains, host names), or set its slug and
+    custom domains; a name given up is held back from other tenants for the quarantine."""
+    rt = open_runtime(data_dir)
+    tid = resolve_tenant(rt, tenant_id)
+    assert rt.endpoints is not None
+    if slug is None and domain is None and not no_domains:
+        show(rt.endpoints.get(tid))
+        return
+    domains = [] if no_domains else domain
+    show(rt.endpoints.update(tid, EndpointUpdate(slug=slug, domains=domains), actor=ACTOR))
+
+
 @app.command("config", cls=Command)
 def tenants_config(
     tenant_id: str,
@@ -141,7 +179,9 @@ def tenants_config(
         **config.limits,
     }
     for name, setting in settings.items():
-        table.add_row(*cells(name, setting.value, setting.source, setting.description or ""))
+        value = setting.value
+        shown = " ".join(value) if isinstance(value, tuple | list) else value  # allowed_models
+        table.add_row(*cells(name, shown, setting.source, setting.description or ""))
     console.print(table)
 
 

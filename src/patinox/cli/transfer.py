@@ -52,9 +52,16 @@ def tenants_export(
     passphrase_env: PassEnv = None,
     passphrase_file: PassFile = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing file")] = False,
+    include_secrets: Annotated[
+        bool,
+        typer.Option(
+            "--include-secrets", help="also carry the tenant's secrets (audited; left out by default)"
+        ),
+    ] = False,
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
-    """Write an encrypted bundle of everything a tenant owns (mode 0600).
+    """Write an encrypted bundle of everything a tenant owns (mode 0600); its secrets only
+    with ``--include-secrets``, which the tenant's audit log records.
 
     The bundle is sealed with its own passphrase or recipient key, not with the deployment's
     keys: it stays readable after the tenant is deleted, so guard it like a backup.
@@ -76,6 +83,7 @@ def tenants_export(
             recipient_public_key=public,
             progress=update,
             overwrite=overwrite,
+            include_secrets=include_secrets,
         )
     say(
         f"Exported tenant {summary.tenant_name} ({tid}) to {path}: {summary.records} records, "

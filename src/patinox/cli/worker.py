@@ -51,7 +51,7 @@ def worker(
         w = rt.worker(concurrency=concurrency)
         watches = [asyncio.create_task(rt.runs.watch_tenants())]
         if rt.runs.admission is not None:
-            watches.append(asyncio.create_task(rt.runs.admission.watch()))
+            watches.append(asyncio.create_task(rt.runs.admission.watch(rt.runs.calls.wait_window)))
         fair = " as this process's capacity allows" if rt.runs.admission is not None else ""
         say(f"Patinox worker {w.holder} executing up to {concurrency} runs at once{fair}")
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -18,11 +18,13 @@ from pydantic import BaseModel, TypeAdapter
 from patinox.client.models import (
     Agent,
     AuditEntry,
+    Endpoint,
     IssuedKey,
     Key,
     Me,
     MemoryItem,
     Run,
+    Secret,
     Tenant,
     TenantConfig,
     TenantUsage,
@@ -211,6 +213,18 @@ def delete_memory(key: str) -> Call[None]:
     return Call("DELETE", f"/v1/memory/{_seg(key)}", _nothing)
 
 
+def put_secret(name: str, value: str) -> Call[Secret]:
+    return Call("PUT", f"/v1/secrets/{_seg(name)}", _one(Secret), json={"value": value})
+
+
+def list_secrets() -> Call[list[Secret]]:
+    return Call("GET", "/v1/secrets", _many(Secret))
+
+
+def delete_secret(name: str) -> Call[None]:
+    return Call("DELETE", f"/v1/secrets/{_seg(name)}", _nothing)
+
+
 def _strings(response: httpx.Response) -> list[str]:
     return [str(x) for x in response.json()]
 
@@ -225,6 +239,23 @@ def config() -> Call[TenantConfig]:
 
 def tenant_config(tenant_id: str) -> Call[TenantConfig]:
     return Call("GET", f"/admin/tenants/{_seg(tenant_id)}/config", _one(TenantConfig))
+
+
+def endpoint() -> Call[Endpoint]:
+    return Call("GET", "/v1/endpoint", _one(Endpoint))
+
+
+def tenant_endpoint(tenant_id: str) -> Call[Endpoint]:
+    return Call("GET", f"/admin/tenants/{_seg(tenant_id)}/endpoint", _one(Endpoint))
+
+
+def set_tenant_endpoint(tenant_id: str, slug: str | None, domains: Sequence[str] | None) -> Call[Endpoint]:
+    body: dict[str, Any] = {}
+    if slug is not None:
+        body["slug"] = slug
+    if domains is not None:
+        body["domains"] = list(domains)
+    return Call("PUT", f"/admin/tenants/{_seg(tenant_id)}/endpoint", _one(Endpoint), json=body)
 
 
 def usage(since: str | None) -> Call[TenantUsage]:

@@ -13,11 +13,13 @@ __all__ = [
     "Agent",
     "Attempt",
     "AuditEntry",
+    "Endpoint",
     "IssuedKey",
     "Key",
     "Me",
     "MemoryItem",
     "Run",
+    "Secret",
     "Setting",
     "Tenant",
     "TenantConfig",
@@ -130,6 +132,15 @@ class Run(_Model):
 class MemoryItem(_Model):
     key: str
     value: str
+
+
+class Secret(_Model):
+    """A tenant's secret as the API describes it: never its value."""
+
+    name: str
+    version: int
+    created_at: datetime
+    updated_at: datetime
 
 
 class AuditEntry(_Model):
@@ -247,3 +258,14 @@ class WebhookAttempt(_Model):
     status_code: int | None = None
     error: str | None = None
     duration_ms: float
+
+
+class Endpoint(_Model):
+    """Where a tenant is reached (``GET /v1/endpoint``): its ``slug``, custom ``domains``,
+    every host name (``hosts``; empty when the deployment has no ``base_domain``)."""
+
+    tenant_id: str
+    slug: str | None
+    domains: list[str]
+    hosts: list[str]
+    base_domain: str | None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -13,11 +13,13 @@ from patinox.client import _requests as rq
 from patinox.client.models import (
     Agent,
     AuditEntry,
+    Endpoint,
     IssuedKey,
     Key,
     Me,
     MemoryItem,
     Run,
+    Secret,
     Tenant,
     TenantConfig,
     TenantUsage,
@@ -72,6 +74,7 @@ class Client:
         self.agents = Agents(self)
         self.runs = Runs(self)
         self.memory = Memory(self)
+        self.secrets = Secrets(self)
         self.keys = Keys(self, operator=False)
         self.webhooks = Webhooks(self)
         self.admin = Admin(self)
@@ -96,6 +99,10 @@ class Client:
     def config(self) -> TenantConfig:
         """The tenant's settings, each with its effective value and layer."""
         return self.send(rq.config())
+
+    def endpoint(self) -> Endpoint:
+        """Where the tenant is reached: its slug, custom domains and host names."""
+        return self.send(rq.endpoint())
 
     def usage(self, since: str | None = None) -> TenantUsage:
         """The tenant's tokens today, reserved and budgeted, and its usage records since
@@ -260,6 +267,27 @@ class Memory:
         return self._c.send(rq.list_memory(prefix, limit))
 
 
+class Secrets:
+    """The tenant's secrets (``client.secrets``; the key needs the scope ``secrets:write``):
+    write-only, a value is never answered back."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def put(self, name: str, value: str) -> Secret:
+        """Set ``name`` to ``value`` or rotate it (``version`` one more); the secret
+        ``provider:<family>`` is the tenant's own provider key (BYOK)."""
+        return self._c.send(rq.put_secret(name, value))
+
+    def list(self) -> list[Secret]:
+        """The tenant's secrets: names, versions and dates."""
+        return self._c.send(rq.list_secrets())
+
+    def delete(self, name: str) -> None:
+        """Delete ``name``. Raises: NotFound: no such secret."""
+        self._c.send(rq.delete_secret(name))
+
+
 class Admin:
     """The operator's routes (``client.admin``; the client's key must be the operator's)."""
 
@@ -307,6 +335,18 @@ class Tenants:
     def config(self, tenant_id: str) -> TenantConfig:
         """The tenant's settings with their layers."""
         return self._c.send(rq.tenant_config(tenant_id))
+
+    def endpoint(self, tenant_id: str) -> Endpoint:
+        """The tenant's slug, custom domains and host names."""
+        return self._c.send(rq.tenant_endpoint(tenant_id))
+
+    def set_endpoint(
+        self, tenant_id: str, *, slug: str | None = None, domains: Sequence[str] | None = None
+    ) -> Endpoint:
+        """Set the tenant's slug and/or custom domains (the whole list); a name given up is
+        held back from other tenants for the deployment's quarantine (409 ``already_exists``
+        for a name another tenant holds or gave up less than that ago)."""
+        return self._c.send(rq.set_tenant_endpoint(tenant_id, slug, domains))
 
     def update(self, tenant_id: str, **changes: Any) -> Tenant:
         """Change ``plan``, ``limits``, ``isolation_level`` (with ``drain_timeout_s``)."""

@@ -175,8 +175,8 @@ class ApiKeys:
         """
         if not 0 <= overlap_s <= MAX_OVERLAP_S:
             raise InvalidRequest(f"overlap_s must be 0-{MAX_OVERLAP_S} seconds", field="overlap_s")
-        old = next((k for k in self.keys_of(tenant_id) if k["id"] == key_id), None)
-        if old is None or old["revoked_at"] is not None:
+        old = self._backend.get_api_key(key_id, tenant_id)
+        if old["revoked_at"] is not None:
             raise NotFound(f"api key {key_id!r} not found", key_id=key_id)
         issued = self.create(
             tenant_id=tenant_id,
@@ -216,9 +216,7 @@ class ApiKeys:
             PermissionDenied: the key holds a scope the revoking key does not.
         """
         if within is not None:
-            target = next((k for k in self.keys_of(tenant_id) if k["id"] == key_id), None)
-            if target is None:
-                raise NotFound(f"api key {key_id!r} not found", key_id=key_id)
+            target = self._backend.get_api_key(key_id, tenant_id)
             beyond = sorted(set(target["scopes"]) - within)
             if beyond:
                 raise PermissionDenied(

@@ -35,14 +35,23 @@ from pydantic_ai.usage import RunUsage
 from patinox.agents import (
     AgentDefinition,
     Conversation,
+    HttpFetcher,
     MemoryStore,
     RunEvent,
     RunLimits,
     RunOutcome,
+    check_tools_allowed,
     is_simulated,
     run_agent,
 )
 from patinox.control.admission import TOOL_CALL_TOKENS, RunAdmission, run_limits, worst_case_tokens
+from patinox.control.inflight import (
+    CANCELLED_BY_REQUEST,
+    RunsInFlight,
+    RunTask,
+    stop_reason_of_current_task,
+)
+from patinox.control.secrets import SecretService, provider_key_name
 from patinox.control.settlement import (
     Attempt,
     RunEvents,
@@ -76,7 +85,14 @@ from patinox.storage import (
     UsageRecord,
     utcnow,
 )
-from patinox.tenancy import IsolationLevel, TenantContext, effective_limits, get_plan, new_id
+from patinox.tenancy import (
+    IsolationLevel,
+    TenantContext,
+    check_model_allowed,
+    effective_limits,
+    get_plan,
+    new_id,
+)
 
 log = structlog.get_logger("patinox.runs")
 
@@ -90,33 +106,6 @@ __all__ = [
 ]
 
 
-class _RunTask(asyncio.Task[RunRecord]):
-    """A run's task, whose ``repr`` is its name and state instead of asyncio's default,
-    which formats the coroutine and every done callback with its source file and line.
-    anyio puts the repr of the current task into the reason of every cancel scope it
-    cancels, and the agent loop cancels several a run: the default repr cost a run about
-    as much as one of its SQLite writes."""
-
-    #: The isolation level the run executes at (its context's when it started).
-    level: str = ""
-    #: The run's id (:meth:`RunService.cancel` finds a run's task by it).
-    run_id: str = ""
-    #: Why the run was stopped, when it was cancelled for a reason of its own (its
-    #: tenant's isolation level changed): ``(reason, message)``.
-    stop_reason: tuple[str, str] | None = None
-
-    def __repr__(self) -> str:
-        return f"<RunTask {self.get_name()!r} {'done' if self.done() else 'pending'}>"
-
-
-#: The reason of a run cancelled because its tenant moved to another isolation level.
-_LEVEL_CHANGE = (
-    "isolation_level_change",
-    "the run was cancelled: its tenant moved to another isolation level and the run did not "
-    "finish within the drain time",
-)
-#: The reason of a run its tenant cancelled (``POST /v1/runs/{id}/cancel``).
-_CANCELLED_BY_REQUEST = ("cancelled", "the run was cancelled at its tenant's request")
 #: Seconds :meth:`RunService.cancel` waits for another process to settle a run it cancels.
 _REMOTE_CANCEL_WAIT_S = 5.0
 
@@ -194,6 +183,9 @@ class RunService:
             in this process's memory).
         calls: where the run path's storage calls are made (:attr:`calls`; default: on the
             event loop, :class:`~patinox.limits.InlineStorage`).
+        fetcher: the ``http_fetch`` tool's requests for a tenant, for the runs with a
+            conversation this service runs itself (the executors have their own); ``None``:
+            no egress in those runs.
     """
 
     def __init__(
@@ -207,8 +199,11 @@ class RunService:
         admission: FairShareAdmission | None = None,
         rate: RateLimiter | None = None,
         calls: StorageCalls | None = None,
+        fetcher: Callable[[TenantContext], HttpFetcher] | None = None,
     ) -> None:
         self._backend = backend
+        self._secrets = SecretService(backend)
+        self._fetcher = fetcher
         #: Where the run path's storage calls are made: the lookup of a run's agent (with
         #: the agent's rate), its admission, a claimed run's reading, its settlement. Each
         #: is one call, so moving them off the event loop
@@ -229,8 +224,8 @@ class RunService:
             holder=self.holder,
         )
         self._settlement = Settlement(backend, budget, queue)
-        self._tasks: dict[str, set[asyncio.Task[RunRecord]]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
+        #: The runs executing in this process, by tenant: what stops them.
+        self.inflight = RunsInFlight(self._admit.fenced)
         self._wakeup: asyncio.Event | None = None
 
     def set_run_events(self, events: RunEvents | None) -> None:
@@ -274,6 +269,8 @@ class RunService:
                 in time; nothing was run or stored.
             ExceedsBudget: the run's worst case is more than the whole daily token budget
                 (no day admits it); nothing was run, stored or counted.
+            ToolNotAllowed: the agent names a tool the tenant's ``allowed_tools`` no longer
+                lists; nothing was run or stored.
             RunFailed: a synchronous run failed (the run is recorded with its error).
         """
         if conversation is not None and (
@@ -286,6 +283,9 @@ class RunService:
                 isolation_level=ctx.isolation_level.value,
             )
         store, agent = await self.calls.call(ctx.tenant_id, self._look_up, ctx, agent_id, req, rate_states)
+        # The allow-list may have changed since the agent was defined: refused before admission.
+        check_model_allowed(agent["model"], ctx.limits, tenant_id=ctx.tenant_id)
+        check_tools_allowed(agent["tools"], ctx.limits.allowed_tools)  # the list may have changed
         limits = run_limits(ctx, agent)
         if req.output_tokens is not None and req.output_tokens > limits.max_output_tokens:
             raise InvalidRequest(
@@ -402,7 +402,7 @@ class RunService:
                 raise
             if (current := asyncio.current_task()) and current.cancelling():
                 raise
-            if isinstance(task, _RunTask) and task.stop_reason is not None:
+            if task.stop_reason is not None:
                 reason, message = task.stop_reason
                 raise RunFailed(message, reason=reason, run_id=run_id) from None
             raise RunFailed(
@@ -488,49 +488,33 @@ class RunService:
         store: TenantStore,
         run: RunRecord,
         ticket: Ticket,
-    ) -> asyncio.Task[RunRecord]:
-        """``job`` as a task among the tenant's runs in flight (:meth:`stop_tenant` cancels
-        them); if the task ends cancelled before its first step, its run is settled as
-        such (:meth:`Settlement.settle_unstarted`). One done callback does both: every
-        run's task has it, and each callback costs the run."""
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        tenant_id = ctx.tenant_id
-        task = _RunTask(job, loop=loop, name=f"run of {tenant_id}")
-        task.level = ctx.isolation_level.value
-        task.run_id = run["id"]
-        tasks = self._tasks.setdefault(tenant_id, set())
-        tasks.add(task)
-
-        def done(t: asyncio.Task[RunRecord]) -> None:
-            tasks.discard(t)
-            if not tasks and self._tasks.get(tenant_id) is tasks:
-                del self._tasks[tenant_id]
-            if t.cancelled():
-                self._settlement.settle_unstarted(ticket, store, ctx, run)
-            else:
-                t.exception()  # retrieved: a failed run is recorded, not re-raised here
-
-        task.add_done_callback(done)
-        if tenant_id in self._admit.fenced:
-            # Stopped while its admission ran (in a storage thread, on PostgreSQL): the
-            # stop found no task to cancel, so it never starts; settled as cancelled.
-            task.cancel()
-        return task
+    ) -> RunTask:
+        """``job`` as a task among the tenant's runs in flight (:attr:`inflight`); if the
+        task ends cancelled before its first step, its run is settled as such
+        (:meth:`Settlement.settle_unstarted`)."""
+        return self.inflight.track(
+            job,
+            tenant_id=ctx.tenant_id,
+            level=ctx.isolation_level.value,
+            run_id=run["id"],
+            on_unstarted=lambda: self._settlement.settle_unstarted(ticket, store, ctx, run),
+        )
 
     async def stop_tenant(self, tenant_id: str) -> int:
         """Fence the tenant (no new run starts in this process) and cancel its runs in
         flight here, waiting until each is recorded as failed. Returns how many."""
-        self._admit.fenced.add(tenant_id)
-        tasks = list(self._tasks.get(tenant_id, ()))
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        return len(tasks)
+        return await self.inflight.stop_tenant(tenant_id)
+
+    async def stop_stale(self, tenant_id: str, level: str) -> int:
+        """Cancel the tenant's runs in flight here that execute at another isolation level
+        than ``level`` (its new one), each failed with reason ``isolation_level_change``,
+        and wait until each is settled. Returns how many."""
+        return await self.inflight.stop_stale(tenant_id, level)
 
     async def cancel(self, ctx: TenantContext, run_id: str, *, _again: bool = True) -> tuple[RunRecord, bool]:
         """Cancel one of the tenant's runs, queued or running, wherever it runs; audited
-        (``run.cancel``).
+        (``run.cancel``). Its storage calls go through :attr:`calls` (off the event loop
+        on PostgreSQL).
 
         A queued run is taken out of the queue and recorded failed with reason
         ``cancelled``, its token reservation given back (it used nothing). A run running
@@ -547,21 +531,19 @@ class RunService:
             NotFound: no such run of this tenant (another tenant's run alike).
             RunFinished: the run had already finished.
         """
+        tid, calls = ctx.tenant_id, self.calls
         store = self._backend.tenant_store(ctx)
-        run = store.get_run(run_id)
+        run = await calls.call(tid, store.get_run, run_id)
         if run["status"] not in ("queued", "running"):
             raise RunFinished(f"run {run_id!r} already finished ({run['status']})", status=run["status"])
         audit: dict[str, Any] = {"actor": ctx.principal, "action": "run.cancel", "target": run_id}
-        if run["status"] == "queued" and self._cancel_queued(ctx, store, run):
-            store.append_audit(**audit, outcome="ok", detail={"was": "queued"})
-            return store.get_run(run_id), True
-        task = self._task_of(ctx.tenant_id, run_id)
+        if run["status"] == "queued" and await calls.finish(tid, self._cancel_queued, ctx, store, run, audit):
+            return await calls.call(tid, store.get_run, run_id), True
+        task = self.inflight.task_of(tid, run_id)
         if task is not None:
-            task.stop_reason = _CANCELLED_BY_REQUEST
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        elif not self.queue.request_cancel(ctx.tenant_id, run_id):
-            run = store.get_run(run_id)  # it left the queue meanwhile: finished, or claimed
+            await self.inflight.stop([task], CANCELLED_BY_REQUEST)
+        elif not await calls.call(tid, self.queue.request_cancel, tid, run_id):
+            run = await calls.call(tid, store.get_run, run_id)  # it left the queue: finished, or claimed
             if run["status"] in ("queued", "running"):
                 if _again:  # claimed between the two reads: once more, as a running run
                     return await self.cancel(ctx, run_id, _again=False)
@@ -569,19 +551,28 @@ class RunService:
             raise RunFinished(f"run {run_id!r} already finished ({run['status']})", status=run["status"])
         else:
             deadline = time.monotonic() + _REMOTE_CANCEL_WAIT_S
-            while store.get_run(run_id)["status"] == "running" and time.monotonic() < deadline:
+            while (await calls.call(tid, store.get_run, run_id))["status"] == "running":
+                if time.monotonic() >= deadline:
+                    break
                 await asyncio.sleep(0.05)
-        run = store.get_run(run_id)
-        settled = run["status"] not in ("queued", "running")
-        store.append_audit(**audit, outcome="ok", detail={"was": "running", "settled": settled})
-        return run, settled
 
-    def _cancel_queued(self, ctx: TenantContext, store: TenantStore, run: RunRecord) -> bool:
-        """Take ``run`` out of the queue unclaimed and record it cancelled, its reservation
-        given back; in one transaction where the tenant's rows share the control plane's
-        database. Returns False when a worker claimed it first (it runs: cancel it there)."""
+        def audited() -> tuple[RunRecord, bool]:
+            run = store.get_run(run_id)
+            settled = run["status"] not in ("queued", "running")
+            store.append_audit(**audit, outcome="ok", detail={"was": "running", "settled": settled})
+            return run, settled
+
+        return await calls.finish(tid, audited)
+
+    def _cancel_queued(
+        self, ctx: TenantContext, store: TenantStore, run: RunRecord, audit: dict[str, Any]
+    ) -> bool:
+        """Take ``run`` out of the queue unclaimed and record it cancelled (audited), its
+        reservation given back; in one transaction where the tenant's rows share the control
+        plane's database. Returns False when a worker claimed it first (it runs: cancel it
+        there)."""
         values, _ = cancelled_values(0.0, run["model"])
-        reason, message = _CANCELLED_BY_REQUEST
+        reason, message = CANCELLED_BY_REQUEST
         values["error"] = {"code": "run_failed", "reason": reason, "message": message}
         write = store.prepare_settlement(
             run["id"], values, usage=None, audit=finish_audit(ctx, run, "error", values)
@@ -598,47 +589,24 @@ class RunService:
         if not joined:
             store.apply(write)
             self._settlement.emit(store, run, values, None)
+        store.append_audit(**audit, outcome="ok", detail={"was": "queued"})
         return True
-
-    def _task_of(self, tenant_id: str, run_id: str) -> _RunTask | None:
-        for t in self._tasks.get(tenant_id, ()):
-            if isinstance(t, _RunTask) and t.run_id == run_id and not t.done():
-                return t
-        return None
 
     async def _cancel_requested(self) -> None:
         """Cancel the runs in flight here whose tenant asked another process to cancel
         them (:meth:`FairRunQueue.request_cancel`), and wait until each is settled."""
-        mine = [
-            (tenant_id, t.run_id)
-            for tenant_id, tasks in self._tasks.items()
-            for t in tasks
-            if isinstance(t, _RunTask)
-        ]
+        mine = self.inflight.runs()
         if not mine:
             return
         wanted = await asyncio.to_thread(self.queue.cancel_requested, mine)
-        stopping = [
-            t for tenant_id, run_id in mine if run_id in wanted and (t := self._task_of(tenant_id, run_id))
-        ]
-        for t in stopping:
-            t.stop_reason = _CANCELLED_BY_REQUEST
-            t.cancel()
-        await asyncio.gather(*stopping, return_exceptions=True)
-
-    async def stop_stale(self, tenant_id: str, level: str) -> int:
-        """Cancel the tenant's runs in flight here that execute at another isolation level
-        than ``level`` (its new one), each failed with reason ``isolation_level_change``,
-        and wait until each is settled. Returns how many."""
-        tasks = [t for t in self._tasks.get(tenant_id, ()) if isinstance(t, _RunTask) and t.level != level]
-        for t in tasks:
-            t.stop_reason = _LEVEL_CHANGE
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        return len(tasks)
-
-    def _stale(self, tenant_id: str, level: str) -> bool:
-        return any(isinstance(t, _RunTask) and t.level != level for t in self._tasks.get(tenant_id, ()))
+        await self.inflight.stop(
+            [
+                t
+                for tenant_id, run_id in mine
+                if run_id in wanted and (t := self.inflight.task_of(tenant_id, run_id))
+            ],
+            CANCELLED_BY_REQUEST,
+        )
 
     async def watch_tenants(self, interval_s: float = 1.0) -> None:
         """Stop, in this process, the runs of tenants another process suspended or began
@@ -651,7 +619,7 @@ class RunService:
                 await self._cancel_requested()
             except PatinoxError as err:
                 log.warning("reading cancel requests failed", error=err.code)
-            for tenant_id in list(self._tasks) + list(self._admit.fenced):
+            for tenant_id in self.inflight.tenants() + list(self._admit.fenced):
                 try:
                     row = self._backend.get_tenant(tenant_id, include_deleted=True)
                     state, level = row["state"], row["isolation_level"]
@@ -659,14 +627,14 @@ class RunService:
                     state, level = "deleted", ""
                 if state == "active":
                     self._admit.fenced.discard(tenant_id)
-                    if self._stale(tenant_id, level):
+                    if self.inflight.stale(tenant_id, level):
                         # Another process changed its level: stop the runs at the old one,
                         # then the old level's executor here lets the tenant go.
                         await self.stop_stale(tenant_id, level)
                         listener = getattr(self._executor, "on_tenant_event", None)
                         if listener is not None:
                             await asyncio.to_thread(listener, tenant_id, TenantEvent.UPDATED)
-                elif tenant_id in self._tasks:
+                elif self.inflight.holds(tenant_id):
                     await self.stop_tenant(tenant_id)
                 elif state == "deleted":
                     self._admit.fenced.discard(tenant_id)  # never resumed: nothing left to watch
@@ -687,38 +655,20 @@ class RunService:
         if event == TenantEvent.UPDATED:
             # A change of isolation level: runs still at the old level stop here, before
             # the old level's executor lets the tenant go (its listener comes after this).
-            if tenant_id in self._tasks:
+            if self.inflight.holds(tenant_id):
                 level = self._backend.get_tenant(tenant_id)["isolation_level"]
-                if self._stale(tenant_id, level):
-                    self._on_loop(self.stop_stale(tenant_id, level))
+                if self.inflight.stale(tenant_id, level):
+                    self.inflight.on_loop(self.stop_stale(tenant_id, level))
             return
         if event not in (TenantEvent.SUSPENDED, TenantEvent.DELETING):
             return
         self._admit.fenced.add(tenant_id)
-        if self._on_loop(self.stop_tenant(tenant_id)):
+        if self.inflight.on_loop(self.stop_tenant(tenant_id)):
             return  # on the loop itself: scheduled, not waited for
         if event == TenantEvent.DELETING:
             deadline = time.monotonic() + 30
             while self.queue.held(tenant_id) and time.monotonic() < deadline:
                 time.sleep(0.05)
-
-    def _on_loop(self, stop: Coroutine[Any, Any, int]) -> bool:
-        """Run ``stop`` on this process's run loop: waited for (at most 30 s) from another
-        thread, scheduled from the loop itself (then returns True), dropped when no loop
-        runs runs here."""
-        loop = self._loop
-        try:
-            on_loop = loop is not None and asyncio.get_running_loop() is loop
-        except RuntimeError:
-            on_loop = False
-        if loop is None or not loop.is_running():
-            stop.close()
-            return False
-        if on_loop:
-            loop.create_task(stop)
-            return True
-        asyncio.run_coroutine_threadsafe(stop, loop).result(timeout=30)
-        return False
 
     def reap_expired(self, now: datetime | None = None) -> int:
         """Requeue runs of dead workers and settle the synchronous runs whose process died
@@ -789,6 +739,18 @@ class RunService:
         so_far = RunUsage()  # the run's usage as it goes: what a cancelled run is charged
         try:
             try:
+                # A queued run checks the allow-list again (it may have changed while it
+                # waited), then takes the tenant's own provider key, if any (BYOK), here on
+                # the host: the model is resolved here or on the host end of the channel.
+                check_model_allowed(definition.model, ctx.limits, tenant_id=tid)
+                if provider_key_name(definition.model) is not None:  # no storage call otherwise
+                    key = await calls.call(
+                        tid, self._secrets.provider_key, store, definition.model, actor=run["principal"]
+                    )
+                    if key is not None:
+                        definition = dataclasses.replace(definition, provider_key=key)
+                # Again here: a queued run's tenant may have lost the tool since it was queued.
+                check_tools_allowed(definition.tools, ctx.limits.allowed_tools)
                 if conversation is None:
                     outcome = await self._executor.execute(
                         ctx,
@@ -811,6 +773,7 @@ class RunService:
                         memory=store,
                         usage=so_far,
                         conversation=conversation,
+                        fetch=None if self._fetcher is None else self._fetcher(ctx),
                     )
             except PatinoxError as err:
                 failed = err if isinstance(err, RunFailed) else RunFailed(err.message, reason=err.code)
@@ -827,9 +790,8 @@ class RunService:
                 values, usage = cancelled_values(
                     (time.perf_counter() - started) * 1000, definition.model, so_far
                 )
-                task = asyncio.current_task()
-                if isinstance(task, _RunTask) and task.stop_reason is not None:
-                    reason, message = task.stop_reason
+                if (stop_reason := stop_reason_of_current_task()) is not None:
+                    reason, message = stop_reason
                     values["error"] = {"code": "run_failed", "reason": reason, "message": message}
                 await settle(ticket, ctx, store, run, values, usage, used=used, outcome="error")
                 raise
@@ -876,9 +838,6 @@ class RunService:
     async def shutdown(self) -> None:
         """Cancel runs in flight (each is recorded as failed) and wait for them; then close
         the executor when it holds resources (execution processes)."""
-        tasks = [t for ts in self._tasks.values() for t in ts]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.inflight.stop_all()
         if isinstance(self._executor, ClosableExecutor):
             await self._executor.aclose()

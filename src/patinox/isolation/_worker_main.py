@@ -48,7 +48,7 @@ from pydantic_ai.settings import ModelSettings
 from pydantic_ai.usage import RunUsage
 
 from patinox._process import SERVER_GC_THRESHOLDS
-from patinox.agents import AgentDefinition, RunLimits, run_agent
+from patinox.agents import AgentDefinition, FetchedPage, RunLimits, run_agent
 from patinox.errors import PatinoxError, RunFailed
 from patinox.isolation.channel import (
     Bind,
@@ -57,6 +57,8 @@ from patinox.isolation.channel import (
     Done,
     ErrorData,
     Failed,
+    FetchCall,
+    FetchReply,
     MemoryCall,
     MemoryReply,
     ModelReply,
@@ -70,7 +72,7 @@ from patinox.isolation.channel import (
 from patinox.isolation.code import CodeRunner
 from patinox.tenancy import tenant_scope
 
-__all__ = ["ChannelMemory", "ChannelModel", "confine", "exception_of", "serve"]
+__all__ = ["ChannelFetcher", "ChannelMemory", "ChannelModel", "confine", "exception_of", "serve"]
 
 PR_SET_PDEATHSIG: Final = 1
 PR_SET_NO_NEW_PRIVS: Final = 38
@@ -166,7 +168,7 @@ class _Connection:
         self.channel = channel
         self.tenant_id = tenant_id
 
-    def send(self, message: ModelRequest | MemoryCall | Done | Failed | Ready | Refused) -> None:
+    def send(self, message: ModelRequest | MemoryCall | FetchCall | Done | Failed | Ready | Refused) -> None:
         try:
             self.channel.send(message)
         except (ChannelClosed, OSError):
@@ -178,7 +180,7 @@ class _Connection:
             self.channel.send(Refused(reason=reason))
         _exit(EXIT_REFUSED)
 
-    def receive(self) -> Bind | Run | ModelReply | MemoryReply:
+    def receive(self) -> Bind | Run | ModelReply | MemoryReply | FetchReply:
         """The host's next message, for this process's tenant (anything else is refused)."""
         try:
             body = self.channel.receive_body()
@@ -194,7 +196,7 @@ class _Connection:
             self.refuse("a message for another tenant than the one this process is bound to")
         return message
 
-    def call(self, request: ModelRequest | MemoryCall, reply: type[_T]) -> _T:
+    def call(self, request: ModelRequest | MemoryCall | FetchCall, reply: type[_T]) -> _T:
         """Send ``request`` and return the host's reply, which must be a ``reply``."""
         self.send(request)
         message = self.receive()
@@ -274,6 +276,23 @@ class ChannelMemory:
         return self._call(MemoryCall(op="list", prefix=prefix, limit=limit)).keys or []
 
 
+class ChannelFetcher:
+    """The ``http_fetch`` tool as the execution process sees it: each fetch is made by the
+    host, through its outbound-request guard under the bound tenant's egress policy (a
+    :class:`~patinox.agents.HttpFetcher`); the process has no network of its own."""
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+
+    async def fetch(self, url: str) -> FetchedPage:
+        reply = self._connection.call(FetchCall(url=url), FetchReply)
+        if reply.error is not None:
+            raise exception_of(reply.error)
+        return FetchedPage(
+            status=reply.status, content_type=reply.content_type, body=reply.body, url=reply.url
+        )
+
+
 def exception_of(error: ErrorData) -> Exception:
     """The exception the host's error stands for, of the same kind as far as a run's
     outcome can tell: the Patinox error of that code; pydantic-ai's model errors; any other
@@ -331,6 +350,7 @@ def _run(
                     usage=usage,
                     model=model,
                     code=code,
+                    fetch=ChannelFetcher(connection),
                 )
             )
     except PatinoxError as err:

@@ -9,11 +9,14 @@ with the first message it sends (:class:`Bind`); the process never chooses it. E
 host→process message carries ``tenant_id``; the process answers a message without one, or
 for another tenant, with :class:`Refused` and exits.
 
-Host → process: :class:`Bind`, :class:`Run`, :class:`ModelReply`, :class:`MemoryReply`.
+Host → process: :class:`Bind`, :class:`Run`, :class:`ModelReply`, :class:`MemoryReply`,
+:class:`FetchReply`.
 Process → host: :class:`Ready`, :class:`ModelRequest` (the host runs the real model and
 counts its tokens), :class:`MemoryCall` (served by the host's store of the tenant the host
 bound the channel to: nothing in the message names a tenant), :class:`Done`,
-:class:`Failed`, :class:`Refused`.
+:class:`Failed`, :class:`Refused`, :class:`FetchCall` (the ``http_fetch`` tool's request,
+made by the host through its outbound-request guard under the bound tenant's egress policy:
+the process itself has no network).
 
 Host ↔ template (a Unix seqpacket socket, one frame a packet): :class:`Spawn` (with the new
 process's socket passed as ``SCM_RIGHTS``) and :class:`Kill`; :class:`TemplateReady`,
@@ -47,6 +50,8 @@ __all__ = [
     "ErrorData",
     "Exited",
     "Failed",
+    "FetchCall",
+    "FetchReply",
     "HostChannel",
     "HostMessage",
     "Kill",
@@ -212,7 +217,21 @@ class MemoryReply(_Message):
     error: ErrorData | None = None
 
 
-HostMessage = Annotated[Bind | Run | ModelReply | MemoryReply, Field(discriminator="type")]
+class FetchReply(_Message):
+    """The host's answer to a :class:`FetchCall`: the page (``status``, ``content_type``,
+    ``body`` as text, the ``url`` that answered), or the error (``EgressRefused``,
+    ``OutboundFailed``)."""
+
+    type: Literal["fetch_reply"] = "fetch_reply"
+    tenant_id: str = Field(min_length=1)
+    status: int = 0
+    content_type: str = ""
+    body: str = ""
+    url: str = ""
+    error: ErrorData | None = None
+
+
+HostMessage = Annotated[Bind | Run | ModelReply | MemoryReply | FetchReply, Field(discriminator="type")]
 """What the host sends an execution process."""
 
 
@@ -257,6 +276,14 @@ class MemoryCall(_Message):
     limit: int = 100
 
 
+class FetchCall(_Message):
+    """The ``http_fetch`` tool's ``GET url``, made by the host (nothing in it names a
+    tenant or a policy: the host uses the bound tenant's)."""
+
+    type: Literal["fetch_call"] = "fetch_call"
+    url: str = Field(max_length=8192)
+
+
 class Done(_Message):
     """The run finished: the model's final reply (tokens are the host's count)."""
 
@@ -288,7 +315,7 @@ class Refused(_Message):
 
 
 ProcessMessage = Annotated[
-    Ready | ModelRequest | MemoryCall | Done | Failed | Refused, Field(discriminator="type")
+    Ready | ModelRequest | MemoryCall | Done | Failed | Refused | FetchCall, Field(discriminator="type")
 ]
 """What an execution process sends the host."""
 
@@ -340,9 +367,9 @@ TemplateMessage = Annotated[Spawn | Kill | TemplateReady | Spawned | Exited, Fie
 
 _M = TypeVar("_M")
 
-_HOST: Final[TypeAdapter[Bind | Run | ModelReply | MemoryReply]] = TypeAdapter(HostMessage)
-_PROCESS: Final[TypeAdapter[Ready | ModelRequest | MemoryCall | Done | Failed | Refused]] = TypeAdapter(
-    ProcessMessage
+_HOST: Final[TypeAdapter[Bind | Run | ModelReply | MemoryReply | FetchReply]] = TypeAdapter(HostMessage)
+_PROCESS: Final[TypeAdapter[Ready | ModelRequest | MemoryCall | Done | Failed | Refused | FetchCall]] = (
+    TypeAdapter(ProcessMessage)
 )
 _TEMPLATE: Final[TypeAdapter[Spawn | Kill | TemplateReady | Spawned | Exited]] = TypeAdapter(TemplateMessage)
 
@@ -361,7 +388,7 @@ def encode(message: _Message) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def decode_host_message(body: bytes) -> Bind | Run | ModelReply | MemoryReply:
+def decode_host_message(body: bytes) -> Bind | Run | ModelReply | MemoryReply | FetchReply:
     """A host→process message from a frame's body.
 
     Raises:
@@ -371,7 +398,9 @@ def decode_host_message(body: bytes) -> Bind | Run | ModelReply | MemoryReply:
     return _decoded(_HOST, body)
 
 
-def decode_process_message(body: bytes) -> Ready | ModelRequest | MemoryCall | Done | Failed | Refused:
+def decode_process_message(
+    body: bytes,
+) -> Ready | ModelRequest | MemoryCall | Done | Failed | Refused | FetchCall:
     """A process→host message from a frame's body. Raises :class:`ProtocolError`."""
     return _decoded(_PROCESS, body)
 
@@ -498,7 +527,7 @@ class HostChannel:
         except OSError as err:  # a broken pipe, a reset, or the host's end already closed
             raise ChannelClosed("the execution process closed its channel") from err
 
-    async def receive(self) -> Ready | ModelRequest | MemoryCall | Done | Failed | Refused:
+    async def receive(self) -> Ready | ModelRequest | MemoryCall | Done | Failed | Refused | FetchCall:
         """The next message from the process.
 
         Raises:

@@ -15,11 +15,21 @@ from pydantic_ai.usage import RunUsage
 
 from patinox.agents import AgentDefinition, MemoryStore, RunLimits, RunOutcome, run_agent
 from patinox.errors import TenantContextAlreadySet
+from patinox.isolation.egress import GuardedFetcher
+from patinox.network import EgressSettings
 from patinox.tenancy import TenantContext, current_tenant_or_none, tenant_scope
 
 
 class NamespaceExecutor:
-    """In-process execution within the tenant's context."""
+    """In-process execution within the tenant's context.
+
+    Args:
+        egress: the operator's egress settings for the ``http_fetch`` tool (defaults:
+            ``https`` to public addresses only, on each tenant's allow-list).
+    """
+
+    def __init__(self, egress: EgressSettings | None = None) -> None:
+        self.egress = egress or EgressSettings()
 
     def execute(
         self,
@@ -52,6 +62,7 @@ class NamespaceExecutor:
             memory=memory,
             usage=usage,
             on_usage=on_usage,
+            fetch=GuardedFetcher(ctx, self.egress),
         )
         active = current_tenant_or_none()
         if active is None:

@@ -12,6 +12,10 @@ the run, and serves what the process asks for while the agent loop runs there:
   request and token limits, and sets ``max_tokens`` itself.
 - a **memory call**: served by the memory store the host was given for the run, which is
   bound to the tenant; nothing the process sends names a tenant.
+- a **fetch** (the ``http_fetch`` tool): made here through the outbound-request guard
+  (:class:`~patinox.isolation.egress.GuardedFetcher`) under the run's tenant's egress
+  allow-list and the operator's :class:`~patinox.network.EgressSettings`; the process
+  itself keeps no network.
 
 The host enforces the run's wall time (the process is killed at ``timeout_s``: ``timeout``)
 and its CPU time (the process's CPU seconds polled while it runs, killed past
@@ -45,6 +49,7 @@ from patinox.agents import (
 from patinox.agents.runner import request_limit_for
 from patinox.agents.simulated import is_simulated
 from patinox.errors import (
+    EgressRefused,
     InvalidRequest,
     IsolationUnavailable,
     PatinoxError,
@@ -56,6 +61,8 @@ from patinox.isolation.channel import (
     Done,
     ErrorData,
     Failed,
+    FetchCall,
+    FetchReply,
     MemoryCall,
     MemoryReply,
     ModelReply,
@@ -65,9 +72,11 @@ from patinox.isolation.channel import (
     Run,
 )
 from patinox.isolation.cores import CoreAllocator
+from patinox.isolation.egress import GuardedFetcher
 from patinox.isolation.execution import ExecutionProcess
 from patinox.isolation.pool import EXECUTION_LEVELS, PoolStopped, SpawnFailed, TenantPool
 from patinox.isolation.supervisor import PoolSupervisor
+from patinox.network import EgressSettings
 from patinox.tenancy import IsolationLevel, ResourceLimits, TenantContext, current_tenant_or_none
 
 __all__ = ["ProcessExecutor"]
@@ -110,6 +119,8 @@ class ProcessExecutor:
         tenant_level: a tenant's isolation level (``None``: gone), for tenant events.
         cores: the cores ``dedicated`` tenants reserve (:meth:`prepare`); the supervisor's
             should be the same allocator.
+        egress: the operator's egress settings for the ``http_fetch`` tool (defaults:
+            ``https`` to public addresses only, on each tenant's allow-list).
     """
 
     def __init__(
@@ -118,8 +129,10 @@ class ProcessExecutor:
         *,
         tenant_level: Callable[[str], IsolationLevel | None] | None = None,
         cores: CoreAllocator | None = None,
+        egress: EgressSettings | None = None,
     ) -> None:
         self.cores = cores
+        self.egress = egress or EgressSettings()
         self._supervisor: PoolSupervisor | None = (
             supervisor if isinstance(supervisor, PoolSupervisor) else None
         )
@@ -230,9 +243,11 @@ class ProcessExecutor:
                 "executing a run for one tenant inside another tenant's scope",
                 active_tenant_id=active.tenant_id,
             )
-        return _HostRun(
-            self.supervisor, ctx, definition, prompt, output_tokens, limits, memory, usage, on_usage
-        ).run()
+        return (
+            _HostRun(self.supervisor, ctx, definition, prompt, output_tokens, limits, memory, usage, on_usage)
+            .with_fetcher(GuardedFetcher(ctx, self.egress))
+            .run()
+        )
 
 
 class _HostRun:
@@ -265,11 +280,17 @@ class _HostRun:
         self.tool_calls = 0
         #: Whether the process running it sent anything of it yet.
         self.heard = False
+        self.fetcher: GuardedFetcher | None = None
+
+    def with_fetcher(self, fetcher: GuardedFetcher) -> _HostRun:
+        """This run, making its ``http_fetch`` calls with ``fetcher`` (none: each is refused)."""
+        self.fetcher = fetcher
+        return self
 
     async def run(self) -> RunOutcome:
         _check_output_tokens(self.output_tokens, self.limits)
         validate_tool_names(self.definition.tools)
-        model = resolve_model(self.definition.model)
+        model = resolve_model(self.definition.model, api_key=self.definition.provider_key)
         pool = self._pool()
         proc: ExecutionProcess | None = None
         reuse = False
@@ -418,6 +439,8 @@ class _HostRun:
                 await channel.send(await self._model_request(message, model, proc))
             elif isinstance(message, MemoryCall):
                 await channel.send(self._memory_call(message))
+            elif isinstance(message, FetchCall):
+                await channel.send(await self._fetch_call(message, proc))
             elif isinstance(message, Done | Failed):
                 return message
             elif isinstance(message, Refused):
@@ -488,6 +511,38 @@ class _HostRun:
             return MemoryReply(tenant_id=tenant_id, keys=store.memory_list(call.prefix, call.limit))
         except Exception as exc:
             return MemoryReply(tenant_id=tenant_id, error=ErrorData.of(exc))
+
+    async def _fetch_call(self, call: FetchCall, proc: ExecutionProcess) -> FetchReply:
+        """Make an ``http_fetch`` call here, through the guard, under the tenant's egress
+        policy (an error goes back to the process, which reports it to the model).
+
+        Raises:
+            ChannelClosed: the process died while the fetch was made.
+        """
+        tenant_id = self.ctx.tenant_id
+        if self.fetcher is None:
+            return FetchReply(
+                tenant_id=tenant_id,
+                error=ErrorData.of(EgressRefused("this run has no egress", reason="no_egress")),
+            )
+        watch = _DeathWatch(proc)
+        try:
+            page = await self.fetcher.fetch(call.url)
+        except asyncio.CancelledError:
+            if watch.cancelled_by_death():
+                raise ChannelClosed("the execution process died while its fetch was made") from None
+            raise
+        except PatinoxError as exc:
+            return FetchReply(tenant_id=tenant_id, error=ErrorData.of(exc))
+        finally:
+            watch.close()
+        return FetchReply(
+            tenant_id=tenant_id,
+            status=page.status,
+            content_type=page.content_type,
+            body=page.body,
+            url=page.url,
+        )
 
     def _measure(self, proc: ExecutionProcess, cpu_before: float | None, last_seen: float | None) -> None:
         """The run's CPU seconds and peak memory (a dead process's CPU time as last seen)."""

@@ -83,6 +83,10 @@ class AdmissionSettings:
             (ready callbacks times the mean time of one): what every step of a run of the
             busiest tenants waits, while a light tenant's steps wait one turn of each
             active tenant instead, so the loop may run fuller.
+        target_storage_wait_s: mean time a storage call may wait for a storage thread
+            (:class:`~patinox.limits.FairStorageExecutor`, PostgreSQL) that the limit steers
+            to, seconds: calls wait only while every thread is busy, and then a run admitted
+            more only lengthens the queue in front of the database.
         probe_s: how often the lag is sampled, seconds.
         window: probes per adjustment of ``L``.
         smoothing: weight of the newest window in the smoothed lag (1: no smoothing).
@@ -101,6 +105,7 @@ class AdmissionSettings:
     max_limit: int = 1024
     target_lag_s: float = 0.005
     fair_target_lag_s: float = 0.025
+    target_storage_wait_s: float = 0.010
     probe_s: float = 0.020
     window: int = 5
     smoothing: float = 0.3
@@ -152,6 +157,8 @@ class FairShareAdmission:
         self.probe_lag_s = 0.0  # the median lag of the timer probe in the last window, seconds
         self.busy = 0.0  # fraction of the last window the loop's thread was on the CPU
         self._smoothed: float | None = None  # smoothed window lag, seconds
+        self._smoothed_wait: float | None = None  # smoothed storage-thread wait, seconds
+        self.storage_wait_s: float | None = None  # the last window's storage-thread wait, seconds
         self.refused = 0  # runs refused 503 overloaded, ever
 
     # -- admission -------------------------------------------------------------------
@@ -266,14 +273,22 @@ class FairShareAdmission:
 
     # -- the adaptive limit ------------------------------------------------------------
 
-    async def watch(self) -> None:
-        """Sample the event loop's lag and adapt the limit; runs until cancelled."""
+    async def watch(self, storage_wait: Callable[[], float | None] | None = None) -> None:
+        """Sample the event loop's lag and adapt the limit; runs until cancelled.
+
+        Args:
+            storage_wait: called once a window, the mean wait of the storage calls taken
+                by a storage thread in it, seconds (``None``: none), e.g.
+                :meth:`FairStorageExecutor.wait_window
+                <patinox.limits.FairStorageExecutor.wait_window>`: the limit also steers
+                it to :attr:`AdmissionSettings.target_storage_wait_s`.
+        """
         if not self.settings.enabled:
             return
         with flow_scope("lag-probe"):  # on a tenant-fair loop, a flow of its own
-            await self._watch()
+            await self._watch(storage_wait)
 
-    async def _watch(self) -> None:
+    async def _watch(self, storage_wait: Callable[[], float | None] | None) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings
         fair = ready_queue(loop)
@@ -296,20 +311,28 @@ class FairShareAdmission:
             # This coroutine runs on the loop's thread: its CPU time is the loop's.
             busy = (cpu_now - cpu) / wall
             self.probe_lag_s = statistics.median(lags)
+            waited = None if storage_wait is None else storage_wait()
             if fair is None:
-                self.adjust(self.probe_lag_s, busy=busy)
+                self.adjust(self.probe_lag_s, busy=busy, storage_wait_s=waited)
             else:
                 # The probe's own lag is one turn of each active tenant, whatever L is; the
                 # backlog's is what admitting fewer runs shortens.
                 per_callback = (cpu_now - cpu) / max(1, fair.popped - popped)
                 backlog_lag = statistics.median(backlogs) * per_callback
-                self.adjust(backlog_lag, busy=busy, target_s=s.fair_target_lag_s)
+                self.adjust(backlog_lag, busy=busy, target_s=s.fair_target_lag_s, storage_wait_s=waited)
                 popped = fair.popped
                 backlogs.clear()
             lags.clear()
             started, released, cpu = now, self._released, cpu_now
 
-    def adjust(self, lag_s: float, *, busy: float = 1.0, target_s: float | None = None) -> None:
+    def adjust(
+        self,
+        lag_s: float,
+        *,
+        busy: float = 1.0,
+        target_s: float | None = None,
+        storage_wait_s: float | None = None,
+    ) -> None:
         """One step of the limit for a window whose loop lag was ``lag_s`` seconds and in
         which the loop's thread was on the CPU ``busy`` of the time (0-1; called by
         :meth:`watch`): ``L`` times ``sqrt(target / smoothed lag)``, bounded; ``target_s``
@@ -319,6 +342,11 @@ class FairShareAdmission:
         :attr:`AdmissionSettings.busy_floor`): a lag from waiting on a blocking call (a
         database round trip or commit made on the loop's thread) is not relieved by
         admitting fewer runs, which would only throw capacity away.
+
+        ``storage_wait_s`` (the window's mean wait for a storage thread, seconds; ``None``:
+        no call was taken) gives a second gradient, ``sqrt(target_storage_wait_s /
+        smoothed wait)``, and the smaller of the two applies: a storage call waits only
+        while every storage thread is busy, which fewer runs in flight do relieve.
         """
         s = self.settings
         target = s.target_lag_s if target_s is None else target_s
@@ -335,6 +363,17 @@ class FairShareAdmission:
         gradient = min(1.0 + s.increase, max(1.0 - s.decrease, gradient))
         if gradient < 1.0 and busy < s.busy_floor:
             gradient = 1.0
+        self.storage_wait_s = storage_wait_s
+        if storage_wait_s is not None:
+            wait_target = s.target_storage_wait_s
+            wait = min(storage_wait_s, 4 * wait_target)
+            waited = self._smoothed_wait = (
+                wait
+                if self._smoothed_wait is None
+                else s.smoothing * wait + (1 - s.smoothing) * self._smoothed_wait
+            )
+            by_wait = math.sqrt(wait_target / max(waited, 1e-4))
+            gradient = min(gradient, min(1.0 + s.increase, max(1.0 - s.decrease, by_wait)))
         # Raised only while in use: an idle process's lag says nothing of what it can carry.
         if gradient < 1.0 or self._waiting or self._peak >= 0.8 * self._cap:
             self._limit = min(float(s.max_limit), max(float(s.min_limit), self._limit * gradient))
@@ -358,6 +397,7 @@ class FairShareAdmission:
             "target_lag_ms": round(self.target_lag_s * 1000, 2),
             "probe_lag_ms": round(self.probe_lag_s * 1000, 2),
             "busy": round(self.busy, 2),
+            "storage_wait_ms": None if self.storage_wait_s is None else round(self.storage_wait_s * 1000, 2),
             "tenants": len(self._tenants),
             "refused": self.refused,
             "completion_rate_per_s": round(self._rate, 1),

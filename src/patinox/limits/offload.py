@@ -13,9 +13,14 @@ each one's result. Calls waiting for a thread are taken in start-time fair queue
 order by tenant: a call of tenant ``f`` arriving at virtual time ``v`` gets the start tag
 ``S = max(v, F_f)``, where ``F_f`` is the finish tag (``S + 1``) of ``f``'s previous
 waiting call, and ``v`` is the start tag of the call most recently given a thread; the
-call with the smallest start tag goes next (the earliest asked among equals). A tenant
-with fifty calls waiting therefore delays another tenant's one call by at most about one
-call of each tenant with calls waiting (and the calls already running), not by fifty.
+call with the smallest start tag goes next. A tenant with fifty calls waiting therefore
+delays another tenant's one call by at most about one call of each tenant with calls
+waiting (and the calls already running), not by fifty. Among equal start tags, the call of
+a *sparse* flow (one with nothing else waiting: a light tenant's run makes its calls one
+after the other) goes first, then the earliest asked (the sparse-flow rule of FQ-CoDel,
+RFC 8290, section 4.1): a tenant that never has two calls waiting waits only for a thread
+to come free, however many busy tenants share the threads; a busy tenant's calls, which
+always have company, never take that place.
 Calls made before a tenant is known (authentication) form the *system* flow, with a share
 of its own.
 
@@ -26,7 +31,9 @@ Both are :class:`StorageCalls`: the run path (:class:`~patinox.control.runs.RunS
 and the HTTP authentication step make their storage calls through one of them.
 
 Sources: P. Goyal, H. M. Vin and H. Cheng, "Start-time fair queueing: a scheduling
-algorithm for integrated services packet switching networks", IEEE/ACM ToN 5(5), 1997.
+algorithm for integrated services packet switching networks", IEEE/ACM ToN 5(5), 1997;
+T. Hoeiland-Joergensen et al., "The Flow Queue CoDel Packet Scheduler and Active Queue
+Management Algorithm", RFC 8290, 2018.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import contextvars
 import heapq
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, Protocol, TypeVar
@@ -78,6 +86,8 @@ class StorageCalls(Protocol):
 
     async def system(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T: ...
 
+    def wait_window(self) -> float | None: ...
+
     def close(self) -> None: ...
 
 
@@ -97,6 +107,10 @@ class InlineStorage:
         """``fn(*args, **kwargs)``, now."""
         return fn(*args, **kwargs)
 
+    def wait_window(self) -> float | None:
+        """``None``: no call ever waits here."""
+        return None
+
     def close(self) -> None:
         """Nothing to stop."""
 
@@ -108,6 +122,8 @@ class _Call:
     context: contextvars.Context
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
+    #: When it was asked for (``time.monotonic()``), for the queue's wait.
+    asked: float = 0.0
     #: The awaiting task gave up before a thread took the call: it never runs.
     withdrawn: bool = False
     #: A thread took it (set under the executor's lock).
@@ -122,13 +138,15 @@ class _Flow:
 
 @dataclass(eq=False)
 class _State:
-    heap: list[tuple[float, int, _Call]] = field(default_factory=list)
+    heap: list[tuple[float, int, int, _Call]] = field(default_factory=list)
     flows: dict[str, _Flow] = field(default_factory=dict)
     virtual: float = 0.0  # start tag of the call most recently given a thread
     seq: int = 0  # arrival order, the tie-break among equal start tags
     running: int = 0
     completed: int = 0
     closed: bool = False
+    waited_s: float = 0.0  # seconds calls taken since the last wait_window() waited, summed
+    taken: int = 0  # calls taken since the last wait_window()
 
 
 class FairStorageExecutor:
@@ -180,19 +198,20 @@ class FairStorageExecutor:
 
     def _submit(self, flow: str, fn: Callable[[], Any]) -> _Call:
         loop = asyncio.get_running_loop()
-        item = _Call(flow, fn, contextvars.copy_context(), loop, loop.create_future())
+        item = _Call(flow, fn, contextvars.copy_context(), loop, loop.create_future(), time.monotonic())
         with self._cond:
             st = self._state
             if st.closed:
                 raise RuntimeError("the storage executor is closed")
             f = st.flows.get(flow)
+            sparse = f is None  # nothing of this flow waits: it goes first among equals
             if f is None:
                 f = st.flows[flow] = _Flow(st.virtual)
             start = max(st.virtual, f.finish_tag)
             f.finish_tag = start + 1.0
             f.waiting += 1
             st.seq += 1
-            heapq.heappush(st.heap, (start, st.seq, item))
+            heapq.heappush(st.heap, (start, 0 if sparse else 1, st.seq, item))
             self._cond.notify()
         return item
 
@@ -276,6 +295,18 @@ class FairStorageExecutor:
         with self._cond:
             return self._state.completed
 
+    def wait_window(self) -> float | None:
+        """The mean time the calls taken by a thread since the last call of this method
+        waited for one, seconds (``None``: none was taken); starts the next window. The
+        fair-share admission's second signal (:meth:`FairShareAdmission.watch
+        <patinox.limits.FairShareAdmission.watch>`): a call waits only while every thread
+        is busy, so fewer runs in flight shorten it."""
+        with self._cond:
+            st = self._state
+            waited, taken = st.waited_s, st.taken
+            st.waited_s, st.taken = 0.0, 0
+        return waited / taken if taken else None
+
     @property
     def flows(self) -> int:
         """Flows (tenants, the system) with calls waiting."""
@@ -289,7 +320,7 @@ class FairStorageExecutor:
         st = self._state
         while True:
             while st.heap:
-                start, _, item = heapq.heappop(st.heap)
+                start, _, _, item = heapq.heappop(st.heap)
                 f = st.flows[item.flow]
                 f.waiting -= 1
                 if not f.waiting:
@@ -297,6 +328,8 @@ class FairStorageExecutor:
                 if item.withdrawn:
                     continue
                 st.virtual = max(st.virtual, start)
+                st.waited_s += time.monotonic() - item.asked
+                st.taken += 1
                 item.started = True
                 st.running += 1
                 return item

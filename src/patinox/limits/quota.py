@@ -232,9 +232,17 @@ class TokenBudget:
         with self._backend.control_tx(conn) as conn:
             execute_write(conn, _SETTLE, params)
 
+    def today(self) -> str:
+        """The period counted against now: the UTC date, ``YYYY-MM-DD``."""
+        return self._period()[0]
+
     def spent_today(self, tenant_id: str) -> tuple[int, int]:
         """(spent, reserved) tokens of ``tenant_id`` today."""
-        period, _ = self._period()
+        return self.spent_in(tenant_id, self.today())
+
+    def spent_in(self, tenant_id: str, period: str) -> tuple[int, int]:
+        """(spent, reserved) tokens of ``tenant_id`` in ``period`` (a UTC date, ``YYYY-MM-DD``,
+        as :meth:`today` and :class:`Reservation` give it); ``(0, 0)`` for a period with none."""
         with self._backend.transaction() as conn:
             row = conn.execute(_READ, self._key(tenant_id, period)).first()
         return (0, 0) if row is None else (int(row[0]), int(row[1]))

@@ -2,8 +2,11 @@
 
 - :mod:`patinox.network.outbound`: the outbound-request guard (:class:`OutboundGuard`)
   every request sent on a tenant's behalf goes through (webhooks, the ``http_fetch`` tool).
+- :mod:`patinox.network.egress`: the operator's egress settings (:class:`EgressSettings`)
+  the ``http_fetch`` tool's policy of each tenant is made from.
 """
 
+from patinox.network.egress import EgressSettings
 from patinox.network.outbound import (
     OutboundGuard,
     OutboundPolicy,
@@ -15,6 +18,7 @@ from patinox.network.outbound import (
 )
 
 __all__ = [
+    "EgressSettings",
     "OutboundGuard",
     "OutboundPolicy",
     "OutboundResponse",

@@ -23,11 +23,20 @@ Modules whose names start with ``_`` are this package's own: nothing outside
 from patinox.storage import _schema as schema
 from patinox.storage._control_store import SqlBackend, open_backend
 from patinox.storage._fast import execute_write
+from patinox.storage._hosts import HostClaim, TenantHosts
+from patinox.storage._idempotency import IN_PROGRESS_LEASE as IDEMPOTENCY_IN_PROGRESS_LEASE
 from patinox.storage._idempotency import KEY_TTL as IDEMPOTENCY_KEY_TTL
 from patinox.storage._idempotency import Begun, IdempotencyRecords
 from patinox.storage._placement import Placements
 from patinox.storage._schema import utcnow
 from patinox.storage._sealer import SealedColumn, sealed_columns
+from patinox.storage._secrets import (
+    MAX_SECRET_BYTES,
+    PROVIDER_KEY_PREFIX,
+    SecretInfo,
+    TenantSecrets,
+    check_secret_name,
+)
 from patinox.storage._statements import PreparedWrite
 from patinox.storage._tenant_store import TenantStore
 from patinox.storage._webhooks import ClaimedDelivery, WebhookEndpoints, WebhookOutbox
@@ -49,7 +58,10 @@ from patinox.storage.records import (
 )
 
 __all__ = [
+    "IDEMPOTENCY_IN_PROGRESS_LEASE",
     "IDEMPOTENCY_KEY_TTL",
+    "MAX_SECRET_BYTES",
+    "PROVIDER_KEY_PREFIX",
     "AgentRecord",
     "AnyRow",
     "ApiKeyRecord",
@@ -59,20 +71,25 @@ __all__ = [
     "Begun",
     "Changes",
     "ClaimedDelivery",
+    "HostClaim",
     "IdempotencyRecords",
     "KeyTenantRecord",
     "Placements",
     "PreparedWrite",
     "RunRecord",
     "SealedColumn",
+    "SecretInfo",
     "SqlBackend",
     "StoredApiKeyRecord",
+    "TenantHosts",
     "TenantRecord",
+    "TenantSecrets",
     "TenantStore",
     "UsageRecord",
     "UsageTotals",
     "WebhookEndpoints",
     "WebhookOutbox",
+    "check_secret_name",
     "execute_write",
     "make_engine",
     "migrate",

@@ -52,6 +52,7 @@ _WALK_KEY = {
     "audit_log": "seq",
     "idempotency_keys": "key",
     "webhook_endpoints": "id",
+    "secrets": "name",
 }
 #: The placement's own numbering of rows, never carried from one placement to another.
 _PLACEMENT_COLUMNS = ("seq",)

@@ -395,6 +395,22 @@ class SqlBackend:
             r.pop("secret_hash")
         return cast(list[ApiKeyRecord], rows)
 
+    def get_api_key(self, key_id: str, tenant_id: str | None) -> ApiKeyRecord:
+        """One key of ``tenant_id`` (operator key when ``None``), revoked or not, no hash.
+
+        Raises:
+            NotFound: not a key of that tenant (another tenant's key alike).
+        """
+        k = s.api_keys
+        cond = k.c.tenant_id.is_(None) if tenant_id is None else k.c.tenant_id == tenant_id
+        with self.transaction() as conn:
+            row = conn.execute(select(k).where(k.c.id == key_id, cond)).mappings().first()
+        if row is None:
+            raise NotFound(f"api key {key_id!r} not found", key_id=key_id)
+        out = dict(row)
+        out.pop("secret_hash")
+        return cast(ApiKeyRecord, out)
+
     def expire_api_key(self, key_id: str, tenant_id: str | None, expires_at: datetime) -> ApiKeyRecord:
         """Make a live key of ``tenant_id`` (operator key when ``None``) expire at
         ``expires_at`` (UTC), or earlier if it already would.

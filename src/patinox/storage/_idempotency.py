@@ -8,7 +8,9 @@ requests with one key exactly one takes it), and when it is answered its respons
 retry with the key and the same request is answered that response; with another request,
 or while the first is still in progress, it is refused (the caller maps that to 422 and
 409). A key expires :data:`KEY_TTL` after it was taken: it is then free for another
-request, and expired keys of the tenant are deleted whenever it takes a new one.
+request, and expired keys of the tenant are deleted whenever it takes a new one. A key
+still in progress :data:`IN_PROGRESS_LEASE` after it was taken (its first request's process
+died before answering) is taken over by a retry of the same request.
 
 Made by :meth:`TenantStore.idempotency <patinox.storage.TenantStore.idempotency>`, bound
 to the store's tenant and placement: every statement carries its ``tenant_id``.
@@ -30,10 +32,14 @@ from patinox.storage import _schema as s
 from patinox.storage._schema import utcnow
 from patinox.storage._sealer import Sealer
 
-__all__ = ["KEY_TTL", "Begun", "IdempotencyRecords"]
+__all__ = ["IN_PROGRESS_LEASE", "KEY_TTL", "Begun", "IdempotencyRecords"]
 
 #: How long a key holds its request and response: 24 hours.
 KEY_TTL = timedelta(hours=24)
+#: How long a key may stay in progress before a retry of the same request takes it over:
+#: its first request's process died (a request ends well before this: the longest run
+#: timeout of any plan is 15 minutes).
+IN_PROGRESS_LEASE = timedelta(minutes=20)
 #: The AAD name of a kept response (see :data:`~patinox.storage._sealer.SEALED_COLUMNS`).
 _AAD = "idempotency_keys.response"
 _T = s.idempotency_keys
@@ -77,7 +83,8 @@ class IdempotencyRecords:
 
     def begin(self, key: str, fingerprint: str, *, now: datetime | None = None) -> Begun:
         """Take ``key`` for the request ``fingerprint`` (hex SHA-256 of its method, route
-        and body), or say what holds it. Expired keys of the tenant are deleted first.
+        and body), or say what holds it. Expired keys of the tenant are deleted first; the
+        same request's key still in progress after :data:`IN_PROGRESS_LEASE` is taken over.
 
         Args:
             key: the header's value, 1-255 characters (the caller checks).
@@ -101,6 +108,14 @@ class IdempotencyRecords:
             conn.execute(delete(_T).where(mine, _T.c.expires_at <= now))
             # RETURNING, not rowcount: psycopg reports no count for a conflict-skipping insert.
             if conn.execute(insert.values(row).returning(_T.c.key)).first() is not None:
+                return Begun("new")
+            taken_over = conn.execute(
+                update(_T)
+                .where(self._held(key, fingerprint), _T.c.created_at <= now - IN_PROGRESS_LEASE)
+                .values(created_at=now, expires_at=now + KEY_TTL)
+                .returning(_T.c.key)
+            ).first()
+            if taken_over is not None:
                 return Begun("new")
             held = conn.execute(
                 select(_T.c.fingerprint, _T.c.state, _T.c.response_status, _T.c.response).where(

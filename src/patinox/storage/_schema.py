@@ -360,6 +360,21 @@ webhook_endpoints = Table(
     Column("updated_at", UTCDateTime(), nullable=False),
 )
 
+secrets = Table(
+    "secrets",
+    metadata,
+    # A tenant's named secrets (a provider key for BYOK, a token a tool sends): the value
+    # sealed like runs.output (AAD: secrets.value and the name), never returned by the API.
+    # Lives beside the tenant's other rows, in its placement.
+    Column("tenant_id", String(40), primary_key=True),
+    Column("name", String(100), primary_key=True),
+    Column("value", LargeBinary, nullable=False),
+    # 1 when first set, +1 on each rotation.
+    Column("version", Integer, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
 webhook_deliveries = Table(
     "webhook_deliveries",
     metadata,
@@ -423,4 +438,24 @@ TENANT_TABLES = (
     webhook_endpoints,
     webhook_deliveries,
     webhook_attempts,
+    secrets,
+)
+
+tenant_hosts = Table(
+    "tenant_hosts",
+    metadata,
+    # The host names a tenant is reached at: its slug (``<slug>.<base domain>``, kind
+    # ``slug``, the bare label stored) and custom domains the operator gave it (kind
+    # ``domain``, the full name), IDNA-encoded and lower case. A control-plane table: the
+    # owner column is not named ``tenant_id`` so that deleting the tenant (which purges
+    # every table with such a column) keeps the row, which holds the name back from other
+    # tenants for the quarantine (released_at, or the owner's deleted_at, plus the
+    # quarantine).
+    Column("name", String(253), primary_key=True),
+    Column("owner_id", String(40), nullable=False),
+    Column("kind", String(10), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    # Set when the operator took the name from its tenant; NULL while in use.
+    Column("released_at", UTCDateTime(), nullable=True),
+    Index("ix_tenant_hosts_owner_id", "owner_id"),
 )

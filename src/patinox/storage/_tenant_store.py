@@ -40,6 +40,7 @@ from patinox.storage._idempotency import IdempotencyRecords
 from patinox.storage._placement import Placement
 from patinox.storage._schema import utcnow
 from patinox.storage._sealer import Sealer
+from patinox.storage._secrets import TenantSecrets
 from patinox.storage._statements import (
     END_ATTEMPT,
     GET_AGENT,
@@ -703,3 +704,8 @@ class TenantStore:
     def webhooks(self) -> WebhookEndpoints:
         """This tenant's webhook endpoints (see :class:`WebhookEndpoints`)."""
         return WebhookEndpoints(self._tx, self._sealer)
+
+    def secrets(self) -> TenantSecrets:
+        """This tenant's secrets, sealed under its DEK (see :class:`TenantSecrets`): set,
+        rotate, list and delete, and the host-side read of a value (audited)."""
+        return TenantSecrets(self._tx, self._sealer)

@@ -19,8 +19,10 @@ from patinox.tenancy.plans import (
     ResourceLimits,
     StorageModel,
     TenantState,
+    check_model_allowed,
     effective_limits,
     get_plan,
+    model_allowed,
 )
 
 __all__ = [
@@ -33,12 +35,14 @@ __all__ = [
     "TenantContext",
     "TenantState",
     "TenantThreadPoolExecutor",
+    "check_model_allowed",
     "clear_inherited_tenant",
     "current_tenant",
     "current_tenant_or_none",
     "effective_limits",
     "get_plan",
     "looks_like_id",
+    "model_allowed",
     "new_id",
     "run_in_thread",
     "tenant_in",

@@ -6,13 +6,16 @@ Plan figures are the defaults of a deployment; each tenant may override any limi
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
+import re
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+import idna
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from patinox.errors import InvalidRequest
+from patinox.errors import InvalidRequest, ModelNotAllowed
 
 
 class IsolationLevel(StrEnum):
@@ -46,6 +49,44 @@ class TenantState(StrEnum):
     SUSPENDED = "suspended"
     DELETING = "deleting"
     DELETED = "deleted"
+
+
+#: A pattern of model ids: letters, digits and ``. _ - : / = ,``, and ``*`` for any run of
+#: characters (``openai:*``, ``simulated*``, ``*``).
+ModelPattern = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9*][A-Za-z0-9._:/=,*-]*$")
+]
+#: A model id (see :mod:`patinox.agents.models` for the families).
+ModelId = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/=,-]*$")
+]
+
+
+def model_allowed(model_id: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """Whether ``model_id`` matches one of ``patterns``, where ``*`` matches any run of
+    characters (``openai:*`` matches ``openai:gpt-4o``; ``simulated*`` matches ``simulated``
+    and ``simulated:instant``) and everything else matches itself, case included."""
+    return any(_pattern(p).fullmatch(model_id) for p in patterns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pattern(pattern: str) -> re.Pattern[str]:
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
+
+
+def check_model_allowed(model_id: str, limits: ResourceLimits, *, tenant_id: str | None = None) -> None:
+    """Refuse ``model_id`` when it is outside ``limits.allowed_models``.
+
+    Raises:
+        ModelNotAllowed: 403 ``model_not_allowed``; fields ``model``, ``allowed_models``.
+    """
+    if not model_allowed(model_id, limits.allowed_models):
+        raise ModelNotAllowed(
+            f"model {model_id!r} is not allowed for this tenant; allowed: {', '.join(limits.allowed_models)}",
+            model=model_id,
+            allowed_models=list(limits.allowed_models),
+            tenant_id=tenant_id,
+        )
 
 
 class ResourceLimits(BaseModel):
@@ -105,6 +146,34 @@ class ResourceLimits(BaseModel):
     code_output_bytes: int = Field(
         default=64 * 2**10, ge=1024, description="stdout + stderr kept from one python tool call, bytes"
     )
+    # Model selection: which model ids the tenant's agents and runs may use (patterns, see
+    # model_allowed) and the model of an agent defined without one.
+    allowed_models: tuple[ModelPattern, ...] = Field(
+        default=("*",),
+        min_length=1,
+        max_length=64,
+        description="model ids the tenant may use: patterns where * matches any characters",
+    )
+    default_model: ModelId = Field(default="simulated", description="model of an agent defined without one")
+    # Configuration isolation: which tools the tenant's agents may name, and which hosts the
+    # http_fetch tool may reach (the deployment's address guard applies on top).
+    allowed_tools: tuple[str, ...] | None = Field(
+        default=None, description="tools the tenant's agents may name (None: every installed tool)"
+    )
+    egress_hosts: tuple[str, ...] = Field(
+        default=(),
+        description="hosts the http_fetch tool may reach: api.example.com, *.example.com (empty: none)",
+    )
+
+    @field_validator("allowed_tools")
+    @classmethod
+    def _check_tools(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return _tool_names(value)
+
+    @field_validator("egress_hosts")
+    @classmethod
+    def _check_hosts(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return _egress_hosts(value)
 
     @property
     def per_key_rpm(self) -> int:
@@ -119,6 +188,62 @@ class ResourceLimits(BaseModel):
 
 #: Largest per-minute rate a limit may be set to.
 MAX_RATE = 10**9
+#: Most names an allow-list setting (``allowed_tools``, ``egress_hosts``) may hold.
+MAX_LISTED = 256
+
+_TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def _tool_names(names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """``allowed_tools`` checked: each a tool name (a letter or ``_``, then letters, digits,
+    ``_``; at most 64), no name twice; in the given order."""
+    if names is None:
+        return None
+    for name in names:
+        if not _TOOL_NAME.match(name):
+            raise ValueError(f"not a tool name: {name!r}")
+    if len(set(names)) != len(names):
+        raise ValueError("a tool is listed twice")
+    return names
+
+
+def _egress_hosts(patterns: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """``egress_hosts`` checked and normalised: each a host name, ``*.`` + a host name, or
+    an IP address; names IDNA-encoded (UTS 46) and lower case, without a final dot, so
+    ``Bücher.Example`` is stored as ``xn--bcher-kva.example`` and compared as the address
+    guard compares hosts."""
+    if patterns is None:
+        return None
+    out: list[str] = []
+    for pattern in patterns:
+        out.append(egress_pattern(pattern))
+    return tuple(dict.fromkeys(out))
+
+
+def egress_pattern(pattern: str) -> str:
+    """One egress allow-list entry, normalised (see :func:`_egress_hosts`).
+
+    Raises:
+        ValueError: not a host name, ``*.name`` pattern or IP address.
+    """
+    wild = pattern.startswith("*.")
+    name = (pattern[2:] if wild else pattern).strip().rstrip(".")
+    try:
+        address = ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        address = None
+    if address is not None:
+        if wild:
+            raise ValueError(f"an address cannot take '*.': {pattern!r}")
+        return str(address)
+    try:
+        encoded = idna.encode(name, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError, ValueError) as err:
+        raise ValueError(f"not a host name: {pattern!r} ({err})") from None
+    if not encoded or ("." not in encoded and not wild and encoded != "localhost"):
+        # A single label other than localhost names nothing outside this host's search path.
+        raise ValueError(f"not a fully qualified host name: {pattern!r}")
+    return ("*." if wild else "") + encoded
 
 
 class LimitOverrides(BaseModel):
@@ -152,6 +277,30 @@ class LimitOverrides(BaseModel):
     dedicated_cores: int | None = Field(default=None, ge=1, le=4_096)
     code_timeout_s: float | None = Field(default=None, gt=0, le=86_400)
     code_output_bytes: int | None = Field(default=None, ge=1024, le=2**30)
+    allowed_models: tuple[ModelPattern, ...] | None = Field(default=None, min_length=1, max_length=64)
+    default_model: ModelId | None = None
+    allowed_tools: tuple[str, ...] | None = Field(default=None, max_length=MAX_LISTED)
+    egress_hosts: tuple[str, ...] | None = Field(default=None, max_length=MAX_LISTED)
+
+    @field_validator("allowed_tools")
+    @classmethod
+    def _check_tools(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return _tool_names(value)
+
+    @field_validator("egress_hosts")
+    @classmethod
+    def _check_hosts(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return _egress_hosts(value)
+
+    @model_validator(mode="after")
+    def _default_model_is_allowed(self) -> LimitOverrides:
+        if (
+            self.default_model is not None
+            and self.allowed_models is not None
+            and not model_allowed(self.default_model, self.allowed_models)
+        ):
+            raise ValueError("default_model must be one of allowed_models")
+        return self
 
     def apply_to(self, limits: ResourceLimits) -> ResourceLimits:
         """The plan's limits with every set override applied."""
@@ -214,6 +363,13 @@ PLANS: dict[str, Plan] = {
             execution_processes=2,
             code_timeout_s=10,
             code_output_bytes=64 * 2**10,
+            # The simulated models and the providers' small models.
+            allowed_models=(
+                "simulated*",
+                "openai:gpt-4o-mini*",
+                "openai:gpt-4.1-mini*",
+                "anthropic:claude-3-5-haiku*",
+            ),
         ),
     ),
     "pro": Plan(

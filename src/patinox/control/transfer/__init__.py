@@ -29,6 +29,11 @@ Not carried, by decision:
   access to the copy without the importing operator knowing. The bundle lists the source
   keys' ids, names, scopes and dates (``api_key`` records, never the hash or prefix) so the
   same set can be reissued; :func:`import_tenant` does not recreate them.
+* **Secrets**, unless the export is asked for them (``include_secrets``,
+  ``patinox tenants export --include-secrets``): then they travel like run payloads, in
+  plaintext inside the sealed body, and the source tenant's audit log records the export
+  (``secrets.export``, naming the secrets). A move between storage models always carries
+  them (they never leave the deployment's own encryption).
 * **Data keys (DEKs).** Payloads travel decrypted inside the sealed body and are sealed
   again with the new tenant's own DEK (created on its first write) and the new AAD.
 * **Audit sequence numbers.** Imported (and moved) audit records get new sequence numbers
@@ -94,6 +99,8 @@ JSON lines::
     {"type": "audit", "row": {...}}          the tenant's audit records (oldest first),
     {"type": "idempotency_key", "row": {...}} Idempotency-Key records (response in plaintext),
     {"type": "webhook_endpoint", "row": {...}} webhook endpoints (signing secrets in plaintext),
+    {"type": "secret", "row": {...}}         the tenant's secrets (value in plaintext), only
+                                             from an export with include_secrets
     {"type": "api_key", "row": {...}}        key metadata (informational, not restored)
     {"type": "end", "records": N, "counts": {type: n}, "sha256": "<hex>"}
 
@@ -123,8 +130,8 @@ passphrase *or* changed bytes: AES-GCM cannot tell them apart, by design),
 :mod:`patinox.errors`; they are defined here until that module takes them.
 
 Tables: a transfer carries the known tenant data tables (agents, runs, run_attempts,
-memory, usage_records, audit_log, idempotency_keys, webhook_endpoints) and leaves the
-control-plane tables of the shared database
+memory, usage_records, audit_log, idempotency_keys, webhook_endpoints, secrets) and leaves
+the control-plane tables of the shared database
 where they are (:data:`CONTROL_PLANE_TABLES`). It also reads the placement's catalog for
 every other table with a ``tenant_id`` column: if one holds rows of the tenant, export
 and move refuse (:class:`~patinox.errors.OperationFailed`, ``reason="unknown_table"``)

@@ -61,6 +61,8 @@ _KIND_TABLES: dict[str, Table] = {
     "audit": s.audit_log,
     "idempotency_key": s.idempotency_keys,
     "webhook_endpoint": s.webhook_endpoints,
+    # Written only by an export with include_secrets (audited); a move always carries them.
+    "secret": s.secrets,
 }
 
 

@@ -134,15 +134,18 @@ def _write_records(
     keys: list[ApiKeyRecord],
     total: int,
     progress: Progress | None,
+    *,
+    include_secrets: bool = False,
 ) -> int:
-    """Write every record after the manifest: the data tables' rows, then the key list.
+    """Write every record after the manifest: the data tables' rows (the tenant's secrets
+    only with ``include_secrets``), then the key list.
 
     Returns:
         Records written; ``progress(done, total)`` is called every 100 rows.
     """
     done = 0
     exported = _Exported()
-    for kind in _KIND_TABLES:
+    for kind in _exported_kinds(include_secrets):
         for row in _export_rows(store, kind, exported):
             writer.record({"type": kind, "row": row})
             done += 1
@@ -153,6 +156,11 @@ def _write_records(
         writer.record({"type": "api_key", "row": {f: fields[f] for f in _KEY_FIELDS}})
         done += 1
     return done
+
+
+def _exported_kinds(include_secrets: bool) -> list[str]:
+    """The record types an export writes: every one, but ``secret`` only when asked."""
+    return [kind for kind in _KIND_TABLES if include_secrets or kind != "secret"]
 
 
 def _write_atomically(target: Path, write: Callable[[IO[bytes]], _T]) -> _T:
@@ -190,6 +198,8 @@ def export_tenant(
     recipient_public_key: bytes | None = None,
     progress: Progress | None = None,
     overwrite: bool = False,
+    include_secrets: bool = False,
+    actor: str = "operator",
 ) -> ExportSummary:
     """Write everything ``tenant_id`` owns to one encrypted bundle file (format in the package docstring).
 
@@ -207,6 +217,11 @@ def export_tenant(
             SubjectPublicKeyInfo, e.g. from :func:`generate_recipient_keypair`). Exactly one.
         progress: called as ``progress(rows_done, rows_total)`` (rows of the tenant's tables).
         overwrite: replace an existing file at ``path``.
+        include_secrets: also carry the tenant's secrets (``secret`` records, values in
+            plaintext inside the sealed body, as run payloads travel). Left out by default;
+            when given, the tenant's audit log records ``secrets.export`` (by ``actor``,
+            naming the secrets, never their values) before anything is written.
+        actor: who exports, for that audit record.
 
     Returns:
         What was written.
@@ -229,7 +244,13 @@ def export_tenant(
     _data_tables(backend, tenant_id, model)  # refuses rows in tables it cannot carry
     keys = backend.list_api_keys(tenant_id)
     rows = store.bulk()
-    total = sum(rows.count(t.name) for t in _KIND_TABLES.values()) + len(keys)
+    kinds = _exported_kinds(include_secrets)
+    total = sum(rows.count(_KIND_TABLES[k].name) for k in kinds) + len(keys)
+    if include_secrets:
+        names = [info.name for info in store.secrets().list()]
+        store.append_audit(
+            actor=actor, action="secrets.export", target=str(target), outcome="ok", detail={"secrets": names}
+        )
     exported_at = utcnow()
     manifest = _manifest(backend, tenant, model, exported_at)
 
@@ -243,7 +264,7 @@ def export_tenant(
             protection=protection,
         )
         writer.record(manifest)
-        done = _write_records(writer, store, keys, total, progress)
+        done = _write_records(writer, store, keys, total, progress, include_secrets=include_secrets)
         return writer, done, writer.close()
 
     writer, done, digest = _write_atomically(target, write)

@@ -6,8 +6,8 @@ secrets sealed under the tenant's DEK. ``webhook_deliveries`` (the outbox) and
 like ``run_queue``: delivery loops claim due rows of every tenant there. All three carry
 ``tenant_id`` first in their key and get forced row-level security on PostgreSQL.
 
-Revision ID: 0011
-Revises: 0010
+Revision ID: 0014
+Revises: 0013
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from alembic import op
 
 from patinox.storage._schema import UTCDateTime
 
-revision: str = "0011"
-down_revision: str | None = "0010"
+revision: str = "0014"
+down_revision: str | None = "0013"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
