@@ -1,9 +1,16 @@
-"""A real HTTPS webhook receiver for tests: a local server on 127.0.0.1 with a certificate
-for that address signed by a CA made for the test (``cryptography``), recording every
-request and answering the statuses a test queues."""
+"""The shared fixtures and helpers of the webhook tests.
+
+A real HTTPS webhook receiver: a local server on 127.0.0.1 with a certificate for that
+address signed by a CA made for the test (``cryptography``), recording every request and
+answering the statuses a test queues (:func:`https_receiver`, the ``receiver`` fixture);
+the ``rt`` runtime that may send to it and its ``client``; :class:`Tenant` (a tenant with a
+``webhooks:write`` key and an agent); :func:`deliver` (one pass of a delivery loop) and
+:func:`pending` (an endpoint's outbox rows); :class:`ProcessDied` (a process dying
+mid-settlement, for the crash tests). A test module uses a fixture by importing it."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import ipaddress
 import ssl
@@ -12,11 +19,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from fastapi.testclient import TestClient
+
+from patinox.api import create_app
+from patinox.control import WebhookSettings
+from patinox.isolation import Template
+from patinox.runtime import Runtime, Settings
+from patinox.storage import SqlBackend
+from tests.conftest import ALL_DEPLOYMENTS, Deployment, TenantHandle, auth
 
 
 @dataclass
@@ -123,3 +140,101 @@ def https_receiver(tmp_path: Path) -> Iterator[Receiver]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class ProcessDied(BaseException):
+    """Stands for the worker process dying: nothing after it runs, nothing catches it."""
+
+
+EVERY_DEPLOYMENT = pytest.mark.parametrize("deployment", ALL_DEPLOYMENTS, indirect=True)
+
+WRITE_SCOPES = ["agents:write", "runs:write", "read", "webhooks:write"]
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    """A running HTTPS receiver (see :func:`https_receiver`)."""
+    yield from https_receiver(tmp_path)
+
+
+@pytest.fixture
+def rt(
+    deployment: Deployment,
+    backend: SqlBackend,
+    kek_url: str,
+    exec_template: Template,
+    exec_root: Path,
+    exec_cgroup_prefix: str,
+    receiver: Receiver,
+) -> Iterator[Runtime]:
+    """A runtime whose operator allows 127.0.0.0/8 and trusts the receiver's CA; no
+    embedded worker (the tests drive the delivery loops themselves); no wait between
+    attempts; an endpoint disabled after 3 consecutive failed attempts."""
+    settings = Settings(
+        database_url=deployment.db_url,
+        owner_url=deployment.owner_url,
+        kek_url=kek_url,
+        exec_root=exec_root,
+        exec_cgroup_prefix=exec_cgroup_prefix,
+        embedded_workers=0,
+        webhooks=WebhookSettings(
+            allowed_ranges=("127.0.0.0/8",),
+            ca_bundle=receiver.ca_bundle,
+            timeout_s=5.0,
+            max_attempts=5,
+            backoff_base_s=0.0,
+            backoff_max_s=0.0,
+            disable_after=3,
+        ),
+    )
+    runtime = Runtime.build(settings, backend=backend, template=exec_template)
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture
+def client(rt: Runtime) -> Iterator[TestClient]:
+    with TestClient(create_app(runtime=rt), raise_server_exceptions=False) as c:
+        yield c
+
+
+class Tenant:
+    """A tenant with a key that may write webhooks, and one agent."""
+
+    def __init__(self, client: TestClient, rt: Runtime, name: str, storage_model: str) -> None:
+        op = rt.keys.create(tenant_id=None, name="op", scopes=None, actor="test").secret
+        handle = TenantHandle(client, op, name, storage_model=storage_model)
+        self.id = handle.id
+        r = client.post(
+            f"/admin/tenants/{self.id}/keys", json={"name": "wh", "scopes": WRITE_SCOPES}, headers=auth(op)
+        )
+        assert r.status_code == 201, r.text
+        self.h = auth(r.json()["key"])
+        self.c = client
+        handle.h = self.h
+        self.agent = handle.agent()
+
+    def endpoint(self, url: str, events: list[str] | None = None) -> dict[str, Any]:
+        body = {"url": url, "event_types": events or ["run.succeeded", "run.failed", "run.cancelled"]}
+        r = self.c.post("/v1/webhooks", json=body, headers=self.h)
+        assert r.status_code == 201, r.text
+        return dict(r.json())
+
+    def run(self, **kw: Any) -> dict[str, Any]:
+        r = self.c.post(f"/v1/agents/{self.agent}/runs", json={"input": "hello there", **kw}, headers=self.h)
+        assert r.status_code in (200, 201, 202), r.text
+        return dict(r.json())
+
+    def log(self, endpoint_id: str) -> list[dict[str, Any]]:
+        r = self.c.get(f"/v1/webhooks/{endpoint_id}/deliveries", headers=self.h)
+        assert r.status_code == 200, r.text
+        return list(r.json())
+
+
+def deliver(rt: Runtime, holder: str = "loop-a") -> int:
+    return asyncio.run(rt.webhook_dispatcher(holder=holder).deliver_due())
+
+
+def pending(rt: Runtime, tenant_id: str, endpoint_id: str) -> list[dict[str, Any]]:
+    assert rt.webhooks is not None
+    return rt.webhooks.outbox.deliveries(tenant_id, endpoint_id)

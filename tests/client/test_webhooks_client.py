@@ -24,8 +24,7 @@ from patinox.client import (
 from patinox.control import TenantSpec
 from patinox.errors import NotFound, PermissionDenied, WebhookUrlRefused
 from patinox.runtime import Runtime
-from tests._webhooks import Receiver
-from tests.control.test_webhook_delivery import _deliver, receiver, rt
+from tests._webhooks import Receiver, deliver, receiver, rt
 from tests.replay._serve import serve
 
 __all__ = ["receiver", "rt"]  # fixtures used by name
@@ -59,7 +58,7 @@ def test_the_sync_client_manages_endpoints_and_reads_their_log(
         assert isinstance(got, Webhook) and not hasattr(got, "secret") and got.description == "orders"
         ping = c.webhooks.ping(made.id)
         assert isinstance(ping, WebhookPing)
-        assert _deliver(rt) == 1
+        assert deliver(rt) == 1
         (delivered,) = receiver.received
         assert verify_signature(made.secret, delivered.headers, delivered.body)
         assert delivered.headers["webhook-id"] == ping.delivery_id

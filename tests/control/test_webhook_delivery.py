@@ -16,118 +16,34 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from patinox.api import create_app
 from patinox.client import verify_signature
 from patinox.control import RunRequest, WebhookDispatcher, WebhookSettings
 from patinox.control.webhooks import backoff_s
-from patinox.isolation import Template
 from patinox.limits import FairRunQueue
 from patinox.network import OutboundGuard, OutboundPolicy
 from patinox.network.outbound import Address
-from patinox.runtime import Runtime, Settings
-from patinox.storage import SqlBackend, WebhookOutbox, utcnow
+from patinox.runtime import Runtime
+from patinox.storage import WebhookOutbox, utcnow
 from patinox.tenancy import TenantContext
-from tests._webhooks import Receiver, https_receiver
-from tests.conftest import ALL_DEPLOYMENTS, Deployment, TenantHandle, auth
-from tests.control.test_crash_settlement import ProcessDied
+from tests._webhooks import (  # the shared fixtures and helpers of the webhook tests
+    EVERY_DEPLOYMENT,
+    ProcessDied,
+    Receiver,
+    Tenant,
+    client,
+    deliver,
+    pending,
+    receiver,
+    rt,
+)
+from tests.conftest import Deployment
 
-EVERY_DEPLOYMENT = pytest.mark.parametrize("deployment", ALL_DEPLOYMENTS, indirect=True)
-
-WRITE_SCOPES = ["agents:write", "runs:write", "read", "webhooks:write"]
-
-
-@pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    yield from https_receiver(tmp_path)
-
-
-@pytest.fixture
-def rt(
-    deployment: Deployment,
-    backend: SqlBackend,
-    kek_url: str,
-    exec_template: Template,
-    exec_root: Path,
-    exec_cgroup_prefix: str,
-    receiver: Receiver,
-) -> Iterator[Runtime]:
-    """A runtime whose operator allows 127.0.0.0/8 and trusts the receiver's CA; no
-    embedded worker (the tests drive the delivery loops themselves); no wait between
-    attempts; an endpoint disabled after 3 consecutive failed attempts."""
-    settings = Settings(
-        database_url=deployment.db_url,
-        owner_url=deployment.owner_url,
-        kek_url=kek_url,
-        exec_root=exec_root,
-        exec_cgroup_prefix=exec_cgroup_prefix,
-        embedded_workers=0,
-        webhooks=WebhookSettings(
-            allowed_ranges=("127.0.0.0/8",),
-            ca_bundle=receiver.ca_bundle,
-            timeout_s=5.0,
-            max_attempts=5,
-            backoff_base_s=0.0,
-            backoff_max_s=0.0,
-            disable_after=3,
-        ),
-    )
-    runtime = Runtime.build(settings, backend=backend, template=exec_template)
-    yield runtime
-    runtime.close()
-
-
-@pytest.fixture
-def client(rt: Runtime) -> Iterator[TestClient]:
-    with TestClient(create_app(runtime=rt), raise_server_exceptions=False) as c:
-        yield c
-
-
-class Tenant:
-    """A tenant with a key that may write webhooks, and one agent."""
-
-    def __init__(self, client: TestClient, rt: Runtime, name: str, storage_model: str) -> None:
-        op = rt.keys.create(tenant_id=None, name="op", scopes=None, actor="test").secret
-        handle = TenantHandle(client, op, name, storage_model=storage_model)
-        self.id = handle.id
-        r = client.post(
-            f"/admin/tenants/{self.id}/keys", json={"name": "wh", "scopes": WRITE_SCOPES}, headers=auth(op)
-        )
-        assert r.status_code == 201, r.text
-        self.h = auth(r.json()["key"])
-        self.c = client
-        handle.h = self.h
-        self.agent = handle.agent()
-
-    def endpoint(self, url: str, events: list[str] | None = None) -> dict[str, Any]:
-        body = {"url": url, "event_types": events or ["run.succeeded", "run.failed", "run.cancelled"]}
-        r = self.c.post("/v1/webhooks", json=body, headers=self.h)
-        assert r.status_code == 201, r.text
-        return dict(r.json())
-
-    def run(self, **kw: Any) -> dict[str, Any]:
-        r = self.c.post(f"/v1/agents/{self.agent}/runs", json={"input": "hello there", **kw}, headers=self.h)
-        assert r.status_code in (200, 201, 202), r.text
-        return dict(r.json())
-
-    def log(self, endpoint_id: str) -> list[dict[str, Any]]:
-        r = self.c.get(f"/v1/webhooks/{endpoint_id}/deliveries", headers=self.h)
-        assert r.status_code == 200, r.text
-        return list(r.json())
-
-
-def _deliver(rt: Runtime, holder: str = "loop-a") -> int:
-    return asyncio.run(rt.webhook_dispatcher(holder=holder).deliver_due())
-
-
-def _pending(rt: Runtime, tenant_id: str, endpoint_id: str) -> list[dict[str, Any]]:
-    assert rt.webhooks is not None
-    return rt.webhooks.outbox.deliveries(tenant_id, endpoint_id)
+__all__ = ["client", "receiver", "rt"]  # fixtures used by name
 
 
 @EVERY_DEPLOYMENT
@@ -139,11 +55,11 @@ def test_a_settled_run_is_delivered_signed_to_an_https_receiver(
     secret = ep["secret"]
     run = t.run()
     assert run["status"] == "succeeded"
-    (delivery,) = _pending(rt, t.id, ep["id"])
+    (delivery,) = pending(rt, t.id, ep["id"])
     assert delivery["state"] == "pending" and delivery["run_id"] == run["id"]
     assert delivery["event_type"] == "run.succeeded"
 
-    assert _deliver(rt) == 1
+    assert deliver(rt) == 1
     (got,) = receiver.received
     # The receiver's own check (Standard Webhooks), then the client helper's.
     msg_id, stamp = got.headers["webhook-id"], got.headers["webhook-timestamp"]
@@ -160,8 +76,8 @@ def test_a_settled_run_is_delivered_signed_to_an_https_receiver(
     (entry,) = t.log(ep["id"])
     assert entry["status_code"] == 200 and entry["error"] is None and entry["attempt"] == 1
     assert entry["duration_ms"] >= 0 and entry["delivery_id"] == delivery["id"]
-    assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["succeeded"]
-    assert _deliver(rt) == 0 and len(receiver.received) == 1  # delivered once
+    assert [d["state"] for d in pending(rt, t.id, ep["id"])] == ["succeeded"]
+    assert deliver(rt) == 0 and len(receiver.received) == 1  # delivered once
 
 
 @EVERY_DEPLOYMENT
@@ -172,10 +88,10 @@ def test_a_failed_attempt_is_retried_then_succeeds(
     ep = t.endpoint(receiver.url)
     receiver.answers = [500]
     t.run()
-    assert _deliver(rt) == 1
-    assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["pending"]
-    assert _deliver(rt) == 1
-    assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["succeeded"]
+    assert deliver(rt) == 1
+    assert [d["state"] for d in pending(rt, t.id, ep["id"])] == ["pending"]
+    assert deliver(rt) == 1
+    assert [d["state"] for d in pending(rt, t.id, ep["id"])] == ["succeeded"]
     log = t.log(ep["id"])
     assert [(e["attempt"], e["status_code"]) for e in log] == [(2, 200), (1, 500)]  # newest first
     assert log[1]["error"] == "the receiver answered 500"
@@ -194,20 +110,20 @@ def test_an_endpoint_is_disabled_after_consecutive_failures_and_audited(
     receiver.answers = [500] * 10
     t.run()
     for _ in range(3):
-        assert _deliver(rt) == 1
+        assert deliver(rt) == 1
     got = client.get(f"/v1/webhooks/{ep['id']}", headers=t.h).json()
     assert got["state"] == "disabled" and got["consecutive_failures"] == 3 and got["disabled_at"]
-    assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["failed"]
+    assert [d["state"] for d in pending(rt, t.id, ep["id"])] == ["failed"]
     audit = client.get("/v1/audit", headers=t.h, params={"limit": 500}).json()
     disabled = [a for a in audit if a["action"] == "webhook.disable"]
     assert len(disabled) == 1 and disabled[0]["target"] == ep["id"] and disabled[0]["actor"] == "system"
     # A disabled endpoint gets no new deliveries, until it is enabled again.
     t.run()
-    assert len(_pending(rt, t.id, ep["id"])) == 1 and _deliver(rt) == 0
+    assert len(pending(rt, t.id, ep["id"])) == 1 and deliver(rt) == 0
     r = client.post(f"/v1/webhooks/{ep['id']}/enable", headers=t.h)
     assert r.status_code == 200 and r.json()["state"] == "active"
     t.run()
-    assert _deliver(rt) == 1 and len(receiver.received) == 4
+    assert deliver(rt) == 1 and len(receiver.received) == 4
 
 
 @EVERY_DEPLOYMENT
@@ -222,7 +138,7 @@ def test_rotation_signs_with_both_secrets_during_the_overlap(
     assert new != ep["secret"] and r.json()["previous_secret_expires_at"]
     r = client.post(f"/v1/webhooks/{ep['id']}/ping", headers=t.h)
     assert r.status_code == 202
-    assert _deliver(rt) == 1
+    assert deliver(rt) == 1
     got = receiver.received[-1]
     assert len(got.headers["webhook-signature"].split()) == 2
     assert verify_signature(ep["secret"], got.headers, got.body)
@@ -234,7 +150,7 @@ def test_rotation_signs_with_both_secrets_during_the_overlap(
         "secret"
     ]
     client.post(f"/v1/webhooks/{ep['id']}/ping", headers=t.h)
-    assert _deliver(rt) == 1
+    assert deliver(rt) == 1
     got = receiver.received[-1]
     assert verify_signature(newest, got.headers, got.body)
     assert not verify_signature(new, got.headers, got.body)
@@ -251,9 +167,9 @@ def test_a_cancelled_run_sends_run_cancelled_to_the_endpoints_that_asked_for_it(
     queued = t.run(mode="async")  # no worker runs it
     r = client.post(f"/v1/runs/{queued['id']}/cancel", headers=t.h)
     assert r.status_code == 200, r.text
-    assert [d["event_type"] for d in _pending(rt, t.id, wants["id"])] == ["run.cancelled"]
-    assert _pending(rt, t.id, other["id"]) == []
-    assert _deliver(rt) == 1
+    assert [d["event_type"] for d in pending(rt, t.id, wants["id"])] == ["run.cancelled"]
+    assert pending(rt, t.id, other["id"]) == []
+    assert deliver(rt) == 1
     assert json.loads(receiver.received[0].body)["data"]["run_id"] == queued["id"]
 
 
@@ -275,7 +191,7 @@ def test_two_delivery_loops_send_each_delivery_once(
     ids = [r.headers["webhook-id"] for r in receiver.received]
     assert len(ids) == 6 and len(set(ids)) == 6  # one delivery per run and endpoint, each sent once
     for ep in endpoints:
-        assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["succeeded"] * 3
+        assert [d["state"] for d in pending(rt, t.id, ep["id"])] == ["succeeded"] * 3
 
 
 @EVERY_DEPLOYMENT
@@ -386,7 +302,7 @@ def test_the_delivery_log_pages_newest_first(
     t = Tenant(client, rt, "acme", deployment.storage_model)
     ep = t.endpoint(receiver.url)
     sent = [client.post(f"/v1/webhooks/{ep['id']}/ping", headers=t.h).json()["delivery_id"] for _ in range(3)]
-    assert _deliver(rt) == 3
+    assert deliver(rt) == 3
     r = client.get(f"/v1/webhooks/{ep['id']}/deliveries", headers=t.h, params={"limit": 2})
     first = r.json()
     assert len(first) == 2 and 'rel="next"' in r.headers["Link"]
@@ -417,7 +333,7 @@ def test_a_queue_worker_runs_the_delivery_loop_beside_it(
         task = asyncio.create_task(worker.run(stop))
         try:
             for _ in range(1200):  # until it is recorded delivered (the worker polls), at most a minute
-                if [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["succeeded"]:
+                if [d["state"] for d in pending(rt, t.id, ep["id"])] == ["succeeded"]:
                     break
                 await asyncio.sleep(0.05)
         finally:
@@ -430,7 +346,7 @@ def test_a_queue_worker_runs_the_delivery_loop_beside_it(
     event = json.loads(got.body)
     assert event["type"] == "run.succeeded" and event["data"]["run_id"] == queued["id"]
     assert event["data"]["mode"] == "async"
-    assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["succeeded"]
+    assert [d["state"] for d in pending(rt, t.id, ep["id"])] == ["succeeded"]
 
 
 @pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-pool"], indirect=True)
@@ -440,13 +356,13 @@ def test_finished_deliveries_and_old_log_entries_are_purged_after_the_retention(
     t = Tenant(client, rt, "acme", deployment.storage_model)
     ep = t.endpoint(receiver.url)
     t.run()
-    assert _deliver(rt) == 1
+    assert deliver(rt) == 1
     t.run()  # pending: kept whatever its age
     assert rt.webhooks is not None
     outbox = rt.webhooks.outbox
     assert outbox.purge_finished(utcnow() - timedelta(days=1)) == 0  # nothing that old
     assert outbox.purge_finished(utcnow() + timedelta(seconds=1)) == 2  # the delivery and its attempt
-    assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["pending"]
+    assert [d["state"] for d in pending(rt, t.id, ep["id"])] == ["pending"]
     assert t.log(ep["id"]) == []
 
 
@@ -478,11 +394,11 @@ def test_a_sync_run_whose_server_died_sends_run_failed_when_the_reaper_settles_i
     monkeypatch.setattr(rt.runs._executor, "execute", die)
     with pytest.raises(ProcessDied):
         asyncio.run(rt.runs.start(ctx, t.agent, RunRequest(input="hello there", output_tokens=3)))
-    assert _pending(rt, t.id, ep["id"]) == []
+    assert pending(rt, t.id, ep["id"]) == []
     assert rt.runs.reap_expired(now=utcnow() + timedelta(days=1)) == 1
-    (delivery,) = _pending(rt, t.id, ep["id"])
+    (delivery,) = pending(rt, t.id, ep["id"])
     assert delivery["event_type"] == "run.failed"
-    assert _deliver(rt) == 1
+    assert deliver(rt) == 1
     assert json.loads(receiver.received[0].body)["data"]["error"]["reason"] == "interrupted"
 
 
@@ -494,7 +410,7 @@ def test_a_redirect_is_a_failed_attempt_never_followed(
     ep = t.endpoint(receiver.url)
     receiver.answers = [307]
     client.post(f"/v1/webhooks/{ep['id']}/ping", headers=t.h)
-    assert _deliver(rt) == 1
+    assert deliver(rt) == 1
     (entry,) = t.log(ep["id"])
     assert entry["status_code"] is None and "redirect" in entry["error"]
     assert len(receiver.received) == 1  # the one request; no second to where it pointed

@@ -16,16 +16,8 @@ from patinox.control.transfer import _bundle, export_tenant, import_tenant, move
 from patinox.errors import TenantKeysDestroyed
 from patinox.runtime import Runtime
 from patinox.tenancy import StorageModel
-from tests._webhooks import Receiver
+from tests._webhooks import Receiver, Tenant, client, deliver, pending, receiver, rt
 from tests.conftest import Deployment, auth, count_tenant_rows
-from tests.control.test_webhook_delivery import (  # the fixtures and helpers of the delivery tests
-    Tenant,
-    _deliver,
-    _pending,
-    client,
-    receiver,
-    rt,
-)
 
 __all__ = ["client", "receiver", "rt"]  # fixtures used by name
 
@@ -64,7 +56,7 @@ def test_export_and_import_carry_endpoints_with_their_secrets(
     agent = client.get("/v1/agents", headers=auth(key)).json()[0]["id"]
     r = client.post(f"/v1/agents/{agent}/runs", json={"input": "hi"}, headers=auth(key))
     assert r.status_code == 200, r.text
-    assert _deliver(rt) == 1
+    assert deliver(rt) == 1
     from patinox.client import verify_signature
 
     got = receiver.received[-1]
@@ -82,12 +74,12 @@ def test_a_move_brings_endpoints_along_and_pending_deliveries_are_sent_after_it(
     t = Tenant(client, rt, "acme", deployment.storage_model)
     ep = t.endpoint(receiver.url)
     t.run()
-    assert len(_pending(rt, t.id, ep["id"])) == 1
+    assert len(pending(rt, t.id, ep["id"])) == 1
     move_tenant(rt.backend, t.id, to, actor="test", grace_s=0)
     rows = _webhook_rows(count_tenant_rows(deployment, t.id))
     endpoint_rows = {k: n for k, n in rows.items() if "webhook_endpoints" in k}
     assert sum(endpoint_rows.values()) == 1, rows  # one copy, in the new placement
-    assert _deliver(rt) == 1 and len(receiver.received) == 1
+    assert deliver(rt) == 1 and len(receiver.received) == 1
     assert client.get(f"/v1/webhooks/{ep['id']}/deliveries", headers=t.h).json()[0]["status_code"] == 200
 
 
@@ -101,7 +93,7 @@ def test_deleting_a_tenant_purges_endpoints_deliveries_and_the_log_and_spares_it
         x.endpoint(receiver.url)
         x.run()
         x.run()
-    assert _deliver(rt) == 4  # two delivered per tenant, and logged
+    assert deliver(rt) == 4  # two delivered per tenant, and logged
     for x in (a, b):
         x.run()  # one more pending each
     before = _webhook_rows(count_tenant_rows(deployment, a.id))
@@ -111,7 +103,7 @@ def test_deleting_a_tenant_purges_endpoints_deliveries_and_the_log_and_spares_it
     assert _webhook_rows(count_tenant_rows(deployment, a.id)) == {}
     kept = _webhook_rows(count_tenant_rows(deployment, b.id))
     assert sorted(n for n in kept.values()) == [1, 2, 3], kept  # endpoint 1, attempts 2, deliveries 3
-    assert _deliver(rt) == 1 and len(receiver.received) == 5  # only B's pending one is sent
+    assert deliver(rt) == 1 and len(receiver.received) == 5  # only B's pending one is sent
 
 
 @pytest.mark.parametrize("deployment", ["sqlite-pool", "pg-silo"], indirect=True)
@@ -129,4 +121,4 @@ def test_crypto_shredding_makes_the_secrets_unreadable_and_nothing_is_sent(
     assert rt.webhooks is not None
     (entry,) = rt.webhooks.outbox.log(t.id, ep["id"])
     assert entry["error"].startswith("secret_unreadable")
-    assert [d["state"] for d in _pending(rt, t.id, ep["id"])] == ["failed"]
+    assert [d["state"] for d in pending(rt, t.id, ep["id"])] == ["failed"]
