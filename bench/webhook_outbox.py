@@ -2,7 +2,10 @@
 endpoints beside one with three (each of its runs' settlements then writes three outbox
 rows in the same transaction), in interleaved blocks of 100 runs, one process, an
 embedded SQLite deployment in a temporary directory, no queue worker (nothing is sent:
-the outbox write alone is measured). Prints each cell's median runs/s and their ratio.
+the outbox write alone is measured). Prints each cell's median runs/s and their ratio,
+and the statements each cell's runs made that read ``webhook_endpoints`` (per run): the
+settlement's lookup of the tenant's active endpoints, served from the control-plane cache
+once read (SQLite; the cache is off on PostgreSQL).
 
     .venv/bin/python bench/webhook_outbox.py [blocks]   # default 6
 """
@@ -16,6 +19,7 @@ import time
 from pathlib import Path
 
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 
 from patinox.api import create_app
 from patinox.runtime import Runtime, Settings
@@ -57,8 +61,17 @@ def main(blocks: int) -> None:
 
         cells = {"no endpoint": tenant("none", 0), "3 endpoints": tenant("three", 3)}
         rates: dict[str, list[float]] = {name: [] for name in cells}
+        reads: dict[str, int] = dict.fromkeys(cells, 0)
+        current = [""]
+
+        def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+            if "FROM webhook_endpoints" in statement:
+                reads[current[0]] += 1
+
+        event.listen(rt.backend.engine, "before_cursor_execute", count)
         for _ in range(blocks):
             for name, (h, agent) in cells.items():
+                current[0] = name
                 started = time.perf_counter()
                 for _ in range(RUNS_PER_BLOCK):
                     r = c.post(
@@ -69,7 +82,11 @@ def main(blocks: int) -> None:
     rt.close()
     for name, values in rates.items():
         median = statistics.median(values)
-        print(f"{name}: median {median:.1f} runs/s ({len(values)} blocks of {RUNS_PER_BLOCK})")
+        per_run = reads[name] / (len(values) * RUNS_PER_BLOCK)
+        print(
+            f"{name}: median {median:.1f} runs/s ({len(values)} blocks of {RUNS_PER_BLOCK}),"
+            f" {per_run:.3f} webhook_endpoints reads per run"
+        )
     ratio = statistics.median(rates["3 endpoints"]) / statistics.median(rates["no endpoint"])
     print(f"3 endpoints / no endpoint: {ratio:.3f}")
 

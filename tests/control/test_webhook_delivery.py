@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event as sql_event
 
 from patinox.client import verify_signature
 from patinox.control import RunRequest, WebhookDispatcher, WebhookSettings
@@ -414,3 +415,51 @@ def test_a_redirect_is_a_failed_attempt_never_followed(
     (entry,) = t.log(ep["id"])
     assert entry["status_code"] is None and "redirect" in entry["error"]
     assert len(receiver.received) == 1  # the one request; no second to where it pointed
+
+
+@pytest.mark.parametrize("deployment", ["sqlite-pool", "sqlite-silo"], indirect=True)
+def test_a_tenant_without_endpoints_costs_its_settlements_no_endpoint_query(
+    client: TestClient, rt: Runtime, receiver: Receiver, deployment: Deployment
+) -> None:
+    """The tenant's active endpoints are served from the control-plane cache (on SQLite,
+    where it is on): once read, a settlement reads no webhook_endpoints row, and creating,
+    disabling, enabling or deleting an endpoint is seen by the next settlement."""
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "webhook_endpoints" in statement:
+            statements.append(statement)
+
+    engines = {rt.backend.engine, rt.backend.acting_on(t.id)._placement.engine}
+    for engine in engines:
+        sql_event.listen(engine, "before_cursor_execute", seen)
+    try:
+        assert t.run()["status"] == "succeeded"  # reads (none) and caches it
+        statements.clear()
+        for _ in range(3):
+            assert t.run()["status"] == "succeeded"
+        assert statements == []  # no endpoint: no query on the run path
+
+        ep = t.endpoint(receiver.url, ["run.succeeded"])
+        t.run()
+        assert len(pending(rt, t.id, ep["id"])) == 1  # the new endpoint was seen
+        statements.clear()
+        t.run()
+        assert statements == [] and len(pending(rt, t.id, ep["id"])) == 2  # and is cached
+
+        store = rt.backend.acting_on(t.id)
+        assert store.webhooks().record_attempt(ep["id"], ok=False, disable_after=1)  # disabled
+        t.run()
+        assert len(pending(rt, t.id, ep["id"])) == 2
+        r = client.post(f"/v1/webhooks/{ep['id']}/enable", headers=t.h)
+        assert r.status_code == 200, r.text
+        t.run()
+        assert len(pending(rt, t.id, ep["id"])) == 3
+        assert client.delete(f"/v1/webhooks/{ep['id']}", headers=t.h).status_code == 200
+        assert pending(rt, t.id, ep["id"]) == []  # its deliveries forgotten
+        t.run()
+        assert pending(rt, t.id, ep["id"]) == []
+    finally:
+        for engine in engines:
+            sql_event.remove(engine, "before_cursor_execute", seen)

@@ -703,7 +703,7 @@ class TenantStore:
 
     def webhooks(self) -> WebhookEndpoints:
         """This tenant's webhook endpoints (see :class:`WebhookEndpoints`)."""
-        return WebhookEndpoints(self._tx, self._sealer)
+        return WebhookEndpoints(self._tx, self._sealer, self._cache)
 
     def secrets(self) -> TenantSecrets:
         """This tenant's secrets, sealed under its DEK (see :class:`TenantSecrets`): set,

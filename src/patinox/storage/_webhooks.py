@@ -29,6 +29,7 @@ from sqlalchemy import Connection, Engine, delete, insert, or_, select, update
 
 from patinox.errors import NotFound
 from patinox.storage import _schema as s
+from patinox.storage._cache import MISS, TenantCache
 from patinox.storage._schema import utcnow
 from patinox.storage._sealer import Sealer
 from patinox.storage._statements import SET_TENANT
@@ -56,6 +57,9 @@ _SHOWN = (
     "created_at",
     "updated_at",
 )
+#: The cache of endpoints made without one: disabled, so it holds nothing.
+_NO_CACHE = TenantCache(None)
+
 #: A transaction bound to the tenant, or joining the given one (``TenantStore._tx``).
 TenantTx = Callable[[Connection | None], AbstractContextManager[Connection]]
 
@@ -68,12 +72,17 @@ class WebhookEndpoints:
     """One tenant's webhook endpoints (see the module docstring). Rows are returned as
     dicts of :data:`_SHOWN` columns; secrets only by :meth:`secrets`."""
 
-    __slots__ = ("_sealer", "_tx", "tenant_id")
+    __slots__ = ("_cache", "_sealer", "_tx", "tenant_id")
 
-    def __init__(self, tx: TenantTx, sealer: Sealer) -> None:
+    def __init__(self, tx: TenantTx, sealer: Sealer, cache: TenantCache | None = None) -> None:
         self._tx = tx
         self._sealer = sealer
+        self._cache = cache or _NO_CACHE
         self.tenant_id = sealer.tenant_id
+
+    def _changed(self) -> None:
+        """The tenant's active endpoints changed (committed): :meth:`matching` reads again."""
+        self._cache.changed(self.tenant_id)
 
     def create(self, *, url: str, event_types: Sequence[str], description: str, secret: str) -> AnyRow:
         """Insert an active endpoint with ``secret`` (sealed here). Returns it (no secret).
@@ -101,6 +110,7 @@ class WebhookEndpoints:
         }
         with self._tx(None) as conn:
             conn.execute(insert(_E).values(row))
+        self._changed()
         return _shown(row)
 
     def all(self) -> list[AnyRow]:
@@ -119,6 +129,7 @@ class WebhookEndpoints:
         with self._tx(None) as conn:
             row = _shown(self._row(conn, endpoint_id))
             conn.execute(delete(_E).where(*self._key(endpoint_id)))
+        self._changed()
         return row
 
     def rotate(self, endpoint_id: str, secret: str, *, overlap_until: datetime | None) -> AnyRow:
@@ -163,10 +174,24 @@ class WebhookEndpoints:
 
     def matching(self, event_type: str, conn: Connection | None = None) -> list[str]:
         """Ids of the active endpoints that receive ``event_type``, in ``conn`` when given
-        (a transaction this store may join: see :meth:`TenantStore.joins`)."""
-        q = select(_E.c.id, _E.c.event_types).where(_E.c.tenant_id == self.tenant_id, _E.c.state == "active")
-        with self._tx(conn) as c:
-            return [r.id for r in c.execute(q.order_by(_E.c.id)) if event_type in (r.event_types or [])]
+        (a transaction this store may join: see :meth:`TenantStore.joins`).
+
+        Every settlement asks, so the tenant's active endpoints are served from the
+        control-plane cache (:mod:`patinox.storage._cache`) when nothing changed since they
+        were read: a tenant without endpoints costs its runs no query. Creating, deleting,
+        enabling or disabling an endpoint empties it (:meth:`_changed`). On PostgreSQL, where
+        the cache is off, every settlement still reads them."""
+        key = ("webhooks.active", self.tenant_id)
+        seen = self._cache.epoch()
+        active: tuple[tuple[str, tuple[str, ...]], ...] = self._cache.get(key)
+        if active is MISS:
+            q = select(_E.c.id, _E.c.event_types).where(
+                _E.c.tenant_id == self.tenant_id, _E.c.state == "active"
+            )
+            with self._tx(conn) as c:
+                active = tuple((r.id, tuple(r.event_types or ())) for r in c.execute(q.order_by(_E.c.id)))
+            self._cache.put(self.tenant_id, key, active, seen)
+        return [endpoint_id for endpoint_id, types in active if event_type in types]
 
     def record_attempt(self, endpoint_id: str, *, ok: bool, disable_after: int) -> bool:
         """Count an attempt's outcome: a success clears the endpoint's consecutive failures,
@@ -195,6 +220,8 @@ class WebhookEndpoints:
                 )
                 .values(state="disabled", disabled_at=now, updated_at=now)
             ).rowcount
+        if done:
+            self._changed()
         return bool(done)
 
     def enable(self, endpoint_id: str) -> AnyRow:
@@ -212,6 +239,7 @@ class WebhookEndpoints:
                 "updated_at": utcnow(),
             }
             conn.execute(update(_E).where(*self._key(endpoint_id)).values(values))
+        self._changed()
         return _shown({**row, **values})
 
     def _key(self, endpoint_id: str) -> tuple[Any, Any]:
