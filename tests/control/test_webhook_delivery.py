@@ -463,3 +463,43 @@ def test_a_tenant_without_endpoints_costs_its_settlements_no_endpoint_query(
     finally:
         for engine in engines:
             sql_event.remove(engine, "before_cursor_execute", seen)
+
+
+@EVERY_DEPLOYMENT
+def test_a_suspended_tenants_deliveries_wait_until_it_is_resumed(
+    client: TestClient, rt: Runtime, receiver: Receiver, deployment: Deployment
+) -> None:
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    ep = t.endpoint(receiver.url, ["run.succeeded"])
+    t.run()
+    rt.tenants.suspend(t.id, actor="test")
+    assert deliver(rt) == 0 and receiver.received == []
+    (waiting,) = pending(rt, t.id, ep["id"])
+    assert waiting["state"] == "pending" and waiting["attempts"] == 0
+
+    # One claimed before the suspension is given back unattempted.
+    assert rt.webhooks is not None
+    rt.tenants.resume(t.id, actor="test")
+    (claimed,) = rt.webhooks.outbox.claim("loop-a", lease_s=60.0)
+    rt.tenants.suspend(t.id, actor="test")
+    asyncio.run(rt.webhook_dispatcher(holder="loop-a")._deliver(claimed))
+    assert receiver.received == []
+    (waiting,) = pending(rt, t.id, ep["id"])
+    assert waiting["state"] == "pending" and waiting["attempts"] == 0  # and unheld: sent below at once
+
+    rt.tenants.resume(t.id, actor="test")
+    assert deliver(rt) == 1 and len(receiver.received) == 1
+    assert [d["state"] for d in pending(rt, t.id, ep["id"])] == ["succeeded"]
+
+
+@EVERY_DEPLOYMENT
+def test_a_deleted_tenants_pending_deliveries_are_dropped(
+    client: TestClient, rt: Runtime, receiver: Receiver, deployment: Deployment
+) -> None:
+    t = Tenant(client, rt, "acme", deployment.storage_model)
+    ep = t.endpoint(receiver.url, ["run.succeeded"])
+    t.run()
+    rt.tenants.suspend(t.id, actor="test")
+    rt.tenants.delete(t.id, actor="test")
+    assert deliver(rt) == 0 and receiver.received == []
+    assert pending(rt, t.id, ep["id"]) == []

@@ -67,7 +67,7 @@ from patinox.errors import (
 )
 from patinox.network import OutboundGuard, OutboundPolicy
 from patinox.storage import AnyRow, ClaimedDelivery, RunRecord, SqlBackend, TenantStore, WebhookOutbox, utcnow
-from patinox.tenancy import TenantContext
+from patinox.tenancy import TenantContext, TenantState
 
 __all__ = [
     "EVENT_TYPES",
@@ -500,6 +500,9 @@ class WebhookDispatcher:
 
     async def _attempt(self, delivery: ClaimedDelivery) -> None:
         prepared = await asyncio.to_thread(self._prepare, delivery)
+        if prepared is None:
+            await asyncio.to_thread(self._outbox.release, delivery)
+            return
         if isinstance(prepared, str):
             await asyncio.to_thread(self._outbox.drop, delivery, prepared)
             return
@@ -529,9 +532,14 @@ class WebhookDispatcher:
         self.attempts += 1
         await asyncio.to_thread(self._settle, delivery, store, at, status, error, duration_ms)
 
-    def _prepare(self, d: ClaimedDelivery) -> tuple[TenantStore, str, list[str], bytes] | str:
-        """The store, URL, secrets and body of a claimed delivery, or why it cannot be sent."""
+    def _prepare(self, d: ClaimedDelivery) -> tuple[TenantStore, str, list[str], bytes] | str | None:
+        """The store, URL, secrets and body of a claimed delivery, why it can never be sent
+        (it is dropped), or ``None`` when it must wait: its tenant was suspended (or began
+        its deletion) since the claim."""
         try:
+            tenant = self._backend.get_tenant(d.tenant_id)
+            if tenant["state"] in (TenantState.SUSPENDED.value, TenantState.DELETING.value):
+                return None
             store = self._backend.acting_on(d.tenant_id)
         except NotFound:
             return "tenant_gone: the tenant was deleted"

@@ -60,6 +60,9 @@ _SHOWN = (
 #: The cache of endpoints made without one: disabled, so it holds nothing.
 _NO_CACHE = TenantCache(None)
 
+#: Tenant states whose deliveries are not claimed: they wait, pending.
+_HELD_STATES = ("suspended", "deleting")
+
 #: A transaction bound to the tenant, or joining the given one (``TenantStore._tx``).
 TenantTx = Callable[[Connection | None], AbstractContextManager[Connection]]
 
@@ -331,9 +334,12 @@ class WebhookOutbox:
         """
         now = now or utcnow()
         free = or_(_D.c.lease_until.is_(None), _D.c.lease_until < now)
+        # A suspended tenant's deliveries wait, pending, until it is resumed (a deleting
+        # one's until its rows are purged); a deleted tenant's are claimed and dropped.
+        held = select(s.tenants.c.id).where(s.tenants.c.state.in_(_HELD_STATES))
         due = (
             select(_D)
-            .where(_D.c.state == "pending", _D.c.next_attempt_at <= now, free)
+            .where(_D.c.state == "pending", _D.c.next_attempt_at <= now, free, _D.c.tenant_id.not_in(held))
             .order_by(_D.c.next_attempt_at)
             .limit(limit)
         )
@@ -424,6 +430,24 @@ class WebhookOutbox:
                 )
             )
         return True
+
+    def release(self, delivery: ClaimedDelivery) -> bool:
+        """Give a claimed delivery back unattempted (its tenant was suspended since the
+        claim): pending as before, unheld, its attempt not counted. Returns whether it was
+        still this holder's claim."""
+        with self._control_tx() as conn:
+            return bool(
+                conn.execute(
+                    update(_D)
+                    .where(
+                        _D.c.tenant_id == delivery.tenant_id,
+                        _D.c.id == delivery.id,
+                        _D.c.claimed_by == delivery.holder,
+                        _D.c.attempts == delivery.attempt - 1,
+                    )
+                    .values(claimed_by=None, lease_until=None)
+                ).rowcount
+            )
 
     def drop(self, delivery: ClaimedDelivery, reason: str) -> None:
         """End a claimed delivery without an attempt (its tenant, endpoint or run is gone,
