@@ -7,7 +7,9 @@
     │   ├── InvalidRequest               a spec or body failed validation       (422 invalid_request)
     │   │   ├── IdempotencyKeyReused     an Idempotency-Key sent with another
     │   │   │                            request than its first                 (422 idempotency_key_reused)
-    │   │   └── UnsupportedParameter     a parameter the runtime cannot honour  (400 unsupported_parameter)
+    │   │   ├── UnsupportedParameter     a parameter the runtime cannot honour  (400 unsupported_parameter)
+    │   │   └── WebhookUrlRefused        a webhook URL the address guard refuses
+    │   │                                outright (http://, a private literal)  (422 webhook_url_refused)
     │   ├── InvalidIdempotencyKey        an empty or over-long Idempotency-Key  (400 invalid_idempotency_key)
     │   ├── TenantContextMissing         tenant-scoped code ran with no tenant  (500, fail closed)
     │   ├── TenantContextAlreadySet      a tenant scope was entered twice
@@ -104,6 +106,7 @@ __all__ = [
     "UnknownModel",
     "UnknownTool",
     "UnsupportedParameter",
+    "WebhookUrlRefused",
     "class_for_code",
     "error_for",
 ]
@@ -169,6 +172,19 @@ class UnsupportedParameter(InvalidRequest):
 
     code = "unsupported_parameter"
     http_status = 400
+
+
+class WebhookUrlRefused(InvalidRequest):
+    """A webhook endpoint's URL that can never be sent to under the deployment's outbound
+    policy: not ``https``, user-info, or a literal loopback, private or link-local address
+    outside the operator's allowed ranges. Fields: ``url``, ``reason`` (as
+    :class:`EgressRefused`'s)."""
+
+    code = "webhook_url_refused"
+    http_status = 422
+
+    url: str | None = None
+    reason: str | None = None
 
 
 class TenantContextMissing(ConfigurationError):

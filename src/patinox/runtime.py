@@ -15,7 +15,16 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from patinox.control import AgentService, ApiKeys, RunService, TenantEvent, TenantManager
+from patinox.control import (
+    AgentService,
+    ApiKeys,
+    RunService,
+    TenantEvent,
+    TenantManager,
+    WebhookDispatcher,
+    WebhookService,
+    WebhookSettings,
+)
 from patinox.control.endpoints import DEFAULT_HOST_QUARANTINE_S, TenantEndpoints
 from patinox.control.worker import RunWorker
 from patinox.errors import ConfigurationError, NotFound
@@ -92,6 +101,9 @@ class Settings:
             storage calls off the event loop, shared fairly by tenant, where the database
             is PostgreSQL (:class:`~patinox.limits.FairStorageExecutor`); 0 makes them on
             the loop. SQLite always makes them on the loop. 0 to 64.
+        webhooks: how webhooks are sent (the address ranges the operator allows, the CA
+            bundle, retries, when an endpoint is disabled); see
+            :class:`~patinox.control.WebhookSettings`.
         egress: the operator's egress settings for the ``http_fetch`` tool
             (``PATINOX_EGRESS_*``, :class:`~patinox.network.EgressSettings`): ranges allowed
             or denied beyond each tenant's ``egress_hosts``, schemes, size and time caps.
@@ -123,6 +135,7 @@ class Settings:
     exec_spares: int = 1
     isolation_levels: frozenset[IsolationLevel] | None = None
     storage_threads: int = 3
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
     egress: EgressSettings = field(default_factory=EgressSettings)
     base_domain: str | None = None
     base_hosts: tuple[str, ...] = ()
@@ -150,6 +163,9 @@ class Settings:
         :attr:`exec_idle_s`, :attr:`exec_cgroup_prefix` and :attr:`exec_spares`;
         ``PATINOX_ISOLATION_LEVELS`` (comma-separated, e.g. ``namespace,process``) limits
         :attr:`isolation_levels`; ``PATINOX_STORAGE_THREADS`` sets :attr:`storage_threads`;
+        ``PATINOX_WEBHOOK_ALLOWED_RANGES``, ``PATINOX_WEBHOOK_CA_BUNDLE`` and
+        ``PATINOX_WEBHOOK_DISABLE_AFTER`` set :attr:`webhooks`
+        (:meth:`~patinox.control.WebhookSettings.from_env`);
         ``PATINOX_EGRESS_*`` set :attr:`egress` (:meth:`EgressSettings.from_env`).
 
         Raises:
@@ -168,6 +184,7 @@ class Settings:
             exec_spares=_count_env("PATINOX_EXEC_SPARES", 1),
             isolation_levels=_levels_env(os.environ.get("PATINOX_ISOLATION_LEVELS")),
             storage_threads=_count_env("PATINOX_STORAGE_THREADS", 3),
+            webhooks=WebhookSettings.from_env(),
             egress=EgressSettings.from_env(),
             base_domain=os.environ.get("PATINOX_BASE_DOMAIN") or None,
             base_hosts=tuple(
@@ -265,6 +282,9 @@ class Runtime:
     #: :attr:`Settings.storage_threads`).
     storage: StorageCalls = field(default_factory=InlineStorage)
     extra: dict[str, object] = field(default_factory=dict)
+    #: Webhook endpoints and the outbox settled runs write to (see
+    #: :mod:`patinox.control.webhooks`); ``None`` only for a runtime built by hand.
+    webhooks: WebhookService | None = None
 
     @classmethod
     def initialise(cls, data_dir: Path) -> Runtime:
@@ -339,6 +359,8 @@ class Runtime:
         # No decrypted key of a suspended or deleted tenant stays in memory.
         forget_on = (TenantEvent.SUSPENDED, TenantEvent.DELETED)
         tenants.subscribe(lambda tid, event: backend.keyring.forget(tid) if event in forget_on else None)
+        webhooks = WebhookService(backend, settings.webhooks)
+        runs.set_run_events(webhooks.on_settled)
         endpoints = TenantEndpoints(
             backend,
             base_domain=settings.base_domain,
@@ -360,6 +382,7 @@ class Runtime:
             process_executor=process,
             endpoints=endpoints,
             storage=calls,
+            webhooks=webhooks,
         )
 
     def worker(self, *, concurrency: int = 256, holder: str | None = None) -> RunWorker:
@@ -371,14 +394,17 @@ class Runtime:
 
         Returns:
             The :class:`~patinox.control.worker.RunWorker`, not yet running; this
-            runtime's run service wakes it when a run is queued in this process.
+            runtime's run service wakes it when a run is queued in this process. It runs
+            a webhook delivery loop beside it (:meth:`webhook_dispatcher`).
         """
+        name = holder or worker_id("worker")
         w = RunWorker(
             self.runs,
             self.queue,
-            holder=holder or worker_id("worker"),
+            holder=name,
             concurrency=concurrency,
             admission=self.runs.admission,
+            webhooks=None if self.webhooks is None else self.webhook_dispatcher(holder=f"{name}:webhooks"),
         )
         self.runs.set_wakeup(w.wakeup)
         if self.process_executor is not None:
@@ -386,6 +412,17 @@ class Runtime:
             # ``process`` tenant created here gets its pool at once.
             self.process_executor.hosts_pools = True
         return w
+
+    def webhook_dispatcher(self, *, holder: str | None = None) -> WebhookDispatcher:
+        """A webhook delivery loop of this deployment (see
+        :class:`~patinox.control.WebhookDispatcher`), not yet running.
+
+        Raises:
+            ConfigurationError: this runtime has no webhook service.
+        """
+        if self.webhooks is None:
+            raise ConfigurationError("this runtime was built without webhooks")
+        return WebhookDispatcher(self.backend, self.webhooks, holder=holder or worker_id("webhooks"))
 
     def close(self) -> None:
         """Stop what this runtime started beside storage: every tenant execution pool and

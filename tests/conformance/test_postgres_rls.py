@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import create_engine, text
 
-from patinox.storage import SqlBackend
+from patinox.storage import SqlBackend, WebhookOutbox
 from patinox.storage._placement import Placements
 from patinox.storage.crypto import key_provider_from_url
 from patinox.storage.engine import normalise_url, with_database
@@ -21,7 +21,18 @@ from patinox.tenancy import StorageModel, TenantContext
 from tests._contexts import tenant_context
 from tests.conftest import Deployment
 
-TENANT_TABLES = ("agents", "runs", "run_attempts", "memory", "usage_records", "audit_log", "api_keys")
+TENANT_TABLES = (
+    "agents",
+    "runs",
+    "run_attempts",
+    "memory",
+    "usage_records",
+    "audit_log",
+    "api_keys",
+    "webhook_endpoints",
+    "webhook_deliveries",
+    "webhook_attempts",
+)
 
 
 def ctx(tid: str, model: StorageModel = StorageModel.POOL) -> TenantContext:
@@ -94,6 +105,48 @@ def test_no_setting_sees_nothing_and_cannot_write_for_another(
         conn.execute(text("SELECT set_config('patinox.tenant_id', 'tn_a', true)"))
         assert conn.execute(text("SELECT count(*) FROM memory")).scalar_one() == 1
     eng.dispose()
+
+
+@pytest.mark.parametrize("deployment", ["pg-pool"], indirect=True)
+def test_webhook_rows_are_visible_to_their_tenant_only(backend: SqlBackend, pg: PostgresDeployment) -> None:
+    """Endpoints (tenant data) and the outbox and its log (control plane) alike: as the
+    application role, no setting or another tenant's sees none of them and cannot write
+    one for the tenant; its own setting sees them."""
+    store = backend.tenant_store(ctx("tn_a"))
+    endpoint = store.webhooks().create(
+        url="https://hooks.example.com/", event_types=["run.succeeded"], description="", secret="whsec_AAAA"
+    )
+    outbox = WebhookOutbox(backend.control_tx, backend.engine)
+    outbox.enqueue("tn_a", [endpoint["id"]], "webhook.ping", run_id=None)
+    (claimed,) = outbox.claim("loop", lease_s=60)
+    assert outbox.record(
+        claimed, at=claimed.created_at, status_code=200, error=None, duration_ms=1.0, state="succeeded"
+    )
+    tables = ("webhook_endpoints", "webhook_deliveries", "webhook_attempts")
+    eng = create_engine(normalise_url(pg.app_url))
+    try:
+        for setting, expected in ((None, 0), ("tn_b", 0), ("tn_a", 1)):
+            with eng.begin() as conn:
+                if setting is not None:
+                    conn.execute(text("SELECT set_config('patinox.tenant_id', :t, true)"), {"t": setting})
+                for table in tables:
+                    got = conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()
+                    assert got == expected, (setting, table)
+        with eng.begin() as conn:
+            conn.execute(text("SELECT set_config('patinox.tenant_id', 'tn_b', true)"))
+            with pytest.raises(Exception, match="row-level security"):
+                conn.execute(
+                    text(
+                        "INSERT INTO webhook_deliveries (tenant_id, id, endpoint_id, event_type, state, "
+                        "attempts, next_attempt_at, created_at) "
+                        "VALUES ('tn_a', 'whd_x', 'whe_x', 'run.failed', 'pending', 0, now(), now())"
+                    )
+                )
+        # The tenant-bound log read of another tenant finds nothing of tn_a's endpoint.
+        assert outbox.log("tn_b", endpoint["id"]) == []
+        assert len(outbox.log("tn_a", endpoint["id"])) == 1
+    finally:
+        eng.dispose()
 
 
 @pytest.mark.parametrize("deployment", ["pg-pool"], indirect=True)

@@ -22,11 +22,8 @@ from patinox.limits import FairRunQueue
 from patinox.runtime import Runtime
 from patinox.storage import utcnow
 from patinox.tenancy import StorageModel, TenantContext
+from tests._webhooks import ProcessDied
 from tests.conftest import Deployment
-
-
-class ProcessDied(BaseException):
-    """Stands for the worker process dying: nothing after it runs, nothing catches it."""
 
 
 def tenant(runtime: Runtime, model: StorageModel) -> tuple[TenantContext, str]:

@@ -27,6 +27,8 @@ def test_the_map_names_every_sealed_column_of_real_tables() -> None:
         SealedColumn("idempotency_keys", "key", "response", "idempotency_keys.response"),
         SealedColumn("threads", "id", "metadata", "threads.metadata"),
         SealedColumn("thread_messages", "id", "content", "thread_messages.content"),
+        SealedColumn("webhook_endpoints", "id", "secret", "webhook_endpoints.secret"),
+        SealedColumn("webhook_endpoints", "id", "previous_secret", "webhook_endpoints.previous_secret"),
         SealedColumn("secrets", "name", "value", "secrets.value"),
     }
     for c in sealed_columns():

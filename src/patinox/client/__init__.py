@@ -5,6 +5,8 @@
   ``wait`` polls; ``list`` pages through every run), ``client.threads`` (conversations:
   ``create``, ``run``, ``messages``, ``list``, ``get``, ``delete``), ``client.memory``, ``client.me()``,
   ``client.config()``, ``client.usage()``, ``client.audit()`` — as a tenant key;
+- ``client.webhooks`` — the tenant's webhook endpoints (register, rotate, ping, delivery
+  log); :func:`verify_signature` checks a delivery on the receiving side;
 - ``client.admin.tenants``, ``client.admin.keys``, ``client.admin.usage()``,
   ``client.admin.audit()`` — as the operator key.
 
@@ -22,6 +24,7 @@ Example::
         print(run.output, run.input_tokens, run.output_tokens)
 """
 
+from patinox.client._signing import verify_signature
 from patinox.client.aio import AsyncClient
 from patinox.client.models import (
     Agent,
@@ -43,6 +46,10 @@ from patinox.client.models import (
     ThreadRun,
     UsageRecord,
     UsageSummary,
+    Webhook,
+    WebhookAttempt,
+    WebhookPing,
+    WebhookWithSecret,
 )
 from patinox.client.sync import Client
 
@@ -68,4 +75,9 @@ __all__ = [
     "ThreadRun",
     "UsageRecord",
     "UsageSummary",
+    "Webhook",
+    "WebhookAttempt",
+    "WebhookPing",
+    "WebhookWithSecret",
+    "verify_signature",
 ]

@@ -32,6 +32,10 @@ from patinox.client.models import (
     ThreadMessage,
     ThreadRun,
     UsageSummary,
+    Webhook,
+    WebhookAttempt,
+    WebhookPing,
+    WebhookWithSecret,
 )
 from patinox.errors import ServerError, error_for
 
@@ -341,6 +345,43 @@ def usage_summary(tenant_id: str | None, since: str | None) -> Call[list[UsageSu
 def operator_audit(tenant_id: str | None, *, after_seq: int, limit: int) -> Call[list[AuditEntry]]:
     params = _given(tenant_id=tenant_id, after_seq=after_seq, limit=limit)
     return Call("GET", "/admin/audit", _many(AuditEntry), params=params)
+
+
+def create_webhook(
+    url: str, event_types: list[str], description: str, idempotency_key: str | None
+) -> Call[WebhookWithSecret]:
+    body = {"url": url, "event_types": event_types, "description": description}
+    return Call("POST", "/v1/webhooks", _one(WebhookWithSecret), json=body, headers=_idem(idempotency_key))
+
+
+def list_webhooks() -> Call[list[Webhook]]:
+    return Call("GET", "/v1/webhooks", _many(Webhook))
+
+
+def get_webhook(endpoint_id: str) -> Call[Webhook]:
+    return Call("GET", f"/v1/webhooks/{_seg(endpoint_id)}", _one(Webhook))
+
+
+def delete_webhook(endpoint_id: str) -> Call[Webhook]:
+    return Call("DELETE", f"/v1/webhooks/{_seg(endpoint_id)}", _one(Webhook))
+
+
+def rotate_webhook(endpoint_id: str, overlap_s: float) -> Call[WebhookWithSecret]:
+    path = f"/v1/webhooks/{_seg(endpoint_id)}/rotate"
+    return Call("POST", path, _one(WebhookWithSecret), json={"overlap_s": overlap_s})
+
+
+def enable_webhook(endpoint_id: str) -> Call[Webhook]:
+    return Call("POST", f"/v1/webhooks/{_seg(endpoint_id)}/enable", _one(Webhook))
+
+
+def ping_webhook(endpoint_id: str) -> Call[WebhookPing]:
+    return Call("POST", f"/v1/webhooks/{_seg(endpoint_id)}/ping", _one(WebhookPing))
+
+
+def webhook_attempts(endpoint_id: str, limit: int, before: str | None) -> Call[list[WebhookAttempt]]:
+    path = f"/v1/webhooks/{_seg(endpoint_id)}/deliveries"
+    return Call("GET", path, _many(WebhookAttempt), params=_given(limit=limit, before=before))
 
 
 def poll_delay(poll_s: float, waited_s: float, timeout_s: float | None) -> float:

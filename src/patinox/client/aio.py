@@ -29,6 +29,10 @@ from patinox.client.models import (
     ThreadMessage,
     ThreadRun,
     UsageSummary,
+    Webhook,
+    WebhookAttempt,
+    WebhookPing,
+    WebhookWithSecret,
 )
 
 __all__ = ["AsyncClient"]
@@ -77,6 +81,7 @@ class AsyncClient:
         self.memory = Memory(self)
         self.secrets = Secrets(self)
         self.keys = Keys(self, operator=False)
+        self.webhooks = Webhooks(self)
         self.admin = Admin(self)
         self.threads = Threads(self)
 
@@ -485,3 +490,57 @@ class Threads:
                 thread_id, agent_id, prompt, output_tokens=output_tokens, idempotency_key=idempotency_key
             )
         )
+
+
+class Webhooks:
+    """The tenant's webhook endpoints (``client.webhooks``): writes need a key with
+    ``webhooks:write``, reads ``read``. A secret is answered only by :meth:`create` and
+    :meth:`rotate`."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def create(
+        self,
+        url: str,
+        event_types: list[str],
+        *,
+        description: str = "",
+        idempotency_key: str | None = None,
+    ) -> WebhookWithSecret:
+        """Register an ``https`` endpoint for ``event_types`` (``run.succeeded``,
+        ``run.failed``, ``run.cancelled``); its signing secret is in ``.secret``, this once.
+
+        Raises:
+            WebhookUrlRefused: the URL can never be sent to (422).
+        """
+        return await self._c.send(rq.create_webhook(url, event_types, description, idempotency_key))
+
+    async def get(self, endpoint_id: str) -> Webhook:
+        return await self._c.send(rq.get_webhook(endpoint_id))
+
+    async def delete(self, endpoint_id: str) -> Webhook:
+        """Delete the endpoint with its pending deliveries and delivery log."""
+        return await self._c.send(rq.delete_webhook(endpoint_id))
+
+    async def rotate(self, endpoint_id: str, *, overlap_s: float = 86_400.0) -> WebhookWithSecret:
+        """A new secret (in ``.secret``, this once); the previous one signs beside it for
+        ``overlap_s`` seconds."""
+        return await self._c.send(rq.rotate_webhook(endpoint_id, overlap_s))
+
+    async def enable(self, endpoint_id: str) -> Webhook:
+        """Make an endpoint disabled after consecutive failures active again."""
+        return await self._c.send(rq.enable_webhook(endpoint_id))
+
+    async def ping(self, endpoint_id: str) -> WebhookPing:
+        """Queue a ``webhook.ping`` event to the endpoint."""
+        return await self._c.send(rq.ping_webhook(endpoint_id))
+
+    async def attempts(
+        self, endpoint_id: str, *, limit: int = 50, before: str | None = None
+    ) -> list[WebhookAttempt]:
+        """The endpoint's delivery log, newest first: one entry per attempt."""
+        return await self._c.send(rq.webhook_attempts(endpoint_id, limit, before))
+
+    async def list(self) -> list[Webhook]:
+        return await self._c.send(rq.list_webhooks())

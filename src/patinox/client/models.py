@@ -29,6 +29,10 @@ __all__ = [
     "ThreadRun",
     "UsageRecord",
     "UsageSummary",
+    "Webhook",
+    "WebhookAttempt",
+    "WebhookPing",
+    "WebhookWithSecret",
 ]
 
 
@@ -249,6 +253,46 @@ class ThreadRun(_Model):
     thread_id: str
     run: Run
     messages: list[ThreadMessage]
+
+
+class Webhook(_Model):
+    """A webhook endpoint of the tenant, without its signing secret."""
+
+    id: str
+    url: str
+    event_types: list[str]
+    description: str
+    state: str = Field(description="active | disabled (after consecutive failed attempts)")
+    consecutive_failures: int
+    disabled_at: datetime | None = None
+    previous_secret_expires_at: datetime | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class WebhookWithSecret(Webhook):
+    """An endpoint just registered or rotated: ``secret`` (``whsec_...``), shown this once."""
+
+    secret: str
+
+
+class WebhookPing(_Model):
+    """A queued test delivery: its ``webhook-id``."""
+
+    delivery_id: str
+
+
+class WebhookAttempt(_Model):
+    """One attempt to deliver an event (the endpoint's delivery log)."""
+
+    id: str
+    delivery_id: str
+    event_type: str
+    attempt: int
+    at: datetime
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: float
 
 
 class Endpoint(_Model):

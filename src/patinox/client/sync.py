@@ -27,6 +27,10 @@ from patinox.client.models import (
     ThreadMessage,
     ThreadRun,
     UsageSummary,
+    Webhook,
+    WebhookAttempt,
+    WebhookPing,
+    WebhookWithSecret,
 )
 
 __all__ = ["Client"]
@@ -75,6 +79,7 @@ class Client:
         self.memory = Memory(self)
         self.secrets = Secrets(self)
         self.keys = Keys(self, operator=False)
+        self.webhooks = Webhooks(self)
         self.admin = Admin(self)
         self.threads = Threads(self)
 
@@ -478,3 +483,57 @@ class Threads:
                 thread_id, agent_id, prompt, output_tokens=output_tokens, idempotency_key=idempotency_key
             )
         )
+
+
+class Webhooks:
+    """The tenant's webhook endpoints (``client.webhooks``): writes need a key with
+    ``webhooks:write``, reads ``read``. A secret is answered only by :meth:`create` and
+    :meth:`rotate`."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def create(
+        self,
+        url: str,
+        event_types: list[str],
+        *,
+        description: str = "",
+        idempotency_key: str | None = None,
+    ) -> WebhookWithSecret:
+        """Register an ``https`` endpoint for ``event_types`` (``run.succeeded``,
+        ``run.failed``, ``run.cancelled``); its signing secret is in ``.secret``, this once.
+
+        Raises:
+            WebhookUrlRefused: the URL can never be sent to (422).
+        """
+        return self._c.send(rq.create_webhook(url, event_types, description, idempotency_key))
+
+    def get(self, endpoint_id: str) -> Webhook:
+        return self._c.send(rq.get_webhook(endpoint_id))
+
+    def delete(self, endpoint_id: str) -> Webhook:
+        """Delete the endpoint with its pending deliveries and delivery log."""
+        return self._c.send(rq.delete_webhook(endpoint_id))
+
+    def rotate(self, endpoint_id: str, *, overlap_s: float = 86_400.0) -> WebhookWithSecret:
+        """A new secret (in ``.secret``, this once); the previous one signs beside it for
+        ``overlap_s`` seconds."""
+        return self._c.send(rq.rotate_webhook(endpoint_id, overlap_s))
+
+    def enable(self, endpoint_id: str) -> Webhook:
+        """Make an endpoint disabled after consecutive failures active again."""
+        return self._c.send(rq.enable_webhook(endpoint_id))
+
+    def ping(self, endpoint_id: str) -> WebhookPing:
+        """Queue a ``webhook.ping`` event to the endpoint."""
+        return self._c.send(rq.ping_webhook(endpoint_id))
+
+    def attempts(
+        self, endpoint_id: str, *, limit: int = 50, before: str | None = None
+    ) -> list[WebhookAttempt]:
+        """The endpoint's delivery log, newest first: one entry per attempt."""
+        return self._c.send(rq.webhook_attempts(endpoint_id, limit, before))
+
+    def list(self) -> list[Webhook]:
+        return self._c.send(rq.list_webhooks())

@@ -165,6 +165,10 @@ PROBES: tuple[tuple[str, str, str, dict[str, Any] | None], ...] = (
 )
 
 
+#: The scopes of the suite's tenant keys: the default ones and ``webhooks:write``.
+TENANT_KEY_SCOPES = ["agents:write", "runs:write", "read", "webhooks:write"]
+
+
 def auth(key: str) -> dict[str, str]:
     """The Authorization header of an API key."""
     return {"Authorization": f"Bearer {key}"}
@@ -245,7 +249,11 @@ class Target:
         r = self.client.post("/admin/tenants", json=self.tenant_spec(name), headers=self.op)
         check(r.status_code == 201, f"creating tenant {name}: {r.status_code} {r.text[:300]}")
         tid = str(r.json()["id"])
-        k = self.client.post(f"/admin/tenants/{tid}/keys", json={"name": "conformance"}, headers=self.op)
+        k = self.client.post(
+            f"/admin/tenants/{tid}/keys",
+            json={"name": "conformance", "scopes": TENANT_KEY_SCOPES},
+            headers=self.op,
+        )
         check(k.status_code == 201, f"creating a key of {name}: {k.status_code} {k.text[:300]}")
         return TenantHandle(id=tid, name=name, key=str(k.json()["key"]), key_id=str(k.json()["id"]))
 

@@ -120,6 +120,7 @@ CHECKS: tuple[Check, ...] = (
     Check("delete-with-runs-in-flight", _deletion.delete_with_runs_in_flight),
     Check("same-cache-key-material", _tenant_routes.same_cache_key_material),
     Check("idempotency-keys-per-tenant", _tenant_routes.idempotency_keys_per_tenant),
+    Check("webhooks-per-tenant", _tenant_routes.webhooks_per_tenant),
     Check("first-dek-race", _encryption.first_dek_race),
     Check("thread-pool-context", _context.thread_pool_context),
     Check("worker-process-context", _context.worker_process_context),

@@ -5,6 +5,7 @@ from patinox.control.endpoints import EndpointUpdate, TenantEndpoint, TenantEndp
 from patinox.control.keys import ADMIN_SCOPE, TENANT_SCOPES, ApiKeys, IssuedKey, OperatorPrincipal
 from patinox.control.runs import RunExecutor, RunRequest, RunService
 from patinox.control.tenants import Tenant, TenantEvent, TenantManager, TenantSpec, TenantUpdate
+from patinox.control.webhooks import WebhookDispatcher, WebhookService, WebhookSettings
 
 __all__ = [
     "ADMIN_SCOPE",
@@ -26,4 +27,7 @@ __all__ = [
     "TenantManager",
     "TenantSpec",
     "TenantUpdate",
+    "WebhookDispatcher",
+    "WebhookService",
+    "WebhookSettings",
 ]

@@ -42,9 +42,10 @@ from patinox.tenancy import (
 
 #: Scopes a tenant key may hold: ``keys:write`` manages the tenant's own keys (never with
 #: more scopes than the key doing it); ``secrets:write`` and ``config:write`` are for the
-#: tenant's secrets and configuration.
+#: tenant's secrets and configuration; ``webhooks:write`` registers, rotates and deletes
+#: its webhook endpoints (reading them takes ``read``).
 TENANT_SCOPES = frozenset(
-    {"agents:write", "runs:write", "read", "keys:write", "secrets:write", "config:write"}
+    {"agents:write", "runs:write", "read", "keys:write", "secrets:write", "config:write", "webhooks:write"}
 )
 #: Scopes a tenant key gets when none are asked for.
 DEFAULT_TENANT_SCOPES = frozenset({"agents:write", "runs:write", "read"})

@@ -55,6 +55,7 @@ from patinox.control.inflight import (
 from patinox.control.secrets import SecretService, provider_key_name
 from patinox.control.settlement import (
     Attempt,
+    RunEvents,
     Settlement,
     Ticket,
     cancelled_values,
@@ -229,6 +230,11 @@ class RunService:
         #: The runs executing in this process, by tenant: what stops them.
         self.inflight = RunsInFlight(self._admit.fenced)
         self._wakeup: asyncio.Event | None = None
+
+    def set_run_events(self, events: RunEvents | None) -> None:
+        """Tell ``events`` of every run this service settles (the webhook outbox; see
+        :data:`~patinox.control.settlement.RunEvents`)."""
+        self._settlement.events = events
 
     @property
     def admission(self) -> FairShareAdmission | None:
@@ -589,8 +595,10 @@ class RunService:
             self._budget.settle_tokens(ctx.tenant_id, entry.quota_period, entry.reserved_tokens, 0, conn=conn)
             if joined:
                 store.apply(write, conn=conn)
+                self._settlement.emit(store, run, values, conn)
         if not joined:
             store.apply(write)
+            self._settlement.emit(store, run, values, None)
         store.append_audit(**audit, outcome="ok", detail={"was": "queued"})
         return True
 

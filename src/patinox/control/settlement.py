@@ -51,6 +51,11 @@ from patinox.tenancy import TenantContext
 
 log = structlog.get_logger("patinox.runs")
 
+#: Called when a run settles: ``(store, run, values, conn)``, ``conn`` the settlement's
+#: control-plane transaction where the tenant's rows share it (``None`` otherwise, after
+#: the run's records committed). The webhook outbox (:mod:`patinox.control.webhooks`).
+RunEvents = Callable[[TenantStore, RunRecord, RunRecord, Connection | None], None]
+
 
 class Ticket:
     """What one run's admission holds until its settlement: a slot of the tenant's
@@ -322,6 +327,22 @@ class Settlement:
         self._backend = backend
         self._budget = budget
         self._queue = queue
+        #: Told of every settled run (see :data:`RunEvents`); ``None``: nobody is.
+        self.events: RunEvents | None = None
+
+    def emit(self, store: TenantStore, run: RunRecord, values: RunRecord, conn: Connection | None) -> None:
+        """Tell :attr:`events` that ``run`` settled with ``values``. In ``conn`` (a joined
+        settlement) a failure rolls the settlement back with it; after the run's records
+        committed (``conn`` ``None``) a failure is logged and the settlement stands."""
+        if self.events is None:
+            return
+        if conn is not None:
+            self.events(store, run, values, conn)
+            return
+        try:
+            self.events(store, run, values, None)
+        except PatinoxError as err:
+            log.warning("recording a settled run's events failed", run_id=run["id"], error=err.code)
 
     def joins(self, store: TenantStore) -> bool:
         """True when ``store``'s tenant's rows live in the shared database (``pool``), so a
@@ -460,6 +481,7 @@ class Settlement:
                 try:
                     with self._backend.control_tx() as conn:
                         store.apply(write, conn=conn)
+                        self.emit(store, run, values, conn)
                         self.release(ticket, used, conn)
                 except PatinoxError:
                     pass  # rolled back, the run's own records too: write them as below
@@ -474,6 +496,7 @@ class Settlement:
                         attempt.spend(used)
                     ticket.charged = used
             store.apply(write)
+            self.emit(store, run, values, None)
         finally:
             if not ticket.released:
                 ticket.released = True
@@ -506,10 +529,12 @@ class Settlement:
             if ticket.joined:
                 with self._backend.control_tx() as conn:
                     store.apply(write, conn=conn)
+                    self.emit(store, run, values, conn)
                     self.release(ticket, 0, conn)
                 return
             with contextlib.suppress(PatinoxError):  # the run row only; its tokens are free
                 store.apply(write)
+                self.emit(store, run, values, None)
             self.release(ticket, 0)
         except PatinoxError:
             pass  # the hold's lease expires and the reaper settles the run
@@ -562,6 +587,7 @@ class Settlement:
                 }
                 with contextlib.suppress(NotFound):
                     store.update_run(hold.run_id, values)
+                    self.emit(store, {"id": hold.run_id}, values, None)
             if hold.quota_period:  # holds written before reservations were kept on them have none
                 reserved = hold.reserved_tokens
                 self._budget.settle_tokens(

@@ -28,6 +28,7 @@ import time
 import structlog
 
 from patinox.control.runs import RunService
+from patinox.control.webhooks import WebhookDispatcher
 from patinox.errors import PatinoxError
 from patinox.limits import DEFAULT_LEASE_S, Claim, FairRunQueue, FairShareAdmission, QueueListener
 
@@ -51,6 +52,8 @@ class RunWorker:
         reap_s: least time between two requeues of expired runs, seconds (default a
             third of ``lease_s``: a dead worker's run is back in the queue at most
             ``lease_s + reap_s + poll_s`` after its last renewal).
+        webhooks: a webhook delivery loop run beside the worker, started and stopped with
+            it (``None``: none).
     """
 
     def __init__(
@@ -64,8 +67,10 @@ class RunWorker:
         lease_s: float = DEFAULT_LEASE_S,
         reap_s: float | None = None,
         admission: FairShareAdmission | None = None,
+        webhooks: WebhookDispatcher | None = None,
     ) -> None:
         self._service = service
+        self.webhooks = webhooks
         self._queue = queue
         self.holder = holder
         self._admission = admission
@@ -99,6 +104,8 @@ class RunWorker:
         self.listener = self._queue.listen(lambda: loop.call_soon_threadsafe(self.wakeup.set))
         # Setting ``stop`` ends an idle wait too, not only at the next poll.
         stopper = asyncio.create_task(self._wake_on(stop))
+        webhooks_stop = asyncio.Event()
+        deliveries = None if self.webhooks is None else asyncio.create_task(self.webhooks.run(webhooks_stop))
         self._running = True
         try:
             self._reap()
@@ -135,6 +142,14 @@ class RunWorker:
             stopper.cancel()
             for t in list(running):
                 t.cancel()
+            if deliveries is not None and self.webhooks is not None:
+                # The delivery loop ends after the batch it is sending (each attempt has its
+                # time limit), so a stop records what was sent instead of sending it again.
+                webhooks_stop.set()
+                done, _ = await asyncio.wait({deliveries}, timeout=self.webhooks.settings.timeout_s + 5.0)
+                if not done:
+                    deliveries.cancel()
+                running.add(deliveries)
             await asyncio.gather(renewer, stopper, *running, return_exceptions=True)
 
     async def _idle(self, skip: frozenset[str] | None) -> None:

@@ -40,6 +40,7 @@ from patinox.storage._secrets import (
 from patinox.storage._statements import PreparedWrite
 from patinox.storage._tenant_store import TenantStore
 from patinox.storage._threads import MessageRecord, ThreadRecord, ThreadRecords, Turn
+from patinox.storage._webhooks import ClaimedDelivery, WebhookEndpoints, WebhookOutbox
 from patinox.storage.engine import make_engine, migrate, translate_errors
 from patinox.storage.records import (
     AgentRecord,
@@ -70,6 +71,7 @@ __all__ = [
     "AuditRecord",
     "Begun",
     "Changes",
+    "ClaimedDelivery",
     "HostClaim",
     "IdempotencyRecords",
     "KeyTenantRecord",
@@ -90,6 +92,8 @@ __all__ = [
     "Turn",
     "UsageRecord",
     "UsageTotals",
+    "WebhookEndpoints",
+    "WebhookOutbox",
     "check_secret_name",
     "execute_write",
     "make_engine",

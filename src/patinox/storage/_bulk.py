@@ -53,6 +53,7 @@ _WALK_KEY = {
     "idempotency_keys": "key",
     "threads": "id",
     "thread_messages": "id",
+    "webhook_endpoints": "id",
     "secrets": "name",
 }
 #: The placement's own numbering of rows, never carried from one placement to another.

@@ -372,6 +372,30 @@ thread_messages = Table(
     ),
 )
 
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    # A tenant's HTTPS receiver of run events. Tenant data: lives in the tenant's placement
+    # (pool tables, bridge schema, silo database), carried by export, import and moves.
+    Column("tenant_id", String(40), primary_key=True),
+    Column("id", String(40), primary_key=True),
+    Column("url", String(2048), nullable=False),
+    # The event types it receives (``run.succeeded``, ``run.failed``, ``run.cancelled``).
+    Column("event_types", JSON, nullable=False),
+    Column("description", String(200), nullable=False, server_default=""),
+    # The signing secret (``whsec_<base64>``), sealed like runs.input (AAD:
+    # webhook_endpoints.secret); during a rotation's overlap the previous one too.
+    Column("secret", LargeBinary, nullable=False),
+    Column("previous_secret", LargeBinary, nullable=True),
+    Column("previous_secret_expires_at", UTCDateTime(), nullable=True),
+    # active | disabled (after ``disable_after`` consecutive failed attempts).
+    Column("state", String(20), nullable=False),
+    Column("consecutive_failures", Integer, nullable=False, server_default="0"),
+    Column("disabled_at", UTCDateTime(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
 secrets = Table(
     "secrets",
     metadata,
@@ -385,6 +409,51 @@ secrets = Table(
     Column("version", Integer, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    # The outbox: one row per event and endpoint, in the shared database (control plane,
+    # like run_queue) whatever the tenant's storage model, so delivery loops claim due rows
+    # of every tenant from one table. The body is not stored: it is made from the run's
+    # record (sealed in the tenant's placement) when sent.
+    Column("tenant_id", String(40), primary_key=True),
+    Column("id", String(40), primary_key=True),
+    Column("endpoint_id", String(40), nullable=False),
+    Column("event_type", String(40), nullable=False),
+    # The run the event is about (NULL for webhook.ping).
+    Column("run_id", String(40), nullable=True),
+    # pending | succeeded | failed (attempts exhausted, endpoint gone or disabled)
+    Column("state", String(20), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", UTCDateTime(), nullable=False),
+    # The delivery loop holding it while it sends (a crashed holder's lease expires).
+    Column("claimed_by", String(80), nullable=True),
+    Column("lease_until", UTCDateTime(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+    Index("ix_webhook_deliveries_tenant_id_endpoint_id", "tenant_id", "endpoint_id"),
+)
+
+webhook_attempts = Table(
+    "webhook_attempts",
+    metadata,
+    # The delivery log: one row per attempt to send a delivery (control plane, beside
+    # webhook_deliveries). Read by the tenant per endpoint, newest first.
+    Column("tenant_id", String(40), primary_key=True),
+    Column("id", String(40), primary_key=True),
+    Column("delivery_id", String(40), nullable=False),
+    Column("endpoint_id", String(40), nullable=False),
+    Column("event_type", String(40), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
+    # The receiver's HTTP status, or NULL with ``error`` when no answer came.
+    Column("status_code", Integer, nullable=True),
+    Column("error", String(500), nullable=True),
+    Column("duration_ms", Float, nullable=False),
+    Index("ix_webhook_attempts_tenant_id_endpoint_id_at", "tenant_id", "endpoint_id", "at"),
 )
 
 #: Tables holding tenant-owned rows, all keyed by ``tenant_id`` (used for checks; deletion
@@ -404,6 +473,9 @@ TENANT_TABLES = (
     quota_ledger,
     threads,
     thread_messages,
+    webhook_endpoints,
+    webhook_deliveries,
+    webhook_attempts,
     secrets,
 )
 

@@ -49,6 +49,8 @@ SEALED_COLUMNS: tuple[SealedColumn, ...] = (
     SealedColumn("idempotency_keys", "key", "response", "idempotency_keys.response"),
     SealedColumn("threads", "id", "metadata", "threads.metadata"),
     SealedColumn("thread_messages", "id", "content", "thread_messages.content"),
+    SealedColumn("webhook_endpoints", "id", "secret", "webhook_endpoints.secret"),
+    SealedColumn("webhook_endpoints", "id", "previous_secret", "webhook_endpoints.previous_secret"),
     SealedColumn("secrets", "name", "value", "secrets.value"),
 )
 

@@ -59,6 +59,7 @@ from patinox.storage._statements import (
     usage_summary_query,
 )
 from patinox.storage._threads import ThreadRecords
+from patinox.storage._webhooks import WebhookEndpoints
 from patinox.storage.engine import begin, translate_errors
 from patinox.storage.records import (
     AgentRecord,
@@ -704,6 +705,10 @@ class TenantStore:
     def threads(self) -> ThreadRecords:
         """This tenant's conversation threads and their messages (see :class:`ThreadRecords`)."""
         return ThreadRecords(self._tx, self._sealer)
+
+    def webhooks(self) -> WebhookEndpoints:
+        """This tenant's webhook endpoints (see :class:`WebhookEndpoints`)."""
+        return WebhookEndpoints(self._tx, self._sealer, self._cache)
 
     def secrets(self) -> TenantSecrets:
         """This tenant's secrets, sealed under its DEK (see :class:`TenantSecrets`): set,

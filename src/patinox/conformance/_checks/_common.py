@@ -56,7 +56,8 @@ def seed(t: Target, tenant: TenantHandle) -> dict[str, str]:
         ``prompt``, ``idempotency_key`` (the run was sent with it: its response is kept,
         sealed), ``agent_id`` and ``run_id``; ``thread_id``, ``thread_input`` (a run on that
         conversation thread was sent it: a sealed message) and ``thread_message_id`` (its
-        message).
+        message); ``webhook_host`` (in the URL of a webhook endpoint), ``webhook_id`` and
+        ``webhook_secret`` (its signing secret, stored sealed).
 
     Raises:
         ConformanceFailure: the run's ``memory_get`` did not return the tenant's value.
@@ -88,4 +89,12 @@ def seed(t: Target, tenant: TenantHandle) -> dict[str, str]:
     r = t.client.post(f"/v1/threads/{s['thread_id']}/runs", json=body, headers=tenant.h)
     check(r.status_code == 200, f"a run on a thread for {tenant.name}: {r.status_code} {r.text[:300]}")
     s["thread_message_id"] = str(r.json()["messages"][0]["id"])
+    # A webhook endpoint (for failed runs only: the seed's run succeeded, so nothing is sent
+    # to its host, which does not exist): its secret is stored sealed.
+    s["webhook_host"] = m.atom()
+    body = {"url": f"https://{s['webhook_host']}.example.invalid/hook", "event_types": ["run.failed"]}
+    r = t.client.post("/v1/webhooks", json=body, headers=tenant.h)
+    check(r.status_code == 201, f"registering a webhook endpoint: {r.status_code} {r.text[:300]}")
+    s["webhook_id"] = str(r.json()["id"])
+    s["webhook_secret"] = str(r.json()["secret"])
     return s

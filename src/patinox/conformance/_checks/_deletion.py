@@ -25,6 +25,7 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
     sealed_response = _raw.read_cell(t, a.id, "idempotency_keys", "response", "key", idem)
     message = sa["thread_message_id"]
     sealed_message = _raw.read_cell(t, a.id, "thread_messages", "content", "id", message)
+    sealed_secret = _raw.read_cell(t, a.id, "webhook_endpoints", "secret", "id", sa["webhook_id"])
     before = _raw.count_tenant_rows(t, a.id)
     for table in (
         "agents",
@@ -34,6 +35,7 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
         "idempotency_keys",
         "threads",
         "thread_messages",
+        "webhook_endpoints",
     ):
         n = sum(v for k, v in before.items() if k.endswith(("." + table, ":" + table)))
         check(
@@ -54,6 +56,7 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
             ("runs.input", sa["run_id"], sealed_input),
             ("idempotency_keys.response", idem, sealed_response),
             ("thread_messages.content", message, sealed_message),
+            ("webhook_endpoints.secret", sa["webhook_id"], sealed_secret),
         ):
             check(
                 sealed is not None and decrypts(fresh, a.id, table, record, sealed) is None,
@@ -69,7 +72,17 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
     raw = _raw.stored_bytes(t)
     stale = [
         k
-        for k in ("agent_name", "instructions", "key", "agent_id", "run_id", "idempotency_key", "thread_id")
+        for k in (
+            "agent_name",
+            "instructions",
+            "key",
+            "agent_id",
+            "run_id",
+            "idempotency_key",
+            "thread_id",
+            "webhook_host",
+            "webhook_id",
+        )
         if sa[k].encode() in raw
     ]
     check(not stale, f"the deleted tenant's {stale} are still in the stored data")
@@ -85,7 +98,7 @@ def delete_shreds_and_purges(t: Target, _: SuiteEnv) -> None:
     # Same name again: a new tenant that sees nothing of the old one.
     a2 = t.new_tenant("del-a", name=a.name)
     check(a2.id != a.id, "the re-created tenant got the deleted tenant's id")
-    for path in ("/v1/agents", "/v1/memory", "/v1/runs", "/v1/threads"):
+    for path in ("/v1/agents", "/v1/memory", "/v1/runs", "/v1/threads", "/v1/webhooks"):
         r = t.client.get(path, headers=a2.h)
         check(r.status_code == 200 and r.json() == [], f"re-created tenant: GET {path} = {r.text[:300]}")
     r = t.client.get("/v1/usage?since=2000-01-01T00:00:00Z", headers=a2.h)

@@ -15,8 +15,8 @@ from patinox.errors import PatinoxError
 def no_plaintext_at_rest(t: Target, _: SuiteEnv) -> None:
     """Raw storage holds no plaintext of an encrypted payload (memory values, run inputs,
     run outputs, the responses kept for an ``Idempotency-Key``, which repeat the run's
-    input, the messages of a conversation thread), while it does hold the unencrypted
-    columns of the same rows."""
+    input, the messages of a conversation thread, webhook signing secrets), while it does hold
+    the unencrypted columns of the same rows."""
     tenants = [t.new_tenant(label) for label in ("plain-a", "plain-b")]
     seeds = [seed(t, x) for x in tenants]
     raw = _raw.stored_bytes(t)
@@ -36,13 +36,25 @@ def no_plaintext_at_rest(t: Target, _: SuiteEnv) -> None:
             message is not None and _raw.scan_form(t, message) in raw,
             "the stored ciphertext of a thread message is not in raw storage",
         )
+        kept = _raw.read_cell(t, x.id, "webhook_endpoints", "secret", "id", s["webhook_id"])
+        check(
+            kept is not None and _raw.scan_form(t, kept) in raw,
+            "the stored ciphertext of a webhook signing secret is not in raw storage",
+        )
         # Positive control: names and keys are stored in clear, so the scan saw these rows.
-        for visible in ("agent_name", "key", "idempotency_key", "thread_id", "thread_message_id"):
+        for visible in (
+            "agent_name",
+            "key",
+            "idempotency_key",
+            "thread_id",
+            "thread_message_id",
+            "webhook_host",
+        ):
             check(
                 s[visible].encode() in raw,
                 f"raw scan did not reach the rows holding the {visible} {s[visible]}",
             )
-        for secret in ("value", "prompt", "thread_input"):
+        for secret in ("value", "prompt", "thread_input", "webhook_secret"):
             check(
                 s[secret].encode() not in raw, f"plaintext of an encrypted payload ({secret}) in raw storage"
             )

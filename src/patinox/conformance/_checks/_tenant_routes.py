@@ -150,3 +150,41 @@ def idempotency_keys_per_tenant(t: Target, _: SuiteEnv) -> None:
             [run["id"] for run in listed] == [mine["run"]["id"]],
             f"{x.name} has {len(listed)} runs after a retry with its Idempotency-Key, expected 1",
         )
+
+
+#: Routes of one webhook endpoint: (method, path after ``/v1/webhooks/{id}``, body).
+_WEBHOOK_PROBES: tuple[tuple[str, str, dict[str, Any] | None], ...] = (
+    ("GET", "", None),
+    ("GET", "/deliveries", None),
+    ("POST", "/rotate", {"overlap_s": 0}),
+    ("POST", "/ping", None),
+    ("POST", "/enable", None),
+    ("DELETE", "", None),
+)
+
+
+def webhooks_per_tenant(t: Target, _: SuiteEnv) -> None:
+    """Every webhook route given another tenant's endpoint id answers exactly like one
+    given a missing id, and changes nothing of the owner's endpoint (not rotated, not
+    deleted, no delivery queued); a tenant's list shows its own endpoints only."""
+    a, b = t.new_tenant("hook-a"), t.new_tenant("hook-b")
+    sa = seed(t, a)
+    foreign = sa["webhook_id"]
+    before: Answer = t.client.get(f"/v1/webhooks/{foreign}", headers=a.h)
+    check(before.status_code == 200, f"owner's endpoint: {before.status_code} {before.text[:300]}")
+    for method, suffix, body in _WEBHOOK_PROBES:
+        missing = new_id("whe")
+        x: Answer = t.client.request(method, f"/v1/webhooks/{foreign}{suffix}", json=body, headers=b.h)
+        y: Answer = t.client.request(method, f"/v1/webhooks/{missing}{suffix}", json=body, headers=b.h)
+        what = f"{method} /v1/webhooks/{{id}}{suffix} with another tenant's endpoint"
+        check(x.status_code == 404, f"{what} answered {x.status_code}, expected 404: {x.text[:300]}")
+        check(
+            x.text.replace(foreign, "<ID>") == y.text.replace(missing, "<ID>"),
+            f"{what} answered {x.text[:200]!r}, a missing one {y.text[:200]!r}",
+        )
+    listed: Answer = t.client.get("/v1/webhooks", headers=b.h)
+    check(listed.status_code == 200 and listed.json() == [], f"another tenant's list: {listed.text[:300]}")
+    after: Answer = t.client.get(f"/v1/webhooks/{foreign}", headers=a.h)
+    check(after.json() == before.json(), f"the owner's endpoint changed: {after.text[:300]}")
+    log: Answer = t.client.get(f"/v1/webhooks/{foreign}/deliveries", headers=a.h)
+    check(log.status_code == 200 and log.json() == [], f"the owner's delivery log: {log.text[:300]}")

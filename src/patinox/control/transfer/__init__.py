@@ -100,6 +100,7 @@ JSON lines::
     {"type": "idempotency_key", "row": {...}} Idempotency-Key records (response in plaintext),
     {"type": "thread", "row": {...}}         conversation threads (metadata in plaintext),
     {"type": "thread_message", "row": {...}} their messages (content in plaintext),
+    {"type": "webhook_endpoint", "row": {...}} webhook endpoints (signing secrets in plaintext),
     {"type": "secret", "row": {...}}         the tenant's secrets (value in plaintext), only
                                              from an export with include_secrets
     {"type": "api_key", "row": {...}}        key metadata (informational, not restored)
@@ -112,7 +113,10 @@ without them imports as before (its runs have no attempts), and a build older th
 refuses a bundle with them (``malformed_body``, unknown record type); the same holds for
 ``idempotency_key`` records (an import keeps each key's expiry: a replay after the import
 answers as before it, until the key expires); ``thread`` and ``thread_message`` records likewise
-(a message whose thread was made after the threads were read is left out).
+(a message whose thread was made after the threads were read is left out); and
+``webhook_endpoint`` records (an import keeps each endpoint's secrets, state and rotation
+overlap, so receivers go on verifying; the delivery log and pending deliveries are not
+carried: they stay with the deployment that made them).
 
 Errors
 ------
@@ -129,13 +133,13 @@ passphrase *or* changed bytes: AES-GCM cannot tell them apart, by design),
 :mod:`patinox.errors`; they are defined here until that module takes them.
 
 Tables: a transfer carries the known tenant data tables (agents, runs, run_attempts,
-memory, usage_records, audit_log, idempotency_keys, threads, thread_messages, secrets) and
-leaves the control-plane tables of the shared database where they are
-(:data:`CONTROL_PLANE_TABLES`). It also reads the placement's catalog for every other table
-with a ``tenant_id`` column: if one holds rows of the tenant, export and move refuse
-(:class:`~patinox.errors.OperationFailed`, ``reason="unknown_table"``) rather than leave
-those rows behind or move a control-plane table out of the shared database. A new table is
-therefore taught to this package, not silently skipped.
+memory, usage_records, audit_log, idempotency_keys, threads, thread_messages,
+webhook_endpoints, secrets) and leaves the control-plane tables of the shared database where
+they are (:data:`CONTROL_PLANE_TABLES`). It also reads the placement's catalog for every
+other table with a ``tenant_id`` column: if one holds rows of the tenant, export and move
+refuse (:class:`~patinox.errors.OperationFailed`, ``reason="unknown_table"``) rather than
+leave those rows behind or move a control-plane table out of the shared database. A new
+table is therefore taught to this package, not silently skipped.
 
 Layout
 ------

@@ -62,6 +62,7 @@ _KIND_TABLES: dict[str, Table] = {
     "idempotency_key": s.idempotency_keys,
     "thread": s.threads,
     "thread_message": s.thread_messages,
+    "webhook_endpoint": s.webhook_endpoints,
     # Written only by an export with include_secrets (audited); a move always carries them.
     "secret": s.secrets,
 }

@@ -14,7 +14,13 @@ Progress = Callable[[int, int], None]
 #: Tables of the shared database that hold per-tenant rows but belong to the control
 #: plane: they stay in the shared database whatever the tenant's storage model, so a move
 #: never copies them and an export never reads them as data.
-CONTROL_PLANE_TABLES = frozenset({"api_keys", "tenant_keys", "run_queue", "queue_tenants", "quota_ledger"})
+CONTROL_PLANE_TABLES = frozenset(
+    {"api_keys", "tenant_keys", "run_queue", "queue_tenants", "quota_ledger"}
+    # The webhook outbox and its delivery log: not carried by an export (a delivery log is
+    # the sending deployment's record; pending deliveries are not sent again after an
+    # import), left in place by a move (delivery loops read the tenant's current placement).
+    | {"webhook_deliveries", "webhook_attempts"}
+)
 #: Run statuses of a run that has not finished.
 _UNFINISHED = ("queued", "running")
 
