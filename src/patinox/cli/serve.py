@@ -133,6 +133,17 @@ def serve(
         # (patinox.limits.fair_loop); off, it is asyncio's own.
         fair = rt.settings.admission.enabled
         loop = "patinox.limits.fair_loop:new_event_loop" if fair else "asyncio"
+        if not tls:
+            uvicorn.run(
+                app_,
+                host=host,
+                port=port,
+                log_level=log_level,
+                access_log=False,
+                reset_contextvars=True,
+                loop=loop,
+            )
+            return
         config = uvicorn.Config(
             app_,
             host=host,
