@@ -8,8 +8,12 @@
     │   │   ├── IdempotencyKeyReused     an Idempotency-Key sent with another
     │   │   │                            request than its first                 (422 idempotency_key_reused)
     │   │   ├── UnsupportedParameter     a parameter the runtime cannot honour  (400 unsupported_parameter)
-    │   │   └── WebhookUrlRefused        a webhook URL the address guard refuses
-    │   │                                outright (http://, a private literal)  (422 webhook_url_refused)
+    │   │   ├── WebhookUrlRefused        a webhook URL the address guard refuses
+    │   │   │                            outright (http://, a private literal)  (422 webhook_url_refused)
+    │   │   └── InvalidTls               a TLS certificate or key not usable    (422 invalid_tls)
+    │   │       ├── TlsKeyMismatch       the key is not the certificate's       (422 tls_key_mismatch)
+    │   │       ├── TlsNameNotCovered    a tenant host name not in the SANs     (422 tls_name_not_covered)
+    │   │       └── TlsExpired           the certificate has expired            (422 tls_expired)
     │   ├── InvalidIdempotencyKey        an empty or over-long Idempotency-Key  (400 invalid_idempotency_key)
     │   ├── TenantContextMissing         tenant-scoped code ran with no tenant  (500, fail closed)
     │   ├── TenantContextAlreadySet      a tenant scope was entered twice
@@ -77,6 +81,7 @@ __all__ = [
     "IdempotencyKeyReused",
     "InvalidIdempotencyKey",
     "InvalidRequest",
+    "InvalidTls",
     "InvalidTransition",
     "IsolationFailed",
     "IsolationRequired",
@@ -102,6 +107,9 @@ __all__ = [
     "TenantMoving",
     "TenantNotFound",
     "TenantSuspended",
+    "TlsExpired",
+    "TlsKeyMismatch",
+    "TlsNameNotCovered",
     "ToolNotAllowed",
     "UnknownModel",
     "UnknownTool",
@@ -185,6 +193,32 @@ class WebhookUrlRefused(InvalidRequest):
 
     url: str | None = None
     reason: str | None = None
+
+
+class InvalidTls(InvalidRequest):
+    """A TLS certificate chain or private key that cannot be served: not PEM, an encrypted
+    key, no host names to serve, not yet valid (:mod:`patinox.control.tls`)."""
+
+    code = "invalid_tls"
+
+
+class TlsKeyMismatch(InvalidTls):
+    """The private key uploaded is not the (first) certificate's."""
+
+    code = "tls_key_mismatch"
+
+
+class TlsNameNotCovered(InvalidTls):
+    """A host name of the tenant is not covered by the certificate's subjectAltName
+    (fields ``hosts``: the names not covered, ``sans``: the certificate's names)."""
+
+    code = "tls_name_not_covered"
+
+
+class TlsExpired(InvalidTls):
+    """The certificate's validity has ended (field ``not_after``, ISO 8601 UTC)."""
+
+    code = "tls_expired"
 
 
 class TenantContextMissing(ConfigurationError):

@@ -25,7 +25,18 @@ from patinox.api._health import Readiness
 from patinox.api._logging import RequestLogMiddleware, record_failure
 from patinox.api._middleware import RATE_STATES, TenancyMiddleware, error_response_parts
 from patinox.api._openai import OPENAI_ERRORS, OpenAIErrorShape
-from patinox.api.routers import admin, config, endpoints, keys, openai, secrets, tenant, threads, webhooks
+from patinox.api.routers import (
+    admin,
+    config,
+    endpoints,
+    keys,
+    openai,
+    secrets,
+    tenant,
+    threads,
+    tls,
+    webhooks,
+)
 from patinox.errors import PatinoxError
 from patinox.runtime import Runtime, Settings
 
@@ -116,6 +127,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     ):
         app.include_router(router, responses=_ERRORS)
     app.include_router(threads.router, responses=_ERRORS)
+    app.include_router(tls.router, responses=_ERRORS)
     app.include_router(openai.router, responses=OPENAI_ERRORS)
     _declare_bearer_auth(app)
 

@@ -7,12 +7,13 @@ import errno
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -20,6 +21,9 @@ from patinox.cli._deployment import ACTOR, DEFAULT_DATA_DIR, DataDir, open_runti
 from patinox.cli._output import fail, say
 from patinox.cli.replay import run_replay
 from patinox.runtime import Runtime
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 def init(
@@ -82,12 +86,32 @@ def serve(
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn's own log level (start-up, errors)")] = "warning",
+    tls: Annotated[
+        bool, typer.Option("--tls", help="serve HTTPS: each tenant host name with its own certificate (SNI)")
+    ] = False,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="PATINOX_TLS_CERT", help="the deployment certificate chain (PEM), for other names"
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(envvar="PATINOX_TLS_KEY", help="the deployment certificate's private key (PEM)"),
+    ] = None,
 ) -> None:
     """Run the HTTP API server until interrupted.
 
     Every request is logged as one JSON line on stderr (PATINOX_LOG_LEVEL: debug, info,
-    warning, error; default info).
+    warning, error; default info). With ``--tls`` every tenant host name is served with the
+    tenant's own certificate (``PUT /v1/tls``), chosen by SNI, and any other name with the
+    deployment certificate (``--tls-cert``/``--tls-key``); a replaced tenant certificate is
+    served from the next handshake on.
     """
+    if tls and (tls_cert is None or tls_key is None):
+        fail("--tls needs the deployment certificate: --tls-cert and --tls-key (or PATINOX_TLS_CERT/KEY)")
+    if not tls and (tls_cert is not None or tls_key is not None):
+        fail("--tls-cert/--tls-key are used with --tls only")
     import uvicorn
 
     from patinox._logs import configure_logging
@@ -99,7 +123,8 @@ def serve(
     rt = open_runtime(data_dir)
     app_ = create_app(runtime=rt)
     _check_port_free(host, port)
-    say(f"Patinox serving {where(rt, data_dir)} on http://{host}:{port} (docs at /docs)")
+    scheme = "https" if tls else "http"
+    say(f"Patinox serving {where(rt, data_dir)} on {scheme}://{host}:{port} (docs at /docs)")
     # The start-up heap frozen and the collector's thresholds set for a server (see
     # patinox._process); as they were again when the server stops.
     with server_gc():
@@ -108,7 +133,18 @@ def serve(
         # (patinox.limits.fair_loop); off, it is asyncio's own.
         fair = rt.settings.admission.enabled
         loop = "patinox.limits.fair_loop:new_event_loop" if fair else "asyncio"
-        uvicorn.run(
+        if not tls:
+            uvicorn.run(
+                app_,
+                host=host,
+                port=port,
+                log_level=log_level,
+                access_log=False,
+                reset_contextvars=True,
+                loop=loop,
+            )
+            return
+        config = uvicorn.Config(
             app_,
             host=host,
             port=port,
@@ -117,6 +153,34 @@ def serve(
             reset_contextvars=True,
             loop=loop,
         )
+        if tls:
+            assert tls_cert is not None and tls_key is not None
+            try:
+                config = https_config(config, rt, cert_file=tls_cert, key_file=tls_key)
+            except (OSError, ssl.SSLError) as err:
+                fail(f"cannot load the deployment certificate {tls_cert} / {tls_key}: {err}")
+        uvicorn.Server(config).run()
+
+
+def https_config(config: uvicorn.Config, rt: Runtime, *, cert_file: Path, key_file: Path) -> uvicorn.Config:
+    """``config`` made to serve HTTPS with per-tenant certificates: uvicorn's own SSL
+    context (from the deployment certificate ``cert_file``/``key_file``, PEM) is built by
+    :meth:`uvicorn.Config.load`, then given the SNI callback
+    (:class:`patinox.control.tls.SniCertificates`) that switches each handshake on a tenant
+    host name to that tenant's certificate. Returns ``config``, loaded.
+
+    Raises:
+        OSError: a file cannot be read.
+        ssl.SSLError: the deployment certificate or key is refused.
+    """
+    from patinox.control.tls import SniCertificates
+
+    config.ssl_certfile = str(cert_file)
+    config.ssl_keyfile = str(key_file)
+    config.load()
+    assert config.ssl is not None
+    config.ssl.sni_callback = SniCertificates(rt.backend, rt.endpoints)
+    return config
 
 
 def _free_port() -> int:

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from patinox.cli import transfer
+from patinox.cli import tls, transfer
 from patinox.cli._deployment import ACTOR, DEFAULT_DATA_DIR, DataDir, open_runtime, resolve_tenant
 from patinox.cli._output import Command, Group, cells, console, fail, say, show, utc
 from patinox.control import EndpointUpdate, TenantSpec, TenantUpdate
@@ -258,3 +258,4 @@ app.command("export", cls=Command)(transfer.tenants_export)
 app.command("import", cls=Command)(transfer.tenants_import)
 app.command("move", cls=Command)(transfer.tenants_move)
 app.command("rotate-key", cls=Command)(transfer.tenants_rotate_key)
+app.add_typer(tls.app, name="tls")

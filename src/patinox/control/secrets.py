@@ -14,11 +14,14 @@ Storage, sealing and the audit records of each write are
 
 from __future__ import annotations
 
-from patinox.errors import NotFound
+from patinox.errors import InvalidRequest, NotFound
 from patinox.storage import PROVIDER_KEY_PREFIX, SecretInfo, SqlBackend, TenantStore
 from patinox.tenancy import TenantContext
 
-__all__ = ["SecretService", "provider_key_name"]
+__all__ = ["RESERVED_SECRET_PREFIX", "SecretService", "provider_key_name"]
+
+#: Names written only by :class:`patinox.control.tls.TenantTls` (validated certificate and key).
+RESERVED_SECRET_PREFIX = "tls:"
 
 
 def provider_key_name(model_id: str) -> str | None:
@@ -60,6 +63,12 @@ class SecretService:
             TenantNotFound: no such tenant (an id).
             TenantKeysDestroyed: the tenant was crypto-shredded.
         """
+        if name.startswith(RESERVED_SECRET_PREFIX):  # tls:*: validated pairs only (control.tls)
+            raise InvalidRequest(
+                f"secret names starting with {RESERVED_SECRET_PREFIX!r} are reserved; "
+                "set a TLS certificate with PUT /v1/tls",
+                field="name",
+            )
         return self._store(tenant).secrets().put(name, value, actor=actor)
 
     def list(self, tenant: TenantContext | str) -> list[SecretInfo]:
