@@ -110,6 +110,20 @@ def test_a_tenant_key_answers_on_its_host_and_the_base_host_only(ep: TestClient,
     assert (r.status_code, r.json(), r.headers.get("www-authenticate")) == bad
 
 
+def test_a_suspended_tenants_key_on_another_host_is_a_wrong_key_there(ep: TestClient, op_key: str) -> None:
+    """Told "suspended" (with its tenant id) only where the key may be used at all."""
+    _tenant(ep, op_key, "acme")
+    globex, globex_key = _tenant(ep, op_key, "globex")
+    r = ep.post(f"/admin/tenants/{globex}/suspend", headers=_on(BASE, op_key))
+    assert r.status_code == 200, r.text
+    for host in (f"acme.{BASE}", f"nobody.{BASE}", "127.0.0.1"):
+        r = ep.get("/v1/agents", headers=_on(host, globex_key))
+        assert (r.status_code, r.json(), r.headers.get("www-authenticate")) == _bad_key_answer(ep, host), host
+    for host in (f"globex.{BASE}", BASE):
+        r = ep.get("/v1/agents", headers=_on(host, globex_key))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "tenant_suspended", (host, r.text)
+
+
 def test_admin_routes_answer_on_the_base_host_only(ep: TestClient, op_key: str) -> None:
     acme, _ = _tenant(ep, op_key, "acme")
     assert ep.get("/admin/tenants", headers=_on(BASE, op_key)).status_code == 200

@@ -59,11 +59,22 @@ def check_tenant_host(
     Raises:
         AuthenticationFailed: as for a wrong key.
     """
+    check_host_of(endpoints, scope, principal.tenant_id if isinstance(principal, TenantContext) else None)
+
+
+def check_host_of(endpoints: TenantEndpoints | None, scope: Scope, tenant_id: str | None) -> None:
+    """:func:`check_tenant_host` for a key of ``tenant_id`` (``None``: an operator key),
+    before anything else is told of the key (a suspended tenant's key on another tenant's
+    host name is a wrong key there, not a suspended tenant's).
+
+    Raises:
+        AuthenticationFailed: as for a wrong key.
+    """
     if endpoints is None or not endpoints.enabled:
         return
     where = endpoints.locate(request_host(scope))
     if where.base:
         return
-    if isinstance(principal, TenantContext) and where.tenant_id == principal.tenant_id:
+    if tenant_id is not None and where.tenant_id == tenant_id:
         return
     raise AuthenticationFailed(_BAD_KEY)

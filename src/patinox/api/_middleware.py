@@ -16,7 +16,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from patinox.api._hosts import check_admin_host, check_tenant_host
+from patinox.api._hosts import check_admin_host, check_host_of, check_tenant_host
 from patinox.api._idempotency import REQUEST_BODY, is_replay
 from patinox.api._logging import record_failure
 from patinox.control import OperatorPrincipal
@@ -27,6 +27,7 @@ from patinox.errors import (
     PatinoxError,
     PermissionDenied,
     RateLimited,
+    TenantSuspended,
 )
 from patinox.limits import RateLimitState, ratelimit_headers
 from patinox.runtime import Runtime
@@ -167,7 +168,11 @@ class TenancyMiddleware:
         """
         if not tenant_route:
             check_admin_host(self.rt.endpoints, scope)
-        principal = self.rt.keys.authenticate(_bearer(scope))
+        try:
+            principal = self.rt.keys.authenticate(_bearer(scope))
+        except TenantSuspended as err:  # on another tenant's host, a wrong key: say nothing more
+            check_host_of(self.rt.endpoints, scope, err.fields.get("tenant_id"))
+            raise
         check_tenant_host(self.rt.endpoints, scope, principal)  # tenant endpoints: api/_hosts.py
         # Known before the rate hits, so a failure of the limit store is logged with it.
         scope.setdefault("state", {})["principal"] = principal

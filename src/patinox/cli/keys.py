@@ -10,6 +10,7 @@ from rich.table import Table
 
 from patinox.cli._deployment import ACTOR, DEFAULT_DATA_DIR, DataDir, open_runtime, resolve_tenant
 from patinox.cli._output import Command, Group, cells, console, fail, progress_bar, say, show, utc
+from patinox.control import TENANT_SCOPES
 from patinox.errors import NotFound
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def keys_create(
     scope: Annotated[
         list[str] | None,
         typer.Option(
-            help="agents:write | runs:write | read | keys:write | secrets:write | config:write (repeatable)"
+            help=" | ".join(sorted(TENANT_SCOPES)) + " (repeatable; replaces the default set)"
         ),
     ] = None,
     operator: Annotated[bool, typer.Option("--operator", help="an operator (admin) key")] = False,
