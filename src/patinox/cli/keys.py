@@ -33,9 +33,7 @@ def keys_create(
     name: Annotated[str, typer.Option(help="a label for the key")] = "default",
     scope: Annotated[
         list[str] | None,
-        typer.Option(
-            help=" | ".join(sorted(TENANT_SCOPES)) + " (repeatable; replaces the default set)"
-        ),
+        typer.Option(help=" | ".join(sorted(TENANT_SCOPES)) + " (repeatable; replaces the default set)"),
     ] = None,
     operator: Annotated[bool, typer.Option("--operator", help="an operator (admin) key")] = False,
     expires_in_s: Annotated[
