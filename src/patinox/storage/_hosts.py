@@ -13,19 +13,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, update
 
 from patinox.errors import AlreadyExists
 from patinox.storage import _schema as s
-from patinox.storage._cache import MISS
 from patinox.storage._control_store import SqlBackend
 
 __all__ = ["HostClaim", "TenantHosts"]
-
-#: The cache bucket of host names no tenant holds (not a tenant id: ids start ``tn_``).
-_UNKNOWN_HOSTS = "hosts:unknown"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,17 +46,7 @@ class TenantHosts:
 
     def owner_of(self, name: str, kind: str) -> str | None:
         """The id of the live tenant holding ``name`` as ``kind``, or ``None`` (nobody, a
-        released name, or a deleted owner).
-
-        Read through the backend's control-plane cache (every request on a tenant host
-        asks), emptied by any change of a tenant or of its names in any process
-        (:mod:`patinox.storage._cache`; off on PostgreSQL, where every call reads).
-        """
-        cache, slot = self._backend.cache, ("host", kind, name)
-        seen = cache.epoch()
-        hit = cache.get(slot)
-        if hit is not MISS:
-            return cast("str | None", hit)
+        released name, or a deleted owner)."""
         h, t = s.tenant_hosts, s.tenants
         with self._backend.transaction() as conn:
             row = conn.execute(
@@ -68,11 +54,7 @@ class TenantHosts:
                 .join(t, t.c.id == h.c.owner_id)
                 .where(h.c.name == name, h.c.kind == kind, h.c.released_at.is_(None), t.c.state != "deleted")
             ).first()
-        owner = None if row is None else str(row[0])
-        # Names of nobody in a bucket of their own: a flood of made-up host names cannot
-        # evict the operator's cached keys (bucket None) or a tenant's.
-        cache.put(owner if owner is not None else _UNKNOWN_HOSTS, slot, owner, seen)
-        return owner
+        return None if row is None else str(row[0])
 
     def held_by(self, tenant_id: str) -> list[HostClaim]:
         """The names ``tenant_id`` holds, slug first, then domains by name."""
@@ -114,7 +96,6 @@ class TenantHosts:
                     conn.execute(
                         update(h).where(h.c.name.in_(gone), h.c.owner_id == tenant_id).values(released_at=now)
                     )
-        self._backend.cache.changed(tenant_id)
 
     @staticmethod
     def _claim(
